@@ -1,0 +1,261 @@
+"""Models: the thesis' SkinCare VGG16, a small CPU model, and the self-explaining wrapper.
+
+A *self-explaining* model returns, in one forward pass, its logits and the activations of its
+explanation layer(s) inside the autograd graph, so a Grad-CAM computed from them can sit in a loss
+(thesis section 4.1: the "activation map" output of SkinCare VGG16).
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+# torchvision VGG16 `features` index of block5_conv3's ReLU: its output is the explanation layer.
+VGG16_EXPLANATION_LAYER = "features.29"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Explained(NamedTuple):
+    """Output of a :class:`SelfExplaining` model.
+
+    Attributes:
+        logits: (N, C) class scores, before softmax.
+        activations: one (N, K, h, w) tensor per explanation layer, in the order asked for.
+    """
+
+    logits: Tensor
+    activations: tuple[Tensor, ...]
+
+
+class SelfExplaining(nn.Module):
+    """Wrap any CNN so that its forward pass also returns explanation-layer activations.
+
+    The activations are captured with forward hooks registered for the duration of one call and
+    removed in a ``finally`` block, so nothing outlives the call: no handle, no tensor, no graph.
+    In-place activations (``nn.ReLU(inplace=True)``) are switched off, because an in-place op
+    after the hooked layer would overwrite the tensor that the CAM differentiates through.
+
+    Args:
+        model: a classifier mapping (N, 3, H, W) images to (N, C) logits (torchvision, timm, ...).
+        layers: module path(s) of the explanation layer(s) as in ``model.named_modules()``,
+            e.g. ``"features.29"`` (VGG16 block5_conv3 after ReLU) or ``"layer4"`` (ResNet).
+        mean, std: input normalisation the model expects, stored so a checkpoint describes itself.
+
+    Example:
+        >>> import torchvision
+        >>> net = SelfExplaining(torchvision.models.resnet18(num_classes=3), "layer4")
+        >>> out = net(torch.rand(2, 3, 64, 64))
+        >>> out.logits.shape, out.activations[0].shape
+        (torch.Size([2, 3]), torch.Size([2, 512, 2, 2]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str],
+        *,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if isinstance(layers, str):
+            layers = (layers,)
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("layers: expected at least one module path, got none")
+        modules = dict(model.named_modules())
+        missing = [name for name in layers if name not in modules]
+        if missing:
+            raise ValueError(
+                f"explanation layer(s) {missing} not found in {type(model).__name__}; "
+                f"some valid paths: {[n for n in list(modules)[-8:] if n]}"
+            )
+        for module in model.modules():
+            if hasattr(module, "inplace") and isinstance(module.inplace, bool):
+                module.inplace = False
+        self.model = model
+        self.layers = layers
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """Map images in [0, 1] to the model's input normalisation."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def forward(self, images: Tensor) -> Explained:
+        """Classify ``images`` (N, 3, H, W) in [0, 1]; return logits and activations."""
+        captured: dict[str, Tensor] = {}
+        modules = dict(self.model.named_modules())
+        handles = []
+        try:
+            for name in self.layers:
+
+                def hook(_module, _inputs, output, name=name):
+                    captured[name] = output
+
+                handles.append(modules[name].register_forward_hook(hook))
+            logits = self.model(self.normalize(images))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return Explained(logits, tuple(captured[name] for name in self.layers))
+
+
+class SkinCareVGG16(nn.Module):
+    """The thesis' SkinCare VGG16 (Listing 3.1): VGG16 conv blocks and a 2048-2048 head.
+
+    At 227x227 input the conv part yields 7x7x512, flattened to 25,088 features, then
+    fc1 2048 + ReLU + dropout, fc2 2048 + ReLU + dropout, and the class layer: 70,309,704
+    parameters for 8 classes. The adaptive pooling is the identity at 227 (and 224); it only lets
+    other input sizes through.
+    """
+
+    def __init__(self, num_classes: int = 8, dropout: float = 0.5) -> None:
+        super().__init__()
+        from torchvision.models import vgg16
+
+        self.features = vgg16(weights=None).features
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(7 * 7 * 512, 2048),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(2048, 2048),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(2048, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def skincare_vgg16(
+    num_classes: int = 8, weights: str | Path | None = None, *, dropout: float = 0.5
+) -> SelfExplaining:
+    """The SkinCare VGG16 of the thesis, self-explaining at block5_conv3 (14x14 at 227 input).
+
+    Args:
+        num_classes: size of the output layer (8 for ISIC 2019).
+        weights: ``None`` (random init), ``"imagenet"`` (torchvision's VGG16 ImageNet conv
+            weights; downloaded once into the torch hub cache), or a path to a local ``.pth``
+            file holding a torchvision VGG16 state dict (its ``features.*`` are used) or a
+            SkinCare VGG16 state dict (all of it is loaded).
+        dropout: dropout probability after fc1 and fc2.
+
+    Returns:
+        A :class:`SelfExplaining` model whose explanation layer is ``"features.29"``.
+    """
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
+    net = SkinCareVGG16(num_classes, dropout)
+    if weights is None:
+        pass
+    elif weights == "imagenet":
+        net.features.load_state_dict(_imagenet_vgg16_features())
+    elif isinstance(weights, str | Path):
+        _load_local_vgg16(net, Path(weights))
+    else:
+        raise TypeError(f"weights: expected None, 'imagenet' or a path, got {type(weights)}")
+    return SelfExplaining(net, VGG16_EXPLANATION_LAYER)
+
+
+def _imagenet_vgg16_features() -> dict[str, Tensor]:
+    from torchvision.models import VGG16_Weights
+
+    try:
+        state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        raise RuntimeError(
+            "could not download torchvision's VGG16 ImageNet weights "
+            f"({VGG16_Weights.IMAGENET1K_V1.url}): {err}. Offline, download that file elsewhere "
+            "and pass its local path instead: skincare_vgg16(weights='/path/vgg16-397923af.pth') "
+            "or --weights /path/vgg16-397923af.pth"
+        ) from err
+    return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+
+
+def _load_local_vgg16(net: SkinCareVGG16, path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({err})") from err
+    if isinstance(state, dict) and "model_state" in state:
+        state = state["model_state"]
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    features = {
+        k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")
+    }
+    if not features:
+        raise ValueError(f"{path}: no 'features.*' tensors: not a VGG16 state dict")
+    head = {k: v for k, v in state.items() if k.startswith("classifier.")}
+    own_head = net.classifier.state_dict()
+    head_matches = {k.removeprefix("classifier.") for k in head} == set(own_head) and all(
+        head[f"classifier.{k}"].shape == v.shape for k, v in own_head.items()
+    )
+    try:
+        net.features.load_state_dict(features)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: VGG16 conv weights do not fit ({err})") from err
+    if head_matches:
+        net.classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in head.items()})
+
+
+class SmallCNN(nn.Module):
+    """A small, fast CNN for CPU tests and the demo (about 61k parameters at width 32).
+
+    Four 3x3 conv blocks (the first three followed by 2x2 max-pooling), then global average
+    pooling and a linear layer. Its explanation layer is the last ReLU, ``"features.relu4"``:
+    stride 8, an 8x8 map at 64x64 input (VGG16's block5_conv3 has stride 16: 14x14 at 227).
+    """
+
+    def __init__(self, num_classes: int = 3, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        layers: list[tuple[str, nn.Module]] = []
+        channels = [3, w // 2, w, 2 * w, 2 * w]
+        for i in range(4):
+            layers.append((f"conv{i + 1}", nn.Conv2d(channels[i], channels[i + 1], 3, padding=1)))
+            layers.append((f"relu{i + 1}", nn.ReLU()))
+            if i < 3:
+                layers.append((f"pool{i + 1}", nn.MaxPool2d(2)))
+        self.features = nn.Sequential(OrderedDict(layers))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+SMALL_CNN_EXPLANATION_LAYER = "features.relu4"
+
+
+def small_cnn(num_classes: int = 3, width: int = 32) -> SelfExplaining:
+    """A :class:`SmallCNN`, self-explaining at its last conv block; inputs in [0, 1]."""
+    return SelfExplaining(
+        SmallCNN(num_classes, width), SMALL_CNN_EXPLANATION_LAYER, mean=(0.5,) * 3, std=(0.25,) * 3
+    )
+
+
+def set_batchnorm_eval(model: nn.Module) -> int:
+    """Put every BatchNorm layer in eval mode (running statistics); return how many.
+
+    In train mode BatchNorm normalises with the batch's statistics, so one sample's activations,
+    and hence its CAM, depend on the other samples in the batch. Feedback fine-tuning freezes
+    the statistics so that a batched CAM equals the per-sample CAM and batch size 1 is stable.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            count += 1
+    return count

@@ -1,0 +1,42 @@
+"""Tiny seeded models and generated data shared by the tests (no downloads, no ../shared)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from feedbackcam.models import small_cnn
+from feedbackcam.train import FeedbackBatch
+
+torch.set_num_threads(2)
+
+
+def toy_feedback(n: int, size: int = 32, seed: int = 0) -> FeedbackBatch:
+    """A two-class task: a striped square (the mask, what matters) and a plain square of the
+    same class colour elsewhere (a distractor). Classification alone can look at either."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    images = 0.5 + 0.05 * torch.randn(n, 3, size, size, generator=g)
+    masks = torch.zeros(n, size, size)
+    s = size // 4
+    colours = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.9, 0.2]])
+    for i in range(n):
+        y, x, y2, x2 = torch.randint(0, size - s, (4,), generator=g).tolist()
+        colour = colours[labels[i]][:, None, None]
+        images[i, :, y2 : y2 + s, x2 : x2 + s] = colour
+        images[i, :, y : y + s, x : x + s] = colour
+        images[i, :, y : y + s : 2, x : x + s] *= 0.5
+        masks[i] = 0
+        masks[i, y : y + s, x : x + s] = 1
+    return FeedbackBatch(images.clamp(0, 1), labels, masks, torch.ones(n, dtype=torch.bool))
+
+
+@pytest.fixture
+def toy():
+    return toy_feedback
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return small_cnn(num_classes=3, width=8)

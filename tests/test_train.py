@@ -1,0 +1,159 @@
+import copy
+
+import pytest
+import torch
+
+from feedbackcam import cam
+from feedbackcam.losses import EXPLANATION_LOSSES
+from feedbackcam.models import small_cnn
+from feedbackcam.train import FeedbackBatch, FeedbackConfig, feedback_step, reference_step
+
+
+def _batch(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(n, size, size)
+    masks[:, 4:20, 8:24] = 1
+    return FeedbackBatch(
+        torch.rand(n, 3, size, size, generator=g),
+        torch.randint(0, 3, (n,), generator=g),
+        masks,
+        torch.ones(n, dtype=torch.bool),
+    )
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("loss", ["jaccard", "dice", "energy", "mse"])
+@pytest.mark.parametrize("cam_method", cam.METHODS)
+def test_batch_size_one_equals_the_thesis_reference_step(tiny_model, loss, cam_method):
+    cfg = FeedbackConfig(lam=0.5, explanation_loss=loss, cam=cam_method, second_order="detached")
+    other = copy.deepcopy(tiny_model)
+    batch = _batch(n=1)
+    before = _params(tiny_model)
+    ours = feedback_step(tiny_model, batch, torch.optim.SGD(tiny_model.parameters(), lr=0.1), cfg)
+    ref = reference_step(other, batch, torch.optim.SGD(other.parameters(), lr=0.1), cfg)
+    assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert ours["loss_exp"] > 0
+    for p0, a, b in zip(before, tiny_model.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(a - p0, b - p0, rtol=1e-4, atol=1e-7)
+    assert any(not torch.equal(p0, a) for p0, a in zip(before, tiny_model.parameters()))
+
+
+@pytest.mark.parametrize("loss", EXPLANATION_LOSSES)
+@pytest.mark.parametrize("second_order", ["detached", "full"])
+def test_explanation_loss_gradients_reach_the_first_conv_layer(tiny_model, loss, second_order):
+    cfg = FeedbackConfig(lam=1.0, explanation_loss=loss, second_order=second_order)
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
+    stats = feedback_step(tiny_model, _batch(), opt, cfg)
+    assert stats["loss_exp"] > 0 and stats["skipped"] == 0
+    conv1 = tiny_model.model.features.conv1.weight.grad
+    assert conv1 is not None and conv1.abs().sum() > 0
+
+
+def test_full_second_order_also_trains_the_head_from_the_explanation_loss(tiny_model):
+    fc = tiny_model.model.fc.weight
+    for mode, expect in [("detached", False), ("full", True)]:
+        opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
+        feedback_step(tiny_model, _batch(), opt, FeedbackConfig(lam=1.0, second_order=mode))
+        has_grad = fc.grad is not None and bool(fc.grad.abs().sum() > 0)
+        assert has_grad is expect, mode
+
+
+def test_mini_batches_and_batch_size_one_both_step(tiny_model):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.05)
+    for n in (1, 8):
+        before = _params(tiny_model)
+        stats = feedback_step(tiny_model, _batch(n), opt, FeedbackConfig())
+        assert stats["skipped"] == 0 and stats["n_exp"] == n
+        assert any(not torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+
+
+def test_non_finite_loss_skips_the_step_and_leaves_weights_and_optimizer_untouched(tiny_model):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1, momentum=0.9)
+    bad = _batch()
+    bad.images[0, 0, 0, 0] = float("nan")
+    before = _params(tiny_model)
+    stats = feedback_step(tiny_model, bad, opt, FeedbackConfig())
+    assert stats["skipped"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+    assert len(opt.state) == 0  # no momentum buffer was created
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_non_finite_gradient_skips_the_step(tiny_model):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
+    tiny_model.model.fc.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = _params(tiny_model)
+    stats = feedback_step(tiny_model, _batch(), opt, FeedbackConfig(lam=0.0))
+    assert stats["skipped"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+
+
+def test_gradient_clipping_bounds_the_update(tiny_model):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=1.0)
+    before = _params(tiny_model)
+    stats = feedback_step(tiny_model, _batch(), opt, FeedbackConfig(clip_grad_norm=1e-3))
+    assert stats["grad_norm"] > 1e-3  # the norm before clipping
+    step = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(tiny_model.parameters(), before)))
+    assert step <= 1e-3 * 1.001
+
+
+def test_a_batch_without_masks_takes_no_explanation_only_step(tiny_model):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    batch = _batch()._replace(has_mask=torch.zeros(4, dtype=torch.bool))
+    before = _params(tiny_model)
+    stats = feedback_step(tiny_model, batch, opt, FeedbackConfig(lam=1.0))
+    assert stats["empty"] == 1 and stats["n_exp"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+
+
+def test_unmasked_samples_do_not_change_the_explanation_gradient(tiny_model):
+    other = copy.deepcopy(tiny_model)
+    batch = _batch(4)
+    mixed = batch._replace(has_mask=torch.tensor([True, True, False, False]))
+    only = FeedbackBatch(*(t[:2] for t in batch))
+    cfg = FeedbackConfig(lam=1.0)
+    feedback_step(tiny_model, mixed, torch.optim.SGD(tiny_model.parameters(), lr=0.0), cfg)
+    feedback_step(other, only, torch.optim.SGD(other.parameters(), lr=0.0), cfg)
+    for a, b in zip(tiny_model.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="explanation_loss"):
+        FeedbackConfig(explanation_loss="l2")
+    with pytest.raises(ValueError, match="lam"):
+        FeedbackConfig(lam=-0.1)
+    with pytest.raises(ValueError, match="second_order"):
+        FeedbackConfig(second_order="both")
+
+
+def _mean_jaccard(model, batch):
+    out = model(batch.images)
+    sal = cam.saliency_maps(out.logits, out.activations, batch.labels, 32, retain_graph=False)
+    pred = cam.hard_threshold(sal.detach())
+    m = batch.masks > 0
+    return ((pred & m).sum((1, 2)) / (pred | m).sum((1, 2)).clamp_min(1)).float().mean().item()
+
+
+@pytest.mark.parametrize("second_order", ["detached", "full"])
+def test_explanation_only_training_raises_mean_jaccard_far_above_its_start(toy, second_order):
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=2, width=16)
+    train, test = toy(256), toy(64, seed=1)
+
+    def fit(cfg, epochs, lr):
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            perm = torch.randperm(256, generator=gen)
+            for i in range(0, 256, 16):
+                feedback_step(model, FeedbackBatch(*(t[perm[i : i + 16]] for t in train)), opt, cfg)
+
+    fit(FeedbackConfig(lam=0.0), 4, 3e-3)  # the baseline: classification only
+    start = _mean_jaccard(model, test)
+    fit(FeedbackConfig(lam=1.0, second_order=second_order), 15, 3e-4)
+    end = _mean_jaccard(model, test)
+    assert end > start + 0.2 and end > 2.5 * start, (start, end)

@@ -96,7 +96,7 @@ def test_scale_upsample_and_thresholds():
     s = cam.scale_by_max(raw)
     assert s.max() == 1 and s.min() == 0
     up = cam.upsample(s, (8, 6))
-    assert up.shape == (1, 8, 6) and 0 <= up.min() and up.max() <= 1
+    assert up.shape == (1, 8, 6) and up.min() >= 0 and up.max() <= 1
     hard = cam.hard_threshold(s, 0.5)
     assert hard.tolist() == [[[False, False], [True, True]]]
     soft_cold = cam.soft_threshold(s, 0.5, temperature=1e-3)

@@ -259,3 +259,53 @@ def set_batchnorm_eval(model: nn.Module) -> int:
             module.eval()
             count += 1
     return count
+
+
+ARCHITECTURES = ("small_cnn", "skincare_vgg16", "torchvision:<name>", "timm:<name>")
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    *,
+    layers: str | Sequence[str] | None = None,
+    weights: str | Path | None = None,
+    width: int = 32,
+) -> SelfExplaining:
+    """Build a self-explaining model by name (what a checkpoint records to rebuild itself).
+
+    Args:
+        arch: ``"small_cnn"``, ``"skincare_vgg16"``, ``"torchvision:<name>"`` (e.g.
+            ``"torchvision:resnet18"``) or ``"timm:<name>"``; the last two need ``layers``.
+        num_classes: number of output classes.
+        layers: explanation layer path(s); defaults to the architecture's own.
+        weights: for ``skincare_vgg16``: None, "imagenet" or a local file.
+        width: for ``small_cnn``.
+    """
+    if arch == "small_cnn":
+        model = small_cnn(num_classes, width)
+    elif arch == "skincare_vgg16":
+        model = skincare_vgg16(num_classes, weights)
+    elif arch.startswith("torchvision:") or arch.startswith("timm:"):
+        if layers is None:
+            raise ValueError(f"{arch}: name its explanation layer, e.g. layers='layer4'")
+        source, name = arch.split(":", 1)
+        if source == "torchvision":
+            import torchvision
+
+            net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        else:
+            import timm
+
+            net = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        return SelfExplaining(net, layers)
+    else:
+        raise ValueError(f"arch: expected one of {ARCHITECTURES}, got {arch!r}")
+    if layers is not None:
+        model = SelfExplaining(
+            model.model,
+            layers,
+            mean=model.mean.flatten().tolist(),
+            std=model.std.flatten().tolist(),
+        )
+    return model

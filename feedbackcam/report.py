@@ -1,0 +1,199 @@
+"""Tables and plots of simulation results, in the style of the thesis' Tables 5.1-5.4."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+MODE_TITLES = {"cls": "Classification loss", "exp": "Explanation loss", "combined": "Combined loss"}
+MODE_COLOURS = {"cls": "tab:blue", "exp": "tab:orange", "combined": "tab:green"}
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def simulation_table(results: dict[str, Any], classes: Sequence[str]) -> str:
+    """Markdown table: one column per model (baseline, then each mode), rows as the thesis."""
+    columns = [("Baseline", results["baseline"])] + [
+        (MODE_TITLES.get(mode, mode), run) for mode, run in results["runs"].items()
+    ]
+    head = "| | " + " | ".join(name for name, _ in columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    rows = [
+        ("Accuracy", [_fmt(r["accuracy"]) for _, r in columns]),
+        (
+            "Mean (SD) Jaccard index",
+            [f"{_fmt(r['jaccard_mean'])} ({_fmt(r['jaccard_sd'])})" for _, r in columns],
+        ),
+        ("ISIC Task 2 Jaccard", [_fmt(r.get("isic_jaccard")) for _, r in columns]),
+        (
+            f"Per-class sensitivity [{', '.join(classes)}]",
+            [
+                "[" + ", ".join(_fmt(r["sensitivity"].get(c)) for c in classes) + "]"
+                for _, r in columns
+            ],
+        ),
+        ("Average sensitivity", [_fmt(r["avg_sensitivity"]) for _, r in columns]),
+    ]
+    for group in results["baseline"].get("groups", {}):
+        rows.append(
+            (f"Accuracy, {group}", [_fmt(r["groups"][group]["accuracy"]) for _, r in columns])
+        )
+    rows.append(("Best epoch", ["-"] + [str(r.get("best_epoch", "-")) for _, r in columns[1:]]))
+    rows.append(("Test images", [str(r["n_test"]) for _, r in columns]))
+    body = "\n".join(f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows)
+    return f"{head}\n{rule}\n{body}\n"
+
+
+def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out: Path) -> list:
+    """Loss, accuracy and mean Jaccard vs epoch (one line per mode); vs slice if sliced."""
+    out = Path(out)
+    written = []
+    full = [row for row in history if row.get("slice", 0) == 0]
+    for key, label, name in [
+        ("train_loss", "train loss", "loss.png"),
+        ("val_accuracy", "val accuracy", "accuracy.png"),
+        ("val_jaccard_mean", "val mean Jaccard", "jaccard.png"),
+    ]:
+        if not full:
+            break
+        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+        for mode in results["runs"]:
+            rows = [r for r in full if r["mode"] == mode]
+            ax.plot(
+                [r["epoch"] for r in rows],
+                [r[key] for r in rows],
+                marker="o",
+                ms=3,
+                label=MODE_TITLES.get(mode, mode),
+                color=MODE_COLOURS.get(mode),
+            )
+        if key != "train_loss":
+            base = results["baseline"]["accuracy" if key == "val_accuracy" else "jaccard_mean"]
+            if base is not None:
+                ax.axhline(base, color="grey", ls="--", lw=1, label="baseline (test)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        written.append(out / name)
+    sliced = {m: r["slices"] for m, r in results["runs"].items() if "slices" in r}
+    if sliced:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+        for ax, key, label in [
+            (axes[0], "accuracy", "test accuracy"),
+            (axes[1], "jaccard_mean", "test mean Jaccard"),
+        ]:
+            for mode, rows in sliced.items():
+                ax.plot(
+                    [r["slice"] for r in rows],
+                    [r[key] for r in rows],
+                    marker="o",
+                    ms=3,
+                    label=MODE_TITLES.get(mode, mode),
+                    color=MODE_COLOURS.get(mode),
+                )
+            ax.set_xlabel("slice")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "slices.png")
+        plt.close(fig)
+        written.append(out / "slices.png")
+    return written
+
+
+def overlay_grid(
+    images: np.ndarray,
+    masks: np.ndarray,
+    saliencies: dict[str, np.ndarray],
+    titles: Sequence[str],
+    path: Path,
+    threshold: float = 0.5,
+) -> Path:
+    """Rows = images; columns = each model's saliency over the image, with the feedback mask's
+    contour (white) and the explanation's 50 % contour (yellow)."""
+    names = list(saliencies)
+    n = len(images)
+    fig, axes = plt.subplots(
+        n, len(names) + 1, figsize=(1.9 * (len(names) + 1), 1.9 * n), dpi=100, squeeze=False
+    )
+    for i in range(n):
+        axes[i, 0].imshow(images[i])
+        axes[i, 0].contour(masks[i], levels=[0.5], colors="white", linewidths=0.8)
+        axes[i, 0].set_ylabel(titles[i], fontsize=7)
+        for j, name in enumerate(names, 1):
+            sal = saliencies[name][i]
+            axes[i, j].imshow(images[i])
+            axes[i, j].imshow(sal, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            axes[i, j].contour(masks[i], levels=[0.5], colors="white", linewidths=0.8)
+            if sal.max() >= threshold:
+                axes[i, j].contour(sal, levels=[threshold], colors="yellow", linewidths=0.8)
+    for j, name in enumerate(["image + feedback mask"] + names):
+        axes[0, j].set_title(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def html_report(
+    title: str,
+    intro: str,
+    table_md: str,
+    images: Sequence[tuple[str, Path]],
+    notes: Sequence[str] = (),
+) -> str:
+    """A self-contained HTML page (images inlined as base64)."""
+    lines = [ln for ln in table_md.strip().splitlines() if not ln.startswith("|---")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    thead = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+    tbody = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:]
+    )
+    figures = "".join(
+        f"<figure>{_img_tag(p, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+        for cap, p in images
+    )
+    note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+th {{ background: #f3f3f3; }}
+figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
+figcaption {{ font-size: 13px; color: #555; max-width: 560px; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{html.escape(intro)}</p>
+<table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>
+<ul>{note_html}</ul>
+{figures}
+</body></html>
+"""

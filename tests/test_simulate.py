@@ -1,0 +1,181 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from feedbackcam import simulate
+from feedbackcam.checkpoint import ModelSpec, load_checkpoint
+from feedbackcam.demo import SynthSetup, synth_simulation_data
+from feedbackcam.models import build_model
+from feedbackcam.simulate import SimulationConfig, run_simulation
+
+SPEC = ModelSpec("small_cnn", ("NV", "MEL", "BKL"), ("features.relu4",), 32, {"width": 8})
+RUN_KEYS = {"accuracy", "avg_sensitivity", "sensitivity", "jaccard_mean", "jaccard_sd", "n_test"}
+
+
+def _make_model():
+    torch.manual_seed(0)
+    return build_model("small_cnn", 3, width=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    data, _ = synth_simulation_data(SynthSetup(size=32, n_base=60, n_feedback=80))
+    return data
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=8, optimizer="adam", lr=1e-3, base_epochs=1)
+    return SimulationConfig(**(base | kw))
+
+
+def test_full_simulation_writes_every_output(tmp_path, tiny_data):
+    results = run_simulation(
+        tiny_data,
+        _cfg(modes=("cls", "exp")),
+        tmp_path,
+        make_model=_make_model,
+        spec=SPEC,
+        progress=False,
+    )
+    for name in [
+        "config.json",
+        "history.csv",
+        "results.json",
+        "results.md",
+        "splits.json",
+        "loss.png",
+        "accuracy.png",
+        "jaccard.png",
+        "checkpoints/baseline.pt",
+        "checkpoints/cls.pt",
+        "checkpoints/exp.pt",
+    ]:
+        assert (tmp_path / name).is_file(), name
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert set(on_disk) == {"baseline", "runs"} and set(on_disk["runs"]) == {"cls", "exp"}
+    assert RUN_KEYS <= set(on_disk["baseline"])
+    for run in on_disk["runs"].values():
+        assert RUN_KEYS | {"best_epoch"} <= set(run)
+        assert set(run["sensitivity"]) == {"NV", "MEL", "BKL"}
+        assert run["n_test"] == 8
+    assert results["runs"]["cls"]["best_epoch"] in (0, 1, 2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["simulation"]["modes"] == ["cls", "exp"]
+    assert config["data"]["split_sizes"] == {"train": 64, "train_balanced": 64, "val": 8, "test": 8}
+    history = (tmp_path / "history.csv").read_text().strip().splitlines()
+    assert len(history) == 1 + 2 * 2  # header + epochs x modes
+    model, spec, _ = load_checkpoint(tmp_path / "checkpoints" / "exp.pt")
+    assert spec == SPEC
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    assert not set(splits["test"]) & set(splits["train"])
+    assert "| Accuracy |" in (tmp_path / "results.md").read_text()
+
+
+def test_sliced_simulation_reports_every_slice(tmp_path, tiny_data):
+    results = run_simulation(
+        tiny_data,
+        _cfg(modes=("exp",), slices=3, slice_epochs=1),
+        tmp_path,
+        make_model=_make_model,
+        spec=SPEC,
+        progress=False,
+    )
+    rows = results["runs"]["exp"]["slices"]
+    assert [r["slice"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"slice", "mode", "accuracy", "avg_sensitivity", "jaccard_mean"}
+    assert (tmp_path / "slices.png").is_file()
+
+
+def test_a_trained_baseline_can_be_given_instead_of_a_base_set(tmp_path, tiny_data):
+    data = simulate.SimulationData(feedback=tiny_data.feedback)
+    with pytest.raises(ValueError, match="baseline"):
+        run_simulation(
+            data, _cfg(modes=("cls",)), tmp_path, make_model=_make_model, spec=SPEC, progress=False
+        )
+    results = run_simulation(
+        data,
+        _cfg(modes=("cls",), epochs=1),
+        tmp_path,
+        make_model=_make_model,
+        spec=SPEC,
+        baseline=_make_model(),
+        progress=False,
+    )
+    assert "cls" in results["runs"]
+
+
+class _FakeEval:
+    def __init__(self, jaccard, accuracy):
+        self.jaccard = type("J", (), {"mean": jaccard})()
+        self.classification = type("C", (), {"accuracy": accuracy, "avg_sensitivity": 0.5})()
+
+
+@pytest.mark.parametrize(("select_by", "expected"), [("jaccard", 2), ("accuracy", 3)])
+def test_best_epoch_is_chosen_by_validation_and_its_weights_are_returned(
+    monkeypatch, tiny_data, select_by, expected
+):
+    # val scores for epochs 0 (the incoming model), 1, 2, 3
+    jaccards = iter([0.1, 0.3, 0.5, 0.2])
+    accuracies = iter([0.5, 0.4, 0.6, 0.9])
+    monkeypatch.setattr(
+        simulate, "evaluate", lambda *a, **k: _FakeEval(next(jaccards), next(accuracies))
+    )
+    snapshots = []
+    real_epoch = simulate.train_epoch
+
+    def recording_epoch(model, *args, **kwargs):
+        stats = real_epoch(model, *args, **kwargs)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return stats
+
+    monkeypatch.setattr(simulate, "train_epoch", recording_epoch)
+    cfg = _cfg(select_by=select_by)
+    history = []
+    model, best_epoch, _ = simulate.fine_tune(
+        _make_model(),
+        tiny_data.feedback.tensors(),
+        np.arange(40),
+        tiny_data.feedback.subset(range(40, 50)),
+        cfg,
+        "combined",
+        epochs=3,
+        generator=torch.Generator(),
+        history=history,
+        stage={"slice": 0},
+    )
+    assert best_epoch == expected
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snapshots[expected - 1][k])
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+def test_incoming_model_is_kept_when_no_epoch_improves(monkeypatch, tiny_data):
+    scores = iter([0.9, 0.1, 0.2])
+    monkeypatch.setattr(simulate, "evaluate", lambda *a, **k: _FakeEval(next(scores), 0.5))
+    start = _make_model()
+    model, best_epoch, _ = simulate.fine_tune(
+        start,
+        tiny_data.feedback.tensors(),
+        np.arange(40),
+        tiny_data.feedback.subset(range(40, 50)),
+        _cfg(),
+        "exp",
+        epochs=2,
+        generator=torch.Generator(),
+        history=[],
+        stage={},
+    )
+    assert best_epoch == 0
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, start.state_dict()[k])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="modes"):
+        SimulationConfig(modes=("cls", "both"))
+    with pytest.raises(ValueError, match="balance"):
+        SimulationConfig(balance="oversample")
+    with pytest.raises(ValueError, match="epochs"):
+        SimulationConfig(epochs=0)

@@ -5,7 +5,6 @@ import torch
 from feedbackcam.data.dataset import ArrayDataset
 from feedbackcam.evaluate import evaluate
 from feedbackcam.explain import explain
-from feedbackcam.models import small_cnn
 
 
 def _data(n=10, size=32, seed=0):

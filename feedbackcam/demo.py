@@ -177,20 +177,24 @@ def _demo_overlays(out: Path, test_pool: SynthDataset, confounder_class: str, n:
     # images where the patch misleads first: that is where feedback should matter
     chosen = test_idx[np.argsort(~misleads, kind="stable")[:n]]
     images = torch.from_numpy(test_pool.images[chosen]).permute(0, 3, 1, 2).float() / 255
-    saliencies = {}
-    titles = [
-        f"{CLASSES[test_pool.labels[i]]}{' +patch' if test_pool.has_artifact[i] else ''}"
-        for i in chosen
-    ]
+    saliencies, predictions = {}, {}
     for name in ["baseline", "cls", "exp", "combined"]:
         path = out / "checkpoints" / f"{name}.pt"
         if not path.exists():
             continue
         model, _, _ = load_checkpoint(path)
         ex = explain(model, images)
-        pred = [CLASSES[k] for k in ex.targets.tolist()]
-        saliencies[f"{name}"] = ex.saliency.numpy()
-        titles = [f"{t}\n{name}: {p}" if name == "baseline" else t for t, p in zip(titles, pred)]
+        saliencies[name] = ex.saliency.numpy()
+        predictions[name] = [f"says {CLASSES[k]}" for k in ex.targets.tolist()]
+    titles = [
+        f"{CLASSES[test_pool.labels[i]]}{' + patch' if test_pool.has_artifact[i] else ''}"
+        for i in chosen
+    ]
     overlay_grid(
-        test_pool.images[chosen], test_pool.masks[chosen], saliencies, titles, out / "overlays.png"
+        test_pool.images[chosen],
+        test_pool.masks[chosen],
+        saliencies,
+        titles,
+        out / "overlays.png",
+        predictions=predictions,
     )

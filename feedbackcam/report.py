@@ -124,9 +124,11 @@ def overlay_grid(
     titles: Sequence[str],
     path: Path,
     threshold: float = 0.5,
+    predictions: dict[str, Sequence[str]] | None = None,
 ) -> Path:
     """Rows = images; columns = each model's saliency over the image, with the feedback mask's
-    contour (white) and the explanation's 50 % contour (yellow)."""
+    contour (white) and the explanation's 50 % contour (yellow); ``predictions`` (per model, per
+    image) are written in each cell."""
     names = list(saliencies)
     n = len(images)
     fig, axes = plt.subplots(
@@ -143,6 +145,16 @@ def overlay_grid(
             axes[i, j].contour(masks[i], levels=[0.5], colors="white", linewidths=0.8)
             if sal.max() >= threshold:
                 axes[i, j].contour(sal, levels=[threshold], colors="yellow", linewidths=0.8)
+            if predictions is not None:
+                axes[i, j].text(
+                    0.03,
+                    0.03,
+                    predictions[name][i],
+                    transform=axes[i, j].transAxes,
+                    fontsize=8,
+                    color="white",
+                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 1},
+                )
     for j, name in enumerate(["image + feedback mask"] + names):
         axes[0, j].set_title(name, fontsize=8)
     for ax in axes.flat:

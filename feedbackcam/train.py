@@ -42,6 +42,9 @@ class FeedbackConfig:
         class_weights: optional cross-entropy weights, one per class.
         clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
         freeze_batchnorm: BatchNorm in eval mode during steps (per-sample CAMs; see cam.py).
+        rrr_scale: multiplies the "rrr" penalty, whose raw size (squared input gradients per
+            pixel) is orders of magnitude below the other losses; Ross et al. weighted it by
+            1000 against cross-entropy for the same reason.
     """
 
     lam: float = 0.3
@@ -53,6 +56,7 @@ class FeedbackConfig:
     class_weights: tuple[float, ...] | None = None
     clip_grad_norm: float | None = None
     freeze_batchnorm: bool = True
+    rrr_scale: float = 1000.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -90,7 +94,8 @@ def explanation_losses(
 ) -> Tensor:
     """Per-sample explanation loss (N,) for the forward output ``out`` of ``images``."""
     if cfg.explanation_loss == "rrr":
-        return losses.rrr_loss(losses.input_gradients(out.logits, images), batch.masks)
+        grads = losses.input_gradients(out.logits, images)
+        return cfg.rrr_scale * losses.rrr_loss(grads, batch.masks)
     saliency = cams.saliency_maps(
         out.logits,
         out.activations,

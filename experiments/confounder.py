@@ -48,6 +48,22 @@ SETTINGS: dict[str, tuple[str, FeedbackConfig, dict]] = {
         FeedbackConfig(explanation_loss="rrr", rrr_scale=10000),
         {"lam": 0.7},
     ),
+    "jaccard all-classes l=0.7": ("combined", FeedbackConfig(explain_classes="all"), {"lam": 0.7}),
+    "jaccard predicted l=0.7": (
+        "combined",
+        FeedbackConfig(explain_classes="predicted"),
+        {"lam": 0.7},
+    ),
+    "energy all-classes l=0.7": (
+        "combined",
+        FeedbackConfig(explanation_loss="energy", explain_classes="all"),
+        {"lam": 0.7},
+    ),
+    "energy predicted l=0.7": (
+        "combined",
+        FeedbackConfig(explanation_loss="energy", explain_classes="predicted"),
+        {"lam": 0.7},
+    ),
     "rrr x1000 l=0.7 by acc": (
         "combined",
         FeedbackConfig(explanation_loss="rrr", rrr_scale=1000),

@@ -25,6 +25,8 @@ from .models import SelfExplaining, set_batchnorm_eval
 
 log = logging.getLogger(__name__)
 
+EXPLAIN_CLASSES = ("label", "predicted", "all")
+
 
 @dataclass(frozen=True)
 class FeedbackConfig:
@@ -42,6 +44,10 @@ class FeedbackConfig:
         class_weights: optional cross-entropy weights, one per class.
         clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
         freeze_batchnorm: BatchNorm in eval mode during steps (per-sample CAMs; see cam.py).
+        explain_classes: whose CAM the explanation loss shapes: "label" (the thesis: the
+            feedback class), "predicted" (the class the model currently gives), or "all" (every
+            class's CAM, losses averaged): the user's region is where the evidence for *any*
+            class should come from, so a shortcut feeding a wrong class is penalised too.
         rrr_scale: multiplies the "rrr" penalty, whose raw size (squared input gradients per
             pixel) is orders of magnitude below the other losses; Ross et al. weighted it by
             1000 against cross-entropy for the same reason.
@@ -57,6 +63,7 @@ class FeedbackConfig:
     clip_grad_norm: float | None = None
     freeze_batchnorm: bool = True
     rrr_scale: float = 1000.0
+    explain_classes: str = "label"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -71,6 +78,10 @@ class FeedbackConfig:
         if self.second_order not in cams.SECOND_ORDER:
             raise ValueError(
                 f"second_order: expected one of {cams.SECOND_ORDER}, got {self.second_order!r}"
+            )
+        if self.explain_classes not in EXPLAIN_CLASSES:
+            raise ValueError(
+                f"explain_classes: expected one of {EXPLAIN_CLASSES}, got {self.explain_classes!r}"
             )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
@@ -96,15 +107,29 @@ def explanation_losses(
     if cfg.explanation_loss == "rrr":
         grads = losses.input_gradients(out.logits, images)
         return cfg.rrr_scale * losses.rrr_loss(grads, batch.masks)
-    saliency = cams.saliency_maps(
-        out.logits,
-        out.activations,
-        batch.labels,  # in training the CAM explains the feedback (ground-truth) class
-        images.shape[-2:],
-        method=cfg.cam,
-        second_order=cfg.second_order,
-    )
-    return _map_loss(saliency, batch.masks, cfg)
+    if cfg.explain_classes == "label":
+        # in training the CAM explains the feedback (ground-truth) class
+        targets = [batch.labels]
+    elif cfg.explain_classes == "predicted":
+        targets = [out.logits.detach().argmax(dim=1)]
+    else:
+        targets = [torch.full_like(batch.labels, c) for c in range(out.logits.shape[1])]
+    per_class = [
+        _map_loss(
+            cams.saliency_maps(
+                out.logits,
+                out.activations,
+                t,
+                images.shape[-2:],
+                method=cfg.cam,
+                second_order=cfg.second_order,
+            ),
+            batch.masks,
+            cfg,
+        )
+        for t in targets
+    ]
+    return torch.stack(per_class).mean(dim=0)
 
 
 def _map_loss(saliency: Tensor, masks: Tensor, cfg: FeedbackConfig) -> Tensor:

@@ -157,3 +157,26 @@ def test_explanation_only_training_raises_mean_jaccard_far_above_its_start(toy, 
     fit(FeedbackConfig(lam=1.0, second_order=second_order), 15, 3e-4)
     end = _mean_jaccard(model, test)
     assert end > start + 0.2 and end > 2.5 * start, (start, end)
+
+
+def test_all_classes_explanation_loss_is_the_mean_over_each_class_cam(tiny_model):
+    batch = _batch(4)
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
+    all_classes = feedback_step(
+        tiny_model, batch, opt, FeedbackConfig(lam=1.0, explain_classes="all")
+    )
+    per_class = [
+        feedback_step(
+            tiny_model, batch._replace(labels=torch.full((4,), c)), opt, FeedbackConfig(lam=1.0)
+        )["loss_exp"]
+        for c in range(3)
+    ]
+    assert all_classes["loss_exp"] == pytest.approx(sum(per_class) / 3, rel=1e-5)
+    predicted = tiny_model(batch.images).logits.argmax(1)
+    by_pred = feedback_step(
+        tiny_model, batch, opt, FeedbackConfig(lam=1.0, explain_classes="predicted")
+    )
+    by_label = feedback_step(
+        tiny_model, batch._replace(labels=predicted), opt, FeedbackConfig(lam=1.0)
+    )
+    assert by_pred["loss_exp"] == pytest.approx(by_label["loss_exp"], rel=1e-5)

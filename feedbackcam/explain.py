@@ -76,7 +76,7 @@ def explain_file(
 
     model, spec, _ = load_checkpoint(checkpoint)
     rgb = read_rgb(image_path, size=spec.input_size)
-    images = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
+    images = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float() / 255
     ex = explain(model, images, method=method)
     probs = {c: float(p) for c, p in zip(spec.classes, ex.probs[0].tolist())}
     predicted = spec.classes[int(ex.targets[0])]

@@ -48,6 +48,8 @@ class FeedbackConfig:
             feedback class), "predicted" (the class the model currently gives), or "all" (every
             class's CAM, losses averaged): the user's region is where the evidence for *any*
             class should come from, so a shortcut feeding a wrong class is penalised too.
+        precision: "fp32", or "bf16" (autocast for the forward pass and the CAM; losses and
+            the optimizer stay in float32).
         rrr_scale: multiplies the "rrr" penalty, whose raw size (squared input gradients per
             pixel) is orders of magnitude below the other losses; Ross et al. weighted it by
             1000 against cross-entropy for the same reason.
@@ -62,6 +64,7 @@ class FeedbackConfig:
     class_weights: tuple[float, ...] | None = None
     clip_grad_norm: float | None = None
     freeze_batchnorm: bool = True
+    precision: str = "fp32"
     rrr_scale: float = 1000.0
     explain_classes: str = "label"
 
@@ -83,6 +86,8 @@ class FeedbackConfig:
             raise ValueError(
                 f"explain_classes: expected one of {EXPLAIN_CLASSES}, got {self.explain_classes!r}"
             )
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
 
@@ -133,6 +138,7 @@ def explanation_losses(
 
 
 def _map_loss(saliency: Tensor, masks: Tensor, cfg: FeedbackConfig) -> Tensor:
+    saliency = saliency.float()
     if cfg.explanation_loss in ("jaccard", "dice"):
         soft = cams.soft_threshold(saliency, cfg.threshold, cfg.temperature)
         fn = losses.jaccard_loss if cfg.explanation_loss == "jaccard" else losses.dice_loss
@@ -166,11 +172,43 @@ def _finish_step(
     return True, norm
 
 
+def _finish_step_on_device(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    skip: Tensor,
+    cfg: FeedbackConfig,
+) -> tuple[Tensor, Tensor]:
+    """The same without a host synchronisation: a fused optimizer (``fused=True``) is told to
+    skip on the device through its ``found_inf`` flag, as torch.amp.GradScaler does."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    skip = skip | ~torch.isfinite(loss) | ~torch.isfinite(norm)
+    optimizer.found_inf = skip.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    return skip, norm
+
+
+def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
+    """True for fused optimizers on an accelerator, which can skip a step without a sync."""
+    return bool(optimizer.defaults.get("fused")) and any(
+        p.device.type != "cpu" for g in optimizer.param_groups for p in g["params"]
+    )
+
+
 def feedback_step(
     model: SelfExplaining,
     batch: FeedbackBatch,
     optimizer: torch.optim.Optimizer,
     cfg: FeedbackConfig = FeedbackConfig(),
+    *,
+    sync: bool = True,
 ) -> dict[str, float]:
     """One optimizer step on a batch of class and explanation feedback.
 
@@ -178,40 +216,61 @@ def feedback_step(
     A non-finite loss or gradient norm skips the step and leaves the weights (and the optimizer
     state) untouched; so does a batch with nothing to learn (lambda = 1 and no mask).
 
+    Args:
+        sync: return floats (the default). ``False`` returns 0-d tensors and, with a fused
+            optimizer on a GPU, makes the whole step free of host synchronisation.
+
     Returns:
-        Floats: ``loss``, ``loss_cls``, ``loss_exp``, ``n_exp`` (samples with a mask),
-        ``grad_norm``, ``skipped`` (1 if the step was skipped for a non-finite value),
-        ``empty`` (1 if there was nothing to learn).
+        ``loss``, ``loss_cls``, ``loss_exp``, ``n_exp`` (samples with a mask), ``grad_norm``,
+        ``skipped`` (1 if the step was skipped for a non-finite value), ``empty`` (1 if there
+        was nothing to learn).
     """
     _prepare(model, cfg)
     images = batch.images
     if cfg.explanation_loss == "rrr" and cfg.lam > 0:
         images = images.detach().requires_grad_(True)
-    out = model(images)
-    loss_cls = losses.classification_loss(out.logits, batch.labels, cfg.class_weights)
-    present = losses.feedback_present(batch.masks, batch.has_mask)
-    n_exp = int(present.sum())
-    if cfg.lam > 0 and n_exp:
-        per_sample = explanation_losses(model, out, images, batch, cfg)
-        loss_exp = losses.masked_mean(per_sample, present)
-    else:
-        loss_exp = loss_cls.new_zeros(())
+    bf16 = cfg.precision == "bf16"
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(images)
+        logits = out.logits.float()
+        loss_cls = losses.classification_loss(logits, batch.labels, cfg.class_weights)
+        present = losses.feedback_present(batch.masks, batch.has_mask)
+        n_exp = present.sum()
+        if cfg.lam > 0:
+            per_sample = explanation_losses(model, out, images, batch, cfg)
+            loss_exp = losses.masked_mean(per_sample.float(), present)
+        else:
+            loss_exp = loss_cls.new_zeros(())
     loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)
+    empty = (n_exp == 0) & (cfg.lam == 1.0)
+    if not sync and supports_device_skip(optimizer):
+        skip, norm = _finish_step_on_device(model, optimizer, loss, empty, cfg)
+        skipped = (skip & ~empty).float()
+        return {
+            "loss": loss.detach(),
+            "loss_cls": loss_cls.detach(),
+            "loss_exp": loss_exp.detach(),
+            "n_exp": n_exp.float(),
+            "skipped": skipped,
+            "empty": empty.float(),
+            "grad_norm": norm.detach(),
+        }
     stats = {
         "loss": float(loss.detach()),
         "loss_cls": float(loss_cls.detach()),
         "loss_exp": float(loss_exp.detach()),
         "n_exp": float(n_exp),
         "skipped": 0.0,
-        "empty": 0.0,
+        "empty": float(empty),
         "grad_norm": 0.0,
     }
-    if cfg.lam == 1.0 and n_exp == 0:
-        stats["empty"] = 1.0
+    if stats["empty"]:
         return stats
     stepped, norm = _finish_step(model, optimizer, loss, cfg)
     stats["grad_norm"] = norm
     stats["skipped"] = 0.0 if stepped else 1.0
+    if not sync:
+        return {k: torch.tensor(v) for k, v in stats.items()}
     return stats
 
 

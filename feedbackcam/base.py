@@ -101,6 +101,11 @@ def train_base(
     torch.manual_seed(cfg.seed)
     splits = split_feedback(data.labels, seed=cfg.seed, fractions=cfg.fractions)
     train, val, test = (data.subset(s) for s in (splits.train, splits.val, splits.test))
+    if not (len(train) and len(val) and len(test)):
+        raise ValueError(
+            f"{len(data)} image(s) are too few for a train/val/test split "
+            f"({len(train)}/{len(val)}/{len(test)})"
+        )
     weights = class_weights(train.labels, len(data.classes)) if cfg.class_weighted else None
     fb = FeedbackConfig(lam=0.0, class_weights=weights)
     _write_json(

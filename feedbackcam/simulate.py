@@ -291,6 +291,13 @@ def run_simulation(
     train_idx = balance(
         splits.train, feedback.labels, cfg.balance, seed=cfg.seed, drop_classes=drop
     )
+    if not (len(splits.val) and len(splits.test) and len(train_idx)):
+        n_only = 0 if data.train_only is None else int(np.asarray(data.train_only).sum())
+        raise ValueError(
+            f"feedback set of {len(feedback)} image(s) ({n_only} kept in train as overlapping "
+            f"the base data) leaves train/val/test = {len(train_idx)}/{len(splits.val)}/"
+            f"{len(splits.test)}: too few to simulate"
+        )
     source = data.test_override if data.test_override is not None else feedback
     val, test = feedback.subset(splits.val), source.subset(splits.test)
     groups = {name: np.asarray(m)[splits.test] for name, m in data.test_groups.items()}

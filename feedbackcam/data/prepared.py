@@ -50,6 +50,7 @@ __all__ = [
     "prepare",
     "prepared_sources",
     "read_prepared_meta",
+    "save_prepared",
 ]
 
 FORMAT = "feedbackcam-prepared"
@@ -494,3 +495,65 @@ def prepared_sources(path) -> np.ndarray:
     """Where each row of a prepared folder came from (``Record.source``), as a str array."""
     read_prepared_meta(path)
     return np.array([r["source"] for r in _read_index(Path(path))], dtype=str)
+
+
+def save_prepared(
+    data: ArrayDataset, out, *, layout: str = "arrays", source: str = "arrays"
+) -> Path:
+    """Write an in-memory `ArrayDataset` (e.g. SynthDerm) as a prepared folder, atomically.
+
+    For data that did not come from an ISIC layout: benchmarks and tests use it to run the
+    prepared-data path end to end.
+    """
+    out = Path(out)
+    if out.exists() and not _is_prepared(out):
+        raise FileExistsError(f"{out}: exists and is not a prepared folder; not overwriting it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        np.save(tmp / "images.npy", np.ascontiguousarray(data.images, dtype=np.uint8))
+        np.save(tmp / "masks.npy", (np.asarray(data.masks) > 0).astype(np.uint8))
+        with open(tmp / "index.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(INDEX_COLUMNS)
+            for i, ident in enumerate(data.ids):
+                y = int(data.labels[i])
+                writer.writerow(
+                    [
+                        ident,
+                        data.classes[y],
+                        y,
+                        int(bool(data.has_mask[i])),
+                        source,
+                        data.size,
+                        data.size,
+                    ]
+                )
+        counts = Counter(data.classes[int(y)] for y in data.labels)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "classes": list(data.classes),
+            "size": data.size,
+            "resample": "none",
+            "layout": layout,
+            "settings": {"size": data.size, "layout": layout},
+            "counts": {
+                "images": len(data),
+                "with_mask": int(np.asarray(data.has_mask).sum()),
+                "per_class": {c: counts.get(c, 0) for c in data.classes},
+                "records_read": len(data),
+                "excluded": 0,
+                "excluded_ids": [],
+            },
+            "problems": [],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks completion
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

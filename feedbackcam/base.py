@@ -18,7 +18,7 @@ from .data.dataset import ArrayDataset
 from .data.splits import split_feedback
 from .metrics import ClassificationMetrics, classification_metrics, per_class_table
 from .models import SelfExplaining
-from .simulate import _write_history, _write_json, _write_text, make_optimizer
+from .simulate import _write_history, _write_json, _write_text, make_optimizer, place_model
 from .train import FeedbackConfig, feedback_step
 
 
@@ -32,7 +32,7 @@ class BaseConfig:
         class_weighted: cross-entropy weights inversely proportional to class frequency.
         fractions: train/val/test fractions of the stratified split.
         select_by: "avg_sensitivity" (robust to imbalance) or "accuracy" on val.
-        seed, device, eval_batch_size.
+        seed, device, eval_batch_size; precision "fp32" or "bf16" (autocast).
     """
 
     epochs: int = 20
@@ -46,6 +46,7 @@ class BaseConfig:
     select_by: str = "avg_sensitivity"
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -68,12 +69,12 @@ def predict_probs(
 ) -> np.ndarray:
     """Class probabilities (N, C) in eval mode, no CAM."""
     model.eval()
-    tensors = data.tensors("cpu")
+    tensors = data.tensors(device)
     out = []
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(data)))
-            images = tensors.batch(idx).images.to(device)
+            idx = torch.arange(start, min(start + batch_size, len(data)), device=device)
+            images = tensors.batch(idx).images
             out.append(torch.softmax(model(images).logits.float(), dim=1).cpu())
     return torch.cat(out).numpy()
 
@@ -107,7 +108,11 @@ def train_base(
             f"({len(train)}/{len(val)}/{len(test)})"
         )
     weights = class_weights(train.labels, len(data.classes)) if cfg.class_weighted else None
-    fb = FeedbackConfig(lam=0.0, class_weights=weights)
+    # BatchNorm statistics adapt to the data while the base model learns it (batches of 32+);
+    # only feedback fine-tuning freezes them.
+    fb = FeedbackConfig(
+        lam=0.0, class_weights=weights, precision=cfg.precision, freeze_batchnorm=False
+    )
     _write_json(
         out / "config.json",
         {
@@ -118,7 +123,7 @@ def train_base(
             "class_counts": data.class_counts(),
         },
     )
-    model.to(cfg.device)
+    place_model(model, cfg.device)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, 0.0, cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
@@ -128,17 +133,25 @@ def train_base(
     bar = tqdm(range(1, cfg.epochs + 1), disable=not progress, desc="train-base")
     for epoch in bar:
         order = torch.randperm(len(train), generator=generator).to(cfg.device)
-        total, seen, skipped = 0.0, 0, 0
+        total = torch.zeros((), device=cfg.device)
+        seen = torch.zeros((), device=cfg.device)
+        skipped = torch.zeros((), device=cfg.device)
         for start in range(0, len(train), cfg.batch_size):
             batch = tensors.batch(order[start : start + cfg.batch_size])
             if cfg.augment:
                 images, masks = random_flip_rotate(batch.images, batch.masks, aug_gen)
                 batch = batch._replace(images=images, masks=masks)
-            stats = feedback_step(model, batch, optimizer, fb)
-            skipped += int(stats["skipped"])
-            if math.isfinite(stats["loss"]):
-                total += stats["loss"] * len(batch.labels)
-                seen += len(batch.labels)
+            if batch.images.device.type == "cuda":
+                batch = batch._replace(
+                    images=batch.images.contiguous(memory_format=torch.channels_last)
+                )
+            stats = feedback_step(model, batch, optimizer, fb, sync=False)
+            loss = stats["loss"].to(cfg.device)
+            finite = torch.isfinite(loss)
+            skipped += stats["skipped"].to(cfg.device)
+            total += torch.where(finite, loss, 0.0) * len(batch.labels)
+            seen += finite.float() * len(batch.labels)
+        total, seen, skipped = float(total), float(seen), int(skipped)
         metrics = evaluate_classifier(model, val, cfg)
         score = getattr(metrics, cfg.select_by)
         history.append(

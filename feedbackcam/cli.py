@@ -117,6 +117,7 @@ def _add_simulate(sub) -> None:
     p.add_argument("--no-confounder", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_simulate)
 
@@ -147,6 +148,7 @@ def _simulation_config(args):
             second_order=args.second_order,
             temperature=args.temperature,
             clip_grad_norm=args.clip_grad_norm,
+            precision=args.precision,
         ),
         seed=args.seed,
         device=args.device,
@@ -337,6 +339,7 @@ def _add_train_base(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_train_base)
 
@@ -356,6 +359,7 @@ def _train_base(args) -> int:
         optimizer=args.optimizer,
         augment=not args.no_augment,
         select_by=args.select_by,
+        precision=args.precision,
         seed=args.seed,
         device=args.device,
     )

@@ -66,11 +66,11 @@ def evaluate(
     """
     if target not in ("predicted", "label"):
         raise ValueError(f"target: expected 'predicted' or 'label', got {target!r}")
-    tensors = data.tensors("cpu")
+    tensors = data.tensors(device)
     probs, explained = [], []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        batch = tensors.batch(idx).to(device)
+        batch = tensors.batch(idx.to(device))
         out = explain(
             model, batch.images, batch.labels if target == "label" else None, method=method
         )

@@ -313,13 +313,20 @@ def _timm_lite0(num_classes: int) -> nn.Module:
     except ImportError as err:
         raise ImportError("efficientnet_lite0 is built with timm: pip install timm") from err
     # TensorFlow numerics for TensorFlow-trained weights (module docstring).
-    return timm.create_model(
+    net = timm.create_model(
         "efficientnet_lite0",
         pretrained=False,
         num_classes=num_classes,
         bn_eps=1e-3,
         pad_type="same",
     )
+    if num_classes != 1000:
+        # timm's default head init (uniform +-1/sqrt(classes)) gives logits of about 50 on
+        # pretrained features, hence a cross-entropy of 5-8 at the start of fine-tuning; a
+        # small normal init starts near the uniform prediction.
+        nn.init.normal_(net.classifier.weight, std=0.01)
+        nn.init.zeros_(net.classifier.bias)
+    return net
 
 
 def _head_matcher(net: nn.Module):

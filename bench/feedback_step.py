@@ -1,0 +1,176 @@
+"""Images/s of one explanation-feedback training step against the thesis' method.
+
+Prints, in one run: the reference mode (Algorithm 2: batch 1, a deep copy per sample), our step
+at batch 1, our step at larger batches in fp32 and bf16, classification-only training at the same
+batches, the ratios, and peak memory per image. Usage:
+
+    python bench/feedback_step.py --device cuda            # SkinCare VGG16 at 227 (the thesis)
+    python bench/feedback_step.py --device cpu             # small CNN at the demo's 64 px
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from feedbackcam.models import build_model
+from feedbackcam.train import FeedbackBatch, FeedbackConfig, feedback_step, reference_step
+
+
+def make_batch(n: int, size: int, classes: int, device: str) -> FeedbackBatch:
+    g = torch.Generator().manual_seed(n)
+    masks = torch.zeros(n, size, size)
+    masks[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    return FeedbackBatch(
+        torch.rand(n, 3, size, size, generator=g),
+        torch.randint(0, classes, (n,), generator=g),
+        masks,
+        torch.ones(n, dtype=torch.bool),
+    ).to(device)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, steps: int, warmup: int, device: str) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--model", default=None, help="default: skincare_vgg16 on cuda, small_cnn on cpu"
+    )
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--batches", default=None, help="comma-separated, default 32,128 (cuda)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--reference-steps", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    cuda = args.device == "cuda"
+    arch = args.model or ("skincare_vgg16" if cuda else "small_cnn")
+    size = args.size or (227 if arch == "skincare_vgg16" else 64)
+    batches = [int(b) for b in (args.batches or ("32,128" if cuda else "32")).split(",")]
+    steps = args.steps or (20 if cuda else 10)
+    ref_steps = args.reference_steps or (30 if cuda else 20)
+    classes = 8 if arch == "skincare_vgg16" else 3
+    torch.manual_seed(0)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model = build_model(arch, classes).to(args.device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=1e-5, fused=cuda)
+    rows = []
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} thr)"
+
+    def record(name, batch, precision, seconds):
+        peak = torch.cuda.max_memory_allocated() / batch / 2**20 if cuda else None
+        rows.append(
+            {
+                "step": name,
+                "batch": batch,
+                "precision": precision,
+                "images_per_s": batch / seconds,
+                "peak_mib_per_image": peak,
+            }
+        )
+        mem = f"{peak:8.1f} MiB/img" if peak is not None else ""
+        print(
+            f"{name:<34} batch {batch:>4} {precision:>5}: {batch / seconds:9.1f} img/s {mem}",
+            flush=True,
+        )
+
+    fb = FeedbackConfig(lam=0.3, second_order="detached")
+    one = make_batch(1, size, classes, args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sec = timed(lambda: reference_step(model, one, optimizer, fb), ref_steps, 3, args.device)
+    record("reference (deep copy, Alg. 2)", 1, "fp32", sec)
+    for name, cfg in [
+        ("feedback step", fb),
+        ("feedback step, full 2nd order", FeedbackConfig(lam=0.3, second_order="full")),
+    ]:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sec = timed(
+            lambda cfg=cfg: feedback_step(model, one, optimizer, cfg, sync=False),
+            ref_steps,
+            3,
+            args.device,
+        )
+        record(name, 1, "fp32", sec)
+    for batch_size in batches:
+        batch = make_batch(batch_size, size, classes, args.device)
+        if cuda:
+            batch = batch._replace(
+                images=batch.images.contiguous(memory_format=torch.channels_last)
+            )
+        for precision in ("fp32", "bf16") if cuda else ("fp32",):
+            for name, lam in [("classification only", 0.0), ("feedback step (combined)", 0.3)]:
+                cfg = FeedbackConfig(lam=lam, precision=precision)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                sec = timed(
+                    lambda cfg=cfg, b=batch: feedback_step(model, b, optimizer, cfg, sync=False),
+                    steps,
+                    3,
+                    args.device,
+                )
+                record(name, batch_size, precision, sec)
+    ref = rows[0]["images_per_s"]
+    print(f"\ndevice: {device_name}; model {arch} at {size}x{size}")
+    summary = []
+    for r in rows:
+        if r["step"].startswith("feedback step (combined)"):
+            cls = next(
+                x
+                for x in rows
+                if x["step"] == "classification only"
+                and x["batch"] == r["batch"]
+                and x["precision"] == r["precision"]
+            )
+            line = {
+                "batch": r["batch"],
+                "precision": r["precision"],
+                "feedback_vs_classification": r["images_per_s"] / cls["images_per_s"],
+                "feedback_vs_reference": r["images_per_s"] / ref,
+            }
+            summary.append(line)
+            print(
+                f"batch {r['batch']:>4} {r['precision']}: feedback/classification "
+                f"{line['feedback_vs_classification']:.2f}x, feedback/reference "
+                f"{line['feedback_vs_reference']:.1f}x"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "device": device_name,
+                    "model": arch,
+                    "size": size,
+                    "rows": rows,
+                    "summary": summary,
+                    "torch": torch.__version__,
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -26,6 +26,8 @@ SETTINGS: dict[str, tuple[str, FeedbackConfig, dict]] = {
     "jaccard l=0.3": ("combined", FeedbackConfig(), {}),
     "jaccard l=1": ("exp", FeedbackConfig(), {}),
     "jaccard l=0.7": ("combined", FeedbackConfig(), {"lam": 0.7}),
+    "jaccard l=0.9": ("combined", FeedbackConfig(), {"lam": 0.9}),
+    "jaccard l=0.97": ("combined", FeedbackConfig(), {"lam": 0.97}),
     "jaccard full 2nd order l=0.7": ("combined", FeedbackConfig(second_order="full"), {"lam": 0.7}),
     "jaccard gradcam++ l=0.3": ("combined", FeedbackConfig(cam="gradcam++"), {}),
     "jaccard gradcam++ l=0.7": ("combined", FeedbackConfig(cam="gradcam++"), {"lam": 0.7}),
@@ -129,6 +131,8 @@ def main() -> None:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
+                with open(args.out / "log.jsonl", "a") as log:
+                    log.write(json.dumps(rows[-1]) + "\n")
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -90,3 +90,41 @@ def evaluate(
         probs=probs_np,
         explained=maps,
     )
+
+
+def counterfactual_flip_rate(
+    model: SelfExplaining,
+    images: np.ndarray,
+    counterfactuals: np.ndarray,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Share of predictions that change between ``images`` and ``counterfactuals``.
+
+    Both are uint8 (N, H, W, 3) and differ only in a region that should not matter (e.g. an
+    artifact painted in or removed), so the rate measures how much that region alone drives the
+    model: 0 for a model that ignores it. An explanation can overlap the lesion while the
+    prediction still follows the artifact; this test does not depend on the explanation.
+    """
+    if images.shape != counterfactuals.shape:
+        raise ValueError(
+            f"images {images.shape} and counterfactuals {counterfactuals.shape} differ in shape"
+        )
+    if not len(images):
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    changed = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                preds = []
+                for arr in (images, counterfactuals):
+                    x = torch.from_numpy(np.array(arr[start : start + batch_size]))
+                    x = x.to(device).permute(0, 3, 1, 2).float() / 255
+                    preds.append(model(x).logits.argmax(dim=1))
+                changed += int((preds[0] != preds[1]).sum())
+    finally:
+        model.train(was_training)
+    return changed / len(images)

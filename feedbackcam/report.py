@@ -49,6 +49,13 @@ def simulation_table(results: dict[str, Any], classes: Sequence[str]) -> str:
         rows.append(
             (f"Accuracy, {group}", [_fmt(r["groups"][group]["accuracy"]) for _, r in columns])
         )
+    if all("patch_flip_rate" in r for _, r in columns):
+        rows.append(
+            (
+                "Predictions changed by removing the patch",
+                [_fmt(r["patch_flip_rate"]) for _, r in columns],
+            )
+        )
     rows.append(("Best epoch", ["-"] + [str(r.get("best_epoch", "-")) for _, r in columns[1:]]))
     rows.append(("Test images", [str(r["n_test"]) for _, r in columns]))
     body = "\n".join(f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows)

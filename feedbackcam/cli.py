@@ -455,6 +455,58 @@ def _import_keras(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="the interactive feedback app: predict, explain, correct, learn (web page + API)",
+        description="Serve a checkpoint with a web page and a JSON API (docs at /docs). "
+        "Without --model, serves the demo's model, training it first if absent.",
+    )
+    p.add_argument("--model", type=Path, default=None, help="a checkpoint (default: the demo's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
+    p.add_argument("--update-every", type=int, default=1, help="fine-tune after N new items")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per update")
+    p.add_argument("--replay-per-class", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lam", type=float, default=0.3)
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="largest drop in validation accuracy or average sensitivity a promotion may cost",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=10.0)
+
+    def run(args) -> int:
+        from .service.commands import serve
+
+        return serve(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_users(sub) -> None:
+    p = sub.add_parser("users", help="users of the feedback app (token sign-in)")
+    usub = p.add_subparsers(dest="users_command", required=True)
+    add = usub.add_parser("add", help="create a user and print their token once")
+    add.add_argument("name")
+    add.add_argument("--role", choices=("viewer", "clinician", "admin"), required=True)
+    listing = usub.add_parser("list", help="list users and roles")
+    for q in (add, listing):
+        q.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+        q.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
+
+    def run(args) -> int:
+        from .service.commands import users
+
+        return users(args)
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -474,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_evaluate,
         _add_explain,
         _add_import_keras,
+        _add_serve,
+        _add_users,
     ):
         add(sub)
     return parser

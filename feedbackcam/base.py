@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .checkpoint import ModelSpec, save_checkpoint
 from .data.dataset import ArrayDataset
 from .data.splits import split_feedback
+from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across, wrap
 from .metrics import ClassificationMetrics, classification_metrics, per_class_table
 from .models import SelfExplaining
 from .simulate import _write_history, _write_json, _write_text, make_optimizer, place_model
@@ -92,13 +93,17 @@ def train_base(
     spec: ModelSpec,
     *,
     progress: bool = True,
+    ctx: Dist = SINGLE,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data``'s train split; save the best epoch by val to
     ``out/model.pt``; write history, config, test metrics and the per-class table."""
     from .augment import random_flip_rotate
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    main = ctx.is_main
+    progress = progress and main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     splits = split_feedback(data.labels, seed=cfg.seed, fractions=cfg.fractions)
     train, val, test = (data.subset(s) for s in (splits.train, splits.val, splits.test))
@@ -113,7 +118,7 @@ def train_base(
     fb = FeedbackConfig(
         lam=0.0, class_weights=weights, precision=cfg.precision, freeze_batchnorm=False
     )
-    _write_json(
+    (_write_json if main else lambda *a: None)(
         out / "config.json",
         {
             "base": asdict(cfg),
@@ -125,19 +130,25 @@ def train_base(
     )
     place_model(model, cfg.device)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, 0.0, cfg.weight_decay)
+    trained = wrap(model, ctx)
     generator = torch.Generator().manual_seed(cfg.seed)
-    aug_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    aug_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + ctx.rank)
+    batch_size = local_batch_size(cfg.batch_size, ctx)
     tensors = train.tensors(cfg.device)
     best_score, best_state, best_epoch = -math.inf, copy.deepcopy(model.state_dict()), 0
     history = []
     bar = tqdm(range(1, cfg.epochs + 1), disable=not progress, desc="train-base")
     for epoch in bar:
-        order = torch.randperm(len(train), generator=generator).to(cfg.device)
+        if ctx.enabled:
+            order = shard_order(len(train), epoch=epoch, seed=cfg.seed, ctx=ctx)
+        else:
+            order = torch.randperm(len(train), generator=generator)
+        order = order.to(cfg.device)
         total = torch.zeros((), device=cfg.device)
         seen = torch.zeros((), device=cfg.device)
         skipped = torch.zeros((), device=cfg.device)
-        for start in range(0, len(train), cfg.batch_size):
-            batch = tensors.batch(order[start : start + cfg.batch_size])
+        for start in range(0, len(order), batch_size):
+            batch = tensors.batch(order[start : start + batch_size])
             if cfg.augment:
                 images, masks = random_flip_rotate(batch.images, batch.masks, aug_gen)
                 batch = batch._replace(images=images, masks=masks)
@@ -145,13 +156,15 @@ def train_base(
                 batch = batch._replace(
                     images=batch.images.contiguous(memory_format=torch.channels_last)
                 )
-            stats = feedback_step(model, batch, optimizer, fb, sync=False)
+            stats = feedback_step(trained, batch, optimizer, fb, sync=False)
             loss = stats["loss"].to(cfg.device)
             finite = torch.isfinite(loss)
             skipped += stats["skipped"].to(cfg.device)
             total += torch.where(finite, loss, 0.0) * len(batch.labels)
             seen += finite.float() * len(batch.labels)
-        total, seen, skipped = float(total), float(seen), int(skipped)
+        sums = sum_across(torch.stack([total, seen, skipped]), ctx)
+        total, seen = float(sums[0]), float(sums[1])
+        skipped = int(sums[2]) // ctx.world_size
         metrics = evaluate_classifier(model, val, cfg)
         score = getattr(metrics, cfg.select_by)
         history.append(
@@ -177,6 +190,8 @@ def train_base(
         "val_" + cfg.select_by: best_score,
         "test": test_metrics.to_dict(),
     }
+    if not main:
+        return result
     save_checkpoint(out / "model.pt", model, spec, config={"base": asdict(cfg)}, metrics=result)
     _write_history(out / "history.csv", history)
     _write_text(out / "table.md", per_class_table(test_metrics))

@@ -156,12 +156,16 @@ def _simulation_config(args):
 
 
 def _simulate(args) -> int:
+    from dataclasses import replace
+
     import torch
 
     from .checkpoint import ModelSpec, load_checkpoint
+    from .distributed import init_from_env
     from .simulate import run_simulation
 
-    cfg = _simulation_config(args)
+    ctx, device = init_from_env(args.device)
+    cfg = replace(_simulation_config(args), device=device)
     baseline = None
     if args.data == "synth":
         from .data.synth import CLASSES
@@ -191,8 +195,10 @@ def _simulate(args) -> int:
         return _build(args, len(classes))[0]
 
     results = run_simulation(
-        data, cfg, args.out, make_model=make_model, spec=spec, baseline=baseline
+        data, cfg, args.out, make_model=make_model, spec=spec, baseline=baseline, ctx=ctx
     )
+    if not ctx.is_main:
+        return 0
     for name, r in [("baseline", results["baseline"])] + list(results["runs"].items()):
         print(f"{name:>9}: accuracy {r['accuracy']:.3f}  mean Jaccard {r['jaccard_mean']:.3f}")
     print(f"results: {args.out / 'results.md'}")
@@ -352,6 +358,10 @@ def _train_base(args) -> int:
     data = load_prepared(args.data, mmap=False)
     model, kwargs = _build(args, len(data.classes))
     spec = ModelSpec(args.model, data.classes, model.layers, data.size, kwargs)
+    from .distributed import init_from_env
+
+    ctx, device = init_from_env(args.device)
+    args.device = device
     cfg = BaseConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -363,7 +373,9 @@ def _train_base(args) -> int:
         seed=args.seed,
         device=args.device,
     )
-    result = train_base(model, data, cfg, args.out, spec)
+    result = train_base(model, data, cfg, args.out, spec, ctx=ctx)
+    if not ctx.is_main:
+        return 0
     print((args.out / "table.md").read_text())
     print(f"best epoch {result['best_epoch']}; checkpoint: {args.out / 'model.pt'}")
     return 0

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .checkpoint import ModelSpec, save_checkpoint
 from .data.dataset import ArrayDataset, TensorData
 from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
+from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across, wrap
 from .evaluate import Evaluation, evaluate
 from .models import SelfExplaining
 from .train import FeedbackConfig, feedback_step
@@ -136,13 +137,22 @@ def train_epoch(
     generator: torch.Generator,
     device: str = "cpu",
     progress: bool = False,
+    ctx: Dist = SINGLE,
+    epoch: int = 0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """One pass over ``indices`` in shuffled mini-batches; mean loss and skipped-step count.
 
     The data may live on the GPU already (``data`` built on ``device``); statistics are summed
     on the device and read once per epoch, so the steps run without host synchronisation.
+    Distributed (``ctx``), each rank takes its DistributedSampler share of the epoch and
+    ``batch_size / world_size`` per step; the statistics are summed across ranks.
     """
-    perm = torch.randperm(len(indices), generator=generator)
+    if ctx.enabled:
+        perm = shard_order(len(indices), epoch=epoch, seed=seed, ctx=ctx)
+        batch_size = local_batch_size(batch_size, ctx)
+    else:
+        perm = torch.randperm(len(indices), generator=generator)
     order = torch.as_tensor(indices)[perm].to(data.labels.device)
     total = torch.zeros((), device=device)
     weight = torch.zeros((), device=device)
@@ -161,8 +171,10 @@ def train_epoch(
         skipped += stats["skipped"].to(device)
         total += torch.where(finite, loss, 0.0) * len(idx)
         weight += finite.float() * len(idx)
-    n_skipped = int(skipped)
-    if n_skipped:
+    totals = sum_across(torch.stack([total, weight, skipped]), ctx)
+    total, weight = totals[0], totals[1]
+    n_skipped = int(totals[2]) // (ctx.world_size if ctx.enabled else 1)  # a step skips on all
+    if n_skipped and ctx.is_main:
         log.warning("%d step(s) skipped for a non-finite loss or gradient", n_skipped)
     return {"train_loss": float(total / weight.clamp_min(1)), "skipped_steps": n_skipped}
 
@@ -173,20 +185,21 @@ def train_baseline(
     cfg: SimulationConfig,
     *,
     progress: bool = False,
+    ctx: Dist = SINGLE,
 ) -> SelfExplaining:
     """Train the initial classifier on the base set with (class-weighted) cross-entropy."""
     counts = np.bincount(base.labels, minlength=len(base.classes)).astype(float)
     weights = tuple(float(w) for w in counts.sum() / np.maximum(counts, 1) / len(counts))
     fb = replace(cfg.feedback, lam=0.0, class_weights=weights, freeze_batchnorm=False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.base_lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     place_model(model, cfg.device)
     optimizer = make_optimizer(model, "adam", cfg.base_lr, 0.0, 0.0)
+    trained = wrap(model, ctx)
     data = base.tensors(cfg.device)
     bar = tqdm(range(cfg.base_epochs), disable=not progress, desc="baseline", leave=False)
-    for _ in bar:
+    for epoch in bar:
         stats = train_epoch(
-            model,
+            trained,
             data,
             np.arange(len(base)),
             optimizer,
@@ -194,6 +207,9 @@ def train_baseline(
             batch_size=cfg.base_batch_size,
             generator=generator,
             device=cfg.device,
+            ctx=ctx,
+            epoch=epoch,
+            seed=cfg.seed,
         )
         bar.set_postfix(loss=f"{stats['train_loss']:.3f}")
     return model
@@ -217,6 +233,7 @@ def fine_tune(
     history: list[dict[str, Any]],
     stage: dict[str, Any],
     progress: bool = False,
+    ctx: Dist = SINGLE,
 ) -> tuple[SelfExplaining, int, Evaluation]:
     """Fine-tune a copy of ``baseline`` for ``epochs``; return the best epoch's model by val.
 
@@ -225,13 +242,15 @@ def fine_tune(
     fb = replace(cfg.feedback, lam=cfg.mode_lambda(mode))
     model = copy.deepcopy(baseline)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    trained = wrap(model, ctx)
+    # every rank evaluates the whole validation set with identical weights (same result)
     best_ev = evaluate(model, val, batch_size=cfg.eval_batch_size, device=cfg.device)
     best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
     best_score = _score(best_ev, cfg.select_by)
     bar = tqdm(range(1, epochs + 1), disable=not progress, leave=False, desc=f"{mode}")
     for epoch in bar:
         stats = train_epoch(
-            model,
+            trained,
             data,
             train_idx,
             optimizer,
@@ -239,6 +258,9 @@ def fine_tune(
             batch_size=cfg.batch_size,
             generator=generator,
             device=cfg.device,
+            ctx=ctx,
+            epoch=epoch + stage.get("slice", 0) * 1000,
+            seed=cfg.seed,
         )
         ev = evaluate(model, val, batch_size=cfg.eval_batch_size, device=cfg.device)
         history.append(
@@ -305,13 +327,18 @@ def run_simulation(
     spec: ModelSpec,
     baseline: SelfExplaining | None = None,
     progress: bool = True,
+    ctx: Dist = SINGLE,
 ) -> dict[str, Any]:
     """Run the baseline and every mode; write config, history, results, table, plots, models.
 
-    Returns the results dict (also written to ``out/results.json``).
+    Returns the results dict (also written to ``out/results.json``). Distributed (``ctx``),
+    every rank computes and only rank 0 writes.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    main = ctx.is_main
+    progress = progress and main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     feedback = data.feedback
     splits = split_feedback(feedback.labels, seed=cfg.seed, train_only=data.train_only)
@@ -329,7 +356,8 @@ def run_simulation(
     source = data.test_override if data.test_override is not None else feedback
     val, test = feedback.subset(splits.val), source.subset(splits.test)
     groups = {name: np.asarray(m)[splits.test] for name, m in data.test_groups.items()}
-    _write_json(
+    write_json = _write_json if main else (lambda *a: None)
+    write_json(
         out / "splits.json",
         {
             name: [feedback.ids[i] for i in idx]
@@ -341,7 +369,7 @@ def run_simulation(
             ]
         },
     )
-    _write_json(
+    write_json(
         out / "config.json",
         {
             "simulation": cfg.to_dict(),
@@ -363,10 +391,11 @@ def run_simulation(
     if baseline is None:
         if data.base is None:
             raise ValueError("run_simulation: give either a baseline model or a base set")
-        baseline = train_baseline(make_model(), data.base, cfg, progress=progress)
+        baseline = train_baseline(make_model(), data.base, cfg, progress=progress, ctx=ctx)
     place_model(baseline, cfg.device)
     ckpt_dir = out / "checkpoints"
-    save_checkpoint(ckpt_dir / "baseline.pt", baseline, spec, config=cfg.to_dict())
+    if main:
+        save_checkpoint(ckpt_dir / "baseline.pt", baseline, spec, config=cfg.to_dict())
     results: dict[str, Any] = {"baseline": _test_summary(baseline, test, groups, cfg), "runs": {}}
     history: list[dict[str, Any]] = []
     tensors = feedback.tensors(cfg.device)
@@ -385,6 +414,7 @@ def run_simulation(
                 history=history,
                 stage={"slice": 0},
                 progress=progress,
+                ctx=ctx,
             )
             run = _test_summary(model, test, groups, cfg) | {"best_epoch": best_epoch}
         else:
@@ -401,9 +431,13 @@ def run_simulation(
                 generator,
                 history,
                 progress,
+                ctx,
             )
         results["runs"][mode] = run
-        save_checkpoint(ckpt_dir / f"{mode}.pt", model, spec, config=cfg.to_dict(), metrics=run)
+        if main:
+            save_checkpoint(ckpt_dir / f"{mode}.pt", model, spec, config=cfg.to_dict(), metrics=run)
+    if not main:
+        return results
     _write_history(out / "history.csv", history)
     _write_json(out / "results.json", results)
     from .report import simulation_plots, simulation_table
@@ -426,6 +460,7 @@ def _sliced(
     generator,
     history,
     progress,
+    ctx=SINGLE,
 ):
     """Sliced simulation: per slice, ``slice_epochs`` epochs, the best by val carried on."""
     model = baseline
@@ -444,6 +479,7 @@ def _sliced(
             generator=generator,
             history=history,
             stage={"slice": k},
+            ctx=ctx,
         )
         summary = _test_summary(model, test, groups, cfg)
         rows.append(

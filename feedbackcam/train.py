@@ -159,8 +159,12 @@ def _finish_step(
 ) -> tuple[bool, float]:
     """Backward and step unless the loss or gradient is non-finite; return (stepped, grad norm)."""
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+    if not torch.isfinite(loss) and not distributed:
         return False, math.nan
+    # Under DDP every rank must run backward (the gradient all-reduce is collective); a
+    # non-finite loss on one rank then makes the averaged norm non-finite on all of them, so
+    # they all skip together.
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else math.inf
@@ -264,7 +268,7 @@ def feedback_step(
         "empty": float(empty),
         "grad_norm": 0.0,
     }
-    if stats["empty"]:
+    if stats["empty"] and not isinstance(model, nn.parallel.DistributedDataParallel):
         return stats
     stepped, norm = _finish_step(model, optimizer, loss, cfg)
     stats["grad_norm"] = norm

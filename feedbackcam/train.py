@@ -200,10 +200,8 @@ def _finish_step_on_device(
 
 
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
-    """True for fused optimizers on an accelerator, which can skip a step without a sync."""
-    return bool(optimizer.defaults.get("fused")) and any(
-        p.device.type != "cpu" for g in optimizer.param_groups for p in g["params"]
-    )
+    """True for fused optimizers (``fused=True``), which can skip a step without a sync."""
+    return bool(optimizer.defaults.get("fused"))
 
 
 def feedback_step(

@@ -180,3 +180,21 @@ def test_all_classes_explanation_loss_is_the_mean_over_each_class_cam(tiny_model
         tiny_model, batch._replace(labels=predicted), opt, FeedbackConfig(lam=1.0)
     )
     assert by_pred["loss_exp"] == pytest.approx(by_label["loss_exp"], rel=1e-5)
+
+
+def test_sync_free_step_with_a_fused_optimizer_matches_and_skips_on_the_device(tiny_model):
+    other = copy.deepcopy(tiny_model)
+    batch = _batch(4)
+    fused = torch.optim.SGD(tiny_model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    plain = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    stats = feedback_step(tiny_model, batch, fused, FeedbackConfig(), sync=False)
+    assert isinstance(stats["loss"], torch.Tensor) and stats["skipped"].item() == 0
+    feedback_step(other, batch, plain, FeedbackConfig())
+    for a, b in zip(tiny_model.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    bad = _batch(4)
+    bad.images[0, 0, 0, 0] = float("nan")
+    before = _params(tiny_model)
+    stats = feedback_step(tiny_model, bad, fused, FeedbackConfig(), sync=False)
+    assert stats["skipped"].item() == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))

@@ -187,3 +187,17 @@ def test_wrong_class_count_missing_layer_and_bad_shape_name_the_file_and_layer(
         import_keras(tmp_path / "nothing.h5")
     with pytest.raises(ValueError, match="preprocessing"):
         import_keras(source, preprocessing="bgr")
+
+
+def test_cli_import_keras_writes_a_self_describing_checkpoint(keras_file, imported, tmp_path):
+    from feedbackcam.checkpoint import load_checkpoint
+    from feedbackcam.cli import main
+
+    path, _ = keras_file
+    out = tmp_path / "skincare.pt"
+    assert main(["import-keras", str(path), "--out", str(out)]) == 0
+    model, spec, payload = load_checkpoint(out)
+    assert spec.arch == "skincare_vgg16" and spec.input_size == 227 and len(spec.classes) == 8
+    assert payload["config"]["imported_from"] == str(path)
+    for (name, a), b in zip(model.state_dict().items(), imported.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,102 @@
+"""The FastAPI app: ``create_app(settings)``; the model and the updater start in its lifespan."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from .. import __version__
+from .registry import VersionError
+from .routers import feedback, images, predict, updates, users, versions
+from .runtime import Runtime
+from .settings import Settings
+from .uploads import UploadError
+
+STATIC = Path(__file__).parent / "static"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    runtime = Runtime.open(app.state.settings)
+    app.state.runtime = runtime
+    try:
+        yield
+    finally:
+        runtime.close()
+
+
+class BodyLimit:
+    """Refuse a request body beyond ``max_bytes`` while it streams in, before any parsing
+    spools it to disk (a per-file limit alone would let a huge body be read first)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        seen, started = 0, False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, 413)
+        await response({"type": "http"}, None, send)
+
+
+class _TooLarge(BaseException):
+    """Raised from ``receive``; not an Exception, so body parsers cannot turn it into a 400."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The feedback app. Nothing is loaded until it starts (its lifespan opens the runtime)."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="feedbackcam",
+        version=__version__,
+        description="Predict and explain; collect clinicians' class and region feedback; "
+        "fine-tune gated model versions from it. Sign in with a bearer token.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    # an image and a mask at the upload limit, plus the form fields
+    app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 2**20)
+    for module in (predict, feedback, images, versions, updates, users):
+        app.include_router(module.router, prefix="/api")
+
+    @app.exception_handler(UploadError)
+    @app.exception_handler(VersionError)
+    async def refused(_request: Request, err: UploadError | VersionError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app

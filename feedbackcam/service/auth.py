@@ -1,0 +1,49 @@
+"""Users and bearer tokens: create a user, find the user a token belongs to, rank roles.
+
+Tokens are 256-bit random strings shown once; only their SHA-256 is stored. A fast hash is
+enough here (unlike for passwords) because a random token cannot be guessed from a dictionary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from .db import ROLES, User
+
+RANK = {role: i for i, role in enumerate(ROLES)}
+_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def add_user(session: Session, name: str, role: str) -> str:
+    """Create a user and return their token (the only time it exists in clear). Commits."""
+    if role not in ROLES:
+        raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
+    if not _NAME.match(name):
+        raise ValueError(f"name: expected 1-64 letters, digits or _.@-, got {name!r}")
+    if session.scalar(select(User).where(User.name == name)) is not None:
+        raise ValueError(f"user {name!r} exists already")
+    token = secrets.token_urlsafe(32)
+    session.add(User(name=name, role=role, token_hash=hash_token(token)))
+    session.commit()
+    return token
+
+
+def find_user(session: Session, token: str) -> User | None:
+    return session.scalar(select(User).where(User.token_hash == hash_token(token)))
+
+
+def count_users(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(User))
+
+
+def allowed(role: str, needed: str) -> bool:
+    return RANK[role] >= RANK[needed]

@@ -1,0 +1,126 @@
+"""The app's tables (SQLAlchemy 2): users, feedback items, model versions, the current version.
+
+One code path for SQLite (the default, a file in the data dir) and PostgreSQL: only the engine
+options differ. Files (images, masks, checkpoints) live on disk; rows hold their paths relative to
+the data dir, and a row is written only after its files exist.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, String, Text, create_engine, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+ROLES = ("viewer", "clinician", "admin")
+ITEM_STATUSES = ("pending", "used")
+VERSION_STATUSES = ("candidate", "promoted", "rejected")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """Timestamps are stored as naive UTC (SQLite keeps no zone); give them back as UTC."""
+    return None if moment is None else moment.replace(tzinfo=timezone.utc).isoformat()
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Version(Base):
+    """A model version: the served checkpoint, or a fine-tuned candidate and the gate's verdict."""
+
+    __tablename__ = "versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str | None] = mapped_column(Text)  # None: a candidate never saved (rejected)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Item(Base):
+    """One feedback submission: what was shown, and what the clinician said about it."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_path: Mapped[str] = mapped_column(Text)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    label: Mapped[str] = mapped_column(String(64))  # the class the clinician says is right
+    predicted: Mapped[str] = mapped_column(String(64))  # the class the shown model gave
+    agree: Mapped[bool] = mapped_column(default=False)
+    mask_path: Mapped[str | None] = mapped_column(Text)
+    shown_version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    update_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))  # the update it fed
+
+
+class Current(Base):
+    """A single row: the version being served."""
+
+    __tablename__ = "current_version"
+
+    id: Mapped[int] = mapped_column(primary_key=True, default=1)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    changed: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
+    """Open (and create if needed) the database at ``url``."""
+    options: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        database = url.split("///", 1)[1] if "///" in url else ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # request threads and the worker thread share the engine; SQLite serialises writers
+        options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = create_engine(url, **options)
+    if url.startswith("sqlite"):
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the worker
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+    Base.metadata.create_all(engine)
+    return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def current_version(session: Session) -> Version | None:
+    row = session.get(Current, 1)
+    return None if row is None else session.get(Version, row.version_id)
+
+
+def set_current(session: Session, version: Version) -> None:
+    row = session.get(Current, 1)
+    if row is None:
+        session.add(Current(id=1, version_id=version.id))
+    else:
+        row.version_id = version.id
+
+
+def count_pending(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Item).where(Item.status == "pending"))

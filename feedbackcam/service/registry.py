@@ -1,0 +1,143 @@
+"""Model versions in memory: the served model, swapped whole under a lock, never edited in place.
+
+The served model object is shared by request threads; a prediction holds its lock (its forward
+pass registers hooks on the modules, so two concurrent passes would mix their activations). The
+updater fine-tunes a deep copy and, when the gate promotes it, swaps in a new :class:`Served`.
+``switching`` serialises every change of the current version (promotion, activation), so the
+database pointer and the model in memory change together.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..checkpoint import ModelSpec, load_checkpoint
+from ..explain import Explanation, explain
+from ..models import SelfExplaining
+from .db import Version, current_version, set_current
+from .store import Store, file_sha256
+
+log = logging.getLogger(__name__)
+
+
+class VersionError(ValueError):
+    """A version that cannot be made current; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(eq=False)
+class Served:
+    version_id: int
+    model: SelfExplaining
+    spec: ModelSpec
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def explain(self, rgb: np.ndarray) -> Explanation:
+        """Predict and explain one (S, S, 3) uint8 image at the model's input size."""
+        images = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)[None].float() / 255
+        with self.lock:
+            return explain(self.model, images)
+
+    def copy_model(self) -> SelfExplaining:
+        with self.lock:  # not mid-forward: a copy would carry that call's temporary hooks
+            return copy.deepcopy(self.model)
+
+
+class Registry:
+    def __init__(self, sessions: sessionmaker[Session], store: Store) -> None:
+        self.sessions = sessions
+        self.store = store
+        self.switching = threading.Lock()
+        self._served: Served | None = None
+
+    @property
+    def served(self) -> Served:
+        served = self._served
+        if served is None:
+            raise RuntimeError("no model loaded; call Registry.open first")
+        return served
+
+    def open(self, checkpoint: Path) -> Served:
+        """Serve the current version; a checkpoint the database has not seen becomes current.
+
+        Restarting with the same ``--model`` resumes the fine-tuned version that was current.
+        """
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
+        sha = file_sha256(checkpoint)
+        with self.sessions() as session:
+            current = current_version(session)
+            known = session.scalar(select(Version).where(Version.sha256 == sha).limit(1))
+            if current is None or known is None:
+                version = Version(
+                    path=self._stored_path(checkpoint),
+                    sha256=sha,
+                    status="promoted",
+                    reason="the model given at start"
+                    + ("" if current is None else f"; replaces version {current.id}"),
+                )
+                session.add(version)
+                session.flush()
+                set_current(session, version)
+                session.commit()
+                current = version
+            elif known.id != current.id:
+                log.warning(
+                    "%s is version %d; serving version %d, current since the last run",
+                    checkpoint,
+                    known.id,
+                    current.id,
+                )
+        self._served = self.load(current)
+        return self._served
+
+    def _stored_path(self, path: Path) -> str:
+        path = path.resolve()
+        root = self.store.root.resolve()
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+    def load(self, version: Version) -> Served:
+        if version.path is None:
+            raise VersionError(409, f"version {version.id} has no checkpoint ({version.status})")
+        try:
+            model, spec, _ = load_checkpoint(self.store.absolute(version.path))
+        except (FileNotFoundError, ValueError) as err:
+            raise VersionError(409, f"version {version.id}: {err}") from err
+        model.eval()
+        return Served(version.id, model, spec)
+
+    def install(self, served: Served) -> None:
+        self._served = served
+
+    def activate(self, version_id: int) -> Version:
+        """Make a promoted version current again (rollback, or forward again)."""
+        with self.switching:
+            with self.sessions() as session:
+                version = session.get(Version, version_id)
+                if version is None:
+                    raise VersionError(404, f"no version {version_id}")
+                if version.status != "promoted":
+                    raise VersionError(
+                        409, f"version {version_id} is {version.status}; only promoted versions run"
+                    )
+                served = self.load(version)
+                if served.spec.classes != self.served.spec.classes:
+                    raise VersionError(409, f"version {version_id} has other classes")
+                set_current(session, version)
+                session.commit()
+            self.install(served)
+            log.info("version %d is current", version_id)
+            return version

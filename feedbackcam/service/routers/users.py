@@ -1,0 +1,33 @@
+"""Who is signed in, and (admin) the users."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException
+from sqlalchemy import select
+
+from ..auth import add_user
+from ..db import User
+from ..deps import Admin, SessionDep, Viewer
+from ..schemas import CreatedUser, Me, NewUser
+
+router = APIRouter(tags=["users"])
+
+
+@router.get("/me", response_model=Me)
+def me(user: Viewer) -> Me:
+    return Me(name=user.name, role=user.role)
+
+
+@router.get("/users", response_model=list[Me])
+def list_users(user: Admin, session: SessionDep) -> list[Me]:
+    return [Me(name=u.name, role=u.role) for u in session.scalars(select(User).order_by(User.id))]
+
+
+@router.post("/users", response_model=CreatedUser, status_code=201)
+def create_user(body: NewUser, user: Admin, session: SessionDep) -> CreatedUser:
+    """Create a user; the answer holds their token, the only time it is shown."""
+    try:
+        token = add_user(session, body.name, body.role)
+    except ValueError as err:
+        raise HTTPException(409 if "exists" in str(err) else 422, str(err)) from err
+    return CreatedUser(name=body.name, role=body.role, token=token)

@@ -1,0 +1,88 @@
+"""Everything one running app holds: database, files, the served model, validation set, gallery
+and the updater. Opened in the app's lifespan, closed when it ends."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..data.dataset import ArrayDataset
+from .auth import add_user, count_users
+from .datasets import load_labelled
+from .db import connect
+from .gallery import GalleryImage, load_gallery
+from .registry import Registry
+from .settings import Settings
+from .store import Store
+from .worker import Worker, mark_interrupted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: Store
+    registry: Registry
+    validation: ArrayDataset | None
+    gallery: list[GalleryImage]
+    worker: Worker
+
+    @classmethod
+    def open(cls, settings: Settings) -> Runtime:
+        data_dir = settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = settings.model
+        if checkpoint is None:
+            from .demo import ensure_demo
+
+            checkpoint = ensure_demo(data_dir)
+        store = Store(data_dir)
+        engine, sessions = connect(settings.database_url)
+        try:
+            if settings.bootstrap_admin:
+                _bootstrap_admin(sessions)
+            interrupted = mark_interrupted(sessions)
+            if interrupted:
+                log.warning("%d update(s) were interrupted; their feedback is pending", interrupted)
+            registry = Registry(sessions, store)
+            spec = registry.open(checkpoint).spec
+            validation = load_labelled(data_dir, "validation", spec.classes, spec.input_size)
+            replay = load_labelled(data_dir, "replay", spec.classes, spec.input_size)
+            gallery = load_gallery(
+                data_dir / "gallery", store, spec.input_size, max_pixels=settings.max_pixels
+            )
+        except BaseException:
+            engine.dispose()
+            raise
+        worker = Worker(settings, sessions, store, registry, validation, replay)
+        runtime = cls(settings, engine, sessions, store, registry, validation, gallery, worker)
+        if not worker.enabled:
+            log.warning(worker.message)
+        if settings.worker:
+            worker.start()
+        return runtime
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.engine.dispose()
+
+
+def _bootstrap_admin(sessions: sessionmaker[Session]) -> None:
+    """First start, no users: create ``admin`` and print its token once (only its hash is kept)."""
+    with sessions() as session:
+        if count_users(session):
+            return
+        token = add_user(session, "admin", "admin")
+    print(
+        "feedbackcam serve: no users yet, so user 'admin' (role admin) was created.\n"
+        f"  Its token, shown only this once: {token}\n"
+        "  Sign in on the page with it; add users with: "
+        "feedbackcam users add NAME --role clinician",
+        flush=True,
+    )

@@ -1,0 +1,74 @@
+"""What a running feedback app needs to know: where things live, how it learns, what it accepts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of one app instance; ``feedbackcam serve`` flags map onto these fields.
+
+    Attributes:
+        data_dir: images, masks, checkpoints, the SQLite file, and what the app is given: the
+            gallery, the validation set and an optional replay set (see ``datasets.py``).
+        model: the checkpoint to serve; None serves the demo's model (trained on first use).
+        db_url: an SQLAlchemy URL; None is an SQLite file in ``data_dir``.
+        update_every: fine-tune after this many new feedback items (1: online, as the thesis).
+        steps: optimizer steps per update.
+        batch_size: new items per step (all of them when fewer).
+        replay_per_class: earlier feedback items drawn per class into every step.
+        lr: Adam learning rate of an update.
+        lam: lambda of the combined loss (eq. 4.1).
+        tolerance: the gate promotes a candidate unless its validation accuracy or average
+            sensitivity falls more than this below the current model's (negative: must improve).
+        max_upload_bytes: largest accepted image or mask file.
+        max_pixels: largest accepted image (width x height), checked before decoding.
+        worker: run the background updater (tests turn it off to hold items pending).
+        poll_seconds: how often the worker looks for pending items without being woken.
+        bootstrap_admin: on first start with no users, create ``admin`` and print its token once.
+        seed: seeds the replay draws.
+    """
+
+    data_dir: Path = Path("feedbackcam-data")
+    model: Path | None = None
+    db_url: str | None = None
+    update_every: int = 1
+    steps: int = 8
+    batch_size: int = 8
+    replay_per_class: int = 4
+    lr: float = 3e-4
+    lam: float = 0.3
+    tolerance: float = 0.02
+    max_upload_bytes: int = 10 * 2**20
+    max_pixels: int = 40_000_000
+    worker: bool = True
+    poll_seconds: float = 5.0
+    bootstrap_admin: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.model is not None:
+            object.__setattr__(self, "model", Path(self.model))
+        for name in ("update_every", "steps", "batch_size", "max_upload_bytes", "max_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if not isinstance(self.replay_per_class, int) or self.replay_per_class < 0:
+            raise ValueError(
+                f"replay_per_class: expected an int >= 0, got {self.replay_per_class!r}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam: expected a value in [0, 1], got {self.lam!r}")
+        if not self.poll_seconds > 0:
+            raise ValueError(f"poll_seconds: expected > 0, got {self.poll_seconds!r}")
+
+    @property
+    def database_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{(self.data_dir / 'feedbackcam.db').resolve()}"

@@ -1,0 +1,115 @@
+"""One model update: fine-tune a candidate on new feedback plus a class-balanced replay of
+earlier feedback, then gate it on the held-out validation set.
+
+Why the replay is balanced: the thesis' online runs, one feedback image per step on unbalanced
+data, drifted until the model predicted a single class. Every step here sees the new items plus
+the same number of earlier items from each class, so no class's gradient can dominate; the gate
+then refuses any candidate that still loses accuracy or average sensitivity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data.dataset import ArrayDataset
+from ..evaluate import evaluate
+from ..models import SelfExplaining
+from ..train import FeedbackBatch, FeedbackConfig, feedback_step
+
+
+class Interrupted(Exception):
+    """The app is stopping: the update was abandoned, its feedback stays pending."""
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    steps: int = 8
+    batch_size: int = 8
+    replay_per_class: int = 4
+    lr: float = 3e-4
+    lam: float = 0.3
+    tolerance: float = 0.02
+
+
+def plan_replay(
+    labels: np.ndarray, steps: int, per_class: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Indices into earlier feedback for each step: ``per_class`` of every class present
+    (drawn with replacement only where a class has fewer items than that)."""
+    labels = np.asarray(labels)
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    plan = []
+    for _ in range(steps):
+        draws = [rng.choice(idx, per_class, replace=len(idx) < per_class) for idx in by_class]
+        plan.append(np.concatenate(draws) if draws else np.zeros(0, np.int64))
+    return plan
+
+
+def fine_tune(
+    model: SelfExplaining,
+    new: ArrayDataset,
+    replay: ArrayDataset | None,
+    plan: list[np.ndarray],
+    cfg: UpdateConfig,
+    should_stop=lambda: False,
+) -> dict[str, float]:
+    """Adam steps with the combined loss (eq. 4.1) on the new items plus each step's replay.
+
+    Takes ``max(cfg.steps, ceil(len(new) / cfg.batch_size))`` steps so every new item is seen.
+    Returns the mean loss and the count of skipped (non-finite) steps.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    feedback = FeedbackConfig(lam=cfg.lam)
+    new_t = new.tensors()
+    replay_t = replay.tensors() if replay is not None else None
+    n = len(new)
+    steps = max(cfg.steps, math.ceil(n / cfg.batch_size))
+    losses, skipped = [], 0
+    for step in range(steps):
+        if should_stop():
+            raise Interrupted("stopped during an update")
+        start = (step * cfg.batch_size) % n
+        idx = torch.arange(start, start + min(cfg.batch_size, n)) % n
+        parts = [new_t.batch(idx)]
+        if replay_t is not None and step < len(plan) and len(plan[step]):
+            parts.append(replay_t.batch(torch.from_numpy(plan[step])))
+        batch = FeedbackBatch(*(torch.cat(tensors) for tensors in zip(*parts)))
+        stats = feedback_step(model, batch, optimizer, feedback)
+        skipped += int(stats["skipped"])
+        losses.append(stats["loss"])
+    model.eval()
+    return {"steps": steps, "loss": float(np.mean(losses)), "skipped_steps": skipped}
+
+
+def scores(model: SelfExplaining, validation: ArrayDataset) -> dict[str, float | int | None]:
+    """What the gate compares: accuracy and average sensitivity (and Jaccard, for the record)."""
+    summary = evaluate(model, validation).summary()
+    return {
+        "accuracy": summary["accuracy"],
+        "avg_sensitivity": summary["avg_sensitivity"],
+        "jaccard_mean": summary["jaccard_mean"],
+        "n_validation": len(validation),
+    }
+
+
+def gate(
+    before: dict, after: dict, tolerance: float, original: dict | None = None
+) -> tuple[bool, str]:
+    """Promote unless accuracy or average sensitivity falls more than ``tolerance`` below the
+    parent's, or below the original model's (so many small allowed drops cannot add up)."""
+    parts, ok = [], True
+    for key, name in (("accuracy", "accuracy"), ("avg_sensitivity", "average sensitivity")):
+        b, a = float(before[key]), float(after[key])
+        floor = b - tolerance
+        if original is not None and original.get(key) is not None:
+            floor = max(floor, float(original[key]) - tolerance)
+        passed = a >= floor - 1e-9
+        ok &= passed
+        parts.append(f"{name} {b:.3f} -> {a:.3f}" + ("" if passed else f" (below {floor:.3f})"))
+    verdict = "promoted" if ok else "rejected"
+    rule = f"a drop of at most {tolerance:g} from the parent and the original model is allowed"
+    return ok, f"{verdict}: {', '.join(parts)}; {rule}"

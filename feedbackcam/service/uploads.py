@@ -1,0 +1,132 @@
+"""Checking what users send: images and masks are decoded, never trusted by name or extension.
+
+Every refusal is an :class:`UploadError` carrying the HTTP status the API answers with: 413 for
+too many bytes or pixels, 415 for a type other than PNG/JPEG, 422 for data that does not decode
+(truncated, corrupt) or a mask that does not fit the image.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+class UploadError(ValueError):
+    """A refused upload; ``status`` is the HTTP status code to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_size(data: bytes, what: str, max_bytes: int) -> None:
+    if len(data) > max_bytes:
+        raise UploadError(413, f"{what}: more than the {max_bytes} bytes allowed")
+    if not data:
+        raise UploadError(422, f"{what}: empty file")
+
+
+def read_limited(stream, what: str, max_bytes: int) -> bytes:
+    """Read at most ``max_bytes`` (plus one, to tell) from a file object; refuse more."""
+    data = stream.read(max_bytes + 1)
+    check_size(data, what, max_bytes)
+    return data
+
+
+def decode_image(
+    data: bytes, what: str, *, max_pixels: int, formats=("PNG", "JPEG")
+) -> Image.Image:
+    """Decode PNG or JPEG bytes fully; refuse other types, damaged data and too many pixels.
+
+    The pixel count is read from the header and checked before any pixel is decoded, so a
+    decompression bomb costs nothing; Pillow's own bomb check stays on as a second guard.
+    """
+    kind = next((k for sig, k in _SIGNATURES.items() if data.startswith(sig)), None)
+    if kind not in formats:
+        raise UploadError(415, f"{what}: expected a {' or '.join(formats)} image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[kind])
+            w, h = img.size
+            if w * h > max_pixels:
+                raise UploadError(
+                    413, f"{what}: {w}x{h} pixels, more than the {max_pixels} allowed"
+                )
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UploadError(413, f"{what}: too many pixels ({err})") from err
+    except UnidentifiedImageError as err:
+        raise UploadError(415, f"{what}: not a readable {kind} image") from err
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
+        if isinstance(err, UploadError):
+            raise
+        raise UploadError(422, f"{what}: damaged {kind} data ({err})") from err
+    return img
+
+
+def model_rgb(img: Image.Image, size: int) -> np.ndarray:
+    """The image as the model sees it: RGB, squashed to size x size (nearest neighbour, the
+    way the training data was prepared)."""
+    rgb = img.convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_mask_png(data: bytes, size: int, *, max_bytes: int, what: str = "mask") -> np.ndarray:
+    """A mask image the size of the shown image; a pixel is in the region when its grey level
+    (times its alpha, if any) is above half. Returns (size, size) uint8 in {0, 1}."""
+    check_size(data, what, max_bytes)
+    img = decode_image(data, what, max_pixels=max(size * size, 1), formats=("PNG",))
+    if img.size != (size, size):
+        raise UploadError(
+            422, f"{what}: {img.size[0]}x{img.size[1]}; expected {size}x{size}, the shown image"
+        )
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+    grey = rgba[..., :3].mean(axis=-1) * rgba[..., 3] / 255
+    return (grey > 127.5).astype(np.uint8)
+
+
+def decode_mask_base64(text: str, size: int, *, max_bytes: int) -> np.ndarray:
+    """A PNG mask as base64 or a ``data:image/png;base64,`` URL (what a canvas exports)."""
+    payload = text.split(",", 1)[1] if text.startswith("data:") else text
+    if len(payload) > max_bytes * 4 // 3 + 4:
+        raise UploadError(413, f"mask_base64: more than the {max_bytes} bytes allowed")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise UploadError(422, f"mask_base64: not base64 ({err})") from err
+    return decode_mask_png(data, size, max_bytes=max_bytes, what="mask_base64")
+
+
+def decode_mask_rle(text: str, size: int) -> np.ndarray:
+    """An uncompressed run-length mask, JSON ``{"size": [h, w], "counts": [...]}``: row-major
+    runs alternating off/on, starting with off (COCO's uncompressed RLE, but row-major)."""
+    try:
+        rle = json.loads(text)
+        h, w = (int(v) for v in rle["size"])
+        counts = [int(c) for c in rle["counts"]]
+    except (ValueError, TypeError, KeyError) as err:
+        message = f"mask_rle: expected {{'size': [h, w], 'counts': [...]}} ({err})"
+        raise UploadError(422, message) from err
+    if (h, w) != (size, size):
+        raise UploadError(422, f"mask_rle: {w}x{h}; expected {size}x{size}, the shown image")
+    if any(c < 0 for c in counts) or sum(counts) != h * w:
+        raise UploadError(422, f"mask_rle: counts must be >= 0 and sum to {h * w}")
+    values = np.arange(len(counts)) % 2
+    return np.repeat(values, counts).astype(np.uint8).reshape(h, w)

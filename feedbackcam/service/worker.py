@@ -1,0 +1,288 @@
+"""The background updater: turns pending feedback into a gated model version.
+
+Runs in its own thread, so predictions never wait for training (they only wait the moment a
+promoted model is swapped in). Crash safety comes from the order of writes: the candidate row
+first, then the checkpoint file (new name, atomic), then one transaction that records the verdict,
+moves the current pointer and marks the items used. A crash anywhere before that commit leaves
+every item pending; the next start marks the unfinished candidate interrupted and resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict
+
+import numpy as np
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..checkpoint import ModelSpec, save_checkpoint
+from ..data.dataset import ArrayDataset
+from .datasets import concat, fingerprint
+from .db import Item, Version, current_version, set_current
+from .registry import Registry, Served
+from .settings import Settings
+from .store import Store, file_sha256, read_image
+from .update import Interrupted, UpdateConfig, fine_tune, gate, plan_replay, scores
+
+log = logging.getLogger(__name__)
+
+
+def mark_interrupted(sessions: sessionmaker[Session]) -> int:
+    """Candidates left by a crash or a stop: record them as rejected. Returns how many."""
+    with sessions.begin() as session:
+        left = session.scalars(select(Version).where(Version.status == "candidate")).all()
+        for version in left:
+            version.status = "rejected"
+            version.reason = "interrupted: the app stopped before this update finished"
+        return len(left)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        store: Store,
+        registry: Registry,
+        validation: ArrayDataset | None,
+        replay: ArrayDataset | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg = UpdateConfig(
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            replay_per_class=settings.replay_per_class,
+            lr=settings.lr,
+            lam=settings.lam,
+            tolerance=settings.tolerance,
+        )
+        self.sessions, self.store, self.registry = sessions, store, registry
+        self.validation, self.replay = validation, replay
+        self.validation_id = fingerprint(validation) if validation is not None else None
+        self.rng = np.random.default_rng(settings.seed)
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._force = False
+        self._thread: threading.Thread | None = None
+        self.candidate_id: int | None = None
+        self.last_error: str | None = None
+        self._failed: tuple[int, ...] = ()  # pending items whose update failed: wait for more
+
+    @property
+    def enabled(self) -> bool:
+        return self.validation is not None
+
+    @property
+    def message(self) -> str:
+        if self.validation is None:
+            return (
+                f"updates are off: no validation set in {self.settings.data_dir} (validation/ "
+                "or validation.npz); feedback is stored and waits"
+            )
+        if not self.settings.worker:
+            return "updates are off (no worker in this app instance); feedback waits"
+        return f"an update after every {self.settings.update_every} new item(s), or on demand"
+
+    # ----------------------------------------------------------------- thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="feedbackcam-updater", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def notify(self, force: bool = False) -> None:
+        """Wake the worker (a new item arrived); ``force`` updates even below ``update_every``."""
+        self._force = self._force or force
+        self._wake.set()
+
+    def _loop(self) -> None:
+        try:
+            self.baseline(self.registry.served)
+        except Exception as err:  # the app keeps serving; the error shows in the status
+            log.exception("scoring the current version failed")
+            self.last_error = f"scoring the current version failed: {err}"
+        while not self._stop.is_set():
+            self._wake.clear()
+            force, self._force = self._force, False
+            try:
+                self.run_once(force=force)
+            except Interrupted:
+                break
+            except Exception as err:
+                log.exception("update failed; its feedback stays pending")
+                self.last_error = f"{type(err).__name__}: {err}"
+            self._wake.wait(self.settings.poll_seconds)
+
+    # ----------------------------------------------------------------- one update
+    def baseline(self, served: Served, model=None) -> dict:
+        """The served version's validation scores, computed once per validation set."""
+        if self.validation is None:
+            return {}
+        with self.sessions() as session:
+            version = session.get(Version, served.version_id)
+            if version.metrics.get("validation") == self.validation_id:
+                return dict(version.metrics)
+        measured = scores(model if model is not None else served.copy_model(), self.validation)
+        measured["validation"] = self.validation_id
+        with self.sessions.begin() as session:
+            version = session.get(Version, served.version_id)
+            version.metrics = {**version.metrics, **measured}
+        return measured
+
+    def run_once(self, force: bool = False) -> Version | None:
+        """Update from the pending items if there are enough (or any, with ``force``)."""
+        if self.validation is None:
+            return None
+        with self.sessions() as session:
+            pending = session.scalars(
+                select(Item).where(Item.status == "pending").order_by(Item.id)
+            ).all()
+            if not pending or (len(pending) < self.settings.update_every and not force):
+                return None
+            ids = tuple(i.id for i in pending)
+            if ids == self._failed and not force:
+                return None  # retried when new feedback arrives, on demand, or after a restart
+            earlier = session.execute(
+                select(Item.id, Item.label, Item.image_path, Item.mask_path)
+                .where(Item.status == "used")
+                .order_by(Item.id)
+            ).all()
+        served = self.registry.served
+        with self.sessions.begin() as session:
+            candidate = Version(
+                status="candidate",
+                parent_id=served.version_id,
+                reason=f"fine-tuning on {len(pending)} new item(s)",
+            )
+            session.add(candidate)
+        self.candidate_id = candidate.id
+        try:
+            return self._update(served, candidate.id, pending, earlier)
+        except Interrupted:
+            self._finish_candidate(candidate.id, "interrupted: the app stopped; feedback pending")
+            raise
+        except Exception as err:
+            self._failed = ids
+            self._finish_candidate(candidate.id, f"failed ({err}); its feedback stays pending")
+            raise
+        finally:
+            self.candidate_id = None
+
+    def _update(self, served: Served, candidate_id: int, pending, earlier) -> Version:
+        spec = served.spec
+        model = served.copy_model()
+        before = self.baseline(served, model)
+        new = self._dataset([(i.label, i.image_path, i.mask_path) for i in pending], spec)
+        replay, plan, from_feedback = self._replay(earlier, spec)
+        stats = fine_tune(model, new, replay, plan, self.cfg, should_stop=self._stop.is_set)
+        after = scores(model, self.validation)
+        promote, reason = gate(before, after, self.cfg.tolerance, self._original(served))
+        metrics = {
+            **after,
+            "validation": self.validation_id,
+            "update": {
+                **stats,
+                "items": [i.id for i in pending],
+                "replay_items": int(sum(len(p) for p in plan)),
+                "replay_from_feedback": from_feedback,
+                "config": asdict(self.cfg),
+                "parent_metrics": {k: before.get(k) for k in ("accuracy", "avg_sensitivity")},
+            },
+        }
+        return self._record(served, candidate_id, model, metrics, promote, reason, pending)
+
+    def _replay(self, earlier, spec: ModelSpec):
+        """Each step's class-balanced draw from earlier feedback and the replay set: the rows
+        drawn (feedback items first, then replay-set rows), the plan (indices into those rows
+        per step) and how many draws were feedback."""
+        n = len(earlier)
+        labels = [spec.classes.index(row.label) for row in earlier]
+        if self.replay is not None:
+            labels += self.replay.labels.tolist()
+        if not labels or not self.cfg.replay_per_class:
+            return None, [], 0
+        plan = plan_replay(np.array(labels), self.cfg.steps, self.cfg.replay_per_class, self.rng)
+        from_feedback = int(sum((p < n).sum() for p in plan))
+        needed = np.unique(np.concatenate(plan))
+        parts = []
+        if (needed < n).any():
+            parts.append(self._dataset([tuple(earlier[i])[1:] for i in needed[needed < n]], spec))
+        if (needed >= n).any():
+            parts.append(self.replay.subset(needed[needed >= n] - n))
+        return concat(parts), [np.searchsorted(needed, p) for p in plan], from_feedback
+
+    def _original(self, served: Served) -> dict | None:
+        """Scores of the first version in the served version's lineage, if on this set."""
+        with self.sessions() as session:
+            version = session.get(Version, served.version_id)
+            while version.parent_id is not None:
+                version = session.get(Version, version.parent_id)
+            same = version.metrics.get("validation") == self.validation_id
+            return dict(version.metrics) if same and version.id != served.version_id else None
+
+    def _record(self, served, candidate_id, model, metrics, promote, reason, pending) -> Version:
+        with self.registry.switching:
+            with self.sessions() as session:
+                moved = current_version(session).id != served.version_id
+            path = None
+            if promote and not moved:
+                path = self.store.new_checkpoint_path(candidate_id)
+                save_checkpoint(
+                    path,
+                    model,
+                    served.spec,
+                    config={"parent_version": served.version_id, **metrics["update"]},
+                    metrics={k: v for k, v in metrics.items() if k != "update"},
+                )
+            with self.sessions.begin() as session:
+                version = session.get(Version, candidate_id)
+                version.metrics = metrics
+                if moved:
+                    # an admin changed the current version meanwhile: this candidate's parent is
+                    # stale, so drop it and let the items train the version now current
+                    version.status = "rejected"
+                    version.reason = (
+                        f"version {current_version(session).id} was made current during the "
+                        "update; its feedback stays pending for the next update"
+                    )
+                    return version
+                version.status = "promoted" if promote else "rejected"
+                version.reason = reason
+                if path is not None:
+                    version.path = self.store.relative(path)
+                    version.sha256 = file_sha256(path)
+                    set_current(session, version)
+                session.execute(
+                    update(Item)
+                    .where(Item.id.in_([i.id for i in pending]))
+                    .values(status="used", update_id=candidate_id)
+                )
+            if path is not None:
+                self.registry.install(Served(candidate_id, model, served.spec))
+            log.info("version %d %s", candidate_id, reason)
+            return version
+
+    def _finish_candidate(self, candidate_id: int, reason: str) -> None:
+        with self.sessions.begin() as session:
+            version = session.get(Version, candidate_id)
+            version.status, version.reason = "rejected", reason
+
+    def _dataset(self, rows, spec: ModelSpec) -> ArrayDataset:
+        """Stored items (label, image path, mask path or None) as arrays at the input size."""
+        s = spec.input_size
+        images = np.zeros((len(rows), s, s, 3), np.uint8)
+        masks = np.zeros((len(rows), s, s), np.uint8)
+        has_mask = np.zeros(len(rows), bool)
+        for k, (_, image_path, mask_path) in enumerate(rows):
+            images[k] = read_image(self.store.absolute(image_path), "RGB", s)
+            if mask_path is not None:
+                masks[k] = read_image(self.store.absolute(mask_path), "L", s) > 0
+                has_mask[k] = True
+        labels = np.array([spec.classes.index(r[0]) for r in rows], dtype=np.int64)
+        ids = tuple(str(k) for k in range(len(rows)))
+        return ArrayDataset(images, masks, labels, has_mask, ids, spec.classes)

@@ -7,9 +7,7 @@ from feedbackcam.cli import main
 RUN_KEYS = {"accuracy", "avg_sensitivity", "sensitivity", "jaccard_mean", "jaccard_sd", "n_test"}
 
 
-def test_quick_demo_writes_the_report_and_explanation_feedback_beats_the_baseline(
-    tmp_path, capsys
-):
+def test_quick_demo_writes_the_report_and_explanation_feedback_beats_the_baseline(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     report = out / "report.html"

@@ -491,6 +491,7 @@ def _add_serve(sub) -> None:
         help="largest drop in validation accuracy or average sensitivity a promotion may cost",
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--device", default="cpu", help="where the model predicts and learns")
 
     def run(args) -> int:
         from .service.commands import serve

@@ -21,6 +21,7 @@ def serve(args) -> int:
         lam=args.lam,
         tolerance=args.tolerance,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
+        device=args.device,
     )
     print(f"feedbackcam serve: http://{args.host}:{args.port}/  (API docs: /docs)", flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")

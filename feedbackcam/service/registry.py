@@ -48,7 +48,9 @@ class Served:
         """Predict and explain one (S, S, 3) uint8 image at the model's input size."""
         images = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)[None].float() / 255
         with self.lock:
-            return explain(self.model, images)
+            device = next(self.model.parameters()).device
+            out = explain(self.model, images.to(device))
+        return Explanation(*(t.cpu() for t in out))
 
     def copy_model(self) -> SelfExplaining:
         with self.lock:  # not mid-forward: a copy would carry that call's temporary hooks
@@ -56,9 +58,10 @@ class Served:
 
 
 class Registry:
-    def __init__(self, sessions: sessionmaker[Session], store: Store) -> None:
+    def __init__(self, sessions: sessionmaker[Session], store: Store, device: str = "cpu") -> None:
         self.sessions = sessions
         self.store = store
+        self.device = device
         self.switching = threading.Lock()
         self._served: Served | None = None
 
@@ -116,7 +119,7 @@ class Registry:
             model, spec, _ = load_checkpoint(self.store.absolute(version.path))
         except (FileNotFoundError, ValueError) as err:
             raise VersionError(409, f"version {version.id}: {err}") from err
-        model.eval()
+        model.to(self.device).eval()
         return Served(version.id, model, spec)
 
     def install(self, served: Served) -> None:

@@ -50,7 +50,7 @@ class Runtime:
             interrupted = mark_interrupted(sessions)
             if interrupted:
                 log.warning("%d update(s) were interrupted; their feedback is pending", interrupted)
-            registry = Registry(sessions, store)
+            registry = Registry(sessions, store, device=settings.device)
             spec = registry.open(checkpoint).spec
             validation = load_labelled(data_dir, "validation", spec.classes, spec.input_size)
             replay = load_labelled(data_dir, "replay", spec.classes, spec.input_size)

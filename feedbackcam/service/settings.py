@@ -29,6 +29,7 @@ class Settings:
         poll_seconds: how often the worker looks for pending items without being woken.
         bootstrap_admin: on first start with no users, create ``admin`` and print its token once.
         seed: seeds the replay draws.
+        device: where the model predicts and learns ("cpu", "cuda", "cuda:1").
     """
 
     data_dir: Path = Path("feedbackcam-data")
@@ -47,6 +48,7 @@ class Settings:
     poll_seconds: float = 5.0
     bootstrap_admin: bool = True
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

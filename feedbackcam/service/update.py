@@ -62,6 +62,7 @@ def fine_tune(
     Takes ``max(cfg.steps, ceil(len(new) / cfg.batch_size))`` steps so every new item is seen.
     Returns the mean loss and the count of skipped (non-finite) steps.
     """
+    device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     feedback = FeedbackConfig(lam=cfg.lam)
     new_t = new.tensors()
@@ -78,7 +79,7 @@ def fine_tune(
         if replay_t is not None and step < len(plan) and len(plan[step]):
             parts.append(replay_t.batch(torch.from_numpy(plan[step])))
         batch = FeedbackBatch(*(torch.cat(tensors) for tensors in zip(*parts)))
-        stats = feedback_step(model, batch, optimizer, feedback)
+        stats = feedback_step(model, batch.to(device), optimizer, feedback)
         skipped += int(stats["skipped"])
         losses.append(stats["loss"])
     model.eval()
@@ -87,7 +88,7 @@ def fine_tune(
 
 def scores(model: SelfExplaining, validation: ArrayDataset) -> dict[str, float | int | None]:
     """What the gate compares: accuracy and average sensitivity (and Jaccard, for the record)."""
-    summary = evaluate(model, validation).summary()
+    summary = evaluate(model, validation, device=next(model.parameters()).device).summary()
     return {
         "accuracy": summary["accuracy"],
         "avg_sensitivity": summary["avg_sensitivity"],

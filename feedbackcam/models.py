@@ -183,15 +183,9 @@ def _imagenet_vgg16_features() -> dict[str, Tensor]:
 
 
 def _load_local_vgg16(net: SkinCareVGG16, path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"{path}: not a readable PyTorch weights file ({err})") from err
-    if isinstance(state, dict) and "model_state" in state:
-        state = state["model_state"]
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    from .pretrained import read_state_dict  # pretrained.py imports this module
+
+    state = read_state_dict(path)
     features = {
         k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")
     }

@@ -15,8 +15,6 @@ import csv
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,6 +29,7 @@ from .data.dataset import ArrayDataset, TensorData
 from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
 from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across, wrap
 from .evaluate import Evaluation, evaluate
+from .fileio import write_atomic
 from .models import SelfExplaining
 from .train import FeedbackConfig, feedback_step
 
@@ -501,14 +500,7 @@ def _counts(labels: np.ndarray, classes) -> dict[str, int]:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, write, binary="b" in mode)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -9,32 +9,21 @@ whole file.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .. import fileio
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 def write_atomic(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return fileio.write_atomic(path, lambda f: f.write(data))
 
 
 def file_sha256(path: Path) -> str:

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 MODE_TITLES = {"cls": "Classification loss", "exp": "Explanation loss", "combined": "Combined loss"}
 MODE_COLOURS = {"cls": "tab:blue", "exp": "tab:orange", "combined": "tab:green"}
@@ -89,6 +90,7 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
             base = results["baseline"]["accuracy" if key == "val_accuracy" else "jaccard_mean"]
             if base is not None:
                 ax.axhline(base, color="grey", ls="--", lw=1, label="baseline (test)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -113,6 +115,10 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
                     label=MODE_TITLES.get(mode, mode),
                     color=MODE_COLOURS.get(mode),
                 )
+            base = results["baseline"][key]
+            if base is not None:
+                ax.axhline(base, color="grey", ls="--", lw=1, label="baseline")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("slice")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)

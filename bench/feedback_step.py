@@ -132,6 +132,20 @@ def main() -> None:
                     args.device,
                 )
                 record(name, batch_size, precision, sec)
+    if cuda:
+        # the whole step must run without a host synchronisation (errors if one happens)
+        batch = make_batch(32, size, classes, args.device)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            feedback_step(
+                model, batch, optimizer, FeedbackConfig(lam=0.3, precision="bf16"), sync=False
+            )
+            print("feedback step (sync=False, fused SGD): no host synchronisation")
+        except RuntimeError as err:
+            print(f"feedback step synchronises with the host: {err}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     ref = rows[0]["images_per_s"]
     print(f"\ndevice: {device_name}; model {arch} at {size}x{size}")
     summary = []

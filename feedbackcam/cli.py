@@ -298,7 +298,7 @@ def _reader_options(args) -> dict:
 
 
 def _data_check(args) -> int:
-    from .data.isic import check_dataset, format_report
+    from .data.check import check_dataset, format_report
 
     report = check_dataset(args.root, args.labels, **_reader_options(args))
     print(format_report(report))

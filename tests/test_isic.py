@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from feedbackcam.data.check import check_dataset, format_report
 from feedbackcam.data.isic import (
     ATTRIBUTES,
     CLASSES_3,
@@ -25,9 +26,7 @@ from feedbackcam.data.isic import (
     UNREADABLE_IMAGE,
     UNREADABLE_MASK,
     UNUSABLE_LABEL,
-    check_dataset,
     detect_layout,
-    format_report,
     overlap_ids,
     read_dataset,
     read_labels_csv,

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .check import format_problems
 from .dataset import ArrayDataset
 from .isic import (
     MASK_SIZE_MISMATCH,
@@ -39,7 +40,6 @@ from .isic import (
     Problem,
     ReadResult,
     Record,
-    format_problems,
     read_dataset,
 )
 

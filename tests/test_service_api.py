@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import struct
 import threading
 import time
@@ -199,6 +200,13 @@ def test_page_and_openapi_are_served(env):
             "/api/me",
         ):
             assert path in paths
+        # the API docs work air-gapped: every script and stylesheet is served by the app
+        docs = client.get("/docs")
+        assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+        assert docs.status_code == 200 and assets
+        for url in assets:
+            assert url.startswith("/"), f"/docs loads {url} from elsewhere"
+            assert client.get(url).status_code == 200, url
 
 
 # ------------------------------------------------------------------ feedback

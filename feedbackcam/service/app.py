@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from .registry import VersionError
@@ -75,7 +76,8 @@ class _TooLarge(BaseException):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The feedback app. Nothing is loaded until it starts (its lifespan opens the runtime)."""
     settings = settings or Settings()
-    app = FastAPI(
+    # FastAPIOffline serves the /docs viewer's scripts itself: no CDN, so it works air-gapped.
+    app = FastAPIOffline(
         title="feedbackcam",
         version=__version__,
         description="Predict and explain; collect clinicians' class and region feedback; "

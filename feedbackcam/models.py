@@ -156,13 +156,11 @@ def skincare_vgg16(
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
     net = SkinCareVGG16(num_classes, dropout)
-    if weights is None:
-        pass
-    elif weights == "imagenet":
+    if weights == "imagenet":
         net.features.load_state_dict(_imagenet_vgg16_features())
     elif isinstance(weights, str | Path):
         _load_local_vgg16(net, Path(weights))
-    else:
+    elif weights is not None:
         raise TypeError(f"weights: expected None, 'imagenet' or a path, got {type(weights)}")
     return SelfExplaining(net, VGG16_EXPLANATION_LAYER)
 

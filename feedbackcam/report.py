@@ -63,11 +63,32 @@ def simulation_table(results: dict[str, Any], classes: Sequence[str]) -> str:
     return f"{head}\n{rule}\n{body}\n"
 
 
+def _line_panel(ax, series: dict, baseline, baseline_label: str, xlabel: str, ylabel: str):
+    """One line per mode (``series``: mode -> (x, y)), a dashed baseline, integer x ticks."""
+    for mode, (xs, ys) in series.items():
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            ms=3,
+            label=MODE_TITLES.get(mode, mode),
+            color=MODE_COLOURS.get(mode),
+        )
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label=baseline_label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out: Path) -> list:
     """Loss, accuracy and mean Jaccard vs epoch (one line per mode); vs slice if sliced."""
     out = Path(out)
     written = []
     full = [row for row in history if row.get("slice", 0) == 0]
+    baseline_of = {"val_accuracy": "accuracy", "val_jaccard_mean": "jaccard_mean"}
     for key, label, name in [
         ("train_loss", "train loss", "loss.png"),
         ("val_accuracy", "val accuracy", "accuracy.png"),
@@ -76,25 +97,15 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
         if not full:
             break
         fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
-        for mode in results["runs"]:
-            rows = [r for r in full if r["mode"] == mode]
-            ax.plot(
-                [r["epoch"] for r in rows],
-                [r[key] for r in rows],
-                marker="o",
-                ms=3,
-                label=MODE_TITLES.get(mode, mode),
-                color=MODE_COLOURS.get(mode),
+        series = {
+            mode: (
+                [r["epoch"] for r in full if r["mode"] == mode],
+                [r[key] for r in full if r["mode"] == mode],
             )
-        if key != "train_loss":
-            base = results["baseline"]["accuracy" if key == "val_accuracy" else "jaccard_mean"]
-            if base is not None:
-                ax.axhline(base, color="grey", ls="--", lw=1, label="baseline (test)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            for mode in results["runs"]
+        }
+        base = results["baseline"][baseline_of[key]] if key in baseline_of else None
+        _line_panel(ax, series, base, "baseline (test)", "epoch", label)
         fig.tight_layout()
         fig.savefig(out / name)
         plt.close(fig)
@@ -106,23 +117,11 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
             (axes[0], "accuracy", "test accuracy"),
             (axes[1], "jaccard_mean", "test mean Jaccard"),
         ]:
-            for mode, rows in sliced.items():
-                ax.plot(
-                    [r["slice"] for r in rows],
-                    [r[key] for r in rows],
-                    marker="o",
-                    ms=3,
-                    label=MODE_TITLES.get(mode, mode),
-                    color=MODE_COLOURS.get(mode),
-                )
-            base = results["baseline"][key]
-            if base is not None:
-                ax.axhline(base, color="grey", ls="--", lw=1, label="baseline")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("slice")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            series = {
+                m: ([r["slice"] for r in rows], [r[key] for r in rows])
+                for m, rows in sliced.items()
+            }
+            _line_panel(ax, series, results["baseline"][key], "baseline", "slice", label)
         fig.tight_layout()
         fig.savefig(out / "slices.png")
         plt.close(fig)

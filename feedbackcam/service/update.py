@@ -10,7 +10,7 @@ then refuses any candidate that still loses accuracy or average sensitivity.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -27,12 +27,18 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    steps: int = 8
-    batch_size: int = 8
-    replay_per_class: int = 4
-    lr: float = 3e-4
-    lam: float = 0.3
-    tolerance: float = 0.02
+    """How one update learns and is gated; the defaults live in `Settings` alone."""
+
+    steps: int
+    batch_size: int
+    replay_per_class: int
+    lr: float
+    lam: float
+    tolerance: float
+
+    @classmethod
+    def from_settings(cls, settings) -> UpdateConfig:
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 def plan_replay(

@@ -50,14 +50,7 @@ class Worker:
         replay: ArrayDataset | None = None,
     ) -> None:
         self.settings = settings
-        self.cfg = UpdateConfig(
-            steps=settings.steps,
-            batch_size=settings.batch_size,
-            replay_per_class=settings.replay_per_class,
-            lr=settings.lr,
-            lam=settings.lam,
-            tolerance=settings.tolerance,
-        )
+        self.cfg = UpdateConfig.from_settings(settings)
         self.sessions, self.store, self.registry = sessions, store, registry
         self.validation, self.replay = validation, replay
         self.validation_id = fingerprint(validation) if validation is not None else None

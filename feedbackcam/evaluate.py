@@ -13,6 +13,7 @@ from .explain import explain
 from .metrics import (
     ClassificationMetrics,
     JaccardSummary,
+    bootstrap_intervals,
     classification_metrics,
     isic_jaccard,
     jaccard_per_image,
@@ -27,20 +28,38 @@ class Evaluation:
     isic_jaccard: float
     probs: np.ndarray  # (N, C)
     explained: np.ndarray  # (N, H, W) bool: the hard-thresholded explanation maps
+    labels: np.ndarray  # (N,)
+    jaccard_per_image: np.ndarray  # (N,) float, NaN where an image has no mask
 
-    def summary(self) -> dict:
-        """The keys of the thesis' tables: accuracy, sensitivities, mean (SD) Jaccard, n."""
+    def summary(self, *, bootstrap_seed: int | None = None) -> dict:
+        """The keys of the thesis' tables: accuracy, sensitivities, mean (SD) Jaccard, n; the
+        classes the average sensitivity averages over; the share of predictions per class; and,
+        given a ``bootstrap_seed``, 95 % bootstrap intervals (``ci``)."""
         c = self.classification
-        return {
+        classes = list(c.per_class)
+        pred = self.probs.argmax(axis=1) if len(self.probs) else np.zeros(0, np.int64)
+        counts = np.bincount(pred, minlength=len(classes))
+        out = {
             "accuracy": c.accuracy,
             "avg_sensitivity": c.avg_sensitivity,
+            "avg_sensitivity_classes": [k for k, m in c.per_class.items() if m.support > 0],
             "sensitivity": {k: _json(v) for k, v in c.sensitivity().items()},
+            "predicted_share": {k: float(n / max(len(pred), 1)) for k, n in zip(classes, counts)},
             "jaccard_mean": _json(self.jaccard.mean),
             "jaccard_sd": _json(self.jaccard.sd),
             "isic_jaccard": _json(self.isic_jaccard),
             "n_test": c.n,
             "n_without_mask": self.jaccard.n_excluded,
         }
+        if bootstrap_seed is not None:
+            out["ci"] = bootstrap_intervals(
+                self.labels,
+                pred,
+                self.jaccard_per_image,
+                n_classes=len(classes),
+                seed=bootstrap_seed,
+            )
+        return out
 
 
 def _json(v: float) -> float | None:
@@ -81,14 +100,19 @@ def evaluate(
         torch.cat(explained).numpy() if explained else np.zeros((0,) + data.masks.shape[1:], bool)
     )
     scored = data.has_mask & (data.masks.reshape(len(data), -1).max(axis=1) > 0)
+    jaccard = jaccard_per_image(maps, data.masks, data.has_mask)
+    per_image = np.full(len(data), np.nan)
+    per_image[scored] = jaccard.values
     return Evaluation(
         classification=classification_metrics(data.labels, probs_np, data.classes),
-        jaccard=jaccard_per_image(maps, data.masks, data.has_mask),
+        jaccard=jaccard,
         isic_jaccard=isic_jaccard(maps[scored], data.masks[scored])
         if scored.any()
         else float("nan"),
         probs=probs_np,
         explained=maps,
+        labels=np.asarray(data.labels),
+        jaccard_per_image=per_image,
     )
 
 

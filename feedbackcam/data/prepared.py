@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..fileio import jsonable, write_json
 from .check import format_problems
 from .dataset import ArrayDataset
 from .isic import (
@@ -119,16 +120,8 @@ def _fingerprint(result: ReadResult) -> dict:
     return {"files": len(paths), "sha256": digest.hexdigest()}
 
 
-def _jsonable(value):
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _problem_dict(p: Problem) -> dict:
-    return {k: _jsonable(v) for k, v in asdict(p).items()}
+    return {k: jsonable(v) for k, v in asdict(p).items()}
 
 
 def read_prepared_meta(path) -> dict:
@@ -313,7 +306,7 @@ def _build(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # Written last: its presence marks the folder complete.
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_json(tmp / "meta.json", meta)
     return meta, problems
 
 
@@ -373,7 +366,7 @@ def prepare(
         "labels_csv": str(result.label_files[0].resolve())
         if result.layout == "isic2018_task2" and result.label_files
         else None,
-        "options": {k: _jsonable(v) for k, v in result.options},
+        "options": {k: jsonable(v) for k, v in result.options},
     }
     fingerprint = _fingerprint(result)
     if _is_up_to_date(out, settings, fingerprint):
@@ -551,7 +544,7 @@ def save_prepared(
             "problems": [],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks completion
+        write_json(tmp / "meta.json", meta)  # last: marks completion
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -264,16 +264,46 @@ def _align_classes(data, model_classes, ckpt):
 # --------------------------------------------------------------------------- data
 
 
+def _layout(text: str) -> str:
+    return text.replace("-", "_")
+
+
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="check and prepare ISIC datasets")
+    from .data.isic import LAYOUTS
+
+    p = sub.add_parser("data", help="check and prepare datasets (ISIC layouts or your own)")
     dsub = p.add_subparsers(dest="data_command", required=True)
     for name, helptext in [
         ("check", "list class counts and every problem with its file; exit 1 on errors"),
         ("prepare", "decode once, resize, store memory-mappable arrays and an index"),
     ]:
         q = dsub.add_parser(name, help=helptext, description=helptext)
-        q.add_argument("root", type=Path, help="the dataset folder, in its official layout")
-        q.add_argument("--labels", type=Path, default=None, help="labels CSV (Task 2)")
+        q.add_argument(
+            "root",
+            type=Path,
+            help="the dataset folder: an ISIC layout as downloaded, or your own "
+            "(images/, optional masks/ and ignore/, labels.csv; see the README)",
+        )
+        q.add_argument(
+            "--layout",
+            type=_layout,
+            choices=("auto", *LAYOUTS),
+            default="auto",
+            help="the folder's layout (default: auto, detected from the folder names)",
+        )
+        q.add_argument(
+            "--labels",
+            type=Path,
+            default=None,
+            help="labels CSV: required for isic2018_task2; generic: default ROOT/labels.csv",
+        )
+        q.add_argument(
+            "--classes",
+            type=_names,
+            default=None,
+            help="generic: class names in label order, e.g. NV,MEL,BKL; a CSV row of another "
+            "class is an error (default: the classes the CSV names)",
+        )
         q.add_argument(
             "--attributes",
             type=_names,
@@ -282,18 +312,40 @@ def _add_data(sub) -> None:
         )
         q.add_argument("--missing-attribute", choices=("error", "empty"), default="error")
         if name == "prepare":
-            q.add_argument("--size", type=int, default=227)
-            q.add_argument("--resample", choices=("nearest", "bilinear"), default="nearest")
+            q.add_argument("--size", type=int, default=227, help="side in pixels (default 227)")
+            q.add_argument(
+                "--resample",
+                choices=("nearest", "bilinear"),
+                default="nearest",
+                help="how images are resized to --size x --size (default nearest, as in the "
+                "thesis); masks are always resized nearest-neighbour so they stay 0/1",
+            )
             q.add_argument("--out", type=Path, required=True)
         q.set_defaults(func=_data_check if name == "check" else _data_prepare)
 
 
 def _reader_options(args) -> dict:
+    """The reader keyword arguments the flags ask for, refused where the layout has no use
+    for them (e.g. --attributes on a generic folder)."""
     opts = {}
+    if args.layout != "auto":
+        opts["layout"] = args.layout
+    given = {}
     if args.attributes is not None:
-        opts["attributes"] = args.attributes
+        given["attributes"] = ("--attributes", args.attributes)
     if args.missing_attribute != "error":
-        opts["missing_attribute"] = args.missing_attribute
+        given["missing_attribute"] = ("--missing-attribute", args.missing_attribute)
+    if args.classes is not None:
+        given["classes"] = ("--classes", args.classes)
+    if given:
+        from .data.isic import detect_layout
+
+        layout = opts.get("layout") or detect_layout(args.root)
+        accepted = {"isic2018_task2": ("attributes", "missing_attribute"), "generic": ("classes",)}
+        wrong = [flag for key, (flag, _) in given.items() if key not in accepted.get(layout, ())]
+        if wrong:
+            raise CliError(f"{args.root}: {', '.join(wrong)} do(es) not apply to layout {layout}")
+        opts |= {key: value for key, (_, value) in given.items()}
     return opts
 
 
@@ -318,9 +370,11 @@ def _data_prepare(args) -> int:
     )
     meta = read_prepared_meta(out)
     counts = meta["counts"]
+    ignore = f", {counts['with_ignore']} with ignore masks" if counts.get("with_ignore") else ""
     print(
-        f"prepared {counts['images']} image(s) at {args.size}x{args.size} in {out}: "
-        f"{counts['per_class']}; {counts['excluded']} excluded (see meta.json)"
+        f"prepared {counts['images']} image(s) at {args.size}x{args.size} in {out} "
+        f"(layout {meta['layout']}): {counts['per_class']}; {counts['with_mask']} with masks"
+        f"{ignore}; {counts['excluded']} excluded (see meta.json)"
     )
     return 0
 

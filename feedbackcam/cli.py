@@ -436,11 +436,33 @@ def _train_base(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a prepared dataset")
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics of a checkpoint on a prepared dataset, per image and per class",
+        description="Write metrics.json, table.md and predictions.csv (one row per image: "
+        "label, prediction, probabilities, Jaccard against the keep mask) to --out; "
+        "optionally the saliency maps and a counterfactual comparison.",
+    )
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="a prepared folder")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="explanation = saliency >= this share of its max (default 0.5)",
+    )
+    p.add_argument(
+        "--save-maps", action="store_true", help="write each saliency as maps/<id>.png (0-255)"
+    )
+    p.add_argument(
+        "--counterfactual",
+        type=Path,
+        default=None,
+        metavar="OTHER_PREPARED",
+        help="a prepared folder of the same ids (e.g. an artifact added or removed): write "
+        "counterfactual.json with the flip rate, flips per class pair and both accuracies",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_evaluate)
 
@@ -448,16 +470,27 @@ def _add_evaluate(sub) -> None:
 def _evaluate(args) -> int:
     from .checkpoint import load_checkpoint
     from .data.prepared import load_prepared
-    from .evaluate import evaluate
+    from .evaluate import (
+        counterfactual_report,
+        evaluate,
+        write_predictions,
+        write_saliency_maps,
+    )
     from .metrics import per_class_table
     from .simulate import SimulationData, _write_json, _write_text
 
     model, spec, _ = load_checkpoint(args.model)
-    data = _align_classes(
-        SimulationData(feedback=load_prepared(args.data, mmap=False)), spec.classes, args.model
-    ).feedback
+
+    def load(folder):
+        data = SimulationData(feedback=load_prepared(folder, mmap=False))
+        return _align_classes(data, spec.classes, args.model).feedback
+
+    data = load(args.data)
+    other = load(args.counterfactual) if args.counterfactual is not None else None
     model.to(args.device)
-    ev = evaluate(model, data, threshold=args.threshold, device=args.device)
+    ev = evaluate(
+        model, data, threshold=args.threshold, device=args.device, keep_saliency=args.save_maps
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     summary = ev.summary() | {
         "classes": list(data.classes),
@@ -467,13 +500,48 @@ def _evaluate(args) -> int:
     summary["per_class"] = {k: v.to_dict() for k, v in ev.classification.per_class.items()}
     _write_json(args.out / "metrics.json", summary)
     table = per_class_table(ev.classification)
-    _write_text(args.out / "table.md", table)
+    _write_text(args.out / "table.md", table + "\n")
+    write_predictions(args.out / "predictions.csv", ev, data)
     print(table)
     print(
         f"accuracy {summary['accuracy']:.3f}, mean (SD) Jaccard "
         f"{ev.jaccard.mean:.3f} ({ev.jaccard.sd:.3f}), ISIC Jaccard {ev.isic_jaccard:.3f}"
     )
+    absent = f" ({', '.join(ev.absent_classes)} absent from this set)" if ev.absent_classes else ""
+    print(
+        f"average sensitivity {ev.classification.avg_sensitivity:.3f} over "
+        f"{', '.join(ev.avg_sensitivity_classes)}{absent}"
+    )
+    written = ["metrics.json", "table.md", "predictions.csv"]
+    if args.save_maps:
+        write_saliency_maps(args.out / "maps", ev, data.ids)
+        written.append("maps/")
+    if other is not None:
+        report = counterfactual_report(
+            model, data, other, names=(str(args.data), str(args.counterfactual)), device=args.device
+        )
+        _write_json(args.out / "counterfactual.json", report)
+        written.append("counterfactual.json")
+        print(_format_counterfactual(report))
+    print(f"written to {args.out}: {', '.join(written)}")
     return 0
+
+
+def _format_counterfactual(report: dict) -> str:
+    a, b = report["data"], report["counterfactual"]
+    lines = [
+        f"counterfactual {b}: {report['n_flips']} of {report['n']} predictions change "
+        f"(flip rate {report['flip_rate']:.3f})",
+        *(
+            f"  {src} -> {dst}: {n}"
+            for src, row in report["flips"].items()
+            for dst, n in sorted(row.items(), key=lambda kv: -kv[1])
+        ),
+        f"  accuracy {report['accuracy'][a]:.3f} on {a}, {report['accuracy'][b]:.3f} on {b}",
+    ]
+    if report["label_mismatches"]:
+        lines.append(f"  warning: {report['label_mismatches']} id(s) have different labels")
+    return "\n".join(lines)
 
 
 def _add_explain(sub) -> None:

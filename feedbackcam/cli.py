@@ -550,15 +550,24 @@ def _add_explain(sub) -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cam", choices=("gradcam", "gradcam++"), default="gradcam")
+    p.add_argument(
+        "--fit",
+        choices=("squash", "pad"),
+        default="squash",
+        help="how a non-square image becomes the model's square input: squash (default; as "
+        "prepared training data is) or pad (keep the aspect ratio, black borders); the overlay "
+        "keeps the image's aspect ratio either way",
+    )
     p.set_defaults(func=_explain)
 
 
 def _explain(args) -> int:
     from .explain import explain_file
 
-    result = explain_file(args.image, args.model, args.out, method=args.cam)
+    result = explain_file(args.image, args.model, args.out, method=args.cam, fit=args.fit)
     probs = ", ".join(f"{c} {p:.3f}" for c, p in result["probabilities"].items())
     print(f"{args.image}: {result['predicted']} ({probs}); overlay: {args.out}")
+    print(f"input: {result['input']}")
     return 0
 
 

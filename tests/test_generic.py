@@ -108,6 +108,23 @@ def test_flat_folder_with_suffixed_masks_and_one_hot_labels(tmp_path):
     assert "UNK" in kinds(result.problems, "unusable label")[0].message
 
 
+def test_images_in_subfolders_and_lower_case_isic_classes_as_ham10000_unzips(tmp_path):
+    root = tmp_path / "ham"
+    rows = []
+    for i, dx in enumerate(["nv", "mel", "bkl", "nv", "akiec", "mel"]):
+        part = "HAM10000_images_part_1" if i < 3 else "HAM10000_images_part_2"
+        image(root / part / f"ISIC_{24306 + i:07d}.jpg", seed=i)
+        rows.append([f"HAM_{i:07d}", f"ISIC_{24306 + i:07d}", dx, "histo", "45.0"])
+    header = ["lesion_id", "image_id", "dx", "dx_type", "age"]
+    write_csv(root / "HAM10000_metadata.csv", header, rows)
+    result = read_dataset(root)
+    assert result.layout == "generic" and result.classes == ("MEL", "NV", "AK", "BKL")
+    assert len(result.usable()) == 6 and result.records[3].image.parent.name.endswith("part_2")
+    result = read_dataset(root, classes=("nv", "mel", "bkl"))
+    assert result.classes == ("NV", "MEL", "BKL") and len(result.usable()) == 5
+    assert [p.id for p in kinds(result.problems, UNKNOWN_CLASS)] == ["ISIC_0024310"]
+
+
 def test_the_apps_export_is_read_with_its_ignore_masks(tmp_path):
     root = make_generic(tmp_path / "export", n=9, export=True)
     result = read_dataset(root)

@@ -15,7 +15,9 @@ The id column is the first of ``id, image, image_id, isic_id, image_name, filena
 column the first of ``label, class, dx, diagnosis, target`` (names matched case-insensitively;
 an id may carry its image extension). Without a class column, the columns whose every value
 is a number in [0, 1] are one-hot classes (an ``UNK`` column marks unknown rows, as in ISIC
-2019). Other columns (the export's ``user, created_at, model_version``) are ignored. Several
+2019). Other columns (the export's ``user, created_at, model_version``) are ignored. ISIC class
+names are matched case-insensitively, so HAM10000's ``nv, mel, bkl, bcc, df, vasc`` read as
+``NV, MEL...`` (and ``akiec`` as ``AK``) and line up with ISIC-trained models. Several
 mask files for one id are combined (union), as ISIC 2018 Task 2's attribute masks are.
 
 Like the ISIC readers, `read_generic` never stops at the first problem: every image gets a
@@ -65,24 +67,25 @@ ID_COLUMNS = ("id", "image", "image_id", "isic_id", "image_name", "filename")
 LABEL_COLUMNS = ("label", "class", "dx", "diagnosis", "target")
 UNKNOWN_CLASS = "unknown class"
 
+# Lower-case spellings of the ISIC class names (HAM10000's dx column) -> the ISIC name.
+_ISIC_NAMES = {c.lower(): c for c in CLASSES_2019} | {"akiec": "AK"}
 _MASK_SUFFIX = re.compile(r"^(.+)_(mask|segmentation|ignore)$")
 # Files that sit beside images in a flat folder without being data.
 _SIDE_FILES = (".csv", ".txt", ".md", ".json", ".yaml", ".yml", ".pdf", ".html")
 
 
 def looks_generic(root) -> bool:
-    """Whether ``root`` holds an ``images/`` folder with an image, or images beside a CSV."""
+    """Whether ``root`` holds an ``images/`` folder with an image, or images (in it or in its
+    subfolders, e.g. HAM10000's two parts) beside a CSV."""
     root = Path(root)
-    folder = root / "images"
-    if folder.is_dir():
-        return any(_is_image(p) for p in folder.iterdir())
-    entries = list(root.iterdir())
-    return any(_is_image(p) for p in entries) and any(p.suffix.lower() == ".csv" for p in entries)
+    if (root / "images").is_dir():
+        return any(_is_image(p) for p in _files(root / "images", root))
+    has_csv = any(p.suffix.lower() == ".csv" and p.is_file() for p in root.iterdir())
+    return has_csv and any(_is_image(p) for p in _files(root, root))
 
 
 def _is_image(path: Path) -> bool:
-    suffix = path.suffix.lower()
-    return suffix in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 def _strip_image_suffix(name: str) -> str:
@@ -90,18 +93,25 @@ def _strip_image_suffix(name: str) -> str:
     return stem if dot and f".{suffix.lower()}" in IMAGE_SUFFIXES else name
 
 
+def _files(folder: Path, root: Path):
+    """Files under ``folder`` in sorted order, subfolders included; hidden entries and the
+    ``masks/`` and ``ignore/`` folders of ``root`` left out."""
+    skip = {root / "masks", root / "ignore"}
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(here, d) not in skip)
+        yield from (Path(here, f) for f in sorted(files) if not f.startswith("."))
+
+
 # ----------------------------------------------------------------------------- files
 
 
 def _scan(root: Path, problems: _Problems):
-    """(id -> image, id -> keep mask files, id -> ignore mask files, mask folder seen)."""
+    """(id -> image, id -> keep mask files, id -> ignore mask files)."""
     folder = root / "images" if (root / "images").is_dir() else root
     images: dict[str, Path] = {}
     masks: defaultdict[str, list[Path]] = defaultdict(list)
     ignore: defaultdict[str, list[Path]] = defaultdict(list)
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
+    for path in _files(folder, root):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             if folder != root or path.suffix.lower() not in _SIDE_FILES:
                 problems.add(path, None, UNEXPECTED_FILE, "not a JPEG or PNG image", "warning")
@@ -112,16 +122,15 @@ def _scan(root: Path, problems: _Problems):
             continue
         key = path.stem
         if key in images:
-            problems.add(path, key, DUPLICATE_ID, f"same id as {images[key].name}; both left out")
+            first = images[key].relative_to(root)
+            problems.add(path, key, DUPLICATE_ID, f"same id as {first}; both left out")
         else:
             images[key] = path
     for name, found in (("masks", masks), ("ignore", ignore)):
         sub = root / name
         if not sub.is_dir():
             continue
-        for path in sorted(sub.iterdir()):
-            if path.name.startswith(".") or not path.is_file():
-                continue
+        for path in _files(sub, sub):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 problems.add(path, None, UNEXPECTED_FILE, "not a PNG or JPEG mask", "warning")
                 continue
@@ -160,6 +169,10 @@ def _is_fraction(value: str) -> bool:
         return False
 
 
+def _class_name(name: str) -> str:
+    return _ISIC_NAMES.get(name.lower(), name)
+
+
 def _infer_classes(names) -> tuple[str, ...]:
     """ISIC class names in the ISIC order (so models trained on ISIC data line up), then the
     rest alphabetically."""
@@ -184,7 +197,7 @@ def read_generic_labels(path, classes=None) -> tuple[LabelTable, tuple[str, ...]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: labels CSV does not exist")
     if classes is not None:
-        classes = tuple(classes)
+        classes = tuple(_class_name(c) for c in classes)
         if not classes or len(set(classes)) != len(classes):
             raise ValueError(f"classes must be distinct names, got {classes}")
     problems = _Problems()
@@ -212,12 +225,12 @@ def read_generic_labels(path, classes=None) -> tuple[LabelTable, tuple[str, ...]
             problems.add(path, None, UNUSABLE_LABEL, f"row without an id in column {id_col!r}")
             continue
         if label_col is not None:
-            name = row.get(label_col) or None
+            name = _class_name(row[label_col]) if row.get(label_col) else None
             if name is None:
                 problems.add(path, key, UNUSABLE_LABEL, f"empty {label_col!r}")
         else:
             on = [h for h in hot if float(row[h]) >= 0.5]
-            name = on[0] if len(on) == 1 and on[0] != "UNK" else None
+            name = _class_name(on[0]) if len(on) == 1 and on[0] != "UNK" else None
             if name is None:
                 why = "labelled UNK (unknown class)" if on == ["UNK"] else f"{len(on)} classes set"
                 problems.add(path, key, UNUSABLE_LABEL, f"one-hot row: {why}")
@@ -230,7 +243,11 @@ def read_generic_labels(path, classes=None) -> tuple[LabelTable, tuple[str, ...]
         else:
             problems.add(path, key, DUPLICATE_ID, "listed twice", "warning")
     if classes is None:
-        found = [h for h in hot if h != "UNK"] if label_col is None else set(raw.values()) - {None}
+        found = (
+            [_class_name(h) for h in hot if h != "UNK"]
+            if label_col is None
+            else set(raw.values()) - {None}
+        )
         classes = tuple(found) if label_col is None else _infer_classes(found)
     table: dict[str, str | None] = {}
     for key, name in raw.items():

@@ -469,7 +469,7 @@ def _add_evaluate(sub) -> None:
 
 def _evaluate(args) -> int:
     from .checkpoint import load_checkpoint
-    from .data.prepared import load_prepared
+    from .data.prepared import load_prepared, load_prepared_ignore
     from .evaluate import (
         counterfactual_report,
         evaluate,
@@ -501,7 +501,8 @@ def _evaluate(args) -> int:
     _write_json(args.out / "metrics.json", summary)
     table = per_class_table(ev.classification)
     _write_text(args.out / "table.md", table + "\n")
-    write_predictions(args.out / "predictions.csv", ev, data)
+    ignore = load_prepared_ignore(args.data, mmap=False)
+    write_predictions(args.out / "predictions.csv", ev, data, None if ignore is None else ignore[0])
     print(table)
     print(
         f"accuracy {summary['accuracy']:.3f}, mean (SD) Jaccard "

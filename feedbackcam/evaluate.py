@@ -247,12 +247,21 @@ def counterfactual_report(
 # ----------------------------------------------------------------------------- per-image files
 
 
-def predictions_rows(ev: Evaluation, data: ArrayDataset) -> list[dict]:
+def predictions_rows(
+    ev: Evaluation, data: ArrayDataset, ignore: np.ndarray | None = None
+) -> list[dict]:
     """One row per image: id, label, predicted, ``p_<class>`` per class, ``jaccard`` of the
     explanation against the keep mask (``""`` where the image has no or an empty mask, as
-    `metrics.jaccard_per_image` leaves it out) and ``correct`` (1/0)."""
+    `metrics.jaccard_per_image` leaves it out) and ``correct`` (1/0).
+
+    With ``ignore`` ((N, H, W) 0/1 "must not matter" masks, `load_prepared_ignore`), a column
+    ``ignore_share``: the share of the explanation's pixels on that region (``""`` where the
+    mask is empty or nothing is explained).
+    """
     if len(ev.probs) != len(data):
         raise ValueError(f"the evaluation has {len(ev.probs)} images, data has {len(data)}")
+    if ignore is not None and ignore.shape != ev.explained.shape:
+        raise ValueError(f"ignore masks are {ignore.shape}, explanations {ev.explained.shape}")
     scored = data.has_mask & (data.masks.reshape(len(data), -1).max(axis=1) > 0)
     jaccard = dict(zip(np.flatnonzero(scored), ev.jaccard.values))
     predicted = ev.probs.argmax(axis=1)
@@ -266,14 +275,21 @@ def predictions_rows(ev: Evaluation, data: ArrayDataset) -> list[dict]:
         row |= {f"p_{c}": f"{p:.6f}" for c, p in zip(data.classes, ev.probs[i])}
         row["jaccard"] = f"{jaccard[i]:.6f}" if i in jaccard else ""
         row["correct"] = int(predicted[i] == data.labels[i])
+        if ignore is not None:
+            explained, drop = ev.explained[i], ignore[i] > 0
+            share = (explained & drop).sum() / explained.sum() if explained.any() else None
+            row["ignore_share"] = f"{share:.6f}" if share is not None and drop.any() else ""
         rows.append(row)
     return rows
 
 
-def write_predictions(path: str | Path, ev: Evaluation, data: ArrayDataset) -> Path:
+def write_predictions(
+    path: str | Path, ev: Evaluation, data: ArrayDataset, ignore: np.ndarray | None = None
+) -> Path:
     """Write `predictions_rows` as a CSV (atomically)."""
-    rows = predictions_rows(ev, data)
+    rows = predictions_rows(ev, data, ignore)
     fields = ["id", "label", "predicted", *(f"p_{c}" for c in data.classes), "jaccard", "correct"]
+    fields += ["ignore_share"] if ignore is not None else []
 
     def write(f):
         writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")

@@ -12,6 +12,7 @@ from feedbackcam.evaluate import (
     counterfactual_report,
     evaluate,
     predict_classes,
+    predictions_rows,
     write_predictions,
     write_saliency_maps,
 )
@@ -109,6 +110,21 @@ def test_predictions_rows_are_one_per_image_and_match_the_metrics(tiny_model, tm
     assert np.array_equal(saved >= 128, ev.explained[3])  # threshold 0.5 of the max
     with pytest.raises(ValueError, match="keep_saliency"):
         write_saliency_maps(tmp_path / "m2", evaluate(tiny_model, data), data.ids)
+
+
+def test_ignore_share_is_the_explanations_share_on_the_ignore_mask(tiny_model):
+    data = _data(n=6)
+    ev = evaluate(tiny_model, data)
+    ignore = np.zeros_like(data.masks)
+    ignore[1:4, :, :16] = 1  # the left half, for images 1-3
+    rows = predictions_rows(ev, data, ignore)
+    for i, row in enumerate(rows):
+        if i in (1, 2, 3):
+            e = ev.explained[i]
+            assert float(row["ignore_share"]) == pytest.approx(e[:, :16].sum() / e.sum())
+        else:
+            assert row["ignore_share"] == ""
+    assert "ignore_share" not in predictions_rows(ev, data)[0]
 
 
 def test_summary_names_the_classes_the_average_sensitivity_is_over(tiny_model):

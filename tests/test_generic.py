@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 from test_isic import kinds, png_mask, truncate, write_csv
 
+from feedbackcam.checkpoint import ModelSpec, save_checkpoint
 from feedbackcam.cli import main
 from feedbackcam.data.check import check_dataset
 from feedbackcam.data.generic import UNKNOWN_CLASS, read_generic, read_generic_labels
@@ -23,6 +25,7 @@ from feedbackcam.data.isic import (
     read_dataset,
 )
 from feedbackcam.data.prepared import load_prepared, load_prepared_ignore, prepare
+from feedbackcam.models import build_model
 
 W, H = 24, 18  # not square: the readers must not assume it
 CLASSES = ("NV", "MEL", "BKL")
@@ -140,6 +143,16 @@ def test_the_apps_export_is_read_with_its_ignore_masks(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["ignore"] is True and meta["counts"]["with_ignore"] == 3
     assert (out / "meta.json").read_text().endswith("\n")
+    ckpt = save_checkpoint(
+        tmp_path / "m.pt",
+        build_model("small_cnn", 3, width=4),
+        ModelSpec("small_cnn", CLASSES, ("features.relu4",), 12, {"width": 4}),
+    )
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(out), "--out", str(ev)]) == 0
+    with open(ev / "predictions.csv", newline="") as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    assert all(rows[gid(i)]["ignore_share"] == "" for i in (1, 2, 4, 5, 7, 8))
 
 
 def test_a_folder_without_ignore_masks_has_none(generic_prepared):

@@ -289,7 +289,7 @@ def _add_data(sub) -> None:
             type=_layout,
             choices=("auto", *LAYOUTS),
             default="auto",
-            help="the folder's layout (default: auto, detected from the folder names)",
+            help="the folder's layout (default: %(default)s, detected from the folder names)",
         )
         q.add_argument(
             "--labels",
@@ -312,13 +312,15 @@ def _add_data(sub) -> None:
         )
         q.add_argument("--missing-attribute", choices=("error", "empty"), default="error")
         if name == "prepare":
-            q.add_argument("--size", type=int, default=227, help="side in pixels (default 227)")
+            q.add_argument(
+                "--size", type=int, default=227, help="side in pixels (default: %(default)s)"
+            )
             q.add_argument(
                 "--resample",
                 choices=("nearest", "bilinear"),
                 default="nearest",
-                help="how images are resized to --size x --size (default nearest, as in the "
-                "thesis); masks are always resized nearest-neighbour so they stay 0/1",
+                help="how images are resized to --size x --size (default: %(default)s, as in "
+                "the thesis); masks are always resized nearest-neighbour so they stay 0/1",
             )
             q.add_argument("--out", type=Path, required=True)
         q.set_defaults(func=_data_check if name == "check" else _data_prepare)
@@ -450,7 +452,7 @@ def _add_evaluate(sub) -> None:
         "--threshold",
         type=float,
         default=0.5,
-        help="explanation = saliency >= this share of its max (default 0.5)",
+        help="explanation = saliency >= this share of its max (default: %(default)s)",
     )
     p.add_argument(
         "--save-maps", action="store_true", help="write each saliency as maps/<id>.png (0-255)"
@@ -555,9 +557,9 @@ def _add_explain(sub) -> None:
         "--fit",
         choices=("squash", "pad"),
         default="squash",
-        help="how a non-square image becomes the model's square input: squash (default; as "
-        "prepared training data is) or pad (keep the aspect ratio, black borders); the overlay "
-        "keeps the image's aspect ratio either way",
+        help="how a non-square image becomes the model's square input: squash (as prepared "
+        "training data is) or pad (keep the aspect ratio, black borders); the overlay keeps the "
+        "image's aspect ratio either way (default: %(default)s)",
     )
     p.set_defaults(func=_explain)
 

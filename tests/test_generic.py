@@ -218,6 +218,8 @@ def test_unknown_classes_and_unreadable_labels(tmp_path, generic):
 def test_layout_flags_are_checked(generic, capsys):
     assert main(["data", "check", str(generic), "--layout", "isic2017"]) == 2
     assert "ISIC 2017" in capsys.readouterr().err
+    assert main(["data", "check", str(generic), "--layout", "isic2018-task2"]) == 1
+    assert "layout isic2018_task2" in capsys.readouterr().out
     assert main(["data", "check", str(generic), "--attributes", "globules"]) == 2
     assert "--attributes" in capsys.readouterr().err
     assert main(["data", "check", str(generic), "--layout", "generic", "--classes", "NV,MEL"]) == 1

@@ -268,9 +268,11 @@ def _layout(text: str) -> str:
     return text.replace("-", "_")
 
 
-def _add_data(sub) -> None:
-    from .data.isic import LAYOUTS
+# feedbackcam.data.isic.LAYOUTS, spelled out so that --help imports no data code.
+LAYOUTS = ("isic2019", "isic2018_task2", "isic2017", "generic")
 
+
+def _add_data(sub) -> None:
     p = sub.add_parser("data", help="check and prepare datasets (ISIC layouts or your own)")
     dsub = p.add_subparsers(dest="data_command", required=True)
     for name, helptext in [

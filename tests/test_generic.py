@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from test_isic import kinds, png_mask, truncate, write_csv
 
+from feedbackcam import cli
 from feedbackcam.checkpoint import ModelSpec, save_checkpoint
 from feedbackcam.cli import main
 from feedbackcam.data.check import check_dataset
@@ -19,6 +20,7 @@ from feedbackcam.data.isic import (
     DUPLICATE_ID,
     IMAGE_WITHOUT_LABEL,
     LABEL_WITHOUT_IMAGE,
+    LAYOUTS,
     MASK_SIZE_MISMATCH,
     UNREADABLE_IMAGE,
     detect_layout,
@@ -216,6 +218,7 @@ def test_unknown_classes_and_unreadable_labels(tmp_path, generic):
 
 
 def test_layout_flags_are_checked(generic, capsys):
+    assert cli.LAYOUTS == LAYOUTS
     assert main(["data", "check", str(generic), "--layout", "isic2017"]) == 2
     assert "ISIC 2017" in capsys.readouterr().err
     assert main(["data", "check", str(generic), "--layout", "isic2018-task2"]) == 1

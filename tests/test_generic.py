@@ -145,6 +145,8 @@ def test_the_apps_export_is_read_with_its_ignore_masks(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["ignore"] is True and meta["counts"]["with_ignore"] == 3
     assert (out / "meta.json").read_text().endswith("\n")
+    (out / "ignore.npy").unlink()  # an incomplete folder is rebuilt, not taken as up to date
+    assert prepare(root, out, size=12, progress=False) == out and (out / "ignore.npy").is_file()
     ckpt = save_checkpoint(
         tmp_path / "m.pt",
         build_model("small_cnn", 3, width=4),

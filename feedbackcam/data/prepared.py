@@ -190,7 +190,10 @@ def _is_up_to_date(out: Path, settings: dict, fingerprint: dict) -> bool:
         meta = read_prepared_meta(out)
     except (FileNotFoundError, ValueError):
         return False
-    files_there = all((out / n).is_file() for n in ("images.npy", "masks.npy", "index.csv"))
+    names = ("images.npy", "masks.npy", "index.csv") + (
+        ("ignore.npy",) if meta.get("ignore") else ()
+    )
+    files_there = all((out / n).is_file() for n in names)
     return files_there and meta["settings"] == settings and meta.get("fingerprint") == fingerprint
 
 

@@ -312,7 +312,13 @@ def _add_data(sub) -> None:
             default=None,
             help="Task 2: attribute subset for the feedback mask (default: all five)",
         )
-        q.add_argument("--missing-attribute", choices=("error", "empty"), default="error")
+        q.add_argument(
+            "--missing-attribute",
+            choices=("error", "empty"),
+            default="error",
+            help="Task 2: a missing attribute file leaves the image out (error) or counts as an "
+            "empty mask (default: %(default)s)",
+        )
         if name == "prepare":
             q.add_argument(
                 "--size", type=int, default=227, help="side in pixels (default: %(default)s)"
@@ -348,7 +354,10 @@ def _reader_options(args) -> dict:
         accepted = {"isic2018_task2": ("attributes", "missing_attribute"), "generic": ("classes",)}
         wrong = [flag for key, (flag, _) in given.items() if key not in accepted.get(layout, ())]
         if wrong:
-            raise CliError(f"{args.root}: {', '.join(wrong)} do(es) not apply to layout {layout}")
+            raise CliError(
+                f"{args.root}: layout {layout} takes no {' or '.join(wrong)} (--attributes and "
+                "--missing-attribute are for isic2018_task2, --classes for generic)"
+            )
         opts |= {key: value for key, (_, value) in given.items()}
     return opts
 

@@ -301,36 +301,101 @@ def _simulate(args) -> int:
 # --------------------------------------------------------------------------- data
 
 
+def _layout(text: str) -> str:
+    return text.replace("-", "_")
+
+
+# feedbackcam.data.isic.LAYOUTS, spelled out so that --help imports no data code.
+LAYOUTS = ("isic2019", "isic2018_task2", "isic2017", "generic")
+
+
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="check and prepare ISIC datasets")
+    p = sub.add_parser("data", help="check and prepare datasets (ISIC layouts or your own)")
     dsub = p.add_subparsers(dest="data_command", required=True)
     for name, helptext in [
         ("check", "list class counts and every problem with its file; exit 1 on errors"),
         ("prepare", "decode once, resize, store memory-mappable arrays and an index"),
     ]:
         q = dsub.add_parser(name, help=helptext, description=helptext)
-        q.add_argument("root", type=Path, help="the dataset folder, in its official layout")
-        q.add_argument("--labels", type=Path, default=None, help="labels CSV (Task 2)")
+        q.add_argument(
+            "root",
+            type=Path,
+            help="the dataset folder: an ISIC layout as downloaded, or your own "
+            "(images/, optional masks/ and ignore/, labels.csv; see the README)",
+        )
+        q.add_argument(
+            "--layout",
+            type=_layout,
+            choices=("auto", *LAYOUTS),
+            default="auto",
+            help="the folder's layout (default: %(default)s, detected from the folder names)",
+        )
+        q.add_argument(
+            "--labels",
+            type=Path,
+            default=None,
+            help="labels CSV: required for isic2018_task2; generic: default ROOT/labels.csv",
+        )
+        q.add_argument(
+            "--classes",
+            type=_names,
+            default=None,
+            help="generic: class names in label order, e.g. NV,MEL,BKL; a CSV row of another "
+            "class is an error (default: the classes the CSV names)",
+        )
         q.add_argument(
             "--attributes",
             type=_names,
             default=None,
             help="Task 2: attribute subset for the feedback mask (default: all five)",
         )
-        q.add_argument("--missing-attribute", choices=("error", "empty"), default="error")
+        q.add_argument(
+            "--missing-attribute",
+            choices=("error", "empty"),
+            default="error",
+            help="Task 2: a missing attribute file leaves the image out (error) or counts as an "
+            "empty mask (default: %(default)s)",
+        )
         if name == "prepare":
-            q.add_argument("--size", type=int, default=227)
-            q.add_argument("--resample", choices=("nearest", "bilinear"), default="nearest")
+            q.add_argument(
+                "--size", type=int, default=227, help="side in pixels (default: %(default)s)"
+            )
+            q.add_argument(
+                "--resample",
+                choices=("nearest", "bilinear"),
+                default="nearest",
+                help="how images are resized to --size x --size (default: %(default)s, as in "
+                "the thesis); masks are always resized nearest-neighbour so they stay 0/1",
+            )
             q.add_argument("--out", type=Path, required=True)
         q.set_defaults(func=_data_check if name == "check" else _data_prepare)
 
 
 def _reader_options(args) -> dict:
+    """The reader keyword arguments the flags ask for, refused where the layout has no use
+    for them (e.g. --attributes on a generic folder)."""
     opts = {}
+    if args.layout != "auto":
+        opts["layout"] = args.layout
+    given = {}
     if args.attributes is not None:
-        opts["attributes"] = args.attributes
+        given["attributes"] = ("--attributes", args.attributes)
     if args.missing_attribute != "error":
-        opts["missing_attribute"] = args.missing_attribute
+        given["missing_attribute"] = ("--missing-attribute", args.missing_attribute)
+    if args.classes is not None:
+        given["classes"] = ("--classes", args.classes)
+    if given:
+        from .data.isic import detect_layout
+
+        layout = opts.get("layout") or detect_layout(args.root)
+        accepted = {"isic2018_task2": ("attributes", "missing_attribute"), "generic": ("classes",)}
+        wrong = [flag for key, (flag, _) in given.items() if key not in accepted.get(layout, ())]
+        if wrong:
+            raise CliError(
+                f"{args.root}: layout {layout} takes no {' or '.join(wrong)} (--attributes and "
+                "--missing-attribute are for isic2018_task2, --classes for generic)"
+            )
+        opts |= {key: value for key, (_, value) in given.items()}
     return opts
 
 
@@ -355,9 +420,11 @@ def _data_prepare(args) -> int:
     )
     meta = read_prepared_meta(out)
     counts = meta["counts"]
+    ignore = f", {counts['with_ignore']} with ignore masks" if counts.get("with_ignore") else ""
     print(
-        f"prepared {counts['images']} image(s) at {args.size}x{args.size} in {out}: "
-        f"{counts['per_class']}; {counts['excluded']} excluded (see meta.json)"
+        f"prepared {counts['images']} image(s) at {args.size}x{args.size} in {out} "
+        f"(layout {meta['layout']}): {counts['per_class']}; {counts['with_mask']} with masks"
+        f"{ignore}; {counts['excluded']} excluded (see meta.json)"
     )
     return 0
 
@@ -420,11 +487,33 @@ def _train_base(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a prepared dataset")
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics of a checkpoint on a prepared dataset, per image and per class",
+        description="Write metrics.json, table.md and predictions.csv (one row per image: "
+        "label, prediction, probabilities, Jaccard against the keep mask) to --out; "
+        "optionally the saliency maps and a counterfactual comparison.",
+    )
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="a prepared folder")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="explanation = saliency >= this share of its max (default: %(default)s)",
+    )
+    p.add_argument(
+        "--save-maps", action="store_true", help="write each saliency as maps/<id>.png (0-255)"
+    )
+    p.add_argument(
+        "--counterfactual",
+        type=Path,
+        default=None,
+        metavar="OTHER_PREPARED",
+        help="a prepared folder of the same ids (e.g. an artifact added or removed): write "
+        "counterfactual.json with the flip rate, flips per class pair and both accuracies",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_evaluate)
 
@@ -432,14 +521,26 @@ def _add_evaluate(sub) -> None:
 def _evaluate(args) -> int:
     from .checkpoint import load_checkpoint
     from .data.prepared import load_prepared
-    from .evaluate import evaluate
+    from .evaluate import (
+        counterfactual_report,
+        evaluate,
+        write_predictions,
+        write_saliency_maps,
+    )
     from .fileio import write_json, write_text
     from .metrics import per_class_table
 
     model, spec, _ = load_checkpoint(args.model)
-    data = load_prepared(args.data, mmap=False).with_classes(spec.classes, args.model)
+
+    def load(folder):
+        return load_prepared(folder, mmap=False).with_classes(spec.classes, args.model)
+
+    data = load(args.data)
+    other = load(args.counterfactual) if args.counterfactual is not None else None
     model.to(args.device)
-    ev = evaluate(model, data, threshold=args.threshold, device=args.device)
+    ev = evaluate(
+        model, data, threshold=args.threshold, device=args.device, keep_saliency=args.save_maps
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     summary = ev.summary() | {
         "classes": list(data.classes),
@@ -450,12 +551,47 @@ def _evaluate(args) -> int:
     write_json(args.out / "metrics.json", summary)
     table = per_class_table(ev.classification)
     write_text(args.out / "table.md", table)
+    write_predictions(args.out / "predictions.csv", ev, data, data.ignore)
     print(table)
     print(
         f"accuracy {summary['accuracy']:.3f}, mean (SD) Jaccard "
         f"{ev.jaccard.mean:.3f} ({ev.jaccard.sd:.3f}), ISIC Jaccard {ev.isic_jaccard:.3f}"
     )
+    absent = f" ({', '.join(ev.absent_classes)} absent from this set)" if ev.absent_classes else ""
+    print(
+        f"average sensitivity {ev.classification.avg_sensitivity:.3f} over "
+        f"{', '.join(ev.avg_sensitivity_classes)}{absent}"
+    )
+    written = ["metrics.json", "table.md", "predictions.csv"]
+    if args.save_maps:
+        write_saliency_maps(args.out / "maps", ev, data.ids)
+        written.append("maps/")
+    if other is not None:
+        report = counterfactual_report(
+            model, data, other, names=(str(args.data), str(args.counterfactual)), device=args.device
+        )
+        write_json(args.out / "counterfactual.json", report)
+        written.append("counterfactual.json")
+        print(_format_counterfactual(report))
+    print(f"written to {args.out}: {', '.join(written)}")
     return 0
+
+
+def _format_counterfactual(report: dict) -> str:
+    a, b = report["data"], report["counterfactual"]
+    lines = [
+        f"counterfactual {b}: {report['n_flips']} of {report['n']} predictions change "
+        f"(flip rate {report['flip_rate']:.3f})",
+        *(
+            f"  {src} -> {dst}: {n}"
+            for src, row in report["flips"].items()
+            for dst, n in sorted(row.items(), key=lambda kv: -kv[1])
+        ),
+        f"  accuracy {report['accuracy'][a]:.3f} on {a}, {report['accuracy'][b]:.3f} on {b}",
+    ]
+    if report["label_mismatches"]:
+        lines.append(f"  warning: {report['label_mismatches']} id(s) have different labels")
+    return "\n".join(lines)
 
 
 def _add_explain(sub) -> None:
@@ -466,15 +602,24 @@ def _add_explain(sub) -> None:
     from .cam import CAM_METHODS
 
     p.add_argument("--cam", choices=tuple(CAM_METHODS), default="gradcam")
+    p.add_argument(
+        "--fit",
+        choices=("squash", "pad"),
+        default="squash",
+        help="how a non-square image becomes the model's square input: squash (as prepared "
+        "training data is) or pad (keep the aspect ratio, black borders); the overlay keeps the "
+        "image's aspect ratio either way",
+    )
     p.set_defaults(func=_explain)
 
 
 def _explain(args) -> int:
     from .explain import explain_file
 
-    result = explain_file(args.image, args.model, args.out, method=args.cam)
+    result = explain_file(args.image, args.model, args.out, method=args.cam, fit=args.fit)
     probs = ", ".join(f"{c} {p:.3f}" for c, p in result["probabilities"].items())
     print(f"{args.image}: {result['predicted']} ({probs}); overlay: {args.out}")
+    print(f"input: {result['input']}")
     return 0
 
 

@@ -153,12 +153,15 @@ class ExplanationLoss:
         needs: the feedback mask it learns from: "keep" (the region that matters) or "ignore"
             (a region that must not matter). Samples without that mask add no loss.
         input_gradients: the step must make the images require grad (input-gradient losses).
+        saliency_only: a function of the explained classes' saliency maps and the mask alone
+            (what the thesis' Algorithm 2, ``reference_step``, can compute).
         summary: one line for ``--help`` and the docs.
     """
 
     fn: Callable[[Any, Any], Tensor] | None
     needs: str
     input_gradients: bool = False
+    saliency_only: bool = False
     summary: str = ""
 
 
@@ -168,7 +171,7 @@ EXPLANATION_LOSSES: dict[str, ExplanationLoss] = {}
 
 
 def register_loss(
-    name: str, *, needs: str, input_gradients: bool = False
+    name: str, *, needs: str, input_gradients: bool = False, saliency_only: bool = False
 ) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn(inputs, cfg) -> (N,)`` as the explanation loss ``name``."""
     if needs not in MASK_KINDS:
@@ -176,7 +179,9 @@ def register_loss(
 
     def add(fn: Callable) -> Callable:
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        EXPLANATION_LOSSES[name] = ExplanationLoss(fn, needs, input_gradients, summary)
+        EXPLANATION_LOSSES[name] = ExplanationLoss(
+            fn, needs, input_gradients, saliency_only, summary
+        )
         return fn
 
     return add
@@ -201,7 +206,7 @@ def _over_targets(inputs, fn: Callable[[Tensor], Tensor]) -> Tensor:
     return torch.stack([fn(s.float()) for s in inputs.saliencies()]).mean(dim=0)
 
 
-@register_loss("jaccard", needs="keep")
+@register_loss("jaccard", needs="keep", saliency_only=True)
 def _jaccard(inputs, cfg) -> Tensor:
     """The thesis' squared soft-Jaccard loss of the soft-thresholded CAM vs the keep mask."""
     return _over_targets(
@@ -210,7 +215,7 @@ def _jaccard(inputs, cfg) -> Tensor:
     )
 
 
-@register_loss("dice", needs="keep")
+@register_loss("dice", needs="keep", saliency_only=True)
 def _dice(inputs, cfg) -> Tensor:
     """Soft Dice loss of the soft-thresholded CAM vs the keep mask."""
     return _over_targets(
@@ -219,13 +224,13 @@ def _dice(inputs, cfg) -> Tensor:
     )
 
 
-@register_loss("energy", needs="keep")
+@register_loss("energy", needs="keep", saliency_only=True)
 def _energy(inputs, cfg) -> Tensor:
     """Share of the CAM's energy outside the keep mask."""
     return _over_targets(inputs, lambda s: outside_energy_loss(s, inputs.keep))
 
 
-@register_loss("mse", needs="keep")
+@register_loss("mse", needs="keep", saliency_only=True)
 def _mse(inputs, cfg) -> Tensor:
     """Mean squared error of the CAM to a (possibly non-binary) keep map."""
     return _over_targets(inputs, lambda s: map_mse_loss(s, inputs.keep))

@@ -199,16 +199,15 @@ def explanation_losses(
     return entry.fn(LossInputs(model, out, images, batch, cfg), cfg)
 
 
-def _map_loss(saliency: Tensor, masks: Tensor, cfg: FeedbackConfig) -> Tensor:
-    """A keep-mask loss of one given saliency (for :func:`reference_step`)."""
+class _GivenSaliency:
+    """Loss inputs for a saliency computed elsewhere (the reference step's gradient instance);
+    enough for the losses registered as ``saliency_only``."""
 
-    class _Given:
-        keep = masks
+    def __init__(self, saliency: Tensor, keep: Tensor) -> None:
+        self.keep, self._saliency = keep, saliency
 
-        def saliencies(self):
-            return [saliency]
-
-    return losses.get_loss(cfg.explanation_loss).fn(_Given(), cfg)
+    def saliencies(self) -> list[Tensor]:
+        return [self._saliency]
 
 
 def _prepare(model: nn.Module, cfg: FeedbackConfig) -> None:
@@ -354,7 +353,8 @@ def reference_step(
     step. ``cfg.second_order`` is ignored: the weights are always detached here. The explanation
     loss must be a map loss (not "rrr"). Returns the per-sample stats averaged over the batch.
     """
-    if cfg.explanation_loss not in ("jaccard", "dice", "energy", "mse"):
+    entry = losses.get_loss(cfg.explanation_loss)
+    if not entry.saliency_only:
         raise ValueError(
             f"reference_step implements Algorithm 2 (a CAM vs the keep mask); "
             f"{cfg.explanation_loss!r} is not such a loss"
@@ -386,7 +386,8 @@ def reference_step(
                 for w, a in zip(weights, out.activations, strict=True)
             ]
             saliency = maps[0] if len(maps) == 1 else cams.scale_by_max(torch.stack(maps).mean(0))
-            loss_exp = losses.masked_mean(_map_loss(saliency, sample.masks, cfg), present)
+            per_sample = entry.fn(_GivenSaliency(saliency, sample.masks), cfg)
+            loss_exp = losses.masked_mean(per_sample, present)
         loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)
         stepped, norm = _finish_step(model, optimizer, loss, cfg)
         step_stats = {

@@ -53,6 +53,13 @@ class FeedbackConfig:
         class_weights: optional cross-entropy weights, one per class.
         clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
         freeze_batchnorm: BatchNorm in eval mode during steps (per-sample CAMs; see cam.py).
+        loss_scale: multiplies the explanation loss, so that lambda can mean the explanation
+            term's share of the gradient rather than of raw loss sizes.
+        ignore_loss: a loss that learns from ignore masks ("this must not matter"), added to
+            the explanation loss for the samples that carry one; None: ignore masks are unused
+            (unless ``explanation_loss`` itself learns from them). Without ignore feedback in
+            the data it adds nothing, so the thesis' runs are unchanged.
+        ignore_scale: multiplies the ignore loss.
         explain_classes: whose CAM the explanation loss shapes: "label" (the thesis: the
             feedback class), "predicted" (the class the model currently gives), or "all" (every
             class's CAM, losses averaged): the user's region is where the evidence for *any*
@@ -76,6 +83,9 @@ class FeedbackConfig:
     precision: str = "fp32"
     rrr_scale: float = 1000.0
     explain_classes: str = "label"
+    loss_scale: float = 1.0
+    ignore_loss: str | None = None
+    ignore_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -94,6 +104,15 @@ class FeedbackConfig:
             raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
+        for name in ("loss_scale", "ignore_scale"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
+        if self.ignore_loss is not None and losses.get_loss(self.ignore_loss).needs != "ignore":
+            raise ValueError(
+                f"ignore_loss: expected a loss that learns from ignore masks, got "
+                f"{self.ignore_loss!r} (needs {losses.get_loss(self.ignore_loss).needs} masks)"
+            )
 
 
 class LossInputs:
@@ -210,6 +229,16 @@ class _GivenSaliency:
         return [self._saliency]
 
 
+def _ignore_term(cfg: FeedbackConfig, batch: FeedbackBatch) -> losses.ExplanationLoss | None:
+    """The loss that learns from the batch's ignore masks besides the explanation loss, if
+    ``cfg.ignore_loss`` names one and the batch carries ignore masks."""
+    if cfg.ignore_loss is None or batch.ignore is None:
+        return None
+    if losses.get_loss(cfg.explanation_loss).needs == "ignore":
+        return None  # the explanation loss itself learns from them
+    return losses.get_loss(cfg.ignore_loss)
+
+
 def _prepare(model: nn.Module, cfg: FeedbackConfig) -> None:
     model.train()
     if cfg.freeze_batchnorm:
@@ -292,7 +321,8 @@ def feedback_step(
     _prepare(model, cfg)
     images = batch.images
     entry = losses.get_loss(cfg.explanation_loss)
-    if entry.input_gradients and cfg.lam > 0:
+    ignore = _ignore_term(cfg, batch)
+    if cfg.lam > 0 and (entry.input_gradients or (ignore is not None and ignore.input_gradients)):
         images = images.detach().requires_grad_(True)
     bf16 = cfg.precision == "bf16"
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -300,10 +330,18 @@ def feedback_step(
         logits = out.logits.float()
         loss_cls = losses.classification_loss(logits, batch.labels, cfg.class_weights)
         present = present_mask(batch, entry.needs)
-        n_exp = present.sum()
+        if ignore is not None:
+            present_ignore = present_mask(batch, "ignore")
+        n_exp = (present | present_ignore).sum() if ignore is not None else present.sum()
         if cfg.lam > 0:
             per_sample = explanation_losses(model, out, images, batch, cfg)
-            loss_exp = losses.masked_mean(per_sample.float(), present)
+            loss_exp = cfg.loss_scale * losses.masked_mean(per_sample.float(), present)
+            if ignore is not None:
+                inputs = LossInputs(model, out, images, batch, cfg)
+                per_ignore = ignore.fn(inputs, cfg).float()
+                loss_exp = loss_exp + cfg.ignore_scale * losses.masked_mean(
+                    per_ignore, present_ignore
+                )
         else:
             loss_exp = loss_cls.new_zeros(())
     loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)

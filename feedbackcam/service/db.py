@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, String, Text, create_engine, event, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ROLES = ("viewer", "clinician", "admin")
@@ -95,7 +96,15 @@ def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         # request threads and the worker thread share the engine; SQLite serialises writers
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}
-    engine = create_engine(url, **options)
+    try:
+        engine = create_engine(url, **options)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"database {_shown(url)}: its driver is not installed ({err.name}); for PostgreSQL "
+            "install 'psycopg[binary]' and use a postgresql+psycopg:// URL"
+        ) from err
+    except ArgumentError as err:
+        raise ValueError(f"database {_shown(url)}: not a usable SQLAlchemy URL ({err})") from err
     if url.startswith("sqlite"):
 
         @event.listens_for(engine, "connect")
@@ -105,8 +114,21 @@ def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
-    Base.metadata.create_all(engine)
+    try:
+        Base.metadata.create_all(engine)
+    except OperationalError as err:
+        engine.dispose()
+        reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+        raise ValueError(f"database {_shown(url)}: cannot open it ({reason})") from err
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)
 
 
 def current_version(session: Session) -> Version | None:

@@ -23,7 +23,8 @@ from .datasets import concat, fingerprint
 from .db import Item, Version, current_version, set_current
 from .registry import Registry, Served
 from .settings import Settings
-from .store import Store, file_sha256, read_image
+from .startup import check_model
+from .store import Store, read_image
 from .update import Interrupted, UpdateConfig, fine_tune, gate, plan_replay, scores
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,11 @@ class Worker:
                     config={"parent_version": served.version_id, **metrics["update"]},
                     metrics={k: v for k, v in metrics.items() if k != "update"},
                 )
+                try:  # what is served is what was written, and its hash is the file's
+                    model = check_model(path, reference=served.spec, device=self.registry.device)
+                except ValueError as err:
+                    path.unlink(missing_ok=True)
+                    raise RuntimeError(f"the saved candidate does not load back: {err}") from err
             with self.sessions.begin() as session:
                 version = session.get(Version, candidate_id)
                 version.metrics = metrics
@@ -248,7 +254,7 @@ class Worker:
                 version.reason = reason
                 if path is not None:
                     version.path = self.store.relative(path)
-                    version.sha256 = file_sha256(path)
+                    version.sha256 = model.sha256
                     set_current(session, version)
                 session.execute(
                     update(Item)
@@ -256,7 +262,7 @@ class Worker:
                     .values(status="used", update_id=candidate_id)
                 )
             if path is not None:
-                self.registry.install(Served(candidate_id, model, served.spec))
+                self.registry.install(Served(candidate_id, model.model, served.spec))
             log.info("version %d %s", candidate_id, reason)
             return version
 

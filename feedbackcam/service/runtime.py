@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..data.dataset import ArrayDataset
+from . import limits
 from .auth import add_user, count_users
 from .datasets import load_labelled
 from .db import connect
@@ -45,6 +46,7 @@ class Runtime:
             from .demo import ensure_demo
 
             checkpoint = ensure_demo(data_dir)
+        limits.configure(settings.max_concurrent_decodes)
         store = Store(data_dir)
         engine, sessions = connect(settings.database_url)
         try:

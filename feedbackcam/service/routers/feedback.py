@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
 from PIL import Image
 from sqlalchemy import select
 
 from ..db import Item, User, Version, iso
 from ..deps import Clinician, RuntimeDep, SessionDep
+from ..limits import MAX_ID
 from ..schemas import FeedbackItem
 from ..uploads import decode_mask_base64, decode_mask_png, decode_mask_rle, png_bytes, read_limited
 
@@ -44,7 +45,9 @@ def submit(
     runtime: RuntimeDep,
     session: SessionDep,
     image_id: Annotated[str, Form(description="from /api/predict or the gallery")],
-    shown_version: Annotated[int, Form(description="the version whose answer was shown")],
+    shown_version: Annotated[
+        int, Form(ge=1, le=MAX_ID, description="the version whose answer was shown")
+    ],
     predicted: Annotated[str, Form(description="the class that was shown")],
     label: Annotated[str | None, Form(description="the right class (default: predicted)")] = None,
     agree: Annotated[bool, Form(description="the class and explanation are right")] = False,
@@ -121,7 +124,9 @@ def list_feedback(
 
 
 @router.get("/feedback/{item_id}", response_model=FeedbackItem)
-def get_feedback(item_id: int, user: Clinician, session: SessionDep) -> FeedbackItem:
+def get_feedback(
+    item_id: Annotated[int, Path(ge=1, le=MAX_ID)], user: Clinician, session: SessionDep
+) -> FeedbackItem:
     """One item, with the verdict of the update that used it (poll this after submitting)."""
     item = session.get(Item, item_id)
     if item is None:

@@ -142,6 +142,18 @@ class Registry:
         model.to(self.device).eval()
         return Served(version.id, model, spec)
 
+    def sync(self) -> bool:
+        """Serve the database's current version if another process changed it; True if so."""
+        with self.switching:
+            with self.sessions() as session:
+                current = current_version(session)
+                if current is None or current.id == self.served.version_id:
+                    return False
+                served = self.load(current)
+            self.install(served)
+        log.info("version %d is current (changed by another process)", served.version_id)
+        return True
+
     def install(self, served: Served) -> None:
         self._served = served
 

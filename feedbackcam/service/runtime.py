@@ -18,6 +18,7 @@ from .auth import add_user, count_users
 from .datasets import load_labelled
 from .db import connect
 from .gallery import GalleryImage, load_gallery
+from .lease import DbLease
 from .registry import Registry
 from .settings import Settings
 from .store import Store
@@ -50,7 +51,8 @@ class Runtime:
         store = Store(data_dir)
         engine, sessions = connect(settings.database_url)
         try:
-            interrupted = mark_interrupted(sessions)
+            # a candidate is unfinished only if no other live process is updating it
+            interrupted = 0 if DbLease(sessions).held_by_other() else mark_interrupted(sessions)
             if interrupted:
                 log.warning("%d update(s) were interrupted; their feedback is pending", interrupted)
             registry = Registry(sessions, store, device=settings.device)

@@ -76,6 +76,8 @@ class Guard:
 
     @staticmethod
     async def _answer(scope, send, status: int, detail: str, headers: dict) -> None:
-        # "Connection: close": the body was not read, so the connection cannot be reused
-        response = JSONResponse({"detail": detail}, status, {**headers, "Connection": "close"})
+        # no "Connection: close": uvicorn discards the unread body as it arrives (nothing is
+        # buffered) and keeps the connection; closing it with data unread would reset it, and
+        # the client could lose this answer
+        response = JSONResponse({"detail": detail}, status, headers)
         await response(scope, None, send)

@@ -16,8 +16,6 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import limits
-
 _SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
 
@@ -55,8 +53,8 @@ def decode_image(
 
     The pixel count (and ``expect_size``, if given) is read from the header and checked before
     any pixel is decoded, so a decompression bomb costs nothing; Pillow's own bomb check stays
-    on as a second guard. Decodes wait for a slot of :data:`limits.DECODES`, which bounds the
-    memory that concurrent large images take.
+    on as a second guard. Callers decoding large images hold a ``limits.decode_slot()`` for
+    as long as the decoded image lives, which bounds the memory concurrent uploads take.
     """
     kind = next((k for sig, k in _SIGNATURES.items() if data.startswith(sig)), None)
     if kind not in formats:
@@ -73,8 +71,7 @@ def decode_image(
                 raise UploadError(
                     413, f"{what}: {w}x{h} pixels, more than the {max_pixels} allowed"
                 )
-            with limits.decode_slot():
-                img.load()
+            img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise UploadError(413, f"{what}: too many pixels ({err})") from err
     except UnidentifiedImageError as err:
@@ -101,7 +98,8 @@ def to_8bit(img: Image.Image) -> Image.Image:
 def model_rgb(img: Image.Image, size: int) -> np.ndarray:
     """The image as the model sees it: RGB, squashed to size x size (nearest neighbour, the
     way the training data was prepared)."""
-    rgb = to_8bit(img).convert("RGB")
+    img = to_8bit(img)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")  # no copy of a large RGB image
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
     return np.asarray(rgb, dtype=np.uint8)

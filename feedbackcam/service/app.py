@@ -18,6 +18,7 @@ from .limits import RateLimiter
 from .registry import VersionError
 from .routers import feedback, images, predict, updates, users, versions
 from .runtime import Runtime
+from .schemas import ERROR_RESPONSES
 from .settings import Settings
 from .uploads import UploadError
 
@@ -95,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(SecurityHeaders)
     for module in (predict, feedback, images, versions, updates, users):
-        app.include_router(module.router, prefix="/api")
+        app.include_router(module.router, prefix="/api", responses=ERROR_RESPONSES)
 
     @app.exception_handler(UploadError)
     @app.exception_handler(VersionError)

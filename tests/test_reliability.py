@@ -268,6 +268,19 @@ def test_the_bad_input_battery_gets_4xx_and_the_connection_survives(live, capsys
         print(f"\nbattery: {len(results)} kinds, statuses {sorted(set(results.values()))}")
 
 
+def test_after_a_bug_answers_500_the_same_connection_keeps_working(live, monkeypatch):
+    from feedbackcam.service.routers import users
+
+    port = live.client.get("/api/me", headers=live.auth("viewer")).extensions["network_stream"]
+    monkeypatch.setattr(users, "Me", lambda **kw: 1 / 0)
+    r = live.client.get("/api/me", headers=live.auth("viewer"))
+    assert r.status_code == 500 and r.json()["detail"].startswith("internal error")
+    monkeypatch.undo()
+    again = live.client.get("/api/me", headers=live.auth("viewer"))
+    assert again.status_code == 200
+    assert again.extensions["network_stream"] is port  # the same keep-alive connection
+
+
 # ------------------------------------------------------------------ storage faults
 def test_a_folder_replaced_by_a_file_is_503_and_nothing_accepted_is_lost(live):
     """Root ignores chmod, so the data dir's masks folder is replaced by a file instead."""

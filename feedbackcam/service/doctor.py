@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from .db import Item, Version, connect, current_version, set_current
+from .lease import DbLease
 from .settings import Settings
 from .startup import last_good_version, verify_file
 from .store import Store
@@ -66,7 +67,10 @@ def _versions(sessions, store: Store, repair: bool) -> list[Finding]:
     found = []
     with sessions() as session:
         unfinished = session.scalars(select(Version.id).where(Version.status == "candidate")).all()
-    if unfinished:
+    if unfinished and DbLease(sessions).held_by_other():
+        problem = f"update candidate(s) {list(unfinished)} running in a live app: left alone"
+        found.append(Finding("updates", problem, note=True))
+    elif unfinished:
         problem = f"unfinished update candidate(s) {list(unfinished)}"
         done = None
         if repair:

@@ -11,9 +11,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from .. import __version__
+from . import errors
+from .guard import Guard
+from .headers import SecurityHeaders
+from .limits import RateLimiter
 from .registry import VersionError
 from .routers import feedback, images, predict, updates, users, versions
 from .runtime import Runtime
+from .schemas import ERROR_RESPONSES
 from .settings import Settings
 from .uploads import UploadError
 
@@ -87,8 +92,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # an image and a mask at the upload limit, plus the form fields
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 2**20)
+    app.add_middleware(Guard, limiter=RateLimiter(settings.rate_limit_per_minute))
+    errors.install(app)
+    app.add_middleware(SecurityHeaders)
     for module in (predict, feedback, images, versions, updates, users):
-        app.include_router(module.router, prefix="/api")
+        app.include_router(module.router, prefix="/api", responses=ERROR_RESPONSES)
 
     @app.exception_handler(UploadError)
     @app.exception_handler(VersionError)

@@ -11,9 +11,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, String, Text, create_engine, event, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, create_engine, event, func, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from . import migrations
 
 ROLES = ("viewer", "clinician", "admin")
 ITEM_STATUSES = ("pending", "used")
@@ -74,6 +77,10 @@ class Item(Base):
     shown_version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     update_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))  # the update it fed
+    # the client's Idempotency-Key, or a digest of the content: one row per key and user
+    idempotency_key: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_feedback_user_key", "user_id", "idempotency_key", unique=True),)
 
 
 class Current(Base):
@@ -86,8 +93,18 @@ class Current(Base):
     changed: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class Lease(Base):
+    """A named lease: which app process may run updates, and until when (see ``lease.py``)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(128))
+    expires: Mapped[datetime | None]
+
+
 def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
-    """Open (and create if needed) the database at ``url``."""
+    """Open the database at ``url``, creating it or upgrading its schema as needed."""
     options: dict[str, Any] = {}
     if url.startswith("sqlite"):
         database = url.split("///", 1)[1] if "///" in url else ""
@@ -95,7 +112,15 @@ def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         # request threads and the worker thread share the engine; SQLite serialises writers
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}
-    engine = create_engine(url, **options)
+    try:
+        engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), **options)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"database {_shown(url)}: its driver is not installed ({err.name}); for PostgreSQL "
+            "install 'psycopg[binary]' and use a postgresql+psycopg:// URL"
+        ) from err
+    except ArgumentError as err:
+        raise ValueError(f"database {_shown(url)}: not a usable SQLAlchemy URL ({err})") from err
     if url.startswith("sqlite"):
 
         @event.listens_for(engine, "connect")
@@ -105,8 +130,21 @@ def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
-    Base.metadata.create_all(engine)
+    try:
+        migrations.upgrade(engine)
+    except OperationalError as err:
+        engine.dispose()
+        reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+        raise ValueError(f"database {_shown(url)}: cannot open it ({reason})") from err
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)
 
 
 def current_version(session: Session) -> Version | None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi import APIRouter, File, Form, Header, HTTPException, Path, Query, Response, UploadFile
 from PIL import Image
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
+from ..auth import allowed
 from ..db import Item, User, Version, iso
 from ..deps import Clinician, RuntimeDep, SessionDep
+from ..limits import MAX_ID
 from ..schemas import FeedbackItem
 from ..uploads import decode_mask_base64, decode_mask_png, decode_mask_rle, png_bytes, read_limited
 
@@ -38,24 +42,42 @@ def _out(item: Item, user: str, update: Version | None) -> FeedbackItem:
     )
 
 
-@router.post("/feedback", response_model=FeedbackItem, status_code=201)
+@router.post(
+    "/feedback",
+    response_model=FeedbackItem,
+    status_code=201,
+    responses={200: {"model": FeedbackItem, "description": "a repeat: the item stored before"}},
+)
 def submit(
     user: Clinician,
     runtime: RuntimeDep,
     session: SessionDep,
+    response: Response,
     image_id: Annotated[str, Form(description="from /api/predict or the gallery")],
-    shown_version: Annotated[int, Form(description="the version whose answer was shown")],
+    shown_version: Annotated[
+        int, Form(ge=1, le=MAX_ID, description="the version whose answer was shown")
+    ],
     predicted: Annotated[str, Form(description="the class that was shown")],
     label: Annotated[str | None, Form(description="the right class (default: predicted)")] = None,
     agree: Annotated[bool, Form(description="the class and explanation are right")] = False,
     mask: Annotated[UploadFile | None, File(description="PNG, the image's size")] = None,
     mask_rle: Annotated[str | None, Form(description='{"size": [h, w], "counts": [...]}')] = None,
     mask_base64: Annotated[str | None, Form(description="PNG as base64 or data URL")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            max_length=200,
+            description="the same key again answers with the item stored the first time",
+        ),
+    ] = None,
 ) -> FeedbackItem:
     """Store one feedback item; the updater learns from it in the background.
 
     A mask marks the region that matters (white on black, the size of the shown image). All of
     it is checked before anything is written; the row is written after its files exist.
+    A repeated submission (the same ``Idempotency-Key``, or without one the same content from
+    the same user) is stored once: the repeat answers 200 with the first item.
     """
     classes = runtime.registry.served.spec.classes
     image_path = runtime.store.path_of("images", image_id)
@@ -86,10 +108,8 @@ def submit(
         raise HTTPException(422, "nothing to learn: agree, give the right class, or draw a region")
     if region is not None and not region.any():
         raise HTTPException(422, "the mask is empty: draw the region that matters, or send none")
-    mask_path = None
-    if region is not None:
-        mask_id = runtime.store.put("masks", png_bytes(region * 255))
-        mask_path = f"masks/{mask_id}.png"
+    mask_png = None if region is None else png_bytes(region * 255)
+    mask_path = None if mask_png is None else f"masks/{hashlib.sha256(mask_png).hexdigest()}.png"
     item = Item(
         image_path=f"images/{image_id}.png",
         user_id=user.id,
@@ -99,10 +119,45 @@ def submit(
         mask_path=mask_path,
         shown_version_id=shown_version,
     )
+    item.idempotency_key = _key(item, idempotency_key)
+    first = _stored(session, user, item, idempotency_key is not None)
+    if first is not None:
+        response.status_code = 200
+        return _out(first, user.name, _update_of(session, first))
+    if mask_png is not None:
+        runtime.store.put("masks", mask_png)
     session.add(item)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # the same submission raced this one in and won
+        session.rollback()
+        first = _stored(session, user, item, idempotency_key is not None)
+        if first is None:
+            raise
+        response.status_code = 200
+        return _out(first, user.name, _update_of(session, first))
     runtime.worker.notify()
     return _out(item, user.name, None)
+
+
+_CONTENT = ("image_path", "label", "predicted", "agree", "mask_path", "shown_version_id")
+
+
+def _key(item: Item, given: str | None) -> str:
+    """The client's key, or (without one) a digest of what was said about which image."""
+    text = f"client:{given}" if given is not None else repr([getattr(item, f) for f in _CONTENT])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stored(session, user: User, item: Item, given: bool) -> Item | None:
+    """The item this user stored before under ``item``'s key; 409 if a client reused its key
+    for other content."""
+    first = session.scalar(
+        select(Item).where(Item.user_id == user.id, Item.idempotency_key == item.idempotency_key)
+    )
+    if first is not None and given and any(getattr(first, f) != getattr(item, f) for f in _CONTENT):
+        raise HTTPException(409, "Idempotency-Key: used before for another submission")
+    return first
 
 
 @router.get("/feedback", response_model=list[FeedbackItem])
@@ -112,8 +167,10 @@ def list_feedback(
     status: Literal["pending", "used"] | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[FeedbackItem]:
-    """Stored feedback, newest first."""
+    """Stored feedback, newest first: a clinician's own; an admin sees everyone's."""
     query = select(Item, User.name).join(User, Item.user_id == User.id)
+    if not allowed(user.role, "admin"):
+        query = query.where(Item.user_id == user.id)
     if status is not None:
         query = query.where(Item.status == status)
     rows = session.execute(query.order_by(Item.id.desc()).limit(limit)).all()
@@ -121,11 +178,14 @@ def list_feedback(
 
 
 @router.get("/feedback/{item_id}", response_model=FeedbackItem)
-def get_feedback(item_id: int, user: Clinician, session: SessionDep) -> FeedbackItem:
-    """One item, with the verdict of the update that used it (poll this after submitting)."""
+def get_feedback(
+    item_id: Annotated[int, Path(ge=1, le=MAX_ID)], user: Clinician, session: SessionDep
+) -> FeedbackItem:
+    """One item, with the verdict of the update that used it (poll this after submitting).
+    Clinicians see their own items; admins see every item."""
     item = session.get(Item, item_id)
-    if item is None:
-        raise HTTPException(404, f"no feedback item {item_id}")
+    if item is None or (item.user_id != user.id and not allowed(user.role, "admin")):
+        raise HTTPException(404, f"no feedback item {item_id} of yours")
     return _out(item, session.get(User, item.user_id).name, _update_of(session, item))
 
 

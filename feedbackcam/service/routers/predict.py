@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
 from ..deps import RuntimeDep, Viewer
+from ..limits import decode_slot
 from ..runtime import Runtime
 from ..schemas import Prediction
 from ..store import read_image
@@ -44,7 +45,8 @@ def predict(
     if file is not None:
         limits = runtime.settings
         data = read_limited(file.file, "file", limits.max_upload_bytes)
-        rgb = model_rgb(decode_image(data, "file", max_pixels=limits.max_pixels), size)
+        with decode_slot():  # the decoded image is large until it is squashed to the input size
+            rgb = model_rgb(decode_image(data, "file", max_pixels=limits.max_pixels), size)
         image_id = runtime.store.put("images", png_bytes(rgb))
     else:
         rgb = stored_rgb(runtime, image_id, size)

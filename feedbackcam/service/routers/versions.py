@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from sqlalchemy import select
 
 from ..db import Version, current_version, iso
 from ..deps import Admin, RuntimeDep, SessionDep
+from ..limits import MAX_ID
 from ..schemas import VersionInfo
 
 router = APIRouter(tags=["versions"])
@@ -33,7 +36,12 @@ def list_versions(user: Admin, session: SessionDep) -> list[VersionInfo]:
 
 
 @router.post("/versions/{version_id}/activate", response_model=VersionInfo)
-def activate(version_id: int, user: Admin, runtime: RuntimeDep, session: SessionDep) -> VersionInfo:
+def activate(
+    version_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    user: Admin,
+    runtime: RuntimeDep,
+    session: SessionDep,
+) -> VersionInfo:
     """Serve this promoted version from now on (a rollback, or forward again)."""
     version = runtime.registry.activate(version_id)
     return version_info(version, version.id)

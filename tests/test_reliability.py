@@ -343,6 +343,43 @@ def test_a_full_disk_is_503_and_clears_when_space_returns(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def test_a_read_only_file_area_is_503_and_clears_when_writable_again(live):
+    """The image and mask folders on their own tmpfs, remounted read-only (EROFS), then
+    writable again; chmod would not bind root, and the open database keeps a whole data dir
+    from being remounted."""
+    areas = [live.data / "images", live.data / "masks"]
+    if not all(_mount_tmpfs(area, "16m") for area in areas):
+        for area in areas:
+            subprocess.run(["umount", "-l", str(area)], check=False, capture_output=True)
+        pytest.skip("a read-only area needs a tmpfs to remount: mount is not permitted here")
+    try:
+        p = live.predict()
+
+        def remount(mode: str) -> None:
+            for area in areas:
+                subprocess.run(["mount", "-o", f"remount,{mode}", str(area)], check=True)
+
+        remount("ro")
+        try:
+            faulty = [live.feedback(p, key=f"ro{k}", mask_rle=_rle(k)) for k in range(5)]
+            upload = live.client.post(
+                "/api/predict",
+                files={"file": ("x.png", png(live.images[3]), "image/png")},
+                headers=live.auth("viewer"),
+            )
+        finally:
+            remount("rw")
+        assert [r.status_code for r in faulty] == [503] * 5
+        assert all("read-only" in r.json()["detail"] for r in faulty + [upload])
+        assert upload.status_code == 503
+        after = [live.feedback(p, key=f"rw{k}", mask_rle=_rle(k)).status_code for k in range(15)]
+        assert after == [201] * 15
+        assert live.count(Item) == 15 and live.alive()
+    finally:
+        for area in areas:
+            subprocess.run(["umount", "-l", str(area)], check=False)
+
+
 # ------------------------------------------------------------------ processes: start and kill
 def _cli(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}

@@ -132,6 +132,15 @@ def test_a_good_new_model_is_registered_and_served(started):
     assert versions[-1] == (2, "promoted", file_sha256(new))
 
 
+def test_a_known_model_with_no_current_version_is_made_current_not_registered_again(started):
+    with started.sessions() as session:
+        session.delete(session.get(Current, 1))
+        session.commit()
+    before = state(started)[0]
+    assert open_registry(started, started.assets["checkpoint"]).version_id == 1
+    assert state(started) == (before, 1)
+
+
 # ------------------------------------------------------------------ hashes at every activation
 def test_a_damaged_current_checkpoint_refuses_to_start_and_names_the_last_good_version(
     started, capsys

@@ -14,7 +14,7 @@ import anyio
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from .auth import find_user
+from .auth import find_user, hash_token
 from .errors import unavailable
 from .limits import RateLimiter
 
@@ -40,7 +40,8 @@ class Guard:
         headers = dict(scope["headers"])
         token = bearer(headers.get(b"authorization"))
         client = scope.get("client") or ("unknown", 0)
-        wait = self.limiter.retry_after(f"token:{token}" if token else f"addr:{client[0]}")
+        key = f"token:{hash_token(token)}" if token else f"addr:{client[0]}"
+        wait = self.limiter.retry_after(key)
         if wait:
             return await self._answer(
                 scope,

@@ -94,6 +94,15 @@ class Registry:
                 raise StartupError(f"{checkpoint}: checkpoint not found")
             sha = file_sha256(checkpoint)
             known = session.scalar(select(Version).where(Version.sha256 == sha).limit(1))
+            if served is None and known is not None:  # known, but nothing is current
+                try:
+                    served = self.load(known)
+                except VersionError as err:
+                    raise StartupError(str(err)) from err
+                set_current(session, known)
+                session.commit()
+                self._served = served
+                return served
             if served is not None and known is not None:
                 if known.id != current.id:
                     log.warning(

@@ -1,0 +1,132 @@
+"""The shortcut benchmark's data, metrics and counterfactuals (fast, seeded, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from feedbackcam import counterfactual as cf
+from feedbackcam.data.artifacts import paste_bandaid, paste_bandaids
+from feedbackcam.data.decoy import add_decoys, decoy_value, make_decoy_mnist
+from feedbackcam.shortcut_metrics import flip_rate, wrong_reason_score
+
+
+def fake_digits(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Digit-like images without mlxtend: a bright bar whose position encodes the label."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    x = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        x[i, 6:22, 5 + 2 * y[i] : 7 + 2 * y[i]] = rng.integers(150, 256)
+    return x, y.astype(np.int64)
+
+
+# --- Decoy-MNIST --------------------------------------------------------------------------
+
+
+def test_decoys_follow_ross():
+    x, y = fake_digits()
+    train = add_decoys(x, y, randomize=False, seed=0)
+    test = add_decoys(x, y, randomize=True, seed=0)
+    for split in (train, test):
+        m = split.masks["ignore"].astype(bool)
+        assert (m.sum(axis=(1, 2)) == 16).all()
+        grey = split.images[..., 0]
+        # the square holds 255 - 25 * decoy label, and only the square differs from the digit
+        assert (grey[m].reshape(-1, 16) == decoy_value(split.decoy_labels)[:, None]).all()
+        assert (grey[~m] == x[~m]).all() and (split.clean[..., 0] == x).all()
+        corners = m[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+        assert (corners.sum(1) == 1).all()  # exactly one corner
+        assert not (split.masks["wrong"].astype(bool) & m).any()
+        assert (split.masks["half"].astype(bool) <= m).all()
+        assert (split.masks["half"].sum(axis=(1, 2)) == 8).all()
+    assert (train.decoy_labels == y).all() and not train.misleads.any()
+    assert 0.8 < test.misleads.mean() < 0.97
+
+
+def test_decoy_mnist_is_seeded_and_balanced():
+    digits = fake_digits(500)
+    sizes = {"train": 200, "val": 100, "test": 100}
+    a = make_decoy_mnist(1, sizes, digits)
+    b = make_decoy_mnist(1, sizes, digits)
+    c = make_decoy_mnist(2, sizes, digits)
+    assert all((a[k].images == b[k].images).all() for k in a)
+    assert not (a["train"].images == c["train"].images).all()
+    assert (np.bincount(a["train"].labels) == 20).all()
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def test_wrong_reason_score_is_100_on_the_confounder_and_0_off_it():
+    masks = np.zeros((4, 28, 28), np.uint8)
+    masks[:, :4, :4] = 1
+    on = masks * np.random.default_rng(0).uniform(0.5, 1.0, masks.shape)
+    off = np.zeros_like(on)
+    off[:, 10:20, 10:20] = 1.0
+    assert wrong_reason_score(on, masks) == pytest.approx(100.0)
+    assert wrong_reason_score(off, masks) == 0.0
+    # negative attribution does not count as using the confounder
+    assert wrong_reason_score(-on + off, masks) == 0.0
+    half = off.copy()
+    half[:, :2, :4] = 1.0
+    assert wrong_reason_score(half, masks) == pytest.approx(50.0)
+
+
+def test_flip_rate():
+    assert flip_rate([0, 1, 2, 3], [0, 1, 0, 0]) == 0.5
+    with pytest.raises(ValueError, match="equal lengths"):
+        flip_rate([0], [0, 1])
+
+
+# --- counterfactual images ----------------------------------------------------------------
+
+
+def test_fill_and_transplant():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 8, 8, generator=g) * 0.2
+    masks = torch.zeros(3, 8, 8)
+    masks[0, :2, :2] = 1
+    masks[1, -2:, -2:] = 1
+    images[0, :, :2, :2] = 1.0
+    images[1, :, -2:, -2:] = 0.9
+    filled = cf.fill_region(images, masks)
+    assert torch.equal(filled[2], images[2])  # no mask, no change
+    assert filled[0, :, :2, :2].max() <= 0.2  # the artifact is gone
+    assert torch.allclose(filled[0, :, 2:, 2:], images[0, :, 2:, 2:])
+    pasted, base = cf.transplant(images, masks, torch.tensor([2, 0, 1]))
+    # row 0: image 2 carries image 0's artifact; row 1: filled image 0 carries image 1's
+    assert torch.equal(pasted[0, :, :2, :2], images[0, :, :2, :2])
+    assert torch.equal(base[0], images[2])
+    assert pasted[1, :, :2, :2].max() <= 0.2 and torch.equal(
+        pasted[1, :, -2:, -2:], images[1, :, -2:, -2:]
+    )
+
+
+# --- the band-aid paster ------------------------------------------------------------------
+
+
+def lesion_images(n: int = 6, size: int = 64):
+    yy, xx = np.mgrid[0:size, 0:size]
+    lesion = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2).astype(np.uint8)
+    images = np.full((n, size, size, 3), 200, np.uint8)
+    images[:, lesion.astype(bool)] = (120, 80, 60)
+    return images, np.repeat(lesion[None], n, 0)
+
+
+def test_paster_is_seeded_and_stays_off_the_lesion():
+    images, lesions = lesion_images()
+    a, ma = paste_bandaid(images[0], lesions[0], np.random.default_rng(5))
+    b, mb = paste_bandaid(images[0], lesions[0], np.random.default_rng(5))
+    c, _ = paste_bandaid(images[0], lesions[0], np.random.default_rng(6))
+    assert np.array_equal(a, b) and np.array_equal(ma, mb) and not np.array_equal(a, c)
+    assert ma.any() and not (ma.astype(bool) & lesions[0].astype(bool)).any()
+    # only the patch's pixels change
+    assert (a[~ma.astype(bool)] == images[0][~ma.astype(bool)]).all()
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    out, masks, has = paste_bandaids(
+        images, lesions, labels, target=1, rate_target=1.0, rate_other=0.0, seed=0
+    )
+    assert has.tolist() == [True] * 3 + [False] * 3
+    assert not (masks.astype(bool) & lesions.astype(bool)).any()

@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data.dataset import FeedbackBatch
 from .models import SelfExplaining, build_model
 from .shortcut_metrics import ShortcutEval, flip_rate, predict, shortcut_scores
+from .train import FeedbackConfig, feedback_step
 
 DATASETS = ("decoy", "synth-patch", "synth-ruler")
 # method -> (explanation loss, lambda is tuned). "baseline" and "class" are not losses.
@@ -254,7 +256,6 @@ def load_data(name: str, seed: int, cfg: BenchConfig) -> tuple[ShortcutData, Sch
 
 # --- training -----------------------------------------------------------------------------
 
-from ._dev_step import FeedbackBatch, FeedbackConfig, feedback_step  # noqa: E402
 
 NEEDS_KEEP = ("hint",)
 
@@ -467,81 +468,81 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
 
     for ds in config.datasets:
         chosen: dict[str, float] = {}
-        for seed in (config.tune_seed, *[s for s in config.seeds if s != config.tune_seed]):
-            data, sched = load_data(ds, seed, config)
-            n_cls = len(data.classes)
-            base = train_classifier(make_model(n_cls, sched, seed), *data.base, sched, seed)
-            common = {"dataset": ds, "seed": seed, "mask": "ignore", "fraction": 1.0}
+        contexts: dict[int, tuple] = {}
 
-            def tuned(
-                method,
-                lam,
-                mask="ignore",
-                fraction=1.0,
-                phase="main",
-                base=base,
-                data=data,
-                sched=sched,
-                seed=seed,
-                common=common,
-            ):
-                def go():
-                    model, scale = fine_tune(
-                        base,
-                        data.pool,
-                        sched,
-                        method,
-                        lam,
-                        seed,
-                        mask_kind=mask,
-                        fraction=fraction,
-                        calibration_batches=config.calibration_batches,
-                    )
-                    return {"loss_scale": scale, **_evaluate(model, data)}
-
-                row = {
-                    **common,
-                    "phase": phase,
-                    "method": method,
-                    "lam": lam,
-                    "mask": mask,
-                    "fraction": fraction,
-                }
-                return record(row, go)
-
-            b = record(
-                {**common, "phase": "main", "method": "baseline", "lam": None},
-                lambda base=base, data=data: _evaluate(base, data),
-            )
-
-            def ceiling(data=data, sched=sched, seed=seed, n_cls=n_cls):
-                model = train_classifier(
-                    make_model(n_cls, sched, seed), *data.clean_base, sched, seed
+        def context(seed: int, ds=ds, contexts=contexts) -> tuple:
+            """Data, schedule, baseline model and baseline row of one seed (built once)."""
+            if seed not in contexts:
+                data, sched = load_data(ds, seed, config)
+                model = make_model(len(data.classes), sched, seed)
+                base = train_classifier(model, *data.base, sched, seed)
+                row = {"dataset": ds, "seed": seed, "mask": "ignore", "fraction": 1.0}
+                b = record(
+                    {**row, "phase": "main", "method": "baseline", "lam": None},
+                    lambda: _evaluate(base, data),
                 )
-                clean_pool = data.pool._replace(images=data.clean_pool[0])
-                model, _ = fine_tune(model, clean_pool, sched, "class", 0.0, seed)
-                return _evaluate(model, data)
+                contexts[seed] = (data, sched, base, b)
+            return contexts[seed]
 
-            record({**common, "phase": "main", "method": "no-confounder", "lam": None}, ceiling)
+        def tuned(seed, method, lam, mask="ignore", fraction=1.0, phase="main", ds=ds):
+            data, sched, base, _ = context(seed)
+
+            def go():
+                model, scale = fine_tune(
+                    base,
+                    data.pool,
+                    sched,
+                    method,
+                    lam,
+                    seed,
+                    mask_kind=mask,
+                    fraction=fraction,
+                    calibration_batches=config.calibration_batches,
+                )
+                return {"loss_scale": scale, **_evaluate(model, data)}
+
+            row = {"dataset": ds, "seed": seed, "phase": phase, "method": method, "lam": lam}
+            return record({**row, "mask": mask, "fraction": fraction}, go)
+
+        def ceiling(seed):
+            data, sched, _, _ = context(seed)
+            model = make_model(len(data.classes), sched, seed)
+            model = train_classifier(model, *data.clean_base, sched, seed)
+            clean_pool = data.pool._replace(images=data.clean_pool[0])
+            model, _ = fine_tune(model, clean_pool, sched, "class", 0.0, seed)
+            return _evaluate(model, data)
+
+        # The main table first for every seed, then controls, then efficiency: if the run is
+        # cut short, what is missing is the least important.
+        seeds = (config.tune_seed, *[s for s in config.seeds if s != config.tune_seed])
+        for seed in seeds:
+            b = context(seed)[3]
+            row = {"dataset": ds, "seed": seed, "mask": "ignore", "fraction": 1.0}
+            record(
+                {**row, "phase": "main", "method": "no-confounder", "lam": None},
+                lambda seed=seed: ceiling(seed),
+            )
             for method in config.methods:
                 if method == "class":
-                    tuned("class", 0.0)
+                    tuned(seed, "class", 0.0)
                     continue
                 if method not in chosen:
-                    trials = [tuned(method, lam, phase="tune") for lam in config.lams]
+                    trials = [tuned(seed, method, lam, phase="tune") for lam in config.lams]
                     chosen[method] = choose_lambda(trials, b["val_acc"], config.acc_tolerance)
                     for t in trials:  # the tuning seed's main run is its chosen trial
                         if t["lam"] == chosen[method]:
-                            record({**t, "phase": "main"}, lambda t=t: {})
-                tuned(method, chosen[method])
-            for method in config.control_methods if seed in config.control_seeds else ():
+                            record({**t, "phase": "main"}, lambda: {})
+                tuned(seed, method, chosen[method])
+        for seed in [s for s in seeds if s in config.control_seeds]:
+            for method in config.control_methods:
                 for mask in config.controls:
                     if method in chosen and method not in NEEDS_KEEP:
-                        tuned(method, chosen[method], mask=mask, phase="control")
-            for method in config.efficiency_methods if seed in config.efficiency_seeds else ():
+                        tuned(seed, method, chosen[method], mask=mask, phase="control")
+        for seed in [s for s in seeds if s in config.efficiency_seeds]:
+            for method in config.efficiency_methods:
                 for fraction in config.fractions:
                     if method in chosen and fraction < 1.0:
-                        tuned(method, chosen[method], fraction=fraction, phase="efficiency")
+                        tuned(seed, method, chosen[method], fraction=fraction, phase="efficiency")
     write_outputs(rows, out)
     return rows
 

@@ -62,6 +62,10 @@ class FeedbackConfig:
         rrr_scale: multiplies the "rrr" penalty, whose raw size (squared input gradients per
             pixel) is orders of magnitude below the other losses; Ross et al. weighted it by
             1000 against cross-entropy for the same reason.
+        loss_scale: multiplies the explanation loss (every one), so that lambda can mean the
+            explanation term's share of the gradient rather than of raw loss sizes; set it with
+            :func:`feedbackcam.shortcuts.calibrate_loss_scale` (the two terms' gradients equal
+            at the start, as Ross et al. advise) instead of hand-tuned constants.
     """
 
     lam: float = 0.3
@@ -76,6 +80,7 @@ class FeedbackConfig:
     precision: str = "fp32"
     rrr_scale: float = 1000.0
     explain_classes: str = "label"
+    loss_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -94,6 +99,8 @@ class FeedbackConfig:
             raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
+        if not (self.loss_scale > 0 and math.isfinite(self.loss_scale)):
+            raise ValueError(f"loss_scale: expected a finite value > 0, got {self.loss_scale!r}")
 
 
 class LossInputs:
@@ -304,7 +311,7 @@ def feedback_step(
         n_exp = present.sum()
         if cfg.lam > 0:
             per_sample = explanation_losses(model, out, images, batch, cfg)
-            loss_exp = losses.masked_mean(per_sample.float(), present)
+            loss_exp = cfg.loss_scale * losses.masked_mean(per_sample.float(), present)
         else:
             loss_exp = loss_cls.new_zeros(())
     loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)
@@ -386,7 +393,9 @@ def reference_step(
                 for w, a in zip(weights, out.activations, strict=True)
             ]
             saliency = maps[0] if len(maps) == 1 else cams.scale_by_max(torch.stack(maps).mean(0))
-            loss_exp = losses.masked_mean(_map_loss(saliency, sample.masks, cfg), present)
+            loss_exp = cfg.loss_scale * losses.masked_mean(
+                _map_loss(saliency, sample.masks, cfg), present
+            )
         loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)
         stepped, norm = _finish_step(model, optimizer, loss, cfg)
         step_stats = {

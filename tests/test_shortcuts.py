@@ -8,8 +8,12 @@ import torch
 
 from feedbackcam import counterfactual as cf
 from feedbackcam.data.artifacts import paste_bandaid, paste_bandaids
+from feedbackcam.data.dataset import FeedbackBatch
 from feedbackcam.data.decoy import add_decoys, decoy_value, make_decoy_mnist
+from feedbackcam.losses import EXPLANATION_LOSSES
+from feedbackcam.models import small_cnn
 from feedbackcam.shortcut_metrics import flip_rate, wrong_reason_score
+from feedbackcam.train import FeedbackConfig, feedback_step
 
 
 def fake_digits(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -102,6 +106,75 @@ def test_fill_and_transplant():
     assert pasted[1, :, :2, :2].max() <= 0.2 and torch.equal(
         pasted[1, :, -2:, -2:], images[1, :, -2:, -2:]
     )
+
+
+# --- the ignore-mask losses ---------------------------------------------------------------
+
+IGNORE_LOSSES = (
+    "rrr_ignore",
+    "rrr_g",
+    "counterexample",
+    "signed_evidence",
+    "invariance",
+    "invariance_transplant",
+)
+
+
+def ignore_batch(n: int = 6, size: int = 32, corner: int = 0) -> FeedbackBatch:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 3, size, size, generator=g)
+    ignore = torch.zeros(n, size, size)
+    if corner == 0:
+        ignore[:, :8, :8] = 1
+    else:
+        ignore[:, -8:, -8:] = 1
+    keep = torch.zeros(n, size, size)
+    keep[:, 8:24, 8:24] = 1
+    ones = torch.ones(n, dtype=torch.bool)
+    return FeedbackBatch(images, torch.arange(n) % 3, keep, ones, ignore, ones)
+
+
+def _grads(batch: FeedbackBatch, name: str, lam: float = 1.0) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=3, width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights
+    torch.manual_seed(1)
+    stats = feedback_step(model, batch, opt, FeedbackConfig(lam=lam, explanation_loss=name))
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return grads, stats
+
+
+@pytest.mark.parametrize("name", IGNORE_LOSSES)
+def test_ignore_masks_reach_the_loss(name):
+    assert EXPLANATION_LOSSES[name].needs == "ignore"
+    g0, s0 = _grads(ignore_batch(corner=0), name)
+    g1, s1 = _grads(ignore_batch(corner=1), name)
+    assert s0["loss_exp"] > 0 and torch.isfinite(g0).all()
+    assert not torch.allclose(g0, g1)  # moving the ignore mask changes the gradient
+
+
+@pytest.mark.parametrize("name", IGNORE_LOSSES)
+def test_ignore_losses_without_ignore_masks(name):
+    b = ignore_batch()
+    none = b._replace(has_ignore=torch.zeros_like(b.has_ignore))
+    _, stats = _grads(none, name, lam=0.5)
+    assert stats["loss_exp"] == 0.0 and stats["n_exp"] == 0.0
+    with pytest.raises(ValueError, match="ignore"):
+        _grads(b._replace(ignore=None, has_ignore=None), name, lam=0.5)
+
+
+def test_loss_scale_multiplies_the_explanation_term():
+    b = ignore_batch()
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=3, width=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    one = feedback_step(model, b, opt, FeedbackConfig(lam=0.5, explanation_loss="rrr_g"))
+    two = feedback_step(
+        model, b, opt, FeedbackConfig(lam=0.5, explanation_loss="rrr_g", loss_scale=2.0)
+    )
+    assert two["loss_exp"] == pytest.approx(2 * one["loss_exp"])
+    with pytest.raises(ValueError, match="loss_scale"):
+        FeedbackConfig(loss_scale=0.0)
 
 
 # --- the band-aid paster ------------------------------------------------------------------

@@ -445,6 +445,9 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    with (out / "invocations.jsonl").open("a") as f:  # a resumed run keeps every config
+        f.write(json.dumps({"started": time.strftime("%FT%TZ", time.gmtime()), **config.to_dict()}))
+        f.write("\n")
     path = out / "runs.jsonl"
     rows = [json.loads(s) for s in path.read_text().splitlines()] if path.exists() else []
     done = {_key(r): r for r in rows}
@@ -485,6 +488,10 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
             return contexts[seed]
 
         def tuned(seed, method, lam, mask="ignore", fraction=1.0, phase="main", ds=ds):
+            row = {"dataset": ds, "seed": seed, "phase": phase, "method": method, "lam": lam}
+            row = {**row, "mask": mask, "fraction": fraction}
+            if _key(row) in done:  # resuming: no need to train this seed's baseline
+                return done[_key(row)]
             data, sched, base, _ = context(seed)
 
             def go():
@@ -501,8 +508,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 )
                 return {"loss_scale": scale, **_evaluate(model, data)}
 
-            row = {"dataset": ds, "seed": seed, "phase": phase, "method": method, "lam": lam}
-            return record({**row, "mask": mask, "fraction": fraction}, go)
+            return record(row, go)
 
         def ceiling(seed):
             data, sched, _, _ = context(seed)
@@ -516,8 +522,9 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
         # cut short, what is missing is the least important.
         seeds = (config.tune_seed, *[s for s in config.seeds if s != config.tune_seed])
         for seed in seeds:
-            b = context(seed)[3]
             row = {"dataset": ds, "seed": seed, "mask": "ignore", "fraction": 1.0}
+            b = done.get(_key({**row, "phase": "main", "method": "baseline", "lam": None}))
+            b = b or context(seed)[3]
             record(
                 {**row, "phase": "main", "method": "no-confounder", "lam": None},
                 lambda seed=seed: ceiling(seed),
@@ -713,10 +720,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--datasets", nargs="+", choices=DATASETS)
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--controls", nargs="*", choices=MASK_CONTROLS)
+    p.add_argument("--control-methods", nargs="*", choices=METHODS)
+    p.add_argument("--control-seeds", nargs="*", type=int)
+    p.add_argument("--fractions", nargs="*", type=float)
+    p.add_argument("--efficiency-seeds", nargs="*", type=int)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else BenchConfig()
+    names = ("controls", "control_methods", "control_seeds", "fractions", "efficiency_seeds")
+    for name in names:
+        if getattr(args, name) is not None:
+            cfg = replace(cfg, **{name: tuple(getattr(args, name))})
     for name in ("datasets", "seeds", "methods"):
         if getattr(args, name):
             cfg = replace(cfg, **{name: tuple(getattr(args, name))})

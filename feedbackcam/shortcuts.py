@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .balance import calibrate_loss_scale
 from .data.dataset import FeedbackBatch
 from .models import SelfExplaining, build_model
 from .shortcut_metrics import ShortcutEval, flip_rate, predict, shortcut_scores
@@ -325,36 +326,6 @@ def _feedback_batch(pool: Pool, idx: Tensor, mask_kind: str, has_ignore: Tensor)
         pool.masks[mask_kind][idx],
         has_ignore[idx],
     )
-
-
-def calibrate_loss_scale(
-    model: SelfExplaining, batches: list[FeedbackBatch], cfg: FeedbackConfig
-) -> float:
-    """The explanation loss's scale that makes its gradient as large as the class loss's at the
-    start (Ross et al.: the best lambda is where the two terms are about equal at the start),
-    so that lambda is the explanation term's share of the gradient, whatever the loss's units.
-
-    Gradient norms are measured on the parameters, each term alone (lambda 0 and 1 with scale
-    1), over ``batches``, on a copy of the model (nothing is stepped).
-    """
-    probe = copy.deepcopy(model)
-    params = [p for p in probe.parameters() if p.requires_grad]
-
-    class _Null(torch.optim.Optimizer):
-        def __init__(self):
-            super().__init__(params, {})
-
-        def step(self, closure=None):
-            return None
-
-    norms = {0.0: [], 1.0: []}
-    for lam in norms:
-        for b in batches:
-            feedback_step(probe, b, _Null(), replace(cfg, lam=lam, loss_scale=1.0))
-            sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
-            norms[lam].append(math.sqrt(sq))
-    cls, exp = float(np.mean(norms[0.0])), float(np.mean(norms[1.0]))
-    return cls / exp if exp > 0 else 1.0
 
 
 def fine_tune(

@@ -64,7 +64,7 @@ class FeedbackConfig:
             1000 against cross-entropy for the same reason.
         loss_scale: multiplies the explanation loss (every one), so that lambda can mean the
             explanation term's share of the gradient rather than of raw loss sizes; set it with
-            :func:`feedbackcam.shortcuts.calibrate_loss_scale` (the two terms' gradients equal
+            :func:`feedbackcam.balance.calibrate_loss_scale` (the two terms' gradients equal
             at the start, as Ross et al. advise) instead of hand-tuned constants.
     """
 

@@ -184,6 +184,7 @@ RANK = {
     "report": 1,
     "counterfactual": 1,
     "train": 2,
+    "balance": 2,
     "evaluate": 3,
     "simulate": 3,
     "base": 3,

@@ -177,6 +177,24 @@ def test_loss_scale_multiplies_the_explanation_term():
         FeedbackConfig(loss_scale=0.0)
 
 
+def test_calibrated_scale_equalises_the_two_gradients():
+    from feedbackcam.balance import calibrate_loss_scale
+
+    b = ignore_batch()
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=3, width=8)
+    cfg = FeedbackConfig(lam=0.5, explanation_loss="rrr_g")
+    scale = calibrate_loss_scale(model, [b], cfg)
+    norms = []
+    for lam, s in ((0.0, 1.0), (1.0, scale)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        feedback_step(
+            model, b, opt, FeedbackConfig(lam=lam, explanation_loss="rrr_g", loss_scale=s)
+        )
+        norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+    assert float(norms[1]) == pytest.approx(float(norms[0]), rel=1e-4)
+
+
 # --- the band-aid paster ------------------------------------------------------------------
 
 

@@ -317,15 +317,13 @@ def train_classifier(
 
 
 def _feedback_batch(pool: Pool, idx: Tensor, mask_kind: str, has_ignore: Tensor) -> FeedbackBatch:
+    given = has_ignore[idx]
+    # An image without feedback has an empty ignore mask (the data layer's convention): the
+    # counterfactual losses must not fill or move what nobody marked.
+    ignore = pool.masks[mask_kind][idx] * given[:, None, None]
     keep = pool.keep[idx]
-    return FeedbackBatch(
-        pool.images[idx],
-        pool.labels[idx],
-        keep,
-        torch.ones(len(idx), dtype=torch.bool),
-        pool.masks[mask_kind][idx],
-        has_ignore[idx],
-    )
+    ones = torch.ones(len(idx), dtype=torch.bool)
+    return FeedbackBatch(pool.images[idx], pool.labels[idx], keep, ones, ignore, given)
 
 
 def fine_tune(
@@ -359,10 +357,7 @@ def fine_tune(
         order = torch.randperm(n, generator=g)
         probe = [
             _feedback_batch(
-                pool,
-                order[i * sched.batch : (i + 1) * sched.batch],
-                mask_kind,
-                torch.ones(n, dtype=torch.bool),
+                pool, order[i * sched.batch : (i + 1) * sched.batch], mask_kind, has_ignore
             )
             for i in range(calibration_batches)
         ]

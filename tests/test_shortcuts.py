@@ -195,6 +195,20 @@ def test_calibrated_scale_equalises_the_two_gradients():
     assert float(norms[1]) == pytest.approx(float(norms[0]), rel=1e-4)
 
 
+def test_images_without_feedback_carry_no_ignore_mask():
+    """The efficiency runs give masks on a share of the images: the others' masks must not
+    reach the counterfactual losses (which fill and move every marked region in the batch)."""
+    from feedbackcam.shortcuts import Pool, _feedback_batch
+
+    n = 4
+    masks = torch.ones(n, 8, 8)
+    pool = Pool(torch.rand(n, 3, 8, 8), torch.arange(n), torch.ones(n, 8, 8), {"ignore": masks})
+    given = torch.tensor([True, False, True, False])
+    b = _feedback_batch(pool, torch.arange(n), "ignore", given)
+    assert b.ignore.flatten(1).amax(1).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert torch.equal(b.has_ignore, given)
+
+
 # --- the band-aid paster ------------------------------------------------------------------
 
 

@@ -53,8 +53,6 @@ class FeedbackConfig:
         class_weights: optional cross-entropy weights, one per class.
         clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
         freeze_batchnorm: BatchNorm in eval mode during steps (per-sample CAMs; see cam.py).
-        loss_scale: multiplies the explanation loss, so that lambda can mean the explanation
-            term's share of the gradient rather than of raw loss sizes.
         ignore_loss: a loss that learns from ignore masks ("this must not matter"), added to
             the explanation loss for the samples that carry one; None: ignore masks are unused
             (unless ``explanation_loss`` itself learns from them). Without ignore feedback in
@@ -69,6 +67,10 @@ class FeedbackConfig:
         rrr_scale: multiplies the "rrr" penalty, whose raw size (squared input gradients per
             pixel) is orders of magnitude below the other losses; Ross et al. weighted it by
             1000 against cross-entropy for the same reason.
+        loss_scale: multiplies the explanation loss (every one), so that lambda can mean the
+            explanation term's share of the gradient rather than of raw loss sizes; set it with
+            :func:`feedbackcam.balance.calibrate_loss_scale` (the two terms' gradients equal
+            at the start, as Ross et al. advise) instead of hand-tuned constants.
     """
 
     lam: float = 0.3
@@ -425,7 +427,7 @@ def reference_step(
             ]
             saliency = maps[0] if len(maps) == 1 else cams.scale_by_max(torch.stack(maps).mean(0))
             per_sample = entry.fn(_GivenSaliency(saliency, sample.masks), cfg)
-            loss_exp = losses.masked_mean(per_sample, present)
+            loss_exp = cfg.loss_scale * losses.masked_mean(per_sample, present)
         loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)
         stepped, norm = _finish_step(model, optimizer, loss, cfg)
         step_stats = {

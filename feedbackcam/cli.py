@@ -298,6 +298,25 @@ def _simulate(args) -> int:
     return 0
 
 
+def _add_shortcuts(sub) -> None:
+    p = sub.add_parser(
+        "shortcuts",
+        help="the shortcut-removal benchmark: Decoy-MNIST and SynthDerm, methods, controls "
+        "(docs/shortcuts.md); 'feedbackcam shortcuts --help' lists its options",
+        add_help=False,
+        prefix_chars="+",  # every option goes on to the benchmark's own parser
+    )
+    p.add_argument("args", nargs="*")
+
+    def run(args) -> int:
+        from .shortcuts import main as shortcuts_main
+
+        shortcuts_main(args.args)
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -755,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_demo,
         _add_simulate,
+        _add_shortcuts,
         _add_data,
         _add_train_base,
         _add_evaluate,

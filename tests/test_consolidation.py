@@ -285,3 +285,12 @@ def test_an_ignore_loss_adds_to_the_keep_loss_only_where_there_is_ignore_feedbac
     assert stats["loss_exp"] == pytest.approx(0.5 + 6.0)
     with pytest.raises(ValueError, match="ignore_loss"):
         FeedbackConfig(ignore_loss="keep-const")
+
+
+def test_the_shortcut_benchmark_is_a_cli_command(capsys):
+    from feedbackcam.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["shortcuts", "--help"])
+    assert done.value.code == 0
+    assert "--quick" in capsys.readouterr().out

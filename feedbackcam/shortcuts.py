@@ -689,6 +689,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--datasets", nargs="+", choices=DATASETS)
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--lams", nargs="+", type=float, help="the tuning grid of lambda")
     p.add_argument("--controls", nargs="*", choices=MASK_CONTROLS)
     p.add_argument("--control-methods", nargs="*", choices=METHODS)
     p.add_argument("--control-seeds", nargs="*", type=int)
@@ -698,7 +699,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else BenchConfig()
-    names = ("controls", "control_methods", "control_seeds", "fractions", "efficiency_seeds")
+    names = ("lams", "controls", "control_methods", "control_seeds", "fractions")
+    names += ("efficiency_seeds",)
     for name in names:
         if getattr(args, name) is not None:
             cfg = replace(cfg, **{name: tuple(getattr(args, name))})

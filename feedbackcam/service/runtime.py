@@ -14,6 +14,7 @@ from .auth import add_user, count_users
 from .datasets import load_labelled
 from .db import connect
 from .gallery import GalleryImage, load_gallery
+from .ood import Familiarity
 from .registry import Registry
 from .settings import Settings
 from .store import Store
@@ -32,6 +33,7 @@ class Runtime:
     validation: ArrayDataset | None
     gallery: list[GalleryImage]
     worker: Worker
+    familiarity: Familiarity | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -62,6 +64,7 @@ class Runtime:
             raise
         worker = Worker(settings, sessions, store, registry, validation, replay)
         runtime = cls(settings, engine, sessions, store, registry, validation, gallery, worker)
+        runtime.familiarity = Familiarity(validation, settings.unfamiliar_quantile)
         if not worker.enabled:
             log.warning(worker.message)
         if settings.worker:

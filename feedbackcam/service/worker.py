@@ -10,6 +10,7 @@ every item pending; the next start marks the unfinished candidate interrupted an
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import asdict
 
@@ -59,6 +60,8 @@ class Worker:
         self._force = False
         self._thread: threading.Thread | None = None
         self.candidate_id: int | None = None
+        # what the running update is doing, for the page: phase, steps done of steps, items
+        self.progress: dict | None = None
         self.last_error: str | None = None
         self._failed: tuple[int, ...] = ()  # pending items whose update failed: wait for more
 
@@ -165,6 +168,7 @@ class Worker:
             raise
         finally:
             self.candidate_id = None
+            self.progress = None
 
     def _update(self, served: Served, candidate_id: int, pending, earlier) -> Version:
         spec = served.spec
@@ -172,7 +176,16 @@ class Worker:
         before = self.baseline(served, model)
         new = self._dataset([(i.label, i.image_path, i.mask_path) for i in pending], spec)
         replay, plan, from_feedback = self._replay(earlier, spec)
-        stats = fine_tune(model, new, replay, plan, self.cfg, should_stop=self._stop.is_set)
+        steps = max(self.cfg.steps, math.ceil(len(new) / self.cfg.batch_size))
+        progress = {"phase": "training", "step": 0, "steps": steps, "items": len(pending)}
+        self.progress = progress
+
+        def should_stop() -> bool:  # asked once before each step: counts the steps
+            progress["step"] = min(progress["step"] + 1, steps)
+            return self._stop.is_set()
+
+        stats = fine_tune(model, new, replay, plan, self.cfg, should_stop=should_stop)
+        progress["phase"] = "checking"  # the gate scores the candidate on the validation set
         after = scores(model, self.validation)
         promote, reason = gate(before, after, self.cfg.tolerance, self._original(served))
         metrics = {

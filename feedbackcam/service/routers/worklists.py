@@ -1,0 +1,199 @@
+"""Worklists: create one from a folder in the data dir (admin) or from uploads, walk it, mark
+each image's state; the originals the page shows; and the feedback export (admin)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from starlette.background import BackgroundTask
+
+from .. import worklist as lists
+from ..db import Item, Original, Worklist, WorklistEntry, iso
+from ..deps import Admin, Clinician, RuntimeDep, SessionDep, Viewer
+from ..export import export_zip
+from ..originals import original_path
+
+router = APIRouter(tags=["worklists"])
+
+State = Literal["new", "reviewed", "feedback", "skipped"]
+
+
+class EntryOut(BaseModel):
+    id: int
+    position: int
+    name: str
+    original_id: str
+    original_url: str
+    image_id: str | None
+    state: State
+    feedback_id: int | None
+
+
+class WorklistOut(BaseModel):
+    id: int
+    name: str
+    created: str
+    counts: dict[str, int] = Field(description="entries per state, and the total")
+    entries: list[EntryOut] = []
+    skipped_files: list[str] = Field([], description="files not imported, and why")
+
+
+class FolderImport(BaseModel):
+    folder: str = Field(description="a folder inside the data dir, relative to it")
+    name: str | None = Field(None, max_length=200)
+
+
+class EntryChange(BaseModel):
+    state: State
+    image_id: str | None = None
+    feedback_id: int | None = None
+
+
+def _entry(e: WorklistEntry) -> EntryOut:
+    return EntryOut(
+        id=e.id,
+        position=e.position,
+        name=e.name,
+        original_id=e.original_id,
+        original_url=f"/api/originals/by-id/{e.original_id}",
+        image_id=e.image_id,
+        state=e.state,
+        feedback_id=e.feedback_id,
+    )
+
+
+def _out(session, worklist: Worklist, with_entries=True, skipped=()) -> WorklistOut:
+    rows = lists.entries(session, worklist.id)
+    return WorklistOut(
+        id=worklist.id,
+        name=worklist.name,
+        created=iso(worklist.created),
+        counts=lists.counts(rows),
+        entries=[_entry(e) for e in rows] if with_entries else [],
+        skipped_files=list(skipped),
+    )
+
+
+@router.post("/worklists", response_model=WorklistOut, status_code=201)
+def import_folder(body: FolderImport, user: Admin, runtime: RuntimeDep, session: SessionDep):
+    """Import the PNG and JPEG images of a folder under the data dir as a worklist."""
+    root = runtime.settings.data_dir.resolve()
+    folder = (root / body.folder).resolve()
+    if not folder.is_relative_to(root):
+        raise HTTPException(422, "folder: must be inside the data dir")
+    limits = runtime.settings
+    try:
+        files = lists.read_folder(folder, limits.max_upload_bytes)
+        worklist, skipped = lists.create(
+            session,
+            runtime.store,
+            body.name or folder.name,
+            files,
+            max_bytes=limits.max_upload_bytes,
+            max_pixels=limits.max_pixels,
+        )
+    except FileNotFoundError as err:
+        raise HTTPException(404, f"folder: no folder {body.folder!r} in the data dir") from err
+    except ValueError as err:
+        raise HTTPException(422, str(err)) from err
+    return _out(session, worklist, skipped=skipped)
+
+
+@router.post("/worklists/upload", response_model=WorklistOut, status_code=201)
+def import_uploads(
+    user: Clinician,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    files: Annotated[list[UploadFile], File(description="PNG or JPEG images")],
+    name: Annotated[str, Form(max_length=200)] = "uploads",
+):
+    """Make a worklist of uploaded images, in the order sent."""
+    limit, pixels = runtime.settings.max_upload_bytes, runtime.settings.max_pixels
+    read = [(f.filename or f"image{k}", f.file.read(limit + 1)) for k, f in enumerate(files)]
+    try:
+        worklist, skipped = lists.create(
+            session, runtime.store, name, read, max_bytes=limit, max_pixels=pixels
+        )
+    except ValueError as err:
+        raise HTTPException(422, str(err)) from err
+    return _out(session, worklist, skipped=skipped)
+
+
+@router.get("/worklists", response_model=list[WorklistOut])
+def list_worklists(user: Viewer, session: SessionDep):
+    """Every worklist, newest first, with its counts."""
+    rows = session.scalars(select(Worklist).order_by(Worklist.id.desc())).all()
+    return [_out(session, w, with_entries=False) for w in rows]
+
+
+@router.get("/worklists/{worklist_id}", response_model=WorklistOut)
+def get_worklist(worklist_id: int, user: Viewer, session: SessionDep):
+    worklist = session.get(Worklist, worklist_id)
+    if worklist is None:
+        raise HTTPException(404, f"no worklist {worklist_id}")
+    return _out(session, worklist)
+
+
+@router.patch("/worklists/{worklist_id}/entries/{entry_id}", response_model=EntryOut)
+def change_entry(
+    worklist_id: int, entry_id: int, body: EntryChange, user: Viewer, session: SessionDep
+):
+    """Record how far an image's review got (opened, feedback given, skipped)."""
+    entry = session.get(WorklistEntry, entry_id)
+    if entry is None or entry.worklist_id != worklist_id:
+        raise HTTPException(404, f"no entry {entry_id} in worklist {worklist_id}")
+    if body.state == "feedback":
+        item = session.get(Item, body.feedback_id) if body.feedback_id else None
+        if item is None:
+            raise HTTPException(422, "feedback_id: the feedback item given for this image")
+        entry.feedback_id = item.id
+    if body.state == "reviewed" and entry.state == "feedback":
+        pass  # opening it again does not undo the feedback
+    else:
+        entry.state = body.state
+    if body.image_id is not None:
+        entry.image_id = body.image_id
+    session.commit()
+    return _entry(entry)
+
+
+def _original_file(path):
+    media = "image/png" if path.suffix == ".png" else "image/jpeg"
+    return FileResponse(path, media_type=media, headers={"Cache-Control": "private"})
+
+
+@router.get("/originals/by-id/{original_id}", response_class=FileResponse)
+def original_by_id(original_id: str, user: Viewer, runtime: RuntimeDep):
+    """A stored original by its own content id (a worklist entry's)."""
+    path = original_path(runtime.store, original_id)
+    if path is None:
+        raise HTTPException(404, f"no original {original_id!r}")
+    return _original_file(path)
+
+
+@router.get("/originals/{image_id}", response_class=FileResponse)
+def original(image_id: str, user: Viewer, runtime: RuntimeDep, session: SessionDep):
+    """The image as uploaded, for a stored model-input image."""
+    row = session.get(Original, image_id)
+    if row is None:
+        raise HTTPException(404, f"no original for image {image_id!r}")
+    return _original_file(runtime.store.absolute(row.path))
+
+
+@router.get("/export.zip", response_class=FileResponse, tags=["export"])
+def export(user: Admin, runtime: RuntimeDep, session: SessionDep):
+    """All feedback as a dataset (ZIP; the layout is in its README.txt and in ``export.py``)."""
+    with tempfile.NamedTemporaryFile(suffix=".zip", delete=False) as target:
+        export_zip(session, runtime.store, target)
+    return FileResponse(
+        target.name,
+        media_type="application/zip",
+        filename="feedbackcam-feedback.zip",
+        background=BackgroundTask(os.unlink, target.name),
+    )

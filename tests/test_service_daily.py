@@ -234,6 +234,9 @@ def test_a_promotion_that_lowers_jaccard_or_sensitivity_is_flagged(env):
         assert versions[2]["regressions"] == ["validation Jaccard fell 0.572 -> 0.550"]
         assert versions[2]["parent_metrics"]["jaccard_mean"] == 0.572
         assert versions[3]["regressions"] == [] and versions[1]["regressions"] == []
+        one = client.get("/api/versions/2", headers=env.auth("clinician")).json()
+        assert one == versions[2]  # a clinician sees what the update that used their item did
+        assert client.get("/api/versions/9", headers=env.auth("clinician")).status_code == 404
 
 
 # ------------------------------------------------------------------ uncertainty

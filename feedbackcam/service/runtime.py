@@ -57,7 +57,11 @@ class Runtime:
             validation = load_labelled(data_dir, "validation", spec.classes, spec.input_size)
             replay = load_labelled(data_dir, "replay", spec.classes, spec.input_size)
             gallery = load_gallery(
-                data_dir / "gallery", store, spec.input_size, max_pixels=settings.max_pixels
+                data_dir / "gallery",
+                store,
+                spec.input_size,
+                max_pixels=settings.max_pixels,
+                sessions=sessions,
             )
         except BaseException:
             engine.dispose()

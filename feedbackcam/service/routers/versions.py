@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import select
 
 from ..db import Version, current_version, iso
-from ..deps import Admin, RuntimeDep, SessionDep
+from ..deps import Admin, Clinician, RuntimeDep, SessionDep
 from ..schemas import VersionInfo
 
 router = APIRouter(tags=["versions"])
@@ -53,6 +53,16 @@ def list_versions(user: Admin, session: SessionDep) -> list[VersionInfo]:
     current = current_version(session)
     versions = session.scalars(select(Version).order_by(Version.id.desc())).all()
     return [version_info(v, current.id if current else None, session) for v in versions]
+
+
+@router.get("/versions/{version_id}", response_model=VersionInfo)
+def get_version(version_id: int, user: Clinician, session: SessionDep) -> VersionInfo:
+    """One version with its parent's scores (what an update did: the page's outcome)."""
+    version = session.get(Version, version_id)
+    if version is None:
+        raise HTTPException(404, f"no version {version_id}")
+    current = current_version(session)
+    return version_info(version, current.id if current else None, session)
 
 
 @router.post("/versions/{version_id}/activate", response_model=VersionInfo)

@@ -153,10 +153,8 @@ def change_entry(
         if item is None:
             raise HTTPException(422, "feedback_id: the feedback item given for this image")
         entry.feedback_id = item.id
-    if body.state == "reviewed" and entry.state == "feedback":
-        pass  # opening it again does not undo the feedback
-    else:
-        entry.state = body.state
+    if body.state != "reviewed" or entry.state == "new":
+        entry.state = body.state  # opening an image again keeps "feedback" or "skipped"
     if body.image_id is not None:
         entry.image_id = body.image_id
     session.commit()

@@ -365,3 +365,55 @@ def test_agree_with_a_painted_region_asks_what_to_do(start, browser):
     agree_and_answer("Agree, and discard")
     WebDriverWait(browser, 20).until(lambda _: len(items(app)) == 2)
     assert items(app)[1].agree and items(app)[1].mask_path is None
+
+
+def test_the_phone_layout_fits_and_asks_before_sending(start):
+    app = start(worker=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    metrics = {"width": 360, "height": 780, "pixelRatio": 2, "touch": True}
+    options.add_experimental_option("mobileEmulation", {"deviceMetrics": metrics})
+    service = webdriver.ChromeService(str(CHROMEDRIVER))
+    phone = webdriver.Chrome(service=service, options=options)
+    try:
+        sign_in(phone, app, role="admin")  # the admin's page has the most: versions, imports
+        Select(phone.find_element(By.ID, "worklist-select")).select_by_index(1)
+        predicted = wait_prediction(phone, "lesion0.png")
+        wide = phone.execute_script(
+            """
+            return [...document.querySelectorAll('body *')]
+              .filter((el) => el.getBoundingClientRect().right > 360.5 && el.offsetParent)
+              .filter((el) => !el.closest('.table-scroll'))  // scrolls inside its box
+              .map((el) => `${el.tagName}#${el.id}.${el.className}`);
+            """
+        )
+        assert wide == [] and phone.execute_script("return document.body.scrollWidth") <= 360
+        assert phone.execute_script("return window.innerWidth") == 360  # not zoomed out
+        small = phone.execute_script(
+            """
+            const out = [];
+            const all = document.querySelectorAll('button, select, label.check, .button-like');
+            for (const el of all) {
+              const r = el.getBoundingClientRect();
+              if (r.width && r.height && r.height < 44 && !el.closest('dialog'))
+                out.push(`${el.id || el.textContent.trim().slice(0, 20)}: ${r.height}`);
+            }
+            return out;
+            """
+        )
+        assert small == []
+        pick_other_class(phone, predicted)
+        phone.find_element(By.ID, "submit").click()
+        dialog = phone.find_element(By.ID, "ask")
+        WebDriverWait(phone, 5).until(lambda _: dialog.is_displayed())
+        next(b for b in dialog.find_elements(By.TAG_NAME, "button") if b.text == "Cancel").click()
+        time.sleep(0.3)
+        assert items(app) == []
+        phone.find_element(By.ID, "submit").click()
+        WebDriverWait(phone, 5).until(lambda _: dialog.is_displayed())
+        next(b for b in dialog.find_elements(By.TAG_NAME, "button") if b.text == "Send").click()
+        WebDriverWait(phone, 20).until(lambda _: len(items(app)) == 1)
+    finally:
+        phone.quit()

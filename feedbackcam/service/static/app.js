@@ -978,6 +978,8 @@ function renderWorklist() {
   }
   for (const id of ["prev", "next", "skip"]) $(id).hidden = false;
   const c = w.counts;
+  const option = $("worklist-select").selectedOptions[0];
+  if (option && option.value === String(w.id)) option.textContent = `${w.name} (${c.total - c.new} of ${c.total} seen)`;
   $("worklist-counts").textContent = `Image ${w.index + 1} of ${c.total} · ${c.new} new · ${c.reviewed} seen · ` +
     `${c.feedback} with feedback · ${c.skipped} skipped`;
   list.replaceChildren(...w.entries.map((e, k) => {
@@ -993,8 +995,9 @@ function renderWorklist() {
     li.append(button);
     return li;
   }));
+  // scroll the list only, never the page (on a phone the list is below the image)
   const current = list.querySelector(".current");
-  if (current) current.scrollIntoView({ block: "nearest" });
+  if (current) list.scrollTop = current.offsetTop - (list.clientHeight - current.offsetHeight) / 2;
 }
 
 async function uploadWorklist(files) {

@@ -492,6 +492,15 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.add_argument("--device", default="cpu", help="where the model predicts and learns")
+    p.add_argument(
+        "--low-confidence", type=float, default=0.6, help="warn below this top probability"
+    )
+    p.add_argument(
+        "--unfamiliar-quantile",
+        type=float,
+        default=0.99,
+        help="warn when an image's energy is above this quantile of the validation set's",
+    )
 
     def run(args) -> int:
         from .service.commands import serve

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import threading
 import zipfile
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,7 @@ from test_service_api import (  # noqa: F401
     wait_used,
 )
 
+import feedbackcam.service
 from feedbackcam.cli import main
 from feedbackcam.service import update as update_module
 from feedbackcam.service.db import Item, User, Version, utcnow
@@ -383,3 +386,31 @@ def test_export_writes_the_documented_dataset_layout(env):
         assert {f"feedback/{p.relative_to(out).as_posix()}" for p in out.rglob("*.*")} == names
         assert archive.read("feedback/labels.csv") == (out / "labels.csv").read_bytes()
     assert main(["export", "--data-dir", str(env.data), "--out", str(out)]) == 2  # not empty
+
+
+# ------------------------------------------------------------------ the page's colours
+def contrast(a: str, b: str) -> float:
+    """WCAG 2.1 contrast ratio of two #rrggbb colours."""
+
+    def luminance(colour: str) -> float:
+        channels = [int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_controls_and_focus_have_at_least_3_to_1_contrast_and_the_colormap_is_viridis():
+    static = Path(feedbackcam.service.__file__).parent / "static"
+    css = (static / "style.css").read_text()
+    colours = dict(re.findall(r"--([a-z-]+): (#[0-9a-f]{6});", css))
+    for background in (colours["panel"], colours["page"]):
+        for name in ("control", "focus", "accent"):  # borders, focus ring, primary buttons
+            assert contrast(colours[name], background) >= 3, name
+        for name in ("ink", "muted", "accent"):  # text
+            assert contrast(colours[name], background) >= 4.5, name
+    assert "outline: 3px solid var(--focus)" in css
+    assert "border: 1px solid var(--control)" in css
+    script = (static / "app.js").read_text()
+    assert "const VIRIDIS = [[68, 1, 84]" in script and "jet(" not in script

@@ -22,6 +22,8 @@ def serve(args) -> int:
         tolerance=args.tolerance,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         device=args.device,
+        low_confidence=args.low_confidence,
+        unfamiliar_quantile=args.unfamiliar_quantile,
     )
     print(f"feedbackcam serve: http://{args.host}:{args.port}/  (API docs: /docs)", flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")

@@ -835,6 +835,7 @@ async function refreshStatus() {
   bar.hidden = false;
   bar.textContent = text;
   bar.dataset.phase = status.phase;
+  bar.title = last ? `Version ${last.id}: ${last.reason}` : "";
   if (state.me.role === "admin") $("update-info").textContent = `${status.pending} pending; ${status.message}`;
   return status;
 }

@@ -103,6 +103,8 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             baseline, _, _ = load_checkpoint(base_dir / "checkpoints" / "baseline.pt")
+            extra = dict(extra)  # lambda belongs to the feedback config, the rest to the run
+            fb = replace(fb, lam=extra.pop("lam")) if "lam" in extra else fb
             cfg = replace(demo.simulation, seed=seed, modes=(mode,), feedback=fb, **extra)
             res = run_simulation(
                 data,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,16 +10,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import ModelSpec, save_checkpoint
-from .data.dataset import ArrayDataset
+from .data.dataset import ArrayDataset, FeedbackBatch
 from .data.splits import split_feedback
-from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across, wrap
+from .distributed import SINGLE, Dist, wrap
+from .fileio import write_csv, write_json, write_text
 from .metrics import ClassificationMetrics, classification_metrics, per_class_table
 from .models import SelfExplaining
-from .simulate import _write_history, _write_json, _write_text, make_optimizer, place_model
-from .train import FeedbackConfig, feedback_step
+from .train import (
+    BestEpoch,
+    FeedbackConfig,
+    class_weights,
+    make_optimizer,
+    place_model,
+    train_one_epoch,
+)
+
+HISTORY_FIELDS = ("epoch", "train_loss", "skipped_steps", "val_accuracy", "val_avg_sensitivity")
 
 
 @dataclass(frozen=True)
@@ -57,12 +64,6 @@ class BaseConfig:
             raise ValueError(
                 f"select_by: expected 'avg_sensitivity' or 'accuracy', got {self.select_by!r}"
             )
-
-
-def class_weights(labels: np.ndarray, n_classes: int) -> tuple[float, ...]:
-    """Inverse-frequency weights, normalised so a balanced set gets all ones."""
-    counts = np.bincount(labels, minlength=n_classes).astype(float)
-    return tuple(float(w) for w in counts.sum() / np.maximum(counts, 1) / n_classes)
 
 
 def predict_probs(
@@ -118,82 +119,81 @@ def train_base(
     fb = FeedbackConfig(
         lam=0.0, class_weights=weights, precision=cfg.precision, freeze_batchnorm=False
     )
-    (_write_json if main else lambda *a: None)(
-        out / "config.json",
-        {
-            "base": asdict(cfg),
-            "model": asdict(spec),
-            "class_weights": weights,
-            "split_sizes": {"train": len(train), "val": len(val), "test": len(test)},
-            "class_counts": data.class_counts(),
-        },
-    )
+    if main:
+        write_json(
+            out / "config.json",
+            {
+                "base": asdict(cfg),
+                "model": asdict(spec),
+                "class_weights": weights,
+                "split_sizes": {"train": len(train), "val": len(val), "test": len(test)},
+                "class_counts": data.class_counts(),
+            },
+        )
     place_model(model, cfg.device)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, 0.0, cfg.weight_decay)
     trained = wrap(model, ctx)
     generator = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed + ctx.rank)
-    batch_size = local_batch_size(cfg.batch_size, ctx)
+
+    def augment(batch: FeedbackBatch) -> FeedbackBatch:
+        images, masks = random_flip_rotate(batch.images, batch.masks, aug_gen)
+        return batch._replace(images=images, masks=masks)
+
     tensors = train.tensors(cfg.device)
-    best_score, best_state, best_epoch = -math.inf, copy.deepcopy(model.state_dict()), 0
+    best = BestEpoch(model, -math.inf)
     history = []
-    bar = tqdm(range(1, cfg.epochs + 1), disable=not progress, desc="train-base")
-    for epoch in bar:
-        if ctx.enabled:
-            order = shard_order(len(train), epoch=epoch, seed=cfg.seed, ctx=ctx)
-        else:
-            order = torch.randperm(len(train), generator=generator)
-        order = order.to(cfg.device)
-        total = torch.zeros((), device=cfg.device)
-        seen = torch.zeros((), device=cfg.device)
-        skipped = torch.zeros((), device=cfg.device)
-        for start in range(0, len(order), batch_size):
-            batch = tensors.batch(order[start : start + batch_size])
-            if cfg.augment:
-                images, masks = random_flip_rotate(batch.images, batch.masks, aug_gen)
-                batch = batch._replace(images=images, masks=masks)
-            if batch.images.device.type == "cuda":
-                batch = batch._replace(
-                    images=batch.images.contiguous(memory_format=torch.channels_last)
-                )
-            stats = feedback_step(trained, batch, optimizer, fb, sync=False)
-            loss = stats["loss"].to(cfg.device)
-            finite = torch.isfinite(loss)
-            skipped += stats["skipped"].to(cfg.device)
-            total += torch.where(finite, loss, 0.0) * len(batch.labels)
-            seen += finite.float() * len(batch.labels)
-        sums = sum_across(torch.stack([total, seen, skipped]), ctx)
-        total, seen = float(sums[0]), float(sums[1])
-        skipped = int(sums[2]) // ctx.world_size
+    for epoch in range(1, cfg.epochs + 1):
+        stats = train_one_epoch(
+            trained,
+            tensors,
+            np.arange(len(train)),
+            optimizer,
+            fb,
+            batch_size=cfg.batch_size,
+            generator=generator,
+            device=cfg.device,
+            augment=augment if cfg.augment else None,
+            progress=f"epoch {epoch}/{cfg.epochs}" if progress else False,
+            ctx=ctx,
+            epoch=epoch,
+            seed=cfg.seed,
+        )
         metrics = evaluate_classifier(model, val, cfg)
-        score = getattr(metrics, cfg.select_by)
         history.append(
             {
-                "mode": "base",
-                "slice": 0,
                 "epoch": epoch,
-                "train_loss": total / max(seen, 1),
-                "skipped_steps": skipped,
+                "train_loss": stats["train_loss"],
+                "skipped_steps": stats["skipped_steps"],
                 "val_accuracy": metrics.accuracy,
                 "val_avg_sensitivity": metrics.avg_sensitivity,
-                "val_jaccard_mean": float("nan"),
             }
         )
-        bar.set_postfix(loss=f"{total / max(seen, 1):.3f}", val_acc=f"{metrics.accuracy:.3f}")
-        if math.isfinite(score) and score > best_score:
-            best_score, best_epoch = score, epoch
-            best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
+        if progress:
+            print(
+                f"epoch {epoch}/{cfg.epochs}: loss {stats['train_loss']:.3f}, val accuracy "
+                f"{metrics.accuracy:.3f}, val average sensitivity {metrics.avg_sensitivity:.3f}",
+                flush=True,
+            )
+        best.offer(model, epoch, getattr(metrics, cfg.select_by))
+    best.restore(model)
     test_metrics = evaluate_classifier(model, test, cfg)
     result = {
-        "best_epoch": best_epoch,
-        "val_" + cfg.select_by: best_score,
+        "best_epoch": best.epoch,
+        "val_" + cfg.select_by: best.score,
         "test": test_metrics.to_dict(),
     }
     if not main:
         return result
-    save_checkpoint(out / "model.pt", model, spec, config={"base": asdict(cfg)}, metrics=result)
-    _write_history(out / "history.csv", history)
-    _write_text(out / "table.md", per_class_table(test_metrics))
-    _write_json(out / "metrics.json", result)
+    trained_on = {"train": list(train.ids), "val": list(val.ids), "test": list(test.ids)}
+    save_checkpoint(
+        out / "model.pt",
+        model,
+        spec,
+        config={"base": asdict(cfg), "trained_on": trained_on},
+        metrics=result,
+    )
+    write_csv(out / "history.csv", history, HISTORY_FIELDS)
+    write_text(out / "table.md", per_class_table(test_metrics))
+    write_json(out / "metrics.json", result)
     return result

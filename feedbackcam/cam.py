@@ -14,7 +14,7 @@ per-sample CAM.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SecondOrder = Literal["full", "detached"]
-CamMethod = Literal["gradcam", "gradcam++"]
-METHODS: tuple[str, ...] = ("gradcam", "gradcam++")
+CamMethod = str  # a key of CAM_METHODS
 SECOND_ORDER: tuple[str, ...] = ("full", "detached")
 
 
@@ -80,18 +79,41 @@ def _gradients(
     return grads if create_graph else tuple(g.detach() for g in grads)
 
 
-def _weights(grads: Tensor, activations: Tensor, method: CamMethod) -> Tensor:
-    if method == "gradcam":
-        return grads.mean(dim=(2, 3), keepdim=True)  # eq. 3.1
-    if method == "gradcam++":
-        # Chattopadhyay et al. 2018, eq. 19 with the exponential-score simplification, as in
-        # pytorch-grad-cam: alpha = g^2 / (2 g^2 + sum(A) g^3).
-        g2 = grads.pow(2)
-        g3 = g2 * grads
-        denom = 2 * g2 + activations.sum(dim=(2, 3), keepdim=True) * g3
-        alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, 1.0), 0.0)
-        return (alpha * F.relu(grads)).sum(dim=(2, 3), keepdim=True)
-    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+def gradcam_weights(grads: Tensor, activations: Tensor) -> Tensor:
+    """Grad-CAM channel weights (eq. 3.1): the gradient averaged over the map."""
+    return grads.mean(dim=(2, 3), keepdim=True)
+
+
+def gradcam_pp_weights(grads: Tensor, activations: Tensor) -> Tensor:
+    """Grad-CAM++ channel weights (Chattopadhyay et al. 2018, eq. 19 with the
+    exponential-score simplification, as in pytorch-grad-cam):
+    alpha = g^2 / (2 g^2 + sum(A) g^3), w = sum(alpha ReLU(g))."""
+    g2 = grads.pow(2)
+    g3 = g2 * grads
+    denom = 2 * g2 + activations.sum(dim=(2, 3), keepdim=True) * g3
+    alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, 1.0), 0.0)
+    return (alpha * F.relu(grads)).sum(dim=(2, 3), keepdim=True)
+
+
+# The CAM methods by name: each maps (dy/dA, A) of one layer to channel weights (N, K, 1, 1).
+# Adding a method is one entry here; FeedbackConfig, the CLI, the app and evaluation read it.
+CAM_METHODS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gradcam": gradcam_weights,
+    "gradcam++": gradcam_pp_weights,
+}
+METHODS: tuple[str, ...] = tuple(CAM_METHODS)
+
+
+def check_method(method: str) -> str:
+    """Return ``method`` if it names a registered CAM; raise ``ValueError`` otherwise."""
+    if method not in CAM_METHODS:
+        raise ValueError(f"CAM method: expected one of {METHODS}, got {method!r}")
+    return method
+
+
+def cam_weights(grads: Tensor, activations: Tensor, method: CamMethod) -> Tensor:
+    """Channel weights (N, K, 1, 1) of ``method`` from one layer's gradients and activations."""
+    return CAM_METHODS[check_method(method)](grads, activations)
 
 
 def layer_cams(
@@ -102,6 +124,7 @@ def layer_cams(
     method: CamMethod = "gradcam",
     second_order: SecondOrder = "full",
     retain_graph: bool = True,
+    rectify: bool = True,
 ) -> list[Tensor]:
     """Raw CAMs, one (N, h, w) map per activation tensor, from one ``autograd.grad`` call.
 
@@ -116,14 +139,18 @@ def layer_cams(
         second_order: ``"full"`` differentiates through the weights too (``create_graph=True``);
             ``"detached"`` treats the weights as constants, as the thesis did.
         retain_graph: keep the forward graph for a later backward of a loss (training).
+        rectify: apply the ReLU of eq. 3.2; ``False`` returns the signed class evidence
+            ``sum_k w_k A_k`` (negative where a region speaks against the class).
     """
+    check_method(method)
     targets = target_classes(logits, targets)
     grads = _gradients(logits, activations, targets, second_order, retain_graph)
     cams = []
     for g, a in zip(grads, activations, strict=True):
         # Grad-CAM++ weights also depend on A itself; "detached" keeps them constant all the same.
-        weights = _weights(g, a if second_order == "full" else a.detach(), method)
-        cams.append(F.relu((weights * a).sum(dim=1)))
+        weights = cam_weights(g, a if second_order == "full" else a.detach(), method)
+        evidence = (weights * a).sum(dim=1)
+        cams.append(F.relu(evidence) if rectify else evidence)
     return cams
 
 

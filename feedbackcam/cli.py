@@ -19,6 +19,19 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every command's ``--help`` shows each option's default (subcommands inherit this)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if args and args[0].startswith("-") and kwargs.get("action") not in ("help", "version"):
+            kwargs.setdefault("help", " ")  # no help text would hide the default too
+        return super().add_argument(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------- demo / simulate
 
 
@@ -67,34 +80,92 @@ def _build(args, num_classes: int):
     return model, kwargs
 
 
-def _add_simulate(sub) -> None:
+def _add_feedback_args(p) -> None:
+    """The FeedbackConfig flags; defaults and choices come from the dataclass and registries."""
+    from .cam import CAM_METHODS
     from .losses import EXPLANATION_LOSSES
+    from .train import EXPLAIN_CLASSES, FeedbackConfig
 
+    fb = FeedbackConfig()
+    p.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=fb.lam,
+        help="lambda of L = (1 - lambda) L_cls + lambda L_exp (eq. 4.1)",
+    )
+    p.add_argument(
+        "--explanation-loss",
+        choices=tuple(EXPLANATION_LOSSES),
+        default=fb.explanation_loss,
+        help="; ".join(
+            f"{k}: {v.summary} ({v.needs} masks)" for k, v in EXPLANATION_LOSSES.items()
+        ),
+    )
+    p.add_argument("--explain-classes", choices=EXPLAIN_CLASSES, default=fb.explain_classes)
+    p.add_argument("--cam", choices=tuple(CAM_METHODS), default=fb.cam)
+    p.add_argument("--second-order", choices=("detached", "full"), default=fb.second_order)
+    p.add_argument("--temperature", type=float, default=fb.temperature)
+    p.add_argument("--clip-grad-norm", type=float, default=fb.clip_grad_norm)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=fb.precision)
+
+
+def _feedback_config(args):
+    from .train import FeedbackConfig
+
+    return FeedbackConfig(
+        lam=args.lam,
+        explanation_loss=args.explanation_loss,
+        explain_classes=args.explain_classes,
+        cam=args.cam,
+        second_order=args.second_order,
+        temperature=args.temperature,
+        clip_grad_norm=args.clip_grad_norm,
+        precision=args.precision,
+    )
+
+
+def _add_simulate(sub) -> None:
+    from .demo import SynthSetup
+    from .simulate import MODES, SimulationConfig
+
+    d, synth = SimulationConfig(), SynthSetup()
     p = sub.add_parser(
         "simulate",
         help="run the thesis' feedback simulations (chapter 5)",
         description="Train or load a baseline, then fine-tune it from simulated class and "
         "explanation feedback per loss mode; write config, history, results, table, plots "
-        "and checkpoints to --out.",
+        "and checkpoints to --out. Defaults reproduce the thesis (batch 1, SGD, 40 epochs).",
     )
     p.add_argument("--data", default="synth", help="'synth' or a prepared folder")
-    p.add_argument("--modes", type=_names, default=("cls", "exp", "combined"))
-    p.add_argument("--lambda", dest="lam", type=float, default=0.3)
-    p.add_argument("--balance", choices=("none", "reduce", "upsample"), default="none")
-    p.add_argument("--drop-classes", type=_names, default=(), help="e.g. BKL (thesis 5.7)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--slices", type=int, default=None)
-    p.add_argument("--slice-epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--select-by", choices=("jaccard", "accuracy"), default="jaccard")
-    p.add_argument("--explanation-loss", choices=EXPLANATION_LOSSES, default="jaccard")
-    p.add_argument("--explain-classes", choices=("label", "predicted", "all"), default="label")
-    p.add_argument("--cam", choices=("gradcam", "gradcam++"), default="gradcam")
-    p.add_argument("--second-order", choices=("detached", "full"), default="detached")
-    p.add_argument("--temperature", type=float, default=0.1)
-    p.add_argument("--clip-grad-norm", type=float, default=None)
+    p.add_argument("--modes", type=_names, default=d.modes, help=f"a subset of {MODES}")
+    _add_feedback_args(p)
+    p.add_argument("--balance", choices=("none", "reduce", "upsample"), default=d.balance)
+    p.add_argument("--drop-classes", type=_names, default=d.drop_classes, help="e.g. BKL (5.7)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--slices", type=int, default=d.slices)
+    p.add_argument("--slice-epochs", type=int, default=d.slice_epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--select-by", choices=("jaccard", "accuracy"), default=d.select_by)
+    p.add_argument(
+        "--guard-tolerance",
+        type=float,
+        default=d.guard_tolerance,
+        help="collapse guard: an epoch whose validation average sensitivity falls more than "
+        "this below the baseline's is never selected",
+    )
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="select without the collapse guard (the thesis' behaviour)",
+    )
+    p.add_argument(
+        "--guard-per-class", action="store_true", help="the guard holds every class's sensitivity"
+    )
     p.add_argument("--base-model", type=Path, default=None, help="a checkpoint (train-base)")
     p.add_argument(
         "--base-fraction",
@@ -102,7 +173,9 @@ def _add_simulate(sub) -> None:
         default=0.5,
         help="prepared data without --base-model: this stratified share trains the baseline",
     )
-    p.add_argument("--base-epochs", type=int, default=12)
+    p.add_argument("--base-epochs", type=int, default=d.base_epochs)
+    p.add_argument("--base-lr", type=float, default=d.base_lr)
+    p.add_argument("--base-batch-size", type=int, default=d.base_batch_size)
     p.add_argument(
         "--overlap",
         type=Path,
@@ -110,46 +183,39 @@ def _add_simulate(sub) -> None:
         help="a prepared folder (e.g. the base model's data): shared ids stay in feedback-train",
     )
     _add_model_args(p, "small_cnn")
-    p.add_argument("--size", type=int, default=64, help="SynthDerm resolution")
-    p.add_argument("--n-base", type=int, default=900, help="SynthDerm base-set size")
-    p.add_argument("--n-feedback", type=int, default=900, help="SynthDerm feedback-pool size")
-    p.add_argument("--confounder-rate", type=float, default=0.95)
+    p.add_argument("--size", type=int, default=synth.size, help="SynthDerm resolution")
+    p.add_argument("--n-base", type=int, default=synth.n_base, help="SynthDerm base-set size")
+    p.add_argument("--n-feedback", type=int, default=synth.n_feedback, help="SynthDerm pool size")
+    p.add_argument("--confounder-rate", type=float, default=synth.confounder_rate)
     p.add_argument("--no-confounder", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_simulate)
 
 
 def _simulation_config(args):
     from .simulate import SimulationConfig
-    from .train import FeedbackConfig
 
     return SimulationConfig(
         modes=args.modes,
-        lam=args.lam,
+        feedback=_feedback_config(args),
         epochs=args.epochs,
         slices=args.slices,
         slice_epochs=args.slice_epochs,
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
         balance=args.balance,
         drop_classes=args.drop_classes,
         select_by=args.select_by,
+        guard_tolerance=None if args.no_guard else args.guard_tolerance,
+        guard_per_class=args.guard_per_class,
         base_epochs=args.base_epochs,
-        base_lr=2e-3 if args.model == "small_cnn" else 1e-4,
-        feedback=FeedbackConfig(
-            lam=args.lam,
-            explanation_loss=args.explanation_loss,
-            explain_classes=args.explain_classes,
-            cam=args.cam,
-            second_order=args.second_order,
-            temperature=args.temperature,
-            clip_grad_norm=args.clip_grad_norm,
-            precision=args.precision,
-        ),
+        base_lr=args.base_lr,
+        base_batch_size=args.base_batch_size,
         seed=args.seed,
         device=args.device,
     )
@@ -162,11 +228,13 @@ def _simulate(args) -> int:
 
     from .checkpoint import ModelSpec, load_checkpoint
     from .distributed import init_from_env
-    from .simulate import run_simulation
+    from .simulate import prepared_simulation_data, run_simulation, seen_ids_of
 
     ctx, device = init_from_env(args.device)
     cfg = replace(_simulation_config(args), device=device)
-    baseline = None
+    baseline, payload = None, None
+    if args.base_model is not None:
+        baseline, spec, payload = load_checkpoint(args.base_model)
     if args.data == "synth":
         from .data.synth import CLASSES
         from .demo import SynthSetup, synth_simulation_data
@@ -182,10 +250,28 @@ def _simulate(args) -> int:
         data, _ = synth_simulation_data(setup)
         classes, size = CLASSES, args.size
     else:
-        data, classes, size = _prepared_simulation_data(args)
-    if args.base_model is not None:
-        baseline, spec, _ = load_checkpoint(args.base_model)
-        data = _align_classes(data, spec.classes, args.base_model)
+        from .data.prepared import load_prepared
+
+        prepared = load_prepared(args.data, mmap=False)
+        seen = seen_ids_of(payload) if payload is not None else ()
+        if args.overlap is not None:
+            seen = seen + load_prepared(args.overlap).ids
+        overlap = len(set(seen) & set(prepared.ids))
+        if seen and ctx.is_main:
+            print(
+                f"{overlap} image(s) of {args.data} were seen by the base model "
+                f"({args.base_model or args.overlap}): kept in feedback-train only, never in "
+                "val or test"
+            )
+        data = prepared_simulation_data(
+            prepared,
+            base_fraction=None if baseline is not None else args.base_fraction,
+            seen_ids=seen,
+            seed=args.seed,
+        )
+        classes, size = prepared.classes, prepared.size
+    if baseline is not None:
+        data = data.with_classes(spec.classes, args.base_model)
     else:
         probe, kwargs = _build(args, len(classes))
         spec = ModelSpec(args.model, tuple(classes), probe.layers, size, kwargs)
@@ -200,100 +286,116 @@ def _simulate(args) -> int:
     if not ctx.is_main:
         return 0
     for name, r in [("baseline", results["baseline"])] + list(results["runs"].items()):
-        print(f"{name:>9}: accuracy {r['accuracy']:.3f}  mean Jaccard {r['jaccard_mean']:.3f}")
+        epoch = f"  best epoch {r['best_epoch']}" if "best_epoch" in r else ""
+        print(
+            f"{name:>9}: accuracy {r['accuracy']:.3f}  average sensitivity "
+            f"{r['avg_sensitivity']:.3f}  mean Jaccard {r['jaccard_mean'] or float('nan'):.3f}"
+            + epoch
+        )
+        for warning in r.get("warnings", []):
+            print(f"{'':>11}warning: {warning}")
     print(f"results: {args.out / 'results.md'}")
     return 0
-
-
-def _prepared_simulation_data(args):
-    import numpy as np
-
-    from .data.prepared import load_prepared
-    from .data.splits import split_feedback
-    from .simulate import SimulationData
-
-    data = load_prepared(args.data, mmap=False)
-    train_only = None
-    if args.overlap is not None:
-        other = set(load_prepared(args.overlap).ids)
-        train_only = np.array([i in other for i in data.ids])
-        print(f"{int(train_only.sum())} image(s) also in {args.overlap}: feedback-train only")
-    if args.base_model is not None:
-        return SimulationData(feedback=data, train_only=train_only), data.classes, data.size
-    f = args.base_fraction
-    if not 0 < f < 1:
-        raise CliError(f"--base-fraction: expected a value in (0, 1), got {f}")
-    parts = split_feedback(data.labels, seed=args.seed, fractions=(1 - f, f / 2, f / 2))
-    base_idx = np.concatenate([parts.val, parts.test])
-    feedback_idx = parts.train
-    sim = SimulationData(
-        feedback=data.subset(feedback_idx),
-        base=data.subset(base_idx),
-        train_only=None if train_only is None else train_only[feedback_idx],
-    )
-    return sim, data.classes, data.size
-
-
-def _align_classes(data, model_classes, ckpt):
-    """Re-index labels by the checkpoint's class names (e.g. a 3-class Task 2 set evaluated
-    by an 8-class ISIC 2019 model, as in the thesis)."""
-    from dataclasses import replace
-
-    import numpy as np
-
-    from .data.dataset import ArrayDataset
-
-    def align(ds):
-        if ds is None or tuple(ds.classes) == tuple(model_classes):
-            return ds
-        missing = [c for c in ds.classes if c not in model_classes]
-        if missing:
-            raise CliError(f"{ckpt}: the model has no class {missing}; it knows {model_classes}")
-        mapping = [model_classes.index(c) for c in ds.classes]
-        labels = np.asarray(mapping)[ds.labels]
-        return ArrayDataset(ds.images, ds.masks, labels, ds.has_mask, ds.ids, tuple(model_classes))
-
-    return replace(
-        data,
-        feedback=align(data.feedback),
-        base=align(data.base),
-        test_override=align(data.test_override),
-    )
 
 
 # --------------------------------------------------------------------------- data
 
 
+def _layout(text: str) -> str:
+    return text.replace("-", "_")
+
+
+# feedbackcam.data.isic.LAYOUTS, spelled out so that --help imports no data code.
+LAYOUTS = ("isic2019", "isic2018_task2", "isic2017", "generic")
+
+
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="check and prepare ISIC datasets")
+    p = sub.add_parser("data", help="check and prepare datasets (ISIC layouts or your own)")
     dsub = p.add_subparsers(dest="data_command", required=True)
     for name, helptext in [
         ("check", "list class counts and every problem with its file; exit 1 on errors"),
         ("prepare", "decode once, resize, store memory-mappable arrays and an index"),
     ]:
         q = dsub.add_parser(name, help=helptext, description=helptext)
-        q.add_argument("root", type=Path, help="the dataset folder, in its official layout")
-        q.add_argument("--labels", type=Path, default=None, help="labels CSV (Task 2)")
+        q.add_argument(
+            "root",
+            type=Path,
+            help="the dataset folder: an ISIC layout as downloaded, or your own "
+            "(images/, optional masks/ and ignore/, labels.csv; see the README)",
+        )
+        q.add_argument(
+            "--layout",
+            type=_layout,
+            choices=("auto", *LAYOUTS),
+            default="auto",
+            help="the folder's layout (default: %(default)s, detected from the folder names)",
+        )
+        q.add_argument(
+            "--labels",
+            type=Path,
+            default=None,
+            help="labels CSV: required for isic2018_task2; generic: default ROOT/labels.csv",
+        )
+        q.add_argument(
+            "--classes",
+            type=_names,
+            default=None,
+            help="generic: class names in label order, e.g. NV,MEL,BKL; a CSV row of another "
+            "class is an error (default: the classes the CSV names)",
+        )
         q.add_argument(
             "--attributes",
             type=_names,
             default=None,
             help="Task 2: attribute subset for the feedback mask (default: all five)",
         )
-        q.add_argument("--missing-attribute", choices=("error", "empty"), default="error")
+        q.add_argument(
+            "--missing-attribute",
+            choices=("error", "empty"),
+            default="error",
+            help="Task 2: a missing attribute file leaves the image out (error) or counts as an "
+            "empty mask (default: %(default)s)",
+        )
         if name == "prepare":
-            q.add_argument("--size", type=int, default=227)
-            q.add_argument("--resample", choices=("nearest", "bilinear"), default="nearest")
+            q.add_argument(
+                "--size", type=int, default=227, help="side in pixels (default: %(default)s)"
+            )
+            q.add_argument(
+                "--resample",
+                choices=("nearest", "bilinear"),
+                default="nearest",
+                help="how images are resized to --size x --size (default: %(default)s, as in "
+                "the thesis); masks are always resized nearest-neighbour so they stay 0/1",
+            )
             q.add_argument("--out", type=Path, required=True)
         q.set_defaults(func=_data_check if name == "check" else _data_prepare)
 
 
 def _reader_options(args) -> dict:
+    """The reader keyword arguments the flags ask for, refused where the layout has no use
+    for them (e.g. --attributes on a generic folder)."""
     opts = {}
+    if args.layout != "auto":
+        opts["layout"] = args.layout
+    given = {}
     if args.attributes is not None:
-        opts["attributes"] = args.attributes
+        given["attributes"] = ("--attributes", args.attributes)
     if args.missing_attribute != "error":
-        opts["missing_attribute"] = args.missing_attribute
+        given["missing_attribute"] = ("--missing-attribute", args.missing_attribute)
+    if args.classes is not None:
+        given["classes"] = ("--classes", args.classes)
+    if given:
+        from .data.isic import detect_layout
+
+        layout = opts.get("layout") or detect_layout(args.root)
+        accepted = {"isic2018_task2": ("attributes", "missing_attribute"), "generic": ("classes",)}
+        wrong = [flag for key, (flag, _) in given.items() if key not in accepted.get(layout, ())]
+        if wrong:
+            raise CliError(
+                f"{args.root}: layout {layout} takes no {' or '.join(wrong)} (--attributes and "
+                "--missing-attribute are for isic2018_task2, --classes for generic)"
+            )
+        opts |= {key: value for key, (_, value) in given.items()}
     return opts
 
 
@@ -318,9 +420,11 @@ def _data_prepare(args) -> int:
     )
     meta = read_prepared_meta(out)
     counts = meta["counts"]
+    ignore = f", {counts['with_ignore']} with ignore masks" if counts.get("with_ignore") else ""
     print(
-        f"prepared {counts['images']} image(s) at {args.size}x{args.size} in {out}: "
-        f"{counts['per_class']}; {counts['excluded']} excluded (see meta.json)"
+        f"prepared {counts['images']} image(s) at {args.size}x{args.size} in {out} "
+        f"(layout {meta['layout']}): {counts['per_class']}; {counts['with_mask']} with masks"
+        f"{ignore}; {counts['excluded']} excluded (see meta.json)"
     )
     return 0
 
@@ -329,23 +433,24 @@ def _data_prepare(args) -> int:
 
 
 def _add_train_base(sub) -> None:
+    from .base import BaseConfig
+
+    d = BaseConfig()
     p = sub.add_parser(
         "train-base",
         help="train the base classifier (class-weighted CE, flips + 24 rotations)",
     )
     p.add_argument("--data", type=Path, required=True, help="a prepared folder")
     _add_model_args(p, "skincare_vgg16")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument(
-        "--select-by", choices=("avg_sensitivity", "accuracy"), default="avg_sensitivity"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--select-by", choices=("avg_sensitivity", "accuracy"), default=d.select_by)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_train_base)
 
@@ -382,11 +487,33 @@ def _train_base(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a prepared dataset")
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics of a checkpoint on a prepared dataset, per image and per class",
+        description="Write metrics.json, table.md and predictions.csv (one row per image: "
+        "label, prediction, probabilities, Jaccard against the keep mask) to --out; "
+        "optionally the saliency maps and a counterfactual comparison.",
+    )
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="a prepared folder")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="explanation = saliency >= this share of its max (default: %(default)s)",
+    )
+    p.add_argument(
+        "--save-maps", action="store_true", help="write each saliency as maps/<id>.png (0-255)"
+    )
+    p.add_argument(
+        "--counterfactual",
+        type=Path,
+        default=None,
+        metavar="OTHER_PREPARED",
+        help="a prepared folder of the same ids (e.g. an artifact added or removed): write "
+        "counterfactual.json with the flip rate, flips per class pair and both accuracies",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_evaluate)
 
@@ -394,16 +521,26 @@ def _add_evaluate(sub) -> None:
 def _evaluate(args) -> int:
     from .checkpoint import load_checkpoint
     from .data.prepared import load_prepared
-    from .evaluate import evaluate
+    from .evaluate import (
+        counterfactual_report,
+        evaluate,
+        write_predictions,
+        write_saliency_maps,
+    )
+    from .fileio import write_json, write_text
     from .metrics import per_class_table
-    from .simulate import SimulationData, _write_json, _write_text
 
     model, spec, _ = load_checkpoint(args.model)
-    data = _align_classes(
-        SimulationData(feedback=load_prepared(args.data, mmap=False)), spec.classes, args.model
-    ).feedback
+
+    def load(folder):
+        return load_prepared(folder, mmap=False).with_classes(spec.classes, args.model)
+
+    data = load(args.data)
+    other = load(args.counterfactual) if args.counterfactual is not None else None
     model.to(args.device)
-    ev = evaluate(model, data, threshold=args.threshold, device=args.device)
+    ev = evaluate(
+        model, data, threshold=args.threshold, device=args.device, keep_saliency=args.save_maps
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     summary = ev.summary() | {
         "classes": list(data.classes),
@@ -411,15 +548,50 @@ def _evaluate(args) -> int:
         "data": str(args.data),
     }
     summary["per_class"] = {k: v.to_dict() for k, v in ev.classification.per_class.items()}
-    _write_json(args.out / "metrics.json", summary)
+    write_json(args.out / "metrics.json", summary)
     table = per_class_table(ev.classification)
-    _write_text(args.out / "table.md", table)
+    write_text(args.out / "table.md", table)
+    write_predictions(args.out / "predictions.csv", ev, data, data.ignore)
     print(table)
     print(
         f"accuracy {summary['accuracy']:.3f}, mean (SD) Jaccard "
         f"{ev.jaccard.mean:.3f} ({ev.jaccard.sd:.3f}), ISIC Jaccard {ev.isic_jaccard:.3f}"
     )
+    absent = f" ({', '.join(ev.absent_classes)} absent from this set)" if ev.absent_classes else ""
+    print(
+        f"average sensitivity {ev.classification.avg_sensitivity:.3f} over "
+        f"{', '.join(ev.avg_sensitivity_classes)}{absent}"
+    )
+    written = ["metrics.json", "table.md", "predictions.csv"]
+    if args.save_maps:
+        write_saliency_maps(args.out / "maps", ev, data.ids)
+        written.append("maps/")
+    if other is not None:
+        report = counterfactual_report(
+            model, data, other, names=(str(args.data), str(args.counterfactual)), device=args.device
+        )
+        write_json(args.out / "counterfactual.json", report)
+        written.append("counterfactual.json")
+        print(_format_counterfactual(report))
+    print(f"written to {args.out}: {', '.join(written)}")
     return 0
+
+
+def _format_counterfactual(report: dict) -> str:
+    a, b = report["data"], report["counterfactual"]
+    lines = [
+        f"counterfactual {b}: {report['n_flips']} of {report['n']} predictions change "
+        f"(flip rate {report['flip_rate']:.3f})",
+        *(
+            f"  {src} -> {dst}: {n}"
+            for src, row in report["flips"].items()
+            for dst, n in sorted(row.items(), key=lambda kv: -kv[1])
+        ),
+        f"  accuracy {report['accuracy'][a]:.3f} on {a}, {report['accuracy'][b]:.3f} on {b}",
+    ]
+    if report["label_mismatches"]:
+        lines.append(f"  warning: {report['label_mismatches']} id(s) have different labels")
+    return "\n".join(lines)
 
 
 def _add_explain(sub) -> None:
@@ -427,16 +599,27 @@ def _add_explain(sub) -> None:
     p.add_argument("image", type=Path)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--cam", choices=("gradcam", "gradcam++"), default="gradcam")
+    from .cam import CAM_METHODS
+
+    p.add_argument("--cam", choices=tuple(CAM_METHODS), default="gradcam")
+    p.add_argument(
+        "--fit",
+        choices=("squash", "pad"),
+        default="squash",
+        help="how a non-square image becomes the model's square input: squash (as prepared "
+        "training data is) or pad (keep the aspect ratio, black borders); the overlay keeps the "
+        "image's aspect ratio either way",
+    )
     p.set_defaults(func=_explain)
 
 
 def _explain(args) -> int:
     from .explain import explain_file
 
-    result = explain_file(args.image, args.model, args.out, method=args.cam)
+    result = explain_file(args.image, args.model, args.out, method=args.cam, fit=args.fit)
     probs = ", ".join(f"{c} {p:.3f}" for c, p in result["probabilities"].items())
     print(f"{args.image}: {result['predicted']} ({probs}); overlay: {args.out}")
+    print(f"input: {result['input']}")
     return 0
 
 
@@ -474,31 +657,43 @@ def _add_serve(sub) -> None:
         description="Serve a checkpoint with a web page and a JSON API (docs at /docs). "
         "Without --model, serves the demo's model, training it first if absent.",
     )
+    from .service.settings import Settings
+
+    d = Settings()
     p.add_argument("--model", type=Path, default=None, help="a checkpoint (default: the demo's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
-    p.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
-    p.add_argument("--update-every", type=int, default=1, help="fine-tune after N new items")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per update")
-    p.add_argument("--replay-per-class", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--lam", type=float, default=0.3)
+    p.add_argument("--db", default=d.db_url, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", type=Path, default=d.data_dir)
+    p.add_argument("--update-every", type=int, default=d.update_every, help="fine-tune after N")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per update")
+    p.add_argument("--replay-per-class", type=int, default=d.replay_per_class)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=d.lam,
+        help="lambda of L = (1 - lambda) L_cls + lambda L_exp (eq. 4.1)",
+    )
     p.add_argument(
         "--tolerance",
         type=float,
-        default=0.02,
+        default=d.tolerance,
         help="largest drop in validation accuracy or average sensitivity a promotion may cost",
     )
-    p.add_argument("--max-upload-mb", type=float, default=10.0)
-    p.add_argument("--device", default="cpu", help="where the model predicts and learns")
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20)
+    p.add_argument("--device", default=d.device, help="where the model predicts and learns")
     p.add_argument(
-        "--low-confidence", type=float, default=0.6, help="warn below this top probability"
+        "--low-confidence",
+        type=float,
+        default=d.low_confidence,
+        help="warn below this top probability",
     )
     p.add_argument(
         "--unfamiliar-quantile",
         type=float,
-        default=0.99,
+        default=d.unfamiliar_quantile,
         help="warn when an image's energy is above this quantile of the validation set's",
     )
 
@@ -572,7 +767,7 @@ def _add_export(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="feedbackcam",
         description="Correct an image classifier through its explanation, and make it learn.",
     )

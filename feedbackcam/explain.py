@@ -56,31 +56,96 @@ def explain(
         model.train(was_training)
 
 
+FITS = ("squash", "pad")
+_DISPLAY = 512  # longest side of the overlay's background image, in pixels
+
+
+def fit_square(rgb, size: int, fit: str = "squash"):
+    """An (H, W, 3) uint8 image as the model's (size, size, 3) input, and where the image lies
+    in it, ``(x0, y0, x1, y1)`` in input pixels.
+
+    ``"squash"`` resizes to size x size ignoring the aspect ratio, as `prepare` does, so the
+    model sees what it was trained on; ``"pad"`` keeps the aspect ratio, centring the image on
+    black before resizing (closer to the lesion's true shape, but unlike the training data).
+    Resizing is nearest-neighbour, as in the prepared data.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    h, w = rgb.shape[:2]
+    if fit == "squash" or h == w:
+        square, box = rgb, (0, 0, size, size)
+    else:
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        square = np.zeros((side, side, 3), np.uint8)
+        square[top : top + h, left : left + w] = rgb
+        scale = size / side
+        box = (
+            round(left * scale),
+            round(top * scale),
+            max(round((left + w) * scale), round(left * scale) + 1),
+            max(round((top + h) * scale), round(top * scale) + 1),
+        )
+    resized = Image.fromarray(square).resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(resized), box
+
+
 def explain_file(
     image_path: str | Path,
     checkpoint: str | Path,
     out: str | Path,
     *,
     method: cams.CamMethod = "gradcam",
+    fit: str = "squash",
 ) -> dict:
     """Predict and explain one image file with a checkpoint; write an overlay PNG to ``out``.
 
-    The image is resized to the model's input size the way its data was prepared (nearest
-    neighbour). Returns the predicted class and all probabilities.
+    The model sees the image fitted to its square input by ``fit`` (see `fit_square`; default
+    squashed, nearest neighbour, the way its data was prepared); the overlay shows the image
+    and its saliency at the image's own aspect ratio. Returns the predicted class, all
+    probabilities, and ``input``: a sentence saying how the image was fitted.
     """
     import numpy as np
+    from PIL import Image
 
     from .checkpoint import load_checkpoint
     from .imageio import read_rgb
     from .report import overlay_png
 
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     model, spec, _ = load_checkpoint(checkpoint)
-    rgb = read_rgb(image_path, size=spec.input_size)
-    images = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float() / 255
+    rgb = read_rgb(image_path)
+    h, w = rgb.shape[:2]
+    square, (x0, y0, x1, y1) = fit_square(rgb, spec.input_size, fit)
+    images = torch.from_numpy(np.array(square)).permute(2, 0, 1)[None].float() / 255
     ex = explain(model, images, method=method)
     probs = {c: float(p) for c, p in zip(spec.classes, ex.probs[0].tolist())}
     predicted = spec.classes[int(ex.targets[0])]
+    scale = min(1.0, _DISPLAY / max(h, w))
+    shown = (max(1, round(w * scale)), max(1, round(h * scale)))
+    background = np.asarray(Image.fromarray(rgb).resize(shown, Image.Resampling.BILINEAR))
+    region = ex.saliency[0, y0:y1, x0:x1].float().numpy()
+    saliency = np.asarray(Image.fromarray(region).resize(shown, Image.Resampling.BILINEAR))
     overlay_png(
-        rgb, ex.saliency[0].numpy(), Path(out), title=f"{predicted} ({probs[predicted]:.2f})"
+        background,
+        np.clip(saliency, 0, 1),
+        Path(out),
+        title=f"{predicted} ({probs[predicted]:.2f})",
     )
-    return {"predicted": predicted, "probabilities": probs}
+    n = spec.input_size
+    how = (
+        f"squashed from {w}x{h} to {n}x{n} (as prepared data is)"
+        if fit == "squash" and w != h
+        else f"padded from {w}x{h} to a square, then resized to {n}x{n}"
+        if fit == "pad" and w != h
+        else f"resized from {w}x{h} to {n}x{n}"
+    )
+    return {
+        "predicted": predicted,
+        "probabilities": probs,
+        "input": how + f"; overlay at the image's {w}x{h} aspect ratio",
+    }

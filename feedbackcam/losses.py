@@ -8,13 +8,17 @@ saliency can match, so it is treated as missing rather than as a target.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EXPLANATION_LOSSES: tuple[str, ...] = ("jaccard", "dice", "energy", "rrr", "mse")
+from .cam import soft_threshold
+
+MASK_KINDS = ("keep", "ignore")
 
 
 def classification_loss(
@@ -133,3 +137,101 @@ def combined_loss(cls_loss: Tensor, exp_loss: Tensor, lam: float) -> Tensor:
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda: expected a value in [0, 1], got {lam!r}")
     return (1 - lam) * cls_loss + lam * exp_loss
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class ExplanationLoss:
+    """A registered explanation loss.
+
+    Attributes:
+        fn: ``fn(inputs, cfg) -> (N,)`` per-sample loss; ``inputs`` is a
+            :class:`feedbackcam.train.LossInputs` (the forward output, the masks, and lazily the
+            CAMs, input gradients or a second forward pass), ``cfg`` the ``FeedbackConfig``.
+        needs: the feedback mask it learns from: "keep" (the region that matters) or "ignore"
+            (a region that must not matter). Samples without that mask add no loss.
+        input_gradients: the step must make the images require grad (input-gradient losses).
+        summary: one line for ``--help`` and the docs.
+    """
+
+    fn: Callable[[Any, Any], Tensor] | None
+    needs: str
+    input_gradients: bool = False
+    summary: str = ""
+
+
+# The explanation losses by name. Adding one is one decorated function in this file; the
+# FeedbackConfig validates against this table and the CLI and the app list its keys.
+EXPLANATION_LOSSES: dict[str, ExplanationLoss] = {}
+
+
+def register_loss(
+    name: str, *, needs: str, input_gradients: bool = False
+) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn(inputs, cfg) -> (N,)`` as the explanation loss ``name``."""
+    if needs not in MASK_KINDS:
+        raise ValueError(f"needs: expected one of {MASK_KINDS}, got {needs!r}")
+
+    def add(fn: Callable) -> Callable:
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        EXPLANATION_LOSSES[name] = ExplanationLoss(fn, needs, input_gradients, summary)
+        return fn
+
+    return add
+
+
+def get_loss(name: str) -> ExplanationLoss:
+    """The registered loss ``name``; ``ValueError`` if it is unknown or has no function."""
+    entry = EXPLANATION_LOSSES.get(name)
+    if entry is None:
+        raise ValueError(
+            f"explanation_loss: expected one of {tuple(EXPLANATION_LOSSES)}, got {name!r}"
+        )
+    if not callable(entry.fn):
+        raise ValueError(f"explanation_loss {name!r} is registered but has no loss function")
+    if entry.needs not in MASK_KINDS:
+        raise ValueError(f"explanation_loss {name!r}: needs {entry.needs!r}, not in {MASK_KINDS}")
+    return entry
+
+
+def _over_targets(inputs, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn`` of the saliency of every explained class (``cfg.explain_classes``), averaged."""
+    return torch.stack([fn(s.float()) for s in inputs.saliencies()]).mean(dim=0)
+
+
+@register_loss("jaccard", needs="keep")
+def _jaccard(inputs, cfg) -> Tensor:
+    """The thesis' squared soft-Jaccard loss of the soft-thresholded CAM vs the keep mask."""
+    return _over_targets(
+        inputs,
+        lambda s: jaccard_loss(soft_threshold(s, cfg.threshold, cfg.temperature), inputs.keep),
+    )
+
+
+@register_loss("dice", needs="keep")
+def _dice(inputs, cfg) -> Tensor:
+    """Soft Dice loss of the soft-thresholded CAM vs the keep mask."""
+    return _over_targets(
+        inputs,
+        lambda s: dice_loss(soft_threshold(s, cfg.threshold, cfg.temperature), inputs.keep),
+    )
+
+
+@register_loss("energy", needs="keep")
+def _energy(inputs, cfg) -> Tensor:
+    """Share of the CAM's energy outside the keep mask."""
+    return _over_targets(inputs, lambda s: outside_energy_loss(s, inputs.keep))
+
+
+@register_loss("mse", needs="keep")
+def _mse(inputs, cfg) -> Tensor:
+    """Mean squared error of the CAM to a (possibly non-binary) keep map."""
+    return _over_targets(inputs, lambda s: map_mse_loss(s, inputs.keep))
+
+
+@register_loss("rrr", needs="keep", input_gradients=True)
+def _rrr(inputs, cfg) -> Tensor:
+    """Ross et al.'s input-gradient penalty outside the keep mask (times cfg.rrr_scale)."""
+    return cfg.rrr_scale * rrr_loss(inputs.input_gradients(), inputs.keep)

@@ -11,6 +11,7 @@ All public functions accept numpy arrays or torch tensors (any device, with or w
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 __all__ = [
+    "bootstrap_intervals",
     "ClassMetrics",
     "ClassificationMetrics",
     "JaccardSummary",
@@ -401,3 +403,63 @@ def isic_jaccard(pred, mask) -> float:
         fp += np.logical_and(p, ~m).sum() / size
         fn += np.logical_and(~p, m).sum() / size
     return _ratio(tp, tp + fp + fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uncertainty
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_intervals(
+    y_true,
+    y_pred,
+    jaccard=None,
+    *,
+    n_classes: int,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float] | None]:
+    """Percentile bootstrap intervals of accuracy, average sensitivity and mean Jaccard.
+
+    The test images are resampled with replacement ``n_boot`` times; each statistic is computed
+    on every resample exactly as on the whole set (average sensitivity over the classes present
+    in that resample; mean Jaccard over the images that have a score, ``jaccard`` NaN where an
+    image has no mask). Returns ``(low, high)`` per statistic, None where it cannot be computed.
+    """
+    y = _check_labels(y_true, n_classes)
+    p = np.asarray(y_pred, dtype=np.int64)
+    if p.shape != y.shape:
+        raise ValueError(f"y_pred: expected shape {y.shape}, got {p.shape}")
+    out: dict[str, tuple[float, float] | None] = {
+        "accuracy": None,
+        "avg_sensitivity": None,
+        "jaccard_mean": None,
+    }
+    if not len(y):
+        return out
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(y), size=(n_boot, len(y)))
+    yb, correct = y[idx], (p == y)[idx]
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+
+    def interval(values: np.ndarray) -> tuple[float, float] | None:
+        values = values[np.isfinite(values)]
+        if not len(values):
+            return None
+        return float(np.percentile(values, lo)), float(np.percentile(values, hi))
+
+    out["accuracy"] = interval(correct.mean(axis=1))
+    sens = []
+    for c in range(n_classes):
+        in_c = yb == c
+        n_c = in_c.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sens.append(np.where(n_c > 0, (correct & in_c).sum(axis=1) / n_c, np.nan))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["avg_sensitivity"] = interval(np.nanmean(np.stack(sens), axis=0))
+        if jaccard is not None:
+            j = np.asarray(jaccard, dtype=float)[idx]
+            out["jaccard_mean"] = interval(np.nanmean(j, axis=1))
+    return out

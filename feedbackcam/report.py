@@ -19,24 +19,53 @@ MODE_TITLES = {"cls": "Classification loss", "exp": "Explanation loss", "combine
 MODE_COLOURS = {"cls": "tab:blue", "exp": "tab:orange", "combined": "tab:green"}
 
 
+NO_IMPROVEMENT = "no epoch improved on the baseline"
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _with_ci(r: dict, key: str) -> str:
+    ci = (r.get("ci") or {}).get(key)
+    text = _fmt(r.get(key))
+    return text if not ci else f"{text} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _mark_best(cells: list[str], values: list[float | None], higher: bool = True) -> list[str]:
+    """Bold the best value of a row (ties all bold, unless all are equal); None never wins."""
+    known = [v for v in values if v is not None]
+    if len(set(known)) < 2:  # nothing to tell apart
+        return cells
+    best = max(known) if higher else min(known)
+    return [f"**{c}**" if v is not None and v == best else c for c, v in zip(cells, values)]
+
+
 def simulation_table(results: dict[str, Any], classes: Sequence[str]) -> str:
-    """Markdown table: one column per model (baseline, then each mode), rows as the thesis."""
+    """Markdown table: one column per model (baseline, then each mode), rows as the thesis.
+
+    Accuracy, average sensitivity and mean Jaccard carry their 95 % bootstrap interval where
+    the results have one; the best value of each row is bold; a mode whose best epoch is 0 says
+    that no epoch improved on the baseline (its numbers are the baseline's).
+    """
     columns = [("Baseline", results["baseline"])] + [
         (MODE_TITLES.get(mode, mode), run) for mode, run in results["runs"].items()
     ]
     head = "| | " + " | ".join(name for name, _ in columns) + " |"
     rule = "|---|" + "---|" * len(columns)
+
+    def row(name, key, cell, higher=True):
+        values = [r.get(key) for _, r in columns]
+        return (name, _mark_best([cell(r) for _, r in columns], values, higher))
+
     rows = [
-        ("Accuracy", [_fmt(r["accuracy"]) for _, r in columns]),
-        (
-            "Mean (SD) Jaccard index",
-            [f"{_fmt(r['jaccard_mean'])} ({_fmt(r['jaccard_sd'])})" for _, r in columns],
+        row("Accuracy [95 % CI]", "accuracy", lambda r: _with_ci(r, "accuracy")),
+        row(
+            "Mean (SD) Jaccard index [95 % CI]",
+            "jaccard_mean",
+            lambda r: f"{_with_ci(r, 'jaccard_mean')} ({_fmt(r['jaccard_sd'])})",
         ),
-        ("ISIC Task 2 Jaccard", [_fmt(r.get("isic_jaccard")) for _, r in columns]),
+        row("ISIC Task 2 Jaccard", "isic_jaccard", lambda r: _fmt(r.get("isic_jaccard"))),
         (
             f"Per-class sensitivity [{', '.join(classes)}]",
             [
@@ -44,23 +73,35 @@ def simulation_table(results: dict[str, Any], classes: Sequence[str]) -> str:
                 for _, r in columns
             ],
         ),
-        ("Average sensitivity", [_fmt(r["avg_sensitivity"]) for _, r in columns]),
+        row(
+            "Average sensitivity [95 % CI]",
+            "avg_sensitivity",
+            lambda r: _with_ci(r, "avg_sensitivity"),
+        ),
     ]
     for group in results["baseline"].get("groups", {}):
-        rows.append(
-            (f"Accuracy, {group}", [_fmt(r["groups"][group]["accuracy"]) for _, r in columns])
-        )
+        values = [r["groups"][group]["accuracy"] for _, r in columns]
+        rows.append((f"Accuracy, {group}", _mark_best([_fmt(v) for v in values], values)))
     if all("patch_flip_rate" in r for _, r in columns):
         rows.append(
-            (
+            row(
                 "Predictions changed by removing the patch",
-                [_fmt(r["patch_flip_rate"]) for _, r in columns],
+                "patch_flip_rate",
+                lambda r: _fmt(r["patch_flip_rate"]),
+                higher=False,
             )
         )
-    rows.append(("Best epoch", ["-"] + [str(r.get("best_epoch", "-")) for _, r in columns[1:]]))
+    rows.append(("Best epoch", ["-"] + [_best_epoch(r) for _, r in columns[1:]]))
     rows.append(("Test images", [str(r["n_test"]) for _, r in columns]))
     body = "\n".join(f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows)
     return f"{head}\n{rule}\n{body}\n"
+
+
+def _best_epoch(run: dict) -> str:
+    epoch = run.get("best_epoch")
+    if epoch is None:
+        return "-"
+    return f"0 ({NO_IMPROVEMENT})" if epoch == 0 else str(epoch)
 
 
 def _line_panel(ax, series: dict, baseline, baseline_label: str, xlabel: str, ylabel: str):
@@ -84,11 +125,14 @@ def _line_panel(ax, series: dict, baseline, baseline_label: str, xlabel: str, yl
 
 
 def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out: Path) -> list:
-    """Loss, accuracy and mean Jaccard vs epoch (one line per mode); vs slice if sliced."""
+    """Loss, accuracy and mean Jaccard vs epoch (one line per mode); vs slice if sliced.
+
+    Validation curves start at epoch 0, the baseline on the same validation set, which the
+    dashed line repeats: every point of a curve is comparable with it.
+    """
     out = Path(out)
     written = []
     full = [row for row in history if row.get("slice", 0) == 0]
-    baseline_of = {"val_accuracy": "accuracy", "val_jaccard_mean": "jaccard_mean"}
     for key, label, name in [
         ("train_loss", "train loss", "loss.png"),
         ("val_accuracy", "val accuracy", "accuracy.png"),
@@ -97,15 +141,13 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
         if not full:
             break
         fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
-        series = {
-            mode: (
-                [r["epoch"] for r in full if r["mode"] == mode],
-                [r[key] for r in full if r["mode"] == mode],
-            )
-            for mode in results["runs"]
-        }
-        base = results["baseline"][baseline_of[key]] if key in baseline_of else None
-        _line_panel(ax, series, base, "baseline (test)", "epoch", label)
+        series = {}
+        for mode in results["runs"]:
+            rows = [r for r in full if r["mode"] == mode and r.get(key) is not None]
+            series[mode] = ([r["epoch"] for r in rows], [r[key] for r in rows])
+        start = [r[key] for r in full if r["epoch"] == 0 and r.get(key) is not None]
+        base = start[0] if key != "train_loss" and start else None
+        _line_panel(ax, series, base, "baseline (val, epoch 0)", "epoch", label)
         fig.tight_layout()
         fig.savefig(out / name)
         plt.close(fig)
@@ -121,7 +163,7 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
                 m: ([r["slice"] for r in rows], [r[key] for r in rows])
                 for m, rows in sliced.items()
             }
-            _line_panel(ax, series, results["baseline"][key], "baseline", "slice", label)
+            _line_panel(ax, series, results["baseline"][key], "baseline (test)", "slice", label)
         fig.tight_layout()
         fig.savefig(out / "slices.png")
         plt.close(fig)
@@ -204,19 +246,56 @@ def _img_tag(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def provenance() -> dict[str, str | None]:
+    """When and by what a result was made: UTC time, package version, git commit (if any)."""
+    import datetime
+    import subprocess
+
+    from . import __version__
+
+    commit = None
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        if done.returncode == 0:
+            commit = done.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {"date": now, "version": __version__, "commit": commit}
+
+
+def _cell(text: str) -> str:
+    """A table cell: markdown **bold** becomes <strong>."""
+    if text.startswith("**") and text.endswith("**") and len(text) > 4:
+        return f"<td><strong>{html.escape(text[2:-2])}</strong></td>"
+    return f"<td>{html.escape(text)}</td>"
+
+
 def html_report(
     title: str,
     intro: str,
     table_md: str,
     images: Sequence[tuple[str, Path]],
     notes: Sequence[str] = (),
+    footer: dict[str, str | None] | None = None,
 ) -> str:
-    """A self-contained HTML page (images inlined as base64)."""
+    """A self-contained HTML page (images inlined as base64), with a provenance footer."""
     lines = [ln for ln in table_md.strip().splitlines() if not ln.startswith("|---")]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
     thead = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
-    tbody = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:]
+    tbody = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in cells[1:])
+    made = footer if footer is not None else provenance()
+    footer_html = html.escape(
+        f"Made {made['date']} by feedbackcam {made['version']}"
+        + (f", git commit {made['commit']}" if made.get("commit") else ", outside a git checkout")
+        + "."
     )
     figures = "".join(
         f"<figure>{_img_tag(p, cap)}<figcaption>{html.escape(cap)}</figcaption></figure>"
@@ -234,11 +313,13 @@ th {{ background: #f3f3f3; }}
 figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
 figcaption {{ font-size: 13px; color: #555; max-width: 560px; }}
 img {{ max-width: 100%; }}
+footer {{ margin-top: 2em; font-size: 13px; color: #555; border-top: 1px solid #ddd; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{html.escape(intro)}</p>
 <table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>
 <ul>{note_html}</ul>
 {figures}
+<footer>{footer_html}</footer>
 </body></html>
 """

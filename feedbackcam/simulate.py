@@ -1,41 +1,60 @@
 """Feedback simulations (thesis chapter 5): a simulated dermatologist corrects a baseline model.
 
 The experiment is ``run_simulation(...) -> results``: train (or take) a baseline on a base set
-with classification loss; split the feedback set 80/10/10 (ids that overlap the base set stay in
-feedback-train); optionally balance feedback-train; then, per loss mode, fine-tune a copy of the
-baseline for E epochs (or over K slices), keep the best epoch by validation mean Jaccard (or
-accuracy), and report its test metrics. Everything it writes goes to one output folder, beside
-the resolved config.
+with classification loss; split the feedback set 80/10/10 (ids that overlap the base model's
+data stay in feedback-train); optionally balance feedback-train; then, per loss mode, fine-tune a
+copy of the baseline for E epochs (or over K slices), keep the best *eligible* epoch by
+validation mean Jaccard (or accuracy) — an epoch whose average sensitivity falls more than a
+tolerance below the baseline's is a collapsed classifier and is never kept — and report its test
+metrics. Everything it writes goes to one output folder, beside the resolved config.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import ModelSpec, save_checkpoint
 from .data.dataset import ArrayDataset, TensorData
 from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
-from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across, wrap
+from .distributed import SINGLE, Dist, wrap
 from .evaluate import Evaluation, evaluate
-from .fileio import write_atomic
+from .fileio import write_csv, write_json, write_text
 from .models import SelfExplaining
-from .train import FeedbackConfig, feedback_step
+from .selection import drops, run_warnings
+from .train import (
+    BestEpoch,
+    FeedbackConfig,
+    check_feedback_kind,
+    class_weights,
+    make_optimizer,
+    place_model,
+    progress_bar,
+    train_one_epoch,
+)
 
 log = logging.getLogger(__name__)
 
 MODES = ("cls", "exp", "combined")
+HISTORY_FIELDS = (
+    "mode",
+    "slice",
+    "epoch",
+    "train_loss",
+    "skipped_steps",
+    "val_accuracy",
+    "val_avg_sensitivity",
+    "val_jaccard_mean",
+    "eligible",
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +62,10 @@ class SimulationConfig:
     """One simulation. Defaults reproduce the thesis' runs (section 5.5-5.9).
 
     Attributes:
-        modes: loss modes to run: "cls" (lambda 0), "exp" (lambda 1), "combined" (``lam``).
-        lam: lambda of the combined mode (thesis: 0.3).
+        modes: loss modes to run: "cls" (lambda 0), "exp" (lambda 1), "combined"
+            (``feedback.lam``).
+        feedback: how feedback becomes a loss; its ``lam`` is the combined mode's lambda
+            (thesis: 0.3), the only lambda of a simulation.
         epochs: epochs of a full simulation (thesis: up to 40).
         slices: K for a sliced simulation (thesis: 20); None runs the full simulation.
         slice_epochs: epochs per slice (thesis: 20).
@@ -53,15 +74,18 @@ class SimulationConfig:
         balance: "none", "reduce" or "upsample" feedback-train (val and test never).
         drop_classes: classes removed from feedback-train when balancing (thesis 5.7: BKL).
         select_by: "jaccard" (thesis) or "accuracy" for the best epoch on val.
+        guard_tolerance: the collapse guard: an epoch is eligible only if its validation
+            average sensitivity is at most this far below the baseline's. None turns the guard
+            off (the thesis' unguarded selection).
+        guard_per_class: the guard also holds every class's sensitivity to the tolerance.
         base_epochs, base_lr, base_batch_size: the baseline's classification training.
-        feedback: how feedback becomes a loss; its ``lam`` is set per mode.
         seed: seeds the split, balancing, shuffling and initialisation.
         eval_batch_size: batch size of evaluation passes.
         device: "cpu" or "cuda".
     """
 
     modes: tuple[str, ...] = MODES
-    lam: float = 0.3
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     epochs: int = 40
     slices: int | None = None
     slice_epochs: int = 20
@@ -73,10 +97,11 @@ class SimulationConfig:
     balance: str = "none"
     drop_classes: tuple[str, ...] = ()
     select_by: str = "jaccard"
+    guard_tolerance: float | None = 0.05
+    guard_per_class: bool = False
     base_epochs: int = 20
     base_lr: float = 1e-3
     base_batch_size: int = 32
-    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     seed: int = 0
     eval_batch_size: int = 64
     device: str = "cpu"
@@ -96,86 +121,21 @@ class SimulationConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.slices is not None and self.slices < 1:
             raise ValueError(f"slices: expected >= 1 or None, got {self.slices}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam: expected a value in [0, 1], got {self.lam}")
+        if self.guard_tolerance is not None and not self.guard_tolerance >= 0:
+            raise ValueError(f"guard_tolerance: expected >= 0 or None, got {self.guard_tolerance}")
 
-    def mode_lambda(self, mode: str) -> float:
-        return {"cls": 0.0, "exp": 1.0, "combined": self.lam}[mode]
+    @property
+    def lam(self) -> float:
+        """The combined mode's lambda (``feedback.lam``)."""
+        return self.feedback.lam
+
+    def mode_feedback(self, mode: str) -> FeedbackConfig:
+        """The feedback config that mode ``mode`` trains with: lambda 0, 1, or ``feedback.lam``."""
+        lam = {"cls": 0.0, "exp": 1.0, "combined": self.feedback.lam}[mode]
+        return replace(self.feedback, lam=lam)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float, wd: float):
-    """Adam or SGD; fused on a GPU, which also lets a non-finite step be skipped without a
-    host synchronisation (see :func:`feedbackcam.train.feedback_step`)."""
-    fused = any(p.device.type == "cuda" for p in model.parameters()) or None
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd, fused=fused)
-    return torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=wd, fused=fused
-    )
-
-
-def place_model(model: SelfExplaining, device: str) -> SelfExplaining:
-    """Move to ``device``; channels-last memory on a GPU (faster convolutions in bf16)."""
-    model.to(device)
-    if torch.device(device).type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def train_epoch(
-    model: SelfExplaining,
-    data: TensorData,
-    indices: np.ndarray,
-    optimizer: torch.optim.Optimizer,
-    cfg: FeedbackConfig,
-    *,
-    batch_size: int,
-    generator: torch.Generator,
-    device: str = "cpu",
-    progress: bool = False,
-    ctx: Dist = SINGLE,
-    epoch: int = 0,
-    seed: int = 0,
-) -> dict[str, float]:
-    """One pass over ``indices`` in shuffled mini-batches; mean loss and skipped-step count.
-
-    The data may live on the GPU already (``data`` built on ``device``); statistics are summed
-    on the device and read once per epoch, so the steps run without host synchronisation.
-    Distributed (``ctx``), each rank takes its DistributedSampler share of the epoch and
-    ``batch_size / world_size`` per step; the statistics are summed across ranks.
-    """
-    if ctx.enabled:
-        perm = shard_order(len(indices), epoch=epoch, seed=seed, ctx=ctx)
-        batch_size = local_batch_size(batch_size, ctx)
-    else:
-        perm = torch.randperm(len(indices), generator=generator)
-    order = torch.as_tensor(indices)[perm].to(data.labels.device)
-    total = torch.zeros((), device=device)
-    weight = torch.zeros((), device=device)
-    skipped = torch.zeros((), device=device)
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, disable=not progress, leave=False, desc="steps"):
-        idx = order[start : start + batch_size]
-        batch = data.batch(idx).to(device)
-        if batch.images.device.type == "cuda":
-            batch = batch._replace(
-                images=batch.images.contiguous(memory_format=torch.channels_last)
-            )
-        stats = feedback_step(model, batch, optimizer, cfg, sync=False)
-        loss = stats["loss"].to(device)
-        finite = torch.isfinite(loss)
-        skipped += stats["skipped"].to(device)
-        total += torch.where(finite, loss, 0.0) * len(idx)
-        weight += finite.float() * len(idx)
-    totals = sum_across(torch.stack([total, weight, skipped]), ctx)
-    total, weight = totals[0], totals[1]
-    n_skipped = int(totals[2]) // (ctx.world_size if ctx.enabled else 1)  # a step skips on all
-    if n_skipped and ctx.is_main:
-        log.warning("%d step(s) skipped for a non-finite loss or gradient", n_skipped)
-    return {"train_loss": float(total / weight.clamp_min(1)), "skipped_steps": n_skipped}
 
 
 def train_baseline(
@@ -186,18 +146,16 @@ def train_baseline(
     progress: bool = False,
     ctx: Dist = SINGLE,
 ) -> SelfExplaining:
-    """Train the initial classifier on the base set with (class-weighted) cross-entropy."""
-    counts = np.bincount(base.labels, minlength=len(base.classes)).astype(float)
-    weights = tuple(float(w) for w in counts.sum() / np.maximum(counts, 1) / len(counts))
+    """Train the initial classifier on the base set with class-weighted cross-entropy."""
+    weights = class_weights(base.labels, len(base.classes))
     fb = replace(cfg.feedback, lam=0.0, class_weights=weights, freeze_batchnorm=False)
     generator = torch.Generator().manual_seed(cfg.seed)
     place_model(model, cfg.device)
-    optimizer = make_optimizer(model, "adam", cfg.base_lr, 0.0, 0.0)
+    optimizer = make_optimizer(model, "adam", cfg.base_lr)
     trained = wrap(model, ctx)
     data = base.tensors(cfg.device)
-    bar = tqdm(range(cfg.base_epochs), disable=not progress, desc="baseline", leave=False)
-    for epoch in bar:
-        stats = train_epoch(
+    for epoch in progress_bar(range(cfg.base_epochs), enabled=progress, desc="baseline"):
+        train_one_epoch(
             trained,
             data,
             np.arange(len(base)),
@@ -210,13 +168,21 @@ def train_baseline(
             epoch=epoch,
             seed=cfg.seed,
         )
-        bar.set_postfix(loss=f"{stats['train_loss']:.3f}")
     return model
 
 
 def _score(ev: Evaluation, select_by: str) -> float:
     value = ev.jaccard.mean if select_by == "jaccard" else ev.classification.accuracy
     return value if math.isfinite(value) else -math.inf
+
+
+def _val_row(ev: Evaluation) -> dict[str, Any]:
+    c = ev.classification
+    return {
+        "val_accuracy": c.accuracy,
+        "val_avg_sensitivity": c.avg_sensitivity,
+        "val_jaccard_mean": ev.jaccard.mean,
+    }
 
 
 def fine_tune(
@@ -234,21 +200,29 @@ def fine_tune(
     progress: bool = False,
     ctx: Dist = SINGLE,
 ) -> tuple[SelfExplaining, int, Evaluation]:
-    """Fine-tune a copy of ``baseline`` for ``epochs``; return the best epoch's model by val.
+    """Fine-tune a copy of ``baseline`` for ``epochs``; return the best eligible epoch's model.
 
-    Epoch 0 is the incoming model itself, so a run that only makes things worse keeps it.
+    Epoch 0 is the incoming model itself (its validation row opens the history), so a run in
+    which no epoch improves, or none passes the collapse guard, keeps it: best epoch 0.
     """
-    fb = replace(cfg.feedback, lam=cfg.mode_lambda(mode))
+    fb = cfg.mode_feedback(mode)
     model = copy.deepcopy(baseline)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     trained = wrap(model, ctx)
-    # every rank evaluates the whole validation set with identical weights (same result)
-    best_ev = evaluate(model, val, batch_size=cfg.eval_batch_size, device=cfg.device)
-    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
-    best_score = _score(best_ev, cfg.select_by)
-    bar = tqdm(range(1, epochs + 1), disable=not progress, leave=False, desc=f"{mode}")
+
+    def validate() -> Evaluation:
+        # every rank evaluates the whole validation set with identical weights (same result)
+        return evaluate(
+            model, val, batch_size=cfg.eval_batch_size, method=fb.cam, device=cfg.device
+        )
+
+    start = validate()
+    reference = start.summary()
+    best = BestEpoch(model, _score(start, cfg.select_by), start)
+    history.append({**stage, "mode": mode, "epoch": 0, **_val_row(start), "eligible": True})
+    bar = progress_bar(range(1, epochs + 1), enabled=progress, desc=mode)
     for epoch in bar:
-        stats = train_epoch(
+        stats = train_one_epoch(
             trained,
             data,
             train_idx,
@@ -261,7 +235,10 @@ def fine_tune(
             epoch=epoch + stage.get("slice", 0) * 1000,
             seed=cfg.seed,
         )
-        ev = evaluate(model, val, batch_size=cfg.eval_batch_size, device=cfg.device)
+        ev = validate()
+        eligible = cfg.guard_tolerance is None or not drops(
+            reference, ev.summary(), cfg.guard_tolerance, per_class=cfg.guard_per_class
+        )
         history.append(
             {
                 **stage,
@@ -269,18 +246,13 @@ def fine_tune(
                 "epoch": epoch,
                 "train_loss": stats["train_loss"],
                 "skipped_steps": stats["skipped_steps"],
-                "val_accuracy": ev.classification.accuracy,
-                "val_avg_sensitivity": ev.classification.avg_sensitivity,
-                "val_jaccard_mean": ev.jaccard.mean,
+                **_val_row(ev),
+                "eligible": eligible,
             }
         )
-        bar.set_postfix(loss=f"{stats['train_loss']:.3f}", jac=f"{ev.jaccard.mean:.3f}")
-        score = _score(ev, cfg.select_by)
-        if score > best_score:
-            best_score, best_epoch, best_ev = score, epoch, ev
-            best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    return model, best_epoch, best_ev
+        best.offer(model, epoch, _score(ev, cfg.select_by), ev, eligible=eligible)
+    best.restore(model)
+    return model, best.epoch, best.info
 
 
 @dataclass(frozen=True)
@@ -290,7 +262,8 @@ class SimulationData:
     Attributes:
         feedback: the feedback pool, split 80/10/10 by the simulation.
         base: the base model's training set (None when a trained baseline is given).
-        train_only: bool (N,) over ``feedback``: overlaps the base set, feedback-train only.
+        train_only: bool (N,) over ``feedback``: images the base model has seen (its training
+            or validation data); they stay in feedback-train and never reach val or test.
         test_override: optional replacement for the test split's images, same ids in the same
             order as ``feedback`` (SynthDerm draws the test split with a class-independent
             confounder: the same lesions, the artifact at random).
@@ -304,10 +277,63 @@ class SimulationData:
     test_override: ArrayDataset | None = None
     test_groups: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def with_classes(self, classes: Iterable[str], source: object) -> SimulationData:
+        """Every set's labels re-indexed by ``classes`` (a base model's), matched by name."""
+        classes = tuple(classes)
 
-def _test_summary(model, test: ArrayDataset, groups: dict[str, np.ndarray], cfg) -> dict:
-    ev = evaluate(model, test, batch_size=cfg.eval_batch_size, device=cfg.device)
-    summary = ev.summary()
+        def align(ds):
+            return None if ds is None else ds.with_classes(classes, source)
+
+        return replace(
+            self,
+            feedback=align(self.feedback),
+            base=align(self.base),
+            test_override=align(self.test_override),
+        )
+
+
+def prepared_simulation_data(
+    data: ArrayDataset,
+    *,
+    base_fraction: float | None,
+    seen_ids: Iterable[str] = (),
+    seed: int = 0,
+) -> SimulationData:
+    """A simulation's data from one prepared set.
+
+    Args:
+        data: the prepared set.
+        base_fraction: the stratified share of ``data`` that trains the baseline (the rest is
+            the feedback pool); None when a trained base model is given instead.
+        seen_ids: ids the base model has seen (its checkpoint's record, or another prepared
+            set given with ``--overlap``): they stay in feedback-train only.
+        seed: seeds the base/feedback split.
+    """
+    seen = set(seen_ids)
+    train_only = np.array([i in seen for i in data.ids], bool) if seen else None
+    if base_fraction is None:
+        return SimulationData(feedback=data, train_only=train_only)
+    f = base_fraction
+    if not 0 < f < 1:
+        raise ValueError(f"base_fraction: expected a value in (0, 1), got {f}")
+    parts = split_feedback(data.labels, seed=seed, fractions=(1 - f, f / 2, f / 2))
+    base_idx = np.concatenate([parts.val, parts.test])
+    return SimulationData(
+        feedback=data.subset(parts.train),
+        base=data.subset(base_idx),
+        train_only=None if train_only is None else train_only[parts.train],
+    )
+
+
+def seen_ids_of(payload: dict[str, Any]) -> tuple[str, ...]:
+    """The ids a checkpoint's model was trained or selected on (``trained_on`` in its config)."""
+    trained_on = (payload.get("config") or {}).get("trained_on") or {}
+    return tuple(trained_on.get("train", ())) + tuple(trained_on.get("val", ()))
+
+
+def _test_summary(model, test: ArrayDataset, groups: dict[str, np.ndarray], cfg, method) -> dict:
+    ev = evaluate(model, test, batch_size=cfg.eval_batch_size, method=method, device=cfg.device)
+    summary = ev.summary(bootstrap_seed=cfg.seed)
     pred = ev.probs.argmax(axis=1)
     correct = pred == test.labels
     summary["groups"] = {
@@ -340,65 +366,78 @@ def run_simulation(
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     feedback = data.feedback
+    has_ignore = feedback.has_ignore is not None and bool(feedback.has_ignore.any())
+    for mode in cfg.modes:
+        check_feedback_kind(cfg.mode_feedback(mode), bool(feedback.has_mask.any()), has_ignore)
     splits = split_feedback(feedback.labels, seed=cfg.seed, train_only=data.train_only)
     drop = [feedback.classes.index(c) for c in cfg.drop_classes]
     train_idx = balance(
         splits.train, feedback.labels, cfg.balance, seed=cfg.seed, drop_classes=drop
     )
+    n_seen = 0 if data.train_only is None else int(np.asarray(data.train_only).sum())
     if not (len(splits.val) and len(splits.test) and len(train_idx)):
-        n_only = 0 if data.train_only is None else int(np.asarray(data.train_only).sum())
         raise ValueError(
-            f"feedback set of {len(feedback)} image(s) ({n_only} kept in train as overlapping "
-            f"the base data) leaves train/val/test = {len(train_idx)}/{len(splits.val)}/"
+            f"feedback set of {len(feedback)} image(s) ({n_seen} kept in train as seen by the "
+            f"base model) leaves train/val/test = {len(train_idx)}/{len(splits.val)}/"
             f"{len(splits.test)}: too few to simulate"
         )
+    if data.train_only is not None:
+        held_out = np.concatenate([splits.val, splits.test])
+        if np.asarray(data.train_only)[held_out].any():  # split_feedback's promise, checked
+            raise ValueError("an image the base model has seen reached val or test")
     source = data.test_override if data.test_override is not None else feedback
     val, test = feedback.subset(splits.val), source.subset(splits.test)
     groups = {name: np.asarray(m)[splits.test] for name, m in data.test_groups.items()}
-    write_json = _write_json if main else (lambda *a: None)
-    write_json(
-        out / "splits.json",
-        {
-            name: [feedback.ids[i] for i in idx]
-            for name, idx in [
-                ("train", splits.train),
-                ("train_balanced", train_idx),
-                ("val", splits.val),
-                ("test", splits.test),
-            ]
-        },
-    )
-    write_json(
-        out / "config.json",
-        {
-            "simulation": cfg.to_dict(),
-            "model": asdict(spec),
-            "data": {
-                "n_feedback": len(feedback),
-                "n_base": len(data.base) if data.base is not None else None,
-                "classes": list(feedback.classes),
-                "split_sizes": {
-                    "train": len(splits.train),
-                    "train_balanced": len(train_idx),
-                    "val": len(splits.val),
-                    "test": len(splits.test),
+    split_ids = {
+        name: [feedback.ids[i] for i in idx]
+        for name, idx in [
+            ("train", splits.train),
+            ("train_balanced", train_idx),
+            ("val", splits.val),
+            ("test", splits.test),
+        ]
+    }
+    if main:
+        write_json(out / "splits.json", split_ids)
+        write_json(
+            out / "config.json",
+            {
+                "simulation": cfg.to_dict(),
+                "model": asdict(spec),
+                "data": {
+                    "n_feedback": len(feedback),
+                    "n_base": len(data.base) if data.base is not None else None,
+                    "n_seen_by_base_model": n_seen,
+                    "classes": list(feedback.classes),
+                    "split_sizes": {k: len(v) for k, v in split_ids.items()},
+                    "train_class_counts": _counts(feedback.labels[train_idx], feedback.classes),
                 },
-                "train_class_counts": _counts(feedback.labels[train_idx], feedback.classes),
             },
-        },
-    )
+        )
+    base_ids: tuple[str, ...] = ()
     if baseline is None:
         if data.base is None:
             raise ValueError("run_simulation: give either a baseline model or a base set")
         baseline = train_baseline(make_model(), data.base, cfg, progress=progress, ctx=ctx)
+        base_ids = data.base.ids
     place_model(baseline, cfg.device)
     ckpt_dir = out / "checkpoints"
+    base_cfg = replace(cfg, feedback=replace(cfg.feedback, lam=0.0))
     if main:
-        save_checkpoint(ckpt_dir / "baseline.pt", baseline, spec, config=cfg.to_dict())
-    results: dict[str, Any] = {"baseline": _test_summary(baseline, test, groups, cfg), "runs": {}}
+        save_checkpoint(
+            ckpt_dir / "baseline.pt",
+            baseline,
+            spec,
+            config=base_cfg.to_dict() | {"trained_on": {"train": list(base_ids)}},
+        )
+    method = cfg.feedback.cam
+    results: dict[str, Any] = {
+        "baseline": _test_summary(baseline, test, groups, cfg, method),
+        "runs": {},
+    }
     history: list[dict[str, Any]] = []
     tensors = feedback.tensors(cfg.device)
-    for mode in tqdm(cfg.modes, disable=not progress, desc="modes"):
+    for mode in progress_bar(cfg.modes, enabled=progress, desc="modes"):
         generator = torch.Generator().manual_seed(cfg.seed)
         if cfg.slices is None:
             model, best_epoch, _ = fine_tune(
@@ -415,58 +454,49 @@ def run_simulation(
                 progress=progress,
                 ctx=ctx,
             )
-            run = _test_summary(model, test, groups, cfg) | {"best_epoch": best_epoch}
+            run = _test_summary(model, test, groups, cfg, method)
         else:
-            model, run = _sliced(
-                baseline,
-                tensors,
-                train_idx,
-                feedback,
-                val,
-                test,
-                groups,
-                cfg,
-                mode,
-                generator,
-                history,
-                progress,
-                ctx,
-            )
+            model, best_epoch, run = _sliced(
+                baseline, tensors, train_idx, feedback, val, test, groups, cfg, mode, generator,
+                history, ctx,
+            )  # fmt: skip
+        run["best_epoch"] = best_epoch
+        run["improved"] = best_epoch > 0
+        run["warnings"] = run_warnings(run, best_epoch)
         results["runs"][mode] = run
         if main:
-            save_checkpoint(ckpt_dir / f"{mode}.pt", model, spec, config=cfg.to_dict(), metrics=run)
+            # what ran: this mode's lambda is the config's only lambda
+            ran = replace(cfg, feedback=cfg.mode_feedback(mode))
+            trained_on = {"train": list(base_ids) + split_ids["train"], "val": split_ids["val"]}
+            save_checkpoint(
+                ckpt_dir / f"{mode}.pt",
+                model,
+                spec,
+                config=ran.to_dict() | {"mode": mode, "trained_on": trained_on},
+                metrics=run,
+            )
+    results["baseline"]["warnings"] = run_warnings(results["baseline"])
     if not main:
         return results
-    _write_history(out / "history.csv", history)
-    _write_json(out / "results.json", results)
+    write_csv(out / "history.csv", history, HISTORY_FIELDS)
+    write_json(out / "results.json", results)
     from .report import simulation_plots, simulation_table
 
-    _write_text(out / "results.md", simulation_table(results, feedback.classes))
+    write_text(out / "results.md", simulation_table(results, feedback.classes))
     simulation_plots(history, results, out)
     return results
 
 
 def _sliced(
-    baseline,
-    tensors,
-    train_idx,
-    feedback,
-    val,
-    test,
-    groups,
-    cfg,
-    mode,
-    generator,
-    history,
-    progress,
-    ctx=SINGLE,
+    baseline, tensors, train_idx, feedback, val, test, groups, cfg, mode, generator, history, ctx
 ):
     """Sliced simulation: per slice, ``slice_epochs`` epochs, the best by val carried on."""
     model = baseline
     slices = make_slices(train_idx, feedback.labels, cfg.slices, seed=cfg.seed)
     rows = []
     best_epoch = 0
-    for k, part in enumerate(tqdm(slices, disable=not progress, leave=False, desc="slices"), 1):
+    method = cfg.feedback.cam
+    for k, part in enumerate(progress_bar(slices, enabled=False), 1):
         model, best_epoch, _ = fine_tune(
             model,
             tensors,
@@ -480,7 +510,7 @@ def _sliced(
             stage={"slice": k},
             ctx=ctx,
         )
-        summary = _test_summary(model, test, groups, cfg)
+        summary = _test_summary(model, test, groups, cfg, method)
         rows.append(
             {
                 "slice": k,
@@ -490,56 +520,10 @@ def _sliced(
                 "jaccard_mean": summary["jaccard_mean"],
             }
         )
-    run = _test_summary(model, test, groups, cfg) | {"best_epoch": best_epoch, "slices": rows}
-    return model, run
+    run = _test_summary(model, test, groups, cfg, method) | {"slices": rows}
+    return model, best_epoch, run
 
 
 def _counts(labels: np.ndarray, classes) -> dict[str, int]:
     counts = np.bincount(labels, minlength=len(classes))
     return {c: int(n) for c, n in zip(classes, counts)}
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    write_atomic(path, write, binary="b" in mode)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: json.dump(_jsonable(obj), f, indent=2, allow_nan=False))
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text))
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = [
-        "mode",
-        "slice",
-        "epoch",
-        "train_loss",
-        "skipped_steps",
-        "val_accuracy",
-        "val_avg_sensitivity",
-        "val_jaccard_mean",
-    ]
-
-    def write(f):
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    _atomic_write(path, write)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    return obj

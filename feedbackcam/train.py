@@ -1,10 +1,12 @@
 """One feedback training step, the thesis' reference step, and the loops around them.
 
-:func:`feedback_step` is one optimizer step on a batch of (images, labels, masks, has_mask): one
-forward pass, the CAM through ``torch.autograd.grad``, the combined loss (eq. 4.1), backward,
-step. No copy of the model is made. Batch size 1 (online learning, as the thesis) and mini-batches
-both work. :func:`reference_step` follows the thesis' Algorithm 2 literally (a deep-copied
-"gradient instance" per sample) and exists as a speed baseline and a correctness check.
+:func:`feedback_step` is one optimizer step on a batch of (images, labels, keep masks, ignore
+masks): one forward pass, the CAM through ``torch.autograd.grad``, the combined loss (eq. 4.1),
+backward, step. No copy of the model is made. Batch size 1 (online learning, as the thesis) and
+mini-batches both work. :func:`reference_step` follows the thesis' Algorithm 2 literally (a
+deep-copied "gradient instance" per sample) and exists as a speed baseline and a correctness
+check. :func:`run_steps` and :func:`train_one_epoch` are the one training loop that base
+training, the simulations and the app's updates share; :class:`BestEpoch` keeps the best model.
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from . import cam as cams
 from . import losses
+from .data.dataset import FeedbackBatch, TensorData
+from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across
 from .models import SelfExplaining, set_batchnorm_eval
 
 log = logging.getLogger(__name__)
@@ -34,10 +42,11 @@ class FeedbackConfig:
 
     Attributes:
         lam: lambda of eq. 4.1; 0 = class feedback only, 1 = explanation feedback only.
-        explanation_loss: one of ``losses.EXPLANATION_LOSSES``: "jaccard" (eq. 3.6), "dice",
+        explanation_loss: a key of ``losses.EXPLANATION_LOSSES``: "jaccard" (eq. 3.6), "dice",
             "energy" (saliency share outside the mask), "rrr" (input-gradient penalty), "mse"
-            (to a non-binary feedback map).
-        cam: "gradcam" or "gradcam++".
+            (to a non-binary feedback map), and the losses that learn from ignore masks.
+        cam: a key of ``cam.CAM_METHODS`` ("gradcam", "gradcam++"); training, model selection
+            and evaluation all use it.
         second_order: "detached" (thesis: CAM weights are constants) or "full" (create_graph).
         threshold: explanation map = saliency >= threshold * max (thesis: 0.5).
         temperature: of the soft threshold used inside the loss.
@@ -71,13 +80,8 @@ class FeedbackConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam: expected a value in [0, 1], got {self.lam!r}")
-        if self.explanation_loss not in losses.EXPLANATION_LOSSES:
-            raise ValueError(
-                f"explanation_loss: expected one of {losses.EXPLANATION_LOSSES}, "
-                f"got {self.explanation_loss!r}"
-            )
-        if self.cam not in cams.METHODS:
-            raise ValueError(f"cam: expected one of {cams.METHODS}, got {self.cam!r}")
+        losses.get_loss(self.explanation_loss)  # unknown or unwired: ValueError
+        cams.check_method(self.cam)
         if self.second_order not in cams.SECOND_ORDER:
             raise ValueError(
                 f"second_order: expected one of {cams.SECOND_ORDER}, got {self.second_order!r}"
@@ -92,60 +96,119 @@ class FeedbackConfig:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
 
 
-class FeedbackBatch(NamedTuple):
-    """A batch of feedback: images (N, 3, H, W) in [0, 1], labels (N,), masks (N, H, W) in
-    [0, 1] (binary, or a non-binary map for the "mse" loss), has_mask (N,) bool."""
+class LossInputs:
+    """What an explanation loss may use, computed lazily from one forward pass.
 
-    images: Tensor
-    labels: Tensor
-    masks: Tensor
-    has_mask: Tensor
+    Attributes:
+        model, images, logits (float), activations, labels, cfg: the step's forward pass.
+        keep: (N, H, W) keep masks (the region that matters; zeros where there is none).
+        ignore: (N, H, W) ignore masks (a region that must not matter), or None.
+    """
 
-    def to(self, device: torch.device | str) -> FeedbackBatch:
-        return FeedbackBatch(*(t.to(device, non_blocking=True) for t in self))
+    def __init__(self, model, out, images: Tensor, batch: FeedbackBatch, cfg: FeedbackConfig):
+        self.model, self.images, self.cfg = model, images, cfg
+        self.logits = out.logits.float()
+        self.activations = out.activations
+        self.labels = batch.labels
+        self.keep = batch.masks
+        self.ignore = batch.ignore
+        self._input_grads: Tensor | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[-2:])
+
+    def targets(self) -> list[Tensor]:
+        """The classes whose CAM the loss shapes (``cfg.explain_classes``)."""
+        if self.cfg.explain_classes == "label":
+            return [self.labels]  # in training the CAM explains the feedback class
+        if self.cfg.explain_classes == "predicted":
+            return [self.logits.detach().argmax(dim=1)]
+        return [torch.full_like(self.labels, c) for c in range(self.logits.shape[1])]
+
+    def saliency(self, targets: Tensor | None = None) -> Tensor:
+        """Input-sized CAM in [0, 1] of ``targets`` (default: the labels), differentiable."""
+        return cams.saliency_maps(
+            self.logits,
+            self.activations,
+            self.labels if targets is None else targets,
+            self.size,
+            method=self.cfg.cam,
+            second_order=self.cfg.second_order,
+        )
+
+    def saliencies(self) -> list[Tensor]:
+        """The saliency of every class in :meth:`targets`."""
+        return [self.saliency(t) for t in self.targets()]
+
+    def raw_cams(self, targets: Tensor) -> list[Tensor]:
+        """Signed class evidence ``sum_k w_k A_k`` per layer (N, h, w), before the ReLU."""
+        return cams.layer_cams(
+            self.logits,
+            self.activations,
+            targets,
+            method=self.cfg.cam,
+            second_order=self.cfg.second_order,
+            rectify=False,
+        )
+
+    def input_gradients(self) -> Tensor:
+        """d/dx sum_k log p_k (N, 3, H, W), in the graph; computed once per step."""
+        if self._input_grads is None:
+            self._input_grads = losses.input_gradients(self.logits, self.images)
+        return self._input_grads
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits (float) of a second forward pass, e.g. on counterfactual images."""
+        return self.model(images).logits.float()
+
+
+def present_mask(batch: FeedbackBatch, needs: str) -> Tensor:
+    """Boolean (N,): the sample carries the kind of mask a loss ``needs`` ("keep"/"ignore")."""
+    if needs == "keep":
+        return losses.feedback_present(batch.masks, batch.has_mask)
+    if batch.ignore is None:
+        return torch.zeros_like(batch.has_mask, dtype=torch.bool)
+    return losses.feedback_present(batch.ignore, batch.has_ignore)
+
+
+def check_feedback_kind(cfg: FeedbackConfig, has_keep: bool, has_ignore: bool) -> None:
+    """Refuse a loss that cannot learn from the feedback at hand (``ValueError`` naming what it
+    needs): e.g. an ignore-mask loss on data with only keep masks."""
+    if cfg.lam == 0:
+        return
+    needs = losses.get_loss(cfg.explanation_loss).needs
+    if not {"keep": has_keep, "ignore": has_ignore}[needs]:
+        have = [k for k, v in (("keep", has_keep), ("ignore", has_ignore)) if v] or ["no"]
+        raise ValueError(
+            f"explanation_loss {cfg.explanation_loss!r} needs {needs} masks, but the feedback "
+            f"has {' and '.join(have)} masks"
+        )
 
 
 def explanation_losses(
     model: SelfExplaining, out, images: Tensor, batch: FeedbackBatch, cfg: FeedbackConfig
 ) -> Tensor:
-    """Per-sample explanation loss (N,) for the forward output ``out`` of ``images``."""
-    if cfg.explanation_loss == "rrr":
-        grads = losses.input_gradients(out.logits, images)
-        return cfg.rrr_scale * losses.rrr_loss(grads, batch.masks)
-    if cfg.explain_classes == "label":
-        # in training the CAM explains the feedback (ground-truth) class
-        targets = [batch.labels]
-    elif cfg.explain_classes == "predicted":
-        targets = [out.logits.detach().argmax(dim=1)]
-    else:
-        targets = [torch.full_like(batch.labels, c) for c in range(out.logits.shape[1])]
-    per_class = [
-        _map_loss(
-            cams.saliency_maps(
-                out.logits,
-                out.activations,
-                t,
-                images.shape[-2:],
-                method=cfg.cam,
-                second_order=cfg.second_order,
-            ),
-            batch.masks,
-            cfg,
+    """Per-sample explanation loss (N,) of ``cfg.explanation_loss`` for the forward output
+    ``out`` of ``images`` (see ``losses.EXPLANATION_LOSSES``)."""
+    entry = losses.get_loss(cfg.explanation_loss)
+    if entry.needs == "ignore" and batch.ignore is None:
+        raise ValueError(
+            f"explanation_loss {cfg.explanation_loss!r} needs ignore masks; the batch has none"
         )
-        for t in targets
-    ]
-    return torch.stack(per_class).mean(dim=0)
+    return entry.fn(LossInputs(model, out, images, batch, cfg), cfg)
 
 
 def _map_loss(saliency: Tensor, masks: Tensor, cfg: FeedbackConfig) -> Tensor:
-    saliency = saliency.float()
-    if cfg.explanation_loss in ("jaccard", "dice"):
-        soft = cams.soft_threshold(saliency, cfg.threshold, cfg.temperature)
-        fn = losses.jaccard_loss if cfg.explanation_loss == "jaccard" else losses.dice_loss
-        return fn(soft, masks)
-    if cfg.explanation_loss == "energy":
-        return losses.outside_energy_loss(saliency, masks)
-    return losses.map_mse_loss(saliency, masks)
+    """A keep-mask loss of one given saliency (for :func:`reference_step`)."""
+
+    class _Given:
+        keep = masks
+
+        def saliencies(self):
+            return [saliency]
+
+    return losses.get_loss(cfg.explanation_loss).fn(_Given(), cfg)
 
 
 def _prepare(model: nn.Module, cfg: FeedbackConfig) -> None:
@@ -229,14 +292,15 @@ def feedback_step(
     """
     _prepare(model, cfg)
     images = batch.images
-    if cfg.explanation_loss == "rrr" and cfg.lam > 0:
+    entry = losses.get_loss(cfg.explanation_loss)
+    if entry.input_gradients and cfg.lam > 0:
         images = images.detach().requires_grad_(True)
     bf16 = cfg.precision == "bf16"
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(images)
         logits = out.logits.float()
         loss_cls = losses.classification_loss(logits, batch.labels, cfg.class_weights)
-        present = losses.feedback_present(batch.masks, batch.has_mask)
+        present = present_mask(batch, entry.needs)
         n_exp = present.sum()
         if cfg.lam > 0:
             per_sample = explanation_losses(model, out, images, batch, cfg)
@@ -290,13 +354,16 @@ def reference_step(
     step. ``cfg.second_order`` is ignored: the weights are always detached here. The explanation
     loss must be a map loss (not "rrr"). Returns the per-sample stats averaged over the batch.
     """
-    if cfg.explanation_loss == "rrr":
-        raise ValueError("reference_step implements Algorithm 2 (Grad-CAM); 'rrr' is not a CAM")
+    if cfg.explanation_loss not in ("jaccard", "dice", "energy", "mse"):
+        raise ValueError(
+            f"reference_step implements Algorithm 2 (a CAM vs the keep mask); "
+            f"{cfg.explanation_loss!r} is not such a loss"
+        )
     _prepare(model, cfg)
     totals: dict[str, float] = {}
     n = batch.images.shape[0]
     for i in range(n):
-        sample = FeedbackBatch(*(t[i : i + 1] for t in batch))
+        sample = batch.index(slice(i, i + 1))
         present = losses.feedback_present(sample.masks, sample.has_mask)
         weights = None
         if cfg.lam > 0 and bool(present.any()):
@@ -305,7 +372,7 @@ def reference_step(
             score = g_out.logits[0, sample.labels[0]]
             grads = torch.autograd.grad(score, g_out.activations)
             weights = [
-                cams._weights(g, a.detach(), cfg.cam)
+                cams.cam_weights(g, a.detach(), cfg.cam)
                 for g, a in zip(grads, g_out.activations, strict=True)
             ]
             del instance, g_out
@@ -335,12 +402,202 @@ def reference_step(
     return {k: (v if k in ("n_exp", "skipped") else v / max(n, 1)) for k, v in totals.items()}
 
 
-def iterate_batches(
-    tensors: tuple[Tensor, ...], batch_size: int, *, shuffle: bool, generator=None
-) -> Iterator[tuple[Tensor, ...]]:
-    """Yield mini-batches of in-memory tensors (faster than a DataLoader for tensor data)."""
-    n = tensors[0].shape[0]
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        yield tuple(t[idx] for t in tensors)
+# --------------------------------------------------------------------------- the loop
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> tuple[float, ...]:
+    """Inverse-frequency cross-entropy weights, normalised so a balanced set gets all ones."""
+    counts = np.bincount(np.asarray(labels), minlength=n_classes).astype(float)
+    return tuple(float(w) for w in counts.sum() / np.maximum(counts, 1) / n_classes)
+
+
+def run_steps(
+    model: nn.Module,
+    batches: Iterable[FeedbackBatch],
+    optimizer: torch.optim.Optimizer,
+    cfg: FeedbackConfig,
+    *,
+    device: torch.device | str = "cpu",
+    augment: Callable[[FeedbackBatch], FeedbackBatch] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    ctx: Dist = SINGLE,
+) -> dict[str, float]:
+    """:func:`feedback_step` on each batch in turn; the mean loss and the skipped-step count.
+
+    Statistics are summed on the device and read once at the end, so on a GPU with a fused
+    optimizer the steps run without host synchronisation. Distributed (``ctx``), the sums are
+    reduced across ranks. ``should_stop`` is asked before every step; when it says so the loop
+    raises :class:`StopTraining` (the app's updater stops this way).
+    """
+    total = torch.zeros((), device=device)
+    weight = torch.zeros((), device=device)
+    skipped = torch.zeros((), device=device)
+    steps = 0
+    for batch in batches:
+        if should_stop is not None and should_stop():
+            raise StopTraining("stopped between two steps")
+        batch = batch.to(device)
+        if augment is not None:
+            batch = augment(batch)
+        if batch.images.device.type == "cuda":
+            batch = batch._replace(
+                images=batch.images.contiguous(memory_format=torch.channels_last)
+            )
+        stats = feedback_step(model, batch, optimizer, cfg, sync=False)
+        loss = stats["loss"].to(device)
+        finite = torch.isfinite(loss)
+        n = batch.labels.shape[0]
+        skipped += stats["skipped"].to(device)
+        total += torch.where(finite, loss, 0.0) * n
+        weight += finite.float() * n
+        steps += 1
+    totals = sum_across(torch.stack([total, weight, skipped]), ctx)
+    n_skipped = int(totals[2]) // (ctx.world_size if ctx.enabled else 1)  # a step skips on all
+    if n_skipped and ctx.is_main:
+        log.warning("%d step(s) skipped for a non-finite loss or gradient", n_skipped)
+    return {
+        "train_loss": float(totals[0] / totals[1].clamp_min(1)),
+        "skipped_steps": n_skipped,
+        "steps": steps,
+    }
+
+
+class StopTraining(Exception):
+    """Raised by :func:`run_steps` when its ``should_stop`` callback asks to stop."""
+
+
+def epoch_batches(
+    data: TensorData,
+    indices: np.ndarray,
+    batch_size: int,
+    *,
+    generator: torch.Generator,
+    ctx: Dist = SINGLE,
+    epoch: int = 0,
+    seed: int = 0,
+    progress: bool | str = False,
+) -> Iterable[FeedbackBatch]:
+    """The shuffled mini-batches of one epoch over ``indices`` of ``data``.
+
+    Distributed (``ctx``), each rank takes its DistributedSampler share of the epoch and
+    ``batch_size / world_size`` per step. ``progress`` (True or a label) shows a bar per batch.
+    """
+    if ctx.enabled:
+        perm = shard_order(len(indices), epoch=epoch, seed=seed, ctx=ctx)
+        batch_size = local_batch_size(batch_size, ctx)
+    else:
+        perm = torch.randperm(len(indices), generator=generator)
+    order = torch.as_tensor(np.asarray(indices))[perm].to(data.labels.device)
+    starts = range(0, len(order), batch_size)
+    label = progress if isinstance(progress, str) else "steps"
+    for start in progress_bar(starts, enabled=bool(progress), desc=label):
+        yield data.batch(order[start : start + batch_size])
+
+
+def train_one_epoch(
+    model: nn.Module,
+    data: TensorData,
+    indices: np.ndarray,
+    optimizer: torch.optim.Optimizer,
+    cfg: FeedbackConfig,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    augment: Callable[[FeedbackBatch], FeedbackBatch] | None = None,
+    progress: bool | str = False,
+    ctx: Dist = SINGLE,
+    epoch: int = 0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """One pass over ``indices`` of ``data`` in shuffled mini-batches (see :func:`run_steps`).
+
+    The data may live on the GPU already (``data`` built on ``device``).
+    """
+    batches = epoch_batches(
+        data,
+        indices,
+        batch_size,
+        generator=generator,
+        ctx=ctx,
+        epoch=epoch,
+        seed=seed,
+        progress=progress,
+    )
+    return run_steps(model, batches, optimizer, cfg, device=device, augment=augment, ctx=ctx)
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0, wd: float = 0.0):
+    """Adam or SGD; fused on a GPU, which also lets a non-finite step be skipped without a
+    host synchronisation (see :func:`feedback_step`)."""
+    if name not in ("adam", "sgd"):
+        raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {name!r}")
+    fused = any(p.device.type == "cuda" for p in model.parameters()) or None
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd, fused=fused)
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=wd, fused=fused
+    )
+
+
+def place_model(model: SelfExplaining, device: str) -> SelfExplaining:
+    """Move to ``device``; channels-last memory on a GPU (faster convolutions in bf16)."""
+    model.to(device)
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+class BestEpoch:
+    """Keeps the weights of the best epoch so far (a copy of the state dict).
+
+    Epoch 0 is the incoming model: a run in which no epoch improves on it keeps it, and
+    :attr:`improved` says so. ``eligible=False`` epochs (e.g. a collapsed classifier) are
+    never kept, whatever their score.
+    """
+
+    def __init__(self, model: nn.Module, score: float, info: Any = None) -> None:
+        self.score = score if math.isfinite(score) else -math.inf
+        self.epoch = 0
+        self.info = info
+        self.state = copy.deepcopy(model.state_dict())
+
+    @property
+    def improved(self) -> bool:
+        return self.epoch > 0
+
+    def offer(
+        self, model: nn.Module, epoch: int, score: float, info: Any = None, eligible: bool = True
+    ) -> bool:
+        """Keep ``model`` if it is eligible and scores higher; return whether it was kept."""
+        if not (eligible and math.isfinite(score) and score > self.score):
+            return False
+        self.score, self.epoch, self.info = score, epoch, info
+        self.state = copy.deepcopy(model.state_dict())
+        return True
+
+    def restore(self, model: nn.Module) -> nn.Module:
+        model.load_state_dict(self.state)
+        return model
+
+
+def progress_bar(iterable, *, enabled: bool = True, desc: str = "", every: float = 30.0, **kw):
+    """A tqdm bar on a terminal; elsewhere (a log file) a plain line at most every ``every``
+    seconds and one at the end, instead of carriage-return noise."""
+    if not enabled:
+        return iterable
+    if sys.stderr.isatty():
+        return tqdm(iterable, leave=False, desc=desc, **kw)
+    return _plain_progress(iterable, desc, every)
+
+
+def _plain_progress(iterable, desc: str, every: float):
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    started = last = time.monotonic()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every or done == total:
+            of = f"/{total}" if total is not None else ""
+            print(f"{desc}: {done}{of} ({now - started:.0f} s)", file=sys.stderr, flush=True)
+            last = now

@@ -36,7 +36,7 @@ WORKER = textwrap.dedent(
     import sys, torch
     from feedbackcam.data.dataset import TensorData
     from feedbackcam.distributed import init_from_env, wrap
-    from feedbackcam.simulate import train_epoch
+    from feedbackcam.train import train_one_epoch
     sys.path.insert(0, {{tests!r}})
     from test_distributed import CFG, make_data, make_model
 
@@ -47,7 +47,7 @@ WORKER = textwrap.dedent(
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ddp = wrap(model, ctx)
     for epoch in range({EPOCHS}):
-        stats = train_epoch(ddp, data, torch.arange(len(labels)).numpy(), opt, CFG,
+        stats = train_one_epoch(ddp, data, torch.arange(len(labels)).numpy(), opt, CFG,
                             batch_size={BATCH}, generator=None, ctx=ctx, epoch=epoch,
                             seed={SEED})
     if ctx.is_main:

@@ -4,6 +4,7 @@ from PIL import Image
 
 from feedbackcam.checkpoint import ModelSpec, save_checkpoint
 from feedbackcam.cli import main
+from feedbackcam.explain import fit_square
 from feedbackcam.imageio import read_rgb
 from feedbackcam.models import build_model
 
@@ -52,3 +53,25 @@ def test_read_rgb_errors_name_the_file(tmp_path):
     Image.new("L", (10, 12)).save(gray)
     assert read_rgb(gray).shape == (12, 10, 3)
     assert read_rgb(gray, size=8).shape == (8, 8, 3)
+
+
+def test_fit_square_squashes_or_pads_and_says_where_the_image_is():
+    rgb = np.full((60, 80, 3), 200, np.uint8)
+    squashed, box = fit_square(rgb, 48, "squash")
+    assert squashed.shape == (48, 48, 3) and box == (0, 0, 48, 48) and (squashed == 200).all()
+    padded, box = fit_square(rgb, 48, "pad")
+    assert box == (0, 6, 48, 42)  # 80 px -> 48: scale 0.6; 10 px black above and below
+    assert (padded[6:42] == 200).all() and not padded[:6].any() and not padded[42:].any()
+    with pytest.raises(ValueError, match="fit"):
+        fit_square(rgb, 48, "crop")
+
+
+@pytest.mark.parametrize("fit, said", [("squash", "squashed from 80x60"), ("pad", "padded")])
+def test_explain_says_how_it_fitted_a_non_square_image(tmp_path, ckpt, capsys, fit, said):
+    img = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 80, 3), np.uint8)).save(img)
+    out = tmp_path / "overlay.png"
+    assert main(["explain", str(img), "--model", str(ckpt), "--out", str(out), "--fit", fit]) == 0
+    text = capsys.readouterr().out
+    assert said in text and "80x60 aspect ratio" in text
+    assert out.is_file()

@@ -21,13 +21,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
 
+import feedbackcam.train as train_module
 from feedbackcam.checkpoint import ModelSpec, save_checkpoint
 from feedbackcam.cli import main
 from feedbackcam.data.synth import CLASSES, SynthConfig, make_synthderm
 from feedbackcam.demo import as_array_dataset
 from feedbackcam.models import build_model
 from feedbackcam.service import Settings, create_app
-from feedbackcam.service import update as update_module
 from feedbackcam.service import worker as worker_module
 from feedbackcam.service.auth import add_user, find_user
 from feedbackcam.service.datasets import save_npz
@@ -310,14 +310,14 @@ def test_gate_rejection_keeps_the_current_version_and_records_why(tmp_path, asse
 
 def test_updates_never_block_predictions(env, monkeypatch):
     release, entered = threading.Event(), threading.Event()
-    real_step = update_module.feedback_step
+    real_step = train_module.feedback_step
 
     def held_step(*args, **kwargs):
         entered.set()
         release.wait(10)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(update_module, "feedback_step", held_step)
+    monkeypatch.setattr(train_module, "feedback_step", held_step)
     with env.app() as client:
         p = predict_upload(client, env)
         item_id = send_feedback(client, env, p, label=other_class(p)).json()["id"]

@@ -33,8 +33,10 @@ from test_service_api import (  # noqa: F401
 )
 
 import feedbackcam.service
+import feedbackcam.train as train_module
 from feedbackcam.cli import main
-from feedbackcam.service import update as update_module
+from feedbackcam.data.prepared import load_prepared, load_prepared_ignore
+from feedbackcam.data.synth import CLASSES
 from feedbackcam.service.db import Item, User, Version, utcnow
 from feedbackcam.service.ood import energies
 from feedbackcam.service.originals import source_index, to_model
@@ -43,14 +45,14 @@ from feedbackcam.service.originals import source_index, to_model
 def hold_training(monkeypatch):
     """Make updates wait inside their first optimizer step until ``release`` is set."""
     release, entered = threading.Event(), threading.Event()
-    real_step = update_module.feedback_step
+    real_step = train_module.feedback_step
 
     def held_step(*args, **kwargs):
         entered.set()
         release.wait(10)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(update_module, "feedback_step", held_step)
+    monkeypatch.setattr(train_module, "feedback_step", held_step)
     return release, entered
 
 
@@ -386,6 +388,18 @@ def test_export_writes_the_documented_dataset_layout(env):
         assert {f"feedback/{p.relative_to(out).as_posix()}" for p in out.rglob("*.*")} == names
         assert archive.read("feedback/labels.csv") == (out / "labels.csv").read_bytes()
     assert main(["export", "--data-dir", str(env.data), "--out", str(out)]) == 2  # not empty
+    # the generic dataset layout reads it: data check passes, data prepare keeps every item
+    assert main(["data", "check", str(out)]) == 0
+    prepared = env.data.parent / "prepared"
+    assert main(["data", "prepare", str(out), "--size", "24", "--out", str(prepared)]) == 0
+    data = load_prepared(prepared)
+    ignore_prepared, has_ignore = load_prepared_ignore(prepared)
+    assert list(data.ids) == ["fb000001", "fb000002"] and data.labels.tolist() == [
+        CLASSES.index(rows[0]["label"]),
+        CLASSES.index(rows[1]["label"]),
+    ]
+    assert data.has_mask.tolist() == [True, False] and has_ignore.tolist() == [True, False]
+    assert ignore_prepared[0].any() and not (ignore_prepared[0] & data.masks[0]).any()
 
 
 # ------------------------------------------------------------------ the page's colours

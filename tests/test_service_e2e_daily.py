@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from test_service_e2e import CHROMEDRIVER, CHROMIUM  # noqa: E402  (and its skip rule)
 
+import feedbackcam.train as train_module
 from feedbackcam.checkpoint import ModelSpec, save_checkpoint
 from feedbackcam.cli import main
 from feedbackcam.data.synth import CLASSES, SynthConfig, make_synthderm
 from feedbackcam.demo import as_array_dataset
 from feedbackcam.models import build_model
 from feedbackcam.service import Settings, create_app
-from feedbackcam.service import update as update_module
 from feedbackcam.service.auth import add_user
 from feedbackcam.service.datasets import save_npz
 from feedbackcam.service.db import Item, WorklistEntry, connect
@@ -168,14 +168,14 @@ def items(app):
 
 def test_a_worklist_with_submit_and_next_while_an_update_runs(start, browser, monkeypatch):
     release, entered = threading.Event(), threading.Event()
-    real_step = update_module.feedback_step
+    real_step = train_module.feedback_step
 
     def held_step(*args, **kwargs):
         entered.set()
         release.wait(30)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(update_module, "feedback_step", held_step)
+    monkeypatch.setattr(train_module, "feedback_step", held_step)
     app = start()
     sign_in(browser, app)
     Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)

@@ -65,12 +65,12 @@ def test_full_simulation_writes_every_output(tmp_path, tiny_data):
     assert config["simulation"]["modes"] == ["cls", "exp"]
     assert config["data"]["split_sizes"] == {"train": 64, "train_balanced": 64, "val": 8, "test": 8}
     history = (tmp_path / "history.csv").read_text().strip().splitlines()
-    assert len(history) == 1 + 2 * 2  # header + epochs x modes
+    assert len(history) == 1 + 2 * (1 + 2)  # header + (epoch 0 + epochs) x modes
     model, spec, _ = load_checkpoint(tmp_path / "checkpoints" / "exp.pt")
     assert spec == SPEC
     splits = json.loads((tmp_path / "splits.json").read_text())
     assert not set(splits["test"]) & set(splits["train"])
-    assert "| Accuracy |" in (tmp_path / "results.md").read_text()
+    assert "| Accuracy [95 % CI] |" in (tmp_path / "results.md").read_text()
 
 
 def test_sliced_simulation_reports_every_slice(tmp_path, tiny_data):
@@ -111,6 +111,9 @@ class _FakeEval:
         self.jaccard = type("J", (), {"mean": jaccard})()
         self.classification = type("C", (), {"accuracy": accuracy, "avg_sensitivity": 0.5})()
 
+    def summary(self, **_):
+        return {"accuracy": self.classification.accuracy, "avg_sensitivity": 0.5}
+
 
 @pytest.mark.parametrize(("select_by", "expected"), [("jaccard", 2), ("accuracy", 3)])
 def test_best_epoch_is_chosen_by_validation_and_its_weights_are_returned(
@@ -123,14 +126,14 @@ def test_best_epoch_is_chosen_by_validation_and_its_weights_are_returned(
         simulate, "evaluate", lambda *a, **k: _FakeEval(next(jaccards), next(accuracies))
     )
     snapshots = []
-    real_epoch = simulate.train_epoch
+    real_epoch = simulate.train_one_epoch
 
     def recording_epoch(model, *args, **kwargs):
         stats = real_epoch(model, *args, **kwargs)
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return stats
 
-    monkeypatch.setattr(simulate, "train_epoch", recording_epoch)
+    monkeypatch.setattr(simulate, "train_one_epoch", recording_epoch)
     cfg = _cfg(select_by=select_by)
     history = []
     model, best_epoch, _ = simulate.fine_tune(
@@ -148,7 +151,7 @@ def test_best_epoch_is_chosen_by_validation_and_its_weights_are_returned(
     assert best_epoch == expected
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, snapshots[expected - 1][k])
-    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3]
 
 
 def test_incoming_model_is_kept_when_no_epoch_improves(monkeypatch, tiny_data):

@@ -113,7 +113,7 @@ def test_unmasked_samples_do_not_change_the_explanation_gradient(tiny_model):
     other = copy.deepcopy(tiny_model)
     batch = _batch(4)
     mixed = batch._replace(has_mask=torch.tensor([True, True, False, False]))
-    only = FeedbackBatch(*(t[:2] for t in batch))
+    only = batch.index(slice(0, 2))
     cfg = FeedbackConfig(lam=1.0)
     feedback_step(tiny_model, mixed, torch.optim.SGD(tiny_model.parameters(), lr=0.0), cfg)
     feedback_step(other, only, torch.optim.SGD(other.parameters(), lr=0.0), cfg)
@@ -150,7 +150,7 @@ def test_explanation_only_training_raises_mean_jaccard_far_above_its_start(toy, 
         for _ in range(epochs):
             perm = torch.randperm(256, generator=gen)
             for i in range(0, 256, 16):
-                feedback_step(model, FeedbackBatch(*(t[perm[i : i + 16]] for t in train)), opt, cfg)
+                feedback_step(model, train.index(perm[i : i + 16]), opt, cfg)
 
     fit(FeedbackConfig(lam=0.0), 4, 3e-3)  # the baseline: classification only
     start = _mean_jaccard(model, test)

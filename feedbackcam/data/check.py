@@ -1,6 +1,7 @@
-"""Checking an ISIC dataset: every file opened, every problem listed with its file.
+"""Checking a dataset: every file opened, every problem listed with its file.
 
-`check_dataset` reads a dataset with `feedbackcam.data.isic`, then opens each image and mask
+`check_dataset` reads a dataset with `feedbackcam.data.isic` (ISIC layouts) or
+`feedbackcam.data.generic` (your own images, masks and labels CSV), then opens each image and mask
 (decoding them fully finds truncated files) and compares mask and image sizes; `format_report`
 prints class counts (the thesis' Figure 5.3) and the problems.
 """
@@ -44,6 +45,7 @@ class CheckReport:
     n_with_masks: int
     n_usable: int
     problems: tuple[Problem, ...]
+    n_with_ignore: int = 0
 
     @property
     def errors(self) -> tuple[Problem, ...]:
@@ -70,13 +72,13 @@ def _probe(path: Path, decode: bool) -> tuple[tuple[int, int] | None, str | None
 
 
 def inspect_record(record: Record, *, decode: bool = True) -> list[Problem]:
-    """Open a record's image and masks: unreadable/truncated files (when ``decode``, by decoding
-    them fully) and masks whose size differs from the image's."""
+    """Open a record's image and masks (keep and ignore): unreadable/truncated files (when
+    ``decode``, by decoding them fully) and masks whose size differs from the image's."""
     problems = _Problems()
     size, error = _probe(record.image, decode)
     if error:
         problems.add(record.image, record.id, UNREADABLE_IMAGE, error)
-    for mask in record.masks:
+    for mask in (*record.masks, *record.ignore):
         msize, error = _probe(mask, decode)
         if error:
             problems.add(mask, record.id, UNREADABLE_MASK, error)
@@ -99,8 +101,10 @@ def check_dataset(
     """Read ``root`` and open every file it references; count classes and collect problems.
 
     Args:
-        root: Dataset folder in an official layout (see `detect_layout`).
-        labels_csv: Labels for isic2018_task2 (see `read_labels_csv`).
+        root: Dataset folder in an official ISIC layout or the generic one (see
+            `detect_layout`).
+        labels_csv: Labels for isic2018_task2 (see `read_labels_csv`) or generic (see
+            `feedbackcam.data.generic`).
         decode: Decode every image and mask fully (finds truncated files); ``False`` only reads
             headers (sizes).
         workers: Threads opening files (Pillow decodes outside the GIL); default ``min(8, cpus)``.
@@ -134,6 +138,7 @@ def check_dataset(
         n_with_masks=sum(bool(r.masks) for r in result.records),
         n_usable=len(usable),
         problems=(*result.problems, *file_problems),
+        n_with_ignore=sum(bool(r.ignore) for r in result.records),
     )
 
 
@@ -187,9 +192,10 @@ def format_report(report: CheckReport, limit: int | None = None) -> str:
         for row in [head, *rows]
     ]
     n_err, n_warn = len(report.errors), len(report.warnings)
+    ignore = f"  with ignore masks: {report.n_with_ignore}" if report.n_with_ignore else ""
     lines = [
         f"dataset: {report.root} (layout {report.layout})",
-        f"images: {report.n_images}  with masks: {report.n_with_masks}  "
+        f"images: {report.n_images}  with masks: {report.n_with_masks}{ignore}  "
         f"unlabelled: {unlabelled}  usable: {report.n_usable}",
         "",
         *table,

@@ -1,6 +1,7 @@
 """Readers for the ISIC challenge data exactly as downloaded, and a check of what they find.
 
-Three official layouts are read (``detect_layout`` tells them apart from the folder names):
+Three official layouts are read (``detect_layout`` tells them apart from the folder names), and
+any other folder of images, masks and a labels CSV as ``generic`` (`feedbackcam.data.generic`):
 
 * ``isic2019``: ``ISIC_2019_Training_Input/ISIC_*.jpg`` and ``ISIC_2019_Training_GroundTruth.csv``
   (one-hot ``MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK``); 8 classes, no masks.
@@ -50,7 +51,7 @@ __all__ = [
     "read_labels_csv",
 ]
 
-LAYOUTS = ("isic2019", "isic2018_task2", "isic2017")
+LAYOUTS = ("isic2019", "isic2018_task2", "isic2017", "generic")
 CLASSES_2019 = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
 CLASSES_3 = ("NV", "MEL", "BKL")
 ISIC2017_SPLITS = ("Training", "Validation", "Test_v2")
@@ -101,13 +102,15 @@ _LABEL_FORMATS = {
 @dataclass(frozen=True)
 class Record:
     """One image: canonical id, image file, class name (None if unknown), the mask files whose
-    union is its feedback mask (empty: no mask), and where it came from."""
+    union is its feedback mask (empty: no mask), where it came from, and the files whose union
+    marks what must not matter (``ignore``; only the generic layout has them)."""
 
     id: str
     image: Path
     label: str | None
     masks: tuple[Path, ...]
     source: str
+    ignore: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -528,13 +531,16 @@ _READERS = {
 
 
 def detect_layout(root) -> str:
-    """Which official layout ``root`` holds: ``"isic2019"``, ``"isic2018_task2"`` or
-    ``"isic2017"``.
+    """Which layout ``root`` holds: ``"isic2019"``, ``"isic2018_task2"``, ``"isic2017"``, or
+    ``"generic"`` (no ISIC folder, but an ``images/`` folder or image files beside a CSV; see
+    `feedbackcam.data.generic`).
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
         ValueError: no layout (or more than one) matches; the message lists what is expected.
     """
+    from .generic import looks_generic
+
     root = _check_root(root)
     found = []
     if (root / _INPUT_2019).is_dir() or (root / _GT_2019).is_file():
@@ -547,13 +553,17 @@ def detect_layout(root) -> str:
         return found[0]
     if found:
         raise ValueError(f"{root}: holds several ISIC layouts {found}; pass layout= explicitly")
+    if looks_generic(root):
+        return "generic"
     entries = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
     raise ValueError(
-        f"{root}: no known ISIC layout. Expected one of:\n"
+        f"{root}: no known layout. Expected one of:\n"
         f"  isic2019:       {_INPUT_2019}/ISIC_*.jpg + {_GT_2019}\n"
         f"  isic2018_task2: {_INPUT_T2}/ISIC_*.jpg + {_GT_T2}/ISIC_*_attribute_*.png\n"
         f"  isic2017:       ISIC-2017_{{Training,Validation,Test_v2}}_Data/ISIC_*.jpg + "
         f"..._Part1_GroundTruth/ + ..._Part3_GroundTruth.csv\n"
+        f"  generic:        images/<id>.jpg|png (or images beside a CSV) + labels.csv "
+        f"[+ masks/<id>.png, ignore/<id>.png]\n"
         f"found: {entries[:10]}{' ...' if len(entries) > 10 else ''}"
     )
 
@@ -562,22 +572,27 @@ def read_dataset(root, labels_csv=None, *, layout: str | None = None, **options)
     """Detect the layout of ``root`` (unless given) and read it with its reader.
 
     ``options`` go to that reader: ``attributes``/``missing_attribute`` (isic2018_task2),
-    ``splits`` (isic2017). ``labels_csv`` only applies to isic2018_task2.
+    ``splits`` (isic2017), ``classes`` (generic). ``labels_csv`` applies to isic2018_task2 and
+    generic.
     """
+    from .generic import read_generic
+
     layout = detect_layout(root) if layout is None else layout
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    reader, accepted = _READERS[layout]
+    reader, accepted = {**_READERS, "generic": (read_generic, ("classes",))}[layout]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(
             f"options {unknown} do not apply to layout {layout} "
             f"(it accepts {list(accepted) or 'none'})"
         )
-    if layout == "isic2018_task2":
+    if layout in ("isic2018_task2", "generic"):
         return reader(root, labels_csv, **options)
     if labels_csv is not None:
-        raise ValueError(f"labels_csv only applies to isic2018_task2; {layout} has its own labels")
+        raise ValueError(
+            f"labels_csv only applies to isic2018_task2 and generic; {layout} has its own labels"
+        )
     return reader(root, **options)
 
 

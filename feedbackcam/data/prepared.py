@@ -1,9 +1,12 @@
-"""Prepared ISIC folders: every image decoded once, resized and stored as memory-mappable arrays.
+"""Prepared folders: every image decoded once, resized and stored as memory-mappable arrays.
 
 A prepared folder holds::
 
     images.npy  (N, S, S, 3) uint8
     masks.npy   (N, S, S)    uint8, 0/1 (union of the record's mask files; zeros if none)
+    ignore.npy  (N, S, S)    uint8, 0/1, only when some image has "must not matter" masks
+                (generic layout's ignore/); meta.json's "ignore" flag says it is there, an
+                all-zero row means none (`load_prepared_ignore`)
     index.csv   id,label,label_index,has_mask,source,width,height  (row i describes array row i;
                 width/height are the original image's)
     meta.json   format "feedbackcam-prepared", version, classes, size, resample, layout, source
@@ -31,6 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..fileio import jsonable, write_json
 from .check import format_problems
 from .dataset import ArrayDataset
 from .isic import (
@@ -47,6 +51,7 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "load_prepared",
+    "load_prepared_ignore",
     "prepare",
     "prepared_sources",
     "read_prepared_meta",
@@ -67,20 +72,10 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- decoding
 
 
-def _load_record(record: Record, size: int, resample: str):
-    """Decode one record: ((image, mask, width, height), []) or (None, problems)."""
-    try:
-        with Image.open(record.image) as im:
-            im.load()  # decode now so a truncated file fails here, not half-way into resize
-            width, height = im.size
-            image = np.asarray(im.convert("RGB").resize((size, size), RESAMPLE[resample]))
-    # Pillow signals a malformed file with many exception types; any means "cannot use it".
-    except Exception as exc:
-        msg = f"{type(exc).__name__}: {exc}"
-        return None, [Problem(record.image, record.id, UNREADABLE_IMAGE, msg)]
+def _union_mask(paths, record: Record, width: int, height: int, size: int, problems) -> np.ndarray:
+    """The union of mask files, resized to size x size; problems appended to ``problems``."""
     mask = np.zeros((size, size), np.uint8)
-    problems = []
-    for path in record.masks:
+    for path in paths:
         try:
             with Image.open(path) as m:
                 m.load()
@@ -97,9 +92,26 @@ def _load_record(record: Record, size: int, resample: str):
         # Masks are always resized nearest-neighbour so they stay binary.
         small = Image.fromarray(binary).resize((size, size), Image.Resampling.NEAREST)
         np.maximum(mask, np.asarray(small), out=mask)
+    return mask
+
+
+def _load_record(record: Record, size: int, resample: str):
+    """Decode one record: ((image, mask, ignore, width, height), []) or (None, problems)."""
+    try:
+        with Image.open(record.image) as im:
+            im.load()  # decode now so a truncated file fails here, not half-way into resize
+            width, height = im.size
+            image = np.asarray(im.convert("RGB").resize((size, size), RESAMPLE[resample]))
+    # Pillow signals a malformed file with many exception types; any means "cannot use it".
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {exc}"
+        return None, [Problem(record.image, record.id, UNREADABLE_IMAGE, msg)]
+    problems: list[Problem] = []
+    mask = _union_mask(record.masks, record, width, height, size, problems)
+    ignore = _union_mask(record.ignore, record, width, height, size, problems)
     if problems:
         return None, problems
-    return (image, mask, width, height), []
+    return (image, mask, ignore, width, height), []
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -107,7 +119,7 @@ def _load_record(record: Record, size: int, resample: str):
 
 def _fingerprint(result: ReadResult) -> dict:
     """Sizes and mtimes of every file the prepared set depends on."""
-    paths = {p for r in result.records for p in (r.image, *r.masks)}
+    paths = {p for r in result.records for p in (r.image, *r.masks, *r.ignore)}
     paths |= {p for p in result.label_files if p.is_file()}
     digest = hashlib.sha256()
     for p in sorted(paths):
@@ -119,16 +131,8 @@ def _fingerprint(result: ReadResult) -> dict:
     return {"files": len(paths), "sha256": digest.hexdigest()}
 
 
-def _jsonable(value):
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _problem_dict(p: Problem) -> dict:
-    return {k: _jsonable(v) for k, v in asdict(p).items()}
+    return {k: jsonable(v) for k, v in asdict(p).items()}
 
 
 def read_prepared_meta(path) -> dict:
@@ -179,7 +183,10 @@ def _is_up_to_date(out: Path, settings: dict, fingerprint: dict) -> bool:
         meta = read_prepared_meta(out)
     except (FileNotFoundError, ValueError):
         return False
-    files_there = all((out / n).is_file() for n in ("images.npy", "masks.npy", "index.csv"))
+    names = ("images.npy", "masks.npy", "index.csv") + (
+        ("ignore.npy",) if meta.get("ignore") else ()
+    )
+    files_there = all((out / n).is_file() for n in names)
     return files_there and meta["settings"] == settings and meta.get("fingerprint") == fingerprint
 
 
@@ -243,6 +250,13 @@ def _build(
     n = len(records)
     images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size, 3))
     masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, size, size))
+    # Only sets with "must not matter" masks get an ignore.npy: older readers never see one.
+    with_ignore = any(r.ignore for r in records)
+    ignore = (
+        np.lib.format.open_memmap(tmp / "ignore.npy", "w+", np.uint8, (n, size, size))
+        if with_ignore
+        else None
+    )
     problems = list(result.problems)
     rows = []
     k = 0
@@ -257,8 +271,10 @@ def _build(
                 if item is None:
                     problems.extend(found)
                     continue
-                image, mask, width, height = item
+                image, mask, drop, width, height = item
                 images[k], masks[k] = image, mask
+                if ignore is not None:
+                    ignore[k] = drop
                 label_index = result.classes.index(record.label)
                 rows.append(
                     (
@@ -274,7 +290,11 @@ def _build(
                 k += 1
     images.flush()
     masks.flush()
-    del images, masks
+    n_ignore = 0
+    if ignore is not None:
+        ignore.flush()
+        n_ignore = int(ignore[:k].reshape(k, -1).any(axis=1).sum())
+    del images, masks, ignore
     if k == 0:
         decode_errors = problems[len(result.problems) :]
         raise ValueError(
@@ -284,6 +304,8 @@ def _build(
     if k < n:
         _shrink(tmp / "images.npy", k)
         _shrink(tmp / "masks.npy", k)
+        if with_ignore:
+            _shrink(tmp / "ignore.npy", k)
     with open(tmp / "index.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(INDEX_COLUMNS)
@@ -303,17 +325,19 @@ def _build(
         "counts": {
             "images": k,
             "with_mask": sum(row[3] for row in rows),
+            "with_ignore": n_ignore,
             "per_class": {c: per_class[c] for c in result.classes},
             "records_read": len(result.records),
             "excluded": len(result.records) - k,
             "excluded_ids": sorted(r.id for r in result.records if r.id not in kept),
         },
         "fingerprint": fingerprint,
+        "ignore": with_ignore,
         "problems": [_problem_dict(p) for p in problems],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # Written last: its presence marks the folder complete.
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_json(tmp / "meta.json", meta)
     return meta, problems
 
 
@@ -329,7 +353,7 @@ def prepare(
     workers: int | None = None,
     **options,
 ) -> Path:
-    """Decode an ISIC dataset once into a prepared folder (format: see the module docstring).
+    """Decode a dataset once into a prepared folder (format: see the module docstring).
 
     Images are squashed to ``size`` x ``size`` (nearest-neighbour by default, as in the thesis);
     masks are always resized nearest-neighbour and stay 0/1. Records with an error-level problem
@@ -340,10 +364,12 @@ def prepare(
     (sizes and mtimes), it is returned without any work; with other settings it is replaced.
 
     Args:
-        root: Dataset folder in an official ISIC layout (`feedbackcam.data.isic.detect_layout`).
+        root: Dataset folder in an official ISIC layout or the generic one
+            (`feedbackcam.data.isic.detect_layout`, `feedbackcam.data.generic`).
         out: Prepared folder to create.
         size: Side of the stored images in pixels (the thesis' AlexNet input is 227).
-        labels_csv: Labels for ISIC 2018 Task 2 (`feedbackcam.data.isic.read_labels_csv`).
+        labels_csv: Labels for ISIC 2018 Task 2 (`feedbackcam.data.isic.read_labels_csv`) or
+            the generic layout (default there: ``root/labels.csv``).
         image_resample: ``"nearest"`` or ``"bilinear"``.
         progress: Show a tqdm bar.
         layout: Force a layout instead of detecting it.
@@ -371,9 +397,9 @@ def prepare(
         "resample": image_resample,
         "layout": result.layout,
         "labels_csv": str(result.label_files[0].resolve())
-        if result.layout == "isic2018_task2" and result.label_files
+        if result.layout in ("isic2018_task2", "generic") and result.label_files
         else None,
-        "options": {k: _jsonable(v) for k, v in result.options},
+        "options": {k: jsonable(v) for k, v in result.options},
     }
     fingerprint = _fingerprint(result)
     if _is_up_to_date(out, settings, fingerprint):
@@ -486,9 +512,43 @@ def load_prepared(path, mmap: bool = True) -> ArrayDataset:
         raise ValueError(
             f"{folder}: index.csv labels disagree with classes {classes} for {bad[:5]}"
         )
+    ignore = load_prepared_ignore(folder, mmap=mmap)
     return ArrayDataset(
-        arrays["images"], arrays["masks"], labels, has_mask, tuple(r["id"] for r in rows), classes
+        arrays["images"],
+        arrays["masks"],
+        labels,
+        has_mask,
+        tuple(r["id"] for r in rows),
+        classes,
+        *(ignore if ignore is not None else (None, None)),
     )
+
+
+def load_prepared_ignore(path, mmap: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+    """The "must not matter" masks of a prepared folder: (ignore (N, S, S) uint8 0/1,
+    has_ignore (N,) bool), or ``None`` for a folder without them (every ISIC layout).
+
+    Raises:
+        FileNotFoundError: meta.json says there are ignore masks but ``ignore.npy`` is missing.
+        ValueError: ``ignore.npy`` is unreadable or its shape disagrees with the index.
+    """
+    meta = read_prepared_meta(path)
+    folder = Path(path)
+    if not meta.get("ignore"):
+        return None
+    file = folder / "ignore.npy"
+    if not file.is_file():
+        raise FileNotFoundError(f"{folder}: meta.json lists ignore masks but ignore.npy is missing")
+    try:
+        ignore = np.load(file, mmap_mode="c" if mmap else None)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder}: ignore.npy is unreadable ({exc})") from exc
+    n, s = meta["counts"]["images"], meta["size"]
+    if ignore.shape != (n, s, s) or ignore.dtype != np.uint8:
+        raise ValueError(
+            f"{folder}: ignore.npy is {ignore.dtype} {ignore.shape}, expected uint8 {(n, s, s)}"
+        )
+    return ignore, ignore.reshape(n, -1).any(axis=1)
 
 
 def prepared_sources(path) -> np.ndarray:
@@ -515,6 +575,10 @@ def save_prepared(
     try:
         np.save(tmp / "images.npy", np.ascontiguousarray(data.images, dtype=np.uint8))
         np.save(tmp / "masks.npy", (np.asarray(data.masks) > 0).astype(np.uint8))
+        with_ignore = data.ignore is not None and bool(np.asarray(data.has_ignore).any())
+        if with_ignore:
+            ignore = (np.asarray(data.ignore) > 0) & np.asarray(data.has_ignore)[:, None, None]
+            np.save(tmp / "ignore.npy", ignore.astype(np.uint8))
         with open(tmp / "index.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(INDEX_COLUMNS)
@@ -543,15 +607,17 @@ def save_prepared(
             "counts": {
                 "images": len(data),
                 "with_mask": int(np.asarray(data.has_mask).sum()),
+                "with_ignore": int(np.asarray(data.has_ignore).sum()) if with_ignore else 0,
                 "per_class": {c: counts.get(c, 0) for c in data.classes},
                 "records_read": len(data),
                 "excluded": 0,
                 "excluded_ids": [],
             },
+            "ignore": with_ignore,
             "problems": [],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks completion
+        write_json(tmp / "meta.json", meta)  # last: marks completion
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.dataset import ArrayDataset
-from .store import write_atomic
+from ..fileio import write_bytes
 
 
 def save_npz(path: Path, data: ArrayDataset) -> Path:
@@ -34,7 +34,7 @@ def save_npz(path: Path, data: ArrayDataset) -> Path:
         ids=np.array(data.ids, dtype=str),
         classes=np.array(data.classes, dtype=str),
     )
-    return write_atomic(Path(path), buf.getvalue())
+    return write_bytes(Path(path), buf.getvalue())
 
 
 def _load_npz(path: Path) -> ArrayDataset:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..data.synth import SynthConfig, make_synthderm
 from ..demo import as_array_dataset, run_demo
+from ..fileio import write_bytes
 from .datasets import save_npz
-from .store import write_atomic
 from .uploads import png_bytes
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def write_gallery(folder: Path, synth) -> None:
     for i in range(len(synth)):
         label = synth.classes[int(synth.labels[i])]
         name = f"{i:02d}-{label}{'-patch' if synth.has_artifact[i] else ''}.png"
-        write_atomic(tmp / name, png_bytes(synth.images[i]))
+        write_bytes(tmp / name, png_bytes(synth.images[i]))
         labels[name] = label
-    write_atomic(tmp / "labels.json", json.dumps(labels, indent=1).encode())
+    write_bytes(tmp / "labels.json", json.dumps(labels, indent=1).encode())
     tmp.replace(folder)

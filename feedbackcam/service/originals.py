@@ -25,8 +25,9 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
+from .. import fileio
 from .db import Original
-from .store import Store, write_atomic
+from .store import Store
 from .uploads import UploadError, check_size, decode_image, png_bytes
 
 _EXT = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg"}
@@ -53,7 +54,7 @@ def put_original(store: Store, data: bytes) -> str:
     path = store.root / "originals" / f"{digest}.{original_ext(data)}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
+        fileio.write_bytes(path, data)
     return digest
 
 

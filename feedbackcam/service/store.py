@@ -21,11 +21,6 @@ from .. import fileio
 _ID = re.compile(r"^[0-9a-f]{64}$")
 
 
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file + rename."""
-    return fileio.write_atomic(path, lambda f: f.write(data))
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -60,7 +55,7 @@ class Store:
         digest = hashlib.sha256(png).hexdigest()
         path = self.root / area / f"{digest}.png"
         if not path.exists():
-            write_atomic(path, png)
+            fileio.write_bytes(path, png)
         return digest
 
     def path_of(self, area: str, content_id: str) -> Path | None:

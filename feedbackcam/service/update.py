@@ -10,15 +10,17 @@ then refuses any candidate that still loses accuracy or average sensitivity.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from ..data.dataset import ArrayDataset
+from ..data.dataset import ArrayDataset, FeedbackBatch
 from ..evaluate import evaluate
 from ..models import SelfExplaining
-from ..train import FeedbackBatch, FeedbackConfig, feedback_step
+from ..selection import drops
+from ..train import FeedbackConfig, StopTraining, run_steps
 
 
 class Interrupted(Exception):
@@ -40,6 +42,11 @@ class UpdateConfig:
     def from_settings(cls, settings) -> UpdateConfig:
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
+    @property
+    def feedback(self) -> FeedbackConfig:
+        """How an update turns feedback into a loss: eq. 4.1 with this lambda."""
+        return FeedbackConfig(lam=self.lam)
+
 
 def plan_replay(
     labels: np.ndarray, steps: int, per_class: int, rng: np.random.Generator
@@ -55,6 +62,25 @@ def plan_replay(
     return plan
 
 
+def update_batches(
+    new: ArrayDataset, replay: ArrayDataset | None, plan: list[np.ndarray], cfg: UpdateConfig
+) -> Iterator[FeedbackBatch]:
+    """Each step's batch: the next ``batch_size`` new items (cycling) plus that step's replay.
+
+    ``max(cfg.steps, ceil(len(new) / cfg.batch_size))`` steps, so every new item is seen.
+    """
+    new_t = new.tensors()
+    replay_t = replay.tensors() if replay is not None else None
+    n = len(new)
+    for step in range(max(cfg.steps, math.ceil(n / cfg.batch_size))):
+        start = (step * cfg.batch_size) % n
+        idx = torch.arange(start, start + min(cfg.batch_size, n)) % n
+        parts = [new_t.batch(idx)]
+        if replay_t is not None and step < len(plan) and len(plan[step]):
+            parts.append(replay_t.batch(torch.from_numpy(plan[step])))
+        yield FeedbackBatch.cat(parts)
+
+
 def fine_tune(
     model: SelfExplaining,
     new: ArrayDataset,
@@ -63,33 +89,30 @@ def fine_tune(
     cfg: UpdateConfig,
     should_stop=lambda: False,
 ) -> dict[str, float]:
-    """Adam steps with the combined loss (eq. 4.1) on the new items plus each step's replay.
+    """Adam steps with the combined loss (eq. 4.1) on the new items plus each step's replay,
+    through the project's one training loop (:func:`feedbackcam.train.run_steps`).
 
-    Takes ``max(cfg.steps, ceil(len(new) / cfg.batch_size))`` steps so every new item is seen.
-    Returns the mean loss and the count of skipped (non-finite) steps.
+    Returns the step count, the mean loss and the count of skipped (non-finite) steps.
     """
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    feedback = FeedbackConfig(lam=cfg.lam)
-    new_t = new.tensors()
-    replay_t = replay.tensors() if replay is not None else None
-    n = len(new)
-    steps = max(cfg.steps, math.ceil(n / cfg.batch_size))
-    losses, skipped = [], 0
-    for step in range(steps):
-        if should_stop():
-            raise Interrupted("stopped during an update")
-        start = (step * cfg.batch_size) % n
-        idx = torch.arange(start, start + min(cfg.batch_size, n)) % n
-        parts = [new_t.batch(idx)]
-        if replay_t is not None and step < len(plan) and len(plan[step]):
-            parts.append(replay_t.batch(torch.from_numpy(plan[step])))
-        batch = FeedbackBatch(*(torch.cat(tensors) for tensors in zip(*parts)))
-        stats = feedback_step(model, batch.to(device), optimizer, feedback)
-        skipped += int(stats["skipped"])
-        losses.append(stats["loss"])
+    try:
+        stats = run_steps(
+            model,
+            update_batches(new, replay, plan, cfg),
+            optimizer,
+            cfg.feedback,
+            device=device,
+            should_stop=should_stop,
+        )
+    except StopTraining as err:
+        raise Interrupted("stopped during an update") from err
     model.eval()
-    return {"steps": steps, "loss": float(np.mean(losses)), "skipped_steps": skipped}
+    return {
+        "steps": stats["steps"],
+        "loss": stats["train_loss"],
+        "skipped_steps": stats["skipped_steps"],
+    }
 
 
 def scores(model: SelfExplaining, validation: ArrayDataset) -> dict[str, float | int | None]:
@@ -107,16 +130,21 @@ def gate(
     before: dict, after: dict, tolerance: float, original: dict | None = None
 ) -> tuple[bool, str]:
     """Promote unless accuracy or average sensitivity falls more than ``tolerance`` below the
-    parent's, or below the original model's (so many small allowed drops cannot add up)."""
-    parts, ok = [], True
-    for key, name in (("accuracy", "accuracy"), ("avg_sensitivity", "average sensitivity")):
-        b, a = float(before[key]), float(after[key])
-        floor = b - tolerance
-        if original is not None and original.get(key) is not None:
-            floor = max(floor, float(original[key]) - tolerance)
-        passed = a >= floor - 1e-9
-        ok &= passed
-        parts.append(f"{name} {b:.3f} -> {a:.3f}" + ("" if passed else f" (below {floor:.3f})"))
-    verdict = "promoted" if ok else "rejected"
+    parent's, or below the original model's (so many small allowed drops cannot add up).
+
+    The same rule as the simulations' collapse guard (:func:`feedbackcam.selection.drops`).
+    """
+    keys = ("accuracy", "avg_sensitivity")
+    failed = {d.name: d for d in drops(before, after, tolerance, keys)}
+    if original is not None:
+        for d in drops(original, after, tolerance, keys):
+            if d.name not in failed or d.floor > failed[d.name].floor:
+                failed[d.name] = d
+    parts = []
+    for key in keys:
+        name = key.replace("avg_sensitivity", "average sensitivity")
+        text = f"{name} {float(before[key]):.3f} -> {float(after[key]):.3f}"
+        parts.append(text + (f" (below {failed[name].floor:.3f})" if name in failed else ""))
+    verdict = "rejected" if failed else "promoted"
     rule = f"a drop of at most {tolerance:g} from the parent and the original model is allowed"
-    return ok, f"{verdict}: {', '.join(parts)}; {rule}"
+    return not failed, f"{verdict}: {', '.join(parts)}; {rule}"

@@ -1,0 +1,257 @@
+"""One source of truth: the CAM that trains is the CAM that selects and reports, registries that
+cannot fall through, one lambda per saved config, readable outputs, dependencies that point
+down."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from feedbackcam import evaluate as evaluate_module
+from feedbackcam import fileio, losses, simulate
+from feedbackcam.cam import CAM_METHODS
+from feedbackcam.checkpoint import ModelSpec, load_checkpoint
+from feedbackcam.demo import SynthSetup, synth_simulation_data
+from feedbackcam.models import build_model
+from feedbackcam.simulate import SimulationConfig, run_simulation
+from feedbackcam.train import FeedbackConfig, feedback_step
+
+SPEC = ModelSpec("small_cnn", ("NV", "MEL", "BKL"), ("features.relu4",), 32, {"width": 8})
+PACKAGE = Path(__file__).resolve().parents[1] / "feedbackcam"
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    data, _ = synth_simulation_data(SynthSetup(size=32, n_base=60, n_feedback=80))
+    return data
+
+
+def _make_model():
+    torch.manual_seed(0)
+    return build_model("small_cnn", 3, width=8)
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=8, optimizer="adam", lr=1e-3, base_epochs=1)
+    return SimulationConfig(**(base | kw))
+
+
+def test_the_cam_that_trains_is_the_cam_that_selects_and_reports(tmp_path, tiny_data, monkeypatch):
+    used = []
+    real = evaluate_module.evaluate
+
+    def recording(*args, **kwargs):
+        used.append(kwargs.get("method", "gradcam"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(simulate, "evaluate", recording)
+    fb = FeedbackConfig(lam=0.7, cam="gradcam++")
+    results = run_simulation(
+        tiny_data,
+        _cfg(modes=("exp",), feedback=fb),
+        tmp_path,
+        make_model=_make_model,
+        spec=SPEC,
+        progress=False,
+    )
+    assert used and set(used) == {"gradcam++"}
+    # the reported Jaccard is the Grad-CAM++ Jaccard of the saved model on the test split
+    model, _, _ = load_checkpoint(tmp_path / "checkpoints" / "exp.pt")
+    test_ids = json.loads((tmp_path / "splits.json").read_text())["test"]
+    source = tiny_data.test_override
+    test = source.subset([source.ids.index(i) for i in test_ids])
+    expected = real(model, test, method="gradcam++").jaccard.mean
+    assert results["runs"]["exp"]["jaccard_mean"] == pytest.approx(expected)
+
+
+def test_unknown_or_unwired_losses_and_cams_raise(monkeypatch):
+    with pytest.raises(ValueError, match="explanation_loss"):
+        FeedbackConfig(explanation_loss="no-such-loss")
+    monkeypatch.setitem(losses.EXPLANATION_LOSSES, "unwired", losses.ExplanationLoss(None, "keep"))
+    with pytest.raises(ValueError, match="registered but has no loss function"):
+        FeedbackConfig(explanation_loss="unwired")
+    with pytest.raises(ValueError, match="CAM method"):
+        FeedbackConfig(cam="scorecam")
+    assert set(CAM_METHODS) >= {"gradcam", "gradcam++"}
+
+
+def test_a_registered_loss_is_the_loss_that_trains(monkeypatch, toy, tiny_model):
+    calls = []
+
+    def constant(inputs, cfg):
+        calls.append(cfg.explanation_loss)
+        return inputs.logits.sum(dim=1) * 0 + 0.25
+
+    monkeypatch.setitem(
+        losses.EXPLANATION_LOSSES, "const", losses.ExplanationLoss(constant, "keep")
+    )
+    batch = toy(4)
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
+    stats = feedback_step(tiny_model, batch, opt, FeedbackConfig(lam=1.0, explanation_loss="const"))
+    assert calls == ["const"] and stats["loss_exp"] == pytest.approx(0.25)
+
+
+def test_an_ignore_loss_without_ignore_masks_names_what_it_needs(monkeypatch, toy, tiny_model):
+    monkeypatch.setitem(
+        losses.EXPLANATION_LOSSES,
+        "needs-ignore",
+        losses.ExplanationLoss(lambda x, cfg: x.ignore.sum(dim=(1, 2)), "ignore"),
+    )
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
+    cfg = FeedbackConfig(lam=0.5, explanation_loss="needs-ignore")
+    with pytest.raises(ValueError, match="needs ignore masks"):
+        feedback_step(tiny_model, toy(4), opt, cfg)
+    batch = toy(4).with_ignore_slots()
+    ignore = batch.ignore.clone()
+    ignore[0, :4, :4] = 1
+    has = torch.tensor([True, False, False, False])
+    stats = feedback_step(tiny_model, batch._replace(ignore=ignore, has_ignore=has), opt, cfg)
+    assert stats["n_exp"] == 1 and stats["loss_exp"] == pytest.approx(16.0)
+
+
+def _lambdas(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "lam":
+                yield path + k, v
+            yield from _lambdas(v, f"{path}{k}.")
+
+
+def test_a_saved_config_holds_exactly_one_lambda_and_it_is_the_one_that_ran(tmp_path, tiny_data):
+    cfg = _cfg(modes=("cls", "combined"), feedback=FeedbackConfig(lam=0.7))
+    run_simulation(tiny_data, cfg, tmp_path, make_model=_make_model, spec=SPEC, progress=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert list(_lambdas(config)) == [("simulation.feedback.lam", 0.7)]
+    for mode, ran in [("cls", 0.0), ("combined", 0.7), ("baseline", 0.0)]:
+        _, _, payload = load_checkpoint(tmp_path / "checkpoints" / f"{mode}.pt")
+        assert [v for _, v in _lambdas(payload["config"])] == [ran], mode
+
+
+def test_outputs_are_readable_by_group_and_others(tmp_path, tiny_data):
+    old = os.umask(0o022)
+    try:
+        fileio.write_json(tmp_path / "one.json", {"a": 1})
+        run_simulation(
+            tiny_data,
+            _cfg(modes=("cls",), epochs=1),
+            tmp_path / "sim",
+            make_model=_make_model,
+            spec=SPEC,
+            progress=False,
+        )
+    finally:
+        os.umask(old)
+    for path in [
+        tmp_path / "one.json",
+        tmp_path / "sim" / "results.json",
+        tmp_path / "sim" / "config.json",
+        tmp_path / "sim" / "history.csv",
+        tmp_path / "sim" / "checkpoints" / "cls.pt",
+    ]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & stat.S_IRGRP and mode & stat.S_IROTH, (path, oct(mode))
+
+
+def test_text_outputs_end_with_a_newline(tmp_path):
+    fileio.write_text(tmp_path / "t.md", "| a |")
+    assert (tmp_path / "t.md").read_text() == "| a |\n"
+
+
+# --------------------------------------------------------------------------- architecture
+
+# data -> models/cam/losses/metrics -> train -> evaluate/simulate/base -> demo/service -> cli
+RANK = {
+    "fileio": 0,
+    "imageio": 0,
+    "data": 0,
+    "models": 1,
+    "cam": 1,
+    "losses": 1,
+    "metrics": 1,
+    "selection": 1,
+    "augment": 1,
+    "distributed": 1,
+    "explain": 1,
+    "checkpoint": 1,
+    "pretrained": 1,
+    "keras_import": 1,
+    "report": 1,
+    "train": 2,
+    "evaluate": 3,
+    "simulate": 3,
+    "base": 3,
+    "shortcuts": 4,
+    "demo": 4,
+    "service": 4,
+    "cli": 5,
+}
+
+
+def _unit(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else module
+
+
+def _imports(path: Path):
+    """(imported module, names) for every import of this package in ``path``."""
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    package = list(rel.parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.startswith("feedbackcam"):
+                names = [a.name for a in node.names]
+                if node.module is None or module.count(".") == 0:  # "from . import x"
+                    for name in names:
+                        yield f"{module}.{name}", []
+                else:
+                    yield module, names
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("feedbackcam"):
+                    yield a.name, []
+
+
+def test_dependencies_point_down():
+    bad = []
+    for path in PACKAGE.rglob("*.py"):
+        here = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        unit = _unit(here)
+        if unit not in RANK:
+            continue
+        for module, names in _imports(path):
+            target = _unit(module)
+            if target in RANK and RANK[target] > RANK[unit]:
+                bad.append(f"{here} imports {module}")
+            if target == "simulate" and unit != "simulate":
+                bad += [f"{here} imports private {n} from simulate" for n in names if n[0] == "_"]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_module_has_a_rank():
+    units = {
+        _unit(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts))
+        for p in PACKAGE.rglob("*.py")
+    }
+    assert units - {"__init__", "__main__"} <= set(RANK), units - set(RANK)
+
+
+def test_base_and_simulate_share_the_epoch_function():
+    for name in ("base.py", "simulate.py"):
+        tree = ast.parse((PACKAGE / name).read_text())
+        called = {
+            n.func.id
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        }
+        assert "train_one_epoch" in called, name
+        assert "feedback_step" not in called, name

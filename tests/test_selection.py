@@ -1,0 +1,136 @@
+"""Model selection that cannot keep a collapsed classifier, epoch 0 in the open, warnings, and
+feedback splits that cannot leak the base model's training images."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from feedbackcam import simulate
+from feedbackcam.checkpoint import ModelSpec
+from feedbackcam.cli import main
+from feedbackcam.demo import SynthSetup, synth_simulation_data
+from feedbackcam.models import build_model
+from feedbackcam.selection import drops, run_warnings
+from feedbackcam.simulate import SimulationConfig
+from feedbackcam.train import FeedbackConfig
+
+SPEC = ModelSpec("small_cnn", ("NV", "MEL", "BKL"), ("features.relu4",), 32, {"width": 8})
+
+
+@pytest.fixture
+def prepared_synth(tmp_path):
+    from feedbackcam.data.prepared import save_prepared
+    from feedbackcam.data.synth import SynthConfig, make_synthderm
+    from feedbackcam.demo import as_array_dataset
+
+    ds = as_array_dataset(make_synthderm(SynthConfig(n=150, size=32, seed=3)))
+    return save_prepared(ds, tmp_path / "synth-prepared")
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    data, _ = synth_simulation_data(SynthSetup(size=32, n_base=60, n_feedback=80))
+    return data
+
+
+def _make_model():
+    torch.manual_seed(0)
+    return build_model("small_cnn", 3, width=8)
+
+
+class _Eval:
+    """A validation result: Jaccard rises every epoch while the classifier collapses."""
+
+    def __init__(self, jaccard, avg_sensitivity):
+        self.jaccard = type("J", (), {"mean": jaccard})()
+        self.classification = type("C", (), {"accuracy": 0.5, "avg_sensitivity": avg_sensitivity})()
+
+    def summary(self, **_):
+        return {"accuracy": 0.5, "avg_sensitivity": self.classification.avg_sensitivity}
+
+
+@pytest.mark.parametrize(("guard", "expected"), [(0.05, 1), (None, 3)])
+def test_the_guard_rejects_collapsed_epochs_and_the_unguarded_flag_keeps_them(
+    monkeypatch, tiny_data, guard, expected
+):
+    # epochs 0..3: Jaccard 0.2, 0.3, 0.5, 0.7; average sensitivity 0.6, 0.58, 0.34, 0.33
+    evals = iter([_Eval(0.2, 0.6), _Eval(0.3, 0.58), _Eval(0.5, 0.34), _Eval(0.7, 0.33)])
+    monkeypatch.setattr(simulate, "evaluate", lambda *a, **k: next(evals))
+    cfg = SimulationConfig(
+        epochs=3,
+        batch_size=8,
+        optimizer="adam",
+        lr=1e-3,
+        guard_tolerance=guard,
+        feedback=FeedbackConfig(lam=1.0),
+    )
+    history = []
+    _, best_epoch, _ = simulate.fine_tune(
+        _make_model(),
+        tiny_data.feedback.tensors(),
+        np.arange(40),
+        tiny_data.feedback.subset(range(40, 50)),
+        cfg,
+        "exp",
+        epochs=3,
+        generator=torch.Generator(),
+        history=history,
+        stage={"slice": 0},
+    )
+    assert best_epoch == expected
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    assert [r["eligible"] for r in history] == [True, True, guard is None, guard is None]
+
+
+def test_drops_and_warnings():
+    ref = {"avg_sensitivity": 0.6, "sensitivity": {"NV": 0.9, "MEL": 0.3}}
+    ok = {"avg_sensitivity": 0.58, "sensitivity": {"NV": 0.96, "MEL": 0.2}}
+    assert drops(ref, ok, 0.05) == []
+    assert [d.name for d in drops(ref, ok, 0.05, per_class=True)] == ["sensitivity MEL"]
+    warnings = run_warnings(
+        {"sensitivity": {"NV": 1.0, "MEL": 0.0}, "predicted_share": {"NV": 0.95, "MEL": 0.05}},
+        best_epoch=0,
+    )
+    assert len(warnings) == 3
+    assert "no epoch improved" in warnings[0] and "MEL" in warnings[1] and "95%" in warnings[2]
+
+
+def test_best_epoch_0_is_reported_as_no_improvement(tmp_path, tiny_data, capsys):
+    cfg = SimulationConfig(
+        modes=("cls",), epochs=1, batch_size=8, optimizer="sgd", lr=0.0, base_epochs=1
+    )
+    results = simulate.run_simulation(
+        tiny_data, cfg, tmp_path, make_model=_make_model, spec=SPEC, progress=False
+    )
+    run = results["runs"]["cls"]
+    assert run["best_epoch"] == 0 and run["improved"] is False
+    assert any("no epoch improved" in w for w in run["warnings"])
+    assert "no epoch improved on the baseline" in (tmp_path / "results.md").read_text()
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+
+
+def test_simulate_on_the_base_models_own_data_keeps_the_overlap_in_feedback_train(
+    tmp_path, prepared_synth, capsys
+):
+    base = tmp_path / "base"
+    args = ["--model", "small_cnn", "--width", "8", "--epochs", "1", "--no-augment"]
+    assert main(["train-base", "--data", str(prepared_synth), *args, "--out", str(base)]) == 0
+    trained_on = torch.load(base / "model.pt", weights_only=True)["config"]["trained_on"]
+    seen = set(trained_on["train"]) | set(trained_on["val"])
+    out = tmp_path / "sim"
+    argv = ["simulate", "--data", str(prepared_synth), "--base-model", str(base / "model.pt")]
+    argv += ["--modes", "cls", "--epochs", "1", "--batch-size", "16", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(seen)} image(s)" in printed and "feedback-train only" in printed
+    splits = json.loads((out / "splits.json").read_text())
+    assert seen <= set(splits["train"])
+    assert not seen & (set(splits["val"]) | set(splits["test"]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["n_seen_by_base_model"] == len(seen)

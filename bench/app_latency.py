@@ -67,6 +67,11 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
                 assert r.status_code == 200, r.text
             p50, p95 = np.percentile(np.array(times) * 1000, [50, 95])
+            cpu = platform.processor() or platform.machine()
+            print(f"machine: {cpu}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+            print(f"model input {size} px, uploads {args.size} px PNG, n = {args.n}")
+            print(f"predict + explain (HTTP, upload included): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+            print(f"validation images: {len(client.app.state.runtime.validation)}", flush=True)
             update_times = []
             for k in range(args.updates):
                 p = client.post(
@@ -90,10 +95,6 @@ def main() -> None:
                     time.sleep(0.02)
                 update_times.append(time.perf_counter() - start)
         engine.dispose()
-    cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"model input {size} px, uploads {args.size} px PNG, n = {args.n}")
-    print(f"predict + explain (HTTP, upload included): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
     print(
         "submit -> update used (fine-tune + gate): "
         + ", ".join(f"{t:.2f} s" for t in update_times)

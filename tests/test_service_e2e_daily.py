@@ -417,3 +417,45 @@ def test_the_phone_layout_fits_and_asks_before_sending(start):
         WebDriverWait(phone, 20).until(lambda _: len(items(app)) == 1)
     finally:
         phone.quit()
+
+
+PINCH = """
+const stage = document.getElementById('stage');
+const box = stage.getBoundingClientRect();
+const cx = box.left + box.width / 2, cy = box.top + box.height / 2;
+const fire = (type, id, x, y) => stage.dispatchEvent(new PointerEvent(type, {
+  pointerId: id, pointerType: 'touch', isPrimary: id === 1, clientX: x, clientY: y,
+  bubbles: true, cancelable: true, button: 0, buttons: type === 'pointerup' ? 0 : 1}));
+fire('pointerdown', 1, cx - 20, cy);
+fire('pointermove', 1, cx - 22, cy);  // the first finger starts a stroke...
+fire('pointerdown', 2, cx + 20, cy);  // ...the second makes it a pinch: the stroke is undone
+for (let k = 1; k <= 5; k++) {
+  fire('pointermove', 1, cx - 20 - 12 * k, cy);
+  fire('pointermove', 2, cx + 20 + 12 * k, cy);
+}
+fire('pointerup', 1, cx - 80, cy);
+fire('pointerup', 2, cx + 80, cy);
+"""
+
+
+def test_wheel_and_pinch_zoom_and_a_pinch_paints_nothing(start, browser):
+    app = start(worker=False)
+    sign_in(browser, app)
+    browser.find_element(By.ID, "file").send_keys(str(app["tmp"] / "incoming" / "lesion0.png"))
+    wait_prediction(browser)
+    zoom = lambda: int(browser.find_element(By.ID, "zoom-value").text.split()[0])  # noqa: E731
+    browser.execute_script(
+        "document.getElementById('stage').dispatchEvent(new WheelEvent('wheel', "
+        "{deltaY: -300, clientX: 300, clientY: 300, bubbles: true, cancelable: true}))"
+    )
+    wheeled = zoom()
+    assert wheeled > 140
+    browser.find_element(By.ID, "zoom-fit").click()
+    assert zoom() == 100
+    browser.execute_script(PINCH)
+    assert zoom() == pytest.approx(100 * 160 / 40, rel=0.05)  # fingers 40 px apart, then 160
+    assert painted_fraction(browser) == 0
+    # painting still works at the pinched zoom (the brush is sized in screen pixels: 22 px is
+    # about one image pixel at 400 %, so a stroke of 60 px paints a thin line)
+    paint_stroke(browser, [(60, 0)])
+    assert 0 < painted_fraction(browser) < 0.05

@@ -534,15 +534,23 @@ function setUpStage() {
   let last = null;
   let pinch = null;
   const canEdit = () => state.shown && state.me && state.me.role !== "viewer";
+  // two fingers: their distance and midpoint (stage px); zoom follows the distance, pan the midpoint
+  const pinchOf = () => {
+    const [[x0, y0], [x1, y1]] = [...pointers.values()];
+    const box = stage.getBoundingClientRect();
+    return { d: Math.hypot(x1 - x0, y1 - y0), cx: (x0 + x1) / 2 - box.left, cy: (y0 + y1) / 2 - box.top };
+  };
 
   stage.addEventListener("pointerdown", (event) => {
     if (!state.shown) return;
-    stage.setPointerCapture(event.pointerId);
+    try {
+      stage.setPointerCapture(event.pointerId);
+    } catch (_) { /* a pointer the browser no longer tracks: no capture needed */ }
     pointers.set(event.pointerId, [event.clientX, event.clientY]);
     if (pointers.size === 2) {
       if (mode === "paint") undo(); // the first finger began a stroke; it was a pinch
       mode = "pinch";
-      pinch = null;
+      pinch = pinchOf();
       return;
     }
     if (pointers.size > 2) return;
@@ -570,9 +578,7 @@ function setUpStage() {
     if (!pointers.has(event.pointerId)) return;
     pointers.set(event.pointerId, [event.clientX, event.clientY]);
     if (mode === "pinch" && pointers.size === 2) {
-      const [[x0, y0], [x1, y1]] = [...pointers.values()];
-      const box = stage.getBoundingClientRect();
-      const now = { d: Math.hypot(x1 - x0, y1 - y0), cx: (x0 + x1) / 2 - box.left, cy: (y0 + y1) / 2 - box.top };
+      const now = pinchOf();
       if (pinch) {
         state.view.tx += now.cx - pinch.cx;
         state.view.ty += now.cy - pinch.cy;

@@ -428,3 +428,35 @@ def test_controls_and_focus_have_at_least_3_to_1_contrast_and_the_colormap_is_vi
     assert "border: 1px solid var(--control)" in css
     script = (static / "app.js").read_text()
     assert "const VIRIDIS = [[68, 1, 84]" in script and "jet(" not in script
+
+
+def test_the_ignore_mask_reaches_the_updates_batches(env, monkeypatch):
+    seen = []
+    real_step = train_module.feedback_step
+
+    def recording_step(model, batch, *args, **kwargs):
+        seen.append(batch)
+        return real_step(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "feedback_step", recording_step)
+    ignore = np.zeros((SIZE, SIZE), np.uint8)
+    ignore[:, :6] = 255
+    with env.app() as client:
+        p = predict_upload(client, env)
+        data = {"image_id": p["image_id"], "shown_version": 1, "predicted": p["predicted"]}
+        files = {
+            "mask": ("m.png", png(box_mask()), "image/png"),
+            "ignore_mask": ("i.png", png(ignore), "image/png"),
+        }
+        first = client.post("/api/feedback", data=data, files=files, headers=env.auth("clinician"))
+        wait_used(client, env, first.json()["id"])
+        first_update = list(seen)
+        seen.clear()
+        q = predict_upload(client, env, index=1)  # no ignore mask: replays the first item's
+        wait_used(client, env, send_feedback(client, env, q, label=other_class(q)).json()["id"])
+    batch = first_update[0]
+    assert batch.has_ignore.tolist() == [True] and batch.ignore.shape == (1, SIZE, SIZE)
+    assert np.array_equal(batch.ignore[0].cpu().numpy() > 0, ignore > 0)
+    assert batch.masks[0].cpu().numpy().sum() == (box_mask() > 0).sum()
+    replayed = [b for b in seen if b.ignore is not None and b.has_ignore.any()]
+    assert replayed and all(len(b.labels) > 1 for b in replayed)  # new item + earlier feedback

@@ -459,3 +459,24 @@ def test_wheel_and_pinch_zoom_and_a_pinch_paints_nothing(start, browser):
     # about one image pixel at 400 %, so a stroke of 60 px paints a thin line)
     paint_stroke(browser, [(60, 0)])
     assert 0 < painted_fraction(browser) < 0.05
+
+
+def test_withdraw_from_the_page(start, browser):
+    app = start(worker=False)
+    sign_in(browser, app)
+    Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
+    predicted = wait_prediction(browser, "lesion0.png")
+    pick_other_class(browser, predicted)
+    browser.find_element(By.ID, "submit").click()
+    button = WebDriverWait(browser, 20).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#mine button")
+    )
+    assert "waiting for an update" in browser.find_element(By.ID, "mine").text
+    button.click()
+    WebDriverWait(browser, 20).until(lambda _: items(app)[0].status == "withdrawn")
+    WebDriverWait(browser, 5).until(
+        lambda d: (
+            "withdrawn" in d.find_element(By.ID, "mine").text
+            and not d.find_elements(By.CSS_SELECTOR, "#mine button")
+        )
+    )

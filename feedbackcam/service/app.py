@@ -12,7 +12,17 @@ from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from .registry import VersionError
-from .routers import feedback, images, predict, updates, users, versions, worklists
+from .routers import (
+    export,
+    feedback,
+    images,
+    originals,
+    predict,
+    updates,
+    users,
+    versions,
+    worklists,
+)
 from .runtime import Runtime
 from .settings import Settings
 from .uploads import UploadError
@@ -87,7 +97,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # an image and a mask at the upload limit, plus the form fields
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 2**20)
-    for module in (predict, feedback, images, versions, updates, users, worklists):
+    for module in (
+        predict,
+        feedback,
+        images,
+        originals,
+        versions,
+        updates,
+        users,
+        worklists,
+        export,
+    ):
         app.include_router(module.router, prefix="/api")
 
     @app.exception_handler(UploadError)

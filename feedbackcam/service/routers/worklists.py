@@ -1,23 +1,17 @@
 """Worklists: create one from a folder in the data dir (admin) or from uploads, walk it, mark
-each image's state; the originals the page shows; and the feedback export (admin)."""
+each image's state."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
-from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
-from starlette.background import BackgroundTask
 
 from .. import worklist as lists
-from ..db import Item, Original, Worklist, WorklistEntry, iso
+from ..db import Item, Worklist, WorklistEntry, iso
 from ..deps import Admin, Clinician, RuntimeDep, SessionDep, Viewer
-from ..export import export_zip
-from ..originals import original_path
 
 router = APIRouter(tags=["worklists"])
 
@@ -159,39 +153,3 @@ def change_entry(
         entry.image_id = body.image_id
     session.commit()
     return _entry(entry)
-
-
-def _original_file(path):
-    media = "image/png" if path.suffix == ".png" else "image/jpeg"
-    return FileResponse(path, media_type=media, headers={"Cache-Control": "private"})
-
-
-@router.get("/originals/by-id/{original_id}", response_class=FileResponse)
-def original_by_id(original_id: str, user: Viewer, runtime: RuntimeDep):
-    """A stored original by its own content id (a worklist entry's)."""
-    path = original_path(runtime.store, original_id)
-    if path is None:
-        raise HTTPException(404, f"no original {original_id!r}")
-    return _original_file(path)
-
-
-@router.get("/originals/{image_id}", response_class=FileResponse)
-def original(image_id: str, user: Viewer, runtime: RuntimeDep, session: SessionDep):
-    """The image as uploaded, for a stored model-input image."""
-    row = session.get(Original, image_id)
-    if row is None:
-        raise HTTPException(404, f"no original for image {image_id!r}")
-    return _original_file(runtime.store.absolute(row.path))
-
-
-@router.get("/export.zip", response_class=FileResponse, tags=["export"])
-def export(user: Admin, runtime: RuntimeDep, session: SessionDep):
-    """All feedback as a dataset (ZIP; the layout is in its README.txt and in ``export.py``)."""
-    with tempfile.NamedTemporaryFile(suffix=".zip", delete=False) as target:
-        export_zip(session, runtime.store, target)
-    return FileResponse(
-        target.name,
-        media_type="application/zip",
-        filename="feedbackcam-feedback.zip",
-        background=BackgroundTask(os.unlink, target.name),
-    )

@@ -480,3 +480,23 @@ def test_withdraw_from_the_page(start, browser):
             and not d.find_elements(By.CSS_SELECTOR, "#mine button")
         )
     )
+
+
+def test_the_lasso_fills_the_outline_drawn(start, browser):
+    app = start(worker=False)
+    sign_in(browser, app)
+    browser.find_element(By.ID, "file").send_keys(str(app["tmp"] / "incoming" / "lesion1.png"))
+    wait_prediction(browser)
+    browser.find_element(By.TAG_NAME, "body").click()
+    ActionChains(browser).send_keys("i").send_keys("l").perform()  # ignore region, lasso
+    assert (
+        browser.execute_script("return document.querySelector('input[name=tool]:checked').value")
+        == "lasso"
+    )
+    paint_stroke(browser, [(120, 0), (0, 90), (-120, 0)], start=(-60, -45))  # three sides
+    ignore = painted_fraction(browser, "ignore-layer")
+    k = browser.find_element(By.ID, "stage").size["width"] / 120  # screen px per image px
+    assert ignore == pytest.approx((120 / k) * (90 / k) / (120 * 90), rel=0.15)  # closed, filled
+    assert painted_fraction(browser) == 0
+    browser.find_element(By.ID, "undo").click()
+    assert painted_fraction(browser, "ignore-layer") == 0

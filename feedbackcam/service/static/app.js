@@ -482,6 +482,43 @@ function fillAt([x, y], which) {
   return true;
 }
 
+// The lasso: a freehand outline, closed and filled into the last brush's region on release.
+function fillPolygon(points, which) {
+  if (points.length < 3) return;
+  pushUndo();
+  const context = ctx(layer(which));
+  context.globalCompositeOperation = "source-over";
+  context.fillStyle = which === "ignore" ? IGNORE_COLOUR : KEEP_COLOUR;
+  context.beginPath();
+  context.moveTo(...points[0]);
+  for (const point of points.slice(1)) context.lineTo(...point);
+  context.closePath();
+  context.fill();
+  $("show-mask").checked = true;
+  applyViewControls();
+  afterEdit();
+}
+
+function drawLassoPreview(points) {
+  const canvas = $("outline");
+  const p = state.shown;
+  if (!points.length) {
+    applyViewControls();
+    return;
+  }
+  canvas.hidden = false;
+  canvas.width = p.width;
+  canvas.height = p.height;
+  const context = canvas.getContext("2d");
+  context.lineWidth = Math.max(1, p.width / 400);
+  context.strokeStyle = state.fillLayer === "ignore" ? IGNORE_COLOUR : KEEP_COLOUR;
+  context.setLineDash([4 * context.lineWidth, 3 * context.lineWidth]);
+  context.beginPath();
+  context.moveTo(...points[0]);
+  for (const point of points.slice(1)) context.lineTo(...point);
+  context.stroke();
+}
+
 function drawOutlines() {
   const p = state.shown;
   if (!p) return;
@@ -533,6 +570,7 @@ function setUpStage() {
   let mode = null; // "paint" | "pan" | "pinch"
   let last = null;
   let pinch = null;
+  let lasso = []; // the lasso's points (image px), closed and filled on release
   const canEdit = () => state.shown && state.me && state.me.role !== "viewer";
   // two fingers: their distance and midpoint (stage px); zoom follows the distance, pan the midpoint
   const pinchOf = () => {
@@ -558,6 +596,9 @@ function setUpStage() {
     if (t === "pan" || state.spaceDown || event.button === 1 || !canEdit()) {
       mode = "pan";
       last = [event.clientX, event.clientY];
+    } else if (t === "lasso") {
+      mode = "lasso";
+      lasso = [toImage(event)];
     } else if (t === "fill") {
       pushUndo();
       if (!fillAt(toImage(event), state.fillLayer)) state.undo.pop();
@@ -594,11 +635,19 @@ function setUpStage() {
       const point = toImage(event);
       stroke(last, point);
       last = point;
+    } else if (mode === "lasso") {
+      lasso.push(toImage(event));
+      drawLassoPreview(lasso);
     }
   });
   const end = (event) => {
     pointers.delete(event.pointerId);
     if (mode === "paint") afterEdit();
+    if (mode === "lasso") {
+      fillPolygon(lasso, state.fillLayer);
+      lasso = [];
+      drawLassoPreview(lasso);
+    }
     if (pointers.size === 0) mode = null;
   };
   stage.addEventListener("pointerup", end);
@@ -848,15 +897,32 @@ async function refreshStatus() {
 
 const fmt = (v) => (typeof v === "number" ? v.toFixed(3) : "–");
 
+function validationWords(version) {
+  const b = version.parent_metrics, a = version.metrics;
+  const parts = [["accuracy", "accuracy"], ["avg_sensitivity", "average sensitivity"], ["jaccard_mean", "Jaccard"]]
+    .filter(([key]) => typeof b[key] === "number" && typeof a[key] === "number")
+    .map(([key, name]) => `${name} ${fmt(b[key])} → ${fmt(a[key])}`);
+  if (!parts.length) return "";
+  return `Validation set (what the gate checks), version ${version.parent} → candidate ${version.id}: ${parts.join(", ")}.` +
+    (version.regressions.length ? ` ⚠ ${version.regressions.join("; ")}.` : "");
+}
+
 async function showOutcome(record) {
   const { item, before, region, label } = record;
+  const version = await api(`/api/versions/${item.update_version}`);
+  $("validation-change").textContent = validationWords(version);
   if (item.update_status !== "promoted") {
-    say("outcome", "");
-    say("feedback-status", `Feedback #${item.id}: the update was not promoted, so the model is unchanged. ${item.update_reason}`);
+    $("compare").hidden = false;
+    $("outcome").textContent = `Feedback #${item.id}: the update that learned from it was rejected by the gate, ` +
+      `so the model is unchanged (version ${before.version} still says ${before.predicted}). ` +
+      `Your feedback stays on record. Why: ${item.update_reason}`;
+    $("compare").querySelector(".pair").hidden = true;
+    $("compare-note").textContent = "";
+    say("feedback-status", `Feedback #${item.id}: the update was not promoted, so the model is unchanged.`);
     return;
   }
+  $("compare").querySelector(".pair").hidden = false;
   const after = await decodePrediction(await post("/api/predict", formOf({ image_id: before.image_id })));
-  const version = await api(`/api/versions/${item.update_version}`);
   const wanted = label;
   const agreesNow = after.predicted === wanted;
   const agreedBefore = before.predicted === wanted;
@@ -870,20 +936,13 @@ async function showOutcome(record) {
   }
   $("outcome").textContent = words;
   $("outcome").hidden = false;
-  const b = version.parent_metrics, a = version.metrics;
-  const parts = [["accuracy", "accuracy"], ["avg_sensitivity", "average sensitivity"], ["jaccard_mean", "Jaccard"]]
-    .filter(([key]) => typeof b[key] === "number" && typeof a[key] === "number")
-    .map(([key, name]) => `${name} ${fmt(b[key])} → ${fmt(a[key])}`);
-  $("validation-change").textContent = parts.length
-    ? `Validation set (what the gate checks): ${parts.join(", ")}.` + (version.regressions.length ? ` ⚠ ${version.regressions.join("; ")}.` : "")
-    : "";
   composite($("before"), before, region);
   composite($("after"), after, region);
   $("before-caption").textContent = `Before: version ${before.version}, ${pct(before)}`;
   $("after-caption").textContent = `After: version ${after.version}, ${pct(after)}`;
   $("compare-note").textContent = "The same image explained (yellow: 50 % contour) before and after your feedback" +
     (region ? "; pink: the region you drew." : ".");
-  $("compare").hidden = false;
+  $("compare").hidden = false; // shown once complete
   say("feedback-status", `Learned: version ${item.update_version} is now current.`);
   if (state.shown && state.shown.image_id === before.image_id) {
     // the main view follows the current model; the painted regions stay
@@ -1123,7 +1182,7 @@ function onKey(event) {
   const brush = $("brush");
   const actions = {
     b: () => setTool("keep"), i: () => setTool("ignore"), e: () => setTool("erase"),
-    f: () => setTool("fill"), h: () => setTool("pan"),
+    f: () => setTool("fill"), l: () => setTool("lasso"), h: () => setTool("pan"),
     "[": () => { brush.value = Number(brush.value) - 4; applyViewControls(); },
     "]": () => { brush.value = Number(brush.value) + 4; applyViewControls(); },
     "+": () => zoomAt(1.5), "=": () => zoomAt(1.5), "-": () => zoomAt(1 / 1.5),

@@ -500,3 +500,12 @@ def test_the_lasso_fills_the_outline_drawn(start, browser):
     assert painted_fraction(browser) == 0
     browser.find_element(By.ID, "undo").click()
     assert painted_fraction(browser, "ignore-layer") == 0
+
+
+def test_a_revoked_token_signs_the_page_out(start, browser):
+    app = start(worker=False)
+    sign_in(browser, app)
+    assert main(["users", "revoke", "clinician", "--data-dir", str(app["data"])]) == 0
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "signin").is_displayed())
+    assert not browser.find_element(By.ID, "app").is_displayed()
+    assert "revoked" in browser.find_element(By.ID, "page-message").text

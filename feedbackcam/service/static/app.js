@@ -34,6 +34,7 @@ async function api(path, options = {}) {
     } catch (_) { /* not JSON */ }
     const error = new Error(detail);
     error.status = response.status;
+    if (response.status === 401 && state.me) signedOut(detail);
     throw error;
   }
   if (response.status === 204) return null;
@@ -120,6 +121,17 @@ async function signIn(token) {
   await Promise.all([loadGallery(), loadWorklists(), refreshStatus(),
     state.me.role === "admin" ? loadVersions() : null]);
   setInterval(poll, 1500);
+}
+
+// The token stopped working (expired or revoked): say so, and ask for a new one.
+function signedOut(detail) {
+  state.me = null;
+  sessionStorage.removeItem("feedbackcam-token");
+  $("app").hidden = true;
+  $("whoami").hidden = true;
+  $("update-state").hidden = true;
+  $("signin").hidden = false;
+  say("page-message", `Signed out: ${detail}. Ask an admin for a new token if yours expired.`, true);
 }
 
 function signOut() {

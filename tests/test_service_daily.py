@@ -222,6 +222,8 @@ def test_rollback_needs_confirmation(env):
             assert predict_upload(client, env)["version"] == 2  # nothing changed
         r = client.post("/api/versions/1/activate?confirm=true", headers=env.auth("admin"))
         assert r.status_code == 200 and predict_upload(client, env)["version"] == 1
+        # a missing version is missing, confirmed or not
+        assert client.post("/api/versions/9/activate", headers=env.auth("admin")).status_code == 404
 
 
 # ------------------------------------------------------------------ honest outcomes

@@ -76,6 +76,8 @@ def activate(
     """Serve this promoted version from now on (a rollback, or forward again).
 
     Needs ``confirm=true``: it changes the answers every user sees, at once."""
+    if session.get(Version, version_id) is None:
+        raise HTTPException(404, f"no version {version_id}")
     if not confirm:
         raise HTTPException(
             422, "confirm: making a version current changes every user's answers; send confirm=true"

@@ -298,6 +298,25 @@ def _simulate(args) -> int:
     return 0
 
 
+def _add_shortcuts(sub) -> None:
+    p = sub.add_parser(
+        "shortcuts",
+        help="the shortcut-removal benchmark: Decoy-MNIST and SynthDerm, methods, controls "
+        "(docs/shortcuts.md); 'feedbackcam shortcuts --help' lists its options",
+        add_help=False,
+        prefix_chars="+",  # every option goes on to the benchmark's own parser
+    )
+    p.add_argument("args", nargs="*")
+
+    def run(args) -> int:
+        from .shortcuts import main as shortcuts_main
+
+        shortcuts_main(args.args)
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -410,6 +429,8 @@ def _data_check(args) -> int:
 def _data_prepare(args) -> int:
     from .data.prepared import prepare, read_prepared_meta
 
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {args.out}: a file is there; expected a folder to create")
     out = prepare(
         args.root,
         args.out,
@@ -650,6 +671,13 @@ def _import_keras(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return port
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
@@ -662,7 +690,7 @@ def _add_serve(sub) -> None:
     d = Settings()
     p.add_argument("--model", type=Path, default=None, help="a checkpoint (default: the demo's)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--db", default=d.db_url, help="SQLAlchemy URL (default: SQLite in --data-dir)")
     p.add_argument("--data-dir", type=Path, default=d.data_dir)
     p.add_argument("--update-every", type=int, default=d.update_every, help="fine-tune after N")
@@ -763,6 +791,26 @@ def _add_export(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _add_doctor(sub) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="check the feedback app's data dir and database; --repair what can be repaired",
+        description="Check the database, the current version's checkpoint and its SHA-256, "
+        "every promoted version, the feedback files and unknown checkpoints. --repair makes the "
+        "last good version current and tidies files; no feedback is changed.",
+    )
+    p.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+    p.add_argument("--repair", action="store_true", help="repair what can be repaired safely")
+
+    def run(args) -> int:
+        from .service.doctor import doctor
+
+        return doctor(args)
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -777,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_demo,
         _add_simulate,
+        _add_shortcuts,
         _add_data,
         _add_train_base,
         _add_evaluate,
@@ -786,6 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_users,
         _add_worklist,
         _add_export,
+        _add_doctor,
     ):
         add(sub)
     return parser
@@ -799,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (CliError, FileNotFoundError, ValueError) as err:
+    except (CliError, OSError, ValueError) as err:  # user errors: one line, no traceback
         if args.verbose:
             raise
         print(f"feedbackcam {args.command}: error: {err}", file=sys.stderr)

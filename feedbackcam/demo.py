@@ -102,6 +102,9 @@ def synth_simulation_data(setup: SynthSetup) -> tuple[SimulationData, SynthDatas
 
 
 def as_array_dataset(ds: SynthDataset) -> ArrayDataset:
+    """SynthDerm as feedback data: the attribute masks are the keep masks (what matters), and the
+    artifact, where an image has one, is the ignore mask (what a dermatologist marks "not
+    this")."""
     return ArrayDataset(
         images=ds.images,
         masks=ds.masks,
@@ -109,6 +112,8 @@ def as_array_dataset(ds: SynthDataset) -> ArrayDataset:
         has_mask=np.ones(len(ds), bool),
         ids=ds.ids,
         classes=tuple(ds.classes),
+        ignore=ds.artifact_masks,
+        has_ignore=np.asarray(ds.has_artifact, bool),
     )
 
 

@@ -153,12 +153,15 @@ class ExplanationLoss:
         needs: the feedback mask it learns from: "keep" (the region that matters) or "ignore"
             (a region that must not matter). Samples without that mask add no loss.
         input_gradients: the step must make the images require grad (input-gradient losses).
+        saliency_only: a function of the explained classes' saliency maps and the mask alone
+            (what the thesis' Algorithm 2, ``reference_step``, can compute).
         summary: one line for ``--help`` and the docs.
     """
 
     fn: Callable[[Any, Any], Tensor] | None
     needs: str
     input_gradients: bool = False
+    saliency_only: bool = False
     summary: str = ""
 
 
@@ -168,7 +171,7 @@ EXPLANATION_LOSSES: dict[str, ExplanationLoss] = {}
 
 
 def register_loss(
-    name: str, *, needs: str, input_gradients: bool = False
+    name: str, *, needs: str, input_gradients: bool = False, saliency_only: bool = False
 ) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn(inputs, cfg) -> (N,)`` as the explanation loss ``name``."""
     if needs not in MASK_KINDS:
@@ -176,7 +179,9 @@ def register_loss(
 
     def add(fn: Callable) -> Callable:
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        EXPLANATION_LOSSES[name] = ExplanationLoss(fn, needs, input_gradients, summary)
+        EXPLANATION_LOSSES[name] = ExplanationLoss(
+            fn, needs, input_gradients, saliency_only, summary
+        )
         return fn
 
     return add
@@ -201,7 +206,7 @@ def _over_targets(inputs, fn: Callable[[Tensor], Tensor]) -> Tensor:
     return torch.stack([fn(s.float()) for s in inputs.saliencies()]).mean(dim=0)
 
 
-@register_loss("jaccard", needs="keep")
+@register_loss("jaccard", needs="keep", saliency_only=True)
 def _jaccard(inputs, cfg) -> Tensor:
     """The thesis' squared soft-Jaccard loss of the soft-thresholded CAM vs the keep mask."""
     return _over_targets(
@@ -210,7 +215,7 @@ def _jaccard(inputs, cfg) -> Tensor:
     )
 
 
-@register_loss("dice", needs="keep")
+@register_loss("dice", needs="keep", saliency_only=True)
 def _dice(inputs, cfg) -> Tensor:
     """Soft Dice loss of the soft-thresholded CAM vs the keep mask."""
     return _over_targets(
@@ -219,13 +224,13 @@ def _dice(inputs, cfg) -> Tensor:
     )
 
 
-@register_loss("energy", needs="keep")
+@register_loss("energy", needs="keep", saliency_only=True)
 def _energy(inputs, cfg) -> Tensor:
     """Share of the CAM's energy outside the keep mask."""
     return _over_targets(inputs, lambda s: outside_energy_loss(s, inputs.keep))
 
 
-@register_loss("mse", needs="keep")
+@register_loss("mse", needs="keep", saliency_only=True)
 def _mse(inputs, cfg) -> Tensor:
     """Mean squared error of the CAM to a (possibly non-binary) keep map."""
     return _over_targets(inputs, lambda s: map_mse_loss(s, inputs.keep))
@@ -235,3 +240,103 @@ def _mse(inputs, cfg) -> Tensor:
 def _rrr(inputs, cfg) -> Tensor:
     """Ross et al.'s input-gradient penalty outside the keep mask (times cfg.rrr_scale)."""
     return cfg.rrr_scale * rrr_loss(inputs.input_gradients(), inputs.keep)
+
+
+# ------------------------------------------------- losses that learn from "ignore" feedback
+# (issue 11; compared in docs/shortcuts.md). Each multiplies its loss by cfg.loss_scale through
+# the step, so benchmark and app can set lambda as a share of the gradient.
+
+
+def _kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p || q) per sample, from logits."""
+    lp, lq = F.log_softmax(logits_p.float(), 1), F.log_softmax(logits_q.float(), 1)
+    return (lp.exp() * (lp - lq)).sum(1)
+
+
+def _cells(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """A pixel mask (N, H, W) as the share of each (h, w) CAM cell it covers."""
+    return F.adaptive_avg_pool2d(mask[:, None].float(), tuple(size))[:, 0]
+
+
+@register_loss("rrr_ignore", needs="ignore", input_gradients=True)
+def _rrr_ignore(inputs, cfg) -> Tensor:
+    """Ross et al. 2017 on the ignore region: squared input gradients of sum_k log p_k there."""
+    g = inputs.input_gradients()
+    return (g.pow(2).sum(1) * inputs.ignore).flatten(1).sum(1)
+
+
+@register_loss("rrr_g", needs="ignore")
+def _rrr_g(inputs, cfg) -> Tensor:
+    """The typology's RRR-G: (ignore mask x max-scaled Grad-CAM of the predicted class)^2."""
+    pred = inputs.logits.detach().argmax(1)
+    return (inputs.ignore * inputs.saliency(pred)).pow(2).flatten(1).mean(1)
+
+
+@register_loss("hint", needs="keep")
+def _hint(inputs, cfg) -> Tensor:
+    """HINT as in the typology: MSE between the true class's Grad-CAM and the keep mask."""
+    return (inputs.saliency(inputs.labels) - inputs.keep).pow(2).flatten(1).mean(1)
+
+
+@register_loss("counterexample", needs="ignore")
+def _counterexample(inputs, cfg) -> Tensor:
+    """Counterexamples (CE): cross-entropy on the image with its ignore region randomised."""
+    from .counterfactual import randomize_region
+
+    images = randomize_region(inputs.images.detach(), inputs.ignore)
+    return F.cross_entropy(inputs.forward(images), inputs.labels, reduction="none")
+
+
+@register_loss("signed_evidence", needs="ignore")
+def _signed_evidence(inputs, cfg) -> Tensor:
+    """Signed Grad-CAM evidence (before the ReLU) of a random class inside the ignore region,
+    squared: the shortcut must add nothing, for or against any class.
+
+    A ReLU'd, max-scaled map of one class cannot see evidence below 50 % of its peak, nor
+    evidence for another class (docs/results.md section 2). One class per sample per step,
+    drawn at random, is an unbiased estimate of the mean over classes at the cost of one
+    gradient.
+    """
+    n_classes = inputs.logits.shape[1]
+    targets = torch.randint(0, n_classes, inputs.labels.shape, device=inputs.labels.device)
+    total = inputs.logits.new_zeros(inputs.labels.shape)
+    for raw in inputs.raw_cams(targets):
+        m = _cells(inputs.ignore, raw.shape[-2:])
+        total = total + (m * raw.float()).pow(2).flatten(1).sum(1)
+    return total
+
+
+@register_loss("invariance", needs="ignore")
+def _invariance(inputs, cfg) -> Tensor:
+    """Counterfactual invariance: CE on the image with its ignore region filled by its median
+    colour, plus KL(p(x) || p(x_filled))."""
+    from .counterfactual import fill_region
+
+    lf = inputs.forward(fill_region(inputs.images.detach(), inputs.ignore))
+    return F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
+
+
+@register_loss("invariance_transplant", needs="ignore")
+def _invariance_transplant(inputs, cfg) -> Tensor:
+    """Invariance to the marked artifact: the fill term of "invariance", plus each artifact
+    moved onto another image of the batch (labels unchanged) with CE and a KL to that image.
+
+    The recipient's own marked region is filled first, so it carries one known artifact: the
+    donor's. Filling alone can leave "a filled patch" as a cue; moving the artifact onto
+    images of every class makes it useless as one.
+    """
+    from .counterfactual import fill_region, transplant
+
+    images = inputs.images.detach()
+    n = images.shape[0]
+    shift = int(torch.randint(1, max(n, 2), ()))
+    recipients = (torch.arange(n, device=images.device) + shift) % n
+    filled = fill_region(images, inputs.ignore)
+    pasted, _ = transplant(images, inputs.ignore, recipients)
+    logits = inputs.forward(torch.cat([filled, pasted]))
+    lf, lp = logits[:n], logits[n:]
+    fill_term = F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
+    move_term = F.cross_entropy(lp, inputs.labels[recipients], reduction="none") + _kl(
+        lf[recipients], lp
+    )
+    return fill_term + move_term

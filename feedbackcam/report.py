@@ -101,7 +101,9 @@ def _best_epoch(run: dict) -> str:
     epoch = run.get("best_epoch")
     if epoch is None:
         return "-"
-    return f"0 ({NO_IMPROVEMENT})" if epoch == 0 else str(epoch)
+    rejected = run.get("guard_rejected_epochs") or 0
+    guard = f"; {rejected} failed the collapse guard" if rejected else ""
+    return f"0 ({NO_IMPROVEMENT}{guard})" if epoch == 0 else f"{epoch}{guard.replace(';', ',')}"
 
 
 def _line_panel(ax, series: dict, baseline, baseline_label: str, xlabel: str, ylabel: str):

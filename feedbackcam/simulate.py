@@ -462,7 +462,14 @@ def run_simulation(
             )  # fmt: skip
         run["best_epoch"] = best_epoch
         run["improved"] = best_epoch > 0
+        rejected = sum(1 for r in history if r["mode"] == mode and not r["eligible"])
+        run["guard_rejected_epochs"] = rejected
         run["warnings"] = run_warnings(run, best_epoch)
+        if rejected:
+            run["warnings"].append(
+                f"{rejected} epoch(s) failed the collapse guard (validation average sensitivity "
+                f"more than {cfg.guard_tolerance:g} below the baseline's) and were not selected"
+            )
         results["runs"][mode] = run
         if main:
             # what ran: this mode's lambda is the config's only lambda

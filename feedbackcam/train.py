@@ -53,6 +53,11 @@ class FeedbackConfig:
         class_weights: optional cross-entropy weights, one per class.
         clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
         freeze_batchnorm: BatchNorm in eval mode during steps (per-sample CAMs; see cam.py).
+        ignore_loss: a loss that learns from ignore masks ("this must not matter"), added to
+            the explanation loss for the samples that carry one; None: ignore masks are unused
+            (unless ``explanation_loss`` itself learns from them). Without ignore feedback in
+            the data it adds nothing, so the thesis' runs are unchanged.
+        ignore_scale: multiplies the ignore loss.
         explain_classes: whose CAM the explanation loss shapes: "label" (the thesis: the
             feedback class), "predicted" (the class the model currently gives), or "all" (every
             class's CAM, losses averaged): the user's region is where the evidence for *any*
@@ -62,6 +67,10 @@ class FeedbackConfig:
         rrr_scale: multiplies the "rrr" penalty, whose raw size (squared input gradients per
             pixel) is orders of magnitude below the other losses; Ross et al. weighted it by
             1000 against cross-entropy for the same reason.
+        loss_scale: multiplies the explanation loss (every one), so that lambda can mean the
+            explanation term's share of the gradient rather than of raw loss sizes; set it with
+            :func:`feedbackcam.balance.calibrate_loss_scale` (the two terms' gradients equal
+            at the start, as Ross et al. advise) instead of hand-tuned constants.
     """
 
     lam: float = 0.3
@@ -76,6 +85,9 @@ class FeedbackConfig:
     precision: str = "fp32"
     rrr_scale: float = 1000.0
     explain_classes: str = "label"
+    loss_scale: float = 1.0
+    ignore_loss: str | None = None
+    ignore_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -94,6 +106,15 @@ class FeedbackConfig:
             raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
+        for name in ("loss_scale", "ignore_scale"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
+        if self.ignore_loss is not None and losses.get_loss(self.ignore_loss).needs != "ignore":
+            raise ValueError(
+                f"ignore_loss: expected a loss that learns from ignore masks, got "
+                f"{self.ignore_loss!r} (needs {losses.get_loss(self.ignore_loss).needs} masks)"
+            )
 
 
 class LossInputs:
@@ -199,16 +220,25 @@ def explanation_losses(
     return entry.fn(LossInputs(model, out, images, batch, cfg), cfg)
 
 
-def _map_loss(saliency: Tensor, masks: Tensor, cfg: FeedbackConfig) -> Tensor:
-    """A keep-mask loss of one given saliency (for :func:`reference_step`)."""
+class _GivenSaliency:
+    """Loss inputs for a saliency computed elsewhere (the reference step's gradient instance);
+    enough for the losses registered as ``saliency_only``."""
 
-    class _Given:
-        keep = masks
+    def __init__(self, saliency: Tensor, keep: Tensor) -> None:
+        self.keep, self._saliency = keep, saliency
 
-        def saliencies(self):
-            return [saliency]
+    def saliencies(self) -> list[Tensor]:
+        return [self._saliency]
 
-    return losses.get_loss(cfg.explanation_loss).fn(_Given(), cfg)
+
+def _ignore_term(cfg: FeedbackConfig, batch: FeedbackBatch) -> losses.ExplanationLoss | None:
+    """The loss that learns from the batch's ignore masks besides the explanation loss, if
+    ``cfg.ignore_loss`` names one and the batch carries ignore masks."""
+    if cfg.ignore_loss is None or batch.ignore is None:
+        return None
+    if losses.get_loss(cfg.explanation_loss).needs == "ignore":
+        return None  # the explanation loss itself learns from them
+    return losses.get_loss(cfg.ignore_loss)
 
 
 def _prepare(model: nn.Module, cfg: FeedbackConfig) -> None:
@@ -293,7 +323,8 @@ def feedback_step(
     _prepare(model, cfg)
     images = batch.images
     entry = losses.get_loss(cfg.explanation_loss)
-    if entry.input_gradients and cfg.lam > 0:
+    ignore = _ignore_term(cfg, batch)
+    if cfg.lam > 0 and (entry.input_gradients or (ignore is not None and ignore.input_gradients)):
         images = images.detach().requires_grad_(True)
     bf16 = cfg.precision == "bf16"
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -301,10 +332,18 @@ def feedback_step(
         logits = out.logits.float()
         loss_cls = losses.classification_loss(logits, batch.labels, cfg.class_weights)
         present = present_mask(batch, entry.needs)
-        n_exp = present.sum()
+        if ignore is not None:
+            present_ignore = present_mask(batch, "ignore")
+        n_exp = (present | present_ignore).sum() if ignore is not None else present.sum()
         if cfg.lam > 0:
             per_sample = explanation_losses(model, out, images, batch, cfg)
-            loss_exp = losses.masked_mean(per_sample.float(), present)
+            loss_exp = cfg.loss_scale * losses.masked_mean(per_sample.float(), present)
+            if ignore is not None:
+                inputs = LossInputs(model, out, images, batch, cfg)
+                per_ignore = ignore.fn(inputs, cfg).float()
+                loss_exp = loss_exp + cfg.ignore_scale * losses.masked_mean(
+                    per_ignore, present_ignore
+                )
         else:
             loss_exp = loss_cls.new_zeros(())
     loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)
@@ -354,7 +393,8 @@ def reference_step(
     step. ``cfg.second_order`` is ignored: the weights are always detached here. The explanation
     loss must be a map loss (not "rrr"). Returns the per-sample stats averaged over the batch.
     """
-    if cfg.explanation_loss not in ("jaccard", "dice", "energy", "mse"):
+    entry = losses.get_loss(cfg.explanation_loss)
+    if not entry.saliency_only:
         raise ValueError(
             f"reference_step implements Algorithm 2 (a CAM vs the keep mask); "
             f"{cfg.explanation_loss!r} is not such a loss"
@@ -386,7 +426,8 @@ def reference_step(
                 for w, a in zip(weights, out.activations, strict=True)
             ]
             saliency = maps[0] if len(maps) == 1 else cams.scale_by_max(torch.stack(maps).mean(0))
-            loss_exp = losses.masked_mean(_map_loss(saliency, sample.masks, cfg), present)
+            per_sample = entry.fn(_GivenSaliency(saliency, sample.masks), cfg)
+            loss_exp = cfg.loss_scale * losses.masked_mean(per_sample, present)
         loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)
         stepped, norm = _finish_step(model, optimizer, loss, cfg)
         step_stats = {

@@ -40,3 +40,45 @@ def toy():
 def tiny_model():
     torch.manual_seed(0)
     return small_cnn(num_classes=3, width=8)
+
+
+# ------------------------------------------------------------------ databases for the service
+POSTGRES_ENV = "FEEDBACKCAM_TEST_POSTGRES"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    """None (SQLite in the data dir) or the URL of a fresh PostgreSQL database, dropped after.
+
+    The PostgreSQL run needs FEEDBACKCAM_TEST_POSTGRES (an admin URL, e.g. from
+    ``.ci/start-postgres``); without it the test is skipped with a message, except in CI
+    (CI=true), where it fails: CI must never pass without having run against a real server.
+    """
+    if request.param == "sqlite":
+        yield None
+        return
+    import os
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    admin = os.environ.get(POSTGRES_ENV)
+
+    def unavailable(message: str):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message} (CI=true: the PostgreSQL tests must run)")
+        pytest.skip(message)
+
+    if not admin:
+        unavailable(f"no PostgreSQL server: set {POSTGRES_ENV} (.ci/start-postgres starts one)")
+    name = f"feedbackcam_test_{uuid.uuid4().hex[:12]}"
+    try:
+        engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as err:  # no driver, no server, no rights: say which
+        unavailable(f"PostgreSQL at {POSTGRES_ENV} is not usable: {type(err).__name__}: {err}")
+    yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+    with engine.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()

@@ -182,10 +182,13 @@ RANK = {
     "pretrained": 1,
     "keras_import": 1,
     "report": 1,
+    "counterfactual": 1,
     "train": 2,
+    "balance": 2,
     "evaluate": 3,
     "simulate": 3,
     "base": 3,
+    "shortcut_metrics": 3,
     "shortcuts": 4,
     "demo": 4,
     "service": 4,
@@ -255,3 +258,39 @@ def test_base_and_simulate_share_the_epoch_function():
         }
         assert "train_one_epoch" in called, name
         assert "feedback_step" not in called, name
+
+
+def test_an_ignore_loss_adds_to_the_keep_loss_only_where_there_is_ignore_feedback(
+    monkeypatch, toy, tiny_model
+):
+    monkeypatch.setitem(
+        losses.EXPLANATION_LOSSES,
+        "keep-const",
+        losses.ExplanationLoss(lambda x, cfg: x.logits.sum(dim=1) * 0 + 0.5, "keep"),
+    )
+    monkeypatch.setitem(
+        losses.EXPLANATION_LOSSES,
+        "ignore-area",
+        losses.ExplanationLoss(lambda x, cfg: x.ignore.sum(dim=(1, 2)), "ignore"),
+    )
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
+    cfg = FeedbackConfig(lam=1.0, explanation_loss="keep-const", ignore_loss="ignore-area")
+    plain = feedback_step(tiny_model, toy(4), opt, cfg)  # no ignore masks: the keep loss alone
+    assert plain["loss_exp"] == pytest.approx(0.5)
+    batch = toy(4).with_ignore_slots()
+    ignore = batch.ignore.clone()
+    ignore[1, :2, :3] = 1
+    has = torch.tensor([False, True, False, False])
+    stats = feedback_step(tiny_model, batch._replace(ignore=ignore, has_ignore=has), opt, cfg)
+    assert stats["loss_exp"] == pytest.approx(0.5 + 6.0)
+    with pytest.raises(ValueError, match="ignore_loss"):
+        FeedbackConfig(ignore_loss="keep-const")
+
+
+def test_the_shortcut_benchmark_is_a_cli_command(capsys):
+    from feedbackcam.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["shortcuts", "--help"])
+    assert done.value.code == 0
+    assert "--quick" in capsys.readouterr().out

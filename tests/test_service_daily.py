@@ -42,6 +42,12 @@ from feedbackcam.service.ood import energies
 from feedbackcam.service.originals import source_index, to_model
 
 
+def store_args(env) -> list[str]:
+    """The CLI's options for the env's data dir and database (SQLite or PostgreSQL)."""
+    url = env.base.get("db_url")
+    return ["--data-dir", str(env.data), *(["--db", url] if url else [])]
+
+
 def hold_training(monkeypatch):
     """Make updates wait inside their first optimizer step until ``release`` is set."""
     release, entered = threading.Event(), threading.Event()
@@ -183,6 +189,39 @@ def test_withdraw_own_pending_feedback_only(env):
         assert used.status_code == 409 and "used" in used.json()["detail"]
 
 
+def test_the_repeat_digest_covers_the_ignore_mask_and_withdrawing_is_private(env):
+    with env.sessions() as session:
+        from feedbackcam.service.auth import add_user
+
+        env.tokens["dana"] = add_user(session, "dana", "clinician")
+    with env.app(worker=False) as client:
+        p = predict_upload(client, env)
+        data = {"image_id": p["image_id"], "shown_version": 1, "predicted": p["predicted"]}
+
+        def submit(ignore_rows, role="clinician"):
+            ignore = np.zeros((SIZE, SIZE), np.uint8)
+            ignore[:ignore_rows] = 255
+            files = {
+                "mask": ("m.png", png(box_mask()), "image/png"),
+                "ignore_mask": ("i.png", png(ignore), "image/png"),
+            }
+            return client.post("/api/feedback", data=data, files=files, headers=env.auth(role))
+
+        first, again, other = submit(5), submit(5), submit(9)
+        assert (first.status_code, again.status_code, other.status_code) == (201, 200, 201)
+        assert again.json()["id"] == first.json()["id"] != other.json()["id"]
+        mine = first.json()["id"]
+        # another clinician's item is not found, as for reading it
+        r = client.delete(f"/api/feedback/{mine}", headers=env.auth("dana"))
+        assert r.status_code == 404
+        r = client.delete(f"/api/feedback/{mine}", headers=env.auth("clinician"))
+        assert r.status_code == 200 and r.json()["status"] == "withdrawn"
+        # given again after withdrawing it, the same feedback is new feedback
+        anew = submit(5)
+        assert anew.status_code == 201 and anew.json()["id"] not in (mine, other.json()["id"])
+        assert anew.json()["status"] == "pending"
+
+
 def test_tokens_expire_and_can_be_revoked(env, capsys):
     with env.app(worker=False) as client:
         made = client.post(
@@ -205,10 +244,10 @@ def test_tokens_expire_and_can_be_revoked(env, capsys):
         assert client.get("/api/me", headers=env.auth("viewer")).status_code == 401
         assert client.post("/api/users/nobody/revoke", headers=env.auth("admin")).status_code == 404
         # ... and on the command line
-        assert main(["users", "revoke", "clinician", "--data-dir", str(env.data)]) == 0
+        assert main(["users", "revoke", "clinician", *store_args(env)]) == 0
         assert client.get("/api/me", headers=env.auth("clinician")).status_code == 401
         assert client.get("/api/me", headers=env.auth("admin")).status_code == 200
-    assert main(["users", "list", "--data-dir", str(env.data)]) == 0
+    assert main(["users", "list", *store_args(env)]) == 0
     assert "clinician\tclinician\trevoked" in capsys.readouterr().out
 
 
@@ -328,10 +367,7 @@ def test_a_worklist_from_a_folder_is_walked_and_survives_a_restart(env):
 
 def test_worklists_from_uploads_and_the_command_line(env, capsys):
     write_folder(env.data.parent / "elsewhere", env.assets["images"][3:5])
-    assert (
-        main(["worklist", "add", str(env.data.parent / "elsewhere"), "--data-dir", str(env.data)])
-        == 0
-    )
+    assert main(["worklist", "add", str(env.data.parent / "elsewhere"), *store_args(env)]) == 0
     assert "2 image(s)" in capsys.readouterr().out
     with env.app(worker=False) as client:
         files = [
@@ -373,7 +409,7 @@ def test_export_writes_the_documented_dataset_layout(env):
         assert zipped.status_code == 200
         assert client.get("/api/export.zip", headers=env.auth("clinician")).status_code == 403
     out = env.data.parent / "export"
-    assert main(["export", "--data-dir", str(env.data), "--out", str(out)]) == 0
+    assert main(["export", *store_args(env), "--out", str(out)]) == 0
     rows = list(csv.DictReader((out / "labels.csv").open()))
     assert list(rows[0]) == ["id", "label", "user", "created_at", "model_version"]
     assert [r["id"] for r in rows] == ["fb000001", "fb000002"]  # the withdrawn one is left out
@@ -389,7 +425,7 @@ def test_export_writes_the_documented_dataset_layout(env):
         names = set(archive.namelist())
         assert {f"feedback/{p.relative_to(out).as_posix()}" for p in out.rglob("*.*")} == names
         assert archive.read("feedback/labels.csv") == (out / "labels.csv").read_bytes()
-    assert main(["export", "--data-dir", str(env.data), "--out", str(out)]) == 2  # not empty
+    assert main(["export", *store_args(env), "--out", str(out)]) == 2  # not empty
     # the generic dataset layout reads it: data check passes, data prepare keeps every item
     assert main(["data", "check", str(out)]) == 0
     prepared = env.data.parent / "prepared"

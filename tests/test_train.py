@@ -13,10 +13,14 @@ def _batch(n=4, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     masks = torch.zeros(n, size, size)
     masks[:, 4:20, 8:24] = 1
+    ignore = torch.zeros(n, size, size)  # for the losses that need "ignore" feedback
+    ignore[:, 22:30, 0:8] = 1
     return FeedbackBatch(
         torch.rand(n, 3, size, size, generator=g),
         torch.randint(0, 3, (n,), generator=g),
         masks,
+        torch.ones(n, dtype=torch.bool),
+        ignore,
         torch.ones(n, dtype=torch.bool),
     )
 

@@ -11,6 +11,10 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from .. import __version__
+from . import errors
+from .guard import Guard
+from .headers import SecurityHeaders
+from .limits import RateLimiter
 from .registry import VersionError
 from .routers import (
     export,
@@ -24,6 +28,7 @@ from .routers import (
     worklists,
 )
 from .runtime import Runtime
+from .schemas import ERROR_RESPONSES
 from .settings import Settings
 from .uploads import UploadError
 
@@ -97,6 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # an image and a mask at the upload limit, plus the form fields
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 2**20)
+    app.add_middleware(Guard, limiter=RateLimiter(settings.rate_limit_per_minute))
+    errors.install(app)
+    app.add_middleware(SecurityHeaders)
     for module in (
         predict,
         feedback,
@@ -108,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         worklists,
         export,
     ):
-        app.include_router(module.router, prefix="/api")
+        app.include_router(module.router, prefix="/api", responses=ERROR_RESPONSES)
 
     @app.exception_handler(UploadError)
     @app.exception_handler(VersionError)

@@ -1,8 +1,32 @@
-"""``feedbackcam serve`` and ``feedbackcam users``: what the command line runs."""
+"""``feedbackcam serve``, ``users`` and ``doctor``: what the command line runs.
+
+User errors (a bad checkpoint, a port out of range, a database without its driver) raise
+``ValueError`` with one line; the CLI prints it without a traceback.
+"""
 
 from __future__ import annotations
 
 from .settings import Settings
+
+
+def preflight(settings: Settings) -> None:
+    """Everything that can stop a start, done before the server binds its port: the current
+    version's file is verified and a new ``--model`` is checked before it is registered."""
+    from .db import connect
+    from .registry import Registry
+    from .store import Store
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = settings.model
+    if checkpoint is None:
+        from .demo import ensure_demo
+
+        checkpoint = ensure_demo(settings.data_dir)
+    engine, sessions = connect(settings.database_url)
+    try:
+        Registry(sessions, Store(settings.data_dir), device=settings.device).open(checkpoint)
+    finally:
+        engine.dispose()
 
 
 def serve(args) -> int:
@@ -25,6 +49,7 @@ def serve(args) -> int:
         low_confidence=args.low_confidence,
         unfamiliar_quantile=args.unfamiliar_quantile,
     )
+    preflight(settings)
     print(f"feedbackcam serve: http://{args.host}:{args.port}/  (API docs: /docs)", flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0

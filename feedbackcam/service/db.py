@@ -11,20 +11,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    ForeignKey,
-    String,
-    Text,
-    create_engine,
-    event,
-    func,
-    inspect,
-    select,
-    text,
-)
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, create_engine, event, func, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from . import migrations
 
 ROLES = ("viewer", "clinician", "admin")
 ITEM_STATUSES = ("pending", "used", "withdrawn")
@@ -88,6 +80,10 @@ class Item(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     update_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))  # the update it fed
     ignore_mask_path: Mapped[str | None] = mapped_column(Text)  # the region that must not matter
+    # the client's Idempotency-Key, or a digest of the content: one row per key and user
+    idempotency_key: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_feedback_user_key", "user_id", "idempotency_key", unique=True),)
 
 
 class Current(Base):
@@ -141,25 +137,18 @@ class WorklistEntry(Base):
     updated: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Nullable columns added since a database was created are added to it (additive schema
-    changes only; anything else needs a migration)."""
-    inspector = inspect(engine)
-    with engine.begin() as connection:
-        for table in Base.metadata.sorted_tables:
-            if not inspector.has_table(table.name):
-                continue
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    connection.execute(
-                        text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
-                    )
+class Lease(Base):
+    """A named lease: which app process may run updates, and until when (see ``lease.py``)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(128))
+    expires: Mapped[datetime | None]
 
 
 def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
-    """Open (and create if needed) the database at ``url``."""
+    """Open the database at ``url``, creating it or upgrading its schema as needed."""
     options: dict[str, Any] = {}
     if url.startswith("sqlite"):
         database = url.split("///", 1)[1] if "///" in url else ""
@@ -167,7 +156,15 @@ def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         # request threads and the worker thread share the engine; SQLite serialises writers
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}
-    engine = create_engine(url, **options)
+    try:
+        engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), **options)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"database {_shown(url)}: its driver is not installed ({err.name}); for PostgreSQL "
+            "install 'psycopg[binary]' and use a postgresql+psycopg:// URL"
+        ) from err
+    except ArgumentError as err:
+        raise ValueError(f"database {_shown(url)}: not a usable SQLAlchemy URL ({err})") from err
     if url.startswith("sqlite"):
 
         @event.listens_for(engine, "connect")
@@ -177,9 +174,21 @@ def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
+    try:
+        migrations.upgrade(engine)
+    except OperationalError as err:
+        engine.dispose()
+        reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+        raise ValueError(f"database {_shown(url)}: cannot open it ({reason})") from err
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def _shown(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)
 
 
 def current_version(session: Session) -> Version | None:

@@ -19,16 +19,24 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 
 import numpy as np
 from PIL import Image
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import fileio
 from .db import Original
 from .store import Store
-from .uploads import UploadError, check_size, decode_image, png_bytes
+from .uploads import (
+    UploadError,
+    check_size,
+    decode_image,
+    decode_mask_rle,
+    mask_of,
+    png_bytes,
+    to_8bit,
+)
 
 _EXT = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpg"}
 
@@ -74,13 +82,18 @@ def admit(store: Store, session: Session, data: bytes, img: Image.Image, size: i
     input (size, size, 3) and records which original it came from (the first one, if the same
     model input comes from two originals). Commits."""
     original_id = put_original(store, data)
-    rgb = to_model(np.asarray(img.convert("RGB"), dtype=np.uint8), size)
+    img8 = to_8bit(img)  # 16-bit greys scaled, not clipped
+    rgb = img8 if img8.mode == "RGB" else img8.convert("RGB")
+    rgb = to_model(np.asarray(rgb, dtype=np.uint8), size)
     image_id = store.put("images", png_bytes(rgb))
     if session.get(Original, image_id) is None:
         ext = original_ext(data)
         path = f"originals/{original_id}.{ext}"
         session.add(Original(image_id=image_id, path=path, width=img.width, height=img.height))
-        session.commit()
+        try:
+            session.commit()
+        except IntegrityError:  # the same image, uploaded at the same moment, recorded first
+            session.rollback()
     return rgb
 
 
@@ -109,7 +122,6 @@ def decode_region(
     (times its alpha) is above half; RLE is ``{"size": [h, w], "counts": [...]}``, row-major
     runs alternating off/on starting with off."""
     shapes = [(size, size)] + ([original[::-1]] if original and original != (size, size) else [])
-    expected = " or ".join(f"{w}x{h}" for h, w in shapes)
     if b64 is not None:
         payload = b64.split(",", 1)[1] if b64.startswith("data:") else b64
         if len(payload) > max_bytes * 4 // 3 + 4:
@@ -121,24 +133,9 @@ def decode_region(
     if png is not None:
         check_size(png, what, max_bytes)
         largest = max(h * w for h, w in shapes)
-        img = decode_image(png, what, max_pixels=largest, formats=("PNG",))
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-        mask = (rgba[..., :3].mean(axis=-1) * rgba[..., 3] / 255 > 127.5).astype(np.uint8)
+        sizes = [(w, h) for h, w in shapes]  # the size is checked before the pixel count
+        img = decode_image(png, what, max_pixels=largest, formats=("PNG",), expect_size=sizes)
+        mask = mask_of(img)
     else:
-        try:
-            parsed = json.loads(rle)
-            h, w = (int(v) for v in parsed["size"])
-            counts = [int(c) for c in parsed["counts"]]
-        except (ValueError, TypeError, KeyError) as err:
-            message = f"{what}: expected {{'size': [h, w], 'counts': [...]}} ({err})"
-            raise UploadError(422, message) from err
-        if (h, w) not in shapes:
-            raise UploadError(422, f"{what}: {w}x{h}; expected {expected}")
-        if any(c < 0 for c in counts) or sum(counts) != h * w:
-            raise UploadError(422, f"{what}: counts must be >= 0 and sum to {h * w}")
-        mask = np.repeat(np.arange(len(counts)) % 2, counts).astype(np.uint8).reshape(h, w)
-    if mask.shape not in shapes:
-        raise UploadError(
-            422, f"{what}: {mask.shape[1]}x{mask.shape[0]}; expected {expected} (the image)"
-        )
+        mask = decode_mask_rle(rle, size, shapes, what)
     return to_model(mask, size)

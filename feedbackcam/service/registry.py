@@ -24,6 +24,7 @@ from ..checkpoint import ModelSpec, load_checkpoint
 from ..explain import Explanation, explain
 from ..models import SelfExplaining
 from .db import Version, current_version, set_current
+from .startup import StartupError, check_model, last_good_version, offer, verify_file
 from .store import Store, file_sha256
 
 log = logging.getLogger(__name__)
@@ -73,38 +74,64 @@ class Registry:
         return served
 
     def open(self, checkpoint: Path) -> Served:
-        """Serve the current version; a checkpoint the database has not seen becomes current.
+        """Serve the current version; a checkpoint the database has not seen becomes current,
+        but only after it loads, fits the current version and explains a test image.
 
         Restarting with the same ``--model`` resumes the fine-tuned version that was current.
+        Raises :class:`StartupError` (one line, naming the file) and changes nothing when the
+        current version's file is damaged or the new checkpoint cannot replace it.
         """
         checkpoint = Path(checkpoint)
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
-        sha = file_sha256(checkpoint)
         with self.sessions() as session:
             current = current_version(session)
+            served = None
+            if current is not None:
+                try:
+                    served = self.load(current)
+                except VersionError as err:
+                    raise StartupError(str(err)) from err
+            if not checkpoint.is_file():
+                raise StartupError(f"{checkpoint}: checkpoint not found")
+            sha = file_sha256(checkpoint)
             known = session.scalar(select(Version).where(Version.sha256 == sha).limit(1))
-            if current is None or known is None:
-                version = Version(
-                    path=self._stored_path(checkpoint),
-                    sha256=sha,
-                    status="promoted",
-                    reason="the model given at start"
-                    + ("" if current is None else f"; replaces version {current.id}"),
-                )
-                session.add(version)
-                session.flush()
-                set_current(session, version)
+            if served is None and known is not None:  # known, but nothing is current
+                try:
+                    served = self.load(known)
+                except VersionError as err:
+                    raise StartupError(str(err)) from err
+                set_current(session, known)
                 session.commit()
-                current = version
-            elif known.id != current.id:
-                log.warning(
-                    "%s is version %d; serving version %d, current since the last run",
-                    checkpoint,
-                    known.id,
-                    current.id,
+                self._served = served
+                return served
+            if served is not None and known is not None:
+                if known.id != current.id:
+                    log.warning(
+                        "%s is version %d; serving version %d, current since the last run",
+                        checkpoint,
+                        known.id,
+                        current.id,
+                    )
+                self._served = served
+                return served
+            try:
+                checked = check_model(
+                    checkpoint, reference=served.spec if served else None, device=self.device
                 )
-        self._served = self.load(current)
+            except ValueError as err:
+                kept = "nothing was changed" if current is None else f"version {current.id} stays"
+                raise StartupError(f"{err}; {kept} current") from err
+            version = Version(
+                path=self._stored_path(checkpoint),
+                sha256=checked.sha256,
+                status="promoted",
+                reason="the model given at start"
+                + ("" if current is None else f"; replaces version {current.id}"),
+            )
+            session.add(version)
+            session.flush()
+            set_current(session, version)
+            session.commit()
+        self._served = Served(version.id, checked.model, checked.spec)
         return self._served
 
     def _stored_path(self, path: Path) -> str:
@@ -113,14 +140,28 @@ class Registry:
         return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
     def load(self, version: Version) -> Served:
-        if version.path is None:
-            raise VersionError(409, f"version {version.id} has no checkpoint ({version.status})")
+        """Load a version's checkpoint after checking it against the SHA-256 recorded for it."""
         try:
-            model, spec, _ = load_checkpoint(self.store.absolute(version.path))
+            path = verify_file(self.store, version)
+            model, spec, _ = load_checkpoint(path)
         except (FileNotFoundError, ValueError) as err:
-            raise VersionError(409, f"version {version.id}: {err}") from err
+            with self.sessions() as session:
+                good = last_good_version(session, self.store, exclude=version.id)
+            raise VersionError(409, f"{err}; {offer(good, self.store.root)}") from err
         model.to(self.device).eval()
         return Served(version.id, model, spec)
+
+    def sync(self) -> bool:
+        """Serve the database's current version if another process changed it; True if so."""
+        with self.switching:
+            with self.sessions() as session:
+                current = current_version(session)
+                if current is None or current.id == self.served.version_id:
+                    return False
+                served = self.load(current)
+            self.install(served)
+        log.info("version %d is current (changed by another process)", served.version_id)
+        return True
 
     def install(self, served: Served) -> None:
         self._served = served

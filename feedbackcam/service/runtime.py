@@ -4,16 +4,21 @@ and the updater. Opened in the app's lifespan, closed when it ends."""
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..data.dataset import ArrayDataset
+from . import limits
 from .auth import add_user, count_users
 from .datasets import load_labelled
 from .db import connect
 from .gallery import GalleryImage, load_gallery
+from .lease import DbLease
 from .ood import Familiarity
 from .registry import Registry
 from .settings import Settings
@@ -44,16 +49,18 @@ class Runtime:
             from .demo import ensure_demo
 
             checkpoint = ensure_demo(data_dir)
+        limits.configure(settings.max_concurrent_decodes)
         store = Store(data_dir)
         engine, sessions = connect(settings.database_url)
         try:
-            if settings.bootstrap_admin:
-                _bootstrap_admin(sessions)
-            interrupted = mark_interrupted(sessions)
+            # a candidate is unfinished only if no other live process is updating it
+            interrupted = 0 if DbLease(sessions).held_by_other() else mark_interrupted(sessions)
             if interrupted:
                 log.warning("%d update(s) were interrupted; their feedback is pending", interrupted)
             registry = Registry(sessions, store, device=settings.device)
             spec = registry.open(checkpoint).spec
+            if settings.bootstrap_admin:  # only once the model is known to serve
+                _bootstrap_admin(sessions, data_dir)
             validation = load_labelled(data_dir, "validation", spec.classes, spec.input_size)
             replay = load_labelled(data_dir, "replay", spec.classes, spec.input_size)
             gallery = load_gallery(
@@ -80,15 +87,27 @@ class Runtime:
         self.engine.dispose()
 
 
-def _bootstrap_admin(sessions: sessionmaker[Session]) -> None:
-    """First start, no users: create ``admin`` and print its token once (only its hash is kept)."""
+def _bootstrap_admin(sessions: sessionmaker[Session], data_dir: Path) -> None:
+    """First start, no users: create ``admin`` and show its token once (only its hash is kept).
+
+    The token goes to the terminal, never through ``logging``; when stdout is not a terminal
+    (a service manager that keeps stdout as its log) it goes to a file only its owner can read.
+    """
     with sessions() as session:
         if count_users(session):
             return
         token = add_user(session, "admin", "admin")
+    if sys.stdout.isatty():
+        where = f"  Its token, shown only this once: {token}"
+    else:
+        path = data_dir / "admin-token.txt"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        where = f"  Its token is in {path} (readable by its owner only); delete the file after use"
     print(
         "feedbackcam serve: no users yet, so user 'admin' (role admin) was created.\n"
-        f"  Its token, shown only this once: {token}\n"
+        f"{where}\n"
         "  Sign in on the page with it; add users with: "
         "feedbackcam users add NAME --role clinician",
         flush=True,

@@ -99,3 +99,26 @@ class UpdateStatus(BaseModel):
     training_items: int | None = Field(description="items the running update learns from")
     last_update: VersionInfo | None
     last_error: str | None
+
+
+class Problem(BaseModel):
+    """Every error's body: a sentence, or FastAPI's list of field errors for a malformed request."""
+
+    detail: str | list[dict[str, Any]]
+
+
+_ERRORS = {
+    401: "no token, or an unknown or revoked one",
+    403: "the token's role may not do this",
+    404: "no such item, image or version",
+    409: "the request conflicts with the current state",
+    413: "too many bytes or pixels",
+    415: "not a PNG or JPEG image",
+    422: "a field is missing, malformed or out of range",
+    429: "too many requests from this token; see Retry-After",
+    503: "storage (disk or database) unavailable for now; see Retry-After",
+}
+# string keys: FastAPI then documents 422 with this shape instead of its own
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    str(code): {"model": Problem, "description": text} for code, text in _ERRORS.items()
+}

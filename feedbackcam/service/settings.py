@@ -25,6 +25,10 @@ class Settings:
             sensitivity falls more than this below the current model's (negative: must improve).
         max_upload_bytes: largest accepted image or mask file.
         max_pixels: largest accepted image (width x height), checked before decoding.
+        max_concurrent_decodes: images decoded at once (each may take up to
+            ``max_pixels`` x 4 bytes of memory); more wait their turn.
+        rate_limit_per_minute: API requests per token (or per client address, without one)
+            in any minute; 0 means no limit.
         worker: run the background updater (tests turn it off to hold items pending).
         poll_seconds: how often the worker looks for pending items without being woken.
         bootstrap_admin: on first start with no users, create ``admin`` and print its token once.
@@ -47,6 +51,8 @@ class Settings:
     tolerance: float = 0.02
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000
+    max_concurrent_decodes: int = 2
+    rate_limit_per_minute: int = 0
     worker: bool = True
     poll_seconds: float = 5.0
     bootstrap_admin: bool = True
@@ -59,13 +65,24 @@ class Settings:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.model is not None:
             object.__setattr__(self, "model", Path(self.model))
-        for name in ("update_every", "steps", "batch_size", "max_upload_bytes", "max_pixels"):
+        for name in (
+            "update_every",
+            "steps",
+            "batch_size",
+            "max_upload_bytes",
+            "max_pixels",
+            "max_concurrent_decodes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if not isinstance(self.replay_per_class, int) or self.replay_per_class < 0:
             raise ValueError(
                 f"replay_per_class: expected an int >= 0, got {self.replay_per_class!r}"
+            )
+        if not isinstance(self.rate_limit_per_minute, int) or self.rate_limit_per_minute < 0:
+            raise ValueError(
+                f"rate_limit_per_minute: expected an int >= 0, got {self.rate_limit_per_minute!r}"
             )
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr!r}")

@@ -42,12 +42,20 @@ def read_limited(stream, what: str, max_bytes: int) -> bytes:
 
 
 def decode_image(
-    data: bytes, what: str, *, max_pixels: int, formats=("PNG", "JPEG")
+    data: bytes,
+    what: str,
+    *,
+    max_pixels: int,
+    formats=("PNG", "JPEG"),
+    expect_size: tuple[int, int] | list[tuple[int, int]] | None = None,
 ) -> Image.Image:
     """Decode PNG or JPEG bytes fully; refuse other types, damaged data and too many pixels.
 
-    The pixel count is read from the header and checked before any pixel is decoded, so a
-    decompression bomb costs nothing; Pillow's own bomb check stays on as a second guard.
+    The pixel count (and ``expect_size``, (w, h) or a list of them, if given) is read from the
+    header and checked before
+    any pixel is decoded, so a decompression bomb costs nothing; Pillow's own bomb check stays
+    on as a second guard. Callers decoding large images hold a ``limits.decode_slot()`` for
+    as long as the decoded image lives, which bounds the memory concurrent uploads take.
     """
     kind = next((k for sig, k in _SIGNATURES.items() if data.startswith(sig)), None)
     if kind not in formats:
@@ -57,6 +65,10 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[kind])
             w, h = img.size
+            sizes = [expect_size] if isinstance(expect_size, tuple) else expect_size
+            if sizes is not None and (w, h) not in sizes:
+                expected = " or ".join(f"{ew}x{eh}" for ew, eh in sizes)
+                raise UploadError(422, f"{what}: {w}x{h}; expected {expected}, the shown image")
             if w * h > max_pixels:
                 raise UploadError(
                     413, f"{what}: {w}x{h} pixels, more than the {max_pixels} allowed"
@@ -73,10 +85,23 @@ def decode_image(
     return img
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer greys scaled to 8 bits (``convert`` would clip them at 255)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        levels = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(levels / 257), 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        levels = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        top = 1.0 if levels.max(initial=0) <= 1 else 255.0
+        return Image.fromarray(np.clip(np.round(levels / top * 255), 0, 255).astype(np.uint8))
+    return img
+
+
 def model_rgb(img: Image.Image, size: int) -> np.ndarray:
     """The image as the model sees it: RGB, squashed to size x size (nearest neighbour, the
     way the training data was prepared)."""
-    rgb = img.convert("RGB")
+    img = to_8bit(img)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")  # no copy of a large RGB image
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
     return np.asarray(rgb, dtype=np.uint8)
@@ -90,15 +115,23 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def decode_mask_png(data: bytes, size: int, *, max_bytes: int, what: str = "mask") -> np.ndarray:
     """A mask image the size of the shown image; a pixel is in the region when its grey level
-    (times its alpha, if any) is above half. Returns (size, size) uint8 in {0, 1}."""
+    (times its alpha, if any) is above half. A mask of only 0 and 1 (as array libraries write
+    a boolean mask) counts 1 as in. Returns (size, size) uint8 in {0, 1}."""
     check_size(data, what, max_bytes)
-    img = decode_image(data, what, max_pixels=max(size * size, 1), formats=("PNG",))
-    if img.size != (size, size):
-        raise UploadError(
-            422, f"{what}: {img.size[0]}x{img.size[1]}; expected {size}x{size}, the shown image"
-        )
-    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-    grey = rgba[..., :3].mean(axis=-1) * rgba[..., 3] / 255
+    img = decode_image(
+        data, what, max_pixels=max(size * size, 1), formats=("PNG",), expect_size=(size, size)
+    )
+    return mask_of(img)
+
+
+def mask_of(img: Image.Image) -> np.ndarray:
+    """A decoded mask image as (h, w) uint8 in {0, 1}: in where the grey level (times the
+    alpha, if any) is above half; an image of only 0 and 1 counts 1 as in."""
+    rgba = np.asarray(to_8bit(img).convert("RGBA"), dtype=np.float32)
+    colour = rgba[..., :3].mean(axis=-1)
+    if colour.max(initial=0) <= 1:
+        colour = colour * 255
+    grey = colour * rgba[..., 3] / 255
     return (grey > 127.5).astype(np.uint8)
 
 
@@ -114,19 +147,49 @@ def decode_mask_base64(text: str, size: int, *, max_bytes: int) -> np.ndarray:
     return decode_mask_png(data, size, max_bytes=max_bytes, what="mask_base64")
 
 
-def decode_mask_rle(text: str, size: int) -> np.ndarray:
+def decode_mask_rle(
+    text: str, size: int, shapes: list[tuple[int, int]] | None = None, what: str = "mask_rle"
+) -> np.ndarray:
     """An uncompressed run-length mask, JSON ``{"size": [h, w], "counts": [...]}``: row-major
-    runs alternating off/on, starting with off (COCO's uncompressed RLE, but row-major)."""
+    runs alternating off/on, starting with off (COCO's uncompressed RLE, but row-major).
+
+    Counts are whole numbers from 0 to h * w, at most h * w + 1 of them; anything else (floats,
+    1e999, NaN, deep nesting, other keys' junk) is refused with 422 before any array is built.
+    ``shapes``: the (h, w) allowed (default: size x size only).
+    """
+    shapes = shapes or [(size, size)]
+    sizes = " or ".join(f"[{h}, {w}]" for h, w in shapes)
+    expected = f"{what}: expected {{'size': {sizes}, 'counts': [whole numbers]}}"
+    if len(text) > 12 * (max(h * w for h, w in shapes) + 2) + 64:
+        raise UploadError(422, f"{expected}; the text is longer than such a mask can be")
     try:
-        rle = json.loads(text)
-        h, w = (int(v) for v in rle["size"])
-        counts = [int(c) for c in rle["counts"]]
-    except (ValueError, TypeError, KeyError) as err:
-        message = f"mask_rle: expected {{'size': [h, w], 'counts': [...]}} ({err})"
-        raise UploadError(422, message) from err
-    if (h, w) != (size, size):
-        raise UploadError(422, f"mask_rle: {w}x{h}; expected {size}x{size}, the shown image")
-    if any(c < 0 for c in counts) or sum(counts) != h * w:
-        raise UploadError(422, f"mask_rle: counts must be >= 0 and sum to {h * w}")
+        rle = json.loads(text, parse_float=_no_float, parse_constant=_no_float)
+    except RecursionError as err:
+        raise UploadError(422, f"{expected}; it is nested too deeply") from err
+    except ValueError as err:
+        raise UploadError(422, f"{expected} ({err})") from err
+    if not isinstance(rle, dict) or not {"size", "counts"} <= rle.keys():
+        raise UploadError(422, expected)
+    shape, counts = rle["size"], rle["counts"]
+    if not _ints(shape) or len(shape) != 2 or not _ints(counts):
+        raise UploadError(422, expected)
+    h, w = shape
+    if (h, w) not in shapes:
+        wanted = " or ".join(f"{sw}x{sh}" for sh, sw in shapes)
+        raise UploadError(422, f"{what}: {w}x{h}; expected {wanted}, the shown image")
+    if len(counts) > h * w + 1 or any(not 0 <= c <= h * w for c in counts):
+        raise UploadError(422, f"{what}: expected at most {h * w + 1} counts, each 0..{h * w}")
+    if sum(counts) != h * w:
+        raise UploadError(422, f"{what}: counts must be >= 0 and sum to {h * w}")
     values = np.arange(len(counts)) % 2
     return np.repeat(values, counts).astype(np.uint8).reshape(h, w)
+
+
+def _no_float(token: str):
+    raise ValueError(f"{token[:20]!r} is not a whole number")
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )

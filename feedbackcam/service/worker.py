@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -21,10 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..checkpoint import ModelSpec, save_checkpoint
 from ..data.dataset import ArrayDataset
 from .datasets import concat, fingerprint
-from .db import Item, Version, current_version, set_current
+from .db import Item, Version, count_pending, current_version, set_current
+from .lease import DbLease
 from .registry import Registry, Served
 from .settings import Settings
-from .store import Store, file_sha256, read_image
+from .startup import check_model
+from .store import Store, read_image
 from .update import Interrupted, UpdateConfig, fine_tune, gate, plan_replay, scores
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,8 @@ class Worker:
         self.progress: dict | None = None
         self.last_error: str | None = None
         self._failed: tuple[int, ...] = ()  # pending items whose update failed: wait for more
+        self.lease = DbLease(sessions)  # one updater at a time across processes on this database
+        self._renewed = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -106,6 +111,7 @@ class Worker:
             self._wake.clear()
             force, self._force = self._force, False
             try:
+                self.registry.sync()  # another process on this database may have promoted
                 self.run_once(force=force)
             except Interrupted:
                 break
@@ -131,9 +137,30 @@ class Worker:
         return measured
 
     def run_once(self, force: bool = False) -> Version | None:
-        """Update from the pending items if there are enough (or any, with ``force``)."""
+        """Update from the pending items if there are enough (or any, with ``force``), holding
+        the database lease so no other process on the database updates at the same time."""
         if self.validation is None:
             return None
+        with self.sessions() as session:
+            if not count_pending(session):
+                return None
+        if not self.lease.acquire():
+            return None
+        self._renewed = time.monotonic()
+        try:
+            self.registry.sync()
+            return self._run_leased(force)
+        finally:
+            self.lease.release()
+
+    def _should_stop(self) -> bool:
+        """Called between optimizer steps: renews the lease now and then; True to stop."""
+        if time.monotonic() - self._renewed > self.lease.seconds / 4:
+            self.lease.acquire()
+            self._renewed = time.monotonic()
+        return self._stop.is_set()
+
+    def _run_leased(self, force: bool) -> Version | None:
         with self.sessions() as session:
             pending = session.scalars(
                 select(Item).where(Item.status == "pending").order_by(Item.id)
@@ -184,7 +211,7 @@ class Worker:
 
         def should_stop() -> bool:  # asked once before each step: counts the steps
             progress["step"] = min(progress["step"] + 1, steps)
-            return self._stop.is_set()
+            return self._should_stop()  # and renews the lease now and then
 
         stats = fine_tune(model, new, replay, plan, self.cfg, should_stop=should_stop)
         progress["phase"] = "checking"  # the gate scores the candidate on the validation set
@@ -247,6 +274,11 @@ class Worker:
                     config={"parent_version": served.version_id, **metrics["update"]},
                     metrics={k: v for k, v in metrics.items() if k != "update"},
                 )
+                try:  # what is served is what was written, and its hash is the file's
+                    model = check_model(path, reference=served.spec, device=self.registry.device)
+                except ValueError as err:
+                    path.unlink(missing_ok=True)
+                    raise RuntimeError(f"the saved candidate does not load back: {err}") from err
             with self.sessions.begin() as session:
                 version = session.get(Version, candidate_id)
                 version.metrics = metrics
@@ -263,7 +295,7 @@ class Worker:
                 version.reason = reason
                 if path is not None:
                     version.path = self.store.relative(path)
-                    version.sha256 = file_sha256(path)
+                    version.sha256 = model.sha256
                     set_current(session, version)
                 session.execute(
                     update(Item)
@@ -271,7 +303,7 @@ class Worker:
                     .values(status="used", update_id=candidate_id)
                 )
             if path is not None:
-                self.registry.install(Served(candidate_id, model, served.spec))
+                self.registry.install(Served(candidate_id, model.model, served.spec))
             log.info("version %d %s", candidate_id, reason)
             return version
 

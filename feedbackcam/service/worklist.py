@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .db import ENTRY_STATES, Worklist, WorklistEntry
+from .limits import decode_slot
 from .originals import put_original
 from .store import Store
 from .uploads import UploadError, check_size, decode_image
@@ -35,16 +36,17 @@ def create(
     given. Returns it and the reasons the other files were skipped. Commits."""
     kept, skipped = [], []
     for filename, data in files:
-        try:
-            check_size(data, filename, max_bytes)
-            decode_image(data, filename, max_pixels=max_pixels)
-        except UploadError as err:
-            skipped.append(str(err))
-            continue
+        with decode_slot():  # a busy server answers 503 rather than skipping the file
+            try:
+                check_size(data, filename, max_bytes)
+                decode_image(data, filename, max_pixels=max_pixels)
+            except UploadError as err:
+                skipped.append(str(err))
+                continue
         kept.append((filename, put_original(store, data)))
     if not kept:
         raise ValueError(f"no readable PNG or JPEG images ({'; '.join(skipped) or 'none given'})")
-    worklist = Worklist(name=name)
+    worklist = Worklist(name=_text(name, 200))
     session.add(worklist)
     session.flush()
     for position, (filename, original_id) in enumerate(kept):
@@ -52,12 +54,18 @@ def create(
             WorklistEntry(
                 worklist_id=worklist.id,
                 position=position,
-                name=Path(filename).name,
+                name=_text(Path(filename).name, 255),
                 original_id=original_id,
             )
         )
     session.commit()
     return worklist, skipped
+
+
+def _text(text: str, length: int) -> str:
+    """A name as the database can store it: UTF-8 (a lone surrogate becomes "?"), no NUL,
+    at most ``length`` characters."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:length]
 
 
 def read_folder(folder: Path, max_bytes: int) -> list[tuple[str, bytes]]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi import APIRouter, File, Form, Header, HTTPException, Path, Query, Response, UploadFile
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
+from ..auth import allowed
 from ..db import Item, Original, User, Version, iso
 from ..deps import Clinician, RuntimeDep, SessionDep
+from ..limits import MAX_ID, decode_slot
 from ..originals import decode_region
 from ..schemas import FeedbackItem
 from ..uploads import png_bytes, read_limited
@@ -40,13 +44,21 @@ def _out(item: Item, user: str, update: Version | None) -> FeedbackItem:
     )
 
 
-@router.post("/feedback", response_model=FeedbackItem, status_code=201)
+@router.post(
+    "/feedback",
+    response_model=FeedbackItem,
+    status_code=201,
+    responses={200: {"model": FeedbackItem, "description": "a repeat: the item stored before"}},
+)
 def submit(
     user: Clinician,
     runtime: RuntimeDep,
     session: SessionDep,
+    response: Response,
     image_id: Annotated[str, Form(description="from /api/predict or the gallery")],
-    shown_version: Annotated[int, Form(description="the version whose answer was shown")],
+    shown_version: Annotated[
+        int, Form(ge=1, le=MAX_ID, description="the version whose answer was shown")
+    ],
     predicted: Annotated[str, Form(description="the class that was shown")],
     label: Annotated[str | None, Form(description="the right class (default: predicted)")] = None,
     agree: Annotated[bool, Form(description="the class and explanation are right")] = False,
@@ -56,6 +68,14 @@ def submit(
     ignore_mask: Annotated[UploadFile | None, File(description="PNG: must not matter")] = None,
     ignore_mask_rle: Annotated[str | None, Form(description="like mask_rle")] = None,
     ignore_mask_base64: Annotated[str | None, Form(description="like mask_base64")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            max_length=200,
+            description="the same key again answers with the item stored the first time",
+        ),
+    ] = None,
 ) -> FeedbackItem:
     """Store one feedback item; the updater learns from it in the background.
 
@@ -63,7 +83,9 @@ def submit(
     (white on black, the size of the model's input or of the original image; one drawn on the
     original is mapped to the model's input, see ``originals.py``). All of it is checked
     before anything is written; the row is written after its files exist. Feedback is accepted
-    while an update runs: it waits for the next one.
+    while an update runs: it waits for the next one. A repeated submission (the same
+    ``Idempotency-Key``, or without one the same content, masks included, from the same user)
+    is stored once: the repeat answers 200 with the first item.
     """
     classes = runtime.registry.served.spec.classes
     image_path = runtime.store.path_of("images", image_id)
@@ -86,15 +108,18 @@ def submit(
             raise HTTPException(422, f"send one {name}: {name}, {name}_rle or {name}_base64")
         if not given:
             return None
-        return decode_region(
-            png=read_limited(file.file, name, limit) if file is not None else None,
-            rle=rle,
-            b64=b64,
-            size=runtime.registry.served.spec.input_size,
-            original=(original.width, original.height) if original else None,
-            max_bytes=limit,
-            what=name if file is not None else f"{name}_{'rle' if rle is not None else 'base64'}",
-        )
+        png = read_limited(file.file, name, limit) if file is not None else None
+        what = name if file is not None else f"{name}_{'rle' if rle is not None else 'base64'}"
+        with decode_slot():  # a mask drawn on the original is as large as the original
+            return decode_region(
+                png=png,
+                rle=rle,
+                b64=b64,
+                size=runtime.registry.served.spec.input_size,
+                original=(original.width, original.height) if original else None,
+                max_bytes=limit,
+                what=what,
+            )
 
     region = region_of("mask", mask, mask_rle, mask_base64)
     ignore = region_of("ignore_mask", ignore_mask, ignore_mask_rle, ignore_mask_base64)
@@ -104,11 +129,12 @@ def submit(
         raise HTTPException(422, "the mask is empty: draw the region that matters, or send none")
     if ignore is not None and not ignore.any():
         raise HTTPException(422, "the ignore mask is empty: draw what must not matter, or none")
-    mask_path = ignore_path = None
-    if region is not None:
-        mask_path = f"masks/{runtime.store.put('masks', png_bytes(region * 255))}.png"
-    if ignore is not None:
-        ignore_path = f"masks/{runtime.store.put('masks', png_bytes(ignore * 255))}.png"
+    mask_png = None if region is None else png_bytes(region * 255)
+    ignore_png = None if ignore is None else png_bytes(ignore * 255)
+    mask_path = None if mask_png is None else f"masks/{hashlib.sha256(mask_png).hexdigest()}.png"
+    ignore_path = (
+        None if ignore_png is None else f"masks/{hashlib.sha256(ignore_png).hexdigest()}.png"
+    )
     item = Item(
         image_path=f"images/{image_id}.png",
         user_id=user.id,
@@ -119,10 +145,54 @@ def submit(
         ignore_mask_path=ignore_path,
         shown_version_id=shown_version,
     )
+    item.idempotency_key = _key(item, idempotency_key)
+    first = _stored(session, user, item, idempotency_key is not None)
+    if first is not None:
+        response.status_code = 200
+        return _out(first, user.name, _update_of(session, first))
+    for png in (mask_png, ignore_png):
+        if png is not None:
+            runtime.store.put("masks", png)
     session.add(item)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # the same submission raced this one in and won
+        session.rollback()
+        first = _stored(session, user, item, idempotency_key is not None)
+        if first is None:
+            raise
+        response.status_code = 200
+        return _out(first, user.name, _update_of(session, first))
     runtime.worker.notify()
     return _out(item, user.name, None)
+
+
+_CONTENT = (
+    "image_path",
+    "label",
+    "predicted",
+    "agree",
+    "mask_path",
+    "ignore_mask_path",
+    "shown_version_id",
+)
+
+
+def _key(item: Item, given: str | None) -> str:
+    """The client's key, or (without one) a digest of what was said about which image."""
+    text = f"client:{given}" if given is not None else repr([getattr(item, f) for f in _CONTENT])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stored(session, user: User, item: Item, given: bool) -> Item | None:
+    """The item this user stored before under ``item``'s key; 409 if a client reused its key
+    for other content."""
+    first = session.scalar(
+        select(Item).where(Item.user_id == user.id, Item.idempotency_key == item.idempotency_key)
+    )
+    if first is not None and given and any(getattr(first, f) != getattr(item, f) for f in _CONTENT):
+        raise HTTPException(409, "Idempotency-Key: used before for another submission")
+    return first
 
 
 @router.get("/feedback", response_model=list[FeedbackItem])
@@ -132,8 +202,10 @@ def list_feedback(
     status: Literal["pending", "used", "withdrawn"] | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[FeedbackItem]:
-    """Stored feedback, newest first."""
+    """Stored feedback, newest first: a clinician's own; an admin sees everyone's."""
     query = select(Item, User.name).join(User, Item.user_id == User.id)
+    if not allowed(user.role, "admin"):
+        query = query.where(Item.user_id == user.id)
     if status is not None:
         query = query.where(Item.status == status)
     rows = session.execute(query.order_by(Item.id.desc()).limit(limit)).all()
@@ -141,11 +213,14 @@ def list_feedback(
 
 
 @router.get("/feedback/{item_id}", response_model=FeedbackItem)
-def get_feedback(item_id: int, user: Clinician, session: SessionDep) -> FeedbackItem:
-    """One item, with the verdict of the update that used it (poll this after submitting)."""
+def get_feedback(
+    item_id: Annotated[int, Path(ge=1, le=MAX_ID)], user: Clinician, session: SessionDep
+) -> FeedbackItem:
+    """One item, with the verdict of the update that used it (poll this after submitting).
+    Clinicians see their own items; admins see every item."""
     item = session.get(Item, item_id)
-    if item is None:
-        raise HTTPException(404, f"no feedback item {item_id}")
+    if item is None or (item.user_id != user.id and not allowed(user.role, "admin")):
+        raise HTTPException(404, f"no feedback item {item_id} of yours")
     return _out(item, session.get(User, item.user_id).name, _update_of(session, item))
 
 
@@ -154,21 +229,36 @@ def _update_of(session, item: Item) -> Version | None:
 
 
 @router.delete("/feedback/{item_id}", response_model=FeedbackItem)
-def withdraw(item_id: int, user: Clinician, runtime: RuntimeDep, session: SessionDep):
+def withdraw(
+    item_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    user: Clinician,
+    runtime: RuntimeDep,
+    session: SessionDep,
+) -> FeedbackItem:
     """Withdraw one's own feedback before an update has used it (it stays on record, marked
-    withdrawn, and no update will learn from it)."""
+    withdrawn, and no update will learn from it; the same feedback may be given again).
+    Another clinician's item is not found (404), as for reading it; an admin may see it but
+    not withdraw it (403)."""
     item = session.get(Item, item_id)
-    if item is None:
-        raise HTTPException(404, f"no feedback item {item_id}")
+    if item is None or (item.user_id != user.id and not allowed(user.role, "admin")):
+        raise HTTPException(404, f"no feedback item {item_id} of yours")
     if item.user_id != user.id:
         raise HTTPException(403, "only the clinician who gave feedback may withdraw it")
     if item.status != "pending":
         raise HTTPException(409, f"feedback {item_id} is {item.status}; it cannot be withdrawn")
-    candidate = runtime.worker.candidate_id
-    if candidate is not None:
-        started = session.get(Version, candidate)
-        if started is not None and item.created <= started.created:
-            raise HTTPException(409, f"feedback {item_id} is being learned from right now")
+    # an update running now (in this process, or in another one on the database: it holds the
+    # updater's lease) learns from every item given before it started
+    worker = runtime.worker
+    started = None
+    if worker.candidate_id is not None:
+        started = session.get(Version, worker.candidate_id)
+    elif worker.lease.held_by_other():
+        started = session.scalar(
+            select(Version).where(Version.status == "candidate").order_by(Version.id).limit(1)
+        )
+    if started is not None and item.created <= started.created:
+        raise HTTPException(409, f"feedback {item_id} is being learned from right now")
     item.status = "withdrawn"
+    item.idempotency_key = None  # a repeat of it is new feedback, not this withdrawn item
     session.commit()
     return _out(item, user.name, None)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
 from ..db import Original
 from ..deps import RuntimeDep, SessionDep, Viewer
+from ..limits import decode_slot
 from ..originals import admit, read_original
 from ..runtime import Runtime
 from ..schemas import Prediction
@@ -48,12 +49,17 @@ def predict(
         raise HTTPException(422, "send an image file, an image_id or an original_id: one of them")
     limits = runtime.settings
     if file is not None or original_id is not None:
+        data = None
         if file is not None:
             data = read_limited(file.file, "file", limits.max_upload_bytes)
-            img = decode_image(data, "file", max_pixels=limits.max_pixels)
-        else:
-            data, img = read_original(runtime.store, original_id, max_pixels=limits.max_pixels)
-        rgb = admit(runtime.store, session, data, img, size)
+        # the decoded image is large until it is squashed to the input size
+        with decode_slot():
+            if data is not None:
+                img = decode_image(data, "file", max_pixels=limits.max_pixels)
+            else:
+                data, img = read_original(runtime.store, original_id, max_pixels=limits.max_pixels)
+            rgb = admit(runtime.store, session, data, img, size)
+            del img
         image_id = runtime.store.put("images", png_bytes(rgb))
     else:
         rgb = stored_rgb(runtime, image_id, size)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from sqlalchemy import select
 
 from ..db import Version, current_version, iso
 from ..deps import Admin, Clinician, RuntimeDep, SessionDep
+from ..limits import MAX_ID
 from ..schemas import VersionInfo
 
 router = APIRouter(tags=["versions"])
@@ -56,7 +57,9 @@ def list_versions(user: Admin, session: SessionDep) -> list[VersionInfo]:
 
 
 @router.get("/versions/{version_id}", response_model=VersionInfo)
-def get_version(version_id: int, user: Clinician, session: SessionDep) -> VersionInfo:
+def get_version(
+    version_id: Annotated[int, Path(ge=1, le=MAX_ID)], user: Clinician, session: SessionDep
+) -> VersionInfo:
     """One version with its parent's scores (what an update did: the page's outcome)."""
     version = session.get(Version, version_id)
     if version is None:
@@ -67,7 +70,7 @@ def get_version(version_id: int, user: Clinician, session: SessionDep) -> Versio
 
 @router.post("/versions/{version_id}/activate", response_model=VersionInfo)
 def activate(
-    version_id: int,
+    version_id: Annotated[int, Path(ge=1, le=MAX_ID)],
     user: Admin,
     runtime: RuntimeDep,
     session: SessionDep,

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Path, UploadFile
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from .. import worklist as lists
+from ..auth import allowed
 from ..db import Item, Worklist, WorklistEntry, iso
 from ..deps import Admin, Clinician, RuntimeDep, SessionDep, Viewer
+from ..limits import MAX_ID
 
 router = APIRouter(tags=["worklists"])
 
 State = Literal["new", "reviewed", "feedback", "skipped"]
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 class EntryOut(BaseModel):
@@ -45,8 +48,8 @@ class FolderImport(BaseModel):
 
 class EntryChange(BaseModel):
     state: State
-    image_id: str | None = None
-    feedback_id: int | None = None
+    image_id: str | None = Field(None, max_length=64)
+    feedback_id: int | None = Field(default=None, ge=1, le=MAX_ID)
 
 
 def _entry(e: WorklistEntry) -> EntryOut:
@@ -78,7 +81,10 @@ def _out(session, worklist: Worklist, with_entries=True, skipped=()) -> Worklist
 def import_folder(body: FolderImport, user: Admin, runtime: RuntimeDep, session: SessionDep):
     """Import the PNG and JPEG images of a folder under the data dir as a worklist."""
     root = runtime.settings.data_dir.resolve()
-    folder = (root / body.folder).resolve()
+    try:
+        folder = (root / body.folder).resolve()
+    except (ValueError, OSError) as err:  # a NUL byte, an unencodable name, a link loop
+        raise HTTPException(422, f"folder: not a usable path ({err})") from err
     if not folder.is_relative_to(root):
         raise HTTPException(422, "folder: must be inside the data dir")
     limits = runtime.settings
@@ -92,9 +98,9 @@ def import_folder(body: FolderImport, user: Admin, runtime: RuntimeDep, session:
             max_bytes=limits.max_upload_bytes,
             max_pixels=limits.max_pixels,
         )
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError) as err:
         raise HTTPException(404, f"folder: no folder {body.folder!r} in the data dir") from err
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         raise HTTPException(422, str(err)) from err
     return _out(session, worklist, skipped=skipped)
 
@@ -127,7 +133,7 @@ def list_worklists(user: Viewer, session: SessionDep):
 
 
 @router.get("/worklists/{worklist_id}", response_model=WorklistOut)
-def get_worklist(worklist_id: int, user: Viewer, session: SessionDep):
+def get_worklist(worklist_id: Id, user: Viewer, session: SessionDep):
     worklist = session.get(Worklist, worklist_id)
     if worklist is None:
         raise HTTPException(404, f"no worklist {worklist_id}")
@@ -136,7 +142,7 @@ def get_worklist(worklist_id: int, user: Viewer, session: SessionDep):
 
 @router.patch("/worklists/{worklist_id}/entries/{entry_id}", response_model=EntryOut)
 def change_entry(
-    worklist_id: int, entry_id: int, body: EntryChange, user: Viewer, session: SessionDep
+    worklist_id: Id, entry_id: Id, body: EntryChange, user: Viewer, session: SessionDep
 ):
     """Record how far an image's review got (opened, feedback given, skipped)."""
     entry = session.get(WorklistEntry, entry_id)
@@ -144,7 +150,7 @@ def change_entry(
         raise HTTPException(404, f"no entry {entry_id} in worklist {worklist_id}")
     if body.state == "feedback":
         item = session.get(Item, body.feedback_id) if body.feedback_id else None
-        if item is None:
+        if item is None or (item.user_id != user.id and not allowed(user.role, "admin")):
             raise HTTPException(422, "feedback_id: the feedback item given for this image")
         entry.feedback_id = item.id
     if body.state != "reviewed" or entry.state == "new":

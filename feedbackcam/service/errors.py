@@ -1,0 +1,97 @@
+"""Every failure answers with JSON and a status that says whose it is: 4xx for the request,
+503 for storage the app cannot use right now (read-only or full disk, a lost database
+connection), and a plain 500 only for a bug. None of them closes the client's connection.
+
+After a database error the connection pool is thrown away, so the next request opens fresh
+connections and the app recovers when the fault clears, without a restart.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER = "5"
+_STORAGE_ERRNOS = {
+    errno.EROFS: "the data dir is read-only",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EACCES: "the data dir is not writable",
+    errno.EPERM: "the data dir is not writable",
+    errno.ENOTDIR: "a folder of the data dir is missing or replaced by a file",
+    errno.ENOENT: "a folder of the data dir is missing",
+    errno.EIO: "the disk reports an I/O error",
+}
+
+
+def unavailable(message: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"storage unavailable: {message}; try again later"},
+        status_code=503,
+        headers={"Retry-After": RETRY_AFTER},
+    )
+
+
+def _reset_pool(request: Request) -> None:
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is not None:
+        runtime.engine.dispose()
+
+
+async def database_error(request: Request, err: SQLAlchemyError) -> JSONResponse:
+    _reset_pool(request)
+    reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0][:200]
+    log.warning("database error on %s %s: %s", request.method, request.url.path, reason)
+    return unavailable(f"the database failed ({reason})")
+
+
+async def storage_error(request: Request, err: OSError) -> JSONResponse:
+    what = _STORAGE_ERRNOS.get(err.errno, f"a file operation failed ({err.strerror or err})")
+    log.warning("storage error on %s %s: %s", request.method, request.url.path, err)
+    return unavailable(what)
+
+
+async def overflow_error(_request: Request, err: OverflowError) -> JSONResponse:
+    return JSONResponse({"detail": f"a number is out of range ({err})"}, status_code=422)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers and the outermost guard on ``app``."""
+    app.add_exception_handler(OperationalError, database_error)
+    app.add_exception_handler(DBAPIError, database_error)
+    app.add_exception_handler(OSError, storage_error)
+    app.add_exception_handler(OverflowError, overflow_error)
+    app.add_middleware(CatchAll)
+
+
+class CatchAll:
+    """Answer a bug with a JSON 500 and keep the connection: Starlette's own error middleware
+    re-raises to the server, which then drops the client's keep-alive connection."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = JSONResponse({"detail": "internal error; it has been logged"}, 500)
+            await response(scope, receive, send)

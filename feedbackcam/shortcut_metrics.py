@@ -1,0 +1,169 @@
+"""Shortcut metrics: does the model still use the confounder the user marked?
+
+- accuracy on the confounded test set, on its unconfounded (counterfactual) version, and where
+  the confounder points at a wrong class;
+- the counterfactual flip rate: the share of test predictions that change when the confounder is
+  removed (the same image rendered without it);
+- the wrong-reason score WR of the typology (Friedrich et al. 2023) for Grad-CAM and for input
+  gradients;
+- the mean Jaccard of the thresholded Grad-CAM against a keep mask where there is one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import cam as cams
+from .metrics import jaccard_per_image
+from .models import SelfExplaining
+
+
+def flip_rate(pred_a, pred_b) -> float:
+    """Share of samples whose predicted class differs between two renderings of the test set."""
+    a, b = np.asarray(pred_a).reshape(-1), np.asarray(pred_b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"pred_a and pred_b: expected equal lengths, got {a.shape} and {b.shape}")
+    return float((a != b).mean()) if len(a) else math.nan
+
+
+def wrong_reason_score(attributions, confounder_masks, threshold: float | None = None) -> float:
+    """The typology's WR in percent: how much of the confounder the attribution lights up.
+
+    Each attribution's positive part is scaled to [0, 1] by its own maximum; the threshold is the
+    mean of those maps over all images and pixels (the test set's mean attribution) unless given;
+    per image WR is the share of the confounder mask's pixels above the threshold; the result is
+    the mean over the images with a non-empty mask, x 100. Lower is better: 100 for attribution
+    that lives only on the confounder, 0 for attribution that never touches it.
+
+    Args:
+        attributions: (N, H, W) array or tensor, any sign (only the positive part counts).
+        confounder_masks: (N, H, W), > 0 on the confounder.
+        threshold: fixed threshold in [0, 1] instead of the mean attribution.
+    """
+    a = torch.as_tensor(np.asarray(attributions, dtype=np.float32))
+    m = torch.as_tensor(np.asarray(confounder_masks)) > 0
+    if a.ndim != 3 or a.shape != m.shape:
+        raise ValueError(
+            f"attributions and confounder_masks: expected one (N, H, W) shape, got "
+            f"{tuple(a.shape)} and {tuple(m.shape)}"
+        )
+    scaled = cams.scale_by_max(a.clamp_min(0))
+    t = float(scaled.mean()) if threshold is None else float(threshold)
+    above = ((scaled > t) & m).flatten(1).sum(1).float()
+    size = m.flatten(1).sum(1).float()
+    has = size > 0
+    if not has.any():
+        return math.nan
+    return float((above[has] / size[has]).mean() * 100)
+
+
+@torch.no_grad()
+def predict(model: SelfExplaining, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Class probabilities (N, C) for float images (N, 3, H, W) in [0, 1]."""
+    model.eval()
+    out = [
+        F.softmax(model(images[i : i + batch_size]).logits.float(), 1)
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def gradcam_attribution(
+    model: SelfExplaining, images: Tensor, targets: Tensor | None = None, batch_size: int = 256
+) -> Tensor:
+    """Grad-CAM (N, H, W) in [0, 1] of the predicted class (or ``targets``), no graph kept."""
+    model.eval()
+    maps = []
+    for i in range(0, len(images), batch_size):
+        with torch.enable_grad():
+            out = model(images[i : i + batch_size])
+            t = None if targets is None else targets[i : i + batch_size]
+            s = cams.saliency_maps(
+                out.logits, out.activations, t, images.shape[-2:], retain_graph=False
+            )
+        maps.append(s.detach())
+    return torch.cat(maps)
+
+
+def input_gradient_attribution(
+    model: SelfExplaining, images: Tensor, batch_size: int = 256
+) -> Tensor:
+    """|d log p_pred / dx| summed over channels, (N, H, W): the input-gradient explanation."""
+    model.eval()
+    maps = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logp = F.log_softmax(model(x).logits.float(), 1)
+            score = logp.gather(1, logp.argmax(1, keepdim=True)).sum()
+            (g,) = torch.autograd.grad(score, x)
+        maps.append(g.abs().sum(1))
+    return torch.cat(maps)
+
+
+@dataclass(frozen=True)
+class ShortcutEval:
+    """What the shortcut metrics need of one test set (float tensors, images in [0, 1]).
+
+    Attributes:
+        images: (N, 3, H, W) test images with their confounder (where they have one).
+        clean: (N, 3, H, W) the same images without the confounder.
+        labels: (N,) true classes.
+        confounder: (N, H, W) the confounder's mask (empty where there is none).
+        misleads: (N,) bool, the confounder points at another class than the label.
+        keep: optional (N, H, W) keep masks for the Jaccard.
+    """
+
+    images: Tensor
+    clean: Tensor
+    labels: Tensor
+    confounder: Tensor
+    misleads: Tensor
+    keep: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ShortcutScores:
+    acc: float
+    acc_clean: float
+    acc_misleads: float
+    flip_rate: float
+    wr_gradcam: float
+    wr_inputgrad: float
+    jaccard: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores:
+    """Every shortcut metric of ``model`` on one test set (see the module docstring).
+
+    WR is computed over the test images that carry a confounder, with the threshold at the mean
+    attribution over those images.
+    """
+    pred = predict(model, data.images).argmax(1)
+    pred_clean = predict(model, data.clean).argmax(1)
+    correct = pred == data.labels
+    has = data.confounder.flatten(1).amax(1) > 0
+    cam = gradcam_attribution(model, data.images)
+    grads = input_gradient_attribution(model, data.images)
+    jac = math.nan
+    if data.keep is not None:
+        jac = jaccard_per_image(cams.hard_threshold(cam).numpy(), data.keep.numpy()).mean
+    mis = data.misleads.bool()
+    return ShortcutScores(
+        acc=float(correct.float().mean()),
+        acc_clean=float((pred_clean == data.labels).float().mean()),
+        acc_misleads=float(correct[mis].float().mean()) if mis.any() else math.nan,
+        flip_rate=flip_rate(pred[has], pred_clean[has]),
+        wr_gradcam=wrong_reason_score(cam[has], data.confounder[has]),
+        wr_inputgrad=wrong_reason_score(grads[has], data.confounder[has]),
+        jaccard=float(jac),
+    )

@@ -102,6 +102,13 @@ def _add_feedback_args(p) -> None:
             f"{k}: {v.summary} ({v.needs} masks)" for k, v in EXPLANATION_LOSSES.items()
         ),
     )
+    p.add_argument(
+        "--ignore-loss",
+        choices=tuple(k for k, v in EXPLANATION_LOSSES.items() if v.needs == "ignore"),
+        default=fb.ignore_loss,
+        help="a loss that learns from ignore masks, added to the explanation loss where an "
+        "image has one",
+    )
     p.add_argument("--explain-classes", choices=EXPLAIN_CLASSES, default=fb.explain_classes)
     p.add_argument("--cam", choices=tuple(CAM_METHODS), default=fb.cam)
     p.add_argument("--second-order", choices=("detached", "full"), default=fb.second_order)
@@ -116,6 +123,7 @@ def _feedback_config(args):
     return FeedbackConfig(
         lam=args.lam,
         explanation_loss=args.explanation_loss,
+        ignore_loss=args.ignore_loss,
         explain_classes=args.explain_classes,
         cam=args.cam,
         second_order=args.second_order,

@@ -340,3 +340,26 @@ def _invariance_transplant(inputs, cfg) -> Tensor:
         lf[recipients], lp
     )
     return fill_term + move_term
+
+
+@register_loss("invariance_swap", needs="ignore")
+def _invariance_swap(inputs, cfg) -> Tensor:
+    """``invariance_transplant`` plus, for each recipient, the donor's region filled instead of
+    pasted: every class then carries filled patches as often as pasted artifacts, so neither the
+    artifact nor the filled rectangle that replaces it can become a cue."""
+    from .counterfactual import fill_region, transplant
+
+    images = inputs.images.detach()
+    n = images.shape[0]
+    shift = int(torch.randint(1, max(n, 2), ()))
+    recipients = (torch.arange(n, device=images.device) + shift) % n
+    filled = fill_region(images, inputs.ignore)
+    pasted, base = transplant(images, inputs.ignore, recipients)
+    blanked = fill_region(base, inputs.ignore)  # the recipient with the donor's region filled
+    logits = inputs.forward(torch.cat([filled, pasted, blanked]))
+    lf, lp, lb = logits[:n], logits[n : 2 * n], logits[2 * n :]
+    y = inputs.labels[recipients]
+    fill_term = F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
+    move_term = F.cross_entropy(lp, y, reduction="none") + _kl(lf[recipients], lp)
+    blank_term = F.cross_entropy(lb, y, reduction="none") + _kl(lf[recipients], lb)
+    return fill_term + move_term + blank_term

@@ -639,15 +639,18 @@ def efficiency_plot(rows: list[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ds in datasets:
         for method in dict.fromkeys(r["method"] for r in eff if r["dataset"] == ds):
+            # only the seeds that have efficiency runs, so every point averages the same seeds
+            seeds = {r["seed"] for r in eff if r["dataset"] == ds and r["method"] == method}
+            same = [r for r in rows if r["dataset"] == ds and r["seed"] in seeds]
             pts = [
                 r
-                for r in rows
-                if r["dataset"] == ds
-                and r["method"] == method
+                for r in same
+                if r["method"] == method
                 and r["phase"] in ("efficiency", "main")
                 and r["mask"] == "ignore"
             ]
-            base = [r for r in rows if r["dataset"] == ds and r["method"] == "baseline"]
+            base = [r for r in same if r["method"] == "baseline"]
+            label = f"{ds}: {method} (seeds {sorted(seeds)})"
             fracs = sorted({r["fraction"] for r in pts})
             for ax, k in zip(axes, ("acc", "flip_rate")):
                 stats = [_stat([r[k] for r in pts if r["fraction"] == f]) for f in fracs]
@@ -655,10 +658,10 @@ def efficiency_plot(rows: list[dict], path: Path) -> Path | None:
                 b = _stat([r[k] for r in base])
                 ys = [b[0], *[s[0] for s in stats]]
                 es = [b[1], *[s[1] for s in stats]]
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{ds}: {method}")
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
     for ax, title in zip(axes, ("test accuracy", "flip rate (confounder decides)")):
         ax.set_xscale("symlog", linthresh=0.05)
-        ax.set_xticks([0, 0.05, 0.1, 0.25, 1.0], ["0", "5 %", "10 %", "25 %", "100 %"])
+        ax.set_xticks([0, 0.05, 0.1, 0.25, 1.0], ["0\n(baseline)", "5 %", "10 %", "25 %", "100 %"])
         ax.set_xlabel("share of confounded images with an ignore mask")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -686,6 +689,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--datasets", nargs="+", choices=DATASETS)
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--lams", nargs="+", type=float, help="the tuning grid of lambda")
     p.add_argument("--controls", nargs="*", choices=MASK_CONTROLS)
     p.add_argument("--control-methods", nargs="*", choices=METHODS)
     p.add_argument("--control-seeds", nargs="*", type=int)
@@ -695,7 +699,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else BenchConfig()
-    names = ("controls", "control_methods", "control_seeds", "fractions", "efficiency_seeds")
+    names = ("lams", "controls", "control_methods", "control_seeds", "fractions")
+    names += ("efficiency_seeds",)
     for name in names:
         if getattr(args, name) is not None:
             cfg = replace(cfg, **{name: tuple(getattr(args, name))})

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelSpec, save_checkpoint
+from .counterfactual import fill_region
 from .data.dataset import ArrayDataset, TensorData
 from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
 from .distributed import SINGLE, Dist, wrap
@@ -78,6 +79,10 @@ class SimulationConfig:
             average sensitivity is at most this far below the baseline's. None turns the guard
             off (the thesis' unguarded selection).
         guard_per_class: the guard also holds every class's sensitivity to the tolerance.
+        deconfound_validation: where the feedback marks ignore regions, validate on the
+            validation images with those regions filled (median colour): a validation split
+            confounded like the feedback rewards the marked shortcut, so selection and the
+            guard would prefer the model that still uses it. No effect without ignore masks.
         base_epochs, base_lr, base_batch_size: the baseline's classification training.
         seed: seeds the split, balancing, shuffling and initialisation.
         eval_batch_size: batch size of evaluation passes.
@@ -99,6 +104,7 @@ class SimulationConfig:
     select_by: str = "jaccard"
     guard_tolerance: float | None = 0.05
     guard_per_class: bool = False
+    deconfound_validation: bool = True
     base_epochs: int = 20
     base_lr: float = 1e-3
     base_batch_size: int = 32
@@ -169,6 +175,17 @@ def train_baseline(
             seed=cfg.seed,
         )
     return model
+
+
+def deconfounded(data: ArrayDataset) -> ArrayDataset:
+    """``data`` with every ignore region filled by the image's median colour outside it: the
+    same images without the content a user marked as "must not matter"."""
+    if data.ignore is None or data.has_ignore is None or not data.has_ignore.any():
+        return data
+    images = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2).float()
+    masks = torch.from_numpy((data.ignore > 0) & data.has_ignore[:, None, None]).float()
+    filled = fill_region(images / 255, masks).mul(255).round().clamp(0, 255).to(torch.uint8)
+    return replace(data, images=filled.permute(0, 2, 3, 1).contiguous().numpy())
 
 
 def _score(ev: Evaluation, select_by: str) -> float:
@@ -387,6 +404,8 @@ def run_simulation(
             raise ValueError("an image the base model has seen reached val or test")
     source = data.test_override if data.test_override is not None else feedback
     val, test = feedback.subset(splits.val), source.subset(splits.test)
+    if cfg.deconfound_validation:
+        val = deconfounded(val)
     groups = {name: np.asarray(m)[splits.test] for name, m in data.test_groups.items()}
     split_ids = {
         name: [feedback.ids[i] for i in idx]

@@ -134,3 +134,16 @@ def test_simulate_on_the_base_models_own_data_keeps_the_overlap_in_feedback_trai
     assert not seen & (set(splits["val"]) | set(splits["test"]))
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["n_seen_by_base_model"] == len(seen)
+
+
+def test_validation_is_deconfounded_where_the_feedback_marks_ignore_regions(tiny_data):
+    from feedbackcam.simulate import deconfounded
+
+    pool = tiny_data.feedback
+    assert pool.has_ignore.any() and not pool.has_ignore.all()
+    filled = deconfounded(pool)
+    changed = (filled.images != pool.images).any(axis=3)
+    assert changed.any(axis=(1, 2))[pool.has_ignore].all()  # every marked image is cleaned
+    assert not changed[~(pool.ignore > 0)].any()  # and nothing outside the marked regions
+    plain = pool.subset(np.flatnonzero(~pool.has_ignore))
+    assert deconfounded(plain) is plain or not (deconfounded(plain).images != plain.images).any()

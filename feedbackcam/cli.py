@@ -720,6 +720,18 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20)
     p.add_argument("--device", default=d.device, help="where the model predicts and learns")
+    p.add_argument(
+        "--low-confidence",
+        type=float,
+        default=d.low_confidence,
+        help="warn below this top probability",
+    )
+    p.add_argument(
+        "--unfamiliar-quantile",
+        type=float,
+        default=d.unfamiliar_quantile,
+        help="warn when an image's energy is above this quantile of the validation set's",
+    )
 
     def run(args) -> int:
         from .service.commands import serve
@@ -735,8 +747,11 @@ def _add_users(sub) -> None:
     add = usub.add_parser("add", help="create a user and print their token once")
     add.add_argument("name")
     add.add_argument("--role", choices=("viewer", "clinician", "admin"), required=True)
-    listing = usub.add_parser("list", help="list users and roles")
-    for q in (add, listing):
+    add.add_argument("--days", type=float, default=None, help="the token expires after N days")
+    listing = usub.add_parser("list", help="list users, roles and token expiry")
+    revoke = usub.add_parser("revoke", help="revoke a user's token: it signs in no more")
+    revoke.add_argument("name")
+    for q in (add, listing, revoke):
         q.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
         q.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
 
@@ -744,6 +759,42 @@ def _add_users(sub) -> None:
         from .service.commands import users
 
         return users(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_worklist(sub) -> None:
+    p = sub.add_parser("worklist", help="worklists of the feedback app: images to review")
+    wsub = p.add_subparsers(dest="worklist_command", required=True)
+    add = wsub.add_parser("add", help="import a folder's PNG and JPEG images as a worklist")
+    add.add_argument("folder", type=Path)
+    add.add_argument("--name", default=None, help="default: the folder's name")
+    listing = wsub.add_parser("list", help="list worklists and their counts")
+    for q in (add, listing):
+        q.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+        q.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
+
+    def run(args) -> int:
+        from .service.commands import worklist
+
+        return worklist(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="the feedback app's feedback as a dataset (images/, masks/, ignore/, labels.csv)",
+    )
+    p.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+    p.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+
+    def run(args) -> int:
+        from .service.commands import export
+
+        return export(args)
 
     p.set_defaults(func=run)
 
@@ -790,6 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_import_keras,
         _add_serve,
         _add_users,
+        _add_worklist,
+        _add_export,
         _add_doctor,
     ):
         add(sub)

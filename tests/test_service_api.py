@@ -266,15 +266,25 @@ def test_update_changes_the_explanation_and_rollback_restores_it(env):
         checkpoints = list((env.data / "checkpoints").glob("v0002-*.pt"))
         assert len(checkpoints) == 1
         # rollback: version 1 answers again, with its own explanation
-        r = client.post("/api/versions/1/activate", headers=env.auth("admin"))
+        r = client.post("/api/versions/1/activate?confirm=true", headers=env.auth("admin"))
         assert r.status_code == 200 and r.json()["current"]
         rolled = predict_upload(client, env)
         assert rolled["version"] == 1
         assert np.array_equal(saliency_of(rolled), saliency_of(before))
         status = client.get("/api/update/status", headers=env.auth("viewer")).json()
         assert status["current_version"] == 1 and status["pending"] == 0
-        assert client.post("/api/versions/2/activate", headers=env.auth("admin")).status_code == 200
-        assert client.post("/api/versions/9/activate", headers=env.auth("admin")).status_code == 404
+        assert (
+            client.post(
+                "/api/versions/2/activate?confirm=true", headers=env.auth("admin")
+            ).status_code
+            == 200
+        )
+        assert (
+            client.post(
+                "/api/versions/9/activate?confirm=true", headers=env.auth("admin")
+            ).status_code
+            == 404
+        )
     # a restart serves the version that was current
     with env.app(worker=False) as client:
         assert predict_upload(client, env)["version"] == 2
@@ -294,7 +304,7 @@ def test_gate_rejection_keeps_the_current_version_and_records_why(tmp_path, asse
         assert versions[1]["current"]
         assert predict_upload(client, env)["version"] == 1
         assert list((env.data / "checkpoints").iterdir()) == []
-        refused = client.post("/api/versions/2/activate", headers=env.auth("admin"))
+        refused = client.post("/api/versions/2/activate?confirm=true", headers=env.auth("admin"))
         assert refused.status_code == 409 and "rejected" in refused.json()["detail"]
     env.engine.dispose()
 
@@ -403,7 +413,12 @@ def test_auth_refusals_per_role(env):
         ]:
             r = getattr(client, method)(path, headers=env.auth("clinician"))
             assert r.status_code == 403 and "admin" in r.json()["detail"]
-        assert client.post("/api/versions/1/activate", headers=env.auth("admin")).status_code == 200
+        assert (
+            client.post(
+                "/api/versions/1/activate?confirm=true", headers=env.auth("admin")
+            ).status_code
+            == 200
+        )
         created = client.post(
             "/api/users", json={"name": "dana", "role": "clinician"}, headers=env.auth("admin")
         )

@@ -170,11 +170,13 @@ def test_rollback_to_a_tampered_version_is_refused_with_the_last_good_version(st
     fine_tuned = add_fine_tuned(started)
     replacement = tiny_checkpoint(started.data.parent / "swap.pt", seed=11)
     with started.app() as client:
-        r = client.post("/api/versions/1/activate", headers=started.auth("admin"))
+        r = client.post("/api/versions/1/activate?confirm=true", headers=started.auth("admin"))
         assert r.status_code == 200
         # version 2's file is swapped for another valid checkpoint: same format, other weights
         (started.data / "checkpoints" / "v-5.pt").write_bytes(replacement.read_bytes())
-        r = client.post(f"/api/versions/{fine_tuned}/activate", headers=started.auth("admin"))
+        r = client.post(
+            f"/api/versions/{fine_tuned}/activate?confirm=true", headers=started.auth("admin")
+        )
         assert r.status_code == 409, r.text
         assert "SHA-256" in r.json()["detail"] and "last good version is 1" in r.json()["detail"]
         assert predict_upload(client, started)["version"] == 1

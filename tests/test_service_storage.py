@@ -29,7 +29,7 @@ from test_service_api import (  # noqa: F401  (assets is a fixture)
 
 from feedbackcam.service import worker as worker_module
 from feedbackcam.service.auth import hash_token
-from feedbackcam.service.db import Base, Item, Lease, Version, connect, utcnow
+from feedbackcam.service.db import Base, Item, Lease, Version, Worklist, connect, utcnow
 from feedbackcam.service.lease import DbLease
 from feedbackcam.service.migrations import current_revision
 
@@ -46,11 +46,11 @@ def schema_diff(engine) -> list:
 # ------------------------------------------------------------------ migrations
 def test_a_new_database_is_made_by_the_migrations_and_matches_the_models(tmp_path, db_url):
     engine, _ = connect(url_of(tmp_path, db_url))
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     assert schema_diff(engine) == []
     engine.dispose()
     engine, _ = connect(url_of(tmp_path, db_url))  # opening it again changes nothing
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     engine.dispose()
 
 
@@ -98,13 +98,15 @@ def test_a_release_0_1_0_database_is_upgraded_without_losing_a_row(tmp_path, db_
     old.dispose()
 
     engine, sessions = connect(url)
-    assert current_revision(engine) == "0002" and schema_diff(engine) == []
+    assert current_revision(engine) == "0003" and schema_diff(engine) == []
     with engine.connect() as connection:
         for name, table in legacy.Base.metadata.tables.items():
             after = connection.execute(select(table).order_by(*table.primary_key)).all()
             assert after == rows[name], name
     with sessions() as session:  # the new column is there, empty, and new rows can use it
         assert session.scalar(select(func.count()).where(Item.idempotency_key.is_(None))) == 5
+        assert session.scalar(select(func.count()).where(Item.ignore_mask_path.is_(None))) == 5
+        assert session.scalar(select(func.count()).select_from(Worklist)) == 0
         session.add(
             Item(
                 image_path="images/x.png",
@@ -113,6 +115,7 @@ def test_a_release_0_1_0_database_is_upgraded_without_losing_a_row(tmp_path, db_
                 predicted="NV",
                 shown_version_id=2,
                 idempotency_key="k" * 64,
+                ignore_mask_path="masks/y.png",
             )
         )
         session.commit()

@@ -16,7 +16,17 @@ from .guard import Guard
 from .headers import SecurityHeaders
 from .limits import RateLimiter
 from .registry import VersionError
-from .routers import feedback, images, predict, updates, users, versions
+from .routers import (
+    export,
+    feedback,
+    images,
+    originals,
+    predict,
+    updates,
+    users,
+    versions,
+    worklists,
+)
 from .runtime import Runtime
 from .schemas import ERROR_RESPONSES
 from .settings import Settings
@@ -95,7 +105,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guard, limiter=RateLimiter(settings.rate_limit_per_minute))
     errors.install(app)
     app.add_middleware(SecurityHeaders)
-    for module in (predict, feedback, images, versions, updates, users):
+    for module in (
+        predict,
+        feedback,
+        images,
+        originals,
+        versions,
+        updates,
+        users,
+        worklists,
+        export,
+    ):
         app.include_router(module.router, prefix="/api", responses=ERROR_RESPONSES)
 
     @app.exception_handler(UploadError)

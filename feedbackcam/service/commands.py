@@ -46,6 +46,8 @@ def serve(args) -> int:
         tolerance=args.tolerance,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         device=args.device,
+        low_confidence=args.low_confidence,
+        unfamiliar_quantile=args.unfamiliar_quantile,
     )
     preflight(settings)
     print(f"feedbackcam serve: http://{args.host}:{args.port}/  (API docs: /docs)", flush=True)
@@ -56,19 +58,74 @@ def serve(args) -> int:
 def users(args) -> int:
     from sqlalchemy import select
 
-    from .auth import add_user
-    from .db import User, connect
+    from .auth import add_user, revoke
+    from .db import User, connect, iso
 
     engine, sessions = connect(Settings(data_dir=args.data_dir, db_url=args.db).database_url)
     try:
         with sessions() as session:
             if args.users_command == "add":
-                token = add_user(session, args.name, args.role)
-                print(f"user {args.name!r} ({args.role}); token, shown only this once:")
+                token = add_user(session, args.name, args.role, args.days)
+                expiry = f", expires in {args.days:g} days" if args.days else ""
+                print(f"user {args.name!r} ({args.role}{expiry}); token, shown only this once:")
                 print(token)
+            elif args.users_command == "revoke":
+                revoke(session, args.name)
+                print(f"user {args.name!r}: token revoked")
             else:
                 for user in session.scalars(select(User).order_by(User.id)):
-                    print(f"{user.name}\t{user.role}")
+                    state = "revoked" if user.revoked else iso(user.expires) or "no expiry"
+                    print(f"{user.name}\t{user.role}\t{state}")
     finally:
         engine.dispose()
+    return 0
+
+
+def worklist(args) -> int:
+    from sqlalchemy import select
+
+    from . import worklist as lists
+    from .db import Worklist, connect
+    from .store import Store
+
+    settings = Settings(data_dir=args.data_dir, db_url=args.db)
+    engine, sessions = connect(settings.database_url)
+    try:
+        with sessions() as session:
+            if args.worklist_command == "add":
+                files = lists.read_folder(args.folder, settings.max_upload_bytes)
+                made, skipped = lists.create(
+                    session,
+                    Store(settings.data_dir),
+                    args.name or args.folder.name,
+                    files,
+                    max_bytes=settings.max_upload_bytes,
+                    max_pixels=settings.max_pixels,
+                )
+                for reason in skipped:
+                    print(f"skipped: {reason}")
+                n = len(lists.entries(session, made.id))
+                print(f"worklist {made.id} {made.name!r}: {n} image(s)")
+            else:
+                for w in session.scalars(select(Worklist).order_by(Worklist.id)):
+                    counts = lists.counts(lists.entries(session, w.id))
+                    print(f"{w.id}\t{w.name}\t" + " ".join(f"{k}={v}" for k, v in counts.items()))
+    finally:
+        engine.dispose()
+    return 0
+
+
+def export(args) -> int:
+    from .db import connect
+    from .export import export_folder
+    from .store import Store
+
+    settings = Settings(data_dir=args.data_dir, db_url=args.db)
+    engine, sessions = connect(settings.database_url)
+    try:
+        with sessions() as session:
+            n = export_folder(session, Store(settings.data_dir), args.out)
+    finally:
+        engine.dispose()
+    print(f"{n} feedback item(s) -> {args.out} (images/, masks/, ignore/, labels.csv)")
     return 0

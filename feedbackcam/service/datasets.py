@@ -84,7 +84,16 @@ def _resize(array: np.ndarray, size: int) -> np.ndarray:
 
 
 def concat(parts: list[ArrayDataset]) -> ArrayDataset:
+    """The parts one after another; ignore masks are kept (empty where a part has none)."""
     first = parts[0]
+    ignore = has_ignore = None
+    if any(p.ignore is not None for p in parts):
+        ignore = np.concatenate(
+            [p.ignore if p.ignore is not None else np.zeros_like(p.masks) for p in parts]
+        )
+        has_ignore = np.concatenate(
+            [p.has_ignore if p.has_ignore is not None else np.zeros(len(p), bool) for p in parts]
+        )
     return ArrayDataset(
         np.concatenate([p.images for p in parts]),
         np.concatenate([p.masks for p in parts]),
@@ -92,6 +101,8 @@ def concat(parts: list[ArrayDataset]) -> ArrayDataset:
         np.concatenate([p.has_mask for p in parts]),
         tuple(i for p in parts for i in p.ids),
         first.classes,
+        ignore,
+        has_ignore,
     )
 
 

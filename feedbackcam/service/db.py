@@ -19,7 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from . import migrations
 
 ROLES = ("viewer", "clinician", "admin")
-ITEM_STATUSES = ("pending", "used")
+ITEM_STATUSES = ("pending", "used", "withdrawn")
 VERSION_STATUSES = ("candidate", "promoted", "rejected")
 
 
@@ -44,6 +44,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     created: Mapped[datetime] = mapped_column(default=utcnow)
+    expires: Mapped[datetime | None] = mapped_column()  # None: the token never expires
+    revoked: Mapped[datetime | None] = mapped_column()  # set: the token no longer signs in
 
 
 class Version(Base):
@@ -77,6 +79,7 @@ class Item(Base):
     shown_version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     update_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))  # the update it fed
+    ignore_mask_path: Mapped[str | None] = mapped_column(Text)  # the region that must not matter
     # the client's Idempotency-Key, or a digest of the content: one row per key and user
     idempotency_key: Mapped[str | None] = mapped_column(String(64))
 
@@ -91,6 +94,47 @@ class Current(Base):
     id: Mapped[int] = mapped_column(primary_key=True, default=1)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
     changed: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Original(Base):
+    """The upload as received, for a stored model-input image (``image_id``): the page shows it,
+    and masks drawn on it are mapped to the model's input (see ``originals.py``)."""
+
+    __tablename__ = "originals"
+
+    image_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)  # originals/<sha256 of the bytes>.<png|jpg>
+    width: Mapped[int] = mapped_column()
+    height: Mapped[int] = mapped_column()
+
+
+class Worklist(Base):
+    """A set of images to review in order (imported from a folder or from uploads)."""
+
+    __tablename__ = "worklists"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+ENTRY_STATES = ("new", "reviewed", "feedback", "skipped")
+
+
+class WorklistEntry(Base):
+    """One image of a worklist and how far its review got."""
+
+    __tablename__ = "worklist_entries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    worklist_id: Mapped[int] = mapped_column(ForeignKey("worklists.id"), index=True)
+    position: Mapped[int] = mapped_column()
+    name: Mapped[str] = mapped_column(String(255))
+    original_id: Mapped[str] = mapped_column(String(64))  # content id of the original's bytes
+    image_id: Mapped[str | None] = mapped_column(String(64))  # set once predicted
+    state: Mapped[str] = mapped_column(String(16), default="new")
+    feedback_id: Mapped[int | None] = mapped_column(ForeignKey("feedback.id"))
+    updated: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class Lease(Base):

@@ -39,7 +39,7 @@ def current_user(
         raise HTTPException(401, "sign in: send 'Authorization: Bearer TOKEN'", headers=challenge)
     user = find_user(session, credentials.credentials)
     if user is None:
-        raise HTTPException(401, "unknown or revoked token", headers=challenge)
+        raise HTTPException(401, "unknown, expired or revoked token", headers=challenge)
     return user
 
 

@@ -115,11 +115,13 @@ def _versions(sessions, store: Store, repair: bool) -> list[Finding]:
 
 def _items(sessions, store: Store) -> list[Finding]:
     with sessions() as session:
-        rows = session.execute(select(Item.id, Item.image_path, Item.mask_path)).all()
+        rows = session.execute(
+            select(Item.id, Item.image_path, Item.mask_path, Item.ignore_mask_path)
+        ).all()
     missing = [
         item_id
-        for item_id, image, mask in rows
-        if not store.absolute(image).is_file() or (mask and not store.absolute(mask).is_file())
+        for item_id, *paths in rows
+        if any(path and not store.absolute(path).is_file() for path in paths)
     ]
     if not missing:
         return [Finding(f"files of {len(rows)} feedback item(s)")]
@@ -134,7 +136,8 @@ def _files(sessions, store: Store, repair: bool) -> list[Finding]:
             store.absolute(p).resolve()
             for p in session.scalars(select(Version.path).where(Version.path.is_not(None)))
         }
-    temps = sorted(p for area in ("images", "masks", "checkpoints") for p in _temps(store, area))
+    areas = ("images", "masks", "originals", "checkpoints")
+    temps = sorted(p for area in areas for p in _temps(store, area))
     if temps:
         done = None
         if repair:

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .originals import admit
 from .store import Store
 from .uploads import UploadError, decode_image, model_rgb, png_bytes
 
@@ -25,7 +26,11 @@ class GalleryImage:
     label: str | None
 
 
-def load_gallery(folder: Path, store: Store, size: int, *, max_pixels: int) -> list[GalleryImage]:
+def load_gallery(
+    folder: Path, store: Store, size: int, *, max_pixels: int, sessions=None
+) -> list[GalleryImage]:
+    """The gallery's images; with ``sessions``, each also kept as its original (shown at full
+    resolution on the page, see ``originals.py``)."""
     if not folder.is_dir():
         return []
     labels_file = folder / "labels.json"
@@ -39,6 +44,11 @@ def load_gallery(folder: Path, store: Store, size: int, *, max_pixels: int) -> l
         except UploadError as err:
             log.warning("gallery: skipping %s", err)
             continue
-        image_id = store.put("images", png_bytes(model_rgb(img, size)))
+        if sessions is not None:
+            with sessions() as session:
+                rgb = admit(store, session, path.read_bytes(), img, size)
+        else:
+            rgb = model_rgb(img, size)
+        image_id = store.put("images", png_bytes(rgb))
         entries.append(GalleryImage(image_id, path.stem, labels.get(path.name)))
     return entries

@@ -19,6 +19,7 @@ from .datasets import load_labelled
 from .db import connect
 from .gallery import GalleryImage, load_gallery
 from .lease import DbLease
+from .ood import Familiarity
 from .registry import Registry
 from .settings import Settings
 from .store import Store
@@ -37,6 +38,7 @@ class Runtime:
     validation: ArrayDataset | None
     gallery: list[GalleryImage]
     worker: Worker
+    familiarity: Familiarity | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -62,13 +64,18 @@ class Runtime:
             validation = load_labelled(data_dir, "validation", spec.classes, spec.input_size)
             replay = load_labelled(data_dir, "replay", spec.classes, spec.input_size)
             gallery = load_gallery(
-                data_dir / "gallery", store, spec.input_size, max_pixels=settings.max_pixels
+                data_dir / "gallery",
+                store,
+                spec.input_size,
+                max_pixels=settings.max_pixels,
+                sessions=sessions,
             )
         except BaseException:
             engine.dispose()
             raise
         worker = Worker(settings, sessions, store, registry, validation, replay)
         runtime = cls(settings, engine, sessions, store, registry, validation, gallery, worker)
+        runtime.familiarity = Familiarity(validation, settings.unfamiliar_quantile)
         if not worker.enabled:
             log.warning(worker.message)
         if settings.worker:

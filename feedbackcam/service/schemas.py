@@ -17,6 +17,7 @@ class Me(BaseModel):
 class NewUser(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     role: Role
+    days: float | None = Field(None, gt=0, description="the token expires after this many days")
 
 
 class CreatedUser(Me):
@@ -32,7 +33,13 @@ class Prediction(BaseModel):
     saliency_png: str = Field(
         description="data URL of a greyscale PNG at the image's size: 255 = the most salient"
     )
-    size: int = Field(description="side of the shown image and of any mask, in pixels")
+    size: int = Field(description="side of the model's input, in pixels")
+    original_url: str = Field(description="the image as uploaded (the model input if unknown)")
+    width: int = Field(description="the original's width; masks may be drawn at this size")
+    height: int = Field(description="the original's height")
+    energy: float = Field(description="energy score -logsumexp(logits); higher: less familiar")
+    energy_threshold: float | None = Field(description="unfamiliar above this (None: no check)")
+    warnings: list[str] = Field(description="low confidence, unfamiliar input, in words")
 
 
 class GalleryEntry(BaseModel):
@@ -52,8 +59,9 @@ class FeedbackItem(BaseModel):
     predicted: str
     agree: bool
     mask_url: str | None
+    ignore_mask_url: str | None = Field(None, description="the region that must not matter")
     shown_version: int
-    status: Literal["pending", "used"]
+    status: Literal["pending", "used", "withdrawn"]
     update_version: int | None = Field(description="the update that used it (see its status)")
     update_status: str | None
     update_reason: str | None
@@ -67,6 +75,12 @@ class VersionInfo(BaseModel):
     reason: str
     current: bool
     metrics: dict[str, Any]
+    parent_metrics: dict[str, float | None] = Field(
+        {}, description="the parent's validation scores, to compare (before -> after)"
+    )
+    regressions: list[str] = Field(
+        [], description="validation scores a promotion lowered, in words (even within tolerance)"
+    )
 
 
 class UpdateStatus(BaseModel):
@@ -77,6 +91,12 @@ class UpdateStatus(BaseModel):
     update_every: int
     running: bool
     candidate: int | None
+    phase: Literal["idle", "queued", "training", "checking"] = Field(
+        description="queued: feedback waits for the next update"
+    )
+    step: int | None = Field(description="optimizer steps started, while training")
+    steps: int | None
+    training_items: int | None = Field(description="items the running update learns from")
     last_update: VersionInfo | None
     last_error: str | None
 

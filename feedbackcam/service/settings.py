@@ -34,6 +34,9 @@ class Settings:
         bootstrap_admin: on first start with no users, create ``admin`` and print its token once.
         seed: seeds the replay draws.
         device: where the model predicts and learns ("cpu", "cuda", "cuda:1").
+        low_confidence: warn when the top class probability is below this.
+        unfamiliar_quantile: warn when an image's energy score is above this quantile of the
+            validation set's (see ``ood.py``).
     """
 
     data_dir: Path = Path("feedbackcam-data")
@@ -55,6 +58,8 @@ class Settings:
     bootstrap_admin: bool = True
     seed: int = 0
     device: str = "cpu"
+    low_confidence: float = 0.6
+    unfamiliar_quantile: float = 0.99
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -83,6 +88,9 @@ class Settings:
             raise ValueError(f"lr: expected > 0, got {self.lr!r}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam: expected a value in [0, 1], got {self.lam!r}")
+        for name in ("low_confidence", "unfamiliar_quantile"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: expected a value in [0, 1], got {getattr(self, name)!r}")
         if not self.poll_seconds > 0:
             raise ValueError(f"poll_seconds: expected > 0, got {self.poll_seconds!r}")
 

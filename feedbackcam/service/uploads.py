@@ -47,11 +47,12 @@ def decode_image(
     *,
     max_pixels: int,
     formats=("PNG", "JPEG"),
-    expect_size: tuple[int, int] | None = None,
+    expect_size: tuple[int, int] | list[tuple[int, int]] | None = None,
 ) -> Image.Image:
     """Decode PNG or JPEG bytes fully; refuse other types, damaged data and too many pixels.
 
-    The pixel count (and ``expect_size``, if given) is read from the header and checked before
+    The pixel count (and ``expect_size``, (w, h) or a list of them, if given) is read from the
+    header and checked before
     any pixel is decoded, so a decompression bomb costs nothing; Pillow's own bomb check stays
     on as a second guard. Callers decoding large images hold a ``limits.decode_slot()`` for
     as long as the decoded image lives, which bounds the memory concurrent uploads take.
@@ -64,9 +65,10 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[kind])
             w, h = img.size
-            if expect_size is not None and (w, h) != expect_size:
-                ew, eh = expect_size
-                raise UploadError(422, f"{what}: {w}x{h}; expected {ew}x{eh}, the shown image")
+            sizes = [expect_size] if isinstance(expect_size, tuple) else expect_size
+            if sizes is not None and (w, h) not in sizes:
+                expected = " or ".join(f"{ew}x{eh}" for ew, eh in sizes)
+                raise UploadError(422, f"{what}: {w}x{h}; expected {expected}, the shown image")
             if w * h > max_pixels:
                 raise UploadError(
                     413, f"{what}: {w}x{h} pixels, more than the {max_pixels} allowed"
@@ -119,6 +121,12 @@ def decode_mask_png(data: bytes, size: int, *, max_bytes: int, what: str = "mask
     img = decode_image(
         data, what, max_pixels=max(size * size, 1), formats=("PNG",), expect_size=(size, size)
     )
+    return mask_of(img)
+
+
+def mask_of(img: Image.Image) -> np.ndarray:
+    """A decoded mask image as (h, w) uint8 in {0, 1}: in where the grey level (times the
+    alpha, if any) is above half; an image of only 0 and 1 counts 1 as in."""
     rgba = np.asarray(to_8bit(img).convert("RGBA"), dtype=np.float32)
     colour = rgba[..., :3].mean(axis=-1)
     if colour.max(initial=0) <= 1:
@@ -139,15 +147,20 @@ def decode_mask_base64(text: str, size: int, *, max_bytes: int) -> np.ndarray:
     return decode_mask_png(data, size, max_bytes=max_bytes, what="mask_base64")
 
 
-def decode_mask_rle(text: str, size: int) -> np.ndarray:
+def decode_mask_rle(
+    text: str, size: int, shapes: list[tuple[int, int]] | None = None, what: str = "mask_rle"
+) -> np.ndarray:
     """An uncompressed run-length mask, JSON ``{"size": [h, w], "counts": [...]}``: row-major
     runs alternating off/on, starting with off (COCO's uncompressed RLE, but row-major).
 
     Counts are whole numbers from 0 to h * w, at most h * w + 1 of them; anything else (floats,
     1e999, NaN, deep nesting, other keys' junk) is refused with 422 before any array is built.
+    ``shapes``: the (h, w) allowed (default: size x size only).
     """
-    expected = f"mask_rle: expected {{'size': [{size}, {size}], 'counts': [whole numbers]}}"
-    if len(text) > 12 * (size * size + 2) + 64:
+    shapes = shapes or [(size, size)]
+    sizes = " or ".join(f"[{h}, {w}]" for h, w in shapes)
+    expected = f"{what}: expected {{'size': {sizes}, 'counts': [whole numbers]}}"
+    if len(text) > 12 * (max(h * w for h, w in shapes) + 2) + 64:
         raise UploadError(422, f"{expected}; the text is longer than such a mask can be")
     try:
         rle = json.loads(text, parse_float=_no_float, parse_constant=_no_float)
@@ -161,12 +174,13 @@ def decode_mask_rle(text: str, size: int) -> np.ndarray:
     if not _ints(shape) or len(shape) != 2 or not _ints(counts):
         raise UploadError(422, expected)
     h, w = shape
-    if (h, w) != (size, size):
-        raise UploadError(422, f"mask_rle: {w}x{h}; expected {size}x{size}, the shown image")
+    if (h, w) not in shapes:
+        wanted = " or ".join(f"{sw}x{sh}" for sh, sw in shapes)
+        raise UploadError(422, f"{what}: {w}x{h}; expected {wanted}, the shown image")
     if len(counts) > h * w + 1 or any(not 0 <= c <= h * w for c in counts):
-        raise UploadError(422, f"mask_rle: expected at most {h * w + 1} counts, each 0..{h * w}")
+        raise UploadError(422, f"{what}: expected at most {h * w + 1} counts, each 0..{h * w}")
     if sum(counts) != h * w:
-        raise UploadError(422, f"mask_rle: counts must be >= 0 and sum to {h * w}")
+        raise UploadError(422, f"{what}: counts must be >= 0 and sum to {h * w}")
     values = np.arange(len(counts)) % 2
     return np.repeat(values, counts).astype(np.uint8).reshape(h, w)
 

@@ -10,6 +10,7 @@ every item pending; the next start marks the unfinished candidate interrupted an
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import asdict
@@ -62,6 +63,8 @@ class Worker:
         self._force = False
         self._thread: threading.Thread | None = None
         self.candidate_id: int | None = None
+        # what the running update is doing, for the page: phase, steps done of steps, items
+        self.progress: dict | None = None
         self.last_error: str | None = None
         self._failed: tuple[int, ...] = ()  # pending items whose update failed: wait for more
         self.lease = DbLease(sessions)  # one updater at a time across processes on this database
@@ -168,7 +171,7 @@ class Worker:
             if ids == self._failed and not force:
                 return None  # retried when new feedback arrives, on demand, or after a restart
             earlier = session.execute(
-                select(Item.id, Item.label, Item.image_path, Item.mask_path)
+                select(Item.id, Item.label, Item.image_path, Item.mask_path, Item.ignore_mask_path)
                 .where(Item.status == "used")
                 .order_by(Item.id)
             ).all()
@@ -192,14 +195,26 @@ class Worker:
             raise
         finally:
             self.candidate_id = None
+            self.progress = None
 
     def _update(self, served: Served, candidate_id: int, pending, earlier) -> Version:
         spec = served.spec
         model = served.copy_model()
         before = self.baseline(served, model)
-        new = self._dataset([(i.label, i.image_path, i.mask_path) for i in pending], spec)
+        new = self._dataset(
+            [(i.label, i.image_path, i.mask_path, i.ignore_mask_path) for i in pending], spec
+        )
         replay, plan, from_feedback = self._replay(earlier, spec)
-        stats = fine_tune(model, new, replay, plan, self.cfg, should_stop=self._should_stop)
+        steps = max(self.cfg.steps, math.ceil(len(new) / self.cfg.batch_size))
+        progress = {"phase": "training", "step": 0, "steps": steps, "items": len(pending)}
+        self.progress = progress
+
+        def should_stop() -> bool:  # asked once before each step: counts the steps
+            progress["step"] = min(progress["step"] + 1, steps)
+            return self._should_stop()  # and renews the lease now and then
+
+        stats = fine_tune(model, new, replay, plan, self.cfg, should_stop=should_stop)
+        progress["phase"] = "checking"  # the gate scores the candidate on the validation set
         after = scores(model, self.validation)
         promote, reason = gate(before, after, self.cfg.tolerance, self._original(served))
         metrics = {
@@ -298,16 +313,26 @@ class Worker:
             version.status, version.reason = "rejected", reason
 
     def _dataset(self, rows, spec: ModelSpec) -> ArrayDataset:
-        """Stored items (label, image path, mask path or None) as arrays at the input size."""
+        """Stored items (label, image path, mask path or None, ignore mask path or None) as
+        arrays at the input size; ignore masks only when some item has one."""
         s = spec.input_size
         images = np.zeros((len(rows), s, s, 3), np.uint8)
         masks = np.zeros((len(rows), s, s), np.uint8)
+        ignore = np.zeros((len(rows), s, s), np.uint8)
         has_mask = np.zeros(len(rows), bool)
-        for k, (_, image_path, mask_path) in enumerate(rows):
+        has_ignore = np.zeros(len(rows), bool)
+        for k, (_, image_path, mask_path, ignore_path) in enumerate(rows):
             images[k] = read_image(self.store.absolute(image_path), "RGB", s)
             if mask_path is not None:
                 masks[k] = read_image(self.store.absolute(mask_path), "L", s) > 0
                 has_mask[k] = True
+            if ignore_path is not None:
+                ignore[k] = read_image(self.store.absolute(ignore_path), "L", s) > 0
+                has_ignore[k] = True
         labels = np.array([spec.classes.index(r[0]) for r in rows], dtype=np.int64)
         ids = tuple(str(k) for k in range(len(rows)))
-        return ArrayDataset(images, masks, labels, has_mask, ids, spec.classes)
+        if not has_ignore.any():
+            return ArrayDataset(images, masks, labels, has_mask, ids, spec.classes)
+        return ArrayDataset(
+            images, masks, labels, has_mask, ids, spec.classes, ignore=ignore, has_ignore=has_ignore
+        )

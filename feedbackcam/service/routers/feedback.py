@@ -7,16 +7,16 @@ from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Path, Query, Response, UploadFile
-from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from ..auth import allowed
-from ..db import Item, User, Version, iso
+from ..db import Item, Original, User, Version, iso
 from ..deps import Clinician, RuntimeDep, SessionDep
-from ..limits import MAX_ID
+from ..limits import MAX_ID, decode_slot
+from ..originals import decode_region
 from ..schemas import FeedbackItem
-from ..uploads import decode_mask_base64, decode_mask_png, decode_mask_rle, png_bytes, read_limited
+from ..uploads import png_bytes, read_limited
 
 router = APIRouter(tags=["feedback"])
 
@@ -24,6 +24,7 @@ router = APIRouter(tags=["feedback"])
 def _out(item: Item, user: str, update: Version | None) -> FeedbackItem:
     image_id = PurePosixPath(item.image_path).stem
     mask_id = PurePosixPath(item.mask_path).stem if item.mask_path else None
+    ignore_id = PurePosixPath(item.ignore_mask_path).stem if item.ignore_mask_path else None
     return FeedbackItem(
         id=item.id,
         image_id=image_id,
@@ -34,6 +35,7 @@ def _out(item: Item, user: str, update: Version | None) -> FeedbackItem:
         predicted=item.predicted,
         agree=item.agree,
         mask_url=f"/api/masks/{mask_id}" if mask_id else None,
+        ignore_mask_url=f"/api/masks/{ignore_id}" if ignore_id else None,
         shown_version=item.shown_version_id,
         status=item.status,
         update_version=item.update_id,
@@ -63,6 +65,9 @@ def submit(
     mask: Annotated[UploadFile | None, File(description="PNG, the image's size")] = None,
     mask_rle: Annotated[str | None, Form(description='{"size": [h, w], "counts": [...]}')] = None,
     mask_base64: Annotated[str | None, Form(description="PNG as base64 or data URL")] = None,
+    ignore_mask: Annotated[UploadFile | None, File(description="PNG: must not matter")] = None,
+    ignore_mask_rle: Annotated[str | None, Form(description="like mask_rle")] = None,
+    ignore_mask_base64: Annotated[str | None, Form(description="like mask_base64")] = None,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -74,10 +79,13 @@ def submit(
 ) -> FeedbackItem:
     """Store one feedback item; the updater learns from it in the background.
 
-    A mask marks the region that matters (white on black, the size of the shown image). All of
-    it is checked before anything is written; the row is written after its files exist.
-    A repeated submission (the same ``Idempotency-Key``, or without one the same content from
-    the same user) is stored once: the repeat answers 200 with the first item.
+    A mask marks the region that matters, an ignore mask the region that must not matter
+    (white on black, the size of the model's input or of the original image; one drawn on the
+    original is mapped to the model's input, see ``originals.py``). All of it is checked
+    before anything is written; the row is written after its files exist. Feedback is accepted
+    while an update runs: it waits for the next one. A repeated submission (the same
+    ``Idempotency-Key``, or without one the same content, masks included, from the same user)
+    is stored once: the repeat answers 200 with the first item.
     """
     classes = runtime.registry.served.spec.classes
     image_path = runtime.store.path_of("images", image_id)
@@ -91,25 +99,42 @@ def submit(
         raise HTTPException(422, "agree means the shown class is right; label must equal it")
     if session.get(Version, shown_version) is None:
         raise HTTPException(422, f"shown_version: no version {shown_version}")
-    given = [m for m in (mask, mask_rle, mask_base64) if m is not None]
-    if len(given) > 1:
-        raise HTTPException(422, "send one mask: mask, mask_rle or mask_base64")
-    with Image.open(image_path) as img:
-        size = img.size[0]
+    original = session.get(Original, image_id)
     limit = runtime.settings.max_upload_bytes
-    region = None
-    if mask is not None:
-        region = decode_mask_png(read_limited(mask.file, "mask", limit), size, max_bytes=limit)
-    elif mask_rle is not None:
-        region = decode_mask_rle(mask_rle, size)
-    elif mask_base64 is not None:
-        region = decode_mask_base64(mask_base64, size, max_bytes=limit)
+
+    def region_of(name, file, rle, b64):
+        given = [m for m in (file, rle, b64) if m is not None]
+        if len(given) > 1:
+            raise HTTPException(422, f"send one {name}: {name}, {name}_rle or {name}_base64")
+        if not given:
+            return None
+        png = read_limited(file.file, name, limit) if file is not None else None
+        what = name if file is not None else f"{name}_{'rle' if rle is not None else 'base64'}"
+        with decode_slot():  # a mask drawn on the original is as large as the original
+            return decode_region(
+                png=png,
+                rle=rle,
+                b64=b64,
+                size=runtime.registry.served.spec.input_size,
+                original=(original.width, original.height) if original else None,
+                max_bytes=limit,
+                what=what,
+            )
+
+    region = region_of("mask", mask, mask_rle, mask_base64)
+    ignore = region_of("ignore_mask", ignore_mask, ignore_mask_rle, ignore_mask_base64)
     if not agree and label == predicted and region is None:
         raise HTTPException(422, "nothing to learn: agree, give the right class, or draw a region")
     if region is not None and not region.any():
         raise HTTPException(422, "the mask is empty: draw the region that matters, or send none")
+    if ignore is not None and not ignore.any():
+        raise HTTPException(422, "the ignore mask is empty: draw what must not matter, or none")
     mask_png = None if region is None else png_bytes(region * 255)
+    ignore_png = None if ignore is None else png_bytes(ignore * 255)
     mask_path = None if mask_png is None else f"masks/{hashlib.sha256(mask_png).hexdigest()}.png"
+    ignore_path = (
+        None if ignore_png is None else f"masks/{hashlib.sha256(ignore_png).hexdigest()}.png"
+    )
     item = Item(
         image_path=f"images/{image_id}.png",
         user_id=user.id,
@@ -117,6 +142,7 @@ def submit(
         predicted=predicted,
         agree=agree,
         mask_path=mask_path,
+        ignore_mask_path=ignore_path,
         shown_version_id=shown_version,
     )
     item.idempotency_key = _key(item, idempotency_key)
@@ -124,8 +150,9 @@ def submit(
     if first is not None:
         response.status_code = 200
         return _out(first, user.name, _update_of(session, first))
-    if mask_png is not None:
-        runtime.store.put("masks", mask_png)
+    for png in (mask_png, ignore_png):
+        if png is not None:
+            runtime.store.put("masks", png)
     session.add(item)
     try:
         session.commit()
@@ -140,7 +167,15 @@ def submit(
     return _out(item, user.name, None)
 
 
-_CONTENT = ("image_path", "label", "predicted", "agree", "mask_path", "shown_version_id")
+_CONTENT = (
+    "image_path",
+    "label",
+    "predicted",
+    "agree",
+    "mask_path",
+    "ignore_mask_path",
+    "shown_version_id",
+)
 
 
 def _key(item: Item, given: str | None) -> str:
@@ -164,7 +199,7 @@ def _stored(session, user: User, item: Item, given: bool) -> Item | None:
 def list_feedback(
     user: Clinician,
     session: SessionDep,
-    status: Literal["pending", "used"] | None = None,
+    status: Literal["pending", "used", "withdrawn"] | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[FeedbackItem]:
     """Stored feedback, newest first: a clinician's own; an admin sees everyone's."""
@@ -191,3 +226,39 @@ def get_feedback(
 
 def _update_of(session, item: Item) -> Version | None:
     return session.get(Version, item.update_id) if item.update_id else None
+
+
+@router.delete("/feedback/{item_id}", response_model=FeedbackItem)
+def withdraw(
+    item_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    user: Clinician,
+    runtime: RuntimeDep,
+    session: SessionDep,
+) -> FeedbackItem:
+    """Withdraw one's own feedback before an update has used it (it stays on record, marked
+    withdrawn, and no update will learn from it; the same feedback may be given again).
+    Another clinician's item is not found (404), as for reading it; an admin may see it but
+    not withdraw it (403)."""
+    item = session.get(Item, item_id)
+    if item is None or (item.user_id != user.id and not allowed(user.role, "admin")):
+        raise HTTPException(404, f"no feedback item {item_id} of yours")
+    if item.user_id != user.id:
+        raise HTTPException(403, "only the clinician who gave feedback may withdraw it")
+    if item.status != "pending":
+        raise HTTPException(409, f"feedback {item_id} is {item.status}; it cannot be withdrawn")
+    # an update running now (in this process, or in another one on the database: it holds the
+    # updater's lease) learns from every item given before it started
+    worker = runtime.worker
+    started = None
+    if worker.candidate_id is not None:
+        started = session.get(Version, worker.candidate_id)
+    elif worker.lease.held_by_other():
+        started = session.scalar(
+            select(Version).where(Version.status == "candidate").order_by(Version.id).limit(1)
+        )
+    if started is not None and item.created <= started.created:
+        raise HTTPException(409, f"feedback {item_id} is being learned from right now")
+    item.status = "withdrawn"
+    item.idempotency_key = None  # a repeat of it is new feedback, not this withdrawn item
+    session.commit()
+    return _out(item, user.name, None)

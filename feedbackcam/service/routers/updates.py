@@ -22,15 +22,22 @@ def _status(runtime, session) -> UpdateStatus:
         .order_by(Version.id.desc())
         .limit(1)
     )
+    progress = worker.progress
+    pending = count_pending(session)
+    phase = progress["phase"] if progress else ("queued" if pending else "idle")
     return UpdateStatus(
         enabled=worker.enabled and runtime.settings.worker,
         message=worker.message,
         current_version=current,
-        pending=count_pending(session),
+        pending=pending,
         update_every=runtime.settings.update_every,
         running=worker.candidate_id is not None,
         candidate=worker.candidate_id,
-        last_update=version_info(last, current) if last else None,
+        phase=phase,
+        step=progress["step"] if progress else None,
+        steps=progress["steps"] if progress else None,
+        training_items=progress["items"] if progress else None,
+        last_update=version_info(last, current, session) if last else None,
         last_error=worker.last_error,
     )
 

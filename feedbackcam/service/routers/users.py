@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 from sqlalchemy import select
 
-from ..auth import add_user
+from ..auth import add_user, revoke
 from ..db import User
 from ..deps import Admin, SessionDep, Viewer
 from ..schemas import CreatedUser, Me, NewUser
@@ -27,7 +27,16 @@ def list_users(user: Admin, session: SessionDep) -> list[Me]:
 def create_user(body: NewUser, user: Admin, session: SessionDep) -> CreatedUser:
     """Create a user; the answer holds their token, the only time it is shown."""
     try:
-        token = add_user(session, body.name, body.role)
+        token = add_user(session, body.name, body.role, body.days)
     except ValueError as err:
         raise HTTPException(409 if "exists" in str(err) else 422, str(err)) from err
     return CreatedUser(name=body.name, role=body.role, token=token)
+
+
+@router.post("/users/{name}/revoke", status_code=204)
+def revoke_token(name: str, user: Admin, session: SessionDep) -> None:
+    """Revoke a user's token at once (``feedbackcam users revoke NAME`` does the same)."""
+    try:
+        revoke(session, name)
+    except ValueError as err:
+        raise HTTPException(404, str(err)) from err

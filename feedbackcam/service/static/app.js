@@ -1,15 +1,25 @@
-// feedbackcam page: predict + explain, paint feedback, watch the model learn. No build step.
+// feedbackcam page: predict + explain on the original image, paint feedback, review worklists,
+// and follow the updates without ever waiting for them. No build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const STAGE = 384; // CSS pixels of the image on screen
+const KEEP_COLOUR = "rgb(255, 43, 214)"; // magenta: the region that matters
+const IGNORE_COLOUR = "rgb(0, 229, 255)"; // cyan: the region that must not matter
+const MAX_UNDO = 20;
 const state = {
   token: sessionStorage.getItem("feedbackcam-token"),
   me: null,
-  shown: null, // the prediction on screen: {image_id, version, predicted, probabilities, size, saliency, photo}
+  // the prediction on screen: {image_id, version, predicted, probabilities, size, width, height,
+  // saliency, photo, original_url, warnings}
+  shown: null,
   undo: [],
-  k: 1, // paint-canvas pixels per image pixel
-  submittedRegion: null, // the region sent with the last feedback, for the comparison
+  redo: [],
+  view: { s: 1, tx: 0, ty: 0, w: 0, h: 0 }, // zoom, pan (stage px), fitted size (stage px)
+  worklist: null, // {id, name, entries, index}
+  mine: new Map(), // my feedback items followed until an update used them
+  sending: false,
+  spaceDown: false,
+  fillLayer: "keep", // the fill tool fills the region of the last brush chosen
 };
 
 // ------------------------------------------------------------------ API
@@ -24,11 +34,24 @@ async function api(path, options = {}) {
     } catch (_) { /* not JSON */ }
     const error = new Error(detail);
     error.status = response.status;
+    if (response.status === 401 && state.me) signedOut(detail);
     throw error;
   }
+  if (response.status === 204) return null;
   const type = response.headers.get("content-type") || "";
   return type.includes("json") ? response.json() : response.blob();
 }
+
+function formOf(fields) {
+  const form = new FormData();
+  for (const [key, value] of Object.entries(fields)) form.append(key, value);
+  return form;
+}
+
+const post = (path, body) => api(path, { method: "POST", body });
+const jsonBody = (method, value) => ({
+  method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(value),
+});
 
 async function loadImage(src) {
   const image = new Image();
@@ -47,6 +70,30 @@ function say(id, text, isError = false) {
   el.classList.toggle("error", isError);
   el.hidden = !text;
 }
+
+// A modal question; resolves to the chosen button's value (null: dismissed).
+function ask(text, choices) {
+  const dialog = $("ask");
+  $("ask-text").textContent = text;
+  const buttons = choices.map(([value, label, primary]) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.dataset.value = value;
+    if (primary) button.className = "primary";
+    return button;
+  });
+  $("ask-buttons").replaceChildren(...buttons);
+  return new Promise((resolve) => {
+    const done = (value) => { dialog.close(); resolve(value); };
+    buttons.forEach((b) => b.addEventListener("click", () => done(b.dataset.value)));
+    dialog.addEventListener("cancel", () => resolve(null), { once: true });
+    dialog.showModal();
+    buttons[0].focus();
+  });
+}
+
+const isTouch = () => window.matchMedia("(pointer: coarse)").matches;
 
 // ------------------------------------------------------------------ sign in
 async function signIn(token) {
@@ -68,9 +115,23 @@ async function signIn(token) {
   $("app").hidden = false;
   const canGiveFeedback = state.me.role !== "viewer";
   $("viewer-note").hidden = canGiveFeedback;
-  $("paint").classList.toggle("disabled", !canGiveFeedback);
   $("admin").hidden = state.me.role !== "admin";
-  await Promise.all([loadGallery(), refreshStatus(), state.me.role === "admin" ? loadVersions() : null]);
+  $("worklist-folder-form").hidden = state.me.role !== "admin";
+  $("worklist-files").disabled = !canGiveFeedback;
+  await Promise.all([loadGallery(), loadWorklists(), refreshStatus(),
+    state.me.role === "admin" ? loadVersions() : null]);
+  setInterval(poll, 1500);
+}
+
+// The token stopped working (expired or revoked): say so, and ask for a new one.
+function signedOut(detail) {
+  state.me = null;
+  sessionStorage.removeItem("feedbackcam-token");
+  $("app").hidden = true;
+  $("whoami").hidden = true;
+  $("update-state").hidden = true;
+  $("signin").hidden = false;
+  say("page-message", `Signed out: ${detail}. Ask an admin for a new token if yours expired.`, true);
 }
 
 function signOut() {
@@ -99,26 +160,27 @@ async function loadGallery() {
     const img = document.createElement("img");
     img.alt = "";
     button.append(img);
-    button.addEventListener("click", () => predict({ image_id: entry.image_id }));
+    button.addEventListener("click", () => {
+      leaveWorklist();
+      predict({ image_id: entry.image_id }, entry.name);
+    });
     item.append(button);
     list.append(item);
     authedImage(entry.image_url).then((image) => { img.src = image.src; }).catch(() => {});
   }
 }
 
-async function predict(input) {
-  const form = new FormData();
-  if (input.file) form.append("file", input.file);
-  else form.append("image_id", input.image_id);
+async function predict(input, name = "") {
   say("feedback-status", "Predicting...");
   try {
-    const result = await api("/api/predict", { method: "POST", body: form });
-    await show(await decodePrediction(result));
-    $("compare").hidden = true;
+    const result = await post("/api/predict", formOf(input));
+    await show(await decodePrediction(result), name);
     if (window.matchMedia("(max-width: 1100px)").matches) $("view").scrollIntoView();
     say("feedback-status", "");
+    return result;
   } catch (error) {
     say("feedback-status", `Could not predict: ${error.message}`, true);
+    return null;
   }
 }
 
@@ -131,14 +193,20 @@ async function decodePrediction(result) {
   const pixels = context.getImageData(0, 0, result.size, result.size).data;
   const saliency = new Float32Array(result.size * result.size);
   for (let i = 0; i < saliency.length; i++) saliency[i] = pixels[4 * i] / 255;
-  const photo = await authedImage(result.image_url);
+  const photo = await authedImage(result.original_url);
   return { ...result, saliency, photo };
 }
 
 // ------------------------------------------------------------------ drawing the explanation
-function jet(v) {
-  const c = (x) => Math.round(255 * Math.min(1, Math.max(0, x)));
-  return [c(1.5 - Math.abs(4 * v - 3)), c(1.5 - Math.abs(4 * v - 2)), c(1.5 - Math.abs(4 * v - 1))];
+// viridis (matplotlib), 9 stops: perceptually uniform and colour-blind safe
+const VIRIDIS = [[68, 1, 84], [71, 44, 122], [59, 82, 139], [44, 114, 142], [33, 145, 140],
+  [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]];
+
+function viridis(v) {
+  const x = Math.min(1, Math.max(0, v)) * (VIRIDIS.length - 1);
+  const i = Math.min(VIRIDIS.length - 2, Math.floor(x));
+  const t = x - i;
+  return VIRIDIS[i].map((c, k) => Math.round(c + t * (VIRIDIS[i + 1][k] - c)));
 }
 
 function heatCanvas(p) {
@@ -146,14 +214,12 @@ function heatCanvas(p) {
   canvas.width = canvas.height = p.size;
   const context = canvas.getContext("2d");
   const image = context.createImageData(p.size, p.size);
-  p.saliency.forEach((v, i) => {
-    image.data.set([...jet(v), 255], 4 * i);
-  });
+  p.saliency.forEach((v, i) => { image.data.set([...viridis(v), 255], 4 * i); });
   context.putImageData(image, 0, 0);
   return canvas;
 }
 
-// Marching squares: segments of the 0.5 level line, in image pixel units (centres at +0.5).
+// Marching squares: segments of the 0.5 level line, in model pixel units (centres at +0.5).
 function contourSegments(values, size, level = 0.5) {
   const at = (x, y) => values[y * size + x];
   const segments = [];
@@ -175,13 +241,13 @@ function contourSegments(values, size, level = 0.5) {
   return segments;
 }
 
-function drawContour(context, p, scale, values = p.saliency, colour = "#ffe600") {
+function drawContour(context, p, sx, sy, values = p.saliency, colour = "#ffe600") {
   context.lineCap = "round";
   for (const [width, stroke] of [[4, "rgba(0,0,0,0.7)"], [2, colour]]) {
     context.beginPath();
     for (const [[x0, y0], [x1, y1]] of contourSegments(values, p.size)) {
-      context.moveTo(x0 * scale, y0 * scale);
-      context.lineTo(x1 * scale, y1 * scale);
+      context.moveTo(x0 * sx, y0 * sy);
+      context.lineTo(x1 * sx, y1 * sy);
     }
     context.lineWidth = width;
     context.strokeStyle = stroke;
@@ -189,49 +255,64 @@ function drawContour(context, p, scale, values = p.saliency, colour = "#ffe600")
   }
 }
 
-function composite(canvas, p, region = null, opacity = 0.45) {
-  const side = p.size * Math.max(1, Math.ceil(256 / p.size));
-  canvas.width = canvas.height = side;
+// The original with the explanation over it, aspect ratio kept, `width` px wide.
+function composite(canvas, p, region = null, width = 320, opacity = 0.45) {
+  canvas.width = width;
+  canvas.height = Math.round((width * p.height) / p.width);
   const context = canvas.getContext("2d");
-  context.drawImage(p.photo, 0, 0, side, side);
+  context.drawImage(p.photo, 0, 0, canvas.width, canvas.height);
   context.globalAlpha = opacity;
-  context.drawImage(heatCanvas(p), 0, 0, side, side);
+  context.drawImage(heatCanvas(p), 0, 0, canvas.width, canvas.height);
   context.globalAlpha = 1;
-  drawContour(context, p, side / p.size);
-  if (region) drawContour(context, p, side / p.size, region, "#ff2bd6");
+  const sx = canvas.width / p.size, sy = canvas.height / p.size;
+  drawContour(context, p, sx, sy);
+  if (region) drawContour(context, p, sx, sy, region, "#ff2bd6");
 }
 
 function percent(p) {
   return `${(100 * p).toFixed(p >= 0.995 || p < 0.005 ? 0 : 1)} %`;
 }
 
-async function show(p) {
+async function show(p, name = "") {
   state.shown = p;
-  state.k = Math.max(1, Math.ceil(STAGE / p.size));
-  const side = p.size * state.k;
   $("view-empty").hidden = true;
   $("view").hidden = false;
+  $("image-name").textContent = name ? `· ${name}` : "";
   $("photo").src = p.photo.src;
   const heat = $("heat");
   heat.width = heat.height = p.size;
   heat.getContext("2d").drawImage(heatCanvas(p), 0, 0);
-  const contour = $("contour");
-  contour.width = contour.height = side;
-  drawContour(contour.getContext("2d"), p, state.k);
-  const paint = $("paint");
-  paint.width = paint.height = side;
+  for (const id of ["paint", "ignore-layer"]) {
+    $(id).width = p.width;
+    $(id).height = p.height;
+  }
   state.undo = [];
+  state.redo = [];
+  fitView();
   applyViewControls();
+  for (const thumb of document.querySelectorAll(".thumb")) {
+    const current = thumb.dataset.imageId === p.image_id;
+    thumb.classList.toggle("current", current);
+    thumb.setAttribute("aria-current", current ? "true" : "false");
+  }
 
   $("prediction").hidden = false;
   $("predicted-class").textContent = p.predicted;
   $("predicted-prob").textContent = percent(p.probabilities[p.predicted]);
   $("predicted-version").textContent = `model version ${p.version}`;
-  const rows = Object.entries(p.probabilities).map(([name, prob]) => {
+  $("prediction").classList.toggle("uncertain", p.warnings.length > 0);
+  const warnings = $("warnings");
+  warnings.replaceChildren(...p.warnings.map((text) => {
+    const line = document.createElement("p");
+    line.textContent = `⚠ ${text[0].toUpperCase()}${text.slice(1)}.`;
+    return line;
+  }));
+  warnings.hidden = p.warnings.length === 0;
+  const rows = Object.entries(p.probabilities).map(([cls, prob]) => {
     const row = document.createElement("tr");
-    if (name === p.predicted) row.className = "top-class";
+    if (cls === p.predicted) row.className = "top-class";
     row.innerHTML = `<th scope="row"></th><td class="bar"><span aria-hidden="true"></span></td><td class="value"></td>`;
-    row.querySelector("th").textContent = name;
+    row.querySelector("th").textContent = cls;
     row.querySelector(".bar span").style.width = `${(100 * prob).toFixed(1)}%`;
     row.querySelector(".value").textContent = percent(prob);
     return row;
@@ -240,13 +321,13 @@ async function show(p) {
 
   const classes = $("classes");
   classes.replaceChildren();
-  for (const name of Object.keys(p.probabilities)) {
+  for (const cls of Object.keys(p.probabilities)) {
     const label = document.createElement("label");
     label.className = "check";
     label.innerHTML = `<input type="radio" name="label" required> <span></span>`;
-    label.querySelector("input").value = name;
-    label.querySelector("input").checked = name === p.predicted;
-    label.querySelector("span").textContent = name;
+    label.querySelector("input").value = cls;
+    label.querySelector("input").checked = cls === p.predicted;
+    label.querySelector("span").textContent = cls;
     classes.append(label);
   }
   $("feedback").hidden = state.me.role === "viewer";
@@ -258,7 +339,12 @@ function applyViewControls() {
   $("opacity-value").textContent = `${opacity} %`;
   $("heat").style.opacity = opacity / 100;
   $("contour").hidden = !$("show-contour").checked;
-  $("paint").style.visibility = $("show-mask").checked ? "visible" : "hidden";
+  const showMasks = $("show-mask").checked;
+  const outlines = $("outline-only").checked;
+  for (const id of ["paint", "ignore-layer"]) $(id).style.visibility = showMasks && !outlines ? "visible" : "hidden";
+  $("outline").hidden = !(showMasks && outlines);
+  if (showMasks && outlines) drawOutlines();
+  $("brush-value").textContent = `${$("brush").value} px`;
 }
 
 function setVersionBadge(version) {
@@ -267,67 +353,340 @@ function setVersionBadge(version) {
   badge.textContent = `Model version ${version}`;
 }
 
-// ------------------------------------------------------------------ painting
-const MASK_COLOUR = "rgb(255, 43, 214)";
-const paintContext = () => $("paint").getContext("2d", { willReadFrequently: true });
-
-function pushUndo() {
-  const canvas = $("paint");
-  state.undo.push(paintContext().getImageData(0, 0, canvas.width, canvas.height));
-  if (state.undo.length > 30) state.undo.shift();
+// ------------------------------------------------------------------ zoom and pan
+// The layers are sized to fit the stage (aspect ratio kept) and moved with one CSS transform,
+// translate(tx, ty) scale(s); every layer, the paint canvases included, moves together, so a
+// pointer maps to the same image pixel on all of them.
+function fitView() {
+  const p = state.shown;
+  if (!p) return;
+  const stage = $("stage");
+  const maxW = stage.parentElement.clientWidth;
+  const maxH = Math.max(240, Math.min(window.innerHeight * 0.7, 760));
+  const k = Math.min(maxW / p.width, maxH / p.height);
+  state.view = { s: 1, tx: 0, ty: 0, w: Math.round(p.width * k), h: Math.round(p.height * k) };
+  stage.style.width = `${state.view.w}px`;
+  stage.style.height = `${state.view.h}px`;
+  const layers = $("layers");
+  layers.style.width = `${state.view.w}px`;
+  layers.style.height = `${state.view.h}px`;
+  const contour = $("contour");
+  const dpr = window.devicePixelRatio || 1;
+  contour.width = Math.round(state.view.w * dpr * 2);
+  contour.height = Math.round(state.view.h * dpr * 2);
+  drawContour(contour.getContext("2d"), p, contour.width / p.size, contour.height / p.size);
+  applyTransform();
 }
 
-function toCanvas(event) {
-  const canvas = $("paint");
-  const box = canvas.getBoundingClientRect();
-  return [
-    ((event.clientX - box.left) * canvas.width) / box.width,
-    ((event.clientY - box.top) * canvas.height) / box.height,
-  ];
+function applyTransform() {
+  const v = state.view;
+  v.tx = Math.min(0, Math.max(v.w * (1 - v.s), v.tx));
+  v.ty = Math.min(0, Math.max(v.h * (1 - v.s), v.ty));
+  $("layers").style.transform = `translate(${v.tx}px, ${v.ty}px) scale(${v.s})`;
+  $("zoom-value").textContent = `${Math.round(100 * v.s)} %`;
+}
+
+function zoomAt(factor, cx = state.view.w / 2, cy = state.view.h / 2) {
+  const v = state.view;
+  const s = Math.min(16, Math.max(1, v.s * factor));
+  v.tx = cx - ((cx - v.tx) * s) / v.s;
+  v.ty = cy - ((cy - v.ty) * s) / v.s;
+  v.s = s;
+  applyTransform();
+}
+
+// ------------------------------------------------------------------ painting
+const layer = (which) => $(which === "ignore" ? "ignore-layer" : "paint");
+const ctx = (canvas) => canvas.getContext("2d", { willReadFrequently: true });
+const tool = () => document.querySelector("input[name=tool]:checked").value;
+
+function setTool(value) {
+  document.querySelector(`input[name=tool][value=${value}]`).checked = true;
+  if (value === "keep" || value === "ignore") state.fillLayer = value;
+  updateCursorLook();
+}
+
+function snapshot() {
+  const p = state.shown;
+  return ["paint", "ignore-layer"].map((id) => ctx($(id)).getImageData(0, 0, p.width, p.height));
+}
+
+function restore(shot) {
+  ["paint", "ignore-layer"].forEach((id, k) => ctx($(id)).putImageData(shot[k], 0, 0));
+  afterEdit();
+}
+
+function pushUndo() {
+  state.undo.push(snapshot());
+  if (state.undo.length > MAX_UNDO) state.undo.shift();
+  state.redo = [];
+}
+
+function undo() {
+  if (!state.undo.length) return;
+  state.redo.push(snapshot());
+  restore(state.undo.pop());
+}
+
+function redo() {
+  if (!state.redo.length) return;
+  state.undo.push(snapshot());
+  restore(state.redo.pop());
+}
+
+function afterEdit() {
+  if ($("outline-only").checked) drawOutlines();
+}
+
+function toImage(event) {
+  const box = $("paint").getBoundingClientRect();
+  const p = state.shown;
+  return [((event.clientX - box.left) * p.width) / box.width, ((event.clientY - box.top) * p.height) / box.height];
+}
+
+// The brush is sized in screen pixels, so zooming in paints finer.
+function brushInImage() {
+  return (Number($("brush").value) * state.shown.width) / $("paint").getBoundingClientRect().width;
 }
 
 function stroke(from, to) {
-  const canvas = $("paint");
-  const context = paintContext();
-  const erase = document.querySelector("input[name=tool]:checked").value === "erase";
-  context.globalCompositeOperation = erase ? "destination-out" : "source-over";
-  context.strokeStyle = context.fillStyle = MASK_COLOUR;
-  context.lineCap = context.lineJoin = "round";
-  context.lineWidth = (Number($("brush").value) * canvas.width) / canvas.getBoundingClientRect().width;
+  const erase = tool() === "erase";
+  const targets = erase ? ["paint", "ignore-layer"] : [tool() === "ignore" ? "ignore-layer" : "paint"];
+  for (const id of targets) {
+    const context = ctx($(id));
+    context.globalCompositeOperation = erase ? "destination-out" : "source-over";
+    context.strokeStyle = id === "paint" ? KEEP_COLOUR : IGNORE_COLOUR;
+    context.lineCap = context.lineJoin = "round";
+    context.lineWidth = brushInImage();
+    context.beginPath();
+    context.moveTo(...from);
+    context.lineTo(...to);
+    context.stroke();
+  }
+}
+
+// Fill the unpainted area around (x, y) that the layer's painted pixels enclose (4-connected).
+function fillAt([x, y], which) {
+  const p = state.shown;
+  const canvas = layer(which);
+  const context = ctx(canvas);
+  const image = context.getImageData(0, 0, p.width, p.height);
+  const data = image.data;
+  const W = p.width, H = p.height;
+  x = Math.floor(x); y = Math.floor(y);
+  if (x < 0 || y < 0 || x >= W || y >= H || data[4 * (y * W + x) + 3] > 127) return false;
+  const colour = which === "ignore" ? [0, 229, 255, 255] : [255, 43, 214, 255];
+  const seen = new Uint8Array(W * H);
+  const stack = [y * W + x];
+  seen[y * W + x] = 1;
+  while (stack.length) {
+    const i = stack.pop();
+    data.set(colour, 4 * i);
+    const cx = i % W;
+    for (const j of [i - W, i + W, cx > 0 ? i - 1 : -1, cx < W - 1 ? i + 1 : -1]) {
+      if (j >= 0 && j < W * H && !seen[j] && data[4 * j + 3] <= 127) {
+        seen[j] = 1;
+        stack.push(j);
+      }
+    }
+  }
+  context.putImageData(image, 0, 0);
+  return true;
+}
+
+// The lasso: a freehand outline, closed and filled into the last brush's region on release.
+function fillPolygon(points, which) {
+  if (points.length < 3) return;
+  pushUndo();
+  const context = ctx(layer(which));
+  context.globalCompositeOperation = "source-over";
+  context.fillStyle = which === "ignore" ? IGNORE_COLOUR : KEEP_COLOUR;
   context.beginPath();
-  context.moveTo(...from);
-  context.lineTo(...to);
+  context.moveTo(...points[0]);
+  for (const point of points.slice(1)) context.lineTo(...point);
+  context.closePath();
+  context.fill();
+  $("show-mask").checked = true;
+  applyViewControls();
+  afterEdit();
+}
+
+function drawLassoPreview(points) {
+  const canvas = $("outline");
+  const p = state.shown;
+  if (!points.length) {
+    applyViewControls();
+    return;
+  }
+  canvas.hidden = false;
+  canvas.width = p.width;
+  canvas.height = p.height;
+  const context = canvas.getContext("2d");
+  context.lineWidth = Math.max(1, p.width / 400);
+  context.strokeStyle = state.fillLayer === "ignore" ? IGNORE_COLOUR : KEEP_COLOUR;
+  context.setLineDash([4 * context.lineWidth, 3 * context.lineWidth]);
+  context.beginPath();
+  context.moveTo(...points[0]);
+  for (const point of points.slice(1)) context.lineTo(...point);
   context.stroke();
 }
 
-function setUpPainting() {
-  const canvas = $("paint");
+function drawOutlines() {
+  const p = state.shown;
+  if (!p) return;
+  const out = $("outline");
+  const k = Math.min(1, 1024 / Math.max(p.width, p.height));
+  const W = Math.max(1, Math.round(p.width * k)), H = Math.max(1, Math.round(p.height * k));
+  out.width = W; out.height = H;
+  const result = out.getContext("2d").createImageData(W, H);
+  for (const [id, colour] of [["paint", [255, 43, 214, 255]], ["ignore-layer", [0, 229, 255, 255]]]) {
+    const small = document.createElement("canvas");
+    small.width = W; small.height = H;
+    small.getContext("2d").drawImage($(id), 0, 0, W, H);
+    const a = small.getContext("2d").getImageData(0, 0, W, H).data;
+    const on = (x, y) => x >= 0 && y >= 0 && x < W && y < H && a[4 * (y * W + x) + 3] > 127;
+    for (let y = 0; y < H; y++) {
+      for (let x = 0; x < W; x++) {
+        if (on(x, y) && !(on(x - 1, y) && on(x + 1, y) && on(x, y - 1) && on(x, y + 1))) {
+          result.data.set(colour, 4 * (y * W + x));
+        }
+      }
+    }
+  }
+  out.getContext("2d").putImageData(result, 0, 0);
+}
+
+function updateCursorLook() {
+  const stage = $("stage");
+  const t = tool();
+  stage.dataset.tool = state.spaceDown ? "pan" : t;
+  $("brush-cursor").classList.toggle("erase", t === "erase");
+  $("brush-cursor").classList.toggle("ignore", t === "ignore");
+}
+
+function moveCursor(event) {
+  const cursor = $("brush-cursor");
+  const t = state.spaceDown ? "pan" : tool();
+  const painting = ["keep", "ignore", "erase"].includes(t) && event.pointerType !== "touch";
+  cursor.hidden = !painting;
+  if (!painting) return;
+  const box = $("stage").getBoundingClientRect();
+  const d = Number($("brush").value);
+  cursor.style.width = cursor.style.height = `${d}px`;
+  cursor.style.transform = `translate(${event.clientX - box.left - d / 2}px, ${event.clientY - box.top - d / 2}px)`;
+}
+
+function setUpStage() {
+  const stage = $("stage");
+  const pointers = new Map();
+  let mode = null; // "paint" | "pan" | "pinch"
   let last = null;
-  canvas.addEventListener("pointerdown", (event) => {
-    if (!state.shown || state.me.role === "viewer") return;
-    canvas.setPointerCapture(event.pointerId);
-    pushUndo();
-    $("show-mask").checked = true;
-    applyViewControls();
-    last = toCanvas(event);
-    stroke(last, last);
+  let pinch = null;
+  let lasso = []; // the lasso's points (image px), closed and filled on release
+  const canEdit = () => state.shown && state.me && state.me.role !== "viewer";
+  // two fingers: their distance and midpoint (stage px); zoom follows the distance, pan the midpoint
+  const pinchOf = () => {
+    const [[x0, y0], [x1, y1]] = [...pointers.values()];
+    const box = stage.getBoundingClientRect();
+    return { d: Math.hypot(x1 - x0, y1 - y0), cx: (x0 + x1) / 2 - box.left, cy: (y0 + y1) / 2 - box.top };
+  };
+
+  stage.addEventListener("pointerdown", (event) => {
+    if (!state.shown) return;
+    try {
+      stage.setPointerCapture(event.pointerId);
+    } catch (_) { /* a pointer the browser no longer tracks: no capture needed */ }
+    pointers.set(event.pointerId, [event.clientX, event.clientY]);
+    if (pointers.size === 2) {
+      if (mode === "paint") undo(); // the first finger began a stroke; it was a pinch
+      mode = "pinch";
+      pinch = pinchOf();
+      return;
+    }
+    if (pointers.size > 2) return;
+    const t = tool();
+    if (t === "pan" || state.spaceDown || event.button === 1 || !canEdit()) {
+      mode = "pan";
+      last = [event.clientX, event.clientY];
+    } else if (t === "lasso") {
+      mode = "lasso";
+      lasso = [toImage(event)];
+    } else if (t === "fill") {
+      pushUndo();
+      if (!fillAt(toImage(event), state.fillLayer)) state.undo.pop();
+      $("show-mask").checked = true;
+      applyViewControls();
+      mode = null;
+    } else {
+      pushUndo();
+      $("show-mask").checked = true;
+      applyViewControls();
+      mode = "paint";
+      last = toImage(event);
+      stroke(last, last);
+    }
   });
-  canvas.addEventListener("pointermove", (event) => {
-    if (!last) return;
-    const point = toCanvas(event);
-    stroke(last, point);
-    last = point;
+  stage.addEventListener("pointermove", (event) => {
+    moveCursor(event);
+    if (!pointers.has(event.pointerId)) return;
+    pointers.set(event.pointerId, [event.clientX, event.clientY]);
+    if (mode === "pinch" && pointers.size === 2) {
+      const now = pinchOf();
+      if (pinch) {
+        state.view.tx += now.cx - pinch.cx;
+        state.view.ty += now.cy - pinch.cy;
+        zoomAt(now.d / Math.max(1, pinch.d), now.cx, now.cy);
+      }
+      pinch = now;
+    } else if (mode === "pan") {
+      state.view.tx += event.clientX - last[0];
+      state.view.ty += event.clientY - last[1];
+      last = [event.clientX, event.clientY];
+      applyTransform();
+    } else if (mode === "paint") {
+      const point = toImage(event);
+      stroke(last, point);
+      last = point;
+    } else if (mode === "lasso") {
+      lasso.push(toImage(event));
+      drawLassoPreview(lasso);
+    }
   });
-  const end = () => { last = null; };
-  canvas.addEventListener("pointerup", end);
-  canvas.addEventListener("pointercancel", end);
-  $("undo").addEventListener("click", () => {
-    const previous = state.undo.pop();
-    if (previous) paintContext().putImageData(previous, 0, 0);
-  });
+  const end = (event) => {
+    pointers.delete(event.pointerId);
+    if (mode === "paint") afterEdit();
+    if (mode === "lasso") {
+      fillPolygon(lasso, state.fillLayer);
+      lasso = [];
+      drawLassoPreview(lasso);
+    }
+    if (pointers.size === 0) mode = null;
+  };
+  stage.addEventListener("pointerup", end);
+  stage.addEventListener("pointercancel", end);
+  stage.addEventListener("pointerleave", () => { $("brush-cursor").hidden = true; });
+  stage.addEventListener("wheel", (event) => {
+    if (!state.shown) return;
+    event.preventDefault();
+    const box = stage.getBoundingClientRect();
+    zoomAt(Math.exp(-event.deltaY * 0.0015), event.clientX - box.left, event.clientY - box.top);
+  }, { passive: false });
+
+  for (const input of document.querySelectorAll("input[name=tool]")) {
+    input.addEventListener("change", () => {
+      if (input.value === "keep" || input.value === "ignore") state.fillLayer = input.value;
+      updateCursorLook();
+    });
+  }
+  $("zoom-in").addEventListener("click", () => zoomAt(1.5));
+  $("zoom-out").addEventListener("click", () => zoomAt(1 / 1.5));
+  $("zoom-fit").addEventListener("click", () => { state.view.s = 1; applyTransform(); });
+  $("undo").addEventListener("click", undo);
+  $("redo").addEventListener("click", redo);
   $("clear").addEventListener("click", () => {
     pushUndo();
-    paintContext().clearRect(0, 0, canvas.width, canvas.height);
+    for (const id of ["paint", "ignore-layer"]) ctx($(id)).clearRect(0, 0, $(id).width, $(id).height);
+    afterEdit();
   });
   $("from-model").addEventListener("click", () => {
     const p = state.shown;
@@ -337,154 +696,431 @@ function setUpPainting() {
     small.width = small.height = p.size;
     const context = small.getContext("2d");
     const image = context.createImageData(p.size, p.size);
-    p.saliency.forEach((v, i) => {
-      if (v >= 0.5) image.data.set([255, 43, 214, 255], 4 * i);
-    });
+    p.saliency.forEach((v, i) => { if (v >= 0.5) image.data.set([255, 43, 214, 255], 4 * i); });
     context.putImageData(image, 0, 0);
-    const target = paintContext();
+    const target = ctx($("paint"));
     target.globalCompositeOperation = "source-over";
-    target.clearRect(0, 0, canvas.width, canvas.height);
+    target.clearRect(0, 0, p.width, p.height);
     target.imageSmoothingEnabled = false;
-    target.drawImage(small, 0, 0, canvas.width, canvas.height);
+    target.drawImage(small, 0, 0, p.width, p.height);
     $("show-mask").checked = true;
     applyViewControls();
   });
+  // refit when the column's width changes (window resize, a scrollbar appearing)
+  let width = 0;
+  new ResizeObserver(() => {
+    const now = $("view").clientWidth;
+    if (state.shown && now && now !== width) fitView();
+    width = now;
+  }).observe($("view"));
 }
 
-// The painted region at the image's size: an image pixel is in it when at least half of its
-// k x k block on the canvas is painted. Returns {blob: PNG, region: values in {0, 1}}, or null
-// when nothing is painted.
-async function maskBlob() {
-  const { size } = state.shown;
-  const k = state.k;
-  const painted = paintContext().getImageData(0, 0, size * k, size * k).data;
-  const out = document.createElement("canvas");
-  out.width = out.height = size;
-  const context = out.getContext("2d");
-  const mask = context.createImageData(size, size);
+// ------------------------------------------------------------------ masks
+// The model pixel (i, j) shows original pixel (floor((2i+1)H / 2S), floor((2j+1)W / 2S)): the
+// server's map (service/originals.py). The page uses it only to compare regions; the masks it
+// sends are at the original's size and the server maps them.
+function sourceIndex(n, size) {
+  return Array.from({ length: size }, (_, i) => Math.floor(((2 * i + 1) * n) / (2 * size)));
+}
+
+function painted(which) {
+  const p = state.shown;
+  const alpha = ctx(layer(which)).getImageData(0, 0, p.width, p.height).data;
   let any = false;
-  for (let y = 0; y < size; y++) {
-    for (let x = 0; x < size; x++) {
-      let count = 0;
-      for (let dy = 0; dy < k; dy++) {
-        for (let dx = 0; dx < k; dx++) {
-          if (painted[4 * ((y * k + dy) * size * k + x * k + dx) + 3] > 127) count++;
-        }
-      }
-      const on = 2 * count >= k * k;
-      any ||= on;
-      const v = on ? 255 : 0;
-      mask.data.set([v, v, v, 255], 4 * (y * size + x));
-    }
+  for (let i = 3; i < alpha.length; i += 4) if (alpha[i] > 127) { any = true; break; }
+  return any ? alpha : null;
+}
+
+async function maskOf(which) {
+  const p = state.shown;
+  const alpha = painted(which);
+  if (!alpha) return null;
+  const out = document.createElement("canvas");
+  out.width = p.width;
+  out.height = p.height;
+  const context = out.getContext("2d");
+  const mask = context.createImageData(p.width, p.height);
+  for (let i = 0; i < p.width * p.height; i++) {
+    const v = alpha[4 * i + 3] > 127 ? 255 : 0;
+    mask.data[4 * i] = mask.data[4 * i + 1] = mask.data[4 * i + 2] = v;
+    mask.data[4 * i + 3] = 255;
   }
-  if (!any) return null;
   context.putImageData(mask, 0, 0);
-  const region = new Float32Array(size * size).map((_, i) => mask.data[4 * i] / 255);
+  const rows = sourceIndex(p.height, p.size), cols = sourceIndex(p.width, p.size);
+  const region = new Float32Array(p.size * p.size);
+  for (let i = 0; i < p.size; i++) {
+    for (let j = 0; j < p.size; j++) region[i * p.size + j] = alpha[4 * (rows[i] * p.width + cols[j]) + 3] > 127 ? 1 : 0;
+  }
   const blob = await new Promise((resolve) => out.toBlob(resolve, "image/png"));
   return { blob, region };
 }
 
-// ------------------------------------------------------------------ feedback and learning
-async function sendFeedback(agree) {
+function iou(saliency, region) {
+  let both = 0, either = 0;
+  for (let i = 0; i < region.length; i++) {
+    const a = saliency[i] >= 0.5, b = region[i] > 0;
+    both += a && b;
+    either += a || b;
+  }
+  return either ? both / either : 0;
+}
+
+// ------------------------------------------------------------------ feedback
+async function onAgree() {
+  if (!state.shown) return;
+  if (painted("keep") || painted("ignore")) {
+    const choice = await ask(
+      "You painted a region but pressed Agree. Agree means the model's region is right. What should be sent?",
+      [["region", "The class is right; learn my region", true],
+        ["agree", "Agree, and discard my painting"],
+        ["cancel", "Cancel"]],
+    );
+    if (choice === "region") return sendFeedback({ label: state.shown.predicted });
+    if (choice !== "agree") return;
+  }
+  return sendFeedback({ agree: true });
+}
+
+async function onSubmit(andNext = false) {
+  if (!state.shown) return;
+  const label = document.querySelector("input[name=label]:checked").value;
+  if (isTouch()) {
+    const choice = await ask(`Send this feedback (${label})? The model will learn from it in the next update; you can withdraw it until then.`,
+      [["send", "Send", true], ["cancel", "Cancel"]]);
+    if (choice !== "send") return;
+  }
+  await sendFeedback({ label }, andNext);
+}
+
+async function sendFeedback({ agree = false, label = null }, andNext = false) {
+  if (state.sending) return;
   const p = state.shown;
-  const form = new FormData();
-  form.append("image_id", p.image_id);
-  form.append("shown_version", p.version);
-  form.append("predicted", p.predicted);
+  const form = formOf({ image_id: p.image_id, shown_version: p.version, predicted: p.predicted });
+  let region = null;
   if (agree) {
     form.append("agree", "true");
-    state.submittedRegion = null;
   } else {
-    form.append("label", document.querySelector("input[name=label]:checked").value);
-    const mask = await maskBlob();
-    if (mask) form.append("mask", mask.blob, "mask.png");
-    state.submittedRegion = mask ? mask.region : null;
+    form.append("label", label);
+    const keep = await maskOf("keep");
+    const ignore = await maskOf("ignore");
+    if (keep) form.append("mask", keep.blob, "mask.png");
+    if (ignore) form.append("ignore_mask", ignore.blob, "ignore.png");
+    region = keep ? keep.region : null;
   }
-  $("submit").disabled = $("agree").disabled = true;
+  state.sending = true;
   try {
-    const item = await api("/api/feedback", { method: "POST", body: form });
-    say("feedback-status", `Feedback #${item.id} stored. The model is learning from it...`);
-    await followUpdate(item.id, p);
+    const item = await post("/api/feedback", form);
+    state.mine.set(item.id, { item, before: p, region, label: item.label, agree });
+    renderMine();
+    say("feedback-status", `Feedback #${item.id} stored; it waits for the next update. You can go on.`);
+    const entry = currentEntry();
+    if (entry && entry.image_id === p.image_id) {
+      await markEntry(entry, { state: "feedback", feedback_id: item.id });
+    }
+    if (andNext) await moveBy(1);
   } catch (error) {
     say("feedback-status", `Not stored: ${error.message}`, true);
   } finally {
-    $("submit").disabled = $("agree").disabled = false;
+    state.sending = false;
   }
 }
 
-async function followUpdate(itemId, before) {
-  const deadline = Date.now() + 10 * 60 * 1000;
-  while (Date.now() < deadline) {
-    const item = await api(`/api/feedback/${itemId}`);
-    if (item.status === "used") {
-      if (item.update_status === "promoted") {
-        const after = await decodePrediction(
-          await api("/api/predict", { method: "POST", body: formWith("image_id", before.image_id) }),
-        );
-        if (state.shown && state.shown.image_id === before.image_id) {
-          // the main view follows the current model; the painted region stays
-          const canvas = $("paint");
-          const painted = paintContext().getImageData(0, 0, canvas.width, canvas.height);
-          const undo = state.undo;
-          await show(after);
-          paintContext().putImageData(painted, 0, 0);
-          state.undo = undo;
-        }
-        showComparison(before, after);
-        say("feedback-status", `Learned: version ${item.update_version} is now current.`);
-      } else {
-        say("feedback-status", `The update was not promoted, so the model is unchanged. ${item.update_reason}`);
-      }
-      await refreshStatus();
-      if (state.me.role === "admin") await loadVersions();
-      return;
+function renderMine() {
+  const list = $("mine");
+  const items = [...state.mine.values()].slice(-6).reverse();
+  $("mine-title").hidden = items.length === 0;
+  list.replaceChildren(...items.map(({ item }) => {
+    const li = document.createElement("li");
+    const text = document.createElement("span");
+    const what = item.agree ? "agree" : item.label;
+    const where = item.status === "pending" ? "waiting for an update"
+      : item.status === "withdrawn" ? "withdrawn"
+        : `used by version ${item.update_version} (${item.update_status})`;
+    text.textContent = `#${item.id} ${what}: ${where}`;
+    li.append(text);
+    if (item.status === "pending") {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = "Withdraw";
+      button.setAttribute("aria-label", `Withdraw feedback #${item.id}`);
+      button.addEventListener("click", () => withdraw(item.id));
+      li.append(" ", button);
     }
-    await new Promise((resolve) => setTimeout(resolve, 800));
+    return li;
+  }));
+}
+
+async function withdraw(id) {
+  try {
+    const item = await api(`/api/feedback/${id}`, { method: "DELETE" });
+    state.mine.get(id).item = item;
+    say("feedback-status", `Feedback #${id} withdrawn; no update will learn from it.`);
+  } catch (error) {
+    say("feedback-status", `Could not withdraw #${id}: ${error.message}`, true);
   }
-  say("feedback-status", "Stored; the update is taking long. It will still be learned.");
+  renderMine();
 }
 
-function formWith(key, value) {
-  const form = new FormData();
-  form.append(key, value);
-  return form;
+// ------------------------------------------------------------------ following updates
+let polling = false;
+
+async function poll() {
+  if (polling || !state.me) return;
+  polling = true;
+  try {
+    await refreshStatus();
+    for (const [id, record] of state.mine) {
+      if (record.item.status !== "pending") continue;
+      const item = await api(`/api/feedback/${id}`);
+      record.item = item;
+      if (item.status === "used") {
+        renderMine();
+        await showOutcome(record);
+        if (state.me.role === "admin") await loadVersions();
+      }
+    }
+  } catch (_) { /* the next poll tries again */ } finally {
+    polling = false;
+  }
 }
 
-function showComparison(before, after) {
-  composite($("before"), before, state.submittedRegion);
-  composite($("after"), after, state.submittedRegion);
-  const caption = (label, p) =>
-    `${label}: version ${p.version}, ${p.predicted} ${percent(p.probabilities[p.predicted])}`;
-  $("before-caption").textContent = caption("Before", before);
-  $("after-caption").textContent = caption("After", after);
-  $("compare-note").textContent =
-    "The same image explained (predicted class; yellow: 50 % contour) before and after your " +
-    "feedback" + (state.submittedRegion ? "; pink: the region you drew." : ".");
-  $("compare").hidden = false;
-  setVersionBadge(after.version);
-}
-
-// ------------------------------------------------------------------ status and versions
 async function refreshStatus() {
   const status = await api("/api/update/status");
   setVersionBadge(status.current_version);
-  $("update-info").textContent = `${status.pending} pending; ${status.message}` +
-    (status.last_error ? `; last error: ${status.last_error}` : "");
+  let text;
+  if (!status.enabled) text = `${status.pending} waiting; ${status.message}`;
+  else if (status.phase === "training") text = `Learning from ${status.training_items} item(s): step ${status.step} of ${status.steps}` + (status.pending > status.training_items ? `; ${status.pending - status.training_items} more queued` : "");
+  else if (status.phase === "checking") text = `Checking the new version on the validation set (the gate)`;
+  else if (status.phase === "queued") text = `${status.pending} item(s) queued for the next update`;
+  else text = "Up to date";
+  const last = status.last_update;
+  if (last && status.phase !== "training" && status.phase !== "checking") {
+    text += `; last update: version ${last.id} ${last.status}` + (last.regressions.length ? ` (⚠ ${last.regressions.join(", ")})` : "");
+  }
+  if (status.last_error) text += `; last error: ${status.last_error}`;
+  const bar = $("update-state");
+  bar.hidden = false;
+  bar.textContent = text;
+  bar.dataset.phase = status.phase;
+  bar.title = last ? `Version ${last.id}: ${last.reason}` : "";
+  if (state.me.role === "admin") $("update-info").textContent = `${status.pending} pending; ${status.message}`;
   return status;
 }
 
 const fmt = (v) => (typeof v === "number" ? v.toFixed(3) : "–");
 
+function validationWords(version) {
+  const b = version.parent_metrics, a = version.metrics;
+  const parts = [["accuracy", "accuracy"], ["avg_sensitivity", "average sensitivity"], ["jaccard_mean", "Jaccard"]]
+    .filter(([key]) => typeof b[key] === "number" && typeof a[key] === "number")
+    .map(([key, name]) => `${name} ${fmt(b[key])} → ${fmt(a[key])}`);
+  if (!parts.length) return "";
+  return `Validation set (what the gate checks), version ${version.parent} → candidate ${version.id}: ${parts.join(", ")}.` +
+    (version.regressions.length ? ` ⚠ ${version.regressions.join("; ")}.` : "");
+}
+
+async function showOutcome(record) {
+  const { item, before, region, label } = record;
+  const version = await api(`/api/versions/${item.update_version}`);
+  $("validation-change").textContent = validationWords(version);
+  if (item.update_status !== "promoted") {
+    $("compare").hidden = false;
+    $("outcome").textContent = `Feedback #${item.id}: the update that learned from it was rejected by the gate, ` +
+      `so the model is unchanged (version ${before.version} still says ${before.predicted}). ` +
+      `Your feedback stays on record. Why: ${item.update_reason}`;
+    $("compare").querySelector(".pair").hidden = true;
+    $("compare-note").textContent = "";
+    say("feedback-status", `Feedback #${item.id}: the update was not promoted, so the model is unchanged.`);
+    return;
+  }
+  $("compare").querySelector(".pair").hidden = false;
+  const after = await decodePrediction(await post("/api/predict", formOf({ image_id: before.image_id })));
+  const wanted = label;
+  const agreesNow = after.predicted === wanted;
+  const agreedBefore = before.predicted === wanted;
+  const pct = (p) => `${p.predicted} ${percent(p.probabilities[p.predicted])}`;
+  let words = `Feedback #${item.id}: you said ${wanted}. Before, version ${before.version} said ${pct(before)}; ` +
+    `now version ${after.version} says ${pct(after)}: `;
+  words += agreesNow ? (agreedBefore ? "it still agrees with you." : "it now agrees with you.")
+    : (agreedBefore ? "it no longer agrees with you." : "it still disagrees with you.");
+  if (region) {
+    words += ` Overlap of its 50 % region with yours (IoU): ${iou(before.saliency, region).toFixed(2)} → ${iou(after.saliency, region).toFixed(2)}.`;
+  }
+  $("outcome").textContent = words;
+  $("outcome").hidden = false;
+  composite($("before"), before, region);
+  composite($("after"), after, region);
+  $("before-caption").textContent = `Before: version ${before.version}, ${pct(before)}`;
+  $("after-caption").textContent = `After: version ${after.version}, ${pct(after)}`;
+  $("compare-note").textContent = "The same image explained (yellow: 50 % contour) before and after your feedback" +
+    (region ? "; pink: the region you drew." : ".");
+  $("compare").hidden = false; // shown once complete
+  say("feedback-status", `Learned: version ${item.update_version} is now current.`);
+  if (state.shown && state.shown.image_id === before.image_id) {
+    // the main view follows the current model; the painted regions stay
+    const shot = snapshot();
+    const { undo: u, redo: r, view } = state;
+    await show(after, $("image-name").textContent.replace(/^· /, ""));
+    restore(shot);
+    Object.assign(state, { undo: u, redo: r });
+    Object.assign(state.view, view);
+    applyTransform();
+  }
+}
+
+// ------------------------------------------------------------------ worklists
+async function loadWorklists(select = null) {
+  const lists = await api("/api/worklists");
+  const choose = $("worklist-select");
+  const options = [new Option("No worklist", "")].concat(
+    lists.map((w) => new Option(`${w.name} (${w.counts.total - w.counts.new} of ${w.counts.total} seen)`, w.id)),
+  );
+  choose.replaceChildren(...options);
+  if (select !== null) {
+    choose.value = String(select);
+    await openWorklist(select);
+  } else if (state.worklist) {
+    choose.value = String(state.worklist.id);
+  }
+}
+
+async function openWorklist(id) {
+  if (!id) return leaveWorklist();
+  const w = await api(`/api/worklists/${id}`);
+  const start = w.entries.findIndex((e) => e.state === "new");
+  state.worklist = { id: w.id, name: w.name, entries: w.entries, counts: w.counts, index: -1 };
+  $("submit-next").hidden = false;
+  await openEntry(start >= 0 ? start : 0);
+}
+
+function leaveWorklist() {
+  state.worklist = null;
+  $("worklist-select").value = "";
+  $("submit-next").hidden = true;
+  renderWorklist();
+}
+
+function currentEntry() {
+  const w = state.worklist;
+  return w && w.index >= 0 ? w.entries[w.index] : null;
+}
+
+async function openEntry(index) {
+  const w = state.worklist;
+  if (!w || index < 0 || index >= w.entries.length) return;
+  w.index = index;
+  renderWorklist();
+  const entry = w.entries[index];
+  const result = await predict({ original_id: entry.original_id }, entry.name);
+  if (result) await markEntry(entry, { state: "reviewed", image_id: result.image_id });
+}
+
+async function markEntry(entry, change) {
+  const w = state.worklist;
+  const updated = await api(`/api/worklists/${w.id}/entries/${entry.id}`, jsonBody("PATCH", change));
+  Object.assign(entry, updated);
+  w.counts = { new: 0, reviewed: 0, feedback: 0, skipped: 0, total: w.entries.length };
+  for (const e of w.entries) w.counts[e.state] += 1;
+  renderWorklist();
+}
+
+async function moveBy(step) {
+  const w = state.worklist;
+  if (!w) return;
+  const target = w.index + step;
+  if (target >= w.entries.length) {
+    say("feedback-status", `End of the worklist "${w.name}": ${w.counts.feedback} with feedback, ${w.counts.skipped} skipped.`);
+    return;
+  }
+  await openEntry(Math.max(0, target));
+}
+
+async function skip() {
+  const entry = currentEntry();
+  if (!entry) return;
+  if (entry.state !== "feedback") await markEntry(entry, { state: "skipped" });
+  await moveBy(1);
+}
+
+const STATE_WORDS = { new: "new", reviewed: "seen", feedback: "feedback given", skipped: "skipped" };
+
+function renderWorklist() {
+  const w = state.worklist;
+  const list = $("worklist-entries");
+  $("prev").disabled = $("next").disabled = $("skip").disabled = false;
+  if (!w) {
+    list.replaceChildren();
+    $("worklist-counts").textContent = "";
+    for (const id of ["prev", "next", "skip"]) $(id).hidden = true;
+    return;
+  }
+  for (const id of ["prev", "next", "skip"]) $(id).hidden = false;
+  const c = w.counts;
+  const option = $("worklist-select").selectedOptions[0];
+  if (option && option.value === String(w.id)) option.textContent = `${w.name} (${c.total - c.new} of ${c.total} seen)`;
+  $("worklist-counts").textContent = `Image ${w.index + 1} of ${c.total} · ${c.new} new · ${c.reviewed} seen · ` +
+    `${c.feedback} with feedback · ${c.skipped} skipped`;
+  list.replaceChildren(...w.entries.map((e, k) => {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = `entry state-${e.state}` + (k === w.index ? " current" : "");
+    if (k === w.index) button.setAttribute("aria-current", "true");
+    button.innerHTML = `<span class="entry-name"></span><span class="entry-state"></span>`;
+    button.querySelector(".entry-name").textContent = e.name;
+    button.querySelector(".entry-state").textContent = STATE_WORDS[e.state];
+    button.addEventListener("click", () => openEntry(k));
+    li.append(button);
+    return li;
+  }));
+  // scroll the list only, never the page (on a phone the list is below the image)
+  const current = list.querySelector(".current");
+  if (current) list.scrollTop = current.offsetTop - (list.clientHeight - current.offsetHeight) / 2;
+}
+
+async function uploadWorklist(files) {
+  const form = new FormData();
+  for (const file of files) form.append("files", file, file.name);
+  form.append("name", `${files.length} upload(s) ${new Date().toLocaleString()}`);
+  try {
+    const made = await post("/api/worklists/upload", form);
+    if (made.skipped_files.length) say("feedback-status", `Skipped: ${made.skipped_files.join("; ")}`, true);
+    await loadWorklists(made.id);
+  } catch (error) {
+    say("feedback-status", `Could not make a worklist: ${error.message}`, true);
+  }
+}
+
+async function importFolder(folder) {
+  try {
+    const made = await api("/api/worklists", jsonBody("POST", { folder }));
+    if (made.skipped_files.length) say("feedback-status", `Skipped: ${made.skipped_files.join("; ")}`, true);
+    await loadWorklists(made.id);
+  } catch (error) {
+    say("feedback-status", `Could not import: ${error.message}`, true);
+  }
+}
+
+// ------------------------------------------------------------------ versions (admin)
 async function loadVersions() {
   const rows = (await api("/api/versions")).map((v) => {
     const row = document.createElement("tr");
     if (v.current) row.className = "current";
+    const b = v.parent_metrics || {};
+    const metric = (key) => (typeof b[key] === "number" ? `${fmt(b[key])} → ${fmt(v.metrics[key])}` : fmt(v.metrics[key]));
     const cells = [`${v.id}${v.parent ? ` ← ${v.parent}` : ""}`, v.current ? `${v.status}, current` : v.status,
-      fmt(v.metrics.accuracy), fmt(v.metrics.avg_sensitivity), fmt(v.metrics.jaccard_mean), v.reason];
+      metric("accuracy"), metric("avg_sensitivity"), metric("jaccard_mean"), v.reason];
     for (const text of cells) {
       const cell = document.createElement("td");
       cell.textContent = text;
       row.append(cell);
+    }
+    if (v.regressions.length) {
+      row.classList.add("regressed");
+      const flag = document.createElement("strong");
+      flag.className = "flag";
+      flag.textContent = `⚠ ${v.regressions.join("; ")}`;
+      row.cells[5].prepend(flag, document.createElement("br"));
     }
     const action = document.createElement("td");
     if (v.status === "promoted" && !v.current) {
@@ -502,8 +1138,11 @@ async function loadVersions() {
 }
 
 async function activate(id) {
+  const choice = await ask(`Make version ${id} current? Every user gets its answers from now on.`,
+    [["yes", `Make version ${id} current`, true], ["cancel", "Cancel"]]);
+  if (choice !== "yes") return;
   try {
-    await api(`/api/versions/${id}/activate`, { method: "POST" });
+    await post(`/api/versions/${id}/activate?confirm=true`);
     await Promise.all([loadVersions(), refreshStatus()]);
     if (state.shown) await predict({ image_id: state.shown.image_id });
   } catch (error) {
@@ -513,11 +1152,60 @@ async function activate(id) {
 
 async function updateNow() {
   try {
-    await api("/api/update", { method: "POST" });
+    await post("/api/update");
     $("update-info").textContent = "Update started.";
   } catch (error) {
     $("update-info").textContent = error.message;
   }
+}
+
+async function downloadExport() {
+  try {
+    const blob = await api("/api/export.zip");
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = "feedbackcam-feedback.zip";
+    link.click();
+  } catch (error) {
+    say("update-info", `Could not export: ${error.message}`, true);
+  }
+}
+
+// ------------------------------------------------------------------ keyboard
+function onKey(event) {
+  if (!state.me || document.querySelector("dialog[open]")) return;
+  const target = event.target;
+  const typing = target.matches("input[type=text], input[type=password], input:not([type]), select, textarea");
+  if (typing) return;
+  const mod = event.ctrlKey || event.metaKey;
+  const key = event.key;
+  const feedback = state.shown && state.me.role !== "viewer";
+  const act = (fn) => { event.preventDefault(); fn(); };
+  if (mod && key.toLowerCase() === "z") return act(event.shiftKey ? redo : undo);
+  if (mod && key.toLowerCase() === "y") return act(redo);
+  if (mod || event.altKey) return;
+  if (key === " " && !target.matches("button")) {
+    event.preventDefault();
+    state.spaceDown = true;
+    updateCursorLook();
+    return;
+  }
+  if (key === "Enter" && feedback && !target.matches("button")) return act(() => onSubmit(event.shiftKey && !!state.worklist));
+  const brush = $("brush");
+  const actions = {
+    b: () => setTool("keep"), i: () => setTool("ignore"), e: () => setTool("erase"),
+    f: () => setTool("fill"), l: () => setTool("lasso"), h: () => setTool("pan"),
+    "[": () => { brush.value = Number(brush.value) - 4; applyViewControls(); },
+    "]": () => { brush.value = Number(brush.value) + 4; applyViewControls(); },
+    "+": () => zoomAt(1.5), "=": () => zoomAt(1.5), "-": () => zoomAt(1 / 1.5),
+    0: () => { state.view.s = 1; applyTransform(); },
+    o: () => { $("outline-only").checked = !$("outline-only").checked; applyViewControls(); },
+    a: () => feedback && onAgree(),
+    n: () => moveBy(1), p: () => moveBy(-1), s: () => skip(),
+    "?": () => $("help").showModal(),
+  };
+  const fn = actions[key.length === 1 ? key.toLowerCase() : key];
+  if (fn) act(fn);
 }
 
 // ------------------------------------------------------------------ wiring
@@ -527,19 +1215,47 @@ document.addEventListener("DOMContentLoaded", () => {
     signIn($("token").value.trim());
   });
   $("signout").addEventListener("click", signOut);
+  $("show-help").addEventListener("click", () => $("help").showModal());
   $("file").addEventListener("change", (event) => {
     const [file] = event.target.files;
-    if (file) predict({ file });
+    if (file) {
+      leaveWorklist();
+      predict({ file }, file.name);
+    }
     event.target.value = "";
   });
-  for (const id of ["opacity", "show-contour", "show-mask"]) $(id).addEventListener("input", applyViewControls);
+  $("worklist-files").addEventListener("change", (event) => {
+    const files = [...event.target.files];
+    if (files.length) uploadWorklist(files);
+    event.target.value = "";
+  });
+  $("worklist-folder-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    importFolder($("worklist-folder").value.trim());
+  });
+  $("worklist-select").addEventListener("change", (event) => openWorklist(event.target.value));
+  $("prev").addEventListener("click", () => moveBy(-1));
+  $("next").addEventListener("click", () => moveBy(1));
+  $("skip").addEventListener("click", skip);
+  for (const id of ["opacity", "show-contour", "show-mask", "outline-only", "brush"]) $(id).addEventListener("input", applyViewControls);
   $("feedback").addEventListener("submit", (event) => {
     event.preventDefault();
-    sendFeedback(false);
+    onSubmit(false);
   });
-  $("agree").addEventListener("click", () => sendFeedback(true));
+  $("submit-next").addEventListener("click", () => onSubmit(true));
+  $("agree").addEventListener("click", onAgree);
   $("update-now").addEventListener("click", updateNow);
-  setUpPainting();
+  $("export").addEventListener("click", downloadExport);
+  document.addEventListener("keydown", onKey);
+  document.addEventListener("keyup", (event) => {
+    if (event.key === " ") {
+      state.spaceDown = false;
+      updateCursorLook();
+    }
+  });
+  setUpStage();
+  renderWorklist();
+  updateCursorLook();
   // a token in the address's fragment (never sent to the server) signs in once, then is removed
   const fromHash = new URLSearchParams(window.location.hash.slice(1)).get("token");
   if (fromHash) history.replaceState(null, "", window.location.pathname);

@@ -1,0 +1,106 @@
+"""The feedback app's latency, through its API: predict + explain (p50/p95), and the time from
+submitting feedback to a promoted version.
+
+    OMP_NUM_THREADS=1 python bench/app_latency.py --data /tmp/demo-data [--model ckpt.pt]
+
+``--data`` is a data dir; without ``--model`` the demo's model is served (trained if absent).
+The data dir is copied, so every run starts from the same state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from feedbackcam.data.synth import SynthConfig, make_synthderm
+from feedbackcam.service import Settings, create_app
+from feedbackcam.service.auth import add_user
+from feedbackcam.service.db import connect
+from feedbackcam.service.demo import ensure_demo
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--n", type=int, default=50, help="predictions timed")
+    parser.add_argument("--updates", type=int, default=3, help="submit-to-promoted runs")
+    parser.add_argument("--size", type=int, default=256, help="side of the uploaded images")
+    args = parser.parse_args()
+    if args.model is None:
+        ensure_demo(args.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        shutil.copytree(args.data, data, ignore=shutil.ignore_patterns("feedbackcam.db*"))
+        settings = Settings(
+            data_dir=data, model=args.model, bootstrap_admin=False, tolerance=1.0, poll_seconds=0.05
+        )
+        engine, sessions = connect(settings.database_url)
+        with sessions() as session:
+            auth = {"Authorization": f"Bearer {add_user(session, 'bench', 'clinician')}"}
+        images = make_synthderm(SynthConfig(n=args.n, size=args.size, seed=99)).images
+        with TestClient(create_app(settings)) as client:
+            size = client.app.state.runtime.registry.served.spec.input_size
+            files = {"file": ("x.png", png(images[0]), "image/png")}
+            client.post("/api/predict", files=files, headers=auth)  # warm-up (energy threshold)
+            times = []
+            for image in images:
+                start = time.perf_counter()
+                files = {"file": ("x.png", png(image), "image/png")}
+                r = client.post("/api/predict", files=files, headers=auth)
+                times.append(time.perf_counter() - start)
+                assert r.status_code == 200, r.text
+            p50, p95 = np.percentile(np.array(times) * 1000, [50, 95])
+            cpu = platform.processor() or platform.machine()
+            print(f"machine: {cpu}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+            print(f"model input {size} px, uploads {args.size} px PNG, n = {args.n}")
+            print(f"predict + explain (HTTP, upload included): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+            print(f"validation images: {len(client.app.state.runtime.validation)}", flush=True)
+            update_times = []
+            for k in range(args.updates):
+                p = client.post(
+                    "/api/predict",
+                    files={"file": ("x.png", png(images[k]), "image/png")},
+                    headers=auth,
+                ).json()
+                label = next(c for c in p["probabilities"] if c != p["predicted"])
+                start = time.perf_counter()
+                data_ = {
+                    "image_id": p["image_id"],
+                    "shown_version": p["version"],
+                    "predicted": p["predicted"],
+                    "label": label,
+                }
+                item = client.post("/api/feedback", data=data_, headers=auth).json()
+                while True:
+                    got = client.get(f"/api/feedback/{item['id']}", headers=auth).json()
+                    if got["status"] == "used":
+                        break
+                    time.sleep(0.02)
+                update_times.append(time.perf_counter() - start)
+        engine.dispose()
+    print(
+        "submit -> update used (fine-tune + gate): "
+        + ", ".join(f"{t:.2f} s" for t in update_times)
+        + f" (median {np.median(update_times):.2f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -294,3 +294,18 @@ def test_the_shortcut_benchmark_is_a_cli_command(capsys):
         main(["shortcuts", "--help"])
     assert done.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_every_api_endpoint_has_a_docstring():
+    missing = []
+    for path in sorted((PACKAGE / "service" / "routers").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            routes = [
+                d
+                for d in getattr(node, "decorator_list", [])
+                if isinstance(d, ast.Call)
+                and getattr(d.func, "attr", "") in {"get", "post", "put", "patch", "delete"}
+            ]
+            if routes and not ast.get_docstring(node):
+                missing.append(f"{path.name}:{node.name}")
+    assert not missing, missing

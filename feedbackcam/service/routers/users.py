@@ -15,11 +15,13 @@ router = APIRouter(tags=["users"])
 
 @router.get("/me", response_model=Me)
 def me(user: Viewer) -> Me:
+    """The signed-in user's name and role (any role)."""
     return Me(name=user.name, role=user.role)
 
 
 @router.get("/users", response_model=list[Me])
 def list_users(user: Admin, session: SessionDep) -> list[Me]:
+    """Every user with their role, oldest first (admins only)."""
     return [Me(name=u.name, role=u.role) for u in session.scalars(select(User).order_by(User.id))]
 
 

@@ -134,6 +134,8 @@ def list_worklists(user: Viewer, session: SessionDep):
 
 @router.get("/worklists/{worklist_id}", response_model=WorklistOut)
 def get_worklist(worklist_id: Id, user: Viewer, session: SessionDep):
+    """One worklist: its images in order, each with its state (new, seen, feedback given,
+    skipped), and the counts per state."""
     worklist = session.get(Worklist, worklist_id)
     if worklist is None:
         raise HTTPException(404, f"no worklist {worklist_id}")

@@ -52,6 +52,19 @@ def to_model(array: np.ndarray, size: int) -> np.ndarray:
     return array[source_index(h, size)][:, source_index(w, size)]
 
 
+def model_input(img: Image.Image, size: int) -> np.ndarray:
+    """``to_model`` of a decoded upload as RGB (16-bit greys scaled, not clipped), reading only
+    the rows the model samples: no full-size array is made, so a large upload costs its decoded
+    image and little more (what ``limits.decode_slot`` budgets for)."""
+    img = to_8bit(img)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = rgb.size
+    rows = [
+        np.asarray(rgb.crop((0, r, w, r + 1)), dtype=np.uint8)[0] for r in source_index(h, size)
+    ]
+    return np.stack(rows)[:, source_index(w, size)]
+
+
 def original_ext(data: bytes) -> str:
     return next(ext for sig, ext in _EXT.items() if data.startswith(sig))
 
@@ -82,9 +95,7 @@ def admit(store: Store, session: Session, data: bytes, img: Image.Image, size: i
     input (size, size, 3) and records which original it came from (the first one, if the same
     model input comes from two originals). Commits."""
     original_id = put_original(store, data)
-    img8 = to_8bit(img)  # 16-bit greys scaled, not clipped
-    rgb = img8 if img8.mode == "RGB" else img8.convert("RGB")
-    rgb = to_model(np.asarray(rgb, dtype=np.uint8), size)
+    rgb = model_input(img, size)
     image_id = store.put("images", png_bytes(rgb))
     if session.get(Original, image_id) is None:
         ext = original_ext(data)

@@ -316,6 +316,27 @@ def _invariance(inputs, cfg) -> Tensor:
     return F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
 
 
+def _moved_artifacts(inputs, *, blank: bool) -> Tensor:
+    """The fill term of "invariance", plus each marked artifact moved onto another image of the
+    batch (its own marked region filled first, its label kept) with CE and a KL to that image;
+    with ``blank``, also the recipient with the donor's region filled instead of pasted."""
+    from .counterfactual import fill_region, transplant
+
+    images = inputs.images.detach()
+    n = images.shape[0]
+    shift = int(torch.randint(1, max(n, 2), ()))
+    recipients = (torch.arange(n, device=images.device) + shift) % n
+    filled = fill_region(images, inputs.ignore)
+    pasted, base = transplant(images, inputs.ignore, recipients)
+    variants = [filled, pasted] + ([fill_region(base, inputs.ignore)] if blank else [])
+    lf, *moved = inputs.forward(torch.cat(variants)).split(n)
+    loss = F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
+    for lm in moved:
+        loss = loss + F.cross_entropy(lm, inputs.labels[recipients], reduction="none")
+        loss = loss + _kl(lf[recipients], lm)
+    return loss
+
+
 @register_loss("invariance_transplant", needs="ignore")
 def _invariance_transplant(inputs, cfg) -> Tensor:
     """Invariance to the marked artifact: the fill term of "invariance", plus each artifact
@@ -325,21 +346,7 @@ def _invariance_transplant(inputs, cfg) -> Tensor:
     donor's. Filling alone can leave "a filled patch" as a cue; moving the artifact onto
     images of every class makes it useless as one.
     """
-    from .counterfactual import fill_region, transplant
-
-    images = inputs.images.detach()
-    n = images.shape[0]
-    shift = int(torch.randint(1, max(n, 2), ()))
-    recipients = (torch.arange(n, device=images.device) + shift) % n
-    filled = fill_region(images, inputs.ignore)
-    pasted, _ = transplant(images, inputs.ignore, recipients)
-    logits = inputs.forward(torch.cat([filled, pasted]))
-    lf, lp = logits[:n], logits[n:]
-    fill_term = F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
-    move_term = F.cross_entropy(lp, inputs.labels[recipients], reduction="none") + _kl(
-        lf[recipients], lp
-    )
-    return fill_term + move_term
+    return _moved_artifacts(inputs, blank=False)
 
 
 @register_loss("invariance_swap", needs="ignore")
@@ -347,19 +354,4 @@ def _invariance_swap(inputs, cfg) -> Tensor:
     """``invariance_transplant`` plus, for each recipient, the donor's region filled instead of
     pasted: every class then carries filled patches as often as pasted artifacts, so neither the
     artifact nor the filled rectangle that replaces it can become a cue."""
-    from .counterfactual import fill_region, transplant
-
-    images = inputs.images.detach()
-    n = images.shape[0]
-    shift = int(torch.randint(1, max(n, 2), ()))
-    recipients = (torch.arange(n, device=images.device) + shift) % n
-    filled = fill_region(images, inputs.ignore)
-    pasted, base = transplant(images, inputs.ignore, recipients)
-    blanked = fill_region(base, inputs.ignore)  # the recipient with the donor's region filled
-    logits = inputs.forward(torch.cat([filled, pasted, blanked]))
-    lf, lp, lb = logits[:n], logits[n : 2 * n], logits[2 * n :]
-    y = inputs.labels[recipients]
-    fill_term = F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
-    move_term = F.cross_entropy(lp, y, reduction="none") + _kl(lf[recipients], lp)
-    blank_term = F.cross_entropy(lb, y, reduction="none") + _kl(lf[recipients], lb)
-    return fill_term + move_term + blank_term
+    return _moved_artifacts(inputs, blank=True)

@@ -686,6 +686,15 @@ def _port(text: str) -> int:
     return port
 
 
+def _add_store_args(p) -> None:
+    """The app's store: ``--data-dir`` and ``--db``, defaults from ``Settings`` (one place)."""
+    from .service.settings import Settings
+
+    d = Settings()
+    p.add_argument("--db", default=d.db_url, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", type=Path, default=d.data_dir)
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
@@ -699,8 +708,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--model", type=Path, default=None, help="a checkpoint (default: the demo's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--db", default=d.db_url, help="SQLAlchemy URL (default: SQLite in --data-dir)")
-    p.add_argument("--data-dir", type=Path, default=d.data_dir)
+    _add_store_args(p)
     p.add_argument("--update-every", type=int, default=d.update_every, help="fine-tune after N")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per update")
     p.add_argument("--replay-per-class", type=int, default=d.replay_per_class)
@@ -752,8 +760,7 @@ def _add_users(sub) -> None:
     revoke = usub.add_parser("revoke", help="revoke a user's token: it signs in no more")
     revoke.add_argument("name")
     for q in (add, listing, revoke):
-        q.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
-        q.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
+        _add_store_args(q)
 
     def run(args) -> int:
         from .service.commands import users
@@ -771,8 +778,7 @@ def _add_worklist(sub) -> None:
     add.add_argument("--name", default=None, help="default: the folder's name")
     listing = wsub.add_parser("list", help="list worklists and their counts")
     for q in (add, listing):
-        q.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
-        q.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
+        _add_store_args(q)
 
     def run(args) -> int:
         from .service.commands import worklist
@@ -787,8 +793,7 @@ def _add_export(sub) -> None:
         "export",
         help="the feedback app's feedback as a dataset (images/, masks/, ignore/, labels.csv)",
     )
-    p.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
-    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+    _add_store_args(p)
     p.add_argument("--out", type=Path, required=True, help="a new or empty folder")
 
     def run(args) -> int:
@@ -807,8 +812,7 @@ def _add_doctor(sub) -> None:
         "every promoted version, the feedback files and unknown checkpoints. --repair makes the "
         "last good version current and tidies files; no feedback is changed.",
     )
-    p.add_argument("--data-dir", type=Path, default=Path("feedbackcam-data"))
-    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+    _add_store_args(p)
     p.add_argument("--repair", action="store_true", help="repair what can be repaired safely")
 
     def run(args) -> int:

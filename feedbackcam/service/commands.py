@@ -6,7 +6,14 @@ User errors (a bad checkpoint, a port out of range, a database without its drive
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 def preflight(settings: Settings) -> None:
@@ -55,29 +62,39 @@ def serve(args) -> int:
     return 0
 
 
+@contextmanager
+def _store_session(args) -> Iterator[tuple[Settings, Session]]:
+    """The settings of ``--data-dir``/``--db`` and a session on that store, closed after."""
+    from .db import connect
+
+    settings = Settings(data_dir=args.data_dir, db_url=args.db)
+    engine, sessions = connect(settings.database_url)
+    try:
+        with sessions() as session:
+            yield settings, session
+    finally:
+        engine.dispose()
+
+
 def users(args) -> int:
     from sqlalchemy import select
 
     from .auth import add_user, revoke
-    from .db import User, connect, iso
+    from .db import User, iso
 
-    engine, sessions = connect(Settings(data_dir=args.data_dir, db_url=args.db).database_url)
-    try:
-        with sessions() as session:
-            if args.users_command == "add":
-                token = add_user(session, args.name, args.role, args.days)
-                expiry = f", expires in {args.days:g} days" if args.days else ""
-                print(f"user {args.name!r} ({args.role}{expiry}); token, shown only this once:")
-                print(token)
-            elif args.users_command == "revoke":
-                revoke(session, args.name)
-                print(f"user {args.name!r}: token revoked")
-            else:
-                for user in session.scalars(select(User).order_by(User.id)):
-                    state = "revoked" if user.revoked else iso(user.expires) or "no expiry"
-                    print(f"{user.name}\t{user.role}\t{state}")
-    finally:
-        engine.dispose()
+    with _store_session(args) as (settings, session):
+        if args.users_command == "add":
+            token = add_user(session, args.name, args.role, args.days)
+            expiry = f", expires in {args.days:g} days" if args.days else ""
+            print(f"user {args.name!r} ({args.role}{expiry}); token, shown only this once:")
+            print(token)
+        elif args.users_command == "revoke":
+            revoke(session, args.name)
+            print(f"user {args.name!r}: token revoked")
+        else:
+            for user in session.scalars(select(User).order_by(User.id)):
+                state = "revoked" if user.revoked else iso(user.expires) or "no expiry"
+                print(f"{user.name}\t{user.role}\t{state}")
     return 0
 
 
@@ -85,47 +102,36 @@ def worklist(args) -> int:
     from sqlalchemy import select
 
     from . import worklist as lists
-    from .db import Worklist, connect
+    from .db import Worklist
     from .store import Store
 
-    settings = Settings(data_dir=args.data_dir, db_url=args.db)
-    engine, sessions = connect(settings.database_url)
-    try:
-        with sessions() as session:
-            if args.worklist_command == "add":
-                files = lists.read_folder(args.folder, settings.max_upload_bytes)
-                made, skipped = lists.create(
-                    session,
-                    Store(settings.data_dir),
-                    args.name or args.folder.name,
-                    files,
-                    max_bytes=settings.max_upload_bytes,
-                    max_pixels=settings.max_pixels,
-                )
-                for reason in skipped:
-                    print(f"skipped: {reason}")
-                n = len(lists.entries(session, made.id))
-                print(f"worklist {made.id} {made.name!r}: {n} image(s)")
-            else:
-                for w in session.scalars(select(Worklist).order_by(Worklist.id)):
-                    counts = lists.counts(lists.entries(session, w.id))
-                    print(f"{w.id}\t{w.name}\t" + " ".join(f"{k}={v}" for k, v in counts.items()))
-    finally:
-        engine.dispose()
+    with _store_session(args) as (settings, session):
+        if args.worklist_command == "add":
+            files = lists.read_folder(args.folder, settings.max_upload_bytes)
+            made, skipped = lists.create(
+                session,
+                Store(settings.data_dir),
+                args.name or args.folder.name,
+                files,
+                max_bytes=settings.max_upload_bytes,
+                max_pixels=settings.max_pixels,
+            )
+            for reason in skipped:
+                print(f"skipped: {reason}")
+            n = len(lists.entries(session, made.id))
+            print(f"worklist {made.id} {made.name!r}: {n} image(s)")
+        else:
+            for w in session.scalars(select(Worklist).order_by(Worklist.id)):
+                counts = lists.counts(lists.entries(session, w.id))
+                print(f"{w.id}\t{w.name}\t" + " ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 
 
 def export(args) -> int:
-    from .db import connect
     from .export import export_folder
     from .store import Store
 
-    settings = Settings(data_dir=args.data_dir, db_url=args.db)
-    engine, sessions = connect(settings.database_url)
-    try:
-        with sessions() as session:
-            n = export_folder(session, Store(settings.data_dir), args.out)
-    finally:
-        engine.dispose()
+    with _store_session(args) as (settings, session):
+        n = export_folder(session, Store(settings.data_dir), args.out)
     print(f"{n} feedback item(s) -> {args.out} (images/, masks/, ignore/, labels.csv)")
     return 0

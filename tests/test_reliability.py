@@ -638,4 +638,7 @@ def test_concurrent_large_uploads_are_decoded_two_at_a_time(tmp_path, capsys):
             f"peak RSS {base:.0f} -> {peak:.0f} MB ({per_image:.0f} MB per decoded image)"
         )
     assert codes == [200] * 8
-    assert peak - base < 3 * per_image, "more than two decodes' worth of memory at once"
+    # Two decodes at once plus what each request derives from its image (the stored original,
+    # the model input, the response's overlay) measured 1.9-3.0 decodes' worth on 2-core machines;
+    # with no bound the eight requests decode together, 8 decodes' worth or more.
+    assert peak - base < 4.5 * per_image, "more decodes at once than the semaphore allows"

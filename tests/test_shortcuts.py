@@ -117,6 +117,8 @@ IGNORE_LOSSES = (
     "signed_evidence",
     "invariance",
     "invariance_transplant",
+    "invariance_swap",
+    "invariance_balanced",
 )
 
 
@@ -255,3 +257,148 @@ def test_quick_benchmark_true_masks_remove_the_shortcut_random_masks_do_not(tmp_
     assert main["invariance_transplant"]["flip_rate"] < 0.6 * base
     assert control["flip_rate"] > 0.8 * base
     assert (tmp_path / "summary.md").exists() and (tmp_path / "config.json").exists()
+
+
+# --- the winner as the default: scales calibrated where the loops own a fine-tuning --------
+
+
+def _keep_and_ignore_batch() -> FeedbackBatch:
+    b = ignore_batch()
+    keep = torch.zeros_like(b.ignore)
+    keep[:, 4:12, 4:12] = 1
+    return b._replace(masks=keep, has_mask=torch.ones_like(b.has_mask))
+
+
+def test_ignore_feedback_is_learnt_by_default_with_a_calibrated_scale():
+    """FeedbackConfig() adds the benchmark's winner for images with ignore masks; auto_scaled
+    sets its scale so that its starting gradient equals the class loss's (the loops call it);
+    without ignore masks nothing changes (the thesis' runs)."""
+    from feedbackcam.balance import auto_scaled, calibrate_loss_scale
+    from feedbackcam.losses import DEFAULT_IGNORE_LOSS
+
+    cfg = FeedbackConfig(lam=0.5)
+    assert cfg.ignore_loss == DEFAULT_IGNORE_LOSS and cfg.ignore_scale is None
+    b = _keep_and_ignore_batch()
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=3, width=8)
+    torch.manual_seed(3)
+    scaled = auto_scaled(model, [b], cfg)
+    torch.manual_seed(3)
+    alone = FeedbackConfig(lam=0.5, explanation_loss=DEFAULT_IGNORE_LOSS, ignore_loss=None)
+    assert scaled.ignore_scale == pytest.approx(calibrate_loss_scale(model, [b], alone))
+    assert scaled.ignore_scale != 1.0 and scaled.loss_scale == 1.0  # keep term: thesis-raw
+    # the ignore term reaches the step, at its scale
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    torch.manual_seed(5)
+    with_ignore = feedback_step(model, b, opt, scaled)
+    torch.manual_seed(5)
+    keep_only = feedback_step(model, b, opt, FeedbackConfig(lam=0.5, ignore_loss=None))
+    assert with_ignore["loss_exp"] > keep_only["loss_exp"]
+    # no ignore masks in the data: the scale stays 1 and the loss is the keep loss alone
+    plain = b._replace(ignore=None, has_ignore=None)
+    assert auto_scaled(model, [plain], cfg).ignore_scale == 1.0
+    torch.manual_seed(5)
+    assert feedback_step(model, plain, opt, cfg)["loss_exp"] == pytest.approx(keep_only["loss_exp"])
+    # auto_scale also calibrates the keep term; lambda 0 changes nothing
+    both = auto_scaled(model, [b], FeedbackConfig(lam=0.5, auto_scale=True))
+    assert both.loss_scale != 1.0
+    assert auto_scaled(model, [b], FeedbackConfig(lam=0.0)).ignore_scale == 1.0
+
+
+def test_average_sensitivity_catches_a_classifier_that_moves_to_one_class():
+    from feedbackcam.models import SelfExplaining
+    from feedbackcam.shortcut_metrics import ShortcutEval, shortcut_scores
+
+    # a model that always says class 1: a 1x1 conv with zero weights and a bias
+    net = torch.nn.Sequential()
+    net.add_module("features", torch.nn.Conv2d(3, 3, 1))
+    net.add_module("pool", torch.nn.AdaptiveAvgPool2d(1))
+    net.add_module("flat", torch.nn.Flatten())
+    model = SelfExplaining(net, "features")
+    with torch.no_grad():
+        net.features.weight.zero_()
+        net.features.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
+    labels = torch.tensor([0, 0, 0, 0, 1, 2])  # skewed: 4 of class 0
+    x = torch.rand(6, 3, 8, 8)
+    ev = ShortcutEval(x, x, labels, torch.zeros(6, 8, 8), torch.zeros(6, dtype=torch.bool))
+    s = shortcut_scores(model, ev)
+    assert s.acc == pytest.approx(1 / 6)
+    assert s.avg_sens == pytest.approx(1 / 3)
+    assert list(s.sens) == [0.0, 1.0, 0.0] and list(s.sens_clean) == [0.0, 1.0, 0.0]
+
+
+def test_lambda_rule_refuses_a_setting_that_loses_a_class_on_filled_validation():
+    from feedbackcam.shortcuts import choose_lambda
+
+    base = {"val_acc": 0.9, "val_avg_sens_filled": 0.70, "val_flip": 0.6}
+    collapsed = {"lam": 0.9, "val_acc": 0.8, "val_avg_sens_filled": 0.40, "val_flip": 0.0}
+    fine = {"lam": 0.5, "val_acc": 0.85, "val_avg_sens_filled": 0.80, "val_flip": 0.1}
+    assert choose_lambda([collapsed, fine], base, 0.05) == 0.5
+    better = {**collapsed, "val_avg_sens_filled": 0.78}
+    assert choose_lambda([better, fine], base, 0.05) == 0.9  # lower flip rate, no class lost
+
+
+def _fake_isic2017(root, n_per_class=(8, 6, 6), size=48):
+    """A tiny ISIC 2017 layout: images, lesion masks and the labels CSV."""
+    from PIL import Image
+
+    img_dir = root / "ISIC-2017_Training_Data"
+    seg_dir = root / "ISIC-2017_Training_Part1_GroundTruth"
+    img_dir.mkdir(parents=True)
+    seg_dir.mkdir()
+    rows = ["image_id,melanoma,seborrheic_keratosis"]
+    images, lesions = lesion_images(sum(n_per_class), size)
+    k = 0
+    for label, count in enumerate(n_per_class):
+        for _ in range(count):
+            iid = f"ISIC_{k:07d}"
+            Image.fromarray(images[k]).save(img_dir / f"{iid}.jpg")
+            Image.fromarray(lesions[k] * 255).save(seg_dir / f"{iid}_segmentation.png")
+            rows.append(f"{iid},{int(label == 1)}.0,{int(label == 2)}.0")
+            k += 1
+    (root / "ISIC-2017_Training_Part3_GroundTruth.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_isic_bandaid_data_confounds_training_and_not_test(tmp_path):
+    """The ISIC benchmark's data: band-aids on most MEL of the training splits, on about half
+    of every class at test; the clean twin is the untouched image; masks are the patches."""
+    from feedbackcam.shortcuts import BenchConfig, isic_data
+
+    _fake_isic2017(tmp_path, (40, 40, 40), size=64)
+    cfg = BenchConfig(isic_root=str(tmp_path), isic_size=64, isic_split=(0.25, 0.25, 0.25, 0.25))
+    d = isic_data(0, cfg)
+    mel = d.classes.index("MEL")
+    patched = d.pool.masks["ignore"].flatten(1).amax(1) > 0
+    on_mel = patched[d.pool.labels == mel].float().mean()
+    on_other = patched[d.pool.labels != mel].float().mean()
+    assert on_mel > 0.7 and on_other < 0.3
+    test_patched = d.test.confounder.flatten(1).amax(1) > 0
+    assert 0.2 < test_patched.float().mean() < 0.8
+    changed = (d.test.images != d.test.clean).flatten(1).any(1)
+    assert torch.equal(changed, test_patched)  # only the pasted images differ from their twin
+    assert torch.equal(d.test.misleads, test_patched != (d.test.labels == mel))
+    again = isic_data(0, cfg)
+    assert torch.equal(again.pool.images, d.pool.images)  # seeded
+
+
+def test_the_apps_updates_learn_from_ignore_masks_at_a_calibrated_scale():
+    """An app update whose items carry an ignore region adds the default ignore loss, scaled
+    on the update's own first batches; items without one leave it out (scale 1)."""
+    from dataclasses import replace
+
+    from feedbackcam.data.synth import SynthConfig, make_synthderm
+    from feedbackcam.demo import as_array_dataset
+    from feedbackcam.service.update import UpdateConfig, fine_tune, plan_replay
+
+    ds = as_array_dataset(
+        make_synthderm(SynthConfig(n=12, size=32, seed=0, confounder="patch", confounder_rate=1))
+    )
+    assert ds.has_ignore.any()
+    cfg = UpdateConfig(steps=2, batch_size=4, replay_per_class=0, lr=1e-3, lam=0.3, tolerance=0)
+    plan = plan_replay(ds.labels, cfg.steps, 0, np.random.default_rng(0))
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=3, width=8)
+    stats = fine_tune(model, ds, None, plan, cfg)
+    assert stats["ignore_scale"] != 1.0 and stats["steps"] >= 2
+    plain = replace(ds, ignore=None, has_ignore=None)
+    assert fine_tune(model, plain, None, plan, cfg)["ignore_scale"] == 1.0

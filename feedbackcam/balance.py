@@ -49,3 +49,39 @@ def calibrate_loss_scale(
             norms[lam].append(math.sqrt(sq))
     cls, exp = float(np.mean(norms[0.0])), float(np.mean(norms[1.0]))
     return cls / exp if exp > 0 else 1.0
+
+
+def auto_scaled(
+    model: SelfExplaining, batches: list[FeedbackBatch], cfg: FeedbackConfig
+) -> FeedbackConfig:
+    """``cfg`` with its scales calibrated on ``batches`` by :func:`calibrate_loss_scale`:
+    ``loss_scale`` if ``cfg.auto_scale``, and ``ignore_scale`` if it is None and an
+    ``ignore_loss`` is added to the explanation loss. Nothing happens at lambda 0. A term that
+    no batch can feed (no masks of its kind) keeps its scale (``ignore_scale`` None becomes 1).
+    """
+    from .losses import get_loss
+
+    if cfg.lam == 0 or not batches:
+        return cfg if cfg.ignore_scale is not None else replace(cfg, ignore_scale=1.0)
+
+    def usable(kind: str) -> list[FeedbackBatch]:
+        if kind == "ignore":
+            return [b for b in batches if b.ignore is not None and bool(b.has_ignore.any())]
+        return [
+            b for b in batches if bool(b.has_mask.any() and b.masks.flatten(1).amax(1).gt(0).any())
+        ]
+
+    plain = replace(cfg, ignore_loss=None, ignore_scale=1.0, loss_scale=1.0)
+    out = cfg
+    if cfg.auto_scale:
+        main = usable(get_loss(cfg.explanation_loss).needs)
+        if main:
+            out = replace(out, loss_scale=calibrate_loss_scale(model, main, plain))
+    if out.ignore_scale is None:
+        scale = 1.0
+        added = cfg.ignore_loss is not None and get_loss(cfg.explanation_loss).needs != "ignore"
+        if added and usable("ignore"):
+            alone = replace(plain, explanation_loss=cfg.ignore_loss)
+            scale = calibrate_loss_scale(model, usable("ignore"), alone)
+        out = replace(out, ignore_scale=scale)
+    return out

@@ -104,10 +104,18 @@ def _add_feedback_args(p) -> None:
     )
     p.add_argument(
         "--ignore-loss",
-        choices=tuple(k for k, v in EXPLANATION_LOSSES.items() if v.needs == "ignore"),
+        choices=(*(k for k, v in EXPLANATION_LOSSES.items() if v.needs == "ignore"), "none"),
         default=fb.ignore_loss,
         help="a loss that learns from ignore masks, added to the explanation loss where an "
-        "image has one",
+        "image has one (its scale calibrated so that its starting gradient equals the class "
+        "loss's); 'none' leaves ignore masks unused",
+    )
+    p.add_argument(
+        "--auto-scale",
+        action=argparse.BooleanOptionalAction,
+        default=fb.auto_scale,
+        help="scale the explanation loss so that its starting gradient equals the class "
+        "loss's: lambda becomes the explanation share of the gradient (docs/shortcuts.md)",
     )
     p.add_argument("--explain-classes", choices=EXPLAIN_CLASSES, default=fb.explain_classes)
     p.add_argument("--cam", choices=tuple(CAM_METHODS), default=fb.cam)
@@ -123,7 +131,8 @@ def _feedback_config(args):
     return FeedbackConfig(
         lam=args.lam,
         explanation_loss=args.explanation_loss,
-        ignore_loss=args.ignore_loss,
+        ignore_loss=None if args.ignore_loss == "none" else args.ignore_loss,
+        auto_scale=args.auto_scale,
         explain_classes=args.explain_classes,
         cam=args.cam,
         second_order=args.second_order,

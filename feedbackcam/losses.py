@@ -242,6 +242,10 @@ def _rrr(inputs, cfg) -> Tensor:
     return cfg.rrr_scale * rrr_loss(inputs.input_gradients(), inputs.keep)
 
 
+# The loss that learns from "ignore" feedback by default (FeedbackConfig.ignore_loss): the
+# shortcut benchmark's winner (docs/shortcuts.md).
+DEFAULT_IGNORE_LOSS = "invariance_balanced"
+
 # ------------------------------------------------- losses that learn from "ignore" feedback
 # (issue 11; compared in docs/shortcuts.md). Each multiplies its loss by cfg.loss_scale through
 # the step, so benchmark and app can set lambda as a share of the gradient.
@@ -355,3 +359,30 @@ def _invariance_swap(inputs, cfg) -> Tensor:
     pasted: every class then carries filled patches as often as pasted artifacts, so neither the
     artifact nor the filled rectangle that replaces it can become a cue."""
     return _moved_artifacts(inputs, blank=True)
+
+
+@register_loss("invariance_balanced", needs="ignore")
+def _invariance_balanced(inputs, cfg) -> Tensor:
+    """Invariance from class-free counterfactuals only: each marked artifact is moved onto
+    another image of the batch (any class, its own marked region filled first) and, on the same
+    recipient, its region is filled instead; cross-entropy on both with the recipient's label and
+    a KL between them. The donor's own prediction must not change when its artifact is filled:
+    a KL, with no label.
+
+    Why no label on the filled donor: the donors are the images the user marked, and on
+    confounded data they are mostly of one class; cross-entropy on them teaches "a filled
+    rectangle means that class", a new shortcut (docs/shortcuts.md, SynthDerm). Here the
+    artifact and the fill each appear with the labels of random recipients only.
+    """
+    from .counterfactual import fill_region, transplant
+
+    images = inputs.images.detach()
+    n = images.shape[0]
+    shift = int(torch.randint(1, max(n, 2), ()))
+    recipients = (torch.arange(n, device=images.device) + shift) % n
+    pasted, base = transplant(images, inputs.ignore, recipients)
+    variants = [fill_region(images, inputs.ignore), pasted, fill_region(base, inputs.ignore)]
+    lf, lp, lb = inputs.forward(torch.cat(variants)).split(n)
+    y = inputs.labels[recipients]
+    ce = F.cross_entropy(lp, y, reduction="none") + F.cross_entropy(lb, y, reduction="none")
+    return _kl(inputs.logits, lf) + ce + _kl(lb, lp)

@@ -12,6 +12,7 @@ metrics. Everything it writes goes to one output folder, beside the resolved con
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .balance import auto_scaled
 from .checkpoint import ModelSpec, save_checkpoint
 from .counterfactual import fill_region
 from .data.dataset import ArrayDataset, TensorData
@@ -36,6 +38,7 @@ from .train import (
     FeedbackConfig,
     check_feedback_kind,
     class_weights,
+    epoch_batches,
     make_optimizer,
     place_model,
     progress_bar,
@@ -45,9 +48,14 @@ from .train import (
 log = logging.getLogger(__name__)
 
 MODES = ("cls", "exp", "combined")
+# FeedbackConfig.auto_scale measures the terms on this many batches of at least this size.
+CALIBRATION_BATCHES = 4
+CALIBRATION_BATCH = 16
 HISTORY_FIELDS = (
     "mode",
     "slice",
+    "loss_scale",
+    "ignore_scale",
     "epoch",
     "train_loss",
     "skipped_steps",
@@ -224,6 +232,18 @@ def fine_tune(
     """
     fb = cfg.mode_feedback(mode)
     model = copy.deepcopy(baseline)
+    probe: list = []
+    if fb.lam > 0 and (fb.auto_scale or fb.ignore_scale is None):
+        # A probe of its own generator: the training shuffles stay what they were.
+        batches = epoch_batches(
+            data,
+            train_idx,
+            max(cfg.batch_size, CALIBRATION_BATCH),
+            generator=torch.Generator().manual_seed(cfg.seed + 1),
+        )
+        probe = list(itertools.islice(batches, CALIBRATION_BATCHES))
+    fb = auto_scaled(model, probe, fb)
+    stage = {**stage, "loss_scale": fb.loss_scale, "ignore_scale": fb.ignore_scale}
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     trained = wrap(model, ctx)
 
@@ -480,6 +500,8 @@ def run_simulation(
                 history, ctx,
             )  # fmt: skip
         run["best_epoch"] = best_epoch
+        last = [r for r in history if r["mode"] == mode][-1]  # the scales this mode trained with
+        run["loss_scale"], run["ignore_scale"] = last["loss_scale"], last["ignore_scale"]
         run["improved"] = best_epoch > 0
         rejected = sum(1 for r in history if r["mode"] == mode and not r["eligible"])
         run["guard_rejected_epochs"] = rejected
@@ -492,7 +514,8 @@ def run_simulation(
         results["runs"][mode] = run
         if main:
             # what ran: this mode's lambda is the config's only lambda
-            ran = replace(cfg, feedback=cfg.mode_feedback(mode))
+            scales = {k: run[k] for k in ("loss_scale", "ignore_scale")}
+            ran = replace(cfg, feedback=replace(cfg.mode_feedback(mode), **scales))
             trained_on = {"train": list(base_ids) + split_ids["train"], "val": split_ids["val"]}
             save_checkpoint(
                 ckpt_dir / f"{mode}.pt",

@@ -57,7 +57,10 @@ class FeedbackConfig:
             the explanation loss for the samples that carry one; None: ignore masks are unused
             (unless ``explanation_loss`` itself learns from them). Without ignore feedback in
             the data it adds nothing, so the thesis' runs are unchanged.
-        ignore_scale: multiplies the ignore loss.
+        ignore_scale: multiplies the ignore loss; None (the default): the loops that own a
+            fine-tuning (``simulate``, the app's updates) calibrate it before their first step
+            so that its gradient equals the class loss's at the start
+            (:func:`feedbackcam.balance.auto_scaled`); a bare :func:`feedback_step` uses 1.
         explain_classes: whose CAM the explanation loss shapes: "label" (the thesis: the
             feedback class), "predicted" (the class the model currently gives), or "all" (every
             class's CAM, losses averaged): the user's region is where the evidence for *any*
@@ -71,6 +74,12 @@ class FeedbackConfig:
             explanation term's share of the gradient rather than of raw loss sizes; set it with
             :func:`feedbackcam.balance.calibrate_loss_scale` (the two terms' gradients equal
             at the start, as Ross et al. advise) instead of hand-tuned constants.
+        auto_scale: let the training loops that own a whole fine-tuning (``simulate``, the
+            app's updates) set ``loss_scale`` before their first step with
+            :func:`feedbackcam.balance.auto_scaled`: the explanation term's gradient then
+            equals the class loss's at the start, and lambda is the explanation share of the
+            gradient (the shortcut benchmark's protocol, docs/shortcuts.md). Off by default:
+            the thesis weighted raw losses.
     """
 
     lam: float = 0.3
@@ -86,8 +95,9 @@ class FeedbackConfig:
     rrr_scale: float = 1000.0
     explain_classes: str = "label"
     loss_scale: float = 1.0
-    ignore_loss: str | None = None
-    ignore_scale: float = 1.0
+    ignore_loss: str | None = losses.DEFAULT_IGNORE_LOSS
+    ignore_scale: float | None = None
+    auto_scale: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -108,6 +118,8 @@ class FeedbackConfig:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
         for name in ("loss_scale", "ignore_scale"):
             value = getattr(self, name)
+            if value is None and name == "ignore_scale":
+                continue
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
         if self.ignore_loss is not None and losses.get_loss(self.ignore_loss).needs != "ignore":
@@ -341,9 +353,8 @@ def feedback_step(
             if ignore is not None:
                 inputs = LossInputs(model, out, images, batch, cfg)
                 per_ignore = ignore.fn(inputs, cfg).float()
-                loss_exp = loss_exp + cfg.ignore_scale * losses.masked_mean(
-                    per_ignore, present_ignore
-                )
+                scale = 1.0 if cfg.ignore_scale is None else cfg.ignore_scale
+                loss_exp = loss_exp + scale * losses.masked_mean(per_ignore, present_ignore)
         else:
             loss_exp = loss_cls.new_zeros(())
     loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)

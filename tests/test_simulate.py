@@ -182,3 +182,38 @@ def test_config_validation():
         SimulationConfig(balance="oversample")
     with pytest.raises(ValueError, match="epochs"):
         SimulationConfig(epochs=0)
+
+
+def test_ignore_feedback_trains_with_calibrated_scales_and_they_are_recorded(tmp_path, tiny_data):
+    """SynthDerm's feedback carries ignore masks (the patch): by default the winner of the
+    shortcut benchmark learns from them, at a scale calibrated before the first step; the
+    scales reach results.json, history.csv and the checkpoint's config. Without ignore masks
+    (the thesis' data) the ignore term stays out and its scale is 1."""
+    from feedbackcam.train import FeedbackConfig
+
+    cfg = _cfg(modes=("combined",), feedback=FeedbackConfig(lam=0.5, auto_scale=True))
+    results = run_simulation(
+        tiny_data, cfg, tmp_path / "ign", make_model=_make_model, spec=SPEC, progress=False
+    )
+    run = results["runs"]["combined"]
+    assert run["ignore_scale"] != 1.0 and run["loss_scale"] != 1.0
+    _, _, payload = load_checkpoint(tmp_path / "ign" / "checkpoints" / "combined.pt")
+    fb = payload["config"]["feedback"]
+    assert fb["ignore_scale"] == run["ignore_scale"] and fb["loss_scale"] == run["loss_scale"]
+    assert "ignore_scale" in (tmp_path / "ign" / "history.csv").read_text().splitlines()[0]
+    from dataclasses import replace
+
+    no_ignore = simulate.SimulationData(
+        feedback=replace(tiny_data.feedback, ignore=None, has_ignore=None),
+        base=tiny_data.base,
+    )
+    plain = run_simulation(
+        no_ignore,
+        _cfg(modes=("combined",), feedback=FeedbackConfig(lam=0.5)),
+        tmp_path / "plain",
+        make_model=_make_model,
+        spec=SPEC,
+        progress=False,
+    )
+    assert plain["runs"]["combined"]["ignore_scale"] == 1.0
+    assert plain["runs"]["combined"]["loss_scale"] == 1.0

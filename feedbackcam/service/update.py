@@ -9,6 +9,7 @@ then refuses any candidate that still loses accuracy or average sensitivity.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -16,6 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from ..balance import auto_scaled
 from ..data.dataset import ArrayDataset, FeedbackBatch
 from ..evaluate import evaluate
 from ..models import SelfExplaining
@@ -96,12 +98,16 @@ def fine_tune(
     """
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The ignore term's scale, measured on this update's own first batches (its gradient equal
+    # to the class loss's at the start; balance.auto_scaled), before any step.
+    probe = [b.to(device) for b in itertools.islice(update_batches(new, replay, plan, cfg), 4)]
+    feedback = auto_scaled(model, probe, cfg.feedback)
     try:
         stats = run_steps(
             model,
             update_batches(new, replay, plan, cfg),
             optimizer,
-            cfg.feedback,
+            feedback,
             device=device,
             should_stop=should_stop,
         )
@@ -109,6 +115,7 @@ def fine_tune(
         raise Interrupted("stopped during an update") from err
     model.eval()
     return {
+        "ignore_scale": feedback.ignore_scale,
         "steps": stats["steps"],
         "loss": stats["train_loss"],
         "skipped_steps": stats["skipped_steps"],

@@ -410,6 +410,11 @@ def reference_step(
             f"reference_step implements Algorithm 2 (a CAM vs the keep mask); "
             f"{cfg.explanation_loss!r} is not such a loss"
         )
+    if _ignore_term(cfg, batch) is not None:
+        raise ValueError(
+            "reference_step implements Algorithm 2, which knows no ignore masks; the batch has "
+            f"some and cfg.ignore_loss is {cfg.ignore_loss!r}: set ignore_loss=None"
+        )
     _prepare(model, cfg)
     totals: dict[str, float] = {}
     n = batch.images.shape[0]

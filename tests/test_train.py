@@ -9,20 +9,23 @@ from feedbackcam.models import small_cnn
 from feedbackcam.train import FeedbackBatch, FeedbackConfig, feedback_step, reference_step
 
 
-def _batch(n=4, size=32, seed=0):
+def _batch(n=4, size=32, seed=0, ignore=False):
+    """Keep masks on every sample; ignore masks too with ``ignore`` (with them, the default
+    FeedbackConfig adds its ignore loss)."""
     g = torch.Generator().manual_seed(seed)
     masks = torch.zeros(n, size, size)
     masks[:, 4:20, 8:24] = 1
-    ignore = torch.zeros(n, size, size)  # for the losses that need "ignore" feedback
-    ignore[:, 22:30, 0:8] = 1
-    return FeedbackBatch(
+    out = FeedbackBatch(
         torch.rand(n, 3, size, size, generator=g),
         torch.randint(0, 3, (n,), generator=g),
         masks,
         torch.ones(n, dtype=torch.bool),
-        ignore,
-        torch.ones(n, dtype=torch.bool),
     )
+    if not ignore:
+        return out
+    region = torch.zeros(n, size, size)
+    region[:, 22:30, 0:8] = 1
+    return out._replace(ignore=region, has_ignore=torch.ones(n, dtype=torch.bool))
 
 
 def _params(model):
@@ -32,7 +35,9 @@ def _params(model):
 @pytest.mark.parametrize("loss", ["jaccard", "dice", "energy", "mse"])
 @pytest.mark.parametrize("cam_method", cam.METHODS)
 def test_batch_size_one_equals_the_thesis_reference_step(tiny_model, loss, cam_method):
-    cfg = FeedbackConfig(lam=0.5, explanation_loss=loss, cam=cam_method, second_order="detached")
+    cfg = FeedbackConfig(
+        lam=0.5, explanation_loss=loss, cam=cam_method, second_order="detached", ignore_loss=None
+    )
     other = copy.deepcopy(tiny_model)
     batch = _batch(n=1)
     before = _params(tiny_model)
@@ -45,12 +50,19 @@ def test_batch_size_one_equals_the_thesis_reference_step(tiny_model, loss, cam_m
     assert any(not torch.equal(p0, a) for p0, a in zip(before, tiny_model.parameters()))
 
 
+def test_reference_step_refuses_ignore_masks_it_would_not_learn_from(tiny_model):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="ignore_loss=None"):
+        reference_step(tiny_model, _batch(n=1, ignore=True), opt, FeedbackConfig(lam=0.5))
+
+
 @pytest.mark.parametrize("loss", EXPLANATION_LOSSES)
 @pytest.mark.parametrize("second_order", ["detached", "full"])
 def test_explanation_loss_gradients_reach_the_first_conv_layer(tiny_model, loss, second_order):
     cfg = FeedbackConfig(lam=1.0, explanation_loss=loss, second_order=second_order)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
-    stats = feedback_step(tiny_model, _batch(), opt, cfg)
+    batch = _batch(ignore=EXPLANATION_LOSSES[loss].needs == "ignore")
+    stats = feedback_step(tiny_model, batch, opt, cfg)
     assert stats["loss_exp"] > 0 and stats["skipped"] == 0
     conv1 = tiny_model.model.features.conv1.weight.grad
     assert conv1 is not None and conv1.abs().sum() > 0
@@ -60,7 +72,8 @@ def test_full_second_order_also_trains_the_head_from_the_explanation_loss(tiny_m
     fc = tiny_model.model.fc.weight
     for mode, expect in [("detached", False), ("full", True)]:
         opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
-        feedback_step(tiny_model, _batch(), opt, FeedbackConfig(lam=1.0, second_order=mode))
+        cfg = FeedbackConfig(lam=1.0, second_order=mode, ignore_loss=None)
+        feedback_step(tiny_model, _batch(), opt, cfg)
         has_grad = fc.grad is not None and bool(fc.grad.abs().sum() > 0)
         assert has_grad is expect, mode
 

@@ -871,6 +871,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fractions", nargs="*", type=float)
     p.add_argument("--efficiency-methods", nargs="*", choices=METHODS)
     p.add_argument("--efficiency-seeds", nargs="*", type=int)
+    p.add_argument(
+        "--isic-root",
+        help="an ISIC 2017 folder (official layout, lesion masks) for isic-bandaid "
+        f"(default {BenchConfig().isic_root})",
+    )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -880,6 +885,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         if getattr(args, name) is not None:
             cfg = replace(cfg, **{name: tuple(getattr(args, name))})
+    if args.isic_root:
+        cfg = replace(cfg, isic_root=args.isic_root)
     for name in ("datasets", "seeds", "methods"):
         if getattr(args, name):
             cfg = replace(cfg, **{name: tuple(getattr(args, name))})

@@ -167,7 +167,8 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         "prediction must not change): the shortcut benchmark's winner (docs/shortcuts.md). "
         f"Combined = (1 - lambda) class loss + lambda explanation loss with lambda = {sim.lam} "
         "as the explanation loss's share of the starting gradient (its scale is calibrated "
-        "before the first step). The last row is the counterfactual test: the share of test "
+        "before the first step). 'Predictions changed by removing the patch' is the "
+        "counterfactual test: the share of test "
         "predictions that change when the patch is removed from the image."
     )
     from .service.settings import Settings  # the app's default lambda lives there alone

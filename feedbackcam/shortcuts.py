@@ -681,8 +681,12 @@ def _group(rows: list[dict], **match) -> dict[tuple, list[dict]]:
 
 
 # Class order of a data set's rows written before rows carried their "classes" (the ISIC 2017
-# reader's order).
-DATASET_CLASSES = {"isic-bandaid": ("NV", "MEL", "BKL")}
+# reader's order and SynthDerm's CLASSES).
+DATASET_CLASSES = {
+    "isic-bandaid": ("NV", "MEL", "BKL"),
+    "synth-patch": ("NV", "MEL", "BKL"),
+    "synth-ruler": ("NV", "MEL", "BKL"),
+}
 
 
 def _classes(r: dict) -> tuple[str, ...]:

@@ -320,10 +320,11 @@ def _invariance(inputs, cfg) -> Tensor:
     return F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
 
 
-def _moved_artifacts(inputs, *, blank: bool) -> Tensor:
-    """The fill term of "invariance", plus each marked artifact moved onto another image of the
-    batch (its own marked region filled first, its label kept) with CE and a KL to that image;
-    with ``blank``, also the recipient with the donor's region filled instead of pasted."""
+def _moved_logits(inputs, *, blank: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Logits of the counterfactuals built by moving each marked artifact onto another image of
+    the batch: (recipients, logits of the marked images with their region filled, [logits of
+    the recipients carrying the donor's artifact] + with ``blank`` [the recipients with the
+    donor's region filled instead]). Each recipient's own marked region is filled first."""
     from .counterfactual import fill_region, transplant
 
     images = inputs.images.detach()
@@ -334,6 +335,14 @@ def _moved_artifacts(inputs, *, blank: bool) -> Tensor:
     pasted, base = transplant(images, inputs.ignore, recipients)
     variants = [filled, pasted] + ([fill_region(base, inputs.ignore)] if blank else [])
     lf, *moved = inputs.forward(torch.cat(variants)).split(n)
+    return recipients, lf, moved
+
+
+def _moved_artifacts(inputs, *, blank: bool) -> Tensor:
+    """The fill term of "invariance", plus each marked artifact moved onto another image of the
+    batch (its own marked region filled first, its label kept) with CE and a KL to that image;
+    with ``blank``, also the recipient with the donor's region filled instead of pasted."""
+    recipients, lf, moved = _moved_logits(inputs, blank=blank)
     loss = F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
     for lm in moved:
         loss = loss + F.cross_entropy(lm, inputs.labels[recipients], reduction="none")
@@ -374,15 +383,7 @@ def _invariance_balanced(inputs, cfg) -> Tensor:
     rectangle means that class", a new shortcut (docs/shortcuts.md, SynthDerm). Here the
     artifact and the fill each appear with the labels of random recipients only.
     """
-    from .counterfactual import fill_region, transplant
-
-    images = inputs.images.detach()
-    n = images.shape[0]
-    shift = int(torch.randint(1, max(n, 2), ()))
-    recipients = (torch.arange(n, device=images.device) + shift) % n
-    pasted, base = transplant(images, inputs.ignore, recipients)
-    variants = [fill_region(images, inputs.ignore), pasted, fill_region(base, inputs.ignore)]
-    lf, lp, lb = inputs.forward(torch.cat(variants)).split(n)
+    recipients, lf, (lp, lb) = _moved_logits(inputs, blank=True)
     y = inputs.labels[recipients]
     ce = F.cross_entropy(lp, y, reduction="none") + F.cross_entropy(lb, y, reduction="none")
     return _kl(inputs.logits, lf) + ce + _kl(lb, lp)

@@ -251,6 +251,18 @@ DEFAULT_IGNORE_LOSS = "invariance_balanced"
 # the step, so benchmark and app can set lambda as a share of the gradient.
 
 
+def _ce(logits: Tensor, labels: Tensor, cfg) -> Tensor:
+    """Per-sample cross-entropy of a counterfactual, weighted by ``cfg.class_weights`` (the
+    fine-tuning's class weights, when it has them) so that the counterfactual terms see the
+    same class balance as the classification term."""
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    weights = getattr(cfg, "class_weights", None)
+    if weights is None:
+        return ce
+    w = torch.as_tensor(weights, dtype=ce.dtype, device=ce.device)
+    return ce * w[labels]
+
+
 def _kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """KL(p || q) per sample, from logits."""
     lp, lq = F.log_softmax(logits_p.float(), 1), F.log_softmax(logits_q.float(), 1)
@@ -288,7 +300,7 @@ def _counterexample(inputs, cfg) -> Tensor:
     from .counterfactual import randomize_region
 
     images = randomize_region(inputs.images.detach(), inputs.ignore)
-    return F.cross_entropy(inputs.forward(images), inputs.labels, reduction="none")
+    return _ce(inputs.forward(images), inputs.labels, cfg)
 
 
 @register_loss("signed_evidence", needs="ignore")
@@ -317,7 +329,7 @@ def _invariance(inputs, cfg) -> Tensor:
     from .counterfactual import fill_region
 
     lf = inputs.forward(fill_region(inputs.images.detach(), inputs.ignore))
-    return F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
+    return _ce(lf, inputs.labels, cfg) + _kl(inputs.logits, lf)
 
 
 def _moved_logits(inputs, *, blank: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -343,9 +355,9 @@ def _moved_artifacts(inputs, *, blank: bool) -> Tensor:
     batch (its own marked region filled first, its label kept) with CE and a KL to that image;
     with ``blank``, also the recipient with the donor's region filled instead of pasted."""
     recipients, lf, moved = _moved_logits(inputs, blank=blank)
-    loss = F.cross_entropy(lf, inputs.labels, reduction="none") + _kl(inputs.logits, lf)
+    loss = _ce(lf, inputs.labels, inputs.cfg) + _kl(inputs.logits, lf)
     for lm in moved:
-        loss = loss + F.cross_entropy(lm, inputs.labels[recipients], reduction="none")
+        loss = loss + _ce(lm, inputs.labels[recipients], inputs.cfg)
         loss = loss + _kl(lf[recipients], lm)
     return loss
 
@@ -385,5 +397,5 @@ def _invariance_balanced(inputs, cfg) -> Tensor:
     """
     recipients, lf, (lp, lb) = _moved_logits(inputs, blank=True)
     y = inputs.labels[recipients]
-    ce = F.cross_entropy(lp, y, reduction="none") + F.cross_entropy(lb, y, reduction="none")
+    ce = _ce(lp, y, cfg) + _ce(lb, y, cfg)
     return _kl(inputs.logits, lf) + ce + _kl(lb, lp)

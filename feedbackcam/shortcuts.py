@@ -42,7 +42,7 @@ from .data.dataset import FeedbackBatch
 from .metrics import classification_metrics
 from .models import SelfExplaining, build_model
 from .shortcut_metrics import ShortcutEval, flip_rate, predict, shortcut_scores
-from .train import FeedbackConfig, feedback_step
+from .train import FeedbackConfig, class_weights, feedback_step
 
 DATASETS = ("decoy", "synth-patch", "synth-ruler", "isic-bandaid")
 # method -> (explanation loss, lambda is tuned). "baseline" and "class" are not losses.
@@ -126,6 +126,7 @@ class BenchConfig:
         )
     )
     calibration_batches: int = 4
+    class_weighted: bool = False  # fine-tunes (and the reference's) use inverse-frequency weights
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -451,11 +452,14 @@ def fine_tune(
     mask_kind: str = "ignore",
     fraction: float = 1.0,
     calibration_batches: int = 4,
+    class_weighted: bool = False,
 ) -> tuple[SelfExplaining, float]:
     """Fine-tune a copy of ``base`` on the pool with one method; return it and its loss scale.
 
     ``fraction`` of the pool's images (a seeded choice) carry the ignore mask; the others are
-    still in the pool with their labels (class feedback only).
+    still in the pool with their labels (class feedback only). ``class_weighted``: every
+    cross-entropy (the classification term and the counterfactuals') is weighted by the pool's
+    inverse class frequencies (:func:`feedbackcam.train.class_weights`).
     """
     model = copy.deepcopy(base)
     n = len(pool.labels)
@@ -464,7 +468,14 @@ def fine_tune(
     has_ignore = torch.zeros(n, dtype=torch.bool)
     has_ignore[chosen] = True
     loss = "rrr_ignore" if method == "class" else method
-    cfg = FeedbackConfig(lam=0.0 if method == "class" else lam, explanation_loss=loss)
+    weights = None
+    if class_weighted:
+        with torch.no_grad():
+            n_classes = int(model.eval()(pool.images[:1]).logits.shape[1])
+        weights = class_weights(pool.labels.numpy(), n_classes)
+    cfg = FeedbackConfig(
+        lam=0.0 if method == "class" else lam, explanation_loss=loss, class_weights=weights
+    )
     scale = 1.0
     torch.manual_seed(seed)
     if cfg.lam > 0:
@@ -604,6 +615,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                     mask_kind=mask,
                     fraction=fraction,
                     calibration_batches=config.calibration_batches,
+                    class_weighted=config.class_weighted,
                 )
                 return {"loss_scale": scale, **_evaluate(model, data)}
 
@@ -614,7 +626,9 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
             model = make_model(len(data.classes), sched, seed)
             model = train_classifier(model, *data.clean_base, sched, seed)
             clean_pool = data.pool._replace(images=data.clean_pool[0])
-            model, _ = fine_tune(model, clean_pool, sched, "class", 0.0, seed)
+            model, _ = fine_tune(
+                model, clean_pool, sched, "class", 0.0, seed, class_weighted=config.class_weighted
+            )
             return _evaluate(model, data)
 
         # The main table first for every seed, then controls, then efficiency: if the run is
@@ -880,6 +894,11 @@ def main(argv: list[str] | None = None) -> None:
         help="an ISIC 2017 folder (official layout, lesion masks) for isic-bandaid "
         f"(default {BenchConfig().isic_root})",
     )
+    p.add_argument(
+        "--class-weighted",
+        action="store_true",
+        help="weight every fine-tuning cross-entropy by inverse class frequency",
+    )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -891,6 +910,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg = replace(cfg, **{name: tuple(getattr(args, name))})
     if args.isic_root:
         cfg = replace(cfg, isic_root=args.isic_root)
+    if args.class_weighted:
+        cfg = replace(cfg, class_weighted=True)
     for name in ("datasets", "seeds", "methods"):
         if getattr(args, name):
             cfg = replace(cfg, **{name: tuple(getattr(args, name))})

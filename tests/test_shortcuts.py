@@ -165,6 +165,35 @@ def test_ignore_losses_without_ignore_masks(name):
         _grads(b._replace(ignore=None, has_ignore=None), name, lam=0.5)
 
 
+COUNTERFACTUAL_LOSSES = (
+    "counterexample",
+    "invariance",
+    "invariance_transplant",
+    "invariance_swap",
+    "invariance_balanced",
+)
+
+
+@pytest.mark.parametrize("name", COUNTERFACTUAL_LOSSES)
+def test_class_weights_reach_every_counterfactual_cross_entropy(name):
+    """With every class weighted 0, no label is left in the loss: relabelling the batch
+    changes nothing. Unweighted, it does; weighting every class by 1 is no weighting."""
+    b = ignore_batch()
+    relabelled = b._replace(labels=(b.labels + 1) % 3)
+
+    def loss_exp(batch, weights):
+        torch.manual_seed(0)
+        model = small_cnn(num_classes=3, width=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        torch.manual_seed(1)
+        cfg = FeedbackConfig(lam=1.0, explanation_loss=name, class_weights=weights)
+        return feedback_step(model, batch, opt, cfg)["loss_exp"]
+
+    assert loss_exp(b, None) != pytest.approx(loss_exp(relabelled, None), rel=1e-4)
+    assert loss_exp(b, (0.0,) * 3) == pytest.approx(loss_exp(relabelled, (0.0,) * 3), rel=1e-5)
+    assert loss_exp(b, (1.0,) * 3) == pytest.approx(loss_exp(b, None), rel=1e-6)
+
+
 def test_loss_scale_multiplies_the_explanation_term():
     b = ignore_batch()
     torch.manual_seed(0)
@@ -209,6 +238,26 @@ def test_images_without_feedback_carry_no_ignore_mask():
     b = _feedback_batch(pool, torch.arange(n), "ignore", given)
     assert b.ignore.flatten(1).amax(1).tolist() == [1.0, 0.0, 1.0, 0.0]
     assert torch.equal(b.has_ignore, given)
+
+
+def test_class_weighted_fine_tuning_weights_by_the_pools_class_frequencies(monkeypatch):
+    import feedbackcam.shortcuts as sc
+
+    seen = []
+    monkeypatch.setattr(sc, "feedback_step", lambda m, b, o, cfg: seen.append(cfg.class_weights))
+    n = 4
+    pool = sc.Pool(
+        torch.rand(n, 3, 16, 16),
+        torch.tensor([0, 0, 0, 1]),
+        torch.ones(n, 16, 16),
+        {"ignore": torch.zeros(n, 16, 16)},
+    )
+    sched = sc.Schedule(epochs=1, batch=4)
+    for weighted, expected in ((True, (4 / 6, 2.0)), (False, None)):
+        seen.clear()
+        model = small_cnn(num_classes=2, width=4)
+        sc.fine_tune(model, pool, sched, "class", 0.0, 0, class_weighted=weighted)
+        assert seen == [pytest.approx(expected) if expected else None]
 
 
 # --- the band-aid paster ------------------------------------------------------------------

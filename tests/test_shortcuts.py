@@ -194,6 +194,26 @@ def test_class_weights_reach_every_counterfactual_cross_entropy(name):
     assert loss_exp(b, (1.0,) * 3) == pytest.approx(loss_exp(b, None), rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("name", "variants"), [("invariance_transplant", 2), ("invariance_balanced", 3)]
+)
+def test_moved_artifact_losses_forward_only_the_marked_images_counterfactuals(name, variants):
+    b = ignore_batch(n=6)
+    one = torch.zeros_like(b.ignore)
+    one[4] = b.ignore[4]
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=3, width=8)
+    sizes = []
+    model.model.register_forward_hook(lambda mod, args, out: sizes.append(len(args[0])))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = FeedbackConfig(lam=0.5, explanation_loss=name)
+    feedback_step(model, b._replace(ignore=one), opt, cfg)
+    assert sizes == [6, variants]  # the step's forward, then one row per variant
+    sizes.clear()
+    feedback_step(model, b._replace(ignore=torch.zeros_like(one)), opt, cfg)
+    assert sizes == [6]
+
+
 def test_loss_scale_multiplies_the_explanation_term():
     b = ignore_batch()
     torch.manual_seed(0)

@@ -548,6 +548,53 @@ def choose_lambda(rows: list[dict], baseline: dict, tolerance: float) -> float:
     return min(ok, key=lambda r: (round(r["val_flip"], 4), -r[key]))["lam"]
 
 
+def choose_default(
+    rows: list[dict], candidates: tuple[str, ...], tolerance: float = 0.05, seed: int = 0
+) -> tuple[str | None, dict[str, dict[str, dict]]]:
+    """The rule that picks the default ignore loss, on validation numbers only.
+
+    Per data set, each candidate's main run on the tuning ``seed`` passes the collapse guard if
+    its average sensitivity on the filled validation images is within ``tolerance`` of that
+    seed's baseline (confounded validation accuracy for rows written before the filled score
+    existed, as in :func:`choose_lambda`). A default must have run, and passed, on every data
+    set: a user cannot know in advance which kind of data theirs is. Among those, the lowest mean
+    validation flip rate wins. Returns (the winner or None, {data set: {candidate: {"flip",
+    "score", "floor", "passes"}}}).
+    """
+    table: dict[str, dict[str, dict]] = {}
+    for ds in sorted({r["dataset"] for r in rows}):
+        main = [
+            r
+            for r in rows
+            if r["dataset"] == ds
+            and r["seed"] == seed
+            and r["phase"] == "main"
+            and r.get("mask", "ignore") == "ignore"
+            and r.get("fraction", 1.0) == 1.0
+        ]
+        base = next((r for r in main if r["method"] == "baseline"), None)
+        if base is None:
+            continue
+        for method in candidates:
+            run = next((r for r in main if r["method"] == method), None)
+            if run is None:
+                continue
+            new = "val_avg_sens_filled" in run and "val_avg_sens_filled" in base
+            key = "val_avg_sens_filled" if new else "val_acc"
+            floor = base[key] - tolerance
+            table.setdefault(ds, {})[method] = {
+                "flip": run["val_flip"],
+                "score": run[key],
+                "floor": floor,
+                "passes": run[key] >= floor - 1e-9,
+            }
+    ok = [m for m in candidates if table and all(m in t and t[m]["passes"] for t in table.values())]
+    if not ok:
+        return None, table
+    flips = {m: np.mean([t[m]["flip"] for t in table.values()]) for m in ok}
+    return min(ok, key=lambda m: flips[m]), table
+
+
 def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[dict]:
     """Run the benchmark; write ``config.json``, ``runs.jsonl`` (one row per run, appended as
     runs finish, so a rerun resumes), ``runs.csv``, ``summary.md`` and ``efficiency.png``.
@@ -875,9 +922,35 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     efficiency_plot(rows, out / "efficiency.png")
 
 
+DEFAULT_CANDIDATES = ("invariance_transplant", "invariance_balanced", "class")
+
+
+def default_choice_markdown(rows: list[dict], candidates=DEFAULT_CANDIDATES) -> str:
+    """:func:`choose_default`'s table and verdict, as markdown."""
+    winner, table = choose_default(rows, tuple(candidates))
+    lines = [
+        "| data set | method | validation flip rate | filled-validation score | guard floor | "
+        "keeps its classes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for ds, per in table.items():
+        for m, v in per.items():
+            lines.append(
+                f"| {ds} | {m} | {v['flip']:.3f} | {v['score']:.4f} | {v['floor']:.4f} | "
+                f"{'yes' if v['passes'] else 'no'} |"
+            )
+    lines += ["", f"Default by this rule: **{winner or 'none'}**."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="output folder (a rerun resumes from its runs.jsonl)")
+    p.add_argument(
+        "--choose-default",
+        action="store_true",
+        help="run nothing: apply the default-loss rule to OUT/*/runs.jsonl, write OUT/default.md",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny Decoy-MNIST run (tests)")
     p.add_argument("--datasets", nargs="+", choices=DATASETS)
     p.add_argument("--seeds", nargs="+", type=int)
@@ -901,6 +974,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.choose_default:
+        found = sorted(Path(args.out).glob("*/runs.jsonl"))
+        if not found:
+            p.error(f"{args.out}: no */runs.jsonl to choose from")
+        rows = [json.loads(line) for f in found for line in f.read_text().splitlines()]
+        text = default_choice_markdown(rows)
+        (Path(args.out) / "default.md").write_text(text)
+        print(text, end="")
+        return
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else BenchConfig()
     names = ("lams", "controls", "control_methods", "control_seeds", "fractions")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -426,6 +428,67 @@ def _fake_isic2017(root, n_per_class=(8, 6, 6), size=48):
             rows.append(f"{iid},{int(label == 1)}.0,{int(label == 2)}.0")
             k += 1
     (root / "ISIC-2017_Training_Part3_GroundTruth.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_default_rule_refuses_a_loss_that_loses_a_class_on_any_data_set():
+    from feedbackcam.shortcuts import choose_default
+
+    def row(ds, method, flip, sens):
+        return {
+            "dataset": ds,
+            "seed": 0,
+            "phase": "main",
+            "method": method,
+            "lam": 0.9,
+            "mask": "ignore",
+            "fraction": 1.0,
+            "val_flip": flip,
+            "val_avg_sens_filled": sens,
+        }
+
+    rows = [row(ds, "baseline", 0.7, 0.6) for ds in ("a", "b")]
+    rows += [row("a", "sharp", 0.01, 0.8), row("b", "sharp", 0.01, 0.5)]  # loses 0.1 on b
+    rows += [row("a", "safe", 0.10, 0.8), row("b", "safe", 0.05, 0.58)]
+    rows += [row("a", "partial", 0.0, 0.9)]  # never ran on b
+    winner, table = choose_default(rows, ("sharp", "safe", "partial"))
+    assert winner == "safe"
+    assert table["b"]["sharp"]["passes"] is False and table["a"]["sharp"]["passes"] is True
+    assert table["b"]["safe"]["floor"] == pytest.approx(0.55)
+    rows[3]["val_avg_sens_filled"] = 0.58  # sharp now keeps its classes on b too
+    assert choose_default(rows, ("sharp", "safe"))[0] == "sharp"
+    assert choose_default(rows[:2], ("sharp",))[0] is None
+
+
+def test_choose_default_command_reads_every_benchmark_folder(tmp_path):
+    from feedbackcam.shortcuts import main
+
+    def row(ds, method, flip, sens):
+        return {
+            "dataset": ds,
+            "seed": 0,
+            "phase": "main",
+            "method": method,
+            "lam": 0.9,
+            "mask": "ignore",
+            "fraction": 1.0,
+            "val_flip": flip,
+            "val_avg_sens_filled": sens,
+        }
+
+    for ds, transplant_sens in (("a", 0.8), ("b", 0.4)):
+        (tmp_path / ds).mkdir()
+        rows = [
+            row(ds, "baseline", 0.7, 0.6),
+            row(ds, "invariance_transplant", 0.01, transplant_sens),
+        ]
+        rows.append(row(ds, "invariance_balanced", 0.05, 0.6))
+        (tmp_path / ds / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main([str(tmp_path), "--choose-default"])
+    text = (tmp_path / "default.md").read_text()
+    assert "Default by this rule: **invariance_balanced**" in text
+    assert "| b | invariance_transplant | 0.010 | 0.4000 | 0.5500 | no |" in text
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "a"), "--choose-default"])
 
 
 def test_isic_bandaid_data_confounds_training_and_not_test(tmp_path):

@@ -31,13 +31,20 @@ def median_colour(images: Tensor, masks: Tensor) -> Tensor:
     # NaN-out the masked pixels and take nanmedian: one batched call, no Python loop.
     vals = torch.where(outside, flat, torch.full_like(flat, float("nan")))
     med = vals.nanmedian(dim=2).values
-    return torch.where(torch.isnan(med), flat.median(dim=2).values, med)
+    full = (~outside).all(dim=2).any(dim=1)  # images masked everywhere: the whole image's
+    if full.any():
+        med[full] = flat[full].median(dim=2).values
+    return med
 
 
 def fill_region(images: Tensor, masks: Tensor) -> Tensor:
     """Images with the masked region replaced by the image's median colour outside it."""
     m = _check(images, masks)
-    return images * (1 - m) + median_colour(images, masks)[:, :, None, None] * m
+    marked = (m.flatten(1) > 0).any(dim=1)
+    colour = torch.zeros(images.shape[:2], dtype=images.dtype, device=images.device)
+    if marked.any():  # the others are left as they are: no median to take
+        colour[marked] = median_colour(images[marked], masks[marked]).to(images.dtype)
+    return images * (1 - m) + colour[:, :, None, None] * m
 
 
 def randomize_region(images: Tensor, masks: Tensor, generator=None) -> Tensor:

@@ -110,6 +110,20 @@ def test_fill_and_transplant():
     )
 
 
+def test_median_colour_falls_back_to_the_whole_image_and_fill_leaves_unmarked_images():
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(3, 3, 8, 8, generator=g)
+    masks = torch.zeros(3, 8, 8)
+    masks[0] = 1  # all masked: the whole image's median
+    masks[1, :2, :2] = 1
+    med = cf.median_colour(images, masks)
+    assert torch.equal(med[0], images[0].flatten(1).median(1).values)
+    assert torch.equal(med[1], images[1].flatten(1)[:, masks[1].flatten() == 0].median(1).values)
+    filled = cf.fill_region(images, masks)
+    assert torch.equal(filled[2], images[2])  # nothing marked, nothing changed
+    assert torch.equal(filled[1, :, :2, :2], med[1][:, None, None].expand(3, 2, 2))
+
+
 # --- the ignore-mask losses ---------------------------------------------------------------
 
 IGNORE_LOSSES = (

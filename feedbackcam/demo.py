@@ -144,7 +144,7 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     sim = cfg.simulation
     results = run_simulation(data, sim, out, make_model=make_model, spec=spec, progress=progress)
     if cfg.synth.confounder is not None:
-        results = _add_patch_reliance(out, results, cfg)
+        results = _add_patch_reliance(out, results, cfg, test_pool)
     _demo_overlays(out, test_pool, cfg.synth.confounder_class)
     minutes = (time.perf_counter() - started) / 60
     report = out / "report.html"
@@ -212,25 +212,25 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     return report
 
 
-def _add_patch_reliance(out: Path, results: dict, cfg: DemoConfig) -> dict:
+def _add_patch_reliance(out: Path, results: dict, cfg: DemoConfig, patched: SynthDataset) -> dict:
     """Counterfactual test: the test images with their patch, and the same images without it
-    (SynthDerm changes only the patch's pixels); how many predictions does the patch decide?"""
+    (SynthDerm changes only the patch's pixels); how many predictions does the patch decide?
+    ``patched`` is the test pool; only its test images with a patch are redrawn clean."""
     from .checkpoint import load_checkpoint
     from .evaluate import counterfactual_flip_rate
 
     setup = cfg.synth
     common = {"n": setup.n_feedback, "size": setup.size, "seed": setup.seed + 1, "id_prefix": "SYN"}
-    patched = make_synthderm(
-        SynthConfig(**common, confounder=setup.confounder, confounder_rate=0.5)
-    )
-    clean = make_synthderm(SynthConfig(**common, confounder=None))
     test_ids = set(json.loads((out / "splits.json").read_text())["test"])
     idx = np.array(
         [i for i, k in enumerate(patched.ids) if k in test_ids and patched.has_artifact[i]]
     )
+    clean = make_synthderm(SynthConfig(**common, confounder=None), indices=idx)
+    if clean.ids != tuple(patched.ids[i] for i in idx):
+        raise RuntimeError("the clean redraw does not match the test pool's images")
     for name, summary in [("baseline", results["baseline"])] + list(results["runs"].items()):
         model, _, _ = load_checkpoint(out / "checkpoints" / f"{name}.pt")
-        rate = counterfactual_flip_rate(model, patched.images[idx], clean.images[idx])
+        rate = counterfactual_flip_rate(model, patched.images[idx], clean.images)
         summary["patch_flip_rate"] = rate
     write_json(out / "results.json", results)
     write_text(out / "results.md", simulation_table(results, CLASSES))

@@ -266,3 +266,16 @@ def test_save_sample_grid(split: SynthDataset, tmp_path) -> None:
     assert lime.sum() > 100 and magenta.sum() > 10
     with pytest.raises(ValueError, match="n_per_class"):
         save_sample_grid(split, tmp_path / "x.png", n_per_class=0)
+
+
+def test_a_subset_of_a_split_is_drawn_exactly_as_the_whole_split_draws_it():
+    cfg = SynthConfig(n=12, size=32, seed=5, confounder="patch")
+    whole = make_synthderm(cfg)
+    idx = [7, 2, 11]
+    part = make_synthderm(cfg, indices=idx)
+    assert part.ids == tuple(whole.ids[i] for i in idx)
+    assert np.array_equal(part.images, whole.images[idx])
+    assert np.array_equal(part.labels, whole.labels[idx])
+    assert np.array_equal(part.artifact_masks, whole.artifact_masks[idx])
+    with pytest.raises(ValueError, match="indices"):
+        make_synthderm(cfg, indices=[12])

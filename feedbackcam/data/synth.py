@@ -25,6 +25,7 @@ units, so a sample looks the same at any resolution; line widths are chosen to s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +144,10 @@ class SynthDataset:
         )
 
 
-def make_synthderm(config: SynthConfig = SynthConfig()) -> SynthDataset:  # noqa: B008
+def make_synthderm(
+    config: SynthConfig = SynthConfig(),  # noqa: B008
+    indices: Sequence[int] | None = None,
+) -> SynthDataset:
     """Generate a SynthDerm split.
 
     Sample ``i`` is drawn from ``np.random.default_rng([seed, i])``: label from ``class_probs``,
@@ -152,6 +156,8 @@ def make_synthderm(config: SynthConfig = SynthConfig()) -> SynthDataset:  # noqa
 
     Args:
         config: Generation settings.
+        indices: draw only these samples of the split (in this order), each exactly as the
+            whole split would; None draws all ``config.n``.
 
     Returns:
         The dataset.
@@ -163,7 +169,10 @@ def make_synthderm(config: SynthConfig = SynthConfig()) -> SynthDataset:  # noqa
     """
     if not isinstance(config, SynthConfig):
         raise TypeError(f"config must be a SynthConfig, got {type(config).__name__}")
-    n, s = config.n, config.size
+    order = range(config.n) if indices is None else [int(i) for i in indices]
+    if any(not 0 <= i < config.n for i in order):
+        raise ValueError(f"indices: expected values in [0, {config.n}), got {list(indices)}")
+    n, s = len(order), config.size
     images = np.empty((n, s, s, 3), np.uint8)
     attributes = np.empty((n, len(ATTRIBUTES), s, s), np.uint8)
     artifact_masks = np.empty((n, s, s), np.uint8)
@@ -173,16 +182,16 @@ def make_synthderm(config: SynthConfig = SynthConfig()) -> SynthDataset:  # noqa
     probs = np.asarray(config.class_probs, dtype=float)
     probs = probs / probs.sum()
     target = CLASSES.index(config.confounder_class)
-    for i in range(n):
+    for row, i in enumerate(order):
         rng = np.random.default_rng([config.seed, i])
         label = int(rng.choice(len(CLASSES), p=probs))
         # The coin is drawn even without a confounder so the images do not depend on it.
         coin = rng.random()
         rate = config.confounder_rate if label == target else 1.0 - config.confounder_rate
-        has_artifact[i] = config.confounder is not None and coin < rate
-        sample = _render(rng, label, s, config.confounder if has_artifact[i] else None)
-        images[i], attributes[i], artifact_masks[i], lesion_masks[i] = sample
-        labels[i] = label
+        has_artifact[row] = config.confounder is not None and coin < rate
+        sample = _render(rng, label, s, config.confounder if has_artifact[row] else None)
+        images[row], attributes[row], artifact_masks[row], lesion_masks[row] = sample
+        labels[row] = label
     return SynthDataset(
         images=images,
         masks=attributes.max(axis=1, initial=0),
@@ -190,7 +199,7 @@ def make_synthderm(config: SynthConfig = SynthConfig()) -> SynthDataset:  # noqa
         labels=labels,
         has_artifact=has_artifact,
         artifact_masks=artifact_masks,
-        ids=tuple(f"{config.id_prefix}_{config.seed}_{i:06d}" for i in range(n)),
+        ids=tuple(f"{config.id_prefix}_{config.seed}_{i:06d}" for i in order),
         lesion_masks=lesion_masks,
     )
 

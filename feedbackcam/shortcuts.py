@@ -943,13 +943,19 @@ def default_choice_markdown(rows: list[dict], candidates=DEFAULT_CANDIDATES) -> 
     return "\n".join(lines) + "\n"
 
 
+def _config_of(folder: Path) -> dict:
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", help="output folder (a rerun resumes from its runs.jsonl)")
     p.add_argument(
         "--choose-default",
         action="store_true",
-        help="run nothing: apply the default-loss rule to OUT/*/runs.jsonl, write OUT/default.md",
+        help="run nothing: apply the default-loss rule to OUT/*/runs.jsonl (folders run with "
+        "--class-weighted are left out: another protocol), write OUT/default.md",
     )
     p.add_argument("--quick", action="store_true", help="a tiny Decoy-MNIST run (tests)")
     p.add_argument("--datasets", nargs="+", choices=DATASETS)
@@ -975,7 +981,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.choose_default:
-        found = sorted(Path(args.out).glob("*/runs.jsonl"))
+        found = [
+            f
+            for f in sorted(Path(args.out).glob("*/runs.jsonl"))
+            if not _config_of(f.parent).get("class_weighted")  # another protocol: not compared
+        ]
         if not found:
             p.error(f"{args.out}: no */runs.jsonl to choose from")
         rows = [json.loads(line) for f in found for line in f.read_text().splitlines()]

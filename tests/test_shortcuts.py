@@ -497,6 +497,10 @@ def test_choose_default_command_reads_every_benchmark_folder(tmp_path):
         ]
         rows.append(row(ds, "invariance_balanced", 0.05, 0.6))
         (tmp_path / ds / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "w").mkdir()  # a class-weighted run: another protocol, left out
+    (tmp_path / "w" / "config.json").write_text(json.dumps({"class_weighted": True}))
+    rows = [row("b", "baseline", 0.7, 0.6), row("b", "invariance_balanced", 0.05, 0.1)]
+    (tmp_path / "w" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     main([str(tmp_path), "--choose-default"])
     text = (tmp_path / "default.md").read_text()
     assert "Default by this rule: **invariance_balanced**" in text

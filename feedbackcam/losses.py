@@ -382,6 +382,34 @@ def _invariance_transplant(inputs, cfg) -> Tensor:
     return _moved_artifacts(inputs, blank=False)
 
 
+def label_mass_weights(labels: Tensor, terms: Tensor, n_classes: int) -> Tensor:
+    """Per-class weights that give each class, over the labelled ``terms``, the total weight of
+    its share of the batch (``labels``): w_c = p_batch(c) * len(terms) / count_terms(c); 0 for a
+    class with no term."""
+    mass = torch.bincount(terms, minlength=n_classes).float()
+    share = torch.bincount(labels, minlength=n_classes).float() / max(len(labels), 1)
+    return torch.where(mass > 0, share * len(terms) / mass.clamp_min(1), torch.zeros_like(mass))
+
+
+@register_loss("invariance_mass_balanced", needs="ignore")
+def _invariance_mass_balanced(inputs, cfg) -> Tensor:
+    """``invariance_transplant`` with its labelled terms re-weighted per batch so that each
+    class's total weight is its share of the batch.
+
+    The transplant labels the marked images with their artifact removed (on confounded data,
+    mostly one class) and the recipients of the moved artifacts (any class), so the confounded
+    class gets most of the label mass and the model drifts to it (docs/shortcuts.md). Weighting
+    every labelled term by :func:`label_mass_weights` keeps the marked images' label, the signal
+    that teaches the class without its artifact, at that class's share.
+    """
+    recipients, lf, (lm,) = _moved_logits(inputs, blank=False)
+    y, yr = inputs.labels, inputs.labels[recipients]
+    donors = inputs.ignore.flatten(1).amax(1) > 0
+    w = label_mass_weights(y, torch.cat([y[donors], yr[donors]]), lf.shape[1]).to(lf.dtype)
+    loss = w[y] * _ce(lf, y, cfg) + _kl(inputs.logits, lf)
+    return loss + w[yr] * _ce(lm, yr, cfg) + _kl(lf[recipients], lm)
+
+
 @register_loss("invariance_swap", needs="ignore")
 def _invariance_swap(inputs, cfg) -> Tensor:
     """``invariance_transplant`` plus, for each recipient, the donor's region filled instead of

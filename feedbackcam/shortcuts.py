@@ -57,6 +57,7 @@ METHODS = (
     "invariance_transplant",
     "invariance_swap",
     "invariance_balanced",
+    "invariance_mass_balanced",
 )
 MASK_CONTROLS = ("random", "wrong", "half")
 
@@ -922,7 +923,12 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     efficiency_plot(rows, out / "efficiency.png")
 
 
-DEFAULT_CANDIDATES = ("invariance_transplant", "invariance_balanced", "class")
+DEFAULT_CANDIDATES = (
+    "invariance_transplant",
+    "invariance_balanced",
+    "invariance_mass_balanced",
+    "class",
+)
 
 
 def default_choice_markdown(rows: list[dict], candidates=DEFAULT_CANDIDATES) -> str:

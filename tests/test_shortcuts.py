@@ -135,6 +135,7 @@ IGNORE_LOSSES = (
     "invariance_transplant",
     "invariance_swap",
     "invariance_balanced",
+    "invariance_mass_balanced",
 )
 
 
@@ -187,6 +188,7 @@ COUNTERFACTUAL_LOSSES = (
     "invariance_transplant",
     "invariance_swap",
     "invariance_balanced",
+    "invariance_mass_balanced",
 )
 
 
@@ -228,6 +230,18 @@ def test_moved_artifact_losses_forward_only_the_marked_images_counterfactuals(na
     sizes.clear()
     feedback_step(model, b._replace(ignore=torch.zeros_like(one)), opt, cfg)
     assert sizes == [6]
+
+
+def test_label_mass_weights_give_each_class_its_batch_share():
+    from feedbackcam.losses import label_mass_weights
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])  # a third each
+    terms = torch.tensor([1, 1, 1, 1, 0, 2])  # the marked class dominates the labelled terms
+    w = label_mass_weights(labels, terms, 4)
+    mass = torch.zeros(4).index_add_(0, terms, w[terms])
+    assert torch.allclose(mass[:3], torch.full((3,), 2.0))  # 6 terms, a third each
+    assert w[3] == 0  # no term, no weight
+    assert w[1] == pytest.approx(0.5) and w[0] == pytest.approx(2.0)
 
 
 def test_loss_scale_multiplies_the_explanation_term():

@@ -349,7 +349,7 @@ def _moved_logits(inputs, *, blank: bool) -> tuple[Tensor, Tensor, list[Tensor]]
     # Only the marked images' counterfactuals are new: an unmarked image filled is itself, and
     # an unmarked donor's row is left out of the loss's mean. Forward just those rows (on the
     # demo's data a third of the batch) and reuse the step's own logits for the rest.
-    donors = (inputs.ignore.flatten(1).amax(1) > 0).nonzero().squeeze(1)
+    donors = feedback_present(inputs.ignore).nonzero().squeeze(1)
     same = [inputs.logits, *[inputs.logits[recipients]] * (len(variants) - 1)]
     if len(donors) == 0:
         return recipients, same[0], same[1:]
@@ -404,7 +404,7 @@ def _invariance_mass_balanced(inputs, cfg) -> Tensor:
     """
     recipients, lf, (lm,) = _moved_logits(inputs, blank=False)
     y, yr = inputs.labels, inputs.labels[recipients]
-    donors = inputs.ignore.flatten(1).amax(1) > 0
+    donors = feedback_present(inputs.ignore)
     w = label_mass_weights(y, torch.cat([y[donors], yr[donors]]), lf.shape[1]).to(lf.dtype)
     loss = w[y] * _ce(lf, y, cfg) + _kl(inputs.logits, lf)
     return loss + w[yr] * _ce(lm, yr, cfg) + _kl(lf[recipients], lm)

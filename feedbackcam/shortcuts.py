@@ -533,6 +533,12 @@ def _evaluate(model, data: ShortcutData) -> dict:
     return {**scores, "classes": list(data.classes)}
 
 
+def _guard_key(rows: list[dict]) -> str:
+    """The score the collapse guard compares: the filled-validation average sensitivity, or
+    confounded validation accuracy when any row predates it."""
+    return "val_avg_sens_filled" if all("val_avg_sens_filled" in r for r in rows) else "val_acc"
+
+
 def choose_lambda(rows: list[dict], baseline: dict, tolerance: float) -> float:
     """The validation rule: lowest validation flip rate among the settings whose average
     sensitivity on the filled validation images is within ``tolerance`` of the baseline's (all
@@ -543,8 +549,7 @@ def choose_lambda(rows: list[dict], baseline: dict, tolerance: float) -> float:
     ``val_avg_sens_filled`` existed (the Decoy-MNIST run of 2026-11-27) fall back to confounded
     validation accuracy, the rule they were chosen by; on that run both filters pass every setting.
     """
-    new = all("val_avg_sens_filled" in r for r in [*rows, baseline])
-    key = "val_avg_sens_filled" if new else "val_acc"
+    key = _guard_key([*rows, baseline])
     ok = [r for r in rows if r[key] >= baseline[key] - tolerance] or rows
     return min(ok, key=lambda r: (round(r["val_flip"], 4), -r[key]))["lam"]
 
@@ -580,8 +585,7 @@ def choose_default(
             run = next((r for r in main if r["method"] == method), None)
             if run is None:
                 continue
-            new = "val_avg_sens_filled" in run and "val_avg_sens_filled" in base
-            key = "val_avg_sens_filled" if new else "val_acc"
+            key = _guard_key([run, base])
             floor = base[key] - tolerance
             table.setdefault(ds, {})[method] = {
                 "flip": run["val_flip"],

@@ -458,26 +458,31 @@ def _fake_isic2017(root, n_per_class=(8, 6, 6), size=48):
     (root / "ISIC-2017_Training_Part3_GroundTruth.csv").write_text("\n".join(rows) + "\n")
 
 
+def _main_row(ds, method, flip, sens):
+    """A benchmark row as the default rule reads it (seed 0, main phase, full true masks)."""
+    return {
+        "dataset": ds,
+        "seed": 0,
+        "phase": "main",
+        "method": method,
+        "lam": 0.9,
+        "mask": "ignore",
+        "fraction": 1.0,
+        "val_flip": flip,
+        "val_avg_sens_filled": sens,
+    }
+
+
 def test_default_rule_refuses_a_loss_that_loses_a_class_on_any_data_set():
     from feedbackcam.shortcuts import choose_default
 
-    def row(ds, method, flip, sens):
-        return {
-            "dataset": ds,
-            "seed": 0,
-            "phase": "main",
-            "method": method,
-            "lam": 0.9,
-            "mask": "ignore",
-            "fraction": 1.0,
-            "val_flip": flip,
-            "val_avg_sens_filled": sens,
-        }
-
-    rows = [row(ds, "baseline", 0.7, 0.6) for ds in ("a", "b")]
-    rows += [row("a", "sharp", 0.01, 0.8), row("b", "sharp", 0.01, 0.5)]  # loses 0.1 on b
-    rows += [row("a", "safe", 0.10, 0.8), row("b", "safe", 0.05, 0.58)]
-    rows += [row("a", "partial", 0.0, 0.9)]  # never ran on b
+    rows = [_main_row(ds, "baseline", 0.7, 0.6) for ds in ("a", "b")]
+    rows += [
+        _main_row("a", "sharp", 0.01, 0.8),
+        _main_row("b", "sharp", 0.01, 0.5),
+    ]  # loses 0.1 on b
+    rows += [_main_row("a", "safe", 0.10, 0.8), _main_row("b", "safe", 0.05, 0.58)]
+    rows += [_main_row("a", "partial", 0.0, 0.9)]  # never ran on b
     winner, table = choose_default(rows, ("sharp", "safe", "partial"))
     assert winner == "safe"
     assert table["b"]["sharp"]["passes"] is False and table["a"]["sharp"]["passes"] is True
@@ -490,30 +495,17 @@ def test_default_rule_refuses_a_loss_that_loses_a_class_on_any_data_set():
 def test_choose_default_command_reads_every_benchmark_folder(tmp_path):
     from feedbackcam.shortcuts import main
 
-    def row(ds, method, flip, sens):
-        return {
-            "dataset": ds,
-            "seed": 0,
-            "phase": "main",
-            "method": method,
-            "lam": 0.9,
-            "mask": "ignore",
-            "fraction": 1.0,
-            "val_flip": flip,
-            "val_avg_sens_filled": sens,
-        }
-
     for ds, transplant_sens in (("a", 0.8), ("b", 0.4)):
         (tmp_path / ds).mkdir()
         rows = [
-            row(ds, "baseline", 0.7, 0.6),
-            row(ds, "invariance_transplant", 0.01, transplant_sens),
+            _main_row(ds, "baseline", 0.7, 0.6),
+            _main_row(ds, "invariance_transplant", 0.01, transplant_sens),
         ]
-        rows.append(row(ds, "invariance_balanced", 0.05, 0.6))
+        rows.append(_main_row(ds, "invariance_balanced", 0.05, 0.6))
         (tmp_path / ds / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "w").mkdir()  # a class-weighted run: another protocol, left out
     (tmp_path / "w" / "config.json").write_text(json.dumps({"class_weighted": True}))
-    rows = [row("b", "baseline", 0.7, 0.6), row("b", "invariance_balanced", 0.05, 0.1)]
+    rows = [_main_row("b", "baseline", 0.7, 0.6), _main_row("b", "invariance_balanced", 0.05, 0.1)]
     (tmp_path / "w" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     main([str(tmp_path), "--choose-default"])
     text = (tmp_path / "default.md").read_text()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data.dataset import FeedbackBatch
-from .models import SelfExplaining
+from .self_explaining import SelfExplaining
 from .train import FeedbackConfig, feedback_step
 
 

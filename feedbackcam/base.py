@@ -17,7 +17,7 @@ from .data.splits import split_feedback
 from .distributed import SINGLE, Dist, wrap
 from .fileio import write_csv, write_json, write_text
 from .metrics import ClassificationMetrics, classification_metrics, per_class_table
-from .models import SelfExplaining
+from .self_explaining import SelfExplaining
 from .train import (
     BestEpoch,
     FeedbackConfig,

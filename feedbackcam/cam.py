@@ -7,9 +7,9 @@ no numpy, no ``no_grad``), and nothing is normalised in place.
 Batching: the score summed over the batch, ``sum_n y_n[c_n]``, has gradient ``dy_n/dA_n`` at sample
 n as long as samples do not interact after the explanation layer. That holds for every layer that
 works per sample (conv, pooling, linear, dropout, LayerNorm/GroupNorm, BatchNorm in eval mode).
-BatchNorm in train mode mixes samples through the batch statistics: feedback fine-tuning puts it in
-eval mode (:func:`feedbackcam.models.set_batchnorm_eval`), which keeps a batched CAM equal to the
-per-sample CAM.
+BatchNorm in train mode mixes samples through the batch statistics: feedback fine-tuning puts it
+in eval mode (:func:`feedbackcam.self_explaining.set_batchnorm_eval`), which keeps a batched CAM
+equal to the per-sample CAM.
 """
 
 from __future__ import annotations

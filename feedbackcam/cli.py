@@ -341,11 +341,9 @@ def _layout(text: str) -> str:
     return text.replace("-", "_")
 
 
-# feedbackcam.data.isic.LAYOUTS, spelled out so that --help imports no data code.
-LAYOUTS = ("isic2019", "isic2018_task2", "isic2017", "generic")
-
-
 def _add_data(sub) -> None:
+    from .data.layouts import LAYOUTS
+
     p = sub.add_parser("data", help="check and prepare datasets (ISIC layouts or your own)")
     dsub = p.add_subparsers(dest="data_command", required=True)
     for name, helptext in [
@@ -409,7 +407,8 @@ def _add_data(sub) -> None:
 
 def _reader_options(args) -> dict:
     """The reader keyword arguments the flags ask for, refused where the layout has no use
-    for them (e.g. --attributes on a generic folder)."""
+    for them (e.g. --attributes on a generic folder; each layout's options are its row of
+    ``data.layouts.LAYOUTS``)."""
     opts = {}
     if args.layout != "auto":
         opts["layout"] = args.layout
@@ -421,16 +420,17 @@ def _reader_options(args) -> dict:
     if args.classes is not None:
         given["classes"] = ("--classes", args.classes)
     if given:
-        from .data.isic import detect_layout
+        from .data.layouts import LAYOUTS, detect_layout
 
         layout = opts.get("layout") or detect_layout(args.root)
-        accepted = {"isic2018_task2": ("attributes", "missing_attribute"), "generic": ("classes",)}
-        wrong = [flag for key, (flag, _) in given.items() if key not in accepted.get(layout, ())]
+        wrong = [flag for key, (flag, _) in given.items() if key not in LAYOUTS[layout].options]
         if wrong:
-            raise CliError(
-                f"{args.root}: layout {layout} takes no {' or '.join(wrong)} (--attributes and "
-                "--missing-attribute are for isic2018_task2, --classes for generic)"
+            takes = "; ".join(
+                f"{' and '.join('--' + o.replace('_', '-') for o in r.options)} for {name}"
+                for name, r in LAYOUTS.items()
+                if set(r.options) & set(given)
             )
+            raise CliError(f"{args.root}: layout {layout} takes no {' or '.join(wrong)} ({takes})")
         opts |= {key: value for key, (_, value) in given.items()}
     return opts
 

@@ -26,7 +26,7 @@ from .metrics import (
     isic_jaccard,
     jaccard_per_image,
 )
-from .models import SelfExplaining
+from .self_explaining import SelfExplaining
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import cam as cams
-from .models import SelfExplaining
+from .self_explaining import SelfExplaining
 
 
 class Explanation(NamedTuple):

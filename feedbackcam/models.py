@@ -1,8 +1,7 @@
-"""Models: the thesis' SkinCare VGG16, a small CPU model, and the self-explaining wrapper.
-
-A *self-explaining* model returns, in one forward pass, its logits and the activations of its
-explanation layer(s) inside the autograd graph, so a Grad-CAM computed from them can sit in a loss
-(thesis section 4.1: the "activation map" output of SkinCare VGG16).
+"""Models by name: the thesis' SkinCare VGG16, a small CPU model, the benchmark's Decoy-MNIST
+network, ImageNet EfficientNet-Lite0, and any torchvision or timm CNN, each wrapped as a
+:class:`~feedbackcam.self_explaining.SelfExplaining` model (logits and explanation-layer
+activations from one forward pass).
 """
 
 from __future__ import annotations
@@ -11,101 +10,34 @@ import urllib.error
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from .self_explaining import (  # re-exported: the models' public wrapper
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Explained,
+    SelfExplaining,
+    set_batchnorm_eval,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Explained",
+    "SelfExplaining",
+    "SkinCareVGG16",
+    "SmallCNN",
+    "build_model",
+    "set_batchnorm_eval",
+    "skincare_vgg16",
+    "small_cnn",
+]
+
 # torchvision VGG16 `features` index of block5_conv3's ReLU: its output is the explanation layer.
 VGG16_EXPLANATION_LAYER = "features.29"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Explained(NamedTuple):
-    """Output of a :class:`SelfExplaining` model.
-
-    Attributes:
-        logits: (N, C) class scores, before softmax.
-        activations: one (N, K, h, w) tensor per explanation layer, in the order asked for.
-    """
-
-    logits: Tensor
-    activations: tuple[Tensor, ...]
-
-
-class SelfExplaining(nn.Module):
-    """Wrap any CNN so that its forward pass also returns explanation-layer activations.
-
-    The activations are captured with forward hooks registered for the duration of one call and
-    removed in a ``finally`` block, so nothing outlives the call: no handle, no tensor, no graph.
-    In-place activations (``nn.ReLU(inplace=True)``) are switched off, because an in-place op
-    after the hooked layer would overwrite the tensor that the CAM differentiates through.
-
-    Args:
-        model: a classifier mapping (N, 3, H, W) images to (N, C) logits (torchvision, timm, ...).
-        layers: module path(s) of the explanation layer(s) as in ``model.named_modules()``,
-            e.g. ``"features.29"`` (VGG16 block5_conv3 after ReLU) or ``"layer4"`` (ResNet).
-        mean, std: input normalisation the model expects, stored so a checkpoint describes itself.
-
-    Example:
-        >>> import torchvision
-        >>> net = SelfExplaining(torchvision.models.resnet18(num_classes=3), "layer4")
-        >>> out = net(torch.rand(2, 3, 64, 64))
-        >>> out.logits.shape, out.activations[0].shape
-        (torch.Size([2, 3]), torch.Size([2, 512, 2, 2]))
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: str | Sequence[str],
-        *,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        super().__init__()
-        if isinstance(layers, str):
-            layers = (layers,)
-        layers = tuple(layers)
-        if not layers:
-            raise ValueError("layers: expected at least one module path, got none")
-        modules = dict(model.named_modules())
-        missing = [name for name in layers if name not in modules]
-        if missing:
-            raise ValueError(
-                f"explanation layer(s) {missing} not found in {type(model).__name__}; "
-                f"some valid paths: {[n for n in list(modules)[-8:] if n]}"
-            )
-        for module in model.modules():
-            if hasattr(module, "inplace") and isinstance(module.inplace, bool):
-                module.inplace = False
-        self.model = model
-        self.layers = layers
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def normalize(self, images: Tensor) -> Tensor:
-        """Map images in [0, 1] to the model's input normalisation."""
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-
-    def forward(self, images: Tensor) -> Explained:
-        """Classify ``images`` (N, 3, H, W) in [0, 1]; return logits and activations."""
-        captured: dict[str, Tensor] = {}
-        modules = dict(self.model.named_modules())
-        handles = []
-        try:
-            for name in self.layers:
-
-                def hook(_module, _inputs, output, name=name):
-                    captured[name] = output
-
-                handles.append(modules[name].register_forward_hook(hook))
-            logits = self.model(self.normalize(images))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return Explained(logits, tuple(captured[name] for name in self.layers))
 
 
 class SkinCareVGG16(nn.Module):
@@ -181,7 +113,7 @@ def _imagenet_vgg16_features() -> dict[str, Tensor]:
 
 
 def _load_local_vgg16(net: SkinCareVGG16, path: Path) -> None:
-    from .pretrained import read_state_dict  # pretrained.py imports this module
+    from .pretrained import read_state_dict
 
     state = read_state_dict(path)
     features = {
@@ -236,21 +168,6 @@ def small_cnn(num_classes: int = 3, width: int = 32) -> SelfExplaining:
     return SelfExplaining(
         SmallCNN(num_classes, width), SMALL_CNN_EXPLANATION_LAYER, mean=(0.5,) * 3, std=(0.25,) * 3
     )
-
-
-def set_batchnorm_eval(model: nn.Module) -> int:
-    """Put every BatchNorm layer in eval mode (running statistics); return how many.
-
-    In train mode BatchNorm normalises with the batch's statistics, so one sample's activations,
-    and hence its CAM, depend on the other samples in the batch. Feedback fine-tuning freezes
-    the statistics so that a batched CAM equals the per-sample CAM and batch size 1 is stable.
-    """
-    count = 0
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-            count += 1
-    return count
 
 
 ARCHITECTURES = (

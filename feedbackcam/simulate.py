@@ -31,8 +31,8 @@ from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
 from .distributed import SINGLE, Dist, wrap
 from .evaluate import Evaluation, evaluate
 from .fileio import write_csv, write_json, write_text
-from .models import SelfExplaining
 from .selection import drops, run_warnings
+from .self_explaining import SelfExplaining
 from .train import (
     BestEpoch,
     FeedbackConfig,

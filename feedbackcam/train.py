@@ -29,7 +29,7 @@ from . import cam as cams
 from . import losses
 from .data.dataset import FeedbackBatch, TensorData
 from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across
-from .models import SelfExplaining, set_batchnorm_eval
+from .self_explaining import SelfExplaining, set_batchnorm_eval
 
 log = logging.getLogger(__name__)
 

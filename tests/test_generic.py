@@ -11,22 +11,19 @@ import pytest
 from PIL import Image
 from test_isic import kinds, png_mask, truncate, write_csv
 
-from feedbackcam import cli
 from feedbackcam.checkpoint import ModelSpec, save_checkpoint
 from feedbackcam.cli import main
 from feedbackcam.data.check import check_dataset
 from feedbackcam.data.generic import UNKNOWN_CLASS, read_generic, read_generic_labels
-from feedbackcam.data.isic import (
+from feedbackcam.data.layouts import detect_layout, read_dataset
+from feedbackcam.data.prepared import load_prepared, load_prepared_ignore, prepare
+from feedbackcam.data.records import (
     DUPLICATE_ID,
     IMAGE_WITHOUT_LABEL,
     LABEL_WITHOUT_IMAGE,
-    LAYOUTS,
     MASK_SIZE_MISMATCH,
     UNREADABLE_IMAGE,
-    detect_layout,
-    read_dataset,
 )
-from feedbackcam.data.prepared import load_prepared, load_prepared_ignore, prepare
 from feedbackcam.models import build_model
 
 W, H = 24, 18  # not square: the readers must not assume it
@@ -220,7 +217,6 @@ def test_unknown_classes_and_unreadable_labels(tmp_path, generic):
 
 
 def test_layout_flags_are_checked(generic, capsys):
-    assert cli.LAYOUTS == LAYOUTS
     assert main(["data", "check", str(generic), "--layout", "isic2017"]) == 2
     assert "ISIC 2017" in capsys.readouterr().err
     assert main(["data", "check", str(generic), "--layout", "isic2018-task2"]) == 1

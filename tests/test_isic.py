@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from feedbackcam.data.check import check_dataset, format_report
-from feedbackcam.data.isic import (
+from feedbackcam.data.isic import overlap_ids, read_labels_csv
+from feedbackcam.data.layouts import detect_layout, read_dataset
+from feedbackcam.data.records import (
     ATTRIBUTES,
     CLASSES_3,
     CLASSES_2019,
@@ -26,10 +28,6 @@ from feedbackcam.data.isic import (
     UNREADABLE_IMAGE,
     UNREADABLE_MASK,
     UNUSABLE_LABEL,
-    detect_layout,
-    overlap_ids,
-    read_dataset,
-    read_labels_csv,
 )
 
 W, H = 40, 30

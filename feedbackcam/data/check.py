@@ -1,7 +1,7 @@
 """Checking a dataset: every file opened, every problem listed with its file.
 
-`check_dataset` reads a dataset with `feedbackcam.data.isic` (ISIC layouts) or
-`feedbackcam.data.generic` (your own images, masks and labels CSV), then opens each image and mask
+`check_dataset` reads a dataset with the reader of its layout (`feedbackcam.data.layouts`: the
+ISIC layouts, or your own images, masks and labels CSV), then opens each image and mask
 (decoding them fully finds truncated files) and compares mask and image sizes; `format_report`
 prints class counts (the thesis' Figure 5.3) and the problems.
 """
@@ -18,14 +18,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .isic import (
+from .layouts import read_dataset
+from .records import (
     MASK_SIZE_MISMATCH,
     UNREADABLE_IMAGE,
     UNREADABLE_MASK,
     Problem,
+    Problems,
     Record,
-    _Problems,
-    read_dataset,
 )
 
 
@@ -74,7 +74,7 @@ def _probe(path: Path, decode: bool) -> tuple[tuple[int, int] | None, str | None
 def inspect_record(record: Record, *, decode: bool = True) -> list[Problem]:
     """Open a record's image and masks (keep and ignore): unreadable/truncated files (when
     ``decode``, by decoding them fully) and masks whose size differs from the image's."""
-    problems = _Problems()
+    problems = Problems()
     size, error = _probe(record.image, decode)
     if error:
         problems.add(record.image, record.id, UNREADABLE_IMAGE, error)

@@ -32,7 +32,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .isic import (
+from .records import (
     CLASSES_3,
     CLASSES_2019,
     DUPLICATE_ID,
@@ -45,11 +45,11 @@ from .isic import (
     UNKNOWN_LABEL_FORMAT,
     UNUSABLE_LABEL,
     LabelTable,
+    Problems,
     ReadResult,
     Record,
-    _check_root,
-    _Problems,
-    _read_csv,
+    check_root,
+    read_csv,
 )
 
 __all__ = [
@@ -105,7 +105,7 @@ def _files(folder: Path, root: Path):
 # ----------------------------------------------------------------------------- files
 
 
-def _scan(root: Path, problems: _Problems):
+def _scan(root: Path, problems: Problems):
     """(id -> image, id -> keep mask files, id -> ignore mask files)."""
     folder = root / "images" if (root / "images").is_dir() else root
     images: dict[str, Path] = {}
@@ -139,7 +139,7 @@ def _scan(root: Path, problems: _Problems):
     return images, masks, ignore
 
 
-def _find_labels_csv(root: Path, problems: _Problems) -> Path | None:
+def _find_labels_csv(root: Path, problems: Problems) -> Path | None:
     if (root / "labels.csv").is_file():
         return root / "labels.csv"
     csvs = sorted(p for p in root.glob("*.csv") if not p.name.startswith("."))
@@ -200,9 +200,9 @@ def read_generic_labels(path, classes=None) -> tuple[LabelTable, tuple[str, ...]
         classes = tuple(_class_name(c) for c in classes)
         if not classes or len(set(classes)) != len(classes):
             raise ValueError(f"classes must be distinct names, got {classes}")
-    problems = _Problems()
+    problems = Problems()
     try:
-        header, rows = _read_csv(path)
+        header, rows = read_csv(path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         problems.add(path, None, UNKNOWN_LABEL_FORMAT, f"cannot read CSV: {exc}")
         return LabelTable(path, None, {}, {}, tuple(problems)), classes or ()
@@ -275,10 +275,10 @@ def read_generic(root, labels_csv=None, *, classes=None) -> ReadResult:
     ``classes`` are errors; masks without an image and images without a mask (when some have
     one) are warnings. ``Record.source`` is ``"generic"``.
     """
-    root = _check_root(root)
+    root = check_root(root)
     if labels_csv is not None and not isinstance(labels_csv, (str, os.PathLike)):
         raise TypeError(f"labels_csv must be a path, got {type(labels_csv).__name__}")
-    problems = _Problems()
+    problems = Problems()
     images, masks, ignore = _scan(root, problems)
     if not images:
         where = root / "images" if (root / "images").is_dir() else root

@@ -1,7 +1,7 @@
-"""Readers for the ISIC challenge data exactly as downloaded, and a check of what they find.
+"""Readers for the ISIC challenge data exactly as downloaded.
 
-Three official layouts are read (``detect_layout`` tells them apart from the folder names), and
-any other folder of images, masks and a labels CSV as ``generic`` (`feedbackcam.data.generic`):
+Three official layouts, each a row of :data:`feedbackcam.data.layouts.LAYOUTS` (which tells
+them apart from the folder names):
 
 * ``isic2019``: ``ISIC_2019_Training_Input/ISIC_*.jpg`` and ``ISIC_2019_Training_GroundTruth.csv``
   (one-hot ``MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK``); 8 classes, no masks.
@@ -15,8 +15,7 @@ any other folder of images, masks and a labels CSV as ``generic`` (`feedbackcam.
 
 Ids are the canonical ``ISIC_xxxxxxx``: ISIC 2019's ``_downsampled`` suffix is dropped so that
 ``overlap_ids`` finds the same image across challenges. A reader never stops at the first bad
-file: it returns every `Record` it could build and a `Problem` for everything it could not use,
-so nothing is dropped silently. Readers only list folders and parse CSVs;
+file (:mod:`feedbackcam.data.records`). Readers only list folders and parse CSVs;
 `feedbackcam.data.check.check_dataset` also opens every file (decoding, mask sizes).
 """
 
@@ -27,51 +26,45 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from .synth import ATTRIBUTES
+from .records import (
+    ATTRIBUTES,
+    CLASSES_3,
+    CLASSES_2019,
+    DUPLICATE_ID,
+    IMAGE_WITHOUT_LABEL,
+    IMAGE_WITHOUT_MASK,
+    LABEL_WITHOUT_IMAGE,
+    MASK_WITHOUT_IMAGE,
+    MISSING_ATTRIBUTE,
+    MISSING_GROUND_TRUTH,
+    UNEXPECTED_FILE,
+    UNKNOWN_LABEL_FORMAT,
+    UNMAPPED_DIAGNOSIS,
+    UNUSABLE_LABEL,
+    LabelTable,
+    Problems,
+    ReadResult,
+    Record,
+    check_root,
+    read_csv,
+)
 
 __all__ = [
-    "ATTRIBUTES",
-    "CLASSES_2019",
-    "CLASSES_3",
     "ISIC2017_SPLITS",
-    "LAYOUTS",
-    "LabelTable",
-    "Problem",
-    "ReadResult",
-    "Record",
-    "detect_layout",
+    "looks_isic2017",
+    "looks_isic2018_task2",
+    "looks_isic2019",
     "overlap_ids",
-    "read_dataset",
     "read_isic2017",
     "read_isic2018_task2",
     "read_isic2019",
     "read_labels_csv",
 ]
 
-LAYOUTS = ("isic2019", "isic2018_task2", "isic2017", "generic")
-CLASSES_2019 = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
-CLASSES_3 = ("NV", "MEL", "BKL")
 ISIC2017_SPLITS = ("Training", "Validation", "Test_v2")
 MISSING_ATTRIBUTE_MODES = ("error", "empty")
-
-# Problem kinds.
-IMAGE_WITHOUT_LABEL = "image without label"
-LABEL_WITHOUT_IMAGE = "label without image"
-IMAGE_WITHOUT_MASK = "image without mask"
-MASK_WITHOUT_IMAGE = "mask without image"
-MISSING_ATTRIBUTE = "missing attribute file"
-MISSING_GROUND_TRUTH = "missing ground truth"
-MASK_SIZE_MISMATCH = "mask size differs from its image"
-UNREADABLE_IMAGE = "unreadable image"
-UNREADABLE_MASK = "unreadable mask"
-UNUSABLE_LABEL = "unusable label"
-UNMAPPED_DIAGNOSIS = "unmapped diagnosis"
-UNKNOWN_LABEL_FORMAT = "unknown label CSV format"
-DUPLICATE_ID = "duplicate id"
-UNEXPECTED_FILE = "unexpected file"
 
 _INPUT_2019 = "ISIC_2019_Training_Input"
 _GT_2019 = "ISIC_2019_Training_GroundTruth.csv"
@@ -99,85 +92,7 @@ _LABEL_FORMATS = {
 }
 
 
-@dataclass(frozen=True)
-class Record:
-    """One image: canonical id, image file, class name (None if unknown), the mask files whose
-    union is its feedback mask (empty: no mask), where it came from, and the files whose union
-    marks what must not matter (``ignore``; only the generic layout has them)."""
-
-    id: str
-    image: Path
-    label: str | None
-    masks: tuple[Path, ...]
-    source: str
-    ignore: tuple[Path, ...] = ()
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something a reader or check could not use. ``severity`` is ``"error"`` (the image is left
-    out of a prepared set) or ``"warning"`` (it is kept)."""
-
-    path: Path | None
-    id: str | None
-    kind: str
-    message: str
-    severity: str = "error"
-
-    def __post_init__(self) -> None:
-        if self.severity not in ("error", "warning"):
-            raise ValueError(f"severity must be 'error' or 'warning', got {self.severity!r}")
-
-
-@dataclass(frozen=True)
-class ReadResult:
-    """What a reader found: records (one per image file, labelled or not), the class names,
-    problems, the layout, and the reader options and label files that shaped the result."""
-
-    records: tuple[Record, ...]
-    classes: tuple[str, ...]
-    problems: tuple[Problem, ...]
-    layout: str
-    root: Path
-    label_files: tuple[Path, ...] = ()
-    options: tuple[tuple[str, object], ...] = ()
-
-    def usable(self, problems: Iterable[Problem] = ()) -> tuple[Record, ...]:
-        """Records with a label and no error-level problem (in ``self.problems`` or
-        ``problems``): the ones a prepared set keeps."""
-        bad = {p.id for p in (*self.problems, *problems) if p.severity == "error"}
-        return tuple(r for r in self.records if r.label is not None and r.id not in bad)
-
-
-@dataclass(frozen=True)
-class LabelTable:
-    """A labels CSV for Task 2: its detected format, id -> class (None: no usable class) and
-    why a row has no class."""
-
-    path: Path
-    format: str | None
-    labels: dict[str, str | None]
-    reasons: dict[str, str]
-    problems: tuple[Problem, ...]
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-class _Problems(list):
-    """Problems collected while reading; ``add`` keeps each report on one line."""
-
-    def add(self, path, id, kind, message, severity="error") -> None:
-        self.append(Problem(path, id, kind, message, severity))
-
-
-def _check_root(root) -> Path:
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root must be a path, got {type(root).__name__}")
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset folder does not exist")
-    return root
 
 
 def _canonical_id(name: str) -> str | None:
@@ -185,7 +100,7 @@ def _canonical_id(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _list_images(folder: Path, problems: _Problems) -> dict[str, Path]:
+def _list_images(folder: Path, problems: Problems) -> dict[str, Path]:
     """ISIC id -> JPEG in ``folder``; other files (licences, superpixels) are not images."""
     images: dict[str, Path] = {}
     if not folder.is_dir():
@@ -203,15 +118,6 @@ def _list_images(folder: Path, problems: _Problems) -> dict[str, Path]:
         else:
             images[key] = path
     return images
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    # utf-8-sig: CSVs saved by Excel start with a byte-order mark that would rename column 1.
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        return header, [{k: (v or "").strip() for k, v in row.items() if k} for row in reader]
 
 
 def _flag(value: str) -> bool:
@@ -290,9 +196,9 @@ def _row_label(fmt: str, row: dict[str, str], header: list[str], classes: tuple[
 
 
 def _parse_labels(path: Path, classes: tuple[str, ...], formats: Sequence[str]) -> LabelTable:
-    problems = _Problems()
+    problems = Problems()
     try:
-        header, rows = _read_csv(path)
+        header, rows = read_csv(path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         problems.add(path, None, UNKNOWN_LABEL_FORMAT, f"cannot read CSV: {exc}")
         return LabelTable(path, None, {}, {}, tuple(problems))
@@ -356,10 +262,34 @@ def read_labels_csv(path) -> LabelTable:
 # ----------------------------------------------------------------------------- readers
 
 
+def looks_isic2019(root: Path) -> bool:
+    """``root`` holds the ISIC 2019 training input folder or its ground-truth CSV."""
+    return (root / _INPUT_2019).is_dir() or (root / _GT_2019).is_file()
+
+
+def looks_isic2018_task2(root: Path) -> bool:
+    """``root`` holds the ISIC 2018 Task 2 input or ground-truth folder."""
+    return (root / _INPUT_T2).is_dir() or (root / _GT_T2).is_dir()
+
+
+def looks_isic2017(root: Path) -> bool:
+    """``root`` holds an ISIC 2017 ``..._Data`` folder of any split."""
+    return any((root / f"ISIC-2017_{s}_Data").is_dir() for s in ISIC2017_SPLITS)
+
+
+# What each layout expects, for the message of a folder that matches none.
+EXPECTED_2019 = f"{_INPUT_2019}/ISIC_*.jpg + {_GT_2019}"
+EXPECTED_T2 = f"{_INPUT_T2}/ISIC_*.jpg + {_GT_T2}/ISIC_*_attribute_*.png"
+EXPECTED_2017 = (
+    "ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg + ..._Part1_GroundTruth/ + "
+    "..._Part3_GroundTruth.csv"
+)
+
+
 def read_isic2019(root) -> ReadResult:
     """Read the ISIC 2019 training layout (8 classes, no masks; UNK rows are reported)."""
-    root = _check_root(root)
-    problems = _Problems()
+    root = check_root(root)
+    problems = Problems()
     folder, gt = root / _INPUT_2019, root / _GT_2019
     images = _list_images(folder, problems)
     labels: dict[str, str | None] = {}
@@ -394,14 +324,14 @@ def read_isic2018_task2(
         missing_attribute: ``"error"``: a missing attribute file is an error (the image is left
             out of a prepared set); ``"empty"``: it counts as an empty mask (warning).
     """
-    root = _check_root(root)
+    root = check_root(root)
     attributes = _check_attributes(attributes)
     if missing_attribute not in MISSING_ATTRIBUTE_MODES:
         raise ValueError(
             f"missing_attribute must be one of {MISSING_ATTRIBUTE_MODES}, got {missing_attribute!r}"
         )
     severity = "error" if missing_attribute == "error" else "warning"
-    problems = _Problems()
+    problems = Problems()
     gt = root / _GT_T2
     images = _list_images(root / _INPUT_T2, problems)
     found: defaultdict[str, dict[str, Path]] = defaultdict(dict)
@@ -465,7 +395,7 @@ def read_isic2017(root, *, splits: Sequence[str] = ISIC2017_SPLITS) -> ReadResul
 
     ``Record.source`` is ``isic2017_training``, ``isic2017_validation`` or ``isic2017_test_v2``.
     """
-    root = _check_root(root)
+    root = check_root(root)
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     bad = [s for s in splits if s not in ISIC2017_SPLITS]
     if not splits or bad:
@@ -474,7 +404,7 @@ def read_isic2017(root, *, splits: Sequence[str] = ISIC2017_SPLITS) -> ReadResul
     if not present:
         expected = [f"ISIC-2017_{s}_Data" for s in splits]
         raise ValueError(f"{root}: none of the ISIC 2017 folders {expected} exists")
-    problems = _Problems()
+    problems = Problems()
     records: list[Record] = []
     label_files = []
     seen: dict[str, Path] = {}
@@ -521,79 +451,6 @@ def read_isic2017(root, *, splits: Sequence[str] = ISIC2017_SPLITS) -> ReadResul
         tuple(label_files),
         (("splits", splits),),
     )
-
-
-_READERS = {
-    "isic2019": (read_isic2019, ()),
-    "isic2018_task2": (read_isic2018_task2, ("attributes", "missing_attribute")),
-    "isic2017": (read_isic2017, ("splits",)),
-}
-
-
-def detect_layout(root) -> str:
-    """Which layout ``root`` holds: ``"isic2019"``, ``"isic2018_task2"``, ``"isic2017"``, or
-    ``"generic"`` (no ISIC folder, but an ``images/`` folder or image files beside a CSV; see
-    `feedbackcam.data.generic`).
-
-    Raises:
-        FileNotFoundError: ``root`` does not exist.
-        ValueError: no layout (or more than one) matches; the message lists what is expected.
-    """
-    from .generic import looks_generic
-
-    root = _check_root(root)
-    found = []
-    if (root / _INPUT_2019).is_dir() or (root / _GT_2019).is_file():
-        found.append("isic2019")
-    if (root / _INPUT_T2).is_dir() or (root / _GT_T2).is_dir():
-        found.append("isic2018_task2")
-    if any((root / f"ISIC-2017_{s}_Data").is_dir() for s in ISIC2017_SPLITS):
-        found.append("isic2017")
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise ValueError(f"{root}: holds several ISIC layouts {found}; pass layout= explicitly")
-    if looks_generic(root):
-        return "generic"
-    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-    raise ValueError(
-        f"{root}: no known layout. Expected one of:\n"
-        f"  isic2019:       {_INPUT_2019}/ISIC_*.jpg + {_GT_2019}\n"
-        f"  isic2018_task2: {_INPUT_T2}/ISIC_*.jpg + {_GT_T2}/ISIC_*_attribute_*.png\n"
-        f"  isic2017:       ISIC-2017_{{Training,Validation,Test_v2}}_Data/ISIC_*.jpg + "
-        f"..._Part1_GroundTruth/ + ..._Part3_GroundTruth.csv\n"
-        f"  generic:        images/<id>.jpg|png (or images beside a CSV) + labels.csv "
-        f"[+ masks/<id>.png, ignore/<id>.png]\n"
-        f"found: {entries[:10]}{' ...' if len(entries) > 10 else ''}"
-    )
-
-
-def read_dataset(root, labels_csv=None, *, layout: str | None = None, **options) -> ReadResult:
-    """Detect the layout of ``root`` (unless given) and read it with its reader.
-
-    ``options`` go to that reader: ``attributes``/``missing_attribute`` (isic2018_task2),
-    ``splits`` (isic2017), ``classes`` (generic). ``labels_csv`` applies to isic2018_task2 and
-    generic.
-    """
-    from .generic import read_generic
-
-    layout = detect_layout(root) if layout is None else layout
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    reader, accepted = {**_READERS, "generic": (read_generic, ("classes",))}[layout]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"options {unknown} do not apply to layout {layout} "
-            f"(it accepts {list(accepted) or 'none'})"
-        )
-    if layout in ("isic2018_task2", "generic"):
-        return reader(root, labels_csv, **options)
-    if labels_csv is not None:
-        raise ValueError(
-            f"labels_csv only applies to isic2018_task2 and generic; {layout} has its own labels"
-        )
-    return reader(root, **options)
 
 
 def overlap_ids(a_records: Iterable[Record], b_records: Iterable[Record]) -> set[str]:

@@ -37,14 +37,14 @@ from tqdm.auto import tqdm
 from ..fileio import jsonable, write_json
 from .check import format_problems
 from .dataset import ArrayDataset
-from .isic import (
+from .layouts import read_dataset
+from .records import (
     MASK_SIZE_MISMATCH,
     UNREADABLE_IMAGE,
     UNREADABLE_MASK,
     Problem,
     ReadResult,
     Record,
-    read_dataset,
 )
 
 __all__ = [
@@ -365,7 +365,7 @@ def prepare(
 
     Args:
         root: Dataset folder in an official ISIC layout or the generic one
-            (`feedbackcam.data.isic.detect_layout`, `feedbackcam.data.generic`).
+            (`feedbackcam.data.layouts.detect_layout`).
         out: Prepared folder to create.
         size: Side of the stored images in pixels (the thesis' AlexNet input is 227).
         labels_csv: Labels for ISIC 2018 Task 2 (`feedbackcam.data.isic.read_labels_csv`) or
@@ -374,7 +374,7 @@ def prepare(
         progress: Show a tqdm bar.
         layout: Force a layout instead of detecting it.
         workers: Decoding threads; default ``min(8, cpus)``.
-        **options: Reader options (`feedbackcam.data.isic.read_dataset`).
+        **options: Reader options (`feedbackcam.data.layouts.read_dataset`).
 
     Returns:
         ``out`` as a `Path`.

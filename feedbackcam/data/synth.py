@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .records import ATTRIBUTES
+
 CLASSES = ("NV", "MEL", "BKL")
-ATTRIBUTES = ("globules", "milia_like_cyst", "negative_network", "pigment_network", "streaks")
 CONFOUNDERS = ("patch", "ruler")
 
 _GLOB, _MILIA, _NEG, _NET, _STREAK = range(5)

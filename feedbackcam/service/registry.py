@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..checkpoint import ModelSpec, load_checkpoint
 from ..explain import Explanation, explain
-from ..models import SelfExplaining
+from ..self_explaining import SelfExplaining
 from .db import Version, current_version, set_current
 from .startup import StartupError, check_model, last_good_version, offer, verify_file
 from .store import Store, file_sha256

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ..checkpoint import ModelSpec, load_checkpoint
 from ..explain import explain
-from ..models import SelfExplaining
+from ..self_explaining import SelfExplaining
 from .db import Version
 from .store import Store, file_sha256
 

@@ -20,8 +20,8 @@ import torch
 from ..balance import auto_scaled
 from ..data.dataset import ArrayDataset, FeedbackBatch
 from ..evaluate import evaluate
-from ..models import SelfExplaining
 from ..selection import drops
+from ..self_explaining import SelfExplaining
 from ..train import FeedbackConfig, StopTraining, run_steps
 
 

@@ -16,8 +16,10 @@ import time
 
 import torch
 
+from feedbackcam.data.dataset import FeedbackBatch
 from feedbackcam.models import build_model
-from feedbackcam.train import FeedbackBatch, FeedbackConfig, feedback_step, reference_step
+from feedbackcam.objective import FeedbackConfig
+from feedbackcam.train import feedback_step, reference_step
 
 
 def make_batch(n: int, size: int, classes: int, device: str) -> FeedbackBatch:

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feedbackcam.checkpoint import ModelSpec
+from feedbackcam.checkpoint import ModelSpec, save_checkpoint
 from feedbackcam.data.dataset import ArrayDataset
-from feedbackcam.data.prepared import load_prepared, save_prepared
+from feedbackcam.data.prepared import save_prepared
 from feedbackcam.data.synth import CLASSES, SynthConfig, make_synthderm
 from feedbackcam.models import build_model
-from feedbackcam.simulate import SimulationConfig, SimulationData, run_simulation
-from feedbackcam.train import FeedbackConfig
+from feedbackcam.objective import FeedbackConfig
+from feedbackcam.simulate import SimulationConfig, run_simulation
+from feedbackcam.simulation_data import assemble
 
 
 def _chunk(args: tuple[int, int, int]) -> ArrayDataset:
@@ -69,12 +70,14 @@ def main() -> None:
         prepared = synth_prepared(args.n, args.size, Path(tmp) / "prepared", args.workers)
         t_data = time.perf_counter() - t0
         start = time.perf_counter()
-        data = load_prepared(prepared, mmap=False)
         classes = len(CLASSES)
         kwargs = {"width": 32} if args.model == "small_cnn" else {}
         torch.manual_seed(0)
-        baseline = build_model(args.model, classes, **kwargs)
-        spec = ModelSpec(args.model, CLASSES, baseline.layers, args.size, kwargs)
+        untrained = build_model(args.model, classes, **kwargs)
+        spec = ModelSpec(args.model, CLASSES, untrained.layers, args.size, kwargs)
+        checkpoint = save_checkpoint(Path(tmp) / "base.pt", untrained, spec)
+        # what `feedbackcam simulate --data PREPARED --base-model CKPT` assembles
+        sim = assemble(prepared, base_model=checkpoint)
         cfg = SimulationConfig(
             modes=("combined",),
             epochs=args.epochs,
@@ -86,12 +89,12 @@ def main() -> None:
             device=args.device,
         )
         run_simulation(
-            SimulationData(feedback=data),
+            sim.data,
             cfg,
             Path(tmp) / "run",
-            make_model=lambda: baseline,
-            spec=spec,
-            baseline=baseline,
+            make_model=lambda: sim.baseline,
+            spec=sim.spec,
+            baseline=sim.baseline,
             progress=False,
         )
         if args.device == "cuda":

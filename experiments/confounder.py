@@ -16,10 +16,11 @@ import torch
 
 from feedbackcam.checkpoint import ModelSpec, load_checkpoint
 from feedbackcam.data.synth import CLASSES
-from feedbackcam.demo import DemoConfig, synth_simulation_data
+from feedbackcam.demo import DemoConfig
 from feedbackcam.models import build_model
+from feedbackcam.objective import FeedbackConfig
 from feedbackcam.simulate import run_simulation
-from feedbackcam.train import FeedbackConfig
+from feedbackcam.simulation_data import synth_simulation_data
 
 SETTINGS: dict[str, tuple[str, FeedbackConfig, dict]] = {
     "cls": ("cls", FeedbackConfig(), {}),

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from .data.dataset import FeedbackBatch
+from .objective import FeedbackConfig
 from .self_explaining import SelfExplaining
-from .train import FeedbackConfig, feedback_step
+from .train import feedback_step
 
 
 def calibrate_loss_scale(

@@ -15,16 +15,18 @@ from .checkpoint import ModelSpec, save_checkpoint
 from .data.dataset import ArrayDataset, FeedbackBatch
 from .data.splits import split_feedback
 from .distributed import SINGLE, Dist, wrap
+from .evaluate import predict_probs
 from .fileio import write_csv, write_json, write_text
 from .metrics import ClassificationMetrics, classification_metrics, per_class_table
+from .objective import FeedbackConfig
 from .self_explaining import SelfExplaining
 from .train import (
+    Batching,
     BestEpoch,
-    FeedbackConfig,
     class_weights,
     make_optimizer,
     place_model,
-    train_one_epoch,
+    train_epochs,
 )
 
 HISTORY_FIELDS = ("epoch", "train_loss", "skipped_steps", "val_accuracy", "val_avg_sensitivity")
@@ -66,24 +68,9 @@ class BaseConfig:
             )
 
 
-def predict_probs(
-    model: SelfExplaining, data: ArrayDataset, *, batch_size: int = 64, device: str = "cpu"
-) -> np.ndarray:
-    """Class probabilities (N, C) in eval mode, no CAM."""
-    model.eval()
-    tensors = data.tensors(device)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(data)), device=device)
-            images = tensors.batch(idx).images
-            out.append(torch.softmax(model(images).logits.float(), dim=1).cpu())
-    return torch.cat(out).numpy()
-
-
 def evaluate_classifier(model, data, cfg: BaseConfig) -> ClassificationMetrics:
-    probs = predict_probs(model, data, batch_size=cfg.eval_batch_size, device=cfg.device)
-    return classification_metrics(data.labels, probs, data.classes)
+    probs = predict_probs(model, data.images, batch_size=cfg.eval_batch_size, device=cfg.device)
+    return classification_metrics(data.labels, probs.numpy(), data.classes)
 
 
 def train_base(
@@ -100,8 +87,7 @@ def train_base(
     ``out/model.pt``; write history, config, test metrics and the per-class table."""
     from .augment import random_flip_rotate
 
-    out = Path(out)
-    main = ctx.is_main
+    out, main = Path(out), ctx.is_main
     progress = progress and main
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -140,25 +126,10 @@ def train_base(
         images, masks = random_flip_rotate(batch.images, batch.masks, aug_gen)
         return batch._replace(images=images, masks=masks)
 
-    tensors = train.tensors(cfg.device)
     best = BestEpoch(model, -math.inf)
     history = []
-    for epoch in range(1, cfg.epochs + 1):
-        stats = train_one_epoch(
-            trained,
-            tensors,
-            np.arange(len(train)),
-            optimizer,
-            fb,
-            batch_size=cfg.batch_size,
-            generator=generator,
-            device=cfg.device,
-            augment=augment if cfg.augment else None,
-            progress=f"epoch {epoch}/{cfg.epochs}" if progress else False,
-            ctx=ctx,
-            epoch=epoch,
-            seed=cfg.seed,
-        )
+
+    def validate(epoch: int, stats: dict) -> None:
         metrics = evaluate_classifier(model, val, cfg)
         history.append(
             {
@@ -176,6 +147,21 @@ def train_base(
                 flush=True,
             )
         best.offer(model, epoch, getattr(metrics, cfg.select_by))
+
+    batching = Batching(cfg.batch_size, cfg.device, cfg.seed, ctx, augment if cfg.augment else None)
+    tensors = train.tensors(cfg.device)
+    train_epochs(
+        trained,
+        tensors,
+        np.arange(len(train)),
+        optimizer,
+        fb,
+        batching,
+        epochs=cfg.epochs,
+        generator=generator,
+        batch_progress=progress,
+        after_epoch=validate,
+    )
     best.restore(model)
     test_metrics = evaluate_classifier(model, test, cfg)
     result = {

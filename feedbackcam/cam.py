@@ -155,14 +155,10 @@ def layer_cams(
 
 
 def grad_cam(
-    logits: Tensor,
-    activations: Tensor,
-    targets: Tensor | int | None = None,
-    *,
-    second_order: SecondOrder = "full",
-    retain_graph: bool = True,
+    logits: Tensor, activations: Tensor, targets: Tensor | int | None = None, **options
 ) -> Tensor:
     """Grad-CAM (eq. 3.1, 3.2) of one layer: a raw, non-negative (N, h, w) map.
+    ``options``: :func:`layer_cams`' ``second_order`` and ``retain_graph``.
 
     Example:
         >>> from feedbackcam.models import small_cnn
@@ -171,33 +167,15 @@ def grad_cam(
         >>> grad_cam(out.logits, out.activations[0], targets=torch.tensor([0, 2])).shape
         torch.Size([2, 4, 4])
     """
-    return layer_cams(
-        logits,
-        [activations],
-        targets,
-        method="gradcam",
-        second_order=second_order,
-        retain_graph=retain_graph,
-    )[0]
+    return layer_cams(logits, [activations], targets, method="gradcam", **options)[0]
 
 
 def grad_cam_pp(
-    logits: Tensor,
-    activations: Tensor,
-    targets: Tensor | int | None = None,
-    *,
-    second_order: SecondOrder = "full",
-    retain_graph: bool = True,
+    logits: Tensor, activations: Tensor, targets: Tensor | int | None = None, **options
 ) -> Tensor:
-    """Grad-CAM++ (Chattopadhyay et al. 2018) of one layer: a raw, non-negative (N, h, w) map."""
-    return layer_cams(
-        logits,
-        [activations],
-        targets,
-        method="gradcam++",
-        second_order=second_order,
-        retain_graph=retain_graph,
-    )[0]
+    """Grad-CAM++ (Chattopadhyay et al. 2018) of one layer: a raw, non-negative (N, h, w) map.
+    ``options`` as for :func:`grad_cam`."""
+    return layer_cams(logits, [activations], targets, method="gradcam++", **options)[0]
 
 
 def upsample(cam: Tensor, size: tuple[int, int] | int) -> Tensor:
@@ -282,20 +260,10 @@ def fused_cam(
     activations: Sequence[Tensor],
     targets: Tensor | int | None,
     size: tuple[int, int] | int,
-    *,
-    method: CamMethod = "gradcam",
-    second_order: SecondOrder = "full",
-    combine: Literal["mean", "max"] = "mean",
+    **options,
 ) -> Tensor:
-    """Fused multi-layer CAM in [0, 1] at ``size``; see :func:`saliency_maps`."""
+    """Fused multi-layer CAM in [0, 1] at ``size``: :func:`saliency_maps` (whose keyword
+    ``options`` it takes: method, second_order, combine) of two or more layers."""
     if len(activations) < 2:
         raise ValueError(f"fused_cam: expected activations of >= 2 layers, got {len(activations)}")
-    return saliency_maps(
-        logits,
-        activations,
-        targets,
-        size,
-        method=method,
-        second_order=second_order,
-        combine=combine,
-    )
+    return saliency_maps(logits, activations, targets, size, **options)

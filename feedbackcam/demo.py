@@ -17,28 +17,15 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelSpec
-from .data.dataset import ArrayDataset
 from .data.synth import CLASSES, SynthConfig, SynthDataset, make_synthderm
 from .explain import explain
 from .fileio import write_json, write_text
 from .losses import DEFAULT_IGNORE_LOSS
 from .models import build_model
+from .objective import FeedbackConfig
 from .report import html_report, overlay_grid, simulation_table
-from .simulate import SimulationConfig, SimulationData, run_simulation
-from .train import FeedbackConfig
-
-
-@dataclass(frozen=True)
-class SynthSetup:
-    """The SynthDerm sets of a simulation (seeds kept apart so no image repeats)."""
-
-    size: int = 64
-    n_base: int = 900
-    n_feedback: int = 900
-    confounder: str | None = "patch"
-    confounder_class: str = "MEL"
-    confounder_rate: float = 0.95
-    seed: int = 0
+from .simulate import SimulationConfig, run_simulation
+from .simulation_data import SynthSetup, synth_simulation_data
 
 
 @dataclass(frozen=True)
@@ -71,56 +58,6 @@ QUICK = DemoConfig(
     simulation=replace(DemoConfig().simulation, epochs=4, base_epochs=8),
     width=16,
 )
-
-
-def synth_simulation_data(setup: SynthSetup) -> tuple[SimulationData, SynthDataset]:
-    """Base set, feedback pool, and the pool redrawn with a class-independent confounder for
-    the test split (same lesions; only the artifact is re-drawn at random)."""
-
-    def make(n: int, seed: int, rate: float) -> SynthDataset:
-        return make_synthderm(
-            SynthConfig(
-                n=n,
-                size=setup.size,
-                seed=seed,
-                confounder=setup.confounder,
-                confounder_class=setup.confounder_class,
-                confounder_rate=rate,
-                id_prefix="SYNBASE" if seed == setup.seed else "SYN",
-            )
-        )
-
-    base = make(setup.n_base, setup.seed, setup.confounder_rate)
-    pool = make(setup.n_feedback, setup.seed + 1, setup.confounder_rate)
-    test_pool = make(setup.n_feedback, setup.seed + 1, 0.5)
-    target = CLASSES.index(setup.confounder_class)
-    conflicting = test_pool.has_artifact != (test_pool.labels == target)
-    data = SimulationData(
-        feedback=as_array_dataset(pool),
-        base=as_array_dataset(base),
-        test_override=as_array_dataset(test_pool),
-        test_groups={
-            "no artifact": ~test_pool.has_artifact,
-            "artifact misleads": conflicting,
-        },
-    )
-    return data, test_pool
-
-
-def as_array_dataset(ds: SynthDataset) -> ArrayDataset:
-    """SynthDerm as feedback data: the attribute masks are the keep masks (what matters), and the
-    artifact, where an image has one, is the ignore mask (what a dermatologist marks "not
-    this")."""
-    return ArrayDataset(
-        images=ds.images,
-        masks=ds.masks,
-        labels=ds.labels,
-        has_mask=np.ones(len(ds), bool),
-        ids=ds.ids,
-        classes=tuple(ds.classes),
-        ignore=ds.artifact_masks,
-        has_ignore=np.asarray(ds.has_artifact, bool),
-    )
 
 
 def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> Path:
@@ -171,12 +108,11 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
         "counterfactual test: the share of test "
         "predictions that change when the patch is removed from the image."
     )
-    from .service.settings import Settings  # the app's default lambda lives there alone
-
+    app = FeedbackConfig()  # the app's updates learn with the library's defaults (serve flags)
     notes.append(
-        f"The feedback app (feedbackcam serve) fine-tunes with lambda = {Settings().lam} by "
+        f"The feedback app (feedbackcam serve) fine-tunes with lambda = {app.lam} by "
         "default (--lambda sets it): the thesis' Jaccard loss on the region a user paints as "
-        f"mattering, plus '{FeedbackConfig().ignore_loss}' on a region painted as 'not this', "
+        f"mattering, plus '{app.ignore_loss}' on a region painted as 'not this', "
         "each scaled like the class loss, with a class-balanced replay and a validation gate."
     )
     notes.append(

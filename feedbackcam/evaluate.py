@@ -145,6 +145,38 @@ def evaluate(
     )
 
 
+@torch.no_grad()
+def predict_logits(
+    model: SelfExplaining,
+    images: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Float logits (N, C) on the CPU, in eval mode and without gradients; restores the
+    model's train/eval mode. ``images``: uint8 (N, H, W, 3) (an array, possibly memory-mapped,
+    converted a batch at a time) or float (N, 3, H, W) in [0, 1]."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            part = images[start : start + batch_size]
+            if isinstance(part, torch.Tensor):
+                x = part.to(device)
+            else:
+                x = torch.from_numpy(np.array(part)).to(device).permute(0, 3, 1, 2).float() / 255
+            out.append(model(x).logits.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def predict_probs(model: SelfExplaining, images: np.ndarray | torch.Tensor, **kw) -> torch.Tensor:
+    """Class probabilities (N, C): the softmax of :func:`predict_logits` (same arguments)."""
+    return torch.softmax(predict_logits(model, images, **kw), 1)
+
+
 def predict_classes(
     model: SelfExplaining,
     images: np.ndarray,
@@ -152,20 +184,19 @@ def predict_classes(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Predicted class index per image of uint8 (N, H, W, 3) ``images``, in eval mode and
-    without gradients; restores the model's train/eval mode."""
-    was_training = model.training
-    model.eval()
-    preds = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                x = torch.from_numpy(np.array(images[start : start + batch_size]))
-                x = x.to(device).permute(0, 3, 1, 2).float() / 255
-                preds.append(model(x).logits.argmax(dim=1).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
+    """Predicted class index per image of uint8 (N, H, W, 3) ``images`` (the argmax of
+    :func:`predict_logits`)."""
+    logits = predict_logits(model, images, batch_size=batch_size, device=device)
+    return logits.argmax(dim=1).numpy() if len(logits) else np.zeros(0, np.int64)
+
+
+def flip_rate(pred_a, pred_b) -> float:
+    """Share of samples whose predicted class differs between two versions of a set (e.g. with
+    an artifact and without it); NaN for an empty set."""
+    a, b = np.asarray(pred_a).reshape(-1), np.asarray(pred_b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"pred_a and pred_b: expected equal lengths, got {a.shape} and {b.shape}")
+    return float((a != b).mean()) if len(a) else float("nan")
 
 
 def counterfactual_flip_rate(
@@ -192,11 +223,7 @@ def counterfactual_flip_rate(
     kw = {"batch_size": batch_size, "device": device}
     before = predict_classes(model, images, **kw)
     after = predict_classes(model, counterfactuals, **kw)
-    return _flip_rate(before, after)
-
-
-def _flip_rate(before: np.ndarray, after: np.ndarray) -> float:
-    return float((before != after).mean()) if len(before) else float("nan")
+    return flip_rate(before, after)
 
 
 def counterfactual_report(
@@ -254,7 +281,7 @@ def counterfactual_report(
         "data": a_name,
         "counterfactual": b_name,
         "n": n,
-        "flip_rate": _flip_rate(before, after),
+        "flip_rate": flip_rate(before, after),
         "n_flips": int((before != after).sum()),
         "flips": flips,
         "flipped_ids": [data.ids[i] for i in np.flatnonzero(before != after)],

@@ -148,7 +148,7 @@ class ExplanationLoss:
 
     Attributes:
         fn: ``fn(inputs, cfg) -> (N,)`` per-sample loss; ``inputs`` is a
-            :class:`feedbackcam.train.LossInputs` (the forward output, the masks, and lazily the
+            :class:`feedbackcam.objective.LossInputs` (the forward output, the masks, and lazily the
             CAMs, input gradients or a second forward pass), ``cfg`` the ``FeedbackConfig``.
         needs: the feedback mask it learns from: "keep" (the region that matters) or "ignore"
             (a region that must not matter). Samples without that mask add no loss.

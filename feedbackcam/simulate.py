@@ -15,7 +15,7 @@ import copy
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,18 +31,19 @@ from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
 from .distributed import SINGLE, Dist, wrap
 from .evaluate import Evaluation, evaluate
 from .fileio import write_csv, write_json, write_text
+from .objective import FeedbackConfig, check_feedback_kind
 from .selection import drops, run_warnings
 from .self_explaining import SelfExplaining
+from .simulation_data import SimulationData
 from .train import (
+    Batching,
     BestEpoch,
-    FeedbackConfig,
-    check_feedback_kind,
     class_weights,
     epoch_batches,
     make_optimizer,
     place_model,
     progress_bar,
-    train_one_epoch,
+    train_epochs,
 )
 
 log = logging.getLogger(__name__)
@@ -167,21 +168,21 @@ def train_baseline(
     place_model(model, cfg.device)
     optimizer = make_optimizer(model, "adam", cfg.base_lr)
     trained = wrap(model, ctx)
-    data = base.tensors(cfg.device)
-    for epoch in progress_bar(range(cfg.base_epochs), enabled=progress, desc="baseline"):
-        train_one_epoch(
-            trained,
-            data,
-            np.arange(len(base)),
-            optimizer,
-            fb,
-            batch_size=cfg.base_batch_size,
-            generator=generator,
-            device=cfg.device,
-            ctx=ctx,
-            epoch=epoch,
-            seed=cfg.seed,
-        )
+    batching = Batching(cfg.base_batch_size, cfg.device, cfg.seed, ctx)
+    data, everything = base.tensors(cfg.device), np.arange(len(base))
+    progress_label = "baseline" if progress else None
+    train_epochs(
+        trained,
+        data,
+        everything,
+        optimizer,
+        fb,
+        batching,
+        epochs=cfg.base_epochs,
+        generator=generator,
+        first=0,
+        progress=progress_label,
+    )
     return model
 
 
@@ -257,21 +258,11 @@ def fine_tune(
     reference = start.summary()
     best = BestEpoch(model, _score(start, cfg.select_by), start)
     history.append({**stage, "mode": mode, "epoch": 0, **_val_row(start), "eligible": True})
-    bar = progress_bar(range(1, epochs + 1), enabled=progress, desc=mode)
-    for epoch in bar:
-        stats = train_one_epoch(
-            trained,
-            data,
-            train_idx,
-            optimizer,
-            fb,
-            batch_size=cfg.batch_size,
-            generator=generator,
-            device=cfg.device,
-            ctx=ctx,
-            epoch=epoch + stage.get("slice", 0) * 1000,
-            seed=cfg.seed,
-        )
+    # Distributed shuffles are numbered apart per slice: slice k's epoch e is 1000 k + e.
+    offset = stage.get("slice", 0) * 1000
+
+    def after_epoch(number: int, stats: dict) -> None:
+        epoch = number - offset
         ev = validate()
         eligible = cfg.guard_tolerance is None or not drops(
             reference, ev.summary(), cfg.guard_tolerance, per_class=cfg.guard_per_class
@@ -288,84 +279,23 @@ def fine_tune(
             }
         )
         best.offer(model, epoch, _score(ev, cfg.select_by), ev, eligible=eligible)
+
+    batching = Batching(cfg.batch_size, cfg.device, cfg.seed, ctx)
+    train_epochs(
+        trained,
+        data,
+        train_idx,
+        optimizer,
+        fb,
+        batching,
+        epochs=epochs,
+        generator=generator,
+        first=1 + offset,
+        progress=mode if progress else None,
+        after_epoch=after_epoch,
+    )
     best.restore(model)
     return model, best.epoch, best.info
-
-
-@dataclass(frozen=True)
-class SimulationData:
-    """What a simulation runs on.
-
-    Attributes:
-        feedback: the feedback pool, split 80/10/10 by the simulation.
-        base: the base model's training set (None when a trained baseline is given).
-        train_only: bool (N,) over ``feedback``: images the base model has seen (its training
-            or validation data); they stay in feedback-train and never reach val or test.
-        test_override: optional replacement for the test split's images, same ids in the same
-            order as ``feedback`` (SynthDerm draws the test split with a class-independent
-            confounder: the same lesions, the artifact at random).
-        test_groups: named boolean masks over ``feedback`` for subgroup accuracies on test
-            (e.g. images with and without the artifact).
-    """
-
-    feedback: ArrayDataset
-    base: ArrayDataset | None = None
-    train_only: np.ndarray | None = None
-    test_override: ArrayDataset | None = None
-    test_groups: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def with_classes(self, classes: Iterable[str], source: object) -> SimulationData:
-        """Every set's labels re-indexed by ``classes`` (a base model's), matched by name."""
-        classes = tuple(classes)
-
-        def align(ds):
-            return None if ds is None else ds.with_classes(classes, source)
-
-        return replace(
-            self,
-            feedback=align(self.feedback),
-            base=align(self.base),
-            test_override=align(self.test_override),
-        )
-
-
-def prepared_simulation_data(
-    data: ArrayDataset,
-    *,
-    base_fraction: float | None,
-    seen_ids: Iterable[str] = (),
-    seed: int = 0,
-) -> SimulationData:
-    """A simulation's data from one prepared set.
-
-    Args:
-        data: the prepared set.
-        base_fraction: the stratified share of ``data`` that trains the baseline (the rest is
-            the feedback pool); None when a trained base model is given instead.
-        seen_ids: ids the base model has seen (its checkpoint's record, or another prepared
-            set given with ``--overlap``): they stay in feedback-train only.
-        seed: seeds the base/feedback split.
-    """
-    seen = set(seen_ids)
-    train_only = np.array([i in seen for i in data.ids], bool) if seen else None
-    if base_fraction is None:
-        return SimulationData(feedback=data, train_only=train_only)
-    f = base_fraction
-    if not 0 < f < 1:
-        raise ValueError(f"base_fraction: expected a value in (0, 1), got {f}")
-    parts = split_feedback(data.labels, seed=seed, fractions=(1 - f, f / 2, f / 2))
-    base_idx = np.concatenate([parts.val, parts.test])
-    return SimulationData(
-        feedback=data.subset(parts.train),
-        base=data.subset(base_idx),
-        train_only=None if train_only is None else train_only[parts.train],
-    )
-
-
-def seen_ids_of(payload: dict[str, Any]) -> tuple[str, ...]:
-    """The ids a checkpoint's model was trained or selected on (``trained_on`` in its config)."""
-    trained_on = (payload.get("config") or {}).get("trained_on") or {}
-    return tuple(trained_on.get("train", ())) + tuple(trained_on.get("val", ()))
 
 
 def _test_summary(model, test: ArrayDataset, groups: dict[str, np.ndarray], cfg, method) -> dict:
@@ -396,8 +326,7 @@ def run_simulation(
     Returns the results dict (also written to ``out/results.json``). Distributed (``ctx``),
     every rank computes and only rank 0 writes.
     """
-    out = Path(out)
-    main = ctx.is_main
+    out, main = Path(out), ctx.is_main
     progress = progress and main
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,14 @@
 """One feedback training step, the thesis' reference step, and the loops around them.
 
 :func:`feedback_step` is one optimizer step on a batch of (images, labels, keep masks, ignore
-masks): one forward pass, the CAM through ``torch.autograd.grad``, the combined loss (eq. 4.1),
-backward, step. No copy of the model is made. Batch size 1 (online learning, as the thesis) and
-mini-batches both work. :func:`reference_step` follows the thesis' Algorithm 2 literally (a
-deep-copied "gradient instance" per sample) and exists as a speed baseline and a correctness
-check. :func:`run_steps` and :func:`train_one_epoch` are the one training loop that base
-training, the simulations and the app's updates share; :class:`BestEpoch` keeps the best model.
+masks): the objective of :mod:`feedbackcam.objective` (one forward pass, the CAM through
+``torch.autograd.grad``, the combined loss of eq. 4.1), backward, step. No copy of the model is
+made. Batch size 1 (online learning, as the thesis) and mini-batches both work.
+:func:`reference_step` follows the thesis' Algorithm 2 literally (a deep-copied "gradient
+instance" per sample) and exists as a speed baseline and a correctness check. :func:`run_steps`
+(the steps), :func:`train_one_epoch` (one shuffled pass) and :func:`train_epochs` (the epochs)
+are the one training loop that base training, the simulations, the shortcut benchmark and the
+app's updates share; :class:`BestEpoch` keeps the best model.
 """
 
 from __future__ import annotations
@@ -29,207 +31,10 @@ from . import cam as cams
 from . import losses
 from .data.dataset import FeedbackBatch, TensorData
 from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across
+from .objective import FeedbackConfig, feedback_loss, loss_terms
 from .self_explaining import SelfExplaining, set_batchnorm_eval
 
 log = logging.getLogger(__name__)
-
-EXPLAIN_CLASSES = ("label", "predicted", "all")
-
-
-@dataclass(frozen=True)
-class FeedbackConfig:
-    """How feedback becomes a loss. Defaults reproduce the thesis' combined runs.
-
-    Attributes:
-        lam: lambda of eq. 4.1; 0 = class feedback only, 1 = explanation feedback only.
-        explanation_loss: a key of ``losses.EXPLANATION_LOSSES``: "jaccard" (eq. 3.6), "dice",
-            "energy" (saliency share outside the mask), "rrr" (input-gradient penalty), "mse"
-            (to a non-binary feedback map), and the losses that learn from ignore masks.
-        cam: a key of ``cam.CAM_METHODS`` ("gradcam", "gradcam++"); training, model selection
-            and evaluation all use it.
-        second_order: "detached" (thesis: CAM weights are constants) or "full" (create_graph).
-        threshold: explanation map = saliency >= threshold * max (thesis: 0.5).
-        temperature: of the soft threshold used inside the loss.
-        class_weights: optional cross-entropy weights, one per class.
-        clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
-        freeze_batchnorm: BatchNorm in eval mode during steps (per-sample CAMs; see cam.py).
-        ignore_loss: a loss that learns from ignore masks ("this must not matter"), added to
-            the explanation loss for the samples that carry one; None: ignore masks are unused
-            (unless ``explanation_loss`` itself learns from them). Without ignore feedback in
-            the data it adds nothing, so the thesis' runs are unchanged.
-        ignore_scale: multiplies the ignore loss; None (the default): the loops that own a
-            fine-tuning (``simulate``, the app's updates) calibrate it before their first step
-            so that its gradient equals the class loss's at the start
-            (:func:`feedbackcam.balance.auto_scaled`); a bare :func:`feedback_step` uses 1.
-        explain_classes: whose CAM the explanation loss shapes: "label" (the thesis: the
-            feedback class), "predicted" (the class the model currently gives), or "all" (every
-            class's CAM, losses averaged): the user's region is where the evidence for *any*
-            class should come from, so a shortcut feeding a wrong class is penalised too.
-        precision: "fp32", or "bf16" (autocast for the forward pass and the CAM; losses and
-            the optimizer stay in float32).
-        rrr_scale: multiplies the "rrr" penalty, whose raw size (squared input gradients per
-            pixel) is orders of magnitude below the other losses; Ross et al. weighted it by
-            1000 against cross-entropy for the same reason.
-        loss_scale: multiplies the explanation loss (every one), so that lambda can mean the
-            explanation term's share of the gradient rather than of raw loss sizes; set it with
-            :func:`feedbackcam.balance.calibrate_loss_scale` (the two terms' gradients equal
-            at the start, as Ross et al. advise) instead of hand-tuned constants.
-        auto_scale: let the training loops that own a whole fine-tuning (``simulate``, the
-            app's updates) set ``loss_scale`` before their first step with
-            :func:`feedbackcam.balance.auto_scaled`: the explanation term's gradient then
-            equals the class loss's at the start, and lambda is the explanation share of the
-            gradient (the shortcut benchmark's protocol, docs/shortcuts.md). Off by default:
-            the thesis weighted raw losses.
-    """
-
-    lam: float = 0.3
-    explanation_loss: str = "jaccard"
-    cam: str = "gradcam"
-    second_order: str = "detached"
-    threshold: float = 0.5
-    temperature: float = 0.1
-    class_weights: tuple[float, ...] | None = None
-    clip_grad_norm: float | None = None
-    freeze_batchnorm: bool = True
-    precision: str = "fp32"
-    rrr_scale: float = 1000.0
-    explain_classes: str = "label"
-    loss_scale: float = 1.0
-    ignore_loss: str | None = losses.DEFAULT_IGNORE_LOSS
-    ignore_scale: float | None = None
-    auto_scale: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam: expected a value in [0, 1], got {self.lam!r}")
-        losses.get_loss(self.explanation_loss)  # unknown or unwired: ValueError
-        cams.check_method(self.cam)
-        if self.second_order not in cams.SECOND_ORDER:
-            raise ValueError(
-                f"second_order: expected one of {cams.SECOND_ORDER}, got {self.second_order!r}"
-            )
-        if self.explain_classes not in EXPLAIN_CLASSES:
-            raise ValueError(
-                f"explain_classes: expected one of {EXPLAIN_CLASSES}, got {self.explain_classes!r}"
-            )
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
-        for name in ("loss_scale", "ignore_scale"):
-            value = getattr(self, name)
-            if value is None and name == "ignore_scale":
-                continue
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
-        if self.ignore_loss is not None and losses.get_loss(self.ignore_loss).needs != "ignore":
-            raise ValueError(
-                f"ignore_loss: expected a loss that learns from ignore masks, got "
-                f"{self.ignore_loss!r} (needs {losses.get_loss(self.ignore_loss).needs} masks)"
-            )
-
-
-class LossInputs:
-    """What an explanation loss may use, computed lazily from one forward pass.
-
-    Attributes:
-        model, images, logits (float), activations, labels, cfg: the step's forward pass.
-        keep: (N, H, W) keep masks (the region that matters; zeros where there is none).
-        ignore: (N, H, W) ignore masks (a region that must not matter), or None.
-    """
-
-    def __init__(self, model, out, images: Tensor, batch: FeedbackBatch, cfg: FeedbackConfig):
-        self.model, self.images, self.cfg = model, images, cfg
-        self.logits = out.logits.float()
-        self.activations = out.activations
-        self.labels = batch.labels
-        self.keep = batch.masks
-        self.ignore = batch.ignore
-        self._input_grads: Tensor | None = None
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.images.shape[-2:])
-
-    def targets(self) -> list[Tensor]:
-        """The classes whose CAM the loss shapes (``cfg.explain_classes``)."""
-        if self.cfg.explain_classes == "label":
-            return [self.labels]  # in training the CAM explains the feedback class
-        if self.cfg.explain_classes == "predicted":
-            return [self.logits.detach().argmax(dim=1)]
-        return [torch.full_like(self.labels, c) for c in range(self.logits.shape[1])]
-
-    def saliency(self, targets: Tensor | None = None) -> Tensor:
-        """Input-sized CAM in [0, 1] of ``targets`` (default: the labels), differentiable."""
-        return cams.saliency_maps(
-            self.logits,
-            self.activations,
-            self.labels if targets is None else targets,
-            self.size,
-            method=self.cfg.cam,
-            second_order=self.cfg.second_order,
-        )
-
-    def saliencies(self) -> list[Tensor]:
-        """The saliency of every class in :meth:`targets`."""
-        return [self.saliency(t) for t in self.targets()]
-
-    def raw_cams(self, targets: Tensor) -> list[Tensor]:
-        """Signed class evidence ``sum_k w_k A_k`` per layer (N, h, w), before the ReLU."""
-        return cams.layer_cams(
-            self.logits,
-            self.activations,
-            targets,
-            method=self.cfg.cam,
-            second_order=self.cfg.second_order,
-            rectify=False,
-        )
-
-    def input_gradients(self) -> Tensor:
-        """d/dx sum_k log p_k (N, 3, H, W), in the graph; computed once per step."""
-        if self._input_grads is None:
-            self._input_grads = losses.input_gradients(self.logits, self.images)
-        return self._input_grads
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Logits (float) of a second forward pass, e.g. on counterfactual images."""
-        return self.model(images).logits.float()
-
-
-def present_mask(batch: FeedbackBatch, needs: str) -> Tensor:
-    """Boolean (N,): the sample carries the kind of mask a loss ``needs`` ("keep"/"ignore")."""
-    if needs == "keep":
-        return losses.feedback_present(batch.masks, batch.has_mask)
-    if batch.ignore is None:
-        return torch.zeros_like(batch.has_mask, dtype=torch.bool)
-    return losses.feedback_present(batch.ignore, batch.has_ignore)
-
-
-def check_feedback_kind(cfg: FeedbackConfig, has_keep: bool, has_ignore: bool) -> None:
-    """Refuse a loss that cannot learn from the feedback at hand (``ValueError`` naming what it
-    needs): e.g. an ignore-mask loss on data with only keep masks."""
-    if cfg.lam == 0:
-        return
-    needs = losses.get_loss(cfg.explanation_loss).needs
-    if not {"keep": has_keep, "ignore": has_ignore}[needs]:
-        have = [k for k, v in (("keep", has_keep), ("ignore", has_ignore)) if v] or ["no"]
-        raise ValueError(
-            f"explanation_loss {cfg.explanation_loss!r} needs {needs} masks, but the feedback "
-            f"has {' and '.join(have)} masks"
-        )
-
-
-def explanation_losses(
-    model: SelfExplaining, out, images: Tensor, batch: FeedbackBatch, cfg: FeedbackConfig
-) -> Tensor:
-    """Per-sample explanation loss (N,) of ``cfg.explanation_loss`` for the forward output
-    ``out`` of ``images`` (see ``losses.EXPLANATION_LOSSES``)."""
-    entry = losses.get_loss(cfg.explanation_loss)
-    if entry.needs == "ignore" and batch.ignore is None:
-        raise ValueError(
-            f"explanation_loss {cfg.explanation_loss!r} needs ignore masks; the batch has none"
-        )
-    return entry.fn(LossInputs(model, out, images, batch, cfg), cfg)
 
 
 class _GivenSaliency:
@@ -241,16 +46,6 @@ class _GivenSaliency:
 
     def saliencies(self) -> list[Tensor]:
         return [self._saliency]
-
-
-def _ignore_term(cfg: FeedbackConfig, batch: FeedbackBatch) -> losses.ExplanationLoss | None:
-    """The loss that learns from the batch's ignore masks besides the explanation loss, if
-    ``cfg.ignore_loss`` names one and the batch carries ignore masks."""
-    if cfg.ignore_loss is None or batch.ignore is None:
-        return None
-    if losses.get_loss(cfg.explanation_loss).needs == "ignore":
-        return None  # the explanation loss itself learns from them
-    return losses.get_loss(cfg.ignore_loss)
 
 
 def _prepare(model: nn.Module, cfg: FeedbackConfig) -> None:
@@ -333,31 +128,7 @@ def feedback_step(
         was nothing to learn).
     """
     _prepare(model, cfg)
-    images = batch.images
-    entry = losses.get_loss(cfg.explanation_loss)
-    ignore = _ignore_term(cfg, batch)
-    if cfg.lam > 0 and (entry.input_gradients or (ignore is not None and ignore.input_gradients)):
-        images = images.detach().requires_grad_(True)
-    bf16 = cfg.precision == "bf16"
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(images)
-        logits = out.logits.float()
-        loss_cls = losses.classification_loss(logits, batch.labels, cfg.class_weights)
-        present = present_mask(batch, entry.needs)
-        if ignore is not None:
-            present_ignore = present_mask(batch, "ignore")
-        n_exp = (present | present_ignore).sum() if ignore is not None else present.sum()
-        if cfg.lam > 0:
-            per_sample = explanation_losses(model, out, images, batch, cfg)
-            loss_exp = cfg.loss_scale * losses.masked_mean(per_sample.float(), present)
-            if ignore is not None:
-                inputs = LossInputs(model, out, images, batch, cfg)
-                per_ignore = ignore.fn(inputs, cfg).float()
-                scale = 1.0 if cfg.ignore_scale is None else cfg.ignore_scale
-                loss_exp = loss_exp + scale * losses.masked_mean(per_ignore, present_ignore)
-        else:
-            loss_exp = loss_cls.new_zeros(())
-    loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)
+    loss, loss_cls, loss_exp, n_exp, _ = feedback_loss(model, batch, cfg)
     empty = (n_exp == 0) & (cfg.lam == 1.0)
     if not sync and supports_device_skip(optimizer):
         skip, norm = _finish_step_on_device(model, optimizer, loss, empty, cfg)
@@ -410,7 +181,7 @@ def reference_step(
             f"reference_step implements Algorithm 2 (a CAM vs the keep mask); "
             f"{cfg.explanation_loss!r} is not such a loss"
         )
-    if _ignore_term(cfg, batch) is not None:
+    if len(loss_terms(cfg, batch)) > 1:
         raise ValueError(
             "reference_step implements Algorithm 2, which knows no ignore masks; the batch has "
             f"some and cfg.ignore_loss is {cfg.ignore_loss!r}: set ignore_loss=None"
@@ -582,6 +353,63 @@ def train_one_epoch(
         progress=progress,
     )
     return run_steps(model, batches, optimizer, cfg, device=device, augment=augment, ctx=ctx)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a training loop cuts its epochs into steps: the batch size, the device, the seed of
+    the distributed shuffles, the process group (``ctx``) and an optional augmentation of each
+    batch (applied on the device)."""
+
+    batch_size: int
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    ctx: Dist = SINGLE
+    augment: Callable[[FeedbackBatch], FeedbackBatch] | None = None
+
+
+def train_epochs(
+    model: nn.Module,
+    data: TensorData,
+    indices: np.ndarray,
+    optimizer: torch.optim.Optimizer,
+    cfg: FeedbackConfig,
+    batching: Batching,
+    *,
+    epochs: int,
+    generator: torch.Generator,
+    first: int = 1,
+    progress: str | None = None,
+    batch_progress: bool = False,
+    after_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """The epoch loop every training shares: ``epochs`` passes of :func:`train_one_epoch`,
+    numbered from ``first`` (distributed shuffles depend on the number), each followed by
+    ``after_epoch(epoch, stats)`` (validation, model selection). ``progress`` labels a bar over
+    the epochs, ``batch_progress`` a bar over each epoch's batches. Returns each epoch's stats.
+    """
+    history = []
+    numbers = range(first, first + epochs)
+    for epoch in progress_bar(numbers, enabled=progress is not None, desc=progress or ""):
+        stats = train_one_epoch(
+            model,
+            data,
+            indices,
+            optimizer,
+            cfg,
+            batch_size=batching.batch_size,
+            generator=generator,
+            device=batching.device,
+            augment=batching.augment,
+            progress=f"epoch {epoch}/{first + epochs - 1}" if batch_progress else False,
+            ctx=batching.ctx,
+            epoch=epoch,
+            seed=batching.seed,
+        )
+        if after_epoch is not None:
+            after_epoch(epoch, stats)
+        history.append(stats)
+    return history
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0, wd: float = 0.0):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from feedbackcam.data.dataset import FeedbackBatch
 from feedbackcam.models import small_cnn
-from feedbackcam.train import FeedbackBatch
 
 torch.set_num_threads(2)
 

@@ -8,8 +8,7 @@ from test_isic import make_isic2017, truncate
 from feedbackcam.checkpoint import load_checkpoint
 from feedbackcam.cli import main
 from feedbackcam.data.prepared import load_prepared, save_prepared
-from feedbackcam.data.synth import SynthConfig, make_synthderm
-from feedbackcam.demo import as_array_dataset
+from feedbackcam.data.synth import SynthConfig, as_array_dataset, make_synthderm
 
 
 def test_data_check_lists_problems_with_their_files_and_fails(tmp_path, capsys):

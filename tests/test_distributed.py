@@ -6,9 +6,11 @@ import textwrap
 
 import torch
 
+from feedbackcam.data.dataset import FeedbackBatch
 from feedbackcam.distributed import SINGLE, Dist, local_batch_size, shard_order
 from feedbackcam.models import build_model
-from feedbackcam.train import FeedbackBatch, FeedbackConfig, feedback_step
+from feedbackcam.objective import FeedbackConfig
+from feedbackcam.train import feedback_step
 
 N, SIZE, BATCH, EPOCHS, SEED = 32, 32, 8, 2, 3
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from feedbackcam.data import prepared
+from feedbackcam.data import decode
 from feedbackcam.data.dataset import ArrayDataset
 from feedbackcam.data.prepared import load_prepared, prepare, prepared_sources
 
@@ -158,7 +158,7 @@ def test_second_call_does_no_work(root, tmp_path, monkeypatch):
     def boom(*args):
         raise AssertionError("decoder called")
 
-    monkeypatch.setattr(prepared, "_load_record", boom)
+    monkeypatch.setattr(decode, "load_record", boom)
     assert prepare(root, tmp_path / "p", size=16, progress=False) == out
     assert (out / "images.npy").stat().st_mtime_ns == mtime
     # A changed source file (new mtime) is work again.
@@ -178,7 +178,7 @@ def test_other_settings_replace_the_folder(root, tmp_path):
 
 def interrupt_on_third_call(monkeypatch):
     calls = []
-    real = prepared._load_record
+    real = decode.load_record
 
     def flaky(*args):
         calls.append(1)
@@ -186,7 +186,7 @@ def interrupt_on_third_call(monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(prepared, "_load_record", flaky)
+    monkeypatch.setattr(decode, "load_record", flaky)
     return calls
 
 

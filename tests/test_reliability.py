@@ -30,8 +30,7 @@ from sqlalchemy import func, select
 
 from feedbackcam.checkpoint import ModelSpec, save_checkpoint
 from feedbackcam.cli import main
-from feedbackcam.data.synth import CLASSES, SynthConfig, make_synthderm
-from feedbackcam.demo import as_array_dataset
+from feedbackcam.data.synth import CLASSES, SynthConfig, as_array_dataset, make_synthderm
 from feedbackcam.models import build_model
 from feedbackcam.service import Settings, create_app
 from feedbackcam.service.auth import add_user

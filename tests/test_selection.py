@@ -13,11 +13,11 @@ import torch
 from feedbackcam import simulate
 from feedbackcam.checkpoint import ModelSpec
 from feedbackcam.cli import main
-from feedbackcam.demo import SynthSetup, synth_simulation_data
 from feedbackcam.models import build_model
+from feedbackcam.objective import FeedbackConfig
 from feedbackcam.selection import drops, run_warnings
 from feedbackcam.simulate import SimulationConfig
-from feedbackcam.train import FeedbackConfig
+from feedbackcam.simulation_data import SynthSetup, synth_simulation_data
 
 SPEC = ModelSpec("small_cnn", ("NV", "MEL", "BKL"), ("features.relu4",), 32, {"width": 8})
 
@@ -25,8 +25,7 @@ SPEC = ModelSpec("small_cnn", ("NV", "MEL", "BKL"), ("features.relu4",), 32, {"w
 @pytest.fixture
 def prepared_synth(tmp_path):
     from feedbackcam.data.prepared import save_prepared
-    from feedbackcam.data.synth import SynthConfig, make_synthderm
-    from feedbackcam.demo import as_array_dataset
+    from feedbackcam.data.synth import SynthConfig, as_array_dataset, make_synthderm
 
     ds = as_array_dataset(make_synthderm(SynthConfig(n=150, size=32, seed=3)))
     return save_prepared(ds, tmp_path / "synth-prepared")

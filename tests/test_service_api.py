@@ -24,8 +24,7 @@ from sqlalchemy import func, select
 import feedbackcam.train as train_module
 from feedbackcam.checkpoint import ModelSpec, save_checkpoint
 from feedbackcam.cli import main
-from feedbackcam.data.synth import CLASSES, SynthConfig, make_synthderm
-from feedbackcam.demo import as_array_dataset
+from feedbackcam.data.synth import CLASSES, SynthConfig, as_array_dataset, make_synthderm
 from feedbackcam.models import build_model
 from feedbackcam.service import Settings, create_app
 from feedbackcam.service import worker as worker_module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,12 +11,14 @@ import torch
 
 from feedbackcam import counterfactual as cf
 from feedbackcam.data.artifacts import paste_bandaid, paste_bandaids
-from feedbackcam.data.dataset import FeedbackBatch
+from feedbackcam.data.dataset import ArrayDataset, FeedbackBatch
 from feedbackcam.data.decoy import add_decoys, decoy_value, make_decoy_mnist
+from feedbackcam.evaluate import flip_rate
 from feedbackcam.losses import EXPLANATION_LOSSES
 from feedbackcam.models import small_cnn
-from feedbackcam.shortcut_metrics import flip_rate, wrong_reason_score
-from feedbackcam.train import FeedbackConfig, feedback_step
+from feedbackcam.objective import FeedbackConfig
+from feedbackcam.shortcuts.metrics import wrong_reason_score
+from feedbackcam.train import feedback_step
 
 
 def fake_digits(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -276,37 +279,57 @@ def test_calibrated_scale_equalises_the_two_gradients():
     assert float(norms[1]) == pytest.approx(float(norms[0]), rel=1e-4)
 
 
+def _tiny_pool(labels, size=8, ignore=None) -> ArrayDataset:
+    n = len(labels)
+    rng = np.random.default_rng(0)
+    return ArrayDataset(
+        images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        masks=np.ones((n, size, size), np.uint8),
+        labels=np.asarray(labels, np.int64),
+        has_mask=np.ones(n, bool),
+        ids=tuple(str(i) for i in range(n)),
+        classes=("a", "b", "c", "d")[: max(labels) + 1],
+        ignore=ignore,
+        has_ignore=None if ignore is None else np.ones(n, bool),
+    )
+
+
 def test_images_without_feedback_carry_no_ignore_mask():
     """The efficiency runs give masks on a share of the images: the others' masks must not
     reach the counterfactual losses (which fill and move every marked region in the batch)."""
-    from feedbackcam.shortcuts import Pool, _feedback_batch
+    from feedbackcam.shortcuts.data import ShortcutData
 
     n = 4
-    masks = torch.ones(n, 8, 8)
-    pool = Pool(torch.rand(n, 3, 8, 8), torch.arange(n), torch.ones(n, 8, 8), {"ignore": masks})
-    given = torch.tensor([True, False, True, False])
-    b = _feedback_batch(pool, torch.arange(n), "ignore", given)
+    pool = _tiny_pool(range(n), ignore=np.ones((n, 8, 8), np.uint8))
+    random = np.zeros((n, 8, 8), np.uint8)
+    random[:, :2, :2] = 1
+    data = ShortcutData(pool, pool, pool, pool, {"random": random}, None, None)
+    given = np.array([True, False, True, False])
+    b = data.pool_with("ignore", given).tensors().batch(torch.arange(n))
     assert b.ignore.flatten(1).amax(1).tolist() == [1.0, 0.0, 1.0, 0.0]
-    assert torch.equal(b.has_ignore, given)
+    assert b.has_ignore.tolist() == given.tolist()
+    control = data.pool_with("random", given)
+    assert control.ignore.sum(axis=(1, 2)).tolist() == [4, 0, 4, 0]
 
 
 def test_class_weighted_fine_tuning_weights_by_the_pools_class_frequencies(monkeypatch):
-    import feedbackcam.shortcuts as sc
+    import feedbackcam.train as train_module
+    from feedbackcam.shortcuts import Schedule, fine_tune
 
     seen = []
-    monkeypatch.setattr(sc, "feedback_step", lambda m, b, o, cfg: seen.append(cfg.class_weights))
-    n = 4
-    pool = sc.Pool(
-        torch.rand(n, 3, 16, 16),
-        torch.tensor([0, 0, 0, 1]),
-        torch.ones(n, 16, 16),
-        {"ignore": torch.zeros(n, 16, 16)},
-    )
-    sched = sc.Schedule(epochs=1, batch=4)
+    real = train_module.feedback_step
+
+    def recording(model, batch, opt, cfg, **kw):
+        seen.append(cfg.class_weights)
+        return real(model, batch, opt, cfg, **kw)
+
+    monkeypatch.setattr(train_module, "feedback_step", recording)
+    pool = _tiny_pool([0, 0, 0, 1], size=16, ignore=np.zeros((4, 16, 16), np.uint8))
+    sched = Schedule(epochs=1, batch=4)
     for weighted, expected in ((True, (4 / 6, 2.0)), (False, None)):
         seen.clear()
         model = small_cnn(num_classes=2, width=4)
-        sc.fine_tune(model, pool, sched, "class", 0.0, 0, class_weighted=weighted)
+        fine_tune(model, pool, sched, "class", 0.0, 0, class_weighted=weighted)
         assert seen == [pytest.approx(expected) if expected else None]
 
 
@@ -406,7 +429,8 @@ def test_ignore_feedback_is_learnt_by_default_with_a_calibrated_scale():
 
 def test_average_sensitivity_catches_a_classifier_that_moves_to_one_class():
     from feedbackcam.models import SelfExplaining
-    from feedbackcam.shortcut_metrics import ShortcutEval, shortcut_scores
+    from feedbackcam.shortcuts.data import ShortcutEval
+    from feedbackcam.shortcuts.metrics import shortcut_scores
 
     # a model that always says class 1: a 1x1 conv with zero weights and a bias
     net = torch.nn.Sequential()
@@ -417,9 +441,8 @@ def test_average_sensitivity_catches_a_classifier_that_moves_to_one_class():
     with torch.no_grad():
         net.features.weight.zero_()
         net.features.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
-    labels = torch.tensor([0, 0, 0, 0, 1, 2])  # skewed: 4 of class 0
-    x = torch.rand(6, 3, 8, 8)
-    ev = ShortcutEval(x, x, labels, torch.zeros(6, 8, 8), torch.zeros(6, dtype=torch.bool))
+    data = _tiny_pool([0, 0, 0, 0, 1, 2], ignore=np.zeros((6, 8, 8), np.uint8))  # 4 of class 0
+    ev = ShortcutEval(data, data.images, np.zeros(6, bool))
     s = shortcut_scores(model, ev)
     assert s.acc == pytest.approx(1 / 6)
     assert s.avg_sens == pytest.approx(1 / 3)
@@ -492,8 +515,8 @@ def test_default_rule_refuses_a_loss_that_loses_a_class_on_any_data_set():
     assert choose_default(rows[:2], ("sharp",))[0] is None
 
 
-def test_choose_default_command_reads_every_benchmark_folder(tmp_path):
-    from feedbackcam.shortcuts import main
+def test_choose_default_command_reads_every_benchmark_folder(tmp_path, capsys):
+    from feedbackcam.cli import main
 
     for ds, transplant_sens in (("a", 0.8), ("b", 0.4)):
         (tmp_path / ds).mkdir()
@@ -507,34 +530,45 @@ def test_choose_default_command_reads_every_benchmark_folder(tmp_path):
     (tmp_path / "w" / "config.json").write_text(json.dumps({"class_weighted": True}))
     rows = [_main_row("b", "baseline", 0.7, 0.6), _main_row("b", "invariance_balanced", 0.05, 0.1)]
     (tmp_path / "w" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    main([str(tmp_path), "--choose-default"])
+    assert main(["shortcuts", str(tmp_path), "--choose-default"]) == 0
     text = (tmp_path / "default.md").read_text()
     assert "Default by this rule: **invariance_balanced**" in text
     assert "| b | invariance_transplant | 0.010 | 0.4000 | 0.5500 | no |" in text
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "a"), "--choose-default"])
+    assert main(["shortcuts", str(tmp_path / "a"), "--choose-default"]) == 2
+    assert "no */runs.jsonl to choose from" in capsys.readouterr().err
 
 
 def test_isic_bandaid_data_confounds_training_and_not_test(tmp_path):
     """The ISIC benchmark's data: band-aids on most MEL of the training splits, on about half
     of every class at test; the clean twin is the untouched image; masks are the patches."""
-    from feedbackcam.shortcuts import BenchConfig, isic_data
+    from feedbackcam.shortcuts import BenchConfig
+    from feedbackcam.shortcuts.data import isic_data
 
-    _fake_isic2017(tmp_path, (40, 40, 40), size=64)
-    cfg = BenchConfig(isic_root=str(tmp_path), isic_size=64, isic_split=(0.25, 0.25, 0.25, 0.25))
-    d = isic_data(0, cfg)
+    root = tmp_path / "isic"
+    _fake_isic2017(root, (40, 40, 40), size=64)
+    cfg = BenchConfig(
+        datasets=("isic-bandaid",),
+        isic_root=str(root),
+        isic_size=64,
+        isic_split=(0.25, 0.25, 0.25, 0.25),
+    )
+    d = isic_data(0, cfg, tmp_path / "cache")
+    assert (tmp_path / "cache" / "meta.json").exists()  # decoded once, through `prepare`
     mel = d.classes.index("MEL")
-    patched = d.pool.masks["ignore"].flatten(1).amax(1) > 0
-    on_mel = patched[d.pool.labels == mel].float().mean()
-    on_other = patched[d.pool.labels != mel].float().mean()
+    patched = d.pool.ignore.reshape(len(d.pool), -1).max(1) > 0
+    on_mel = patched[d.pool.labels == mel].mean()
+    on_other = patched[d.pool.labels != mel].mean()
     assert on_mel > 0.7 and on_other < 0.3
     test_patched = d.test.confounder.flatten(1).amax(1) > 0
     assert 0.2 < test_patched.float().mean() < 0.8
-    changed = (d.test.images != d.test.clean).flatten(1).any(1)
+    changed = (d.test.images != d.test.clean_images).flatten(1).any(1)
     assert torch.equal(changed, test_patched)  # only the pasted images differ from their twin
-    assert torch.equal(d.test.misleads, test_patched != (d.test.labels == mel))
-    again = isic_data(0, cfg)
-    assert torch.equal(again.pool.images, d.pool.images)  # seeded
+    assert np.array_equal(d.test.misleads, test_patched.numpy() != (d.test.data.labels == mel))
+    again = isic_data(0, cfg, tmp_path / "cache")
+    assert np.array_equal(again.pool.images, d.pool.images)  # seeded
+    assert np.array_equal(d.clean_pool.masks, d.pool.masks)  # keep masks: the lesion
+    prepared = isic_data(0, replace(cfg, isic_root=str(tmp_path / "cache")), tmp_path / "x")
+    assert np.array_equal(prepared.pool.images, d.pool.images)  # a prepared folder as it is
 
 
 def test_the_apps_updates_learn_from_ignore_masks_at_a_calibrated_scale():
@@ -542,15 +576,15 @@ def test_the_apps_updates_learn_from_ignore_masks_at_a_calibrated_scale():
     on the update's own first batches; items without one leave it out (scale 1)."""
     from dataclasses import replace
 
-    from feedbackcam.data.synth import SynthConfig, make_synthderm
-    from feedbackcam.demo import as_array_dataset
+    from feedbackcam.data.synth import SynthConfig, as_array_dataset, make_synthderm
     from feedbackcam.service.update import UpdateConfig, fine_tune, plan_replay
 
     ds = as_array_dataset(
         make_synthderm(SynthConfig(n=12, size=32, seed=0, confounder="patch", confounder_rate=1))
     )
     assert ds.has_ignore.any()
-    cfg = UpdateConfig(steps=2, batch_size=4, replay_per_class=0, lr=1e-3, lam=0.3, tolerance=0)
+    fb = FeedbackConfig(lam=0.3)
+    cfg = UpdateConfig(steps=2, batch_size=4, replay_per_class=0, lr=1e-3, feedback=fb, tolerance=0)
     plan = plan_replay(ds.labels, cfg.steps, 0, np.random.default_rng(0))
     torch.manual_seed(0)
     model = small_cnn(num_classes=3, width=8)

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+import feedbackcam.train as train_module
 from feedbackcam import simulate
 from feedbackcam.checkpoint import ModelSpec, load_checkpoint
-from feedbackcam.demo import SynthSetup, synth_simulation_data
 from feedbackcam.models import build_model
 from feedbackcam.simulate import SimulationConfig, run_simulation
+from feedbackcam.simulation_data import SynthSetup, synth_simulation_data
 
 SPEC = ModelSpec("small_cnn", ("NV", "MEL", "BKL"), ("features.relu4",), 32, {"width": 8})
 RUN_KEYS = {"accuracy", "avg_sensitivity", "sensitivity", "jaccard_mean", "jaccard_sd", "n_test"}
@@ -126,14 +127,14 @@ def test_best_epoch_is_chosen_by_validation_and_its_weights_are_returned(
         simulate, "evaluate", lambda *a, **k: _FakeEval(next(jaccards), next(accuracies))
     )
     snapshots = []
-    real_epoch = simulate.train_one_epoch
+    real_epoch = train_module.train_one_epoch
 
     def recording_epoch(model, *args, **kwargs):
         stats = real_epoch(model, *args, **kwargs)
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return stats
 
-    monkeypatch.setattr(simulate, "train_one_epoch", recording_epoch)
+    monkeypatch.setattr(train_module, "train_one_epoch", recording_epoch)  # train_epochs calls it
     cfg = _cfg(select_by=select_by)
     history = []
     model, best_epoch, _ = simulate.fine_tune(
@@ -189,7 +190,7 @@ def test_ignore_feedback_trains_with_calibrated_scales_and_they_are_recorded(tmp
     shortcut benchmark learns from them, at a scale calibrated before the first step; the
     scales reach results.json, history.csv and the checkpoint's config. Without ignore masks
     (the thesis' data) the ignore term stays out and its scale is 1."""
-    from feedbackcam.train import FeedbackConfig
+    from feedbackcam.objective import FeedbackConfig
 
     cfg = _cfg(modes=("combined",), feedback=FeedbackConfig(lam=0.5, auto_scale=True))
     results = run_simulation(

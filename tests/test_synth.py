@@ -97,7 +97,7 @@ def test_artifact_never_touches_lesion(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["patch", "ruler"])
 def test_artifact_is_clipped_when_no_placement_fits(kind: str) -> None:
-    from feedbackcam.data.synth import _artifact, _canvas
+    from feedbackcam.data.synth_render import _artifact, _canvas
 
     cv = _canvas(48)
     # A lesion that leaves only the top-left corner free forces the fallback placement.

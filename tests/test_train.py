@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from feedbackcam import cam
+from feedbackcam.data.dataset import FeedbackBatch
 from feedbackcam.losses import EXPLANATION_LOSSES
 from feedbackcam.models import small_cnn
-from feedbackcam.train import FeedbackBatch, FeedbackConfig, feedback_step, reference_step
+from feedbackcam.objective import FeedbackConfig
+from feedbackcam.train import feedback_step, reference_step
 
 
 def _batch(n=4, size=32, seed=0, ignore=False):

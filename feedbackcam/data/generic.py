@@ -32,25 +32,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .records import (
-    CLASSES_3,
-    CLASSES_2019,
-    DUPLICATE_ID,
-    IMAGE_WITHOUT_LABEL,
-    IMAGE_WITHOUT_MASK,
-    LABEL_WITHOUT_IMAGE,
-    MASK_WITHOUT_IMAGE,
-    MISSING_GROUND_TRUTH,
-    UNEXPECTED_FILE,
-    UNKNOWN_LABEL_FORMAT,
-    UNUSABLE_LABEL,
-    LabelTable,
-    Problems,
-    ReadResult,
-    Record,
-    check_root,
-    read_csv,
-)
+from . import records as rec
+from .records import LabelTable, Problems, ReadResult, Record, check_root, read_csv
 
 __all__ = [
     "ID_COLUMNS",
@@ -68,7 +51,7 @@ LABEL_COLUMNS = ("label", "class", "dx", "diagnosis", "target")
 UNKNOWN_CLASS = "unknown class"
 
 # Lower-case spellings of the ISIC class names (HAM10000's dx column) -> the ISIC name.
-_ISIC_NAMES = {c.lower(): c for c in CLASSES_2019} | {"akiec": "AK"}
+_ISIC_NAMES = {c.lower(): c for c in rec.CLASSES_2019} | {"akiec": "AK"}
 _MASK_SUFFIX = re.compile(r"^(.+)_(mask|segmentation|ignore)$")
 # Files that sit beside images in a flat folder without being data.
 _SIDE_FILES = (".csv", ".txt", ".md", ".json", ".yaml", ".yml", ".pdf", ".html")
@@ -114,7 +97,7 @@ def _scan(root: Path, problems: Problems):
     for path in _files(folder, root):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             if folder != root or path.suffix.lower() not in _SIDE_FILES:
-                problems.add(path, None, UNEXPECTED_FILE, "not a JPEG or PNG image", "warning")
+                problems.add(path, None, rec.UNEXPECTED_FILE, "not a JPEG or PNG image", "warning")
             continue
         m = _MASK_SUFFIX.match(path.stem)
         if m:  # <id>_mask.png beside the images is a mask, not an image of its own
@@ -123,7 +106,7 @@ def _scan(root: Path, problems: Problems):
         key = path.stem
         if key in images:
             first = images[key].relative_to(root)
-            problems.add(path, key, DUPLICATE_ID, f"same id as {first}; both left out")
+            problems.add(path, key, rec.DUPLICATE_ID, f"same id as {first}; both left out")
         else:
             images[key] = path
     for name, found in (("masks", masks), ("ignore", ignore)):
@@ -132,7 +115,7 @@ def _scan(root: Path, problems: Problems):
             continue
         for path in _files(sub, sub):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
-                problems.add(path, None, UNEXPECTED_FILE, "not a PNG or JPEG mask", "warning")
+                problems.add(path, None, rec.UNEXPECTED_FILE, "not a PNG or JPEG mask", "warning")
                 continue
             m = _MASK_SUFFIX.match(path.stem)
             found[m.group(1) if m else path.stem].append(path)
@@ -150,7 +133,7 @@ def _find_labels_csv(root: Path, problems: Problems) -> Path | None:
         if csvs
         else "no labels.csv (an id column and a class column); pass --labels"
     )
-    problems.add(root / "labels.csv", None, MISSING_GROUND_TRUTH, why)
+    problems.add(root / "labels.csv", None, rec.MISSING_GROUND_TRUTH, why)
     return None
 
 
@@ -177,7 +160,7 @@ def _infer_classes(names) -> tuple[str, ...]:
     """ISIC class names in the ISIC order (so models trained on ISIC data line up), then the
     rest alphabetically."""
     names = set(names)
-    canonical = CLASSES_3 if names <= set(CLASSES_3) else CLASSES_2019
+    canonical = rec.CLASSES_3 if names <= set(rec.CLASSES_3) else rec.CLASSES_2019
     return tuple(c for c in canonical if c in names) + tuple(sorted(names - set(canonical)))
 
 
@@ -204,7 +187,7 @@ def read_generic_labels(path, classes=None) -> tuple[LabelTable, tuple[str, ...]
     try:
         header, rows = read_csv(path)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        problems.add(path, None, UNKNOWN_LABEL_FORMAT, f"cannot read CSV: {exc}")
+        problems.add(path, None, rec.UNKNOWN_LABEL_FORMAT, f"cannot read CSV: {exc}")
         return LabelTable(path, None, {}, {}, tuple(problems)), classes or ()
     id_col = _pick(header, ID_COLUMNS)
     label_col = _pick(header, LABEL_COLUMNS)
@@ -216,32 +199,32 @@ def read_generic_labels(path, classes=None) -> tuple[LabelTable, tuple[str, ...]
             f"header {header[:8]} has no id column ({'/'.join(ID_COLUMNS)}) "
             f"and class column ({'/'.join(LABEL_COLUMNS)}) or one-hot class columns"
         )
-        problems.add(path, None, UNKNOWN_LABEL_FORMAT, msg)
+        problems.add(path, None, rec.UNKNOWN_LABEL_FORMAT, msg)
         return LabelTable(path, None, {}, {}, tuple(problems)), classes or ()
     raw: dict[str, str | None] = {}
     for row in rows:
         key = _strip_image_suffix(row.get(id_col, ""))
         if not key:
-            problems.add(path, None, UNUSABLE_LABEL, f"row without an id in column {id_col!r}")
+            problems.add(path, None, rec.UNUSABLE_LABEL, f"row without an id in column {id_col!r}")
             continue
         if label_col is not None:
             name = _class_name(row[label_col]) if row.get(label_col) else None
             if name is None:
-                problems.add(path, key, UNUSABLE_LABEL, f"empty {label_col!r}")
+                problems.add(path, key, rec.UNUSABLE_LABEL, f"empty {label_col!r}")
         else:
             on = [h for h in hot if float(row[h]) >= 0.5]
             name = _class_name(on[0]) if len(on) == 1 and on[0] != "UNK" else None
             if name is None:
                 why = "labelled UNK (unknown class)" if on == ["UNK"] else f"{len(on)} classes set"
-                problems.add(path, key, UNUSABLE_LABEL, f"one-hot row: {why}")
+                problems.add(path, key, rec.UNUSABLE_LABEL, f"one-hot row: {why}")
         if key not in raw:
             raw[key] = name
         elif raw[key] != name:
             msg = f"listed twice with different labels ({raw[key]}, {name}); label dropped"
-            problems.add(path, key, DUPLICATE_ID, msg)
+            problems.add(path, key, rec.DUPLICATE_ID, msg)
             raw[key] = None
         else:
-            problems.add(path, key, DUPLICATE_ID, "listed twice", "warning")
+            problems.add(path, key, rec.DUPLICATE_ID, "listed twice", "warning")
     if classes is None:
         found = (
             [_class_name(h) for h in hot if h != "UNK"]
@@ -282,7 +265,7 @@ def read_generic(root, labels_csv=None, *, classes=None) -> ReadResult:
     images, masks, ignore = _scan(root, problems)
     if not images:
         where = root / "images" if (root / "images").is_dir() else root
-        problems.add(where, None, MISSING_GROUND_TRUTH, "no JPEG or PNG image found")
+        problems.add(where, None, rec.MISSING_GROUND_TRUTH, "no JPEG or PNG image found")
     label_file = Path(labels_csv) if labels_csv is not None else _find_labels_csv(root, problems)
     labels: dict[str, str | None] = {}
     if label_file is not None:
@@ -294,20 +277,22 @@ def read_generic(root, labels_csv=None, *, classes=None) -> ReadResult:
     for found, what in ((masks, "mask"), (ignore, "ignore mask")):
         for key in sorted(found.keys() - images.keys()):
             msg = f"no image {key}.jpg/.png for this {what}"
-            problems.add(found[key][0], key, MASK_WITHOUT_IMAGE, msg, "warning")
+            problems.add(found[key][0], key, rec.MASK_WITHOUT_IMAGE, msg, "warning")
     unmasked = sorted(images.keys() - masks.keys())
     if masks and unmasked:
         # Masks are optional here, so one line, not one per image.
         msg = f"{len(unmasked)} image(s) have no keep mask (e.g. {', '.join(unmasked[:3])})"
-        problems.add(None, None, IMAGE_WITHOUT_MASK, msg, "warning")
+        problems.add(None, None, rec.IMAGE_WITHOUT_MASK, msg, "warning")
     records = []
     for key, image in images.items():
         if label_file is not None and key not in labels:
-            problems.add(image, key, IMAGE_WITHOUT_LABEL, f"no row for it in {label_file.name}")
+            problems.add(image, key, rec.IMAGE_WITHOUT_LABEL, f"no row for it in {label_file.name}")
         keep, drop = tuple(masks.get(key, ())), tuple(ignore.get(key, ()))
         records.append(Record(key, image, labels.get(key), keep, "generic", drop))
     for key in sorted(labels.keys() - images.keys()):
-        problems.add(label_file, key, LABEL_WITHOUT_IMAGE, f"no image file {key}.jpg/.jpeg/.png")
+        problems.add(
+            label_file, key, rec.LABEL_WITHOUT_IMAGE, f"no image file {key}.jpg/.jpeg/.png"
+        )
     return ReadResult(
         tuple(records),
         tuple(classes or ()),

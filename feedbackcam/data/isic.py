@@ -238,6 +238,19 @@ def _parse_labels(path: Path, classes: tuple[str, ...], formats: Sequence[str]) 
     return LabelTable(path, fmt, table, reasons, tuple(problems))
 
 
+def _ground_truth(
+    path: Path, classes: tuple[str, ...], fmt: str, problems: Problems, missing: str
+) -> dict[str, str | None]:
+    """id -> class of a layout's own ground-truth CSV (format ``fmt``); its problems, or
+    ``missing`` if there is no such file, added to ``problems``."""
+    if not path.is_file():
+        problems.add(path, None, MISSING_GROUND_TRUTH, missing)
+        return {}
+    table = _parse_labels(path, classes, (fmt,))
+    problems.extend(table.problems)
+    return table.labels
+
+
 def read_labels_csv(path) -> LabelTable:
     """Read a labels CSV for ISIC 2018 Task 2, detecting its format from the header.
 
@@ -292,13 +305,7 @@ def read_isic2019(root) -> ReadResult:
     problems = Problems()
     folder, gt = root / _INPUT_2019, root / _GT_2019
     images = _list_images(folder, problems)
-    labels: dict[str, str | None] = {}
-    if gt.is_file():
-        table = _parse_labels(gt, CLASSES_2019, ("isic2019",))
-        problems.extend(table.problems)
-        labels = table.labels
-    else:
-        problems.add(gt, None, MISSING_GROUND_TRUTH, "ground-truth CSV missing")
+    labels = _ground_truth(gt, CLASSES_2019, "isic2019", problems, "ground-truth CSV missing")
     records = _join(images, labels, {}, "isic2019", gt, problems, orphans=folder.is_dir())
     return ReadResult(tuple(records), CLASSES_2019, tuple(problems), "isic2019", root, (gt,))
 
@@ -417,13 +424,7 @@ def read_isic2017(root, *, splits: Sequence[str] = ISIC2017_SPLITS) -> ReadResul
         seen.update(images)
         gt_csv = root / f"{prefix}_Part3_GroundTruth.csv"
         label_files.append(gt_csv)
-        labels: dict[str, str | None] = {}
-        if gt_csv.is_file():
-            table = _parse_labels(gt_csv, CLASSES_3, ("isic2017",))
-            problems.extend(table.problems)
-            labels = table.labels
-        else:
-            problems.add(gt_csv, None, MISSING_GROUND_TRUTH, "Part 3 CSV missing")
+        labels = _ground_truth(gt_csv, CLASSES_3, "isic2017", problems, "Part 3 CSV missing")
         mask_dir = root / f"{prefix}_Part1_GroundTruth"
         masks: dict[str, tuple[Path, ...]] = {}
         if mask_dir.is_dir():

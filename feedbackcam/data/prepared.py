@@ -31,20 +31,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..fileio import jsonable, write_json
+from . import decode
 from .check import format_problems
 from .dataset import ArrayDataset
 from .layouts import read_dataset
 from .records import (
-    MASK_SIZE_MISMATCH,
-    UNREADABLE_IMAGE,
-    UNREADABLE_MASK,
     Problem,
     ReadResult,
-    Record,
 )
 
 __all__ = [
@@ -60,58 +56,12 @@ __all__ = [
 
 FORMAT = "feedbackcam-prepared"
 VERSION = 1
-RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
 INDEX_COLUMNS = ("id", "label", "label_index", "has_mask", "source", "width", "height")
 _META_KEYS = ("format", "version", "classes", "size", "resample", "layout", "counts", "settings")
 # Records decoded per batch of thread work: bounds memory whatever the data set size.
 _CHUNK = 256
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-def _union_mask(paths, record: Record, width: int, height: int, size: int, problems) -> np.ndarray:
-    """The union of mask files, resized to size x size; problems appended to ``problems``."""
-    mask = np.zeros((size, size), np.uint8)
-    for path in paths:
-        try:
-            with Image.open(path) as m:
-                m.load()
-                if m.size != (width, height):
-                    msg = f"mask is {m.size[0]}x{m.size[1]}, image {width}x{height}"
-                    problems.append(Problem(path, record.id, MASK_SIZE_MISMATCH, msg))
-                    continue
-                # > 0, not > 127: official masks are 0/255, but a 0/1 mask must not vanish.
-                binary = (np.asarray(m.convert("L")) > 0).astype(np.uint8)
-        except Exception as exc:
-            msg = f"{type(exc).__name__}: {exc}"
-            problems.append(Problem(path, record.id, UNREADABLE_MASK, msg))
-            continue
-        # Masks are always resized nearest-neighbour so they stay binary.
-        small = Image.fromarray(binary).resize((size, size), Image.Resampling.NEAREST)
-        np.maximum(mask, np.asarray(small), out=mask)
-    return mask
-
-
-def _load_record(record: Record, size: int, resample: str):
-    """Decode one record: ((image, mask, ignore, width, height), []) or (None, problems)."""
-    try:
-        with Image.open(record.image) as im:
-            im.load()  # decode now so a truncated file fails here, not half-way into resize
-            width, height = im.size
-            image = np.asarray(im.convert("RGB").resize((size, size), RESAMPLE[resample]))
-    # Pillow signals a malformed file with many exception types; any means "cannot use it".
-    except Exception as exc:
-        msg = f"{type(exc).__name__}: {exc}"
-        return None, [Problem(record.image, record.id, UNREADABLE_IMAGE, msg)]
-    problems: list[Problem] = []
-    mask = _union_mask(record.masks, record, width, height, size, problems)
-    ignore = _union_mask(record.ignore, record, width, height, size, problems)
-    if problems:
-        return None, problems
-    return (image, mask, ignore, width, height), []
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -170,7 +120,7 @@ def read_prepared_meta(path) -> dict:
     return meta
 
 
-def _is_prepared(folder: Path) -> bool:
+def is_prepared(folder: Path) -> bool:
     """Whether ``folder`` was written by `prepare` (any version), so it may be replaced."""
     try:
         return json.loads((folder / "meta.json").read_text()).get("format") == FORMAT
@@ -265,7 +215,7 @@ def _build(
         for start in range(0, n, _CHUNK):
             chunk = records[start : start + _CHUNK]
             # Looked up at call time (not bound here) so tests can replace the decoder.
-            loaded = pool.map(lambda r: _load_record(r, size, resample), chunk)
+            loaded = pool.map(lambda r: decode.load_record(r, size, resample), chunk)
             for record, (item, found) in zip(chunk, loaded):
                 bar.update()
                 if item is None:
@@ -385,8 +335,10 @@ def prepare(
     """
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
-    if image_resample not in RESAMPLE:
-        raise ValueError(f"image_resample must be one of {tuple(RESAMPLE)}, got {image_resample!r}")
+    if image_resample not in decode.RESAMPLE:
+        raise ValueError(
+            f"image_resample must be one of {tuple(decode.RESAMPLE)}, got {image_resample!r}"
+        )
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a folder path, got {type(out).__name__}")
     out = Path(out).absolute()
@@ -404,7 +356,7 @@ def prepare(
     fingerprint = _fingerprint(result)
     if _is_up_to_date(out, settings, fingerprint):
         return out
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not _is_prepared(out)):
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not is_prepared(out)):
         raise FileExistsError(f"{out}: exists and is not a prepared folder; refusing to replace it")
     if not result.usable():
         errors = [p for p in result.problems if p.severity == "error"]
@@ -566,7 +518,7 @@ def save_prepared(
     prepared-data path end to end.
     """
     out = Path(out)
-    if out.exists() and not _is_prepared(out):
+    if out.exists() and not is_prepared(out):
         raise FileExistsError(f"{out}: exists and is not a prepared folder; not overwriting it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

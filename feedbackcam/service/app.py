@@ -58,7 +58,7 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
-        seen, started = 0, False
+        seen, tracked = 0, errors.TrackedSend(send)
 
         async def limited_receive():
             nonlocal seen
@@ -68,15 +68,10 @@ class BodyLimit:
                 raise _TooLarge
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except _TooLarge:
-            if not started:
+            if not tracked.started:
                 await self._refuse(send)
 
     async def _refuse(self, send) -> None:

@@ -1,4 +1,5 @@
-"""``feedbackcam serve``, ``users`` and ``doctor``: what the command line runs.
+"""``feedbackcam serve``, ``users``, ``worklist``, ``export`` and ``doctor``: their flags and what
+they run (``feedbackcam.cli`` adds :data:`SERVICE_COMMANDS` to its parser).
 
 User errors (a bad checkpoint, a port out of range, a database without its driver) raise
 ``ValueError`` with one line; the CLI prints it without a traceback.
@@ -6,10 +7,13 @@ User errors (a bad checkpoint, a port out of range, a database without its drive
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..options import add_feedback_args, command, feedback_config
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -37,6 +41,11 @@ def preflight(settings: Settings) -> None:
 
 
 def serve(args) -> int:
+    """The interactive feedback app: predict, explain, correct, learn (web page + API).
+
+    Serve a checkpoint with a web page and a JSON API (docs at /docs). Without --model, serves
+    the demo's model, training it first if absent. Updates learn as the feedback flags say
+    (Settings.feedback)."""
     import uvicorn
 
     from .app import create_app
@@ -49,7 +58,7 @@ def serve(args) -> int:
         steps=args.steps,
         replay_per_class=args.replay_per_class,
         lr=args.lr,
-        lam=args.lam,
+        feedback=feedback_config(args),
         tolerance=args.tolerance,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         device=args.device,
@@ -128,6 +137,7 @@ def worklist(args) -> int:
 
 
 def export(args) -> int:
+    """The feedback app's feedback as a dataset (images/, masks/, ignore/, labels.csv)."""
     from .export import export_folder
     from .store import Store
 
@@ -135,3 +145,109 @@ def export(args) -> int:
         n = export_folder(session, Store(settings.data_dir), args.out)
     print(f"{n} feedback item(s) -> {args.out} (images/, masks/, ignore/, labels.csv)")
     return 0
+
+
+# ----------------------------------------------------------------------------- parsers
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return port
+
+
+def add_store_args(p) -> None:
+    """The app's store: ``--data-dir`` and ``--db``, defaults from ``Settings`` (one place)."""
+    d = Settings()
+    p.add_argument("--db", default=d.db_url, help="SQLAlchemy URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", type=Path, default=d.data_dir)
+
+
+def add_serve(sub) -> None:
+    p = command(sub, "serve", serve)
+    d = Settings()
+    p.add_argument("--model", type=Path, default=None, help="a checkpoint (default: the demo's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=8000)
+    add_store_args(p)
+    p.add_argument("--update-every", type=int, default=d.update_every, help="fine-tune after N")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per update")
+    p.add_argument("--replay-per-class", type=int, default=d.replay_per_class)
+    p.add_argument("--lr", type=float, default=d.lr)
+    add_feedback_args(p)  # how an update learns: lambda, losses, CAM (Settings.feedback)
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=d.tolerance,
+        help="largest drop in validation accuracy or average sensitivity a promotion may cost",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20)
+    p.add_argument("--device", default=d.device, help="where the model predicts and learns")
+    p.add_argument(
+        "--low-confidence",
+        type=float,
+        default=d.low_confidence,
+        help="warn below this top probability",
+    )
+    p.add_argument(
+        "--unfamiliar-quantile",
+        type=float,
+        default=d.unfamiliar_quantile,
+        help="warn when an image's energy is above this quantile of the validation set's",
+    )
+
+
+def add_users(sub) -> None:
+    p = sub.add_parser("users", help="users of the feedback app (token sign-in)")
+    usub = p.add_subparsers(dest="users_command", required=True)
+    add = usub.add_parser("add", help="create a user and print their token once")
+    add.add_argument("name")
+    add.add_argument("--role", choices=("viewer", "clinician", "admin"), required=True)
+    add.add_argument("--days", type=float, default=None, help="the token expires after N days")
+    listing = usub.add_parser("list", help="list users, roles and token expiry")
+    revoke = usub.add_parser("revoke", help="revoke a user's token: it signs in no more")
+    revoke.add_argument("name")
+    for q in (add, listing, revoke):
+        add_store_args(q)
+
+    p.set_defaults(func=users)
+
+
+def add_worklist(sub) -> None:
+    p = sub.add_parser("worklist", help="worklists of the feedback app: images to review")
+    wsub = p.add_subparsers(dest="worklist_command", required=True)
+    add = wsub.add_parser("add", help="import a folder's PNG and JPEG images as a worklist")
+    add.add_argument("folder", type=Path)
+    add.add_argument("--name", default=None, help="default: the folder's name")
+    listing = wsub.add_parser("list", help="list worklists and their counts")
+    for q in (add, listing):
+        add_store_args(q)
+
+    p.set_defaults(func=worklist)
+
+
+def add_export(sub) -> None:
+    p = command(sub, "export", export)
+    add_store_args(p)
+    p.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+
+
+def add_doctor(sub) -> None:
+    p = command(sub, "doctor", _doctor)
+    add_store_args(p)
+    p.add_argument("--repair", action="store_true", help="repair what can be repaired safely")
+
+
+def _doctor(args) -> int:
+    """Check the feedback app's data dir and database; --repair what can be repaired.
+
+    Check the database, the current version's checkpoint and its SHA-256, every promoted
+    version, the feedback files and unknown checkpoints. --repair makes the last good version
+    current and tidies files; no feedback is changed."""
+    from .doctor import doctor
+
+    return doctor(args)
+
+
+SERVICE_COMMANDS = (add_serve, add_users, add_worklist, add_export, add_doctor)

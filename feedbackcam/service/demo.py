@@ -15,8 +15,8 @@ import json
 import logging
 from pathlib import Path
 
-from ..data.synth import SynthConfig, make_synthderm
-from ..demo import as_array_dataset, run_demo
+from ..data.synth import SynthConfig, as_array_dataset, make_synthderm
+from ..demo import run_demo
 from ..fileio import write_bytes
 from .datasets import save_npz
 from .uploads import png_bytes

@@ -70,6 +70,18 @@ def install(app: FastAPI) -> None:
     app.add_middleware(CatchAll)
 
 
+class TrackedSend:
+    """An ASGI ``send`` that remembers whether the response has started (after which no other
+    response can be sent in its place)."""
+
+    def __init__(self, send) -> None:
+        self.send, self.started = send, False
+
+    async def __call__(self, message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
+
+
 class CatchAll:
     """Answer a bug with a JSON 500 and keep the connection: Starlette's own error middleware
     re-raises to the server, which then drops the client's keep-alive connection."""
@@ -80,18 +92,12 @@ class CatchAll:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if started:
+            if tracked.started:
                 raise
             response = JSONResponse({"detail": "internal error; it has been logged"}, 500)
             await response(scope, receive, send)

@@ -16,8 +16,6 @@ so a model pixel is in the region exactly when the original pixel it shows is.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 
 import numpy as np
@@ -31,6 +29,7 @@ from .store import Store
 from .uploads import (
     UploadError,
     check_size,
+    decode_base64,
     decode_image,
     decode_mask_rle,
     mask_of,
@@ -134,13 +133,7 @@ def decode_region(
     runs alternating off/on starting with off."""
     shapes = [(size, size)] + ([original[::-1]] if original and original != (size, size) else [])
     if b64 is not None:
-        payload = b64.split(",", 1)[1] if b64.startswith("data:") else b64
-        if len(payload) > max_bytes * 4 // 3 + 4:
-            raise UploadError(413, f"{what}: more than the {max_bytes} bytes allowed")
-        try:
-            png = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise UploadError(422, f"{what}: not base64 ({err})") from err
+        png = decode_base64(b64, what, max_bytes)
     if png is not None:
         check_size(png, what, max_bytes)
         largest = max(h * w for h, w in shapes)

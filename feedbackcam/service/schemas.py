@@ -99,6 +99,11 @@ class UpdateStatus(BaseModel):
     training_items: int | None = Field(description="items the running update learns from")
     last_update: VersionInfo | None
     last_error: str | None
+    learning: dict[str, Any] = Field(
+        default_factory=dict,
+        description="how updates learn (serve's flags): lambda, the explanation loss on keep "
+        "masks, the ignore loss on ignore masks, the CAM",
+    )
 
 
 class Problem(BaseModel):

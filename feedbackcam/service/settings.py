@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..objective import FeedbackConfig
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,10 @@ class Settings:
         batch_size: new items per step (all of them when fewer).
         replay_per_class: earlier feedback items drawn per class into every step.
         lr: Adam learning rate of an update.
-        lam: lambda of the combined loss (eq. 4.1).
+        feedback: how an update turns feedback into a loss: lambda of eq. 4.1, the explanation
+            loss (keep masks), the ignore loss (ignore masks) and the CAM. Its defaults are the
+            library's (``FeedbackConfig``); ``serve --lambda --explanation-loss --ignore-loss
+            --cam ...`` set them, and the versions page shows them.
         tolerance: the gate promotes a candidate unless its validation accuracy or average
             sensitivity falls more than this below the current model's (negative: must improve).
         max_upload_bytes: largest accepted image or mask file.
@@ -47,7 +52,7 @@ class Settings:
     batch_size: int = 8
     replay_per_class: int = 4
     lr: float = 3e-4
-    lam: float = 0.3
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tolerance: float = 0.02
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000
@@ -86,8 +91,8 @@ class Settings:
             )
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr!r}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam: expected a value in [0, 1], got {self.lam!r}")
+        if not isinstance(self.feedback, FeedbackConfig):
+            raise TypeError(f"feedback: expected a FeedbackConfig, got {self.feedback!r}")
         for name in ("low_confidence", "unfamiliar_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a value in [0, 1], got {getattr(self, name)!r}")

@@ -20,9 +20,10 @@ import torch
 from ..balance import auto_scaled
 from ..data.dataset import ArrayDataset, FeedbackBatch
 from ..evaluate import evaluate
+from ..objective import FeedbackConfig
 from ..selection import drops
 from ..self_explaining import SelfExplaining
-from ..train import FeedbackConfig, StopTraining, run_steps
+from ..train import StopTraining, run_steps
 
 
 class Interrupted(Exception):
@@ -37,17 +38,12 @@ class UpdateConfig:
     batch_size: int
     replay_per_class: int
     lr: float
-    lam: float
+    feedback: FeedbackConfig
     tolerance: float
 
     @classmethod
     def from_settings(cls, settings) -> UpdateConfig:
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
-
-    @property
-    def feedback(self) -> FeedbackConfig:
-        """How an update turns feedback into a loss: eq. 4.1 with this lambda."""
-        return FeedbackConfig(lam=self.lam)
 
 
 def plan_replay(

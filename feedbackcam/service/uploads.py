@@ -135,15 +135,21 @@ def mask_of(img: Image.Image) -> np.ndarray:
     return (grey > 127.5).astype(np.uint8)
 
 
-def decode_mask_base64(text: str, size: int, *, max_bytes: int) -> np.ndarray:
-    """A PNG mask as base64 or a ``data:image/png;base64,`` URL (what a canvas exports)."""
+def decode_base64(text: str, what: str, max_bytes: int) -> bytes:
+    """The bytes of base64 text or of a ``data:...;base64,`` URL (what a canvas exports);
+    413 beyond ``max_bytes``, 422 if it is not base64 (``what`` names the field)."""
     payload = text.split(",", 1)[1] if text.startswith("data:") else text
     if len(payload) > max_bytes * 4 // 3 + 4:
-        raise UploadError(413, f"mask_base64: more than the {max_bytes} bytes allowed")
+        raise UploadError(413, f"{what}: more than the {max_bytes} bytes allowed")
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise UploadError(422, f"mask_base64: not base64 ({err})") from err
+        raise UploadError(422, f"{what}: not base64 ({err})") from err
+
+
+def decode_mask_base64(text: str, size: int, *, max_bytes: int) -> np.ndarray:
+    """A PNG mask as base64 or a ``data:image/png;base64,`` URL (what a canvas exports)."""
+    data = decode_base64(text, "mask_base64", max_bytes)
     return decode_mask_png(data, size, max_bytes=max_bytes, what="mask_base64")
 
 

@@ -39,7 +39,14 @@ def _status(runtime, session) -> UpdateStatus:
         training_items=progress["items"] if progress else None,
         last_update=version_info(last, current, session) if last else None,
         last_error=worker.last_error,
+        learning=learning(runtime.settings.feedback),
     )
+
+
+def learning(feedback) -> dict:
+    """What the page shows of how updates learn (``Settings.feedback``)."""
+    keys = ("lam", "explanation_loss", "ignore_loss", "cam")
+    return {k: getattr(feedback, k) for k in keys}
 
 
 @router.get("/update/status", response_model=UpdateStatus)

@@ -903,11 +903,22 @@ async function refreshStatus() {
   bar.textContent = text;
   bar.dataset.phase = status.phase;
   bar.title = last ? `Version ${last.id}: ${last.reason}` : "";
-  if (state.me.role === "admin") $("update-info").textContent = `${status.pending} pending; ${status.message}`;
+  if (state.me.role === "admin") {
+    $("update-info").textContent = `${status.pending} pending; ${status.message}`;
+    $("learning").textContent = learningWords(status.learning);
+  }
   return status;
 }
 
 const fmt = (v) => (typeof v === "number" ? v.toFixed(3) : "–");
+
+// How updates learn (serve's --lambda, --explanation-loss, --ignore-loss, --cam).
+function learningWords(l) {
+  if (!l || l.lam === undefined) return "";
+  return `Updates learn with λ = ${l.lam}: the ${l.explanation_loss} loss on regions marked ` +
+    `"matters", ${l.ignore_loss ? `the ${l.ignore_loss} loss on regions marked "must not matter"` : "no loss on ignore marks"}, ` +
+    `explanations by ${l.cam}.`;
+}
 
 function validationWords(version) {
   const b = version.parent_metrics, a = version.metrics;

@@ -3,10 +3,13 @@
 - accuracy on the confounded test set, on its unconfounded (counterfactual) version, and where
   the confounder points at a wrong class;
 - the counterfactual flip rate: the share of test predictions that change when the confounder is
-  removed (the same image rendered without it);
+  removed (the same image rendered without it; :func:`feedbackcam.evaluate.flip_rate`);
 - the wrong-reason score WR of the typology (Friedrich et al. 2023) for Grad-CAM and for input
   gradients;
-- the mean Jaccard of the thresholded Grad-CAM against a keep mask where there is one.
+- the mean Jaccard of the thresholded Grad-CAM against a keep mask where there is one;
+- per-class sensitivity and AUC, with and without the confounder.
+
+Predictions come from :func:`feedbackcam.evaluate.predict_probs`, as everywhere else.
 """
 
 from __future__ import annotations
@@ -19,17 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cam as cams
-from .metrics import classification_metrics, jaccard_per_image
-from .self_explaining import SelfExplaining
+from .. import cam as cams
+from ..counterfactual import fill_region
+from ..evaluate import flip_rate, predict_probs
+from ..metrics import classification_metrics, jaccard_per_image
+from ..self_explaining import SelfExplaining
+from .data import ShortcutEval
 
-
-def flip_rate(pred_a, pred_b) -> float:
-    """Share of samples whose predicted class differs between two renderings of the test set."""
-    a, b = np.asarray(pred_a).reshape(-1), np.asarray(pred_b).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"pred_a and pred_b: expected equal lengths, got {a.shape} and {b.shape}")
-    return float((a != b).mean()) if len(a) else math.nan
+# Images per forward pass of the metrics (CPU-friendly; the numbers do not depend on it).
+BATCH = 256
 
 
 def wrong_reason_score(attributions, confounder_masks, threshold: float | None = None) -> float:
@@ -61,17 +62,6 @@ def wrong_reason_score(attributions, confounder_masks, threshold: float | None =
     if not has.any():
         return math.nan
     return float((above[has] / size[has]).mean() * 100)
-
-
-@torch.no_grad()
-def predict(model: SelfExplaining, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Class probabilities (N, C) for float images (N, 3, H, W) in [0, 1]."""
-    model.eval()
-    out = [
-        F.softmax(model(images[i : i + batch_size]).logits.float(), 1)
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0)
 
 
 def gradcam_attribution(
@@ -108,27 +98,6 @@ def input_gradient_attribution(
 
 
 @dataclass(frozen=True)
-class ShortcutEval:
-    """What the shortcut metrics need of one test set (float tensors, images in [0, 1]).
-
-    Attributes:
-        images: (N, 3, H, W) test images with their confounder (where they have one).
-        clean: (N, 3, H, W) the same images without the confounder.
-        labels: (N,) true classes.
-        confounder: (N, H, W) the confounder's mask (empty where there is none).
-        misleads: (N,) bool, the confounder points at another class than the label.
-        keep: optional (N, H, W) keep masks for the Jaccard.
-    """
-
-    images: Tensor
-    clean: Tensor
-    labels: Tensor
-    confounder: Tensor
-    misleads: Tensor
-    keep: Tensor | None = None
-
-
-@dataclass(frozen=True)
 class ShortcutScores:
     acc: float
     acc_clean: float
@@ -155,31 +124,50 @@ def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores
     WR is computed over the test images that carry a confounder, with the threshold at the mean
     attribution over those images.
     """
-    probs = predict(model, data.images)
+    images, labels, confounder = data.images, data.labels, data.confounder
+    probs = predict_probs(model, images, batch_size=BATCH)
     pred = probs.argmax(1)
-    probs_clean = predict(model, data.clean)
+    probs_clean = predict_probs(model, data.clean_images, batch_size=BATCH)
     pred_clean = probs_clean.argmax(1)
-    correct = pred == data.labels
+    correct = pred == labels
     names = [str(k) for k in range(probs.shape[1])]
-    scores = classification_metrics(data.labels.numpy(), probs.numpy(), names)
-    clean = classification_metrics(data.labels.numpy(), probs_clean.numpy(), names)
-    has = data.confounder.flatten(1).amax(1) > 0
-    cam = gradcam_attribution(model, data.images)
-    grads = input_gradient_attribution(model, data.images)
-    jac = math.nan
-    if data.keep is not None:
-        jac = jaccard_per_image(cams.hard_threshold(cam).numpy(), data.keep.numpy()).mean
-    mis = data.misleads.bool()
+    scores = classification_metrics(labels.numpy(), probs.numpy(), names)
+    clean = classification_metrics(labels.numpy(), probs_clean.numpy(), names)
+    has = confounder.flatten(1).amax(1) > 0
+    cam = gradcam_attribution(model, images)
+    grads = input_gradient_attribution(model, images)
+    jac = jaccard_per_image(cams.hard_threshold(cam).numpy(), data.data.masks).mean
+    mis = torch.from_numpy(np.asarray(data.misleads, bool))
     return ShortcutScores(
         acc=float(correct.float().mean()),
-        acc_clean=float((pred_clean == data.labels).float().mean()),
+        acc_clean=float((pred_clean == labels).float().mean()),
         acc_misleads=float(correct[mis].float().mean()) if mis.any() else math.nan,
         flip_rate=flip_rate(pred[has], pred_clean[has]),
-        wr_gradcam=wrong_reason_score(cam[has], data.confounder[has]),
-        wr_inputgrad=wrong_reason_score(grads[has], data.confounder[has]),
+        wr_gradcam=wrong_reason_score(cam[has], confounder[has]),
+        wr_inputgrad=wrong_reason_score(grads[has], confounder[has]),
         jaccard=float(jac),
         avg_sens=scores.avg_sensitivity,
         sens=tuple(scores.sensitivity().values()),
         sens_clean=tuple(clean.sensitivity().values()),
         auc_clean=tuple(m.auc for m in clean.per_class.values()),
     )
+
+
+def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
+    """What a user can see on confounded validation data whose confounders they marked:
+    accuracy, and, with each marked region filled by its image's median colour
+    (:func:`~feedbackcam.counterfactual.fill_region`, no oracle render), the average
+    sensitivity and the share of predictions that change (the validation flip rate)."""
+    images, labels, confounder = val.images, val.labels, val.confounder
+    probs = predict_probs(model, images, batch_size=BATCH)
+    pred = probs.argmax(1)
+    filled = predict_probs(model, fill_region(images, confounder), batch_size=BATCH).argmax(1)
+    has = confounder.flatten(1).amax(1) > 0
+    names = [str(k) for k in range(probs.shape[1])]
+    return {
+        "val_acc": float((pred == labels).float().mean()),
+        "val_flip": flip_rate(pred[has], filled[has]),
+        "val_avg_sens_filled": classification_metrics(
+            labels.numpy(), F.one_hot(filled, probs.shape[1]).numpy(), names
+        ).avg_sensitivity,
+    }

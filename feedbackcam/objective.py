@@ -1,0 +1,301 @@
+"""The feedback objective in one place: what a step minimises, and from what.
+
+L = (1 - lambda) L_cls + lambda L_exp (eq. 4.1), where L_exp is a list of *loss terms*, each a
+registered explanation loss (:data:`feedbackcam.losses.EXPLANATION_LOSSES`) averaged over the
+samples that carry the kind of mask it learns from and multiplied by its scale:
+
+- the explanation loss (``FeedbackConfig.explanation_loss``, scale ``loss_scale``): the thesis'
+  Jaccard loss on keep masks by default;
+- the ignore loss (``FeedbackConfig.ignore_loss``, scale ``ignore_scale``), added where the batch
+  carries ignore masks and the explanation loss does not learn from them itself.
+
+:class:`FeedbackConfig` says how feedback becomes a loss, :class:`LossInputs` is what a loss may
+use of one forward pass (the :class:`feedbackcam.losses.LossContext` it is typed against), and
+:func:`feedback_loss` computes every term of one batch. :func:`feedbackcam.train.feedback_step`
+is that loss, backward and an optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import cam as cams
+from . import losses
+from .data.dataset import FeedbackBatch
+from .self_explaining import SelfExplaining
+
+EXPLAIN_CLASSES = ("label", "predicted", "all")
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """How feedback becomes a loss. Defaults reproduce the thesis' combined runs.
+
+    Attributes:
+        lam: lambda of eq. 4.1; 0 = class feedback only, 1 = explanation feedback only.
+        explanation_loss: a key of ``losses.EXPLANATION_LOSSES``: "jaccard" (eq. 3.6), "dice",
+            "energy" (saliency share outside the mask), "rrr" (input-gradient penalty), "mse"
+            (to a non-binary feedback map), and the losses that learn from ignore masks.
+        cam: a key of ``cam.CAM_METHODS`` ("gradcam", "gradcam++"); training, model selection
+            and evaluation all use it.
+        second_order: "detached" (thesis: CAM weights are constants) or "full" (create_graph).
+        threshold: explanation map = saliency >= threshold * max (thesis: 0.5).
+        temperature: of the soft threshold used inside the loss.
+        class_weights: optional cross-entropy weights, one per class.
+        clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
+        freeze_batchnorm: BatchNorm in eval mode during steps (per-sample CAMs; see cam.py).
+        ignore_loss: a loss that learns from ignore masks ("this must not matter"), added to
+            the explanation loss for the samples that carry one; None: ignore masks are unused
+            (unless ``explanation_loss`` itself learns from them). Without ignore feedback in
+            the data it adds nothing, so the thesis' runs are unchanged.
+        ignore_scale: multiplies the ignore loss; None (the default): the loops that own a
+            fine-tuning (``simulate``, the app's updates) calibrate it before their first step
+            so that its gradient equals the class loss's at the start
+            (:func:`feedbackcam.balance.auto_scaled`); a bare :func:`feedback_step` uses 1.
+        explain_classes: whose CAM the explanation loss shapes: "label" (the thesis: the
+            feedback class), "predicted" (the class the model currently gives), or "all" (every
+            class's CAM, losses averaged): the user's region is where the evidence for *any*
+            class should come from, so a shortcut feeding a wrong class is penalised too.
+        precision: "fp32", or "bf16" (autocast for the forward pass and the CAM; losses and
+            the optimizer stay in float32).
+        rrr_scale: multiplies the "rrr" penalty, whose raw size (squared input gradients per
+            pixel) is orders of magnitude below the other losses; Ross et al. weighted it by
+            1000 against cross-entropy for the same reason.
+        loss_scale: multiplies the explanation loss (every one), so that lambda can mean the
+            explanation term's share of the gradient rather than of raw loss sizes; set it with
+            :func:`feedbackcam.balance.calibrate_loss_scale` (the two terms' gradients equal
+            at the start, as Ross et al. advise) instead of hand-tuned constants.
+        auto_scale: let the training loops that own a whole fine-tuning (``simulate``, the
+            app's updates) set ``loss_scale`` before their first step with
+            :func:`feedbackcam.balance.auto_scaled`: the explanation term's gradient then
+            equals the class loss's at the start, and lambda is the explanation share of the
+            gradient (the shortcut benchmark's protocol, docs/shortcuts.md). Off by default:
+            the thesis weighted raw losses.
+    """
+
+    lam: float = 0.3
+    explanation_loss: str = "jaccard"
+    cam: str = "gradcam"
+    second_order: str = "detached"
+    threshold: float = 0.5
+    temperature: float = 0.1
+    class_weights: tuple[float, ...] | None = None
+    clip_grad_norm: float | None = None
+    freeze_batchnorm: bool = True
+    precision: str = "fp32"
+    rrr_scale: float = 1000.0
+    explain_classes: str = "label"
+    loss_scale: float = 1.0
+    ignore_loss: str | None = losses.DEFAULT_IGNORE_LOSS
+    ignore_scale: float | None = None
+    auto_scale: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam: expected a value in [0, 1], got {self.lam!r}")
+        losses.get_loss(self.explanation_loss)  # unknown or unwired: ValueError
+        cams.check_method(self.cam)
+        if self.second_order not in cams.SECOND_ORDER:
+            raise ValueError(
+                f"second_order: expected one of {cams.SECOND_ORDER}, got {self.second_order!r}"
+            )
+        if self.explain_classes not in EXPLAIN_CLASSES:
+            raise ValueError(
+                f"explain_classes: expected one of {EXPLAIN_CLASSES}, got {self.explain_classes!r}"
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
+        for name in ("loss_scale", "ignore_scale"):
+            value = getattr(self, name)
+            if value is None and name == "ignore_scale":
+                continue
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
+        if self.ignore_loss is not None and losses.get_loss(self.ignore_loss).needs != "ignore":
+            raise ValueError(
+                f"ignore_loss: expected a loss that learns from ignore masks, got "
+                f"{self.ignore_loss!r} (needs {losses.get_loss(self.ignore_loss).needs} masks)"
+            )
+
+
+class LossInputs:
+    """What an explanation loss may use, computed lazily from one forward pass.
+
+    Attributes:
+        model, images, logits (float), activations, labels, cfg: the step's forward pass.
+        keep: (N, H, W) keep masks (the region that matters; zeros where there is none).
+        ignore: (N, H, W) ignore masks (a region that must not matter), or None.
+    """
+
+    def __init__(self, model, out, images: Tensor, batch: FeedbackBatch, cfg: FeedbackConfig):
+        self.model, self.images, self.cfg = model, images, cfg
+        self.logits = out.logits.float()
+        self.activations = out.activations
+        self.labels = batch.labels
+        self.keep = batch.masks
+        self.ignore = batch.ignore
+        self._input_grads: Tensor | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[-2:])
+
+    def targets(self) -> list[Tensor]:
+        """The classes whose CAM the loss shapes (``cfg.explain_classes``)."""
+        if self.cfg.explain_classes == "label":
+            return [self.labels]  # in training the CAM explains the feedback class
+        if self.cfg.explain_classes == "predicted":
+            return [self.logits.detach().argmax(dim=1)]
+        return [torch.full_like(self.labels, c) for c in range(self.logits.shape[1])]
+
+    def saliency(self, targets: Tensor | None = None) -> Tensor:
+        """Input-sized CAM in [0, 1] of ``targets`` (default: the labels), differentiable."""
+        return cams.saliency_maps(
+            self.logits,
+            self.activations,
+            self.labels if targets is None else targets,
+            self.size,
+            method=self.cfg.cam,
+            second_order=self.cfg.second_order,
+        )
+
+    def saliencies(self) -> list[Tensor]:
+        """The saliency of every class in :meth:`targets`."""
+        return [self.saliency(t) for t in self.targets()]
+
+    def raw_cams(self, targets: Tensor) -> list[Tensor]:
+        """Signed class evidence ``sum_k w_k A_k`` per layer (N, h, w), before the ReLU."""
+        return cams.layer_cams(
+            self.logits,
+            self.activations,
+            targets,
+            method=self.cfg.cam,
+            second_order=self.cfg.second_order,
+            rectify=False,
+        )
+
+    def input_gradients(self) -> Tensor:
+        """d/dx sum_k log p_k (N, 3, H, W), in the graph; computed once per step."""
+        if self._input_grads is None:
+            self._input_grads = losses.input_gradients(self.logits, self.images)
+        return self._input_grads
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits (float) of a second forward pass, e.g. on counterfactual images."""
+        return self.model(images).logits.float()
+
+
+def present_mask(batch: FeedbackBatch, needs: str) -> Tensor:
+    """Boolean (N,): the sample carries the kind of mask a loss ``needs`` ("keep"/"ignore")."""
+    if needs == "keep":
+        return losses.feedback_present(batch.masks, batch.has_mask)
+    if batch.ignore is None:
+        return torch.zeros_like(batch.has_mask, dtype=torch.bool)
+    return losses.feedback_present(batch.ignore, batch.has_ignore)
+
+
+def check_feedback_kind(cfg: FeedbackConfig, has_keep: bool, has_ignore: bool) -> None:
+    """Refuse a loss that cannot learn from the feedback at hand (``ValueError`` naming what it
+    needs): e.g. an ignore-mask loss on data with only keep masks."""
+    if cfg.lam == 0:
+        return
+    needs = losses.get_loss(cfg.explanation_loss).needs
+    if not {"keep": has_keep, "ignore": has_ignore}[needs]:
+        have = [k for k, v in (("keep", has_keep), ("ignore", has_ignore)) if v] or ["no"]
+        raise ValueError(
+            f"explanation_loss {cfg.explanation_loss!r} needs {needs} masks, but the feedback "
+            f"has {' and '.join(have)} masks"
+        )
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the explanation loss: a registered loss, its name, and its scale."""
+
+    name: str
+    loss: losses.ExplanationLoss
+    scale: float
+
+    @property
+    def needs(self) -> str:
+        return self.loss.needs
+
+
+def loss_terms(cfg: FeedbackConfig, batch: FeedbackBatch) -> list[LossTerm]:
+    """The terms of L_exp for ``batch``: the explanation loss, then the ignore loss where the
+    batch carries ignore masks and the explanation loss does not learn from them itself.
+
+    Raises:
+        ValueError: lambda > 0 and the explanation loss needs ignore masks the batch lacks.
+    """
+    main = losses.get_loss(cfg.explanation_loss)
+    if cfg.lam > 0 and main.needs == "ignore" and batch.ignore is None:
+        raise ValueError(
+            f"explanation_loss {cfg.explanation_loss!r} needs ignore masks; the batch has none"
+        )
+    terms = [LossTerm(cfg.explanation_loss, main, cfg.loss_scale)]
+    if cfg.ignore_loss is not None and batch.ignore is not None and main.needs != "ignore":
+        scale = 1.0 if cfg.ignore_scale is None else cfg.ignore_scale
+        terms.append(LossTerm(cfg.ignore_loss, losses.get_loss(cfg.ignore_loss), scale))
+    return terms
+
+
+class FeedbackLoss(NamedTuple):
+    """The objective of one batch (0-d tensors in the graph where they can be).
+
+    Attributes:
+        loss: (1 - lambda) ``loss_cls`` + lambda ``loss_exp``.
+        loss_cls: the (class-weighted) cross-entropy.
+        loss_exp: the sum of the scaled terms; 0 at lambda 0 (no term is computed).
+        n_exp: samples that carry a mask some term learns from.
+        terms: each term's scaled value by name (empty at lambda 0).
+    """
+
+    loss: Tensor
+    loss_cls: Tensor
+    loss_exp: Tensor
+    n_exp: Tensor
+    terms: dict[str, Tensor]
+
+
+def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConfig) -> FeedbackLoss:
+    """The combined loss of eq. 4.1 on ``batch``: one forward pass (under bf16 autocast if
+    ``cfg.precision`` says so), the cross-entropy, and every :func:`loss_terms` term averaged
+    over the samples that carry its kind of mask (:func:`feedbackcam.losses.masked_mean`).
+
+    The model is used as it is (train or eval mode): :func:`feedbackcam.train.feedback_step`
+    prepares it.
+    """
+    terms = loss_terms(cfg, batch)
+    images = batch.images
+    if cfg.lam > 0 and any(t.loss.input_gradients for t in terms):
+        images = images.detach().requires_grad_(True)
+    bf16 = cfg.precision == "bf16"
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(images)
+        logits = out.logits.float()
+        loss_cls = losses.classification_loss(logits, batch.labels, cfg.class_weights)
+        present = [present_mask(batch, t.needs) for t in terms]
+        n_exp = present[0]
+        for p in present[1:]:
+            n_exp = n_exp | p
+        n_exp = n_exp.sum()
+        values: dict[str, Tensor] = {}
+        if cfg.lam > 0:
+            inputs = LossInputs(model, out, images, batch, cfg)
+            loss_exp = None
+            for term, where in zip(terms, present, strict=True):
+                value = term.scale * losses.masked_mean(term.loss.fn(inputs, cfg).float(), where)
+                values[term.name] = value
+                loss_exp = value if loss_exp is None else loss_exp + value
+        else:
+            loss_exp = loss_cls.new_zeros(())
+    loss = losses.combined_loss(loss_cls, loss_exp, cfg.lam)
+    return FeedbackLoss(loss, loss_cls, loss_exp, n_exp, values)

@@ -1,0 +1,252 @@
+"""Running the shortcut benchmark: for each data set and seed, train a baseline on confounded
+data; fine-tune a copy on the confounded feedback pool with each method (class feedback, or a
+registered explanation loss given the user's ignore or keep masks); train the same network
+without the confounder (the ceiling); score every model (:mod:`.metrics`). Controls replace the
+masks by random, wrong-region or half masks; the efficiency runs give feedback on a share of the
+images. Baselines, ceilings and fine-tunes all train through the project's one loop
+(:func:`feedbackcam.train.train_epochs`).
+
+Protocol: each method gets the same tuning budget (``BenchConfig.lams``, with the explanation
+term scaled so that lambda is its share of the gradient at the start, see
+:func:`~feedbackcam.balance.calibrate_loss_scale`); the setting is chosen on the tuning seed's
+*validation* split by :func:`.rules.choose_lambda`. Test numbers never choose anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..balance import calibrate_loss_scale
+from ..data.dataset import ArrayDataset
+from ..fileio import write_json
+from ..models import build_model
+from ..objective import FeedbackConfig
+from ..self_explaining import SelfExplaining
+from ..train import Batching, class_weights, epoch_batches, make_optimizer, train_epochs
+from .config import CLASS_ONLY, BenchConfig, Schedule, needs_keep_masks
+from .data import ShortcutData, load_data
+from .metrics import shortcut_scores, val_scores
+from .report import write_outputs
+from .rules import choose_lambda
+
+
+def make_model(n_classes: int, sched: Schedule, seed: int) -> SelfExplaining:
+    """The schedule's network, seeded (ImageNet weights for EfficientNet-Lite0, offline)."""
+    torch.manual_seed(seed)
+    weights = "imagenet" if sched.arch == "efficientnet_lite0" else None
+    kwargs = {"width": sched.width} if sched.arch in ("small_cnn", "decoy_cnn") else {}
+    return build_model(sched.arch, n_classes, layers=sched.layer or None, weights=weights, **kwargs)
+
+
+def train_classifier(
+    model: SelfExplaining, data: ArrayDataset, sched: Schedule, seed: int
+) -> SelfExplaining:
+    """Plain cross-entropy training (the baseline and the ceiling), Adam, seeded shuffling;
+    BatchNorm statistics learn the data (as in base training)."""
+    cfg = FeedbackConfig(lam=0.0, freeze_batchnorm=False)
+    opt = make_optimizer(model, "adam", sched.base_lr)
+    g = torch.Generator().manual_seed(seed)
+    everything = np.arange(len(data))
+    batching = Batching(sched.base_batch)
+    train_epochs(
+        model, data.tensors(), everything, opt, cfg, batching, epochs=sched.base_epochs, generator=g
+    )
+    return model
+
+
+def fine_tune(
+    base: SelfExplaining,
+    data: ShortcutData | ArrayDataset,
+    sched: Schedule,
+    method: str,
+    lam: float,
+    seed: int,
+    *,
+    mask_kind: str = "ignore",
+    fraction: float = 1.0,
+    calibration_batches: int = 4,
+    class_weighted: bool = False,
+) -> tuple[SelfExplaining, float]:
+    """Fine-tune a copy of ``base`` on the feedback pool with one method; return it and its
+    loss scale.
+
+    ``data``: a data set's :class:`~.data.ShortcutData` (its pool, with the ``mask_kind`` ignore
+    masks) or a pool of its own. ``fraction`` of the pool's images (a seeded choice) carry the
+    ignore mask; the others are still in the pool with their labels (class feedback only).
+    ``class_weighted``: every cross-entropy (the classification term and the counterfactuals')
+    is weighted by the pool's inverse class frequencies (:func:`feedbackcam.train.class_weights`).
+    """
+    model = copy.deepcopy(base)
+    pool = data.pool if isinstance(data, ShortcutData) else data
+    n = len(pool)
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n, generator=g)[: int(round(fraction * n))]
+    given = np.zeros(n, bool)
+    given[chosen.numpy()] = True
+    if isinstance(data, ShortcutData):
+        pool = data.pool_with(mask_kind, given)
+    elif pool.ignore is not None:
+        pool = replace(pool, ignore=pool.ignore * given[:, None, None], has_ignore=given)
+    loss = "rrr_ignore" if method == CLASS_ONLY else method
+    weights = class_weights(pool.labels, len(pool.classes)) if class_weighted else None
+    cfg = FeedbackConfig(
+        lam=0.0 if method == CLASS_ONLY else lam, explanation_loss=loss, class_weights=weights
+    )
+    tensors = pool.tensors()
+    everything = np.arange(n)
+    scale = 1.0
+    torch.manual_seed(seed)
+    if cfg.lam > 0:
+        batches = epoch_batches(tensors, everything, sched.batch, generator=g)
+        probe = list(itertools.islice(batches, calibration_batches))
+        scale = calibrate_loss_scale(model, probe, cfg)
+        cfg = replace(cfg, loss_scale=scale)
+    opt = make_optimizer(model, "adam", sched.lr)
+    batching = Batching(sched.batch)
+    train_epochs(model, tensors, everything, opt, cfg, batching, epochs=sched.epochs, generator=g)
+    return model, scale
+
+
+def evaluate_row(model: SelfExplaining, data: ShortcutData) -> dict:
+    """The validation scores (what a user can see) and every test metric of one model."""
+    scores = {**val_scores(model, data.val), **shortcut_scores(model, data.test).to_dict()}
+    return {**scores, "classes": list(data.classes)}
+
+
+_KEY = ("dataset", "seed", "phase", "method", "lam", "mask", "fraction")
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in _KEY)
+
+
+def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[dict]:
+    """Run the benchmark; write ``config.json``, ``runs.jsonl`` (one row per run, appended as
+    runs finish, so a rerun resumes), ``runs.csv``, ``summary.md`` and ``efficiency.png``.
+    Returns the rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config.to_dict())
+    with (out / "invocations.jsonl").open("a") as f:  # a resumed run keeps every config
+        f.write(json.dumps({"started": time.strftime("%FT%TZ", time.gmtime()), **config.to_dict()}))
+        f.write("\n")
+    path = out / "runs.jsonl"
+    rows = [json.loads(s) for s in path.read_text().splitlines()] if path.exists() else []
+    done = {_key(r): r for r in rows}
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    def record(row: dict, fn) -> dict:
+        k = _key(row)
+        if k in done:
+            return done[k]
+        started = time.perf_counter()
+        row.update(fn())
+        row["seconds"] = row.get("seconds") or round(time.perf_counter() - started, 1)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[k] = row
+        rows.append(row)
+        log(
+            " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        )
+        return row
+
+    for ds in config.datasets:
+        chosen: dict[str, float] = {}
+        contexts: dict[int, tuple] = {}
+
+        def context(seed: int, ds=ds, contexts=contexts) -> tuple:
+            """Data, schedule, baseline model and baseline row of one seed (built once)."""
+            if seed not in contexts:
+                data, sched = load_data(ds, seed, config, out / "data")
+                model = make_model(len(data.classes), sched, seed)
+                base = train_classifier(model, data.base, sched, seed)
+                row = {"dataset": ds, "seed": seed, "mask": "ignore", "fraction": 1.0}
+                b = record(
+                    {**row, "phase": "main", "method": "baseline", "lam": None},
+                    lambda: evaluate_row(base, data),
+                )
+                contexts[seed] = (data, sched, base, b)
+            return contexts[seed]
+
+        def tuned(seed, method, lam, mask="ignore", fraction=1.0, phase="main", ds=ds):
+            row = {"dataset": ds, "seed": seed, "phase": phase, "method": method, "lam": lam}
+            row = {**row, "mask": mask, "fraction": fraction}
+            if _key(row) in done:  # resuming: no need to train this seed's baseline
+                return done[_key(row)]
+            data, sched, base, _ = context(seed)
+
+            def go():
+                model, scale = fine_tune(
+                    base,
+                    data,
+                    sched,
+                    method,
+                    lam,
+                    seed,
+                    mask_kind=mask,
+                    fraction=fraction,
+                    calibration_batches=config.calibration_batches,
+                    class_weighted=config.class_weighted,
+                )
+                return {"loss_scale": scale, **evaluate_row(model, data)}
+
+            return record(row, go)
+
+        def ceiling(seed):
+            data, sched, _, _ = context(seed)
+            model = make_model(len(data.classes), sched, seed)
+            model = train_classifier(model, data.clean_base, sched, seed)
+            model, _ = fine_tune(
+                model,
+                data.clean_pool,
+                sched,
+                CLASS_ONLY,
+                0.0,
+                seed,
+                class_weighted=config.class_weighted,
+            )
+            return evaluate_row(model, data)
+
+        # The main table first for every seed, then controls, then efficiency: if the run is
+        # cut short, what is missing is the least important.
+        seeds = (config.tune_seed, *[s for s in config.seeds if s != config.tune_seed])
+        for seed in seeds:
+            row = {"dataset": ds, "seed": seed, "mask": "ignore", "fraction": 1.0}
+            b = done.get(_key({**row, "phase": "main", "method": "baseline", "lam": None}))
+            b = b or context(seed)[3]
+            record(
+                {**row, "phase": "main", "method": "no-confounder", "lam": None},
+                lambda seed=seed: ceiling(seed),
+            )
+            for method in config.methods:
+                if method == CLASS_ONLY:
+                    tuned(seed, CLASS_ONLY, 0.0)
+                    continue
+                if method not in chosen:
+                    trials = [tuned(seed, method, lam, phase="tune") for lam in config.lams]
+                    chosen[method] = choose_lambda(trials, b, config.acc_tolerance)
+                    for t in trials:  # the tuning seed's main run is its chosen trial
+                        if t["lam"] == chosen[method]:
+                            record({**t, "phase": "main"}, lambda: {})
+                tuned(seed, method, chosen[method])
+        for seed in [s for s in seeds if s in config.control_seeds]:
+            for method in config.control_methods:
+                for mask in config.controls:
+                    if method in chosen and not needs_keep_masks(method):
+                        tuned(seed, method, chosen[method], mask=mask, phase="control")
+        for seed in [s for s in seeds if s in config.efficiency_seeds]:
+            for method in config.efficiency_methods:
+                for fraction in config.fractions:
+                    if method in chosen and fraction < 1.0:
+                        tuned(seed, method, chosen[method], fraction=fraction, phase="efficiency")
+    write_outputs(rows, out)
+    return rows

@@ -1,0 +1,153 @@
+"""What the shortcut benchmark runs: data sets, methods, controls, schedules.
+
+A *method* is ``"class"`` (class feedback only, lambda 0) or the name of a registered explanation
+loss (:data:`feedbackcam.losses.EXPLANATION_LOSSES`): registering a loss makes it a method here.
+The documented run compares class feedback, every loss that learns from ignore masks, and HINT
+(the typology's keep-mask method), each given the user's masks of the kind it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .. import losses
+
+DATASETS = ("decoy", "synth-patch", "synth-ruler", "isic-bandaid")
+MASK_CONTROLS = ("random", "wrong", "half")
+CLASS_ONLY = "class"
+# Keep-mask losses in the documented run (the typology's HINT); every ignore-mask loss is in it.
+KEEP_METHODS = ("hint",)
+
+
+def methods() -> tuple[str, ...]:
+    """Every method the benchmark can run: class feedback and every registered loss."""
+    return (CLASS_ONLY, *losses.EXPLANATION_LOSSES)
+
+
+def default_methods() -> tuple[str, ...]:
+    """The documented run's methods: class feedback, HINT, and every ignore-mask loss."""
+    ignore = [k for k, v in losses.EXPLANATION_LOSSES.items() if v.needs == "ignore"]
+    keep = [k for k in KEEP_METHODS if k in losses.EXPLANATION_LOSSES]
+    return (CLASS_ONLY, *keep, *ignore)
+
+
+def needs_keep_masks(method: str) -> bool:
+    """The method learns from keep masks (so the ignore-mask controls do not apply to it)."""
+    return method != CLASS_ONLY and losses.get_loss(method).needs == "keep"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Model and training schedule of one data set: ``arch`` (a ``build_model`` name), its
+    width and explanation layer (empty: the architecture's own), the baseline's and the
+    fine-tuning's epochs, learning rate (Adam) and batch size."""
+
+    arch: str = "decoy_cnn"
+    width: int = 16
+    layer: str = "features.relu2"
+    base_epochs: int = 6
+    base_lr: float = 1e-3
+    base_batch: int = 64
+    epochs: int = 3
+    lr: float = 1e-3
+    batch: int = 64
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What the benchmark runs. Defaults are the documented run (docs/shortcuts.md).
+
+    Attributes:
+        datasets, seeds, methods, lams: the main table; ``lams`` is each method's tuning grid,
+            chosen on ``tune_seed``'s validation split (:func:`~.rules.choose_lambda`).
+        controls, control_seeds, control_methods: the mask controls (random, wrong, half).
+        fractions, efficiency_methods, efficiency_seeds: feedback on a share of the images.
+        isic_root: an ISIC 2017 folder (official layout, lesion masks) or a folder prepared from one
+            (``feedbackcam data prepare``) for ``isic-bandaid``; no default (``--isic-root``).
+        isic_size, isic_split: the ISIC images' side and the base / pool / validation / test
+            shares of a seed's stratified split.
+        calibration_batches: batches the loss scale is calibrated on.
+        class_weighted: fine-tunes (and the reference's) weight every cross-entropy by the
+            pool's inverse class frequencies.
+    """
+
+    datasets: tuple[str, ...] = ("decoy",)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    methods: tuple[str, ...] = field(default_factory=default_methods)
+    lams: tuple[float, ...] = (0.5, 0.9)
+    tune_seed: int = 0
+    acc_tolerance: float = 0.05
+    controls: tuple[str, ...] = MASK_CONTROLS
+    control_seeds: tuple[int, ...] = (0, 1, 2)
+    control_methods: tuple[str, ...] = ("rrr_ignore", "invariance_transplant")
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 1.0)
+    efficiency_methods: tuple[str, ...] = ("invariance_transplant",)
+    efficiency_seeds: tuple[int, ...] = (0, 1, 2)
+    decoy_sizes: dict[str, int] = field(
+        default_factory=lambda: {"train": 3000, "val": 1000, "test": 1000}
+    )
+    decoy: Schedule = field(default_factory=Schedule)
+    synth_n: tuple[int, int, int, int] = (900, 900, 300, 600)  # base, pool, val, test
+    synth: Schedule = field(
+        default_factory=lambda: Schedule(
+            arch="small_cnn",
+            width=32,
+            layer="features.relu4",
+            base_epochs=12,
+            base_lr=2e-3,
+            base_batch=32,
+            epochs=8,
+            lr=3e-4,
+            batch=16,
+        )
+    )
+    isic_root: str | None = None
+    isic_size: int = 128
+    isic_split: tuple[float, ...] = (0.4, 0.3, 0.1, 0.2)  # base, pool, val, test
+    isic: Schedule = field(
+        default_factory=lambda: Schedule(
+            arch="efficientnet_lite0",
+            layer="",
+            base_epochs=6,
+            base_lr=3e-4,
+            base_batch=32,
+            epochs=3,
+            lr=3e-4,
+            batch=32,
+        )
+    )
+    calibration_batches: int = 4
+    class_weighted: bool = False
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("datasets", DATASETS),
+            ("methods", methods()),
+            ("control_methods", methods()),
+            ("efficiency_methods", methods()),
+            ("controls", MASK_CONTROLS),
+        ):
+            bad = [v for v in getattr(self, name) if v not in allowed]
+            if bad:
+                raise ValueError(f"{name}: {bad} not in {allowed}")
+        if "isic-bandaid" in self.datasets and not self.isic_root:
+            raise ValueError(
+                "isic-bandaid needs an ISIC 2017 folder (official layout, with the lesion masks) "
+                "or one prepared from it: give --isic-root PATH"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+QUICK = BenchConfig(
+    seeds=(0,),
+    methods=("invariance_transplant",),
+    lams=(0.9,),
+    controls=("random",),
+    control_methods=("invariance_transplant",),
+    fractions=(),
+    decoy_sizes={"train": 500, "val": 200, "test": 300},
+    decoy=Schedule(width=8, base_epochs=5, base_lr=2e-3, epochs=3, batch=50),
+    calibration_batches=2,
+)

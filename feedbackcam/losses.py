@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -142,14 +142,76 @@ def combined_loss(cls_loss: Tensor, exp_loss: Tensor, lam: float) -> Tensor:
 # --------------------------------------------------------------------------- the registry
 
 
+class LossSettings(Protocol):
+    """The settings an explanation loss may read (``feedbackcam.objective.FeedbackConfig``)."""
+
+    @property
+    def threshold(self) -> float: ...  # the explanation map: saliency >= threshold * max
+
+    @property
+    def temperature(self) -> float: ...  # of the soft threshold inside the loss
+
+    @property
+    def rrr_scale(self) -> float: ...
+
+    @property
+    def class_weights(self) -> Sequence[float] | None: ...
+
+
+class LossContext(Protocol):
+    """What an explanation loss may use of one training step; provided lazily by
+    :class:`feedbackcam.objective.LossInputs` (a CAM or input gradients cost only when asked).
+
+    Attributes:
+        images: (N, 3, H, W) the step's images (requiring grad for input-gradient losses).
+        logits: (N, C) float, in the graph.
+        labels: (N,) the feedback classes.
+        keep: (N, H, W) keep masks (zeros where there is none).
+        ignore: (N, H, W) ignore masks (zeros where there is none), or None.
+        cfg: the step's :class:`LossSettings`.
+    """
+
+    images: Tensor
+    logits: Tensor
+    labels: Tensor
+    keep: Tensor
+    ignore: Tensor | None
+
+    @property
+    def cfg(self) -> LossSettings: ...
+
+    def saliency(self, targets: Tensor | None = None) -> Tensor:
+        """Input-sized CAM in [0, 1] of ``targets`` (default: the labels), differentiable."""
+        ...
+
+    def saliencies(self) -> list[Tensor]:
+        """The saliency of every class the loss shapes (``cfg.explain_classes``)."""
+        ...
+
+    def raw_cams(self, targets: Tensor) -> list[Tensor]:
+        """Signed class evidence per explanation layer (N, h, w), before the ReLU."""
+        ...
+
+    def input_gradients(self) -> Tensor:
+        """d/dx sum_k log p_k (N, 3, H, W), in the graph."""
+        ...
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Float logits of a second forward pass (e.g. counterfactual images)."""
+        ...
+
+
+# An explanation loss: per-sample values (N,) from one step's context and settings.
+LossFn = Callable[[LossContext, LossSettings], Tensor]
+
+
 @dataclass(frozen=True)
 class ExplanationLoss:
     """A registered explanation loss.
 
     Attributes:
-        fn: ``fn(inputs, cfg) -> (N,)`` per-sample loss; ``inputs`` is a
-            :class:`feedbackcam.objective.LossInputs` (the forward output, the masks, and lazily the
-            CAMs, input gradients or a second forward pass), ``cfg`` the ``FeedbackConfig``.
+        fn: ``fn(inputs, cfg) -> (N,)`` per-sample loss (a :data:`LossFn`): ``inputs`` is the
+            step's :class:`LossContext`, ``cfg`` its :class:`LossSettings`.
         needs: the feedback mask it learns from: "keep" (the region that matters) or "ignore"
             (a region that must not matter). Samples without that mask add no loss.
         input_gradients: the step must make the images require grad (input-gradient losses).
@@ -158,7 +220,7 @@ class ExplanationLoss:
         summary: one line for ``--help`` and the docs.
     """
 
-    fn: Callable[[Any, Any], Tensor] | None
+    fn: LossFn | None
     needs: str
     input_gradients: bool = False
     saliency_only: bool = False
@@ -172,12 +234,12 @@ EXPLANATION_LOSSES: dict[str, ExplanationLoss] = {}
 
 def register_loss(
     name: str, *, needs: str, input_gradients: bool = False, saliency_only: bool = False
-) -> Callable[[Callable], Callable]:
+) -> Callable[[LossFn], LossFn]:
     """Decorator: register ``fn(inputs, cfg) -> (N,)`` as the explanation loss ``name``."""
     if needs not in MASK_KINDS:
         raise ValueError(f"needs: expected one of {MASK_KINDS}, got {needs!r}")
 
-    def add(fn: Callable) -> Callable:
+    def add(fn: LossFn) -> LossFn:
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         EXPLANATION_LOSSES[name] = ExplanationLoss(
             fn, needs, input_gradients, saliency_only, summary
@@ -201,13 +263,13 @@ def get_loss(name: str) -> ExplanationLoss:
     return entry
 
 
-def _over_targets(inputs, fn: Callable[[Tensor], Tensor]) -> Tensor:
+def _over_targets(inputs: LossContext, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """``fn`` of the saliency of every explained class (``cfg.explain_classes``), averaged."""
     return torch.stack([fn(s.float()) for s in inputs.saliencies()]).mean(dim=0)
 
 
 @register_loss("jaccard", needs="keep", saliency_only=True)
-def _jaccard(inputs, cfg) -> Tensor:
+def _jaccard(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """The thesis' squared soft-Jaccard loss of the soft-thresholded CAM vs the keep mask."""
     return _over_targets(
         inputs,
@@ -216,7 +278,7 @@ def _jaccard(inputs, cfg) -> Tensor:
 
 
 @register_loss("dice", needs="keep", saliency_only=True)
-def _dice(inputs, cfg) -> Tensor:
+def _dice(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Soft Dice loss of the soft-thresholded CAM vs the keep mask."""
     return _over_targets(
         inputs,
@@ -225,19 +287,19 @@ def _dice(inputs, cfg) -> Tensor:
 
 
 @register_loss("energy", needs="keep", saliency_only=True)
-def _energy(inputs, cfg) -> Tensor:
+def _energy(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Share of the CAM's energy outside the keep mask."""
     return _over_targets(inputs, lambda s: outside_energy_loss(s, inputs.keep))
 
 
 @register_loss("mse", needs="keep", saliency_only=True)
-def _mse(inputs, cfg) -> Tensor:
+def _mse(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Mean squared error of the CAM to a (possibly non-binary) keep map."""
     return _over_targets(inputs, lambda s: map_mse_loss(s, inputs.keep))
 
 
 @register_loss("rrr", needs="keep", input_gradients=True)
-def _rrr(inputs, cfg) -> Tensor:
+def _rrr(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Ross et al.'s input-gradient penalty outside the keep mask (times cfg.rrr_scale)."""
     return cfg.rrr_scale * rrr_loss(inputs.input_gradients(), inputs.keep)
 
@@ -251,12 +313,12 @@ DEFAULT_IGNORE_LOSS = "invariance_balanced"
 # the step, so benchmark and app can set lambda as a share of the gradient.
 
 
-def _ce(logits: Tensor, labels: Tensor, cfg) -> Tensor:
+def _ce(logits: Tensor, labels: Tensor, cfg: LossSettings) -> Tensor:
     """Per-sample cross-entropy of a counterfactual, weighted by ``cfg.class_weights`` (the
     fine-tuning's class weights, when it has them) so that the counterfactual terms see the
     same class balance as the classification term."""
     ce = F.cross_entropy(logits, labels, reduction="none")
-    weights = getattr(cfg, "class_weights", None)
+    weights = cfg.class_weights
     if weights is None:
         return ce
     w = torch.as_tensor(weights, dtype=ce.dtype, device=ce.device)
@@ -275,27 +337,27 @@ def _cells(mask: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 @register_loss("rrr_ignore", needs="ignore", input_gradients=True)
-def _rrr_ignore(inputs, cfg) -> Tensor:
+def _rrr_ignore(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Ross et al. 2017 on the ignore region: squared input gradients of sum_k log p_k there."""
     g = inputs.input_gradients()
     return (g.pow(2).sum(1) * inputs.ignore).flatten(1).sum(1)
 
 
 @register_loss("rrr_g", needs="ignore")
-def _rrr_g(inputs, cfg) -> Tensor:
+def _rrr_g(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """The typology's RRR-G: (ignore mask x max-scaled Grad-CAM of the predicted class)^2."""
     pred = inputs.logits.detach().argmax(1)
     return (inputs.ignore * inputs.saliency(pred)).pow(2).flatten(1).mean(1)
 
 
 @register_loss("hint", needs="keep")
-def _hint(inputs, cfg) -> Tensor:
+def _hint(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """HINT as in the typology: MSE between the true class's Grad-CAM and the keep mask."""
     return (inputs.saliency(inputs.labels) - inputs.keep).pow(2).flatten(1).mean(1)
 
 
 @register_loss("counterexample", needs="ignore")
-def _counterexample(inputs, cfg) -> Tensor:
+def _counterexample(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Counterexamples (CE): cross-entropy on the image with its ignore region randomised."""
     from .counterfactual import randomize_region
 
@@ -304,7 +366,7 @@ def _counterexample(inputs, cfg) -> Tensor:
 
 
 @register_loss("signed_evidence", needs="ignore")
-def _signed_evidence(inputs, cfg) -> Tensor:
+def _signed_evidence(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Signed Grad-CAM evidence (before the ReLU) of a random class inside the ignore region,
     squared: the shortcut must add nothing, for or against any class.
 
@@ -323,7 +385,7 @@ def _signed_evidence(inputs, cfg) -> Tensor:
 
 
 @register_loss("invariance", needs="ignore")
-def _invariance(inputs, cfg) -> Tensor:
+def _invariance(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Counterfactual invariance: CE on the image with its ignore region filled by its median
     colour, plus KL(p(x) || p(x_filled))."""
     from .counterfactual import fill_region
@@ -332,7 +394,7 @@ def _invariance(inputs, cfg) -> Tensor:
     return _ce(lf, inputs.labels, cfg) + _kl(inputs.logits, lf)
 
 
-def _moved_logits(inputs, *, blank: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+def _moved_logits(inputs: LossContext, *, blank: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Logits of the counterfactuals built by moving each marked artifact onto another image of
     the batch: (recipients, logits of the marked images with their region filled, [logits of
     the recipients carrying the donor's artifact] + with ``blank`` [the recipients with the
@@ -358,7 +420,7 @@ def _moved_logits(inputs, *, blank: bool) -> tuple[Tensor, Tensor, list[Tensor]]
     return recipients, lf, moved
 
 
-def _moved_artifacts(inputs, *, blank: bool) -> Tensor:
+def _moved_artifacts(inputs: LossContext, *, blank: bool) -> Tensor:
     """The fill term of "invariance", plus each marked artifact moved onto another image of the
     batch (its own marked region filled first, its label kept) with CE and a KL to that image;
     with ``blank``, also the recipient with the donor's region filled instead of pasted."""
@@ -371,7 +433,7 @@ def _moved_artifacts(inputs, *, blank: bool) -> Tensor:
 
 
 @register_loss("invariance_transplant", needs="ignore")
-def _invariance_transplant(inputs, cfg) -> Tensor:
+def _invariance_transplant(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Invariance to the marked artifact: the fill term of "invariance", plus each artifact
     moved onto another image of the batch (labels unchanged) with CE and a KL to that image.
 
@@ -392,7 +454,7 @@ def label_mass_weights(labels: Tensor, terms: Tensor, n_classes: int) -> Tensor:
 
 
 @register_loss("invariance_mass_balanced", needs="ignore")
-def _invariance_mass_balanced(inputs, cfg) -> Tensor:
+def _invariance_mass_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """``invariance_transplant`` with its labelled terms re-weighted per batch so that each
     class's total weight is its share of the batch.
 
@@ -411,7 +473,7 @@ def _invariance_mass_balanced(inputs, cfg) -> Tensor:
 
 
 @register_loss("invariance_swap", needs="ignore")
-def _invariance_swap(inputs, cfg) -> Tensor:
+def _invariance_swap(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """``invariance_transplant`` plus, for each recipient, the donor's region filled instead of
     pasted: every class then carries filled patches as often as pasted artifacts, so neither the
     artifact nor the filled rectangle that replaces it can become a cue."""
@@ -419,7 +481,7 @@ def _invariance_swap(inputs, cfg) -> Tensor:
 
 
 @register_loss("invariance_balanced", needs="ignore")
-def _invariance_balanced(inputs, cfg) -> Tensor:
+def _invariance_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Invariance from class-free counterfactuals only: each marked artifact is moved onto
     another image of the batch (any class, its own marked region filled first) and, on the same
     recipient, its region is filled instead; cross-entropy on both with the recipient's label and

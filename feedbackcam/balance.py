@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data.dataset import FeedbackBatch
-from .objective import FeedbackConfig
+from .objective import ADDED_TERMS, FeedbackConfig
 from .self_explaining import SelfExplaining
 from .train import feedback_step
 
@@ -56,14 +56,17 @@ def auto_scaled(
     model: SelfExplaining, batches: list[FeedbackBatch], cfg: FeedbackConfig
 ) -> FeedbackConfig:
     """``cfg`` with its scales calibrated on ``batches`` by :func:`calibrate_loss_scale`:
-    ``loss_scale`` if ``cfg.auto_scale``, and ``ignore_scale`` if it is None and an
-    ``ignore_loss`` is added to the explanation loss. Nothing happens at lambda 0. A term that
-    no batch can feed (no masks of its kind) keeps its scale (``ignore_scale`` None becomes 1).
+    ``loss_scale`` if ``cfg.auto_scale``, and the scale of every added term
+    (:data:`feedbackcam.objective.ADDED_TERMS`: the surroundings and ignore losses) that is None
+    and whose loss is added to the explanation loss, each measured alone. Nothing happens at
+    lambda 0. A term that no batch can feed (no masks of its kind) keeps its scale (None
+    becomes 1).
     """
     from .losses import get_loss
 
+    unset = {scale: 1.0 for _, scale, _ in ADDED_TERMS if getattr(cfg, scale) is None}
     if cfg.lam == 0 or not batches:
-        return cfg if cfg.ignore_scale is not None else replace(cfg, ignore_scale=1.0)
+        return replace(cfg, **unset)
 
     def usable(kind: str) -> list[FeedbackBatch]:
         if kind == "ignore":
@@ -72,17 +75,22 @@ def auto_scaled(
             b for b in batches if bool(b.has_mask.any() and b.masks.flatten(1).amax(1).gt(0).any())
         ]
 
-    plain = replace(cfg, ignore_loss=None, ignore_scale=1.0, loss_scale=1.0)
+    alone = {field: None for field, _, _ in ADDED_TERMS}
+    plain = replace(cfg, loss_scale=1.0, **alone, **{s: 1.0 for _, s, _ in ADDED_TERMS})
     out = cfg
     if cfg.auto_scale:
         main = usable(get_loss(cfg.explanation_loss).needs)
         if main:
             out = replace(out, loss_scale=calibrate_loss_scale(model, main, plain))
-    if out.ignore_scale is None:
-        scale = 1.0
-        added = cfg.ignore_loss is not None and get_loss(cfg.explanation_loss).needs != "ignore"
-        if added and usable("ignore"):
-            alone = replace(plain, explanation_loss=cfg.ignore_loss)
-            scale = calibrate_loss_scale(model, usable("ignore"), alone)
-        out = replace(out, ignore_scale=scale)
+    main_kind = get_loss(cfg.explanation_loss).needs
+    for field, scale_field, kind in ADDED_TERMS:
+        if getattr(out, scale_field) is not None:
+            continue
+        name, scale = getattr(cfg, field), 1.0
+        added = name is not None and name != cfg.explanation_loss
+        added = added and not (kind == "ignore" and main_kind == "ignore")
+        if added and usable(kind):
+            only = replace(plain, explanation_loss=name)
+            scale = calibrate_loss_scale(model, usable(kind), only)
+        out = replace(out, **{scale_field: scale})
     return out

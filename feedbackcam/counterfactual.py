@@ -1,15 +1,21 @@
-"""Counterfactual images from "ignore" feedback, as batched tensor functions.
+"""Counterfactual images from feedback masks, as batched tensor functions.
 
-A user who marks a region as "must not matter" tells us how to build images whose class is the
-same but whose marked content differs: the region filled with the image's median colour, filled
-with noise (the typology's counterexamples, CE), or the artifact moved onto another image of the
-batch. The invariance losses in :mod:`feedbackcam.losses` ask the prediction not to change
-between an image and these versions of it.
+A user who marks a region as "must not matter" (an ignore mask) tells us how to build images
+whose class is the same but whose marked content differs: the region filled with the image's
+median colour, filled with noise (the typology's counterexamples, CE), or the artifact moved onto
+another image of the batch. A user who marks the region that matters (a keep mask: the lesion)
+tells us more: everything *outside* it may change, so the lesion can be given another image's
+surroundings (:func:`swap_surroundings`). The invariance losses in :mod:`feedbackcam.losses` ask
+the prediction not to change between an image and these versions of it.
+
+One rule holds for every function here: nothing is ever painted over a region the user marked
+as keep on the image that receives it (``protect``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -54,23 +60,75 @@ def randomize_region(images: Tensor, masks: Tensor, generator=None) -> Tensor:
     return images * (1 - m) + noise * m
 
 
-def transplant(images: Tensor, masks: Tensor, recipients: Tensor) -> tuple[Tensor, Tensor]:
+def moved_masks(masks: Tensor, recipients: Tensor, protect: Tensor | None = None) -> Tensor:
+    """Each donor's mask as it lands on its recipient: ``masks[i]`` less the recipient's
+    ``protect`` (keep) region, so a moved region never covers what the recipient's user marked
+    as mattering. Row ``i`` belongs to recipient ``recipients[i]``."""
+    if protect is None:
+        return masks
+    return masks * (1 - (protect[recipients] > 0).to(masks.dtype))
+
+
+def transplant(
+    images: Tensor, masks: Tensor, recipients: Tensor, protect: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Paste each image's marked artifact onto another image of the batch.
 
     Row ``i`` is image ``recipients[i]`` carrying image ``i``'s artifact (at the same place).
     The recipient is first cleaned of its own marked region (filled with its median colour), so
     the result carries exactly one known artifact, the donor's, and its class is the recipient's.
+    Where the artifact would land on the recipient's ``protect`` (keep) region, the recipient's
+    own pixels stay: a moved artifact never paints over a lesion someone marked.
 
     Args:
         images: (N, C, H, W).
         masks: (N, H, W) ignore masks (empty where the image has none).
         recipients: (N,) long, per donor row the index of the image that receives its artifact.
+        protect: optional (N, H, W) keep masks (empty where an image has none).
 
     Returns:
         (pasted, base): the recipients with the donor's artifact, and the same recipients
         without it (both (N, C, H, W)).
     """
-    m = _check(images, masks)
+    _check(images, masks)
+    m = moved_masks(masks, recipients, protect).to(images.dtype)[:, None]
     base = fill_region(images, masks)[recipients]
     pasted = base * (1 - m) + images * m
     return pasted, base
+
+
+def dilate(masks: Tensor, radius: int) -> Tensor:
+    """Binary (N, H, W) masks grown by ``radius`` pixels (a square max filter)."""
+    if radius <= 0:
+        return (masks > 0).to(masks.dtype)
+    grown = F.max_pool2d((masks > 0).float()[:, None], 2 * radius + 1, stride=1, padding=radius)
+    return grown[:, 0].to(masks.dtype)
+
+
+def swap_surroundings(
+    images: Tensor, keep: Tensor, donors: Tensor, margin: float = 0.035
+) -> tuple[Tensor, Tensor]:
+    """Each image's keep region (its lesion, grown by ``margin`` of the side) on the
+    surroundings of another image of the batch.
+
+    Row ``i`` is image ``i``'s lesion, where it is, on image ``donors[i]``'s skin, the donor's
+    own lesion filled with the donor's median colour outside it: one lesion, the receiver's,
+    whatever the donor's surroundings hold (a ruler, ink, a patch, dark corners). The receiver's
+    keep region is never painted over; its class is the receiver's.
+
+    Args:
+        images: (N, C, H, W).
+        keep: (N, H, W) keep masks; a row without one gets its donor's surroundings everywhere
+            (callers leave such rows out).
+        donors: (N,) long, per row the image whose surroundings it receives.
+        margin: the keep region is grown by this share of the image side (the lesion's border
+            and the skin right around it stay the receiver's).
+
+    Returns:
+        (swapped, region): the counterfactuals and the (N, H, W) grown keep regions.
+    """
+    _check(images, keep)
+    region = dilate(keep, int(round(margin * images.shape[-1])))
+    background = fill_region(images, region)[donors]
+    r = region.to(images.dtype)[:, None]
+    return images * r + background * (1 - r), region

@@ -384,34 +384,65 @@ def _signed_evidence(inputs: LossContext, cfg: LossSettings) -> Tensor:
     return total
 
 
+@register_loss("region_contribution", needs="ignore", input_gradients=True)
+def _region_contribution(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """CDEP-style: the marked region's first-order contribution to a random class's logit,
+    sum over the region of (x - x_filled) * d logit / dx, squared.
+
+    Contextual decomposition (Rieger et al. 2020) splits a logit into the part due to a region
+    and the rest by propagating both through the network, a pass per layer type; the
+    gradient-times-difference above is the first term of the same split's Taylor expansion, at
+    the cost of one double backward. One class per sample per step, drawn at random, estimates
+    the mean over classes (as ``signed_evidence`` does).
+    """
+    from .counterfactual import fill_region
+
+    images = inputs.images
+    targets = torch.randint(0, inputs.logits.shape[1], inputs.labels.shape, device=images.device)
+    score = inputs.logits.gather(1, targets[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, images, create_graph=True)
+    region = _unkept(inputs)
+    delta = images.detach() - fill_region(images.detach(), region)
+    return (delta * grad * region[:, None]).flatten(1).sum(1).pow(2)
+
+
 @register_loss("invariance", needs="ignore")
 def _invariance(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """Counterfactual invariance: CE on the image with its ignore region filled by its median
     colour, plus KL(p(x) || p(x_filled))."""
     from .counterfactual import fill_region
 
-    lf = inputs.forward(fill_region(inputs.images.detach(), inputs.ignore))
+    lf = inputs.forward(fill_region(inputs.images.detach(), _unkept(inputs)))
     return _ce(lf, inputs.labels, cfg) + _kl(inputs.logits, lf)
+
+
+def _unkept(inputs: LossContext) -> Tensor:
+    """The ignore masks less each image's own keep region: what the user marked as mattering is
+    never filled, even where the two marks overlap."""
+    return inputs.ignore * (inputs.keep <= 0).to(inputs.ignore.dtype)
 
 
 def _moved_logits(inputs: LossContext, *, blank: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Logits of the counterfactuals built by moving each marked artifact onto another image of
     the batch: (recipients, logits of the marked images with their region filled, [logits of
     the recipients carrying the donor's artifact] + with ``blank`` [the recipients with the
-    donor's region filled instead]). Each recipient's own marked region is filled first."""
-    from .counterfactual import fill_region, transplant
+    donor's region filled instead]). Each recipient's own marked region is filled first, and
+    neither the artifact nor its fill lands on the recipient's keep region."""
+    from .counterfactual import fill_region, moved_masks, transplant
 
     images = inputs.images.detach()
+    ignore = _unkept(inputs)
     n = images.shape[0]
     shift = int(torch.randint(1, max(n, 2), ()))
     recipients = (torch.arange(n, device=images.device) + shift) % n
-    filled = fill_region(images, inputs.ignore)
-    pasted, base = transplant(images, inputs.ignore, recipients)
-    variants = [filled, pasted] + ([fill_region(base, inputs.ignore)] if blank else [])
+    filled = fill_region(images, ignore)
+    pasted, base = transplant(images, ignore, recipients, protect=inputs.keep)
+    landed = moved_masks(ignore, recipients, inputs.keep)
+    variants = [filled, pasted] + ([fill_region(base, landed)] if blank else [])
     # Only the marked images' counterfactuals are new: an unmarked image filled is itself, and
     # an unmarked donor's row is left out of the loss's mean. Forward just those rows (on the
     # demo's data a third of the batch) and reuse the step's own logits for the rest.
-    donors = feedback_present(inputs.ignore).nonzero().squeeze(1)
+    donors = feedback_present(ignore).nonzero().squeeze(1)
     same = [inputs.logits, *[inputs.logits[recipients]] * (len(variants) - 1)]
     if len(donors) == 0:
         return recipients, same[0], same[1:]
@@ -466,7 +497,7 @@ def _invariance_mass_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     """
     recipients, lf, (lm,) = _moved_logits(inputs, blank=False)
     y, yr = inputs.labels, inputs.labels[recipients]
-    donors = feedback_present(inputs.ignore)
+    donors = feedback_present(_unkept(inputs))
     w = label_mass_weights(y, torch.cat([y[donors], yr[donors]]), lf.shape[1]).to(lf.dtype)
     loss = w[y] * _ce(lf, y, cfg) + _kl(inputs.logits, lf)
     return loss + w[yr] * _ce(lm, yr, cfg) + _kl(lf[recipients], lm)
@@ -497,3 +528,40 @@ def _invariance_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     y = inputs.labels[recipients]
     ce = _ce(lp, y, cfg) + _ce(lb, y, cfg)
     return _kl(inputs.logits, lf) + ce + _kl(lb, lp)
+
+
+# ------------------------------------------------- a loss that learns from keep masks alone
+# "Decide from the lesion": whatever lies outside the region the user marked as mattering (a
+# ruler, ink, a patch, dark corners, gel) may change without changing the answer.
+
+# The keep region is grown by this share of the image side before its surroundings are swapped
+# (9 px at 256 px): the lesion's border and the skin right around it stay its own.
+SURROUNDINGS_MARGIN = 0.035
+# The loss that learns from keep masks this way by default (FeedbackConfig.surroundings_loss).
+DEFAULT_SURROUNDINGS_LOSS = "surroundings"
+
+
+@register_loss("surroundings", needs="keep")
+def _surroundings(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """Decide from the lesion: each marked lesion on another marked image's surroundings (that
+    image's lesion filled), its own label kept; CE on it and KL(p(x) || p(swapped)).
+
+    Every lesion keeps its label and its class's share of the batch, so no class gains label
+    mass; nothing is painted over a lesion (the receiver's keep region is kept, the donor's is
+    filled). Artifacts the user never marked change with the surroundings, so none can decide.
+    """
+    from .counterfactual import swap_surroundings
+
+    loss = inputs.logits.new_zeros(inputs.labels.shape)
+    marked = feedback_present(inputs.keep).nonzero().squeeze(1)
+    k = len(marked)
+    if k < 2:  # no other marked image to borrow surroundings from
+        return loss
+    shift = int(torch.randint(1, k, ()))
+    donors = (torch.arange(k, device=marked.device) + shift) % k
+    images, keep = inputs.images.detach()[marked], inputs.keep[marked]
+    swapped, _ = swap_surroundings(images, keep, donors, SURROUNDINGS_MARGIN)
+    ls = inputs.forward(swapped)
+    y = inputs.labels[marked]
+    per = _ce(ls, y, cfg) + _kl(inputs.logits[marked], ls)
+    return loss.index_copy(0, marked, per.to(loss.dtype))

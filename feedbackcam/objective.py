@@ -5,9 +5,16 @@ registered explanation loss (:data:`feedbackcam.losses.EXPLANATION_LOSSES`) aver
 samples that carry the kind of mask it learns from and multiplied by its scale:
 
 - the explanation loss (``FeedbackConfig.explanation_loss``, scale ``loss_scale``): the thesis'
-  Jaccard loss on keep masks by default;
-- the ignore loss (``FeedbackConfig.ignore_loss``, scale ``ignore_scale``), added where the batch
-  carries ignore masks and the explanation loss does not learn from them itself.
+  Jaccard loss on keep masks by default: what the explanation should look like;
+- the surroundings loss (``surroundings_loss``, scale ``surroundings_scale``), added where the
+  batch carries keep masks: "decide from the lesion", the answer may not depend on what lies
+  outside the region that matters;
+- the ignore loss (``ignore_loss``, scale ``ignore_scale``), added where the batch carries ignore
+  masks: the answer may not depend on the marked region.
+
+The last two are *added terms* (:data:`ADDED_TERMS`): each is left out when the explanation loss
+already learns from its kind of mask, and each scale is calibrated by the loops that own a
+fine-tuning when it is None.
 
 :class:`FeedbackConfig` says how feedback becomes a loss, :class:`LossInputs` is what a loss may
 use of one forward pass (the :class:`feedbackcam.losses.LossContext` it is typed against), and
@@ -29,6 +36,12 @@ from . import losses
 from .data.dataset import FeedbackBatch
 from .self_explaining import SelfExplaining
 
+# The terms added to the explanation loss: (loss field, scale field, the masks it learns from).
+ADDED_TERMS = (
+    ("surroundings_loss", "surroundings_scale", "keep"),
+    ("ignore_loss", "ignore_scale", "ignore"),
+)
+
 EXPLAIN_CLASSES = ("label", "predicted", "all")
 
 
@@ -49,6 +62,11 @@ class FeedbackConfig:
         class_weights: optional cross-entropy weights, one per class.
         clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
         freeze_batchnorm: BatchNorm in eval mode during steps (per-sample CAMs; see cam.py).
+        surroundings_loss: a loss that learns from keep masks what must *not* decide (default
+            "surroundings": the lesion on other images' surroundings, labels kept), added for
+            the samples that carry a keep mask; None: keep masks feed the explanation loss
+            alone (the thesis' runs: ``--surroundings-loss none``).
+        surroundings_scale: multiplies it; None: calibrated like ``ignore_scale``.
         ignore_loss: a loss that learns from ignore masks ("this must not matter"), added to
             the explanation loss for the samples that carry one; None: ignore masks are unused
             (unless ``explanation_loss`` itself learns from them). Without ignore feedback in
@@ -91,9 +109,17 @@ class FeedbackConfig:
     rrr_scale: float = 1000.0
     explain_classes: str = "label"
     loss_scale: float = 1.0
+    surroundings_loss: str | None = losses.DEFAULT_SURROUNDINGS_LOSS
+    surroundings_scale: float | None = None
     ignore_loss: str | None = losses.DEFAULT_IGNORE_LOSS
     ignore_scale: float | None = None
     auto_scale: bool = False
+
+    @classmethod
+    def thesis(cls, **overrides) -> FeedbackConfig:
+        """The thesis' objective: the explanation loss alone, no added terms (no surroundings
+        or ignore loss); ``overrides`` set any other field."""
+        return cls(**({"surroundings_loss": None, "ignore_loss": None} | overrides))
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -112,17 +138,19 @@ class FeedbackConfig:
             raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
-        for name in ("loss_scale", "ignore_scale"):
+        for name in ("loss_scale", *(scale for _, scale, _ in ADDED_TERMS)):
             value = getattr(self, name)
-            if value is None and name == "ignore_scale":
+            if value is None and name != "loss_scale":
                 continue
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
-        if self.ignore_loss is not None and losses.get_loss(self.ignore_loss).needs != "ignore":
-            raise ValueError(
-                f"ignore_loss: expected a loss that learns from ignore masks, got "
-                f"{self.ignore_loss!r} (needs {losses.get_loss(self.ignore_loss).needs} masks)"
-            )
+        for field, _, kind in ADDED_TERMS:
+            name = getattr(self, field)
+            if name is not None and losses.get_loss(name).needs != kind:
+                raise ValueError(
+                    f"{field}: expected a loss that learns from {kind} masks, got {name!r} "
+                    f"(needs {losses.get_loss(name).needs} masks)"
+                )
 
 
 class LossInputs:
@@ -229,8 +257,10 @@ class LossTerm:
 
 
 def loss_terms(cfg: FeedbackConfig, batch: FeedbackBatch) -> list[LossTerm]:
-    """The terms of L_exp for ``batch``: the explanation loss, then the ignore loss where the
-    batch carries ignore masks and the explanation loss does not learn from them itself.
+    """The terms of L_exp for ``batch``: the explanation loss, then each added term
+    (:data:`ADDED_TERMS`) the config names: the surroundings loss (rows without a keep mask add
+    nothing), and the ignore loss where the batch carries ignore masks and the explanation loss
+    does not learn from them itself. A term that is the explanation loss is not added twice.
 
     Raises:
         ValueError: lambda > 0 and the explanation loss needs ignore masks the batch lacks.
@@ -241,9 +271,13 @@ def loss_terms(cfg: FeedbackConfig, batch: FeedbackBatch) -> list[LossTerm]:
             f"explanation_loss {cfg.explanation_loss!r} needs ignore masks; the batch has none"
         )
     terms = [LossTerm(cfg.explanation_loss, main, cfg.loss_scale)]
-    if cfg.ignore_loss is not None and batch.ignore is not None and main.needs != "ignore":
-        scale = 1.0 if cfg.ignore_scale is None else cfg.ignore_scale
-        terms.append(LossTerm(cfg.ignore_loss, losses.get_loss(cfg.ignore_loss), scale))
+    for field, scale_field, kind in ADDED_TERMS:
+        name, scale = getattr(cfg, field), getattr(cfg, scale_field)
+        if name is None or name == cfg.explanation_loss:
+            continue
+        if kind == "ignore" and (batch.ignore is None or main.needs == "ignore"):
+            continue  # no ignore masks, or the explanation loss learns from them itself
+        terms.append(LossTerm(name, losses.get_loss(name), 1.0 if scale is None else scale))
     return terms
 
 

@@ -65,6 +65,14 @@ def add_feedback_args(p) -> None:
         ),
     )
     p.add_argument(
+        "--surroundings-loss",
+        choices=(*(k for k, v in EXPLANATION_LOSSES.items() if v.needs == "keep"), "none"),
+        default=fb.surroundings_loss,
+        help="decide from the lesion: a loss that learns from keep masks that what lies outside "
+        "them must not decide (its scale calibrated like the ignore loss's); 'none' gives keep "
+        "masks to the explanation loss alone (the thesis)",
+    )
+    p.add_argument(
         "--ignore-loss",
         choices=(*(k for k, v in EXPLANATION_LOSSES.items() if v.needs == "ignore"), "none"),
         default=fb.ignore_loss,
@@ -93,7 +101,8 @@ def feedback_config(args):
     return FeedbackConfig(
         lam=args.lam,
         explanation_loss=args.explanation_loss,
-        ignore_loss=None if args.ignore_loss == "none" else args.ignore_loss,
+        surroundings_loss=_none(args.surroundings_loss),
+        ignore_loss=_none(args.ignore_loss),
         auto_scale=args.auto_scale,
         explain_classes=args.explain_classes,
         cam=args.cam,
@@ -113,3 +122,7 @@ def command(sub, name: str, run) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=first, description=" ".join(doc.split()))
     p.set_defaults(func=run)
     return p
+
+
+def _none(name: str) -> str | None:
+    return None if name == "none" else name

@@ -9,8 +9,12 @@ validation set. Simulations select among eligible epochs; the app's gate applies
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
 
 # a run whose predictions fall on one class for more than this share of images is flagged
 ONE_CLASS_SHARE = 0.9
@@ -36,12 +40,15 @@ def drops(
     keys: Sequence[str] = ("avg_sensitivity",),
     *,
     per_class: bool = False,
+    margins: Mapping[str, float] | None = None,
 ) -> list[Drop]:
     """The scores of ``candidate`` that fall more than ``tolerance`` below ``reference``'s.
 
     ``keys`` name summary scores (e.g. "accuracy", "avg_sensitivity"); ``per_class`` adds every
     class's sensitivity (from the summaries' ``sensitivity`` dicts). Missing or None scores in
-    the reference are not compared.
+    the reference are not compared. ``margins`` (by key, or ``"sensitivity <class>"``) widen the
+    tolerance by what the validation set cannot tell from noise (:func:`noise_margins`): a
+    score is refused only when its fall is beyond the tolerance *and* the noise.
     """
     found = []
     pairs = [(k, reference.get(k), candidate.get(k)) for k in keys]
@@ -49,16 +56,63 @@ def drops(
         ref_sens = reference.get("sensitivity") or {}
         cand_sens = candidate.get("sensitivity") or {}
         pairs += [(f"sensitivity {c}", v, cand_sens.get(c)) for c, v in ref_sens.items()]
+    margins = margins or {}
     for name, ref, value in pairs:
         if ref is None:
             continue
-        floor = float(ref) - tolerance
+        floor = float(ref) - tolerance - margins.get(name, 0.0)
         value = float("nan") if value is None else float(value)
         if not value >= floor - 1e-9:
             found.append(
                 Drop(name.replace("avg_sensitivity", "average sensitivity"), ref, value, floor)
             )
     return found
+
+
+def noise_margins(
+    labels: np.ndarray,
+    reference_pred: np.ndarray,
+    candidate_pred: np.ndarray,
+    classes: Sequence[str],
+    confidence: float = 0.95,
+) -> dict[str, float]:
+    """How far each score may fall on this validation set by chance: the one-sided
+    ``confidence`` bound of the *paired* change (the same images, two models) in every class's
+    sensitivity and in their average, from the images whose prediction changed.
+
+    For class c with n_c images, of which b_c became correct and w_c wrong, the change is
+    (b_c - w_c) / n_c with variance ((b_c + w_c) - (b_c - w_c)^2 / n_c) / n_c^2 (McNemar's);
+    the average's variance is the mean of the classes' over C^2. Keys: "avg_sensitivity",
+    "accuracy" and ``"sensitivity <class>"``.
+    """
+    labels, ref, cand = (np.asarray(a) for a in (labels, reference_pred, candidate_pred))
+    z = NormalDist().inv_cdf(confidence)
+    was, now = ref == labels, cand == labels
+    out, variances = {}, []
+    for k, name in enumerate(classes):
+        rows = labels == k
+        n = int(rows.sum())
+        if not n:
+            continue
+        b, w = int((now & ~was & rows).sum()), int((was & ~now & rows).sum())
+        var = max((b + w) - (b - w) ** 2 / n, 0.0) / n**2
+        variances.append(var)
+        out[f"sensitivity {name}"] = z * math.sqrt(var)
+    if variances:
+        out["avg_sensitivity"] = z * math.sqrt(sum(variances)) / len(variances)
+    n = len(labels)
+    if n:
+        b, w = int((now & ~was).sum()), int((was & ~now).sum())
+        out["accuracy"] = z * math.sqrt(max((b + w) - (b - w) ** 2 / n, 0.0)) / n
+    return out
+
+
+def images_needed(tolerance: float, changed: float = 0.2, confidence: float = 0.95) -> int:
+    """Images per class a validation set needs so that chance alone moves a class's
+    sensitivity by less than ``tolerance`` (one-sided ``confidence``), when a share ``changed``
+    of its predictions differ between the two models: n >= changed (z / tolerance)^2."""
+    z = NormalDist().inv_cdf(confidence)
+    return math.ceil(changed * (z / tolerance) ** 2)
 
 
 def run_warnings(summary: Mapping, best_epoch: int | None = None) -> list[str]:

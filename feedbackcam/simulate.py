@@ -31,8 +31,8 @@ from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
 from .distributed import SINGLE, Dist, wrap
 from .evaluate import Evaluation, evaluate
 from .fileio import write_csv, write_json, write_text
-from .objective import FeedbackConfig, check_feedback_kind
-from .selection import drops, run_warnings
+from .objective import ADDED_TERMS, FeedbackConfig, check_feedback_kind
+from .selection import drops, noise_margins, run_warnings
 from .self_explaining import SelfExplaining
 from .simulation_data import SimulationData
 from .train import (
@@ -49,6 +49,8 @@ from .train import (
 log = logging.getLogger(__name__)
 
 MODES = ("cls", "exp", "combined")
+# The scales a mode trains with (calibrated before its first step), recorded in its results.
+SCALES = ("loss_scale", *(scale for _, scale, _ in ADDED_TERMS))
 # FeedbackConfig.auto_scale measures the terms on this many batches of at least this size.
 CALIBRATION_BATCHES = 4
 CALIBRATION_BATCH = 16
@@ -56,6 +58,7 @@ HISTORY_FIELDS = (
     "mode",
     "slice",
     "loss_scale",
+    "surroundings_scale",
     "ignore_scale",
     "epoch",
     "train_loss",
@@ -88,6 +91,13 @@ class SimulationConfig:
             average sensitivity is at most this far below the baseline's. None turns the guard
             off (the thesis' unguarded selection).
         guard_per_class: the guard also holds every class's sensitivity to the tolerance.
+        guard_confidence: widen the tolerance by what the validation set cannot tell from
+            noise at this one-sided confidence (the paired change's bound,
+            :func:`feedbackcam.selection.noise_margins`): on ~20 images of a class a point
+            threshold of 0.05 rejects good epochs by chance. None: the point threshold.
+        class_weighted: fine-tuning cross-entropies weighted by feedback-train's inverse class
+            frequencies, as ``train-base`` weights the base model's: fine-tuning a model on its
+            own, unbalanced images then does not drift to the majority class.
         deconfound_validation: where the feedback marks ignore regions, validate on the
             validation images with those regions filled (median colour): a validation split
             confounded like the feedback rewards the marked shortcut, so selection and the
@@ -113,6 +123,8 @@ class SimulationConfig:
     select_by: str = "jaccard"
     guard_tolerance: float | None = 0.05
     guard_per_class: bool = False
+    guard_confidence: float | None = 0.95
+    class_weighted: bool = True
     deconfound_validation: bool = True
     base_epochs: int = 20
     base_lr: float = 1e-3
@@ -232,9 +244,13 @@ def fine_tune(
     which no epoch improves, or none passes the collapse guard, keeps it: best epoch 0.
     """
     fb = cfg.mode_feedback(mode)
+    if cfg.class_weighted and fb.class_weights is None:
+        labels = data.labels[torch.as_tensor(train_idx, device=data.labels.device)].cpu().numpy()
+        fb = replace(fb, class_weights=class_weights(labels, len(val.classes)))
     model = copy.deepcopy(baseline)
     probe: list = []
-    if fb.lam > 0 and (fb.auto_scale or fb.ignore_scale is None):
+    unset = any(getattr(fb, scale) is None for _, scale, _ in ADDED_TERMS)
+    if fb.lam > 0 and (fb.auto_scale or unset):
         # A probe of its own generator: the training shuffles stay what they were.
         batches = epoch_batches(
             data,
@@ -244,7 +260,7 @@ def fine_tune(
         )
         probe = list(itertools.islice(batches, CALIBRATION_BATCHES))
     fb = auto_scaled(model, probe, fb)
-    stage = {**stage, "loss_scale": fb.loss_scale, "ignore_scale": fb.ignore_scale}
+    stage = {**stage, **{k: getattr(fb, k) for k in SCALES}}
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     trained = wrap(model, ctx)
 
@@ -264,8 +280,17 @@ def fine_tune(
     def after_epoch(number: int, stats: dict) -> None:
         epoch = number - offset
         ev = validate()
+        margins = None
+        if cfg.guard_confidence is not None:
+            pred, start_pred = ev.probs.argmax(1), start.probs.argmax(1)
+            classes = list(ev.classification.per_class)
+            margins = noise_margins(ev.labels, start_pred, pred, classes, cfg.guard_confidence)
         eligible = cfg.guard_tolerance is None or not drops(
-            reference, ev.summary(), cfg.guard_tolerance, per_class=cfg.guard_per_class
+            reference,
+            ev.summary(),
+            cfg.guard_tolerance,
+            per_class=cfg.guard_per_class,
+            margins=margins,
         )
         history.append(
             {
@@ -430,7 +455,7 @@ def run_simulation(
             )  # fmt: skip
         run["best_epoch"] = best_epoch
         last = [r for r in history if r["mode"] == mode][-1]  # the scales this mode trained with
-        run["loss_scale"], run["ignore_scale"] = last["loss_scale"], last["ignore_scale"]
+        run.update({k: last[k] for k in SCALES})
         run["improved"] = best_epoch > 0
         rejected = sum(1 for r in history if r["mode"] == mode and not r["eligible"])
         run["guard_rejected_epochs"] = rejected
@@ -443,7 +468,7 @@ def run_simulation(
         results["runs"][mode] = run
         if main:
             # what ran: this mode's lambda is the config's only lambda
-            scales = {k: run[k] for k in ("loss_scale", "ignore_scale")}
+            scales = {k: run[k] for k in SCALES}
             ran = replace(cfg, feedback=replace(cfg.mode_feedback(mode), **scales))
             trained_on = {"train": list(base_ids) + split_ids["train"], "val": split_ids["val"]}
             save_checkpoint(

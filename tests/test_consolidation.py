@@ -94,7 +94,8 @@ def test_a_registered_loss_is_the_loss_that_trains(monkeypatch, toy, tiny_model)
     )
     batch = toy(4)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
-    stats = feedback_step(tiny_model, batch, opt, FeedbackConfig(lam=1.0, explanation_loss="const"))
+    cfg = FeedbackConfig.thesis(lam=1.0, explanation_loss="const")
+    stats = feedback_step(tiny_model, batch, opt, cfg)
     assert calls == ["const"] and stats["loss_exp"] == pytest.approx(0.25)
 
 
@@ -105,7 +106,7 @@ def test_an_ignore_loss_without_ignore_masks_names_what_it_needs(monkeypatch, to
         losses.ExplanationLoss(lambda x, cfg: x.ignore.sum(dim=(1, 2)), "ignore"),
     )
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
-    cfg = FeedbackConfig(lam=0.5, explanation_loss="needs-ignore")
+    cfg = FeedbackConfig.thesis(lam=0.5, explanation_loss="needs-ignore")
     with pytest.raises(ValueError, match="needs ignore masks"):
         feedback_step(tiny_model, toy(4), opt, cfg)
     batch = toy(4).with_ignore_slots()
@@ -178,7 +179,7 @@ def test_an_ignore_loss_adds_to_the_keep_loss_only_where_there_is_ignore_feedbac
         losses.ExplanationLoss(lambda x, cfg: x.ignore.sum(dim=(1, 2)), "ignore"),
     )
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
-    cfg = FeedbackConfig(lam=1.0, explanation_loss="keep-const", ignore_loss="ignore-area")
+    cfg = FeedbackConfig.thesis(lam=1.0, explanation_loss="keep-const", ignore_loss="ignore-area")
     plain = feedback_step(tiny_model, toy(4), opt, cfg)  # no ignore masks: the keep loss alone
     assert plain["loss_exp"] == pytest.approx(0.5)
     batch = toy(4).with_ignore_slots()

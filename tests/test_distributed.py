@@ -31,7 +31,7 @@ def make_model():
     return build_model("small_cnn", 3, width=8)
 
 
-CFG = FeedbackConfig(lam=0.5, second_order="full")
+CFG = FeedbackConfig.thesis(lam=0.5, second_order="full")
 
 WORKER = textwrap.dedent(
     f"""

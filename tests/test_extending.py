@@ -147,6 +147,7 @@ def test_the_apps_update_learns_with_the_losses_it_was_given(env, monkeypatch):
         assert status["learning"] == {
             "lam": 0.6,
             "explanation_loss": "dice",
+            "surroundings_loss": "surroundings",
             "ignore_loss": "rrr_g",
             "cam": "gradcam++",
         }

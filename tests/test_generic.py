@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_isic import kinds, png_mask, truncate, write_csv
 
@@ -257,3 +258,39 @@ def test_simulate_runs_on_the_generic_layout_and_carries_ignore_masks(tmp_path):
     argv += ["--base-epochs", "1", "--batch-size", "8", "--width", "8", "--out", str(out)]
     assert main(argv) == 0
     assert (out / "results.json").is_file()
+
+
+def test_evaluate_reports_per_artifact_reliance(tmp_path, capsys):
+    """``evaluate --artifacts``: accuracy with and without each flagged artifact (matching the
+    per-image predictions), and the flip rate when the data's marked regions are filled."""
+    root = make_generic(tmp_path / "clinic", export=True)  # ignore masks on every third image
+    out = prepare(root, tmp_path / "p", size=12, progress=False)
+    flags = tmp_path / "flags.csv"
+    rows = [f"{gid(i)},{int(i % 2 == 0)},{int(i % 5 == 0)}" for i in range(1, 21)]  # 21-24: none
+    flags.write_text("image_id,ruler,ink\n" + "\n".join(rows) + "\n")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(
+        tmp_path / "m.pt",
+        build_model("small_cnn", 3, width=4),
+        ModelSpec("small_cnn", CLASSES, ("features.relu4",), 12, {"width": 4}),
+    )
+    ev = tmp_path / "eval"
+    args = ["evaluate", "--model", str(ckpt), "--data", str(out), "--out", str(ev)]
+    assert main([*args, "--artifacts", str(flags)]) == 0
+    assert "per-artifact reliance" in capsys.readouterr().out
+    report = json.loads((ev / "artifacts.json").read_text())
+    with open(ev / "predictions.csv", newline="") as f:
+        correct = {r["id"]: r["correct"] == "1" for r in csv.DictReader(f)}
+    assert report["annotated"] == 20 and report["not_annotated"] == 4
+    ruler = report["artifacts"]["ruler"]
+    with_ids = [gid(i) for i in range(1, 21) if i % 2 == 0]
+    without = [gid(i) for i in range(1, 21) if i % 2]
+    assert ruler["n_with"] == 10 and ruler["n_without"] == 10
+    assert ruler["accuracy_with"] == pytest.approx(np.mean([correct[i] for i in with_ids]))
+    assert ruler["accuracy_without"] == pytest.approx(np.mean([correct[i] for i in without]))
+    marked = report["marked"]
+    assert marked["n"] == 8 and 0.0 <= marked["flip_rate"] <= 1.0  # every third of 24
+    assert sum(marked["flips_to"].values()) == round(marked["flip_rate"] * 8)
+    flags.write_text("image_id,ruler\nIMD001,2\n")
+    assert main([*args, "--artifacts", str(flags)]) == 2
+    assert "row 2, column 'ruler'" in capsys.readouterr().err

@@ -66,6 +66,7 @@ def test_the_guard_rejects_collapsed_epochs_and_the_unguarded_flag_keeps_them(
         optimizer="adam",
         lr=1e-3,
         guard_tolerance=guard,
+        guard_confidence=None,  # the fake evaluations carry no per-image predictions
         feedback=FeedbackConfig(lam=1.0),
     )
     history = []

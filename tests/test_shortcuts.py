@@ -161,7 +161,7 @@ def _grads(batch: FeedbackBatch, name: str, lam: float = 1.0) -> torch.Tensor:
     model = small_cnn(num_classes=3, width=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights
     torch.manual_seed(1)
-    stats = feedback_step(model, batch, opt, FeedbackConfig(lam=lam, explanation_loss=name))
+    stats = feedback_step(model, batch, opt, FeedbackConfig.thesis(lam=lam, explanation_loss=name))
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return grads, stats
 
@@ -207,7 +207,7 @@ def test_class_weights_reach_every_counterfactual_cross_entropy(name):
         model = small_cnn(num_classes=3, width=8)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         torch.manual_seed(1)
-        cfg = FeedbackConfig(lam=1.0, explanation_loss=name, class_weights=weights)
+        cfg = FeedbackConfig.thesis(lam=1.0, explanation_loss=name, class_weights=weights)
         return feedback_step(model, batch, opt, cfg)["loss_exp"]
 
     assert loss_exp(b, None) != pytest.approx(loss_exp(relabelled, None), rel=1e-4)
@@ -227,7 +227,7 @@ def test_moved_artifact_losses_forward_only_the_marked_images_counterfactuals(na
     sizes = []
     model.model.register_forward_hook(lambda mod, args, out: sizes.append(len(args[0])))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    cfg = FeedbackConfig(lam=0.5, explanation_loss=name)
+    cfg = FeedbackConfig.thesis(lam=0.5, explanation_loss=name)
     feedback_step(model, b._replace(ignore=one), opt, cfg)
     assert sizes == [6, variants]  # the step's forward, then one row per variant
     sizes.clear()
@@ -252,9 +252,9 @@ def test_loss_scale_multiplies_the_explanation_term():
     torch.manual_seed(0)
     model = small_cnn(num_classes=3, width=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    one = feedback_step(model, b, opt, FeedbackConfig(lam=0.5, explanation_loss="rrr_g"))
+    one = feedback_step(model, b, opt, FeedbackConfig.thesis(lam=0.5, explanation_loss="rrr_g"))
     two = feedback_step(
-        model, b, opt, FeedbackConfig(lam=0.5, explanation_loss="rrr_g", loss_scale=2.0)
+        model, b, opt, FeedbackConfig.thesis(lam=0.5, explanation_loss="rrr_g", loss_scale=2.0)
     )
     assert two["loss_exp"] == pytest.approx(2 * one["loss_exp"])
     with pytest.raises(ValueError, match="loss_scale"):
@@ -267,13 +267,13 @@ def test_calibrated_scale_equalises_the_two_gradients():
     b = ignore_batch()
     torch.manual_seed(0)
     model = small_cnn(num_classes=3, width=8)
-    cfg = FeedbackConfig(lam=0.5, explanation_loss="rrr_g")
+    cfg = FeedbackConfig.thesis(lam=0.5, explanation_loss="rrr_g")
     scale = calibrate_loss_scale(model, [b], cfg)
     norms = []
     for lam, s in ((0.0, 1.0), (1.0, scale)):
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         feedback_step(
-            model, b, opt, FeedbackConfig(lam=lam, explanation_loss="rrr_g", loss_scale=s)
+            model, b, opt, FeedbackConfig.thesis(lam=lam, explanation_loss="rrr_g", loss_scale=s)
         )
         norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
     assert float(norms[1]) == pytest.approx(float(norms[0]), rel=1e-4)
@@ -398,15 +398,16 @@ def test_ignore_feedback_is_learnt_by_default_with_a_calibrated_scale():
     from feedbackcam.balance import auto_scaled, calibrate_loss_scale
     from feedbackcam.losses import DEFAULT_IGNORE_LOSS
 
-    cfg = FeedbackConfig(lam=0.5)
-    assert cfg.ignore_loss == DEFAULT_IGNORE_LOSS and cfg.ignore_scale is None
+    assert FeedbackConfig().ignore_loss == DEFAULT_IGNORE_LOSS
+    cfg = FeedbackConfig(lam=0.5, surroundings_loss=None)  # the ignore term, and the keep loss
+    assert cfg.ignore_scale is None
     b = _keep_and_ignore_batch()
     torch.manual_seed(0)
     model = small_cnn(num_classes=3, width=8)
     torch.manual_seed(3)
     scaled = auto_scaled(model, [b], cfg)
     torch.manual_seed(3)
-    alone = FeedbackConfig(lam=0.5, explanation_loss=DEFAULT_IGNORE_LOSS, ignore_loss=None)
+    alone = FeedbackConfig.thesis(lam=0.5, explanation_loss=DEFAULT_IGNORE_LOSS)
     assert scaled.ignore_scale == pytest.approx(calibrate_loss_scale(model, [b], alone))
     assert scaled.ignore_scale != 1.0 and scaled.loss_scale == 1.0  # keep term: thesis-raw
     # the ignore term reaches the step, at its scale
@@ -414,7 +415,7 @@ def test_ignore_feedback_is_learnt_by_default_with_a_calibrated_scale():
     torch.manual_seed(5)
     with_ignore = feedback_step(model, b, opt, scaled)
     torch.manual_seed(5)
-    keep_only = feedback_step(model, b, opt, FeedbackConfig(lam=0.5, ignore_loss=None))
+    keep_only = feedback_step(model, b, opt, FeedbackConfig.thesis(lam=0.5))
     assert with_ignore["loss_exp"] > keep_only["loss_exp"]
     # no ignore masks in the data: the scale stays 1 and the loss is the keep loss alone
     plain = b._replace(ignore=None, has_ignore=None)
@@ -422,7 +423,7 @@ def test_ignore_feedback_is_learnt_by_default_with_a_calibrated_scale():
     torch.manual_seed(5)
     assert feedback_step(model, plain, opt, cfg)["loss_exp"] == pytest.approx(keep_only["loss_exp"])
     # auto_scale also calibrates the keep term; lambda 0 changes nothing
-    both = auto_scaled(model, [b], FeedbackConfig(lam=0.5, auto_scale=True))
+    both = auto_scaled(model, [b], FeedbackConfig(lam=0.5, auto_scale=True, surroundings_loss=None))
     assert both.loss_scale != 1.0
     assert auto_scaled(model, [b], FeedbackConfig(lam=0.0)).ignore_scale == 1.0
 

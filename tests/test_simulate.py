@@ -135,7 +135,7 @@ def test_best_epoch_is_chosen_by_validation_and_its_weights_are_returned(
         return stats
 
     monkeypatch.setattr(train_module, "train_one_epoch", recording_epoch)  # train_epochs calls it
-    cfg = _cfg(select_by=select_by)
+    cfg = _cfg(select_by=select_by, guard_confidence=None)  # fakes: no per-image predictions
     history = []
     model, best_epoch, _ = simulate.fine_tune(
         _make_model(),
@@ -164,7 +164,7 @@ def test_incoming_model_is_kept_when_no_epoch_improves(monkeypatch, tiny_data):
         tiny_data.feedback.tensors(),
         np.arange(40),
         tiny_data.feedback.subset(range(40, 50)),
-        _cfg(),
+        _cfg(guard_confidence=None),
         "exp",
         epochs=2,
         generator=torch.Generator(),

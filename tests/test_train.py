@@ -37,7 +37,7 @@ def _params(model):
 @pytest.mark.parametrize("loss", ["jaccard", "dice", "energy", "mse"])
 @pytest.mark.parametrize("cam_method", cam.METHODS)
 def test_batch_size_one_equals_the_thesis_reference_step(tiny_model, loss, cam_method):
-    cfg = FeedbackConfig(
+    cfg = FeedbackConfig.thesis(
         lam=0.5, explanation_loss=loss, cam=cam_method, second_order="detached", ignore_loss=None
     )
     other = copy.deepcopy(tiny_model)
@@ -61,7 +61,7 @@ def test_reference_step_refuses_ignore_masks_it_would_not_learn_from(tiny_model)
 @pytest.mark.parametrize("loss", EXPLANATION_LOSSES)
 @pytest.mark.parametrize("second_order", ["detached", "full"])
 def test_explanation_loss_gradients_reach_the_first_conv_layer(tiny_model, loss, second_order):
-    cfg = FeedbackConfig(lam=1.0, explanation_loss=loss, second_order=second_order)
+    cfg = FeedbackConfig.thesis(lam=1.0, explanation_loss=loss, second_order=second_order)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
     batch = _batch(ignore=EXPLANATION_LOSSES[loss].needs == "ignore")
     stats = feedback_step(tiny_model, batch, opt, cfg)
@@ -74,7 +74,7 @@ def test_full_second_order_also_trains_the_head_from_the_explanation_loss(tiny_m
     fc = tiny_model.model.fc.weight
     for mode, expect in [("detached", False), ("full", True)]:
         opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
-        cfg = FeedbackConfig(lam=1.0, second_order=mode, ignore_loss=None)
+        cfg = FeedbackConfig.thesis(lam=1.0, second_order=mode)
         feedback_step(tiny_model, _batch(), opt, cfg)
         has_grad = fc.grad is not None and bool(fc.grad.abs().sum() > 0)
         assert has_grad is expect, mode
@@ -84,7 +84,7 @@ def test_mini_batches_and_batch_size_one_both_step(tiny_model):
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.05)
     for n in (1, 8):
         before = _params(tiny_model)
-        stats = feedback_step(tiny_model, _batch(n), opt, FeedbackConfig())
+        stats = feedback_step(tiny_model, _batch(n), opt, FeedbackConfig.thesis())
         assert stats["skipped"] == 0 and stats["n_exp"] == n
         assert any(not torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
 
@@ -94,7 +94,7 @@ def test_non_finite_loss_skips_the_step_and_leaves_weights_and_optimizer_untouch
     bad = _batch()
     bad.images[0, 0, 0, 0] = float("nan")
     before = _params(tiny_model)
-    stats = feedback_step(tiny_model, bad, opt, FeedbackConfig())
+    stats = feedback_step(tiny_model, bad, opt, FeedbackConfig.thesis())
     assert stats["skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
     assert len(opt.state) == 0  # no momentum buffer was created
@@ -105,7 +105,7 @@ def test_non_finite_gradient_skips_the_step(tiny_model):
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
     tiny_model.model.fc.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
     before = _params(tiny_model)
-    stats = feedback_step(tiny_model, _batch(), opt, FeedbackConfig(lam=0.0))
+    stats = feedback_step(tiny_model, _batch(), opt, FeedbackConfig.thesis(lam=0.0))
     assert stats["skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
 
@@ -113,7 +113,7 @@ def test_non_finite_gradient_skips_the_step(tiny_model):
 def test_gradient_clipping_bounds_the_update(tiny_model):
     opt = torch.optim.SGD(tiny_model.parameters(), lr=1.0)
     before = _params(tiny_model)
-    stats = feedback_step(tiny_model, _batch(), opt, FeedbackConfig(clip_grad_norm=1e-3))
+    stats = feedback_step(tiny_model, _batch(), opt, FeedbackConfig.thesis(clip_grad_norm=1e-3))
     assert stats["grad_norm"] > 1e-3  # the norm before clipping
     step = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(tiny_model.parameters(), before)))
     assert step <= 1e-3 * 1.001
@@ -123,7 +123,7 @@ def test_a_batch_without_masks_takes_no_explanation_only_step(tiny_model):
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     batch = _batch()._replace(has_mask=torch.zeros(4, dtype=torch.bool))
     before = _params(tiny_model)
-    stats = feedback_step(tiny_model, batch, opt, FeedbackConfig(lam=1.0))
+    stats = feedback_step(tiny_model, batch, opt, FeedbackConfig.thesis(lam=1.0))
     assert stats["empty"] == 1 and stats["n_exp"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
 
@@ -133,7 +133,7 @@ def test_unmasked_samples_do_not_change_the_explanation_gradient(tiny_model):
     batch = _batch(4)
     mixed = batch._replace(has_mask=torch.tensor([True, True, False, False]))
     only = batch.index(slice(0, 2))
-    cfg = FeedbackConfig(lam=1.0)
+    cfg = FeedbackConfig.thesis(lam=1.0)
     feedback_step(tiny_model, mixed, torch.optim.SGD(tiny_model.parameters(), lr=0.0), cfg)
     feedback_step(other, only, torch.optim.SGD(other.parameters(), lr=0.0), cfg)
     for a, b in zip(tiny_model.parameters(), other.parameters(), strict=True):
@@ -142,11 +142,11 @@ def test_unmasked_samples_do_not_change_the_explanation_gradient(tiny_model):
 
 def test_config_validates():
     with pytest.raises(ValueError, match="explanation_loss"):
-        FeedbackConfig(explanation_loss="l2")
+        FeedbackConfig.thesis(explanation_loss="l2")
     with pytest.raises(ValueError, match="lam"):
-        FeedbackConfig(lam=-0.1)
+        FeedbackConfig.thesis(lam=-0.1)
     with pytest.raises(ValueError, match="second_order"):
-        FeedbackConfig(second_order="both")
+        FeedbackConfig.thesis(second_order="both")
 
 
 def _mean_jaccard(model, batch):
@@ -171,9 +171,9 @@ def test_explanation_only_training_raises_mean_jaccard_far_above_its_start(toy, 
             for i in range(0, 256, 16):
                 feedback_step(model, train.index(perm[i : i + 16]), opt, cfg)
 
-    fit(FeedbackConfig(lam=0.0), 4, 3e-3)  # the baseline: classification only
+    fit(FeedbackConfig.thesis(lam=0.0), 4, 3e-3)  # the baseline: classification only
     start = _mean_jaccard(model, test)
-    fit(FeedbackConfig(lam=1.0, second_order=second_order), 15, 3e-4)
+    fit(FeedbackConfig.thesis(lam=1.0, second_order=second_order), 15, 3e-4)
     end = _mean_jaccard(model, test)
     assert end > start + 0.2 and end > 2.5 * start, (start, end)
 
@@ -182,21 +182,24 @@ def test_all_classes_explanation_loss_is_the_mean_over_each_class_cam(tiny_model
     batch = _batch(4)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)
     all_classes = feedback_step(
-        tiny_model, batch, opt, FeedbackConfig(lam=1.0, explain_classes="all")
+        tiny_model, batch, opt, FeedbackConfig.thesis(lam=1.0, explain_classes="all")
     )
     per_class = [
         feedback_step(
-            tiny_model, batch._replace(labels=torch.full((4,), c)), opt, FeedbackConfig(lam=1.0)
+            tiny_model,
+            batch._replace(labels=torch.full((4,), c)),
+            opt,
+            FeedbackConfig.thesis(lam=1.0),
         )["loss_exp"]
         for c in range(3)
     ]
     assert all_classes["loss_exp"] == pytest.approx(sum(per_class) / 3, rel=1e-5)
     predicted = tiny_model(batch.images).logits.argmax(1)
     by_pred = feedback_step(
-        tiny_model, batch, opt, FeedbackConfig(lam=1.0, explain_classes="predicted")
+        tiny_model, batch, opt, FeedbackConfig.thesis(lam=1.0, explain_classes="predicted")
     )
     by_label = feedback_step(
-        tiny_model, batch._replace(labels=predicted), opt, FeedbackConfig(lam=1.0)
+        tiny_model, batch._replace(labels=predicted), opt, FeedbackConfig.thesis(lam=1.0)
     )
     assert by_pred["loss_exp"] == pytest.approx(by_label["loss_exp"], rel=1e-5)
 
@@ -206,14 +209,14 @@ def test_sync_free_step_with_a_fused_optimizer_matches_and_skips_on_the_device(t
     batch = _batch(4)
     fused = torch.optim.SGD(tiny_model.parameters(), lr=0.1, momentum=0.9, fused=True)
     plain = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
-    stats = feedback_step(tiny_model, batch, fused, FeedbackConfig(), sync=False)
+    stats = feedback_step(tiny_model, batch, fused, FeedbackConfig.thesis(), sync=False)
     assert isinstance(stats["loss"], torch.Tensor) and stats["skipped"].item() == 0
-    feedback_step(other, batch, plain, FeedbackConfig())
+    feedback_step(other, batch, plain, FeedbackConfig.thesis())
     for a, b in zip(tiny_model.parameters(), other.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     bad = _batch(4)
     bad.images[0, 0, 0, 0] = float("nan")
     before = _params(tiny_model)
-    stats = feedback_step(tiny_model, bad, fused, FeedbackConfig(), sync=False)
+    stats = feedback_step(tiny_model, bad, fused, FeedbackConfig.thesis(), sync=False)
     assert stats["skipped"].item() == 1
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))

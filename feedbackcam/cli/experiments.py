@@ -189,7 +189,13 @@ def _simulate(args) -> int:
 
 
 def _add_shortcuts(sub) -> None:
-    from ..shortcuts.config import DATASETS, MASK_CONTROLS, BenchConfig, methods
+    from ..shortcuts.config import DATASETS, MASK_CONTROLS, BenchConfig, check_method, methods
+
+    def method(text: str) -> str:
+        try:
+            return check_method(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{err}; losses: {', '.join(methods())}") from err
 
     d = BenchConfig()
     p = command(sub, "shortcuts", _shortcuts)
@@ -205,13 +211,19 @@ def _add_shortcuts(sub) -> None:
 
     bench("--datasets", "datasets", nargs="+", choices=DATASETS)
     bench("--seeds", "seeds", nargs="+", type=int)
-    bench("--methods", "methods", nargs="+", choices=methods())
+    bench("--methods", "methods", nargs="+", type=method, metavar="METHOD")
     bench("--lams", "lams", nargs="+", type=float)
+    p.add_argument(
+        "--artifacts-root",
+        default=argparse.SUPPRESS,
+        help="isic-real and the trap splits: the artifact annotations (artifact_lists.json, "
+        "patch_masks/, artifact_flags.csv); default: ISIC_ROOT/artifacts",
+    )
     bench("--controls", "controls", nargs="*", choices=MASK_CONTROLS)
-    bench("--control-methods", "control_methods", nargs="*", choices=methods())
+    bench("--control-methods", "control_methods", nargs="*", type=method, metavar="METHOD")
     bench("--control-seeds", "control_seeds", nargs="*", type=int)
     bench("--fractions", "fractions", nargs="*", type=float)
-    bench("--efficiency-methods", "efficiency_methods", nargs="*", choices=methods())
+    bench("--efficiency-methods", "efficiency_methods", nargs="*", type=method, metavar="METHOD")
     bench("--efficiency-seeds", "efficiency_seeds", nargs="*", type=int)
     p.add_argument(
         "--isic-root",

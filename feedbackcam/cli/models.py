@@ -83,6 +83,15 @@ def _add_evaluate(sub) -> None:
         help="a prepared folder of the same ids (e.g. an artifact added or removed): write "
         "counterfactual.json with the flip rate, flips per class pair and both accuracies",
     )
+    p.add_argument(
+        "--artifacts",
+        type=Path,
+        default=None,
+        metavar="FLAGS.csv",
+        help="per-image artifact flags (an id column and 0/1 columns, e.g. ruler, ink, "
+        "dark_corner): write artifacts.json with each artifact's accuracy with and without it "
+        "and, where the data marks artifacts (ignore masks), the flip rate when they are filled",
+    )
     p.add_argument("--device", default="cpu")
 
 
@@ -90,8 +99,8 @@ def _evaluate(args) -> int:
     """Metrics of a checkpoint on a prepared dataset, per image and per class.
 
     Write metrics.json, table.md and predictions.csv (one row per image: label, prediction,
-    probabilities, Jaccard against the keep mask) to --out; optionally the saliency maps and a
-    counterfactual comparison."""
+    probabilities, Jaccard against the keep mask) to --out; optionally the saliency maps, a
+    counterfactual comparison and the per-artifact reliance (--artifacts)."""
     from ..checkpoint import load_checkpoint
     from ..data.prepared import load_prepared
     from ..evaluate import (
@@ -136,6 +145,16 @@ def _evaluate(args) -> int:
         f"{', '.join(ev.avg_sensitivity_classes)}{absent}"
     )
     written = ["metrics.json", "table.md", "predictions.csv"]
+    if args.artifacts is not None:
+        from ..data.artifacts import read_artifact_flags
+        from ..reliance import artifact_reliance, reliance_table
+
+        flag_ids, flags = read_artifact_flags(args.artifacts)
+        predicted = ev.probs.argmax(axis=1)
+        report = artifact_reliance(model, data, flag_ids, flags, predicted, device=args.device)
+        write_json(args.out / "artifacts.json", report | {"flags": str(args.artifacts)})
+        written.append("artifacts.json")
+        print(reliance_table(report))
     if args.save_maps:
         write_saliency_maps(args.out / "maps", ev, data.ids)
         written.append("maps/")

@@ -1,13 +1,23 @@
-"""A band-aid paster: put a seeded, band-aid-like patch outside the lesion of a real image.
+"""Acquisition artifacts on real images: pasted, cut out, and listed.
 
-Used to build a shortcut on ISIC images (a patch on most MEL and few other images in training, at
-random at test), with the patch's exact mask as the "ignore" feedback a user would draw. The
-patch is a rotated rounded rectangle in a beige / skin-tone plastic colour with a lighter
-central pad, a darker rim, a fine texture of perforation dots and soft shading, alpha-blended
-with anti-aliased edges. Everything is a function of the generator passed in.
+- :func:`paste_bandaids`: a seeded, band-aid-like patch outside the lesion of a real image (a
+  rotated rounded rectangle in a skin-tone plastic colour, a lighter pad, a darker rim,
+  perforation dots and shading), to build a shortcut on ISIC images with the patch's exact mask
+  as the "ignore" feedback a user would draw.
+- :func:`cut_out` and :func:`paste_cutouts`: *real* artifacts (the coloured adhesive patches of
+  ISIC 2017, cut out with a clinician's ignore mask) pasted onto other images, never over their
+  lesion: the counterfactual test of "does this artifact decide?".
+- :func:`read_artifact_flags`: per-image artifact annotations (a CSV of 0/1 columns, such as
+  Bissoto et al.'s ``dark_corner, hair, gel_border, gel_bubble, ruler, ink, patches``).
+
+Everything random is a function of the seed or generator passed in.
 """
 
 from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -117,3 +127,110 @@ def paste_bandaids(
             out[i], masks[i] = paste_bandaid(images[i], lesions[i], rng)
             has[i] = masks[i].any()
     return out, masks, has
+
+
+# ----------------------------------------------------------------------------- real artifacts
+
+
+class Cutout(NamedTuple):
+    """A real artifact cut out of an image: its pixels (H, W, 3) uint8 and mask (H, W) 0/1,
+    at the image's size and place, and the id of the image it came from."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    source: str
+
+
+def cut_out(image: np.ndarray, mask: np.ndarray, source: str = "") -> Cutout:
+    """The artifact of ``image`` marked by ``mask`` (> 0), to paste onto other images."""
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"{source}: image {image.shape[:2]} and mask {mask.shape} differ")
+    return Cutout(image, (mask > 0).astype(np.uint8), source)
+
+
+def _placements(cut: Cutout):
+    """The cut-out as it is, mirrored and turned: eight ways to place it."""
+    for k in range(4):
+        for flip in (False, True):
+            img, m = np.rot90(cut.image, k), np.rot90(cut.mask, k)
+            if flip:
+                img, m = img[:, ::-1], m[:, ::-1]
+            yield img, m
+
+
+def paste_cutouts(
+    images: np.ndarray,
+    lesions: np.ndarray,
+    cutouts: list[Cutout],
+    *,
+    seed: int,
+    margin: float = 0.03,
+    which: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Paste a real artifact onto each image (or those in ``which``), never over its lesion.
+
+    Image ``i`` gets a cut-out drawn with ``default_rng([seed, i])``, at its own place or, if
+    that would touch the lesion (grown by ``margin`` of the side), mirrored or turned; the next
+    cut-outs are tried in turn when none fits. An image no cut-out fits is left as it is (its
+    mask stays empty): callers count ``has``.
+
+    Returns:
+        (images, masks, has): uint8 (N, H, W, 3), uint8 (N, H, W) 0/1, bool (N,).
+    """
+    if not cutouts:
+        raise ValueError("cutouts: expected at least one artifact to paste")
+    size = images.shape[1]
+    if any(c.mask.shape != images.shape[1:3] for c in cutouts):
+        raise ValueError(f"cutouts: expected masks of the images' size {images.shape[1:3]}")
+    out, masks = images.copy(), np.zeros(images.shape[:3], np.uint8)
+    has = np.zeros(len(images), bool)
+    todo = range(len(images)) if which is None else np.flatnonzero(which)
+    for i in todo:
+        rng = np.random.default_rng([seed, int(i)])
+        keepout = _dilate(lesions[i] > 0, max(1, int(round(margin * size))))
+        first = int(rng.integers(len(cutouts)))
+        for k in range(len(cutouts)):
+            cut = cutouts[(first + k) % len(cutouts)]
+            fits = [(img, m) for img, m in _placements(cut) if not (m.astype(bool) & keepout).any()]
+            if fits:
+                img, m = fits[int(rng.integers(len(fits)))]
+                region = m.astype(bool)
+                out[i][region] = img[region]
+                masks[i] = m
+                has[i] = True
+                break
+    return out, masks, has
+
+
+# ----------------------------------------------------------------------------- annotations
+
+ID_COLUMNS = ("image_id", "id", "image", "isic_id")
+
+
+def read_artifact_flags(path: str | Path) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+    """Per-image artifact flags from a CSV: an id column (``image_id``, ``id``, ``image`` or
+    ``isic_id``) and one 0/1 column per artifact. Returns (ids, {artifact: bool (N,)}).
+
+    Raises:
+        ValueError: no id column, no artifact column, or a value that is not 0 or 1 (the
+            message names the file, the row and the column).
+    """
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    id_col = next((c for c in ID_COLUMNS if c in header), None)
+    if id_col is None:
+        raise ValueError(f"{path}: no id column (one of {ID_COLUMNS}); header {header[:8]}")
+    names = [c for c in header if c != id_col]
+    if not names:
+        raise ValueError(f"{path}: no artifact column beside {id_col!r}")
+    flags = {n: np.zeros(len(rows), bool) for n in names}
+    for k, row in enumerate(rows, start=2):
+        for n in names:
+            if row[n] not in ("0", "1"):
+                raise ValueError(f"{path}: row {k}, column {n!r}: expected 0 or 1, got {row[n]!r}")
+            flags[n][k - 2] = row[n] == "1"
+    ids = tuple(row[id_col].removesuffix("_downsampled") for row in rows)
+    return ids, flags

@@ -111,6 +111,7 @@ def fine_tune(
         raise Interrupted("stopped during an update") from err
     model.eval()
     return {
+        "surroundings_scale": feedback.surroundings_scale,
         "ignore_scale": feedback.ignore_scale,
         "steps": stats["steps"],
         "loss": stats["train_loss"],

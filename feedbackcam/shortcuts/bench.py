@@ -7,8 +7,8 @@ images. Baselines, ceilings and fine-tunes all train through the project's one l
 (:func:`feedbackcam.train.train_epochs`).
 
 Protocol: each method gets the same tuning budget (``BenchConfig.lams``, with the explanation
-term scaled so that lambda is its share of the gradient at the start, see
-:func:`~feedbackcam.balance.calibrate_loss_scale`); the setting is chosen on the tuning seed's
+terms scaled so that lambda is their share of the gradient at the start, see
+:func:`~feedbackcam.balance.auto_scaled`); the setting is chosen on the tuning seed's
 *validation* split by :func:`.rules.choose_lambda`. Test numbers never choose anything.
 """
 
@@ -24,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..balance import calibrate_loss_scale
+from .. import clarc, losses
+from ..balance import auto_scaled
 from ..data.dataset import ArrayDataset
 from ..fileio import write_json
 from ..models import build_model
-from ..objective import FeedbackConfig
+from ..objective import ADDED_TERMS, FeedbackConfig
 from ..self_explaining import SelfExplaining
 from ..train import Batching, class_weights, epoch_batches, make_optimizer, train_epochs
-from .config import CLASS_ONLY, BenchConfig, Schedule, needs_keep_masks
+from .config import CLARC, CLASS_ONLY, BenchConfig, Schedule, needs_keep_masks
 from .data import ShortcutData, load_data
 from .metrics import shortcut_scores, val_scores
 from .report import write_outputs
@@ -50,8 +51,10 @@ def train_classifier(
     model: SelfExplaining, data: ArrayDataset, sched: Schedule, seed: int
 ) -> SelfExplaining:
     """Plain cross-entropy training (the baseline and the ceiling), Adam, seeded shuffling;
-    BatchNorm statistics learn the data (as in base training)."""
-    cfg = FeedbackConfig(lam=0.0, freeze_batchnorm=False)
+    BatchNorm statistics learn the data (as in base training); inverse-frequency class weights
+    where the schedule says so (as ``train-base`` trains)."""
+    weights = class_weights(data.labels, len(data.classes)) if sched.weighted else None
+    cfg = FeedbackConfig(lam=0.0, freeze_batchnorm=False, class_weights=weights)
     opt = make_optimizer(model, "adam", sched.base_lr)
     g = torch.Generator().manual_seed(seed)
     everything = np.arange(len(data))
@@ -60,6 +63,27 @@ def train_classifier(
         model, data.tensors(), everything, opt, cfg, batching, epochs=sched.base_epochs, generator=g
     )
     return model
+
+
+def method_config(method: str, lam: float, weights=None) -> FeedbackConfig:
+    """The objective of a benchmark method: ``"class"`` (lambda 0), a registered loss alone, or
+    ``"A+B[+C]"``: loss A as the explanation loss with B (and C) as its added terms, each in the
+    slot of the masks it learns from (``"jaccard+surroundings+invariance_balanced"`` is the
+    library's default objective). A method runs exactly the terms it names."""
+    if method == CLASS_ONLY:
+        return FeedbackConfig(
+            lam=0.0, explanation_loss="rrr_ignore", surroundings_loss=None, ignore_loss=None,
+            class_weights=weights,
+        )  # fmt: skip
+    first, *added = method.split("+")
+    slots = {field: None for field, _, _ in ADDED_TERMS}
+    for name in added:
+        needs = losses.get_loss(name).needs
+        field = next(f for f, _, kind in ADDED_TERMS if kind == needs)
+        if slots[field] is not None:
+            raise ValueError(f"method {method!r}: two losses for {needs} masks")
+        slots[field] = name
+    return FeedbackConfig(lam=lam, explanation_loss=first, class_weights=weights, **slots)
 
 
 def fine_tune(
@@ -75,44 +99,68 @@ def fine_tune(
     calibration_batches: int = 4,
     class_weighted: bool = False,
 ) -> tuple[SelfExplaining, float]:
-    """Fine-tune a copy of ``base`` on the feedback pool with one method; return it and its
-    loss scale.
+    """Fine-tune a copy of ``base`` on the feedback pool with one method (:func:`method_config`);
+    return it and its loss scale.
 
     ``data``: a data set's :class:`~.data.ShortcutData` (its pool, with the ``mask_kind`` ignore
-    masks) or a pool of its own. ``fraction`` of the pool's images (a seeded choice) carry the
-    ignore mask; the others are still in the pool with their labels (class feedback only).
-    ``class_weighted``: every cross-entropy (the classification term and the counterfactuals')
-    is weighted by the pool's inverse class frequencies (:func:`feedbackcam.train.class_weights`).
+    masks) or a pool of its own. ``fraction`` of the pool's marked images (a seeded choice)
+    carry their ignore mask; the others are still in the pool with their labels and keep masks.
+    Every term's scale is calibrated on the first batches so that lambda is the explanation
+    share of the starting gradient (:func:`~feedbackcam.balance.auto_scaled`).
+    ``class_weighted`` (or a weighted schedule): every cross-entropy, the classification term's
+    and the counterfactuals', is weighted by the pool's inverse class frequencies.
     """
     model = copy.deepcopy(base)
     pool = data.pool if isinstance(data, ShortcutData) else data
     n = len(pool)
     g = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(n, generator=g)[: int(round(fraction * n))]
+    marked = (
+        np.zeros(n, bool)
+        if pool.ignore is None
+        else pool.ignore.reshape(n, -1).any(1) & (pool.has_ignore is None or pool.has_ignore)
+    )
+    order = torch.randperm(n, generator=g).numpy()
+    ranked = order[marked[order]]
     given = np.zeros(n, bool)
-    given[chosen.numpy()] = True
+    given[ranked[: int(round(fraction * len(ranked)))]] = True
     if isinstance(data, ShortcutData):
         pool = data.pool_with(mask_kind, given)
     elif pool.ignore is not None:
         pool = replace(pool, ignore=pool.ignore * given[:, None, None], has_ignore=given)
-    loss = "rrr_ignore" if method == CLASS_ONLY else method
-    weights = class_weights(pool.labels, len(pool.classes)) if class_weighted else None
-    cfg = FeedbackConfig(
-        lam=0.0 if method == CLASS_ONLY else lam, explanation_loss=loss, class_weights=weights
-    )
+    weighted = class_weighted or sched.weighted
+    weights = class_weights(pool.labels, len(pool.classes)) if weighted else None
+    if method in CLARC:
+        return _clarc(model, pool, given, sched, method, g, weights), 1.0
+    cfg = method_config(method, lam, weights)
     tensors = pool.tensors()
     everything = np.arange(n)
-    scale = 1.0
     torch.manual_seed(seed)
     if cfg.lam > 0:
         batches = epoch_batches(tensors, everything, sched.batch, generator=g)
         probe = list(itertools.islice(batches, calibration_batches))
-        scale = calibrate_loss_scale(model, probe, cfg)
-        cfg = replace(cfg, loss_scale=scale)
+        cfg = auto_scaled(model, probe, replace(cfg, auto_scale=True))
     opt = make_optimizer(model, "adam", sched.lr)
     batching = Batching(sched.batch)
     train_epochs(model, tensors, everything, opt, cfg, batching, epochs=sched.epochs, generator=g)
-    return model, scale
+    return model, cfg.loss_scale
+
+
+def _clarc(model, pool: ArrayDataset, given: np.ndarray, sched: Schedule, method, g, weights):
+    """P-ClArC (the artifact's direction projected out, no training) or A-ClArC (class
+    feedback fine-tuning with the direction added to every image), the direction from the
+    marked images vs the rest of the pool (:mod:`feedbackcam.clarc`)."""
+    d = clarc.artifact_direction(model, pool.images, given)
+    if method == "p_clarc":
+        clarc.attach(model, d, d.clean)  # for good: this copy is only evaluated
+        return model
+    cfg = method_config(CLASS_ONLY, 0.0, weights)
+    opt = make_optimizer(model, "adam", sched.lr)
+    with clarc.augmented(model, d):
+        train_epochs(
+            model, pool.tensors(), np.arange(len(pool)), opt, cfg, Batching(sched.batch),
+            epochs=sched.epochs, generator=g,
+        )  # fmt: skip
+    return model
 
 
 def evaluate_row(model: SelfExplaining, data: ShortcutData) -> dict:
@@ -228,8 +276,8 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 lambda seed=seed: ceiling(seed),
             )
             for method in config.methods:
-                if method == CLASS_ONLY:
-                    tuned(seed, CLASS_ONLY, 0.0)
+                if method == CLASS_ONLY or method in CLARC:  # no lambda to tune
+                    chosen[method] = tuned(seed, method, 0.0)["lam"]
                     continue
                 if method not in chosen:
                     trials = [tuned(seed, method, lam, phase="tune") for lam in config.lams]
@@ -241,7 +289,8 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
         for seed in [s for s in seeds if s in config.control_seeds]:
             for method in config.control_methods:
                 for mask in config.controls:
-                    if method in chosen and not needs_keep_masks(method):
+                    masks_matter = not needs_keep_masks(method) and method not in CLARC
+                    if method in chosen and masks_matter and method != CLASS_ONLY:
                         tuned(seed, method, chosen[method], mask=mask, phase="control")
         for seed in [s for s in seeds if s in config.efficiency_seeds]:
             for method in config.efficiency_methods:

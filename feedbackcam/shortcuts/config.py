@@ -12,16 +12,35 @@ from dataclasses import asdict, dataclass, field
 
 from .. import losses
 
-DATASETS = ("decoy", "synth-patch", "synth-ruler", "isic-bandaid")
+TRAPS = ("isic-trap-ruler", "isic-trap-ink", "isic-trap-dark_corner", "isic-trap-all")
+DATASETS = ("decoy", "synth-patch", "synth-ruler", "isic-bandaid", "isic-real", *TRAPS)
 MASK_CONTROLS = ("random", "wrong", "half")
 CLASS_ONLY = "class"
+# Reveal2Revise's activation-space corrections (feedbackcam.clarc): the marked images give the
+# artifact's direction; P-ClArC projects it out (no training), A-ClArC fine-tunes with it added.
+CLARC = ("p_clarc", "a_clarc")
 # Keep-mask losses in the documented run (the typology's HINT); every ignore-mask loss is in it.
 KEEP_METHODS = ("hint",)
 
 
 def methods() -> tuple[str, ...]:
-    """Every method the benchmark can run: class feedback and every registered loss."""
-    return (CLASS_ONLY, *losses.EXPLANATION_LOSSES)
+    """Every single-loss method the benchmark can run: class feedback and every registered
+    loss (a method may also combine losses, ``"A+B"``: see :func:`check_method`)."""
+    return (CLASS_ONLY, *CLARC, *losses.EXPLANATION_LOSSES)
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is ``"class"``, a registered loss, or ``"A+B[+C]"``: a registered loss
+    and added terms for other kinds of mask (``ValueError`` naming what is wrong)."""
+    if method == CLASS_ONLY or method in CLARC:
+        return method
+    parts = method.split("+")
+    for name in parts:
+        losses.get_loss(name)
+    kinds = [losses.get_loss(name).needs for name in parts[1:]]
+    if len(set(kinds)) < len(kinds):
+        raise ValueError(f"method {method!r}: at most one added loss per kind of mask")
+    return method
 
 
 def default_methods() -> tuple[str, ...]:
@@ -32,8 +51,10 @@ def default_methods() -> tuple[str, ...]:
 
 
 def needs_keep_masks(method: str) -> bool:
-    """The method learns from keep masks (so the ignore-mask controls do not apply to it)."""
-    return method != CLASS_ONLY and losses.get_loss(method).needs == "keep"
+    """The method learns from keep masks alone (so the ignore-mask controls do not apply)."""
+    if method == CLASS_ONLY or method in CLARC:
+        return False
+    return all(losses.get_loss(name).needs == "keep" for name in method.split("+"))
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,12 @@ class Schedule:
     epochs: int = 3
     lr: float = 1e-3
     batch: int = 64
+    weighted: bool = False  # inverse-frequency class weights in every cross-entropy
+
+
+# The ISIC schedules: EfficientNet-Lite0 (ImageNet weights, offline) at the explanation layer bn2.
+ISIC = dict(arch="efficientnet_lite0", layer="", base_epochs=6, base_lr=3e-4, base_batch=32)
+ISIC_FINE = dict(epochs=3, lr=3e-4, batch=32)
 
 
 @dataclass(frozen=True)
@@ -65,7 +92,13 @@ class BenchConfig:
         isic_root: an ISIC 2017 folder (official layout, lesion masks) or a folder prepared from one
             (``feedbackcam data prepare``) for ``isic-bandaid``; no default (``--isic-root``).
         isic_size, isic_split: the ISIC images' side and the base / pool / validation / test
-            shares of a seed's stratified split.
+            shares of a seed's stratified split (``isic-bandaid``).
+        artifacts_root: the ISIC artifact annotations (artifact_lists.json, patch_masks/,
+            artifact_flags.csv) for ``isic-real`` and the trap splits; default: ``artifacts/``
+            in ``isic_root``.
+        isic_real_split, isic_real_pool, isic_real: ``isic-real``'s train / validation / test
+            shares of the unpatched images, its feedback pool size, and its schedule (class
+            weighted, as ``train-base`` trains); the trap splits use the same schedule.
         calibration_batches: batches the loss scale is calibrated on.
         class_weighted: fine-tunes (and the reference's) weight every cross-entropy by the
             pool's inverse class frequencies.
@@ -104,36 +137,29 @@ class BenchConfig:
     isic_root: str | None = None
     isic_size: int = 128
     isic_split: tuple[float, ...] = (0.4, 0.3, 0.1, 0.2)  # base, pool, val, test
-    isic: Schedule = field(
-        default_factory=lambda: Schedule(
-            arch="efficientnet_lite0",
-            layer="",
-            base_epochs=6,
-            base_lr=3e-4,
-            base_batch=32,
-            epochs=3,
-            lr=3e-4,
-            batch=32,
-        )
+    isic: Schedule = field(default_factory=lambda: Schedule(**ISIC, **ISIC_FINE))
+    artifacts_root: str | None = None
+    isic_real_split: tuple[float, ...] = (0.55, 0.15, 0.30)  # train, val, test (unpatched)
+    isic_real_pool: int = 400
+    isic_real: Schedule = field(
+        default_factory=lambda: Schedule(**ISIC, **ISIC_FINE, weighted=True)
     )
     calibration_batches: int = 4
     class_weighted: bool = False
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("datasets", DATASETS),
-            ("methods", methods()),
-            ("control_methods", methods()),
-            ("efficiency_methods", methods()),
-            ("controls", MASK_CONTROLS),
-        ):
+        for name, allowed in (("datasets", DATASETS), ("controls", MASK_CONTROLS)):
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad:
                 raise ValueError(f"{name}: {bad} not in {allowed}")
-        if "isic-bandaid" in self.datasets and not self.isic_root:
+        for name in ("methods", "control_methods", "efficiency_methods"):
+            for method in getattr(self, name):
+                check_method(method)
+        isic = [d for d in self.datasets if d.startswith("isic")]
+        if isic and not self.isic_root:
             raise ValueError(
-                "isic-bandaid needs an ISIC 2017 folder (official layout, with the lesion masks) "
-                "or one prepared from it: give --isic-root PATH"
+                f"{', '.join(isic)} need an ISIC 2017 folder (official layout, with the lesion "
+                "masks) or one prepared from it: give --isic-root PATH"
             )
 
     def to_dict(self) -> dict:

@@ -11,7 +11,7 @@ strokes, SynthDerm's attribute masks, ISIC's lesion).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +19,23 @@ import torch
 from torch import Tensor
 
 from ..data.dataset import ArrayDataset
-from .config import DATASETS, MASK_CONTROLS, BenchConfig, Schedule
+from .config import DATASETS, MASK_CONTROLS, TRAPS, BenchConfig, Schedule
 
 
 @dataclass(frozen=True, eq=False)
 class ShortcutEval:
     """A validation or test split: ``data`` (the images with their confounder where they have
     one; ``data.ignore`` is the confounder's mask, ``data.masks`` the keep masks), ``clean`` (the
-    same images without the confounder, uint8 (N, H, W, 3)), and ``misleads`` (bool (N,): the
-    confounder points at another class than the label)."""
+    same images without the confounder, uint8 (N, H, W, 3)), ``misleads`` (bool (N,): the
+    confounder points at another class than the label), ``target`` (the class the confounder
+    stands for, if one) and ``flags`` (artifact name -> bool (N,): which images carry it as
+    annotated, for per-artifact accuracies)."""
 
     data: ArrayDataset
     clean: np.ndarray
     misleads: np.ndarray
+    target: int | None = None
+    flags: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def images(self) -> Tensor:
@@ -82,6 +86,8 @@ class ShortcutData:
         """The pool with the ``mask_kind`` ignore masks (the true ones or a control) on the
         images in ``given`` (bool (N,); default all): an image without feedback has an empty
         ignore mask, so the counterfactual losses never fill or move what nobody marked."""
+        if self.pool.ignore is None:  # nothing was marked (the trap splits): keep masks only
+            return self.pool
         masks = self.pool.ignore if mask_kind == "ignore" else self.controls[mask_kind]
         given = np.ones(len(self.pool), bool) if given is None else np.asarray(given, bool)
         ignore = (masks * given[:, None, None]).astype(np.uint8)
@@ -168,7 +174,7 @@ def synth_data(seed: int, confounder: str, n: tuple[int, int, int, int]) -> Shor
 
     def evalset(count: int, s: int, rate: float) -> ShortcutEval:
         data, clean, ds = sets(count, s, rate)
-        return ShortcutEval(data, clean.images, ds.has_artifact != (ds.labels == target))
+        return ShortcutEval(data, clean.images, ds.has_artifact != (ds.labels == target), target)
 
     return ShortcutData(
         replace(base, ignore=None, has_ignore=None),
@@ -248,7 +254,7 @@ def isic_data(seed: int, cfg: BenchConfig, cache: str | Path) -> ShortcutData:
     def evalset(idx: np.ndarray, rate_target: float, rate_other: float, k: int) -> ShortcutEval:
         data = pasted(idx, rate_target, rate_other, k)
         has = data.ignore.reshape(len(idx), -1).any(1)
-        return ShortcutEval(data, images[idx], has != (labels[idx] == target))
+        return ShortcutEval(data, images[idx], has != (labels[idx] == target), target)
 
     pool_set = pasted(pool, 0.9, 0.1, 1)
     return ShortcutData(
@@ -272,4 +278,12 @@ def load_data(
         return synth_data(seed, name.split("-")[1], cfg.synth_n), cfg.synth
     if name == "isic-bandaid":
         return isic_data(seed, cfg, cache), cfg.isic
+    if name == "isic-real":
+        from .isic_real import isic_real_data
+
+        return isic_real_data(seed, cfg, cache), cfg.isic_real
+    if name in TRAPS:
+        from .isic_real import isic_trap_data
+
+        return isic_trap_data(seed, name.removeprefix("isic-trap-"), cfg, cache), cfg.isic_real
     raise ValueError(f"dataset: expected one of {DATASETS}, got {name!r}")

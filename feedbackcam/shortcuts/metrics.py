@@ -15,7 +15,7 @@ Predictions come from :func:`feedbackcam.evaluate.predict_probs`, as everywhere 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -110,12 +110,37 @@ class ShortcutScores:
     sens: tuple[float, ...] = ()
     sens_clean: tuple[float, ...] = ()
     auc_clean: tuple[float, ...] = ()
+    avg_sens_clean: float = math.nan
+    flip_to_target: float = math.nan
+    by_artifact: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         for k in ("sens", "sens_clean", "auc_clean"):
             out[k] = list(getattr(self, k))
         return out
+
+
+def flip_to(pred: Tensor, pred_clean: Tensor, labels: Tensor, has: Tensor, target: int) -> float:
+    """Share of the images of other classes than ``target`` that carry the confounder and are
+    called ``target`` with it but not without it (e.g. melanomas called "NV" once a patch is
+    pasted beside them)."""
+    rows = has & (labels != target)
+    if not rows.any():
+        return math.nan
+    return float(((pred[rows] == target) & (pred_clean[rows] != target)).float().mean())
+
+
+def artifact_accuracy(correct: np.ndarray, flags: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Per annotated artifact: [accuracy on the images with it, on those without, how many
+    have it] (NaN where a group is empty)."""
+    out = {}
+    for name, has in flags.items():
+        has = np.asarray(has, bool)
+        with_it = float(correct[has].mean()) if has.any() else math.nan
+        without = float(correct[~has].mean()) if (~has).any() else math.nan
+        out[name] = [with_it, without, int(has.sum())]
+    return out
 
 
 def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores:
@@ -150,24 +175,32 @@ def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores
         sens=tuple(scores.sensitivity().values()),
         sens_clean=tuple(clean.sensitivity().values()),
         auc_clean=tuple(m.auc for m in clean.per_class.values()),
+        avg_sens_clean=clean.avg_sensitivity,
+        flip_to_target=math.nan
+        if data.target is None
+        else flip_to(pred, pred_clean, labels, has, data.target),
+        by_artifact=artifact_accuracy((pred_clean == labels).numpy(), data.flags),
     )
 
 
 def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
     """What a user can see on confounded validation data whose confounders they marked:
     accuracy, and, with each marked region filled by its image's median colour
-    (:func:`~feedbackcam.counterfactual.fill_region`, no oracle render), the average
-    sensitivity and the share of predictions that change (the validation flip rate)."""
+    (:func:`~feedbackcam.counterfactual.fill_region`, no oracle render), the average and
+    per-class sensitivity and the share of predictions that change (the validation flip rate;
+    NaN where no validation image carries a marked confounder)."""
     images, labels, confounder = val.images, val.labels, val.confounder
     probs = predict_probs(model, images, batch_size=BATCH)
     pred = probs.argmax(1)
     filled = predict_probs(model, fill_region(images, confounder), batch_size=BATCH).argmax(1)
     has = confounder.flatten(1).amax(1) > 0
     names = [str(k) for k in range(probs.shape[1])]
+    on_filled = classification_metrics(
+        labels.numpy(), F.one_hot(filled, probs.shape[1]).numpy(), names
+    )
     return {
         "val_acc": float((pred == labels).float().mean()),
         "val_flip": flip_rate(pred[has], filled[has]),
-        "val_avg_sens_filled": classification_metrics(
-            labels.numpy(), F.one_hot(filled, probs.shape[1]).numpy(), names
-        ).avg_sensitivity,
+        "val_avg_sens_filled": on_filled.avg_sensitivity,
+        "val_sens_filled": list(on_filled.sensitivity().values()),
     }

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # The ignore losses the default rule chooses among (and class feedback, the floor).
@@ -34,7 +36,11 @@ def choose_lambda(rows: list[dict], baseline: dict, tolerance: float) -> float:
     """
     key = guard_key([*rows, baseline])
     ok = [r for r in rows if r[key] >= baseline[key] - tolerance] or rows
-    return min(ok, key=lambda r: (round(r["val_flip"], 4), -r[key]))["lam"]
+
+    def flip(r: dict) -> float:  # no marked confounder on validation (trap splits): no flip
+        return 0.0 if r["val_flip"] is None or math.isnan(r["val_flip"]) else r["val_flip"]
+
+    return min(ok, key=lambda r: (round(flip(r), 4), -r[key]))["lam"]
 
 
 def choose_default(

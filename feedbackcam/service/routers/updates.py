@@ -45,7 +45,7 @@ def _status(runtime, session) -> UpdateStatus:
 
 def learning(feedback) -> dict:
     """What the page shows of how updates learn (``Settings.feedback``)."""
-    keys = ("lam", "explanation_loss", "ignore_loss", "cam")
+    keys = ("lam", "explanation_loss", "surroundings_loss", "ignore_loss", "cam")
     return {k: getattr(feedback, k) for k in keys}
 
 

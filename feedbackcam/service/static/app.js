@@ -912,12 +912,12 @@ async function refreshStatus() {
 
 const fmt = (v) => (typeof v === "number" ? v.toFixed(3) : "–");
 
-// How updates learn (serve's --lambda, --explanation-loss, --ignore-loss, --cam).
+// How updates learn (serve's --lambda, --explanation-loss, --surroundings-loss, --ignore-loss, --cam).
 function learningWords(l) {
   if (!l || l.lam === undefined) return "";
-  return `Updates learn with λ = ${l.lam}: the ${l.explanation_loss} loss on regions marked ` +
-    `"matters", ${l.ignore_loss ? `the ${l.ignore_loss} loss on regions marked "must not matter"` : "no loss on ignore marks"}, ` +
-    `explanations by ${l.cam}.`;
+  const keep = `the ${l.explanation_loss} loss` + (l.surroundings_loss ? ` and the ${l.surroundings_loss} loss (decide from the region)` : "");
+  const ignore = l.ignore_loss ? `the ${l.ignore_loss} loss on regions marked "must not matter"` : "no loss on ignore marks";
+  return `Updates learn with λ = ${l.lam}: ${keep} on regions marked "matters", ${ignore}, explanations by ${l.cam}.`;
 }
 
 function validationWords(version) {

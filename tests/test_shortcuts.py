@@ -516,6 +516,31 @@ def test_default_rule_refuses_a_loss_that_loses_a_class_on_any_data_set():
     assert choose_default(rows[:2], ("sharp",))[0] is None
 
 
+def test_default_rule_refuses_a_loss_that_trades_the_confounded_class_away():
+    """The per-class guard: against the no-confounder reference's filled-validation
+    sensitivities, less the tolerance and the validation set's noise."""
+    from feedbackcam.shortcuts import choose_default
+    from feedbackcam.shortcuts.rules import class_floors
+
+    def row(method, flip, sens, per_class):
+        r = _main_row("a", method, flip, sens)
+        return r | {"val_sens_filled": per_class, "val_counts": [150, 40, 30]}
+
+    ref = row("no-confounder", 0.1, 0.6, [0.8, 0.5, 0.5])
+    rows = [row("baseline", 0.7, 0.6, [0.9, 0.3, 0.6]), ref]
+    rows += [
+        row("forgets", 0.01, 0.6, [0.99, 0.05, 0.76]),
+        row("keeps", 0.05, 0.6, [0.8, 0.45, 0.55]),
+    ]
+    rows[2]["classes"] = ["NV", "MEL", "BKL"]
+    winner, table = choose_default(rows, ("forgets", "keeps"))
+    assert winner == "keeps"
+    assert table["a"]["forgets"]["classes"] == ["MEL"] and not table["a"]["forgets"]["passes"]
+    floors = class_floors(ref, 0.05)
+    assert floors[1] < 0.45 < 0.5  # the noise of 40 images widens the floor below the tolerance
+    assert floors[0] > floors[1]  # 150 images: a tighter floor
+
+
 def test_choose_default_command_reads_every_benchmark_folder(tmp_path, capsys):
     from feedbackcam.cli import main
 
@@ -534,7 +559,7 @@ def test_choose_default_command_reads_every_benchmark_folder(tmp_path, capsys):
     assert main(["shortcuts", str(tmp_path), "--choose-default"]) == 0
     text = (tmp_path / "default.md").read_text()
     assert "Default by this rule: **invariance_balanced**" in text
-    assert "| b | invariance_transplant | 0.010 | 0.4000 | 0.5500 | no |" in text
+    assert "| b | invariance_transplant | 0.010 | 0.4000 | 0.5500 | none | no |" in text
     assert main(["shortcuts", str(tmp_path / "a"), "--choose-default"]) == 2
     assert "no */runs.jsonl to choose from" in capsys.readouterr().err
 

@@ -213,6 +213,7 @@ def _add_shortcuts(sub) -> None:
     bench("--seeds", "seeds", nargs="+", type=int)
     bench("--methods", "methods", nargs="+", type=method, metavar="METHOD")
     bench("--lams", "lams", nargs="+", type=float)
+    bench("--isic-size", "isic_size", type=int)
     p.add_argument(
         "--artifacts-root",
         default=argparse.SUPPRESS,

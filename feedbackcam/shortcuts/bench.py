@@ -27,7 +27,7 @@ import torch
 from .. import clarc, losses
 from ..balance import auto_scaled
 from ..data.dataset import ArrayDataset
-from ..fileio import write_json
+from ..fileio import write_atomic, write_json
 from ..models import build_model
 from ..objective import ADDED_TERMS, FeedbackConfig
 from ..self_explaining import SelfExplaining
@@ -163,6 +163,19 @@ def _clarc(model, pool: ArrayDataset, given: np.ndarray, sched: Schedule, method
     return model
 
 
+def baseline(path: Path, data: ShortcutData, sched: Schedule, seed: int) -> SelfExplaining:
+    """The seed's baseline, trained once and kept at ``path`` (a resumed or parallel run on
+    the same folder loads it instead of training it again; the training is seeded, so either
+    way it is the same model)."""
+    model = make_model(len(data.classes), sched, seed)
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model
+    model = train_classifier(model, data.base, sched, seed)
+    write_atomic(path, lambda f: torch.save(model.state_dict(), f))
+    return model
+
+
 def evaluate_row(model: SelfExplaining, data: ShortcutData) -> dict:
     """The validation scores (what a user can see) and every test metric of one model."""
     scores = {**val_scores(model, data.val), **shortcut_scores(model, data.test).to_dict()}
@@ -215,8 +228,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
             """Data, schedule, baseline model and baseline row of one seed (built once)."""
             if seed not in contexts:
                 data, sched = load_data(ds, seed, config, out / "data")
-                model = make_model(len(data.classes), sched, seed)
-                base = train_classifier(model, data.base, sched, seed)
+                base = baseline(out / "models" / f"{ds}-seed{seed}.pt", data, sched, seed)
                 row = {"dataset": ds, "seed": seed, "mask": "ignore", "fraction": 1.0}
                 b = record(
                     {**row, "phase": "main", "method": "baseline", "lam": None},

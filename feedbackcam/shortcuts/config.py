@@ -97,8 +97,9 @@ class BenchConfig:
             artifact_flags.csv) for ``isic-real`` and the trap splits; default: ``artifacts/``
             in ``isic_root``.
         isic_real_split, isic_real_pool, isic_real: ``isic-real``'s train / validation / test
-            shares of the unpatched images, its feedback pool size, and its schedule (class
-            weighted, as ``train-base`` trains); the trap splits use the same schedule.
+            shares of the unpatched images, its feedback pool size (the trap splits' too: a
+            share of the model's own training images), and its schedule (class weighted, as
+            ``train-base`` trains); the trap splits use the same schedule.
         calibration_batches: batches the loss scale is calibrated on.
         class_weighted: fine-tunes (and the reference's) weight every cross-entropy by the
             pool's inverse class frequencies.

@@ -236,11 +236,14 @@ def isic_trap_data(seed: int, artifact: str, cfg: BenchConfig, cache: str | Path
 
     train = subset(split["train"])
     free = subset(split["free"])
+    # the feedback pool: the model's own training images, as many as isic-real's pool
+    rng = np.random.default_rng([seed, 17])
+    pool = np.sort(rng.choice(len(train), min(len(train), cfg.isic_real_pool), replace=False))
     return ShortcutData(
         base=train,
         clean_base=free,
-        pool=train,
-        clean_pool=free,
+        pool=train.subset(pool),
+        clean_pool=free.subset(pool[pool < len(free)]),
         controls={},
         val=evalset(split["val"]),
         test=evalset(split["test"]),

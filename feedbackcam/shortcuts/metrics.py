@@ -203,4 +203,5 @@ def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
         "val_flip": flip_rate(pred[has], filled[has]),
         "val_avg_sens_filled": on_filled.avg_sensitivity,
         "val_sens_filled": list(on_filled.sensitivity().values()),
+        "val_counts": np.bincount(labels.numpy(), minlength=probs.shape[1]).tolist(),
     }

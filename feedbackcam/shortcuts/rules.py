@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -43,18 +44,38 @@ def choose_lambda(rows: list[dict], baseline: dict, tolerance: float) -> float:
     return min(ok, key=lambda r: (round(flip(r), 4), -r[key]))["lam"]
 
 
+def class_floors(reference: dict, tolerance: float, confidence: float = 0.95) -> list[float]:
+    """Per class, the lowest filled-validation sensitivity a default may have: the no-confounder
+    reference's, less ``tolerance``, less what two models' sensitivities on this validation set
+    can differ by chance (one-sided ``confidence``, from the class's image count)."""
+    z = NormalDist().inv_cdf(confidence)
+    counts = reference.get("val_counts") or [None] * len(reference["val_sens_filled"])
+    floors = []
+    for s, n in zip(reference["val_sens_filled"], counts, strict=True):
+        if s is None or (isinstance(s, float) and math.isnan(s)):
+            floors.append(-math.inf)
+            continue
+        noise = z * math.sqrt(2 * max(s * (1 - s), 0.05) / n) if n else 0.0
+        floors.append(s - tolerance - noise)
+    return floors
+
+
 def choose_default(
     rows: list[dict], candidates: tuple[str, ...], tolerance: float = 0.05, seed: int = 0
 ) -> tuple[str | None, dict[str, dict[str, dict]]]:
-    """The rule that picks the default ignore loss, on validation numbers only.
+    """The rule that picks the default objective, on validation numbers only.
 
-    Per data set, each candidate's main run on the tuning ``seed`` passes the collapse guard if
-    its average sensitivity on the filled validation images is within ``tolerance`` of that
-    seed's baseline (confounded validation accuracy for rows written before the filled score
-    existed, as in :func:`choose_lambda`). A default must have run, and passed, on every data
-    set: a user cannot know in advance which kind of data theirs is. Among those, the lowest mean
-    validation flip rate wins. Returns (the winner or None, {data set: {candidate: {"flip",
-    "score", "floor", "passes"}}}).
+    Per data set, each candidate's main run on the tuning ``seed`` passes if (1) its average
+    sensitivity on the filled validation images is within ``tolerance`` of that seed's
+    baseline (the collapse guard; confounded validation accuracy for rows written before the
+    filled score existed, as in :func:`choose_lambda`) and (2) where the rows have them, every
+    class's filled-validation sensitivity is above :func:`class_floors` of the no-confounder
+    reference: a default may not trade a class away, the one the shortcut stood for included.
+    A default must have run, and passed, on every data set: a user cannot know in advance which
+    kind of data theirs is. Among those, the lowest mean validation flip rate wins (data sets
+    without a marked confounder on validation, the trap splits, have none and do not count).
+    Returns (the winner or None, {data set: {candidate: {"flip", "score", "floor", "classes",
+    "passes"}}}).
     """
     table: dict[str, dict[str, dict]] = {}
     for ds in sorted({r["dataset"] for r in rows}):
@@ -70,20 +91,36 @@ def choose_default(
         base = next((r for r in main if r["method"] == "baseline"), None)
         if base is None:
             continue
+        ref = next((r for r in main if r["method"] == "no-confounder"), None)
+        floors = class_floors(ref, tolerance) if ref and "val_sens_filled" in ref else None
         for method in candidates:
             run = next((r for r in main if r["method"] == method), None)
             if run is None:
                 continue
             key = guard_key([run, base])
             floor = base[key] - tolerance
+            lost = []
+            if floors is not None and "val_sens_filled" in run:
+                names = run.get("classes") or [str(k) for k in range(len(floors))]
+                lost = [
+                    name
+                    for name, v, f in zip(names, run["val_sens_filled"], floors, strict=True)
+                    if v is not None and not v >= f - 1e-9
+                ]
             table.setdefault(ds, {})[method] = {
                 "flip": run["val_flip"],
                 "score": run[key],
                 "floor": floor,
-                "passes": run[key] >= floor - 1e-9,
+                "classes": lost,
+                "passes": run[key] >= floor - 1e-9 and not lost,
             }
     ok = [m for m in candidates if table and all(m in t and t[m]["passes"] for t in table.values())]
     if not ok:
         return None, table
-    flips = {m: np.mean([t[m]["flip"] for t in table.values()]) for m in ok}
-    return min(ok, key=lambda m: flips[m]), table
+
+    def mean_flip(m: str) -> float:
+        flips = [t[m]["flip"] for t in table.values()]
+        flips = [f for f in flips if f is not None and not math.isnan(f)]
+        return float(np.mean(flips)) if flips else math.inf
+
+    return min(ok, key=mean_flip), table

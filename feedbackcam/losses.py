@@ -530,6 +530,24 @@ def _invariance_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     return _kl(inputs.logits, lf) + ce + _kl(lb, lp)
 
 
+@register_loss("invariance_anchored", needs="ignore")
+def _invariance_anchored(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """``invariance_balanced`` with the marked image's own prediction as a fixed anchor: its
+    filled version is pulled towards what it says now (a KL with the prediction detached), never
+    the other way round.
+
+    Why: in ``invariance_balanced`` the KL between a marked image and its filled self moves
+    both; on confounded data the marked images are mostly of the class the artifact stood for,
+    and pulling their prediction towards the filled one (where the artifact no longer speaks)
+    takes that class away from them, its evidence and its offset alike (experiments/
+    bias_terms.py). Anchored, the filled image must find the class without the artifact.
+    """
+    recipients, lf, (lp, lb) = _moved_logits(inputs, blank=True)
+    y = inputs.labels[recipients]
+    ce = _ce(lp, y, cfg) + _ce(lb, y, cfg)
+    return _kl(inputs.logits.detach(), lf) + ce + _kl(lb, lp)
+
+
 # ------------------------------------------------- a loss that learns from keep masks alone
 # "Decide from the lesion": whatever lies outside the region the user marked as mattering (a
 # ruler, ink, a patch, dark corners, gel) may change without changing the answer.

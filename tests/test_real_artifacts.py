@@ -350,3 +350,40 @@ def test_isic_real_keeps_patched_images_in_training_and_pastes_real_patches_at_t
     nv = d.classes.index("NV")
     assert t.target == nv and np.array_equal(t.misleads, t.data.labels != nv)
     assert set(t.flags) >= {"ruler", "patches", "annotated"} and t.flags["annotated"].all()
+
+
+# ------------------------------------------------------------------ the decision's offsets
+
+
+def test_refit_bias_restores_the_offsets_and_changes_nothing_else():
+    from feedbackcam.data.synth import SynthConfig, as_array_dataset, make_synthderm
+    from feedbackcam.decision import head, head_inputs, refit_bias
+
+    synth = SynthConfig(n=60, size=32, seed=0, confounder="patch", confounder_rate=0.5)
+    data = as_array_dataset(make_synthderm(synth))
+    torch.manual_seed(0)
+    model = small_cnn(num_classes=3, width=8)
+    layer = head(model)
+    fitted = refit_bias(model, data)
+    best = layer.bias.detach().clone()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("fc.bias")}
+    with torch.no_grad():
+        layer.bias.add_(torch.tensor([5.0, -5.0, 0.0]))  # a shifted decision: all say class 0
+    change = refit_bias(model, data)
+
+    def centred(b):  # softmax cannot tell offsets that differ by a constant
+        return b - b.mean()
+
+    assert torch.allclose(centred(layer.bias.detach()), centred(best), atol=0.05)  # same optimum
+    assert torch.allclose(centred(change), torch.tensor([-5.0, 5.0, 0.0]), atol=0.1)
+    assert fitted.abs().max() > 0  # the first fit moved the untrained offsets too
+    for k, v in model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k  # nothing but the bias moved
+    # marked regions are filled before the features are taken
+    marked = data.has_ignore
+    assert marked.any()
+    plain = head_inputs(model, data, fill=False)
+    filled = head_inputs(model, data, fill=True)
+    assert torch.equal(plain[~torch.from_numpy(marked)], filled[~torch.from_numpy(marked)])
+    assert not torch.allclose(plain[torch.from_numpy(marked)], filled[torch.from_numpy(marked)])

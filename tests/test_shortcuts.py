@@ -139,6 +139,8 @@ IGNORE_LOSSES = (
     "invariance_swap",
     "invariance_balanced",
     "invariance_mass_balanced",
+    "invariance_anchored",
+    "region_contribution",
 )
 
 
@@ -192,6 +194,7 @@ COUNTERFACTUAL_LOSSES = (
     "invariance_swap",
     "invariance_balanced",
     "invariance_mass_balanced",
+    "invariance_anchored",
 )
 
 
@@ -618,3 +621,13 @@ def test_the_apps_updates_learn_from_ignore_masks_at_a_calibrated_scale():
     assert stats["ignore_scale"] != 1.0 and stats["steps"] >= 2
     plain = replace(ds, ignore=None, has_ignore=None)
     assert fine_tune(model, plain, None, plan, cfg)["ignore_scale"] == 1.0
+
+
+def test_the_anchored_loss_is_the_balanced_loss_with_the_marked_images_prediction_fixed():
+    """Same value as invariance_balanced (the same counterfactuals and terms), another
+    gradient: the marked image's own prediction is an anchor, not pulled to its filled self."""
+    b = ignore_batch()
+    g_bal, s_bal = _grads(b, "invariance_balanced")
+    g_anc, s_anc = _grads(b, "invariance_anchored")
+    assert s_anc["loss_exp"] == pytest.approx(s_bal["loss_exp"], rel=1e-6)
+    assert not torch.allclose(g_anc, g_bal)

@@ -97,9 +97,12 @@ class BenchConfig:
             artifact_flags.csv) for ``isic-real`` and the trap splits; default: ``artifacts/``
             in ``isic_root``.
         isic_real_split, isic_real_pool, isic_real: ``isic-real``'s train / validation / test
-            shares of the unpatched images, its feedback pool size (the trap splits' too: a
-            share of the model's own training images), and its schedule (class weighted, as
-            ``train-base`` trains); the trap splits use the same schedule.
+            shares of the unpatched images, its feedback pool size (a share of the model's own
+            training images), and its schedule (class weighted, as ``train-base`` trains).
+        trap_pool, trap: the trap splits' feedback pool (None: the whole training split, the
+            model's own images) and schedule: class weighted, and eight fine-tuning epochs,
+            because a model that learned the artifact instead of the lesion has to learn the
+            lesion, not only unlearn the artifact (docs/real-artifacts.md).
         calibration_batches: batches the loss scale is calibrated on.
         class_weighted: fine-tunes (and the reference's) weight every cross-entropy by the
             pool's inverse class frequencies.
@@ -144,6 +147,10 @@ class BenchConfig:
     isic_real_pool: int = 400
     isic_real: Schedule = field(
         default_factory=lambda: Schedule(**ISIC, **ISIC_FINE, weighted=True)
+    )
+    trap_pool: int | None = None
+    trap: Schedule = field(
+        default_factory=lambda: Schedule(**ISIC, epochs=8, lr=3e-4, batch=32, weighted=True)
     )
     calibration_batches: int = 4
     class_weighted: bool = False

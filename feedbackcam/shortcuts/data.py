@@ -285,5 +285,5 @@ def load_data(
     if name in TRAPS:
         from .isic_real import isic_trap_data
 
-        return isic_trap_data(seed, name.removeprefix("isic-trap-"), cfg, cache), cfg.isic_real
+        return isic_trap_data(seed, name.removeprefix("isic-trap-"), cfg, cache), cfg.trap
     raise ValueError(f"dataset: expected one of {DATASETS}, got {name!r}")

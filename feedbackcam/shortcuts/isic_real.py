@@ -236,9 +236,10 @@ def isic_trap_data(seed: int, artifact: str, cfg: BenchConfig, cache: str | Path
 
     train = subset(split["train"])
     free = subset(split["free"])
-    # the feedback pool: the model's own training images, as many as isic-real's pool
+    # the feedback pool: the model's own training images (``cfg.trap_pool`` of them, or all)
     rng = np.random.default_rng([seed, 17])
-    pool = np.sort(rng.choice(len(train), min(len(train), cfg.isic_real_pool), replace=False))
+    size = len(train) if cfg.trap_pool is None else min(len(train), cfg.trap_pool)
+    pool = np.sort(rng.choice(len(train), size, replace=False))
     return ShortcutData(
         base=train,
         clean_base=free,

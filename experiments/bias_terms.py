@@ -27,7 +27,7 @@ from feedbackcam import losses
 from feedbackcam.objective import FeedbackConfig, LossInputs
 from feedbackcam.shortcuts.bench import baseline
 from feedbackcam.shortcuts.config import BenchConfig
-from feedbackcam.shortcuts.data import load_data
+from feedbackcam.shortcuts.datasets import load_data
 from feedbackcam.train import epoch_batches
 
 

@@ -22,7 +22,8 @@ from feedbackcam.explain import explain
 from feedbackcam.report import overlay_grid
 from feedbackcam.shortcuts.bench import baseline, fine_tune
 from feedbackcam.shortcuts.config import BenchConfig
-from feedbackcam.shortcuts.data import float_images, load_data
+from feedbackcam.shortcuts.data import float_images
+from feedbackcam.shortcuts.datasets import load_data
 
 
 def main() -> None:

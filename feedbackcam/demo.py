@@ -20,7 +20,6 @@ from .checkpoint import ModelSpec
 from .data.synth import CLASSES, SynthConfig, SynthDataset, make_synthderm
 from .explain import explain
 from .fileio import write_json, write_text
-from .losses import DEFAULT_IGNORE_LOSS
 from .models import build_model
 from .objective import FeedbackConfig
 from .report import html_report, overlay_grid, simulation_table
@@ -34,10 +33,12 @@ class DemoConfig:
     simulation: SimulationConfig = field(
         default_factory=lambda: SimulationConfig(
             # The simulated dermatologist marks the patch "not this" (ignore masks) and the
-            # model learns with the shortcut benchmark's winner, lambda as the share of the
-            # gradient (docs/shortcuts.md). The thesis' keep-mask Jaccard moves the map but not
-            # the decision (docs/results.md section 2).
-            feedback=FeedbackConfig(lam=0.9, explanation_loss=DEFAULT_IGNORE_LOSS, auto_scale=True),
+            # lesion as what matters (keep masks); the model learns with the library's default
+            # objective, the same as simulate's and the app's (docs/real-artifacts.md): the
+            # thesis' Jaccard on the lesion, "decide from the lesion" (surroundings) and
+            # invariance_balanced on the patch, each calibrated so that lambda is the
+            # explanation share of the starting gradient.
+            feedback=FeedbackConfig(lam=0.9, auto_scale=True),
             # Validation has its marked patches filled (deconfound_validation), so accuracy
             # there rewards the model that stopped using the patch; Jaccard would not.
             select_by="accuracy",
@@ -98,21 +99,23 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
     ]
     fb = sim.feedback
     notes.append(
-        f"The simulated dermatologist marks the patch as 'not this' (an ignore mask) wherever "
-        f"an image has one. Explanation feedback learns from it with '{fb.explanation_loss}' "
-        "(each marked patch moved onto other images and filled in on them, labels kept; the "
-        "prediction must not change): the shortcut benchmark's winner (docs/shortcuts.md). "
+        "The simulated dermatologist marks the patch as 'not this' (an ignore mask) wherever "
+        "an image has one, and the lesion as what matters (a keep mask). Explanation feedback "
+        f"learns with the library's default objective: '{fb.explanation_loss}' on the keep "
+        f"mask, '{fb.surroundings_loss}' (the lesion on other images' surroundings, its label "
+        f"kept: decide from the lesion) and '{fb.ignore_loss}' (each marked patch moved onto "
+        "other images and filled in on them, labels kept; the prediction must not change). "
         f"Combined = (1 - lambda) class loss + lambda explanation loss with lambda = {sim.lam} "
-        "as the explanation loss's share of the starting gradient (its scale is calibrated "
-        "before the first step). 'Predictions changed by removing the patch' is the "
-        "counterfactual test: the share of test "
-        "predictions that change when the patch is removed from the image."
+        "as each term's share of the starting gradient (its scale is calibrated before the "
+        "first step). 'Predictions changed by removing the patch' is the counterfactual test: "
+        "the share of test predictions that change when the patch is removed from the image."
     )
     app = FeedbackConfig()  # the app's updates learn with the library's defaults (serve flags)
     notes.append(
         f"The feedback app (feedbackcam serve) fine-tunes with lambda = {app.lam} by "
-        "default (--lambda sets it): the thesis' Jaccard loss on the region a user paints as "
-        f"mattering, plus '{app.ignore_loss}' on a region painted as 'not this', "
+        "default (--lambda sets it) and the same objective: the thesis' Jaccard loss and "
+        f"'{app.surroundings_loss}' on the region a user paints as mattering, plus "
+        f"'{app.ignore_loss}' on a region painted as 'not this', "
         "each scaled like the class loss, with a class-balanced replay and a validation gate."
     )
     notes.append(

@@ -176,13 +176,14 @@ def _calls(path: Path) -> list[str]:
 
 
 def test_one_training_loop_serves_every_fine_tuning():
-    """Base training, the simulations (baseline and fine-tuning) and the benchmark (baseline,
-    ceiling, fine-tuning) run their epochs through ``train_epochs``, the app's updates their
-    steps through ``run_steps``; none calls ``feedback_step`` in a loop of its own."""
+    """Base training, the simulations (baseline and fine-tuning) and the benchmark (baseline and
+    ceiling, fine-tuning, A-ClArC's fine-tuning) run their epochs through ``train_epochs``, the
+    app's updates their steps through ``run_steps``; none calls ``feedback_step`` in a loop of
+    its own."""
     users = {
         "base.py": ("train_epochs", 1),
         "simulate.py": ("train_epochs", 2),
-        "shortcuts/bench.py": ("train_epochs", 2),
+        "shortcuts/bench.py": ("train_epochs", 3),
         "service/update.py": ("run_steps", 1),
     }
     for name, (loop, count) in users.items():

@@ -33,7 +33,8 @@ from ..objective import ADDED_TERMS, FeedbackConfig
 from ..self_explaining import SelfExplaining
 from ..train import Batching, class_weights, epoch_batches, make_optimizer, train_epochs
 from .config import CLARC, CLASS_ONLY, BenchConfig, Schedule, needs_keep_masks
-from .data import ShortcutData, load_data
+from .data import ShortcutData
+from .datasets import load_data
 from .metrics import shortcut_scores, val_scores
 from .report import write_outputs
 from .rules import choose_lambda

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.dataset import ArrayDataset
-from .config import DATASETS, MASK_CONTROLS, TRAPS, BenchConfig, Schedule
+from .config import MASK_CONTROLS, BenchConfig
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,24 +266,3 @@ def isic_data(seed: int, cfg: BenchConfig, cache: str | Path) -> ShortcutData:
         evalset(val, 0.9, 0.1, 2),
         evalset(test, 0.5, 0.5, 3),
     )
-
-
-def load_data(
-    name: str, seed: int, cfg: BenchConfig, cache: str | Path
-) -> tuple[ShortcutData, Schedule]:
-    """Data set ``name`` of ``seed`` and its schedule; ``cache``: where prepared data may go."""
-    if name == "decoy":
-        return decoy_data(seed, cfg.decoy_sizes), cfg.decoy
-    if name in ("synth-patch", "synth-ruler"):
-        return synth_data(seed, name.split("-")[1], cfg.synth_n), cfg.synth
-    if name == "isic-bandaid":
-        return isic_data(seed, cfg, cache), cfg.isic
-    if name == "isic-real":
-        from .isic_real import isic_real_data
-
-        return isic_real_data(seed, cfg, cache), cfg.isic_real
-    if name in TRAPS:
-        from .isic_real import isic_trap_data
-
-        return isic_trap_data(seed, name.removeprefix("isic-trap-"), cfg, cache), cfg.trap
-    raise ValueError(f"dataset: expected one of {DATASETS}, got {name!r}")

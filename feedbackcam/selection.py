@@ -115,6 +115,32 @@ def images_needed(tolerance: float, changed: float = 0.2, confidence: float = 0.
     return math.ceil(changed * (z / tolerance) ** 2)
 
 
+def validation_warnings(
+    labels: np.ndarray,
+    classes: Sequence[str],
+    tolerance: float | None,
+    changed: float = 0.2,
+    confidence: float = 0.95,
+) -> list[str]:
+    """Plain-language warnings for a validation set too small to judge the collapse guard:
+    every class with fewer images than :func:`images_needed` says, for ``tolerance``."""
+    if tolerance is None or tolerance <= 0:
+        return []
+    need = images_needed(tolerance, changed, confidence)
+    counts = np.bincount(np.asarray(labels), minlength=len(classes))
+    small = [f"{c} {int(n)}" for c, n in zip(classes, counts, strict=True) if n < need]
+    if not small:
+        return []
+    return [
+        f"validation is small for the collapse guard ({', '.join(small)} images): to tell a "
+        f"{tolerance:g} drop in a class's sensitivity from chance ({confidence:.0%} one-sided) "
+        f"when {changed:.0%} of its predictions change, a class needs {need} images; the guard "
+        "widens its tolerance by this set's noise, so it may keep a worse model or reject a "
+        "better one. Give more validation images (feedback-train may overlap the base model's "
+        "data; validation and test must not)"
+    ]
+
+
 def run_warnings(summary: Mapping, best_epoch: int | None = None) -> list[str]:
     """Plain-language warnings for a run's test summary: best epoch 0 (the baseline kept), a
     class never recognised, predictions falling on one class."""

@@ -32,7 +32,7 @@ from .distributed import SINGLE, Dist, wrap
 from .evaluate import Evaluation, evaluate
 from .fileio import write_csv, write_json, write_text
 from .objective import ADDED_TERMS, FeedbackConfig, check_feedback_kind
-from .selection import drops, noise_margins, run_warnings
+from .selection import drops, noise_margins, run_warnings, validation_warnings
 from .self_explaining import SelfExplaining
 from .simulation_data import SimulationData
 from .train import (
@@ -428,6 +428,9 @@ def run_simulation(
         "baseline": _test_summary(baseline, test, groups, cfg, method),
         "runs": {},
     }
+    too_small = validation_warnings(val.labels, val.classes, cfg.guard_tolerance)
+    for w in too_small:
+        log.warning(w)
     history: list[dict[str, Any]] = []
     tensors = feedback.tensors(cfg.device)
     for mode in progress_bar(cfg.modes, enabled=progress, desc="modes"):
@@ -459,7 +462,7 @@ def run_simulation(
         run["improved"] = best_epoch > 0
         rejected = sum(1 for r in history if r["mode"] == mode and not r["eligible"])
         run["guard_rejected_epochs"] = rejected
-        run["warnings"] = run_warnings(run, best_epoch)
+        run["warnings"] = run_warnings(run, best_epoch) + too_small
         if rejected:
             run["warnings"].append(
                 f"{rejected} epoch(s) failed the collapse guard (validation average sensitivity "

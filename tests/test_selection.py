@@ -147,3 +147,18 @@ def test_validation_is_deconfounded_where_the_feedback_marks_ignore_regions(tiny
     assert not changed[~(pool.ignore > 0)].any()  # and nothing outside the marked regions
     plain = pool.subset(np.flatnonzero(~pool.has_ignore))
     assert deconfounded(plain) is plain or not (deconfounded(plain).images != plain.images).any()
+
+
+def test_a_validation_set_too_small_for_the_guard_is_said_with_the_images_it_needs():
+    from feedbackcam.selection import images_needed, validation_warnings
+
+    need = images_needed(0.05)
+    assert need == 217  # 0.2 * (1.645 / 0.05)^2: the 95 % bound of a paired change
+    classes = ("NV", "MEL", "BKL")
+    small = np.repeat([0, 1, 2], [300, 19, 250])
+    (warning,) = validation_warnings(small, classes, 0.05)
+    assert "MEL 19" in warning and str(need) in warning and "NV" not in warning
+    assert validation_warnings(np.repeat([0, 1, 2], need), classes, 0.05) == []
+    assert validation_warnings(small, classes, None) == []  # no guard, nothing to judge
+    # a wider tolerance needs fewer images
+    assert validation_warnings(small, classes, 0.2) == []

@@ -6,8 +6,9 @@ with the clinician's 25 patch masks and the lesion masks).
     python experiments/real_patch_figure.py --isic-root ../shared/data/isic2017-256 \\
         --bench docs/shortcuts/isic-real --out docs/real_patch.png [--method METHOD --lam 0.9]
 
-Uses the benchmark's data set of seed 0 and its cached baseline (``BENCH/models``), so the
-baseline is the one the tables report; the fine-tuning is the benchmark's ``fine_tune``.
+Uses the benchmark's data set of one seed (``--seed``, default 0) and its cached baseline
+(``BENCH/models``), so the baseline is the one the tables report; the fine-tuning is the
+benchmark's ``fine_tune``.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ def main() -> None:
     p.add_argument("--method", default="jaccard+surroundings+invariance_balanced")
     p.add_argument("--lam", type=float, default=0.9)
     p.add_argument("--n", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cfg = BenchConfig(datasets=("isic-real",), isic_root=args.isic_root)
-    data, sched = load_data("isic-real", 0, cfg, args.bench / "data")
-    base = baseline(args.bench / "models" / "isic-real-seed0.pt", data, sched, 0)
-    tuned, _ = fine_tune(base, data, sched, args.method, args.lam, 0, class_weighted=False)
+    seed = args.seed
+    data, sched = load_data("isic-real", seed, cfg, args.bench / "data")
+    base = baseline(args.bench / "models" / f"isic-real-seed{seed}.pt", data, sched, seed)
+    tuned, _ = fine_tune(base, data, sched, args.method, args.lam, seed, class_weighted=False)
     test = data.test
     nv = data.classes.index("NV")
     pasted = test.data.ignore.reshape(len(test.data), -1).any(1)

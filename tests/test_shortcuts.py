@@ -555,14 +555,25 @@ def test_choose_default_command_reads_every_benchmark_folder(tmp_path, capsys):
         ]
         rows.append(_main_row(ds, "invariance_balanced", 0.05, 0.6))
         (tmp_path / ds / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "w").mkdir()  # a class-weighted run: another protocol, left out
-    (tmp_path / "w" / "config.json").write_text(json.dumps({"class_weighted": True}))
-    rows = [_main_row("b", "baseline", 0.7, 0.6), _main_row("b", "invariance_balanced", 0.05, 0.1)]
-    (tmp_path / "w" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["shortcuts", str(tmp_path), "--choose-default"]) == 0
     text = (tmp_path / "default.md").read_text()
     assert "Default by this rule: **invariance_balanced**" in text
     assert "| b | invariance_transplant | 0.010 | 0.4000 | 0.5500 | none | no |" in text
+    # a class-weighted run of b (the product's protocol) replaces b's plain rows: there the
+    # transplant keeps its classes and the balanced loss does not
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps({"class_weighted": True}))
+    rows = [
+        _main_row("b", "baseline", 0.7, 0.6),
+        _main_row("b", "invariance_balanced", 0.05, 0.1),
+        _main_row("b", "invariance_transplant", 0.02, 0.6),
+    ]
+    (tmp_path / "w" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["shortcuts", str(tmp_path), "--choose-default"]) == 0
+    text = (tmp_path / "default.md").read_text()
+    assert "Default by this rule: **invariance_transplant**" in text
+    assert "| b | invariance_balanced | 0.050 | 0.1000 | 0.5500 | none | no |" in text
+    assert "| a | invariance_transplant | 0.010 | 0.8000 | 0.5500 | none | yes |" in text
     assert main(["shortcuts", str(tmp_path / "a"), "--choose-default"]) == 2
     assert "no */runs.jsonl to choose from" in capsys.readouterr().err
 

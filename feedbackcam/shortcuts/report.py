@@ -297,18 +297,22 @@ def default_choice_markdown(rows: list[dict], candidates=DEFAULT_CANDIDATES) -> 
 
 def default_choice_from(folder: str | Path) -> str:
     """:func:`default_choice_markdown` of every ``folder/*/runs.jsonl`` (a benchmark output
-    each), leaving out folders run with ``--class-weighted`` (another protocol).
+    each), under the product's protocol: fine-tuning is class-weighted (``simulate``'s default),
+    so a data set's rows come from the folders run with ``--class-weighted`` (or a weighted
+    schedule) where it has any, and from the others where it has none (on the class-balanced
+    data sets the weights are 1 and the protocols agree).
 
     Raises:
         ValueError: no benchmark output to choose from in ``folder``.
     """
-    found = []
+    weighted, plain = [], []
     for runs in sorted(Path(folder).glob("*/runs.jsonl")):
         config = runs.parent / "config.json"
-        if config.exists() and json.loads(config.read_text()).get("class_weighted"):
-            continue
-        found.append(runs)
-    if not found:
+        is_weighted = config.exists() and json.loads(config.read_text()).get("class_weighted")
+        rows = [json.loads(line) for line in runs.read_text().splitlines()]
+        (weighted if is_weighted else plain).extend(rows)
+    if not weighted and not plain:
         raise ValueError(f"{folder}: no */runs.jsonl to choose from")
-    rows = [json.loads(line) for f in found for line in f.read_text().splitlines()]
+    have = {r["dataset"] for r in weighted}
+    rows = weighted + [r for r in plain if r["dataset"] not in have]
     return default_choice_markdown(rows)

@@ -10,11 +10,14 @@ from statistics import NormalDist
 
 import numpy as np
 
-# The ignore losses the default rule chooses among (and class feedback, the floor).
+# The objectives the default rule chooses among (and class feedback, the floor): the ignore
+# losses alone, and with "decide from the lesion" (and the thesis' Jaccard) on the keep masks.
 DEFAULT_CANDIDATES = (
     "invariance_transplant",
     "invariance_balanced",
     "invariance_mass_balanced",
+    "surroundings+invariance_balanced",
+    "jaccard+surroundings+invariance_balanced",
     "class",
 )
 

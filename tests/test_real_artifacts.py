@@ -387,3 +387,23 @@ def test_refit_bias_restores_the_offsets_and_changes_nothing_else():
     filled = head_inputs(model, data, fill=True)
     assert torch.equal(plain[~torch.from_numpy(marked)], filled[~torch.from_numpy(marked)])
     assert not torch.allclose(plain[torch.from_numpy(marked)], filled[torch.from_numpy(marked)])
+
+
+def test_simulate_demo_and_the_app_learn_with_the_same_default_objective():
+    from feedbackcam.demo import QUICK, DemoConfig
+    from feedbackcam.service.settings import Settings
+    from feedbackcam.simulate import SimulationConfig
+
+    def terms(fb: FeedbackConfig):
+        return (fb.explanation_loss, fb.surroundings_loss, fb.ignore_loss, fb.cam)
+
+    default = terms(FeedbackConfig())
+    assert default == ("jaccard", "surroundings", "invariance_balanced", "gradcam")
+    for fb in (
+        SimulationConfig().feedback,
+        DemoConfig().simulation.feedback,
+        QUICK.simulation.feedback,
+        Settings().feedback,
+    ):
+        assert terms(fb) == default
+    assert SimulationConfig().class_weighted and SimulationConfig().guard_confidence == 0.95

@@ -1,8 +1,8 @@
 """The ``feedbackcam`` command line. This package parses and dispatches: each command's flags sit
 beside the function it runs (:mod:`.experiments`: demo, simulate, shortcuts; :mod:`.data`:
-data check and prepare; :mod:`.models`: train-base, evaluate, explain, import-keras; the app's
-commands in :mod:`feedbackcam.service.commands`); shared flag groups live in
-:mod:`feedbackcam.options`. Heavy imports happen inside the commands.
+data check and prepare; :mod:`.models`: train-base, evaluate, explain, import-keras;
+:mod:`.propagate`: propagate; the app's commands in :mod:`feedbackcam.service.commands`);
+shared flag groups live in :mod:`feedbackcam.options`. Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
@@ -13,9 +13,15 @@ import sys
 
 from .. import __version__
 from ..service.commands import SERVICE_COMMANDS
-from . import data, experiments, models
+from . import data, experiments, models, propagate
 
-COMMANDS = (*experiments.COMMANDS, *data.COMMANDS, *models.COMMANDS, *SERVICE_COMMANDS)
+COMMANDS = (
+    *experiments.COMMANDS,
+    *data.COMMANDS,
+    *models.COMMANDS,
+    *propagate.COMMANDS,
+    *SERVICE_COMMANDS,
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,126 @@
+"""Propagation measured on the real coloured patches of ISIC 2017 (docs/propagation.md).
+
+From k hand masks (k = 1, 5, 25 of the 25 patch masks; seeded draws), each scorer of
+:mod:`feedbackcam.propagate` scores all 2,000 images:
+- image level: precision and recall of the proposed images against the 121 patched ids
+  (``artifact_lists.json``), the marked images left out of both;
+- localisation: IoU of the proposed mask with the hand mask on the masked images that were not
+  marks (k = 25: leave-one-out, 25 fits).
+Rulers and skin markers have image-level lists but no pixel masks, so no strokes to start from:
+not measured here.
+
+    python experiments/propagate_patches.py --isic-root ../shared/data/isic2017-256 \\
+        --cache /tmp/isic256 --json docs/propagation/patches.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from feedbackcam.models import build_model
+from feedbackcam.propagate import (
+    DEFAULT_THRESHOLD,
+    LITE0_LAYER,
+    colour_proposals,
+    concept_proposals,
+    feature_maps,
+    iou,
+)
+from feedbackcam.shortcuts.data import isic_arrays
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--isic-root", required=True)
+    p.add_argument("--cache", type=Path, required=True)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--draws", type=int, default=3, help="seeded draws of the k marks (k < 25)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    data = isic_arrays(args.isic_root, args.size, str(args.cache))
+    root = Path(args.isic_root) / "artifacts"
+    lists = json.loads((root / "artifact_lists.json").read_text())
+    index = {k: i for i, k in enumerate(data.ids)}
+    patched = np.zeros(len(data), bool)
+    patched[[index[k] for k in lists["patch"] if k in index]] = True
+    masks = {}
+    for path in sorted((root / "patch_masks").glob("*.png")):
+        with Image.open(path) as im:
+            small = im.convert("L").resize((args.size, args.size), Image.Resampling.NEAREST)
+        masks[index[path.stem]] = (np.asarray(small) > 127).astype(np.uint8)
+    masked = np.array(sorted(masks))
+    model = build_model("efficientnet_lite0", 3, weights="imagenet")
+    features = feature_maps(model, data.images, LITE0_LAYER)
+    print(f"features {tuple(features.shape)} in {time.perf_counter() - started:.0f} s")
+
+    def score(kind: str, marks: dict[int, np.ndarray], seed: int):
+        if kind == "concept":
+            return concept_proposals(features, marks, args.size, seed=seed)
+        return colour_proposals(data.images, marks, seed=seed)
+
+    results = []
+    for kind in ("concept", "colour"):
+        for k in (1, 5, 25):
+            draws = 1 if k == len(masked) else args.draws
+            for draw in range(draws):
+                rng = np.random.default_rng([draw, k])
+                marks_idx = rng.choice(masked, k, replace=False)
+                props = score(kind, {i: masks[i] for i in marks_idx}, draw)
+                rest = np.setdiff1d(np.arange(len(data)), marks_idx)
+                chosen = props.proposed(DEFAULT_THRESHOLD)[rest]
+                truth = patched[rest]
+                tp = int((chosen & truth).sum())
+                precision = tp / max(int(chosen.sum()), 1)
+                recall = tp / max(int(truth.sum()), 1)
+                # ranking quality, threshold-free: recall among the top len(truth) scores
+                top = rest[np.argsort(-props.scores[rest])[: int(truth.sum())]]
+                r_precision = float(patched[top].mean())
+                held = np.setdiff1d(masked, marks_idx)
+                if k == len(masked):  # leave one out: each mask predicted from the other 24
+                    ious = []
+                    for i in masked:
+                        others = {j: masks[j] for j in masked if j != i}
+                        one = score(kind, others, draw)
+                        ious.append(iou(one.masks()[i], masks[i]))
+                else:
+                    ious = [iou(props.masks()[i], masks[i]) for i in held]
+                row = {
+                    "scorer": kind,
+                    "k": k,
+                    "draw": draw,
+                    "proposed": int(chosen.sum()),
+                    "precision": round(precision, 4),
+                    "recall": round(recall, 4),
+                    "r_precision": round(r_precision, 4),
+                    "mean_iou": round(float(np.mean(ious)), 4),
+                    "n_iou": len(ious),
+                }
+                print(json.dumps(row), flush=True)
+                results.append(row)
+    out = {
+        "rows": results,
+        "threshold": DEFAULT_THRESHOLD,
+        "layer": LITE0_LAYER,
+        "size": args.size,
+        "n_images": len(data),
+        "n_patched": int(patched.sum()),
+        "seconds": round(time.perf_counter() - started, 1),
+        "threads": args.threads,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

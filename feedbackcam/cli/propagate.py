@@ -1,0 +1,151 @@
+"""``feedbackcam propagate``: one correction, many images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..options import command
+
+
+def _add_propagate(sub) -> None:
+    from ..propagate import DEFAULT_THRESHOLD, SCORERS
+
+    p = command(sub, "propagate", _propagate)
+    p.add_argument("--data", type=Path, required=True, help="a prepared folder")
+    p.add_argument(
+        "--marks",
+        type=Path,
+        required=True,
+        help="a folder of <id>.png ignore masks (white on the artifact) of images in --data",
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a checkpoint whose activations score the images (default: the offline ImageNet "
+        "EfficientNet-Lite0)",
+    )
+    p.add_argument("--scorer", choices=SCORERS, default="concept")
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="the layer whose activations are used (default: the model's explanation layer; "
+        "blocks.5 for the offline EfficientNet-Lite0)",
+    )
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument("--device", default="cpu")
+
+
+def read_marks(folder: Path, ids: tuple[str, ...], size: int) -> dict:
+    """{index in ``ids``: (size, size) uint8 0/1 mask} from ``folder/<id>.png`` (white = marked,
+    resized nearest-neighbour).
+
+    Raises:
+        ValueError: no PNG in the folder, a file whose name is not an id of the data, an
+            unreadable image or an empty mask (each names the file).
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(Path(folder).glob("*.png"))
+    if not files:
+        raise ValueError(f"{folder}: no <id>.png marks")
+    index = {k: i for i, k in enumerate(ids)}
+    marks = {}
+    for path in files:
+        if path.stem not in index:
+            raise ValueError(f"{path}: {path.stem!r} is not an image id of the data")
+        try:
+            with Image.open(path) as im:
+                small = im.convert("L").resize((size, size), Image.Resampling.NEAREST)
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{path}: not a readable image ({err})") from err
+        mask = (np.asarray(small) > 127).astype(np.uint8)
+        if not mask.any():
+            raise ValueError(f"{path}: the mask is empty (no white pixels)")
+        marks[index[path.stem]] = mask
+    return marks
+
+
+def _propagate(args) -> int:
+    """Propose the artifact a few ignore marks show on every other image that carries it.
+
+    From --marks (<id>.png ignore masks of images in --data), score every other image of --data
+    for the same artifact (--scorer concept: a linear classifier on a network's activations,
+    per location; colour: a colour model of the marked pixels) and propose a mask for each
+    image whose score reaches --threshold. Writes OUT/proposals.csv (id, score, proposed; the
+    highest scores first), OUT/masks/<id>.png for the proposed images and OUT/config.json."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from ..data.prepared import load_prepared
+    from ..fileio import write_csv, write_json
+    from ..propagate import LITE0_LAYER, colour_proposals, concept_proposals, feature_maps
+
+    data = load_prepared(args.data, mmap=True)
+    marks = read_marks(args.marks, data.ids, data.size)
+    layer = args.layer
+    model_name = None
+    if args.scorer == "concept":
+        if args.model is not None:
+            from ..checkpoint import load_checkpoint
+
+            model, _, _ = load_checkpoint(args.model, map_location=args.device)
+            model_name = str(args.model)
+        else:
+            from ..models import build_model
+
+            model = build_model("efficientnet_lite0", 2, weights="imagenet")
+            model_name = "efficientnet_lite0 (ImageNet, offline)"
+            layer = layer or LITE0_LAYER
+        model.to(args.device)
+        features = feature_maps(model, data.images, layer)
+        layer = layer or model.layers[0]
+        props = concept_proposals(features, marks, data.size)
+    else:
+        props = colour_proposals(np.asarray(data.images), marks)
+    chosen = props.proposed(args.threshold)
+    masks = props.masks()
+    rows = [
+        {"id": data.ids[i], "score": round(float(props.scores[i]), 4), "proposed": int(chosen[i])}
+        for i in np.argsort(-props.scores, kind="stable")
+        if i not in marks
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    # the masks land in a temporary folder first: a failed run leaves no half-written masks/
+    tmp = Path(tempfile.mkdtemp(dir=args.out, prefix=".masks-"))
+    try:
+        for r in rows:
+            if r["proposed"]:
+                i = data.ids.index(r["id"])
+                Image.fromarray(masks[i] * 255).save(tmp / f"{r['id']}.png")
+        if (args.out / "masks").exists():
+            shutil.rmtree(args.out / "masks")
+        tmp.rename(args.out / "masks")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    write_csv(args.out / "proposals.csv", rows, ["id", "score", "proposed"])
+    config = {
+        "data": str(args.data),
+        "marks": sorted(data.ids[i] for i in marks),
+        "scorer": args.scorer,
+        "model": model_name,
+        "layer": layer,
+        "threshold": args.threshold,
+        "proposed": int(sum(r["proposed"] for r in rows)),
+        "scored": len(rows),
+    }
+    write_json(args.out / "config.json", config)
+    print(
+        f"{config['proposed']} of {len(rows)} images proposed from {len(marks)} mark(s); "
+        f"{args.out / 'proposals.csv'}"
+    )
+    return 0
+
+
+COMMANDS = (_add_propagate,)

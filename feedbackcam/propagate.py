@@ -1,0 +1,180 @@
+"""One correction, many images: from a few ignore strokes on an artifact, find the other images
+that carry it and propose a mask for each.
+
+Two scorers, measured against each other on the real patches (docs/propagation.md):
+
+- ``"concept"``: the artifact as a concept in a network's activations (Reveal2Revise's
+  localisation, Pahde et al. 2023): a linear classifier (logistic regression, classes
+  balanced), per location of one layer's activation map, of the marked locations against the
+  unmarked ones (of the marked images and of a sample of the others). Its probability map,
+  upsampled, is the proposed mask; its maximum is the image's score.
+- ``"colour"``: colour matching, the baseline: a Gaussian of the marked pixels' colour against
+  one of all other pixels, the per-pixel posterior smoothed over a small window.
+
+Both return one :class:`Proposals`: a score per image (0..1) and a probability map per image at
+the images' size. An image is proposed when its score reaches ``threshold`` (default
+:data:`DEFAULT_THRESHOLD`), its mask where the map reaches ``mask_threshold``
+(:data:`MASK_THRESHOLD`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .self_explaining import SelfExplaining
+
+SCORERS = ("concept", "colour")
+# An image is proposed when its score reaches this: somewhere in it, the location classifier
+# (trained with the classes balanced, so 0.5 means even odds against a rare class) is 90 % sure.
+# A maximum over every location of every image is a maximum over thousands of trials: even odds
+# would propose many images by chance (docs/propagation.md measures it).
+DEFAULT_THRESHOLD = 0.9
+# A proposed mask is where the map reaches this.
+MASK_THRESHOLD = 0.5
+# The offline network's layer for propagation: EfficientNet-Lite0's stride-16 block (a 16x16
+# map at 256 px), fine enough to outline a patch; the explanation layer (stride 32) is not.
+LITE0_LAYER = "blocks.5"
+# Negatives: locations of this many unmarked images (seeded) beside the marked images' own.
+NEGATIVE_IMAGES = 200
+
+
+@dataclass(frozen=True)
+class Proposals:
+    """Scores (N,) in [0, 1] and probability maps (N, H, W) float32 of one scorer."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+
+    def proposed(self, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+        """Bool (N,): the images whose score reaches ``threshold``."""
+        return self.scores >= threshold
+
+    def masks(self, mask_threshold: float = MASK_THRESHOLD) -> np.ndarray:
+        """uint8 (N, H, W) 0/1: where each map reaches ``mask_threshold``."""
+        return (self.maps >= mask_threshold).astype(np.uint8)
+
+
+def feature_maps(
+    model: SelfExplaining, images: np.ndarray, layer: str | None = None, batch_size: int = 32
+) -> torch.Tensor:
+    """(N, K, h, w) activations of ``layer`` (a module path in ``model.model``; default the
+    model's explanation layer) for uint8 (N, H, W, 3) images, eval mode, no grad."""
+    probe = SelfExplaining(
+        model.model,
+        (layer or model.layers[0],),
+        mean=model.mean.flatten().tolist(),
+        std=model.std.flatten().tolist(),
+    )
+    was = model.training
+    model.eval()
+    out = []
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                part = np.ascontiguousarray(images[start : start + batch_size])
+                x = torch.from_numpy(part).permute(0, 3, 1, 2).float().div(255).to(device)
+                out.append(probe(x).activations[0].float().cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out)
+
+
+def _coverage(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The share of each feature-map cell that ``masks`` (N, H, W) cover: (N, h, w)."""
+    m = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
+    return F.adaptive_avg_pool2d(m, size)[:, 0].numpy()
+
+
+def _upsample(maps: np.ndarray, size: int) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(maps)).float()[:, None]
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def concept_proposals(
+    features: torch.Tensor,
+    marks: dict[int, np.ndarray],
+    image_size: int,
+    *,
+    seed: int = 0,
+    negative_images: int = NEGATIVE_IMAGES,
+) -> Proposals:
+    """The concept scorer on ``features`` (N, K, h, w), from ``marks`` {image index: (H, W)
+    0/1 ignore mask}. Positives: cells at least half covered by a mark; negatives: the marked
+    images' uncovered cells and every cell of ``negative_images`` unmarked images (seeded; a
+    few may carry the artifact unmarked, which the balanced logistic regression tolerates)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if not marks:
+        raise ValueError("marks: expected at least one marked image")
+    n, k, h, w = features.shape
+    flat = F.normalize(features, dim=1).permute(0, 2, 3, 1).reshape(n, h * w, k).numpy()
+    idx = np.array(sorted(marks))
+    cover = _coverage(np.stack([marks[i] for i in idx]), (h, w)).reshape(len(idx), -1)
+    pos = flat[idx][cover >= 0.5]
+    if not len(pos):  # a mark smaller than a cell: its best-covered cell stands for it
+        pos = flat[idx, cover.argmax(1)]
+    neg = [flat[idx][cover == 0]]
+    rng = np.random.default_rng(seed)
+    others = np.setdiff1d(np.arange(n), idx)
+    if len(others):
+        pick = rng.choice(others, min(negative_images, len(others)), replace=False)
+        neg.append(flat[pick].reshape(-1, k))
+    neg = np.concatenate(neg)
+    x = np.concatenate([pos, neg])
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    clf = LogisticRegression(class_weight="balanced", max_iter=2000, C=1.0)
+    clf.fit(x, y)
+    prob = clf.predict_proba(flat.reshape(-1, k))[:, 1].reshape(n, h, w)
+    return Proposals(prob.max(axis=(1, 2)).astype(np.float32), _upsample(prob, image_size))
+
+
+def colour_proposals(
+    images: np.ndarray, marks: dict[int, np.ndarray], *, window: int = 5, seed: int = 0
+) -> Proposals:
+    """The colour scorer: Gaussians of the marked pixels' RGB and of the other pixels' (of the
+    marked images and a sample of the rest), the posterior of "marked" per pixel (equal
+    priors) averaged over a ``window`` x ``window`` box; an image's score is its map's
+    maximum."""
+    if not marks:
+        raise ValueError("marks: expected at least one marked image")
+    idx = np.array(sorted(marks))
+    marked = np.stack([marks[i] for i in idx]).astype(bool)
+    px = images[idx].reshape(-1, 3).astype(np.float64)
+    inside = marked.reshape(-1)
+    rng = np.random.default_rng(seed)
+    outside = px[~inside]
+    outside = outside[rng.choice(len(outside), min(len(outside), 200_000), replace=False)]
+
+    def gaussian(v: np.ndarray):
+        mu = v.mean(0)
+        cov = np.cov(v.T) + np.eye(3) * 4.0  # a floor of 2 grey levels per channel
+        inv, (_, logdet) = np.linalg.inv(cov), np.linalg.slogdet(cov)
+        return mu, inv, logdet
+
+    a, b = gaussian(px[inside]), gaussian(outside)
+    maps = np.empty(images.shape[:3], np.float32)
+    for i in range(len(images)):
+        v = images[i].reshape(-1, 3).astype(np.float64)
+        ll = []
+        for mu, inv, logdet in (a, b):
+            d = v - mu
+            ll.append(-0.5 * (np.einsum("ij,jk,ik->i", d, inv, d) + logdet))
+        p = 1 / (1 + np.exp(np.clip(ll[1] - ll[0], -50, 50)))
+        maps[i] = p.reshape(images.shape[1:3])
+    smooth = nn.functional.avg_pool2d(
+        torch.from_numpy(maps)[:, None], window, stride=1, padding=window // 2
+    )[:, 0].numpy()
+    return Proposals(smooth.max(axis=(1, 2)).astype(np.float32), smooth.astype(np.float32))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two 0/1 masks (1.0 when both are empty)."""
+    a, b = a.astype(bool), b.astype(bool)
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0

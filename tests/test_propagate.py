@@ -1,0 +1,144 @@
+"""Propagation: a few ignore marks on an artifact -> the other images that carry it, each with a
+proposed mask (feedbackcam.propagate and ``feedbackcam propagate``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from feedbackcam.cli import main
+from feedbackcam.data.dataset import ArrayDataset
+from feedbackcam.data.prepared import save_prepared
+from feedbackcam.propagate import colour_proposals, concept_proposals, iou
+
+SIZE = 64
+
+
+def patched_images(n: int = 90, seed: int = 0, share: float = 0.3):
+    """Skin-coloured noise, a dark lesion in the middle, and on ``share`` of the images a magenta
+    patch of 8-12 px in a random corner. Returns (images, patch masks, lesion masks, has)."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    patches = np.zeros((n, SIZE, SIZE), np.uint8)
+    lesions = np.zeros((n, SIZE, SIZE), np.uint8)
+    has = rng.random(n) < share
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for i in range(n):
+        im = np.array([200, 150, 130]) + rng.normal(0, 10, 3) + rng.normal(0, 8, (SIZE, SIZE, 3))
+        cx, cy, r = *rng.uniform(24, 40, 2), rng.uniform(8, 14)
+        lesion = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+        im[lesion] = np.array([90, 60, 50]) + rng.normal(0, 10, 3)
+        lesions[i] = lesion
+        if has[i]:
+            s, corner = int(rng.integers(8, 13)), int(rng.integers(0, 4))
+            x0, y0 = [2, SIZE - s - 2][corner % 2], [2, SIZE - s - 2][corner // 2]
+            im[y0 : y0 + s, x0 : x0 + s] = [220, 60, 200]
+            patches[i, y0 : y0 + s, x0 : x0 + s] = 1
+        images[i] = np.clip(im, 0, 255)
+    return images, patches, lesions, has
+
+
+def _precision_recall(chosen: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    tp = (chosen & truth).sum()
+    return tp / max(chosen.sum(), 1), tp / max(truth.sum(), 1)
+
+
+def test_colour_matching_finds_the_marked_artifact_on_the_other_images():
+    images, patches, lesions, has = patched_images()
+    marked = np.flatnonzero(has)[:3]
+    props = colour_proposals(images, {i: patches[i] for i in marked})
+    rest = np.setdiff1d(np.arange(len(images)), marked)
+    precision, recall = _precision_recall(props.proposed()[rest], has[rest])
+    assert precision >= 0.9 and recall >= 0.9
+    found = [iou(props.masks()[i], patches[i]) for i in rest[has[rest]]]
+    assert np.mean(found) >= 0.6
+    # a mark on something else (the lesion) proposes that, not the patch
+    wrong = colour_proposals(images, {i: lesions[i] for i in marked})
+    assert np.mean([iou(wrong.masks()[i], patches[i]) for i in rest[has[rest]]]) < 0.1
+
+
+def test_the_concept_scorer_learns_the_marked_direction_per_location():
+    """Features with a known artifact direction at the patch's cells: the scorer fitted on three
+    marks finds every other patched image and outlines its patch; unpatched images score low."""
+    _, patches, _, has = patched_images()
+    g = torch.Generator().manual_seed(0)
+    n, k, cells = len(has), 16, 16
+    features = torch.randn(n, k, cells, cells, generator=g)
+    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(patches).float()[:, None], 16)
+    direction = torch.randn(k, generator=g)
+    features += 4 * (cover >= 0.5).float() * direction.view(1, k, 1, 1)
+    marked = np.flatnonzero(has)[:3]
+    props = concept_proposals(features, {i: patches[i] for i in marked}, SIZE)
+    rest = np.setdiff1d(np.arange(n), marked)
+    precision, recall = _precision_recall(props.proposed()[rest], has[rest])
+    assert precision >= 0.9 and recall >= 0.9
+    assert np.mean([iou(props.masks()[i], patches[i]) for i in rest[has[rest]]]) >= 0.4
+    assert props.scores[rest][~has[rest]].max() < props.scores[rest][has[rest]].min()
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    images, patches, lesions, has = patched_images(60, seed=1)
+    ids = tuple(f"img{i:03d}" for i in range(len(images)))
+    data = ArrayDataset(
+        images, lesions, np.zeros(len(images), np.int64), np.ones(len(images), bool), ids, ("NV",)
+    )
+    folder = save_prepared(data, tmp_path / "prepared")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    for i in np.flatnonzero(has)[:3]:
+        Image.fromarray(patches[i] * 255).save(marks / f"{ids[i]}.png")
+    return folder, marks, ids, patches, has
+
+
+def test_propagate_command_writes_scored_proposals_and_their_masks(tmp_path, prepared, capsys):
+    folder, marks, ids, patches, has = prepared
+    out = tmp_path / "out"
+    args = ["propagate", "--data", str(folder), "--marks", str(marks), "--out", str(out)]
+    assert main([*args, "--scorer", "colour"]) == 0
+    with open(out / "proposals.csv") as f:
+        rows = list(csv.DictReader(f))
+    marked = {p.stem for p in marks.glob("*.png")}
+    assert len(rows) == len(ids) - 3 and not marked & {r["id"] for r in rows}
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    proposed = {r["id"] for r in rows if r["proposed"] == "1"}
+    truth = {ids[i] for i in np.flatnonzero(has)} - marked
+    assert len(proposed & truth) >= 0.9 * len(truth) and len(proposed - truth) <= 1
+    assert {p.stem for p in (out / "masks").glob("*.png")} == proposed
+    some = sorted(proposed & truth)[0]
+    mask = np.asarray(Image.open(out / "masks" / f"{some}.png")) > 127
+    assert iou(mask, patches[ids.index(some)]) >= 0.5
+    config = json.loads((out / "config.json").read_text())
+    assert config["scorer"] == "colour" and config["marks"] == sorted(marked)
+    # the default scorer: the offline ImageNet network's activations (no download)
+    assert main([*args, "--threshold", "0.99"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["scorer"] == "concept" and config["layer"] == "blocks.5"
+    assert "efficientnet_lite0" in config["model"]
+    assert "proposals.csv" in capsys.readouterr().out
+
+
+def test_propagate_names_the_bad_mark_and_writes_nothing(tmp_path, prepared, capsys):
+    folder, marks, ids, _, _ = prepared
+    out = tmp_path / "out"
+    args = ["propagate", "--data", str(folder), "--marks", str(marks), "--out", str(out)]
+    stranger = marks / "not-an-image-of-the-data.png"
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(stranger)
+    assert main([*args, "--scorer", "colour"]) == 2
+    assert str(stranger) in capsys.readouterr().err and not out.exists()
+    stranger.unlink()
+    empty = marks / f"{ids[0]}.png"
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(empty)
+    assert main([*args, "--scorer", "colour"]) == 2
+    assert f"{empty}: the mask is empty" in capsys.readouterr().err and not out.exists()
+    nothing = tmp_path / "no-marks"
+    nothing.mkdir()
+    given = ["--data", str(folder), "--marks", str(nothing), "--out", str(out)]
+    assert main(["propagate", *given, "--scorer", "colour"]) == 2
+    assert "no <id>.png marks" in capsys.readouterr().err

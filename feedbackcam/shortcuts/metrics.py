@@ -30,7 +30,7 @@ from ..self_explaining import SelfExplaining
 from .data import ShortcutEval
 
 # Images per forward pass of the metrics (CPU-friendly; the numbers do not depend on it).
-BATCH = 256
+BATCH = 64
 
 
 def wrong_reason_score(attributions, confounder_masks, threshold: float | None = None) -> float:
@@ -65,7 +65,7 @@ def wrong_reason_score(attributions, confounder_masks, threshold: float | None =
 
 
 def gradcam_attribution(
-    model: SelfExplaining, images: Tensor, targets: Tensor | None = None, batch_size: int = 256
+    model: SelfExplaining, images: Tensor, targets: Tensor | None = None, batch_size: int = 64
 ) -> Tensor:
     """Grad-CAM (N, H, W) in [0, 1] of the predicted class (or ``targets``), no graph kept."""
     model.eval()
@@ -82,7 +82,7 @@ def gradcam_attribution(
 
 
 def input_gradient_attribution(
-    model: SelfExplaining, images: Tensor, batch_size: int = 256
+    model: SelfExplaining, images: Tensor, batch_size: int = 64
 ) -> Tensor:
     """|d log p_pred / dx| summed over channels, (N, H, W): the input-gradient explanation."""
     model.eval()

@@ -517,6 +517,11 @@ def test_default_rule_refuses_a_loss_that_loses_a_class_on_any_data_set():
     rows[3]["val_avg_sens_filled"] = 0.58  # sharp now keeps its classes on b too
     assert choose_default(rows, ("sharp", "safe"))[0] == "sharp"
     assert choose_default(rows[:2], ("sharp",))[0] is None
+    # a trap split (keep masks only, no marked confounder on validation: no flip rate) is left
+    # out, although no ignore loss ran there
+    trap = [_main_row("trap", "baseline", float("nan"), 0.6), _main_row("trap", "class", 0, 0.6)]
+    winner, table = choose_default(rows + trap, ("sharp", "safe"))
+    assert winner == "sharp" and "trap" not in table
 
 
 def test_default_rule_refuses_a_loss_that_trades_the_confounded_class_away():

@@ -63,6 +63,10 @@ def class_floors(reference: dict, tolerance: float, confidence: float = 0.95) ->
     return floors
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def choose_default(
     rows: list[dict], candidates: tuple[str, ...], tolerance: float = 0.05, seed: int = 0
 ) -> tuple[str | None, dict[str, dict[str, dict]]]:
@@ -76,7 +80,8 @@ def choose_default(
     reference: a default may not trade a class away, the one the shortcut stood for included.
     A default must have run, and passed, on every data set: a user cannot know in advance which
     kind of data theirs is. Among those, the lowest mean validation flip rate wins (data sets
-    without a marked confounder on validation, the trap splits, have none and do not count).
+    without a marked confounder on validation, the trap splits, have no flip rate and are left
+    out: their masks are keep masks only, and their measure is the reversed-test AUC).
     Returns (the winner or None, {data set: {candidate: {"flip", "score", "floor", "classes",
     "passes"}}}).
     """
@@ -92,8 +97,8 @@ def choose_default(
             and r.get("fraction", 1.0) == 1.0
         ]
         base = next((r for r in main if r["method"] == "baseline"), None)
-        if base is None:
-            continue
+        if base is None or not _finite(base.get("val_flip")):
+            continue  # no baseline, or no marked confounder to flip on (the trap splits)
         ref = next((r for r in main if r["method"] == "no-confounder"), None)
         floors = class_floors(ref, tolerance) if ref and "val_sens_filled" in ref else None
         for method in candidates:

@@ -32,6 +32,7 @@ RANK = {
     "explain": 3,
     "objective": 3,
     "clarc": 3,
+    "propagate": 3,
     "decision": 3,
     "train": 4,
     "balance": 5,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .self_explaining import SelfExplaining
+from .self_explaining import SelfExplaining, layer_activations
 
 
 @dataclass(frozen=True)
@@ -32,24 +32,6 @@ class ArtifactDirection:
     v: Tensor
     clean: float
     artifact: float
-
-
-def _mean_activations(model: SelfExplaining, images, batch_size: int) -> Tensor:
-    """(N, K) spatial means of the first explanation layer's activations, no grad."""
-    was = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                part = images[start : start + batch_size]
-                if not isinstance(part, Tensor):
-                    part = torch.from_numpy(np.array(part)).permute(0, 3, 1, 2).float() / 255
-                x = part.to(next(model.parameters()).device)
-                out.append(model(x).activations[0].float().mean(dim=(2, 3)).cpu())
-    finally:
-        model.train(was)
-    return torch.cat(out)
 
 
 def artifact_direction(
@@ -64,7 +46,7 @@ def artifact_direction(
     has = torch.as_tensor(np.asarray(has_artifact, bool))
     if not has.any() or has.all():
         raise ValueError("artifact_direction: expected images with and without the artifact")
-    acts = _mean_activations(model, images, batch_size)
+    acts = layer_activations(model, images, batch_size=batch_size).mean(dim=(2, 3))
     diff = acts[has].mean(0) - acts[~has].mean(0)
     v = diff / diff.norm().clamp_min(1e-12)
     proj = acts @ v

@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .self_explaining import SelfExplaining
-
 SCORERS = ("concept", "colour")
 # An image is proposed when its score reaches this: somewhere in it, the location classifier
 # (trained with the classes balanced, so 0.5 means even odds against a rare class) is 90 % sure.
@@ -57,32 +55,6 @@ class Proposals:
     def masks(self, mask_threshold: float = MASK_THRESHOLD) -> np.ndarray:
         """uint8 (N, H, W) 0/1: where each map reaches ``mask_threshold``."""
         return (self.maps >= mask_threshold).astype(np.uint8)
-
-
-def feature_maps(
-    model: SelfExplaining, images: np.ndarray, layer: str | None = None, batch_size: int = 32
-) -> torch.Tensor:
-    """(N, K, h, w) activations of ``layer`` (a module path in ``model.model``; default the
-    model's explanation layer) for uint8 (N, H, W, 3) images, eval mode, no grad."""
-    probe = SelfExplaining(
-        model.model,
-        (layer or model.layers[0],),
-        mean=model.mean.flatten().tolist(),
-        std=model.std.flatten().tolist(),
-    )
-    was = model.training
-    model.eval()
-    out = []
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                part = np.ascontiguousarray(images[start : start + batch_size])
-                x = torch.from_numpy(part).permute(0, 3, 1, 2).float().div(255).to(device)
-                out.append(probe(x).activations[0].float().cpu())
-    finally:
-        model.train(was)
-    return torch.cat(out)
 
 
 def _coverage(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -117,3 +118,34 @@ def set_batchnorm_eval(model: nn.Module) -> int:
             module.eval()
             count += 1
     return count
+
+
+def layer_activations(
+    model: SelfExplaining, images, layer: str | None = None, batch_size: int = 64
+) -> Tensor:
+    """(N, K, h, w) float32 activations of ``layer`` (a module path in ``model.model``; default
+    the model's first explanation layer) on the CPU, for ``images``: uint8 (N, H, W, 3) arrays
+    or float (N, 3, H, W) tensors in [0, 1]. Eval mode for the pass, no grad."""
+    probe = model
+    if layer is not None and layer != model.layers[0]:
+        probe = SelfExplaining(
+            model.model,
+            (layer,),
+            mean=model.mean.flatten().tolist(),
+            std=model.std.flatten().tolist(),
+        )
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                part = images[start : start + batch_size]
+                if not isinstance(part, Tensor):
+                    part = torch.from_numpy(np.ascontiguousarray(part)).permute(0, 3, 1, 2)
+                    part = part.float() / 255
+                out.append(probe(part.to(device)).activations[0].float().cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out)

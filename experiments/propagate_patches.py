@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from feedbackcam.models import build_model
 from feedbackcam.propagate import (
@@ -30,10 +29,11 @@ from feedbackcam.propagate import (
     LITE0_LAYER,
     colour_proposals,
     concept_proposals,
-    feature_maps,
     iou,
 )
+from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.data import isic_arrays
+from feedbackcam.shortcuts.isic_real import read_annotations
 
 
 def main() -> None:
@@ -48,19 +48,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data = isic_arrays(args.isic_root, args.size, str(args.cache))
-    root = Path(args.isic_root) / "artifacts"
-    lists = json.loads((root / "artifact_lists.json").read_text())
+    lists, by_id, _, _ = read_annotations(str(Path(args.isic_root) / "artifacts"), args.size)
     index = {k: i for i, k in enumerate(data.ids)}
     patched = np.zeros(len(data), bool)
     patched[[index[k] for k in lists["patch"] if k in index]] = True
-    masks = {}
-    for path in sorted((root / "patch_masks").glob("*.png")):
-        with Image.open(path) as im:
-            small = im.convert("L").resize((args.size, args.size), Image.Resampling.NEAREST)
-        masks[index[path.stem]] = (np.asarray(small) > 127).astype(np.uint8)
+    masks = {index[k]: m for k, m in by_id.items()}
     masked = np.array(sorted(masks))
     model = build_model("efficientnet_lite0", 3, weights="imagenet")
-    features = feature_maps(model, data.images, LITE0_LAYER)
+    features = layer_activations(model, data.images, LITE0_LAYER, batch_size=32)
     print(f"features {tuple(features.shape)} in {time.perf_counter() - started:.0f} s")
 
     def score(kind: str, marks: dict[int, np.ndarray], seed: int):

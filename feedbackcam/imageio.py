@@ -48,3 +48,15 @@ def read_rgb(
         method = Image.Resampling.NEAREST if resample == "nearest" else Image.Resampling.BILINEAR
         rgb = rgb.resize((size, size), method)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def read_mask(path: str | Path, *, size: int) -> np.ndarray:
+    """A mask drawn white on black: (size, size) uint8 0/1, resized nearest-neighbour, marked
+    where its grey level (Pillow's "L") is above 127.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an image, truncated, or larger than :data:`MAX_PIXELS`.
+    """
+    grey = Image.fromarray(read_rgb(path, size=size, resample="nearest")).convert("L")
+    return (np.asarray(grey) > 127).astype(np.uint8)

@@ -45,8 +45,7 @@ def read_marks(folder: Path, ids: tuple[str, ...], size: int) -> dict:
         ValueError: no PNG in the folder, a file whose name is not an id of the data, an
             unreadable image or an empty mask (each names the file).
     """
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from ..imageio import read_mask
 
     files = sorted(Path(folder).glob("*.png"))
     if not files:
@@ -56,12 +55,7 @@ def read_marks(folder: Path, ids: tuple[str, ...], size: int) -> dict:
     for path in files:
         if path.stem not in index:
             raise ValueError(f"{path}: {path.stem!r} is not an image id of the data")
-        try:
-            with Image.open(path) as im:
-                small = im.convert("L").resize((size, size), Image.Resampling.NEAREST)
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{path}: not a readable image ({err})") from err
-        mask = (np.asarray(small) > 127).astype(np.uint8)
+        mask = read_mask(path, size=size)
         if not mask.any():
             raise ValueError(f"{path}: the mask is empty (no white pixels)")
         marks[index[path.stem]] = mask
@@ -84,7 +78,8 @@ def _propagate(args) -> int:
 
     from ..data.prepared import load_prepared
     from ..fileio import write_csv, write_json
-    from ..propagate import LITE0_LAYER, colour_proposals, concept_proposals, feature_maps
+    from ..propagate import LITE0_LAYER, colour_proposals, concept_proposals
+    from ..self_explaining import layer_activations
 
     data = load_prepared(args.data, mmap=True)
     marks = read_marks(args.marks, data.ids, data.size)
@@ -103,26 +98,25 @@ def _propagate(args) -> int:
             model_name = "efficientnet_lite0 (ImageNet, offline)"
             layer = layer or LITE0_LAYER
         model.to(args.device)
-        features = feature_maps(model, data.images, layer)
+        features = layer_activations(model, data.images, layer, batch_size=32)
         layer = layer or model.layers[0]
         props = concept_proposals(features, marks, data.size)
     else:
         props = colour_proposals(np.asarray(data.images), marks)
     chosen = props.proposed(args.threshold)
-    masks = props.masks()
+    order = [i for i in np.argsort(-props.scores, kind="stable") if i not in marks]
     rows = [
         {"id": data.ids[i], "score": round(float(props.scores[i]), 4), "proposed": int(chosen[i])}
-        for i in np.argsort(-props.scores, kind="stable")
-        if i not in marks
+        for i in order
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     # the masks land in a temporary folder first: a failed run leaves no half-written masks/
     tmp = Path(tempfile.mkdtemp(dir=args.out, prefix=".masks-"))
     try:
-        for r in rows:
-            if r["proposed"]:
-                i = data.ids.index(r["id"])
-                Image.fromarray(masks[i] * 255).save(tmp / f"{r['id']}.png")
+        masks = props.masks()
+        for i in order:
+            if chosen[i]:
+                Image.fromarray(masks[i] * 255).save(tmp / f"{data.ids[i]}.png")
         if (args.out / "masks").exists():
             shutil.rmtree(args.out / "masks")
         tmp.rename(args.out / "masks")

@@ -26,10 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..data.artifacts import cut_out, paste_cutouts, read_artifact_flags
 from ..data.dataset import ArrayDataset
+from ..imageio import read_mask
 from .config import BenchConfig
 from .data import ShortcutData, ShortcutEval, _dataset, control_masks, isic_arrays, stratified_parts
 
@@ -55,15 +55,13 @@ def artifacts_root(cfg: BenchConfig) -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def _annotations(root: str, size: int) -> tuple[dict, dict[str, np.ndarray], tuple, dict]:
+def read_annotations(root: str, size: int) -> tuple[dict, dict[str, np.ndarray], tuple, dict]:
     """(artifact lists, id -> patch mask at ``size`` (0/1, nearest), flag ids, flags)."""
     folder = Path(root)
     lists = json.loads((folder / "artifact_lists.json").read_text())
     masks = {}
     for path in sorted((folder / "patch_masks").glob("*.png")):
-        with Image.open(path) as im:
-            small = im.convert("L").resize((size, size), Image.Resampling.NEAREST)
-        masks[path.stem] = (np.asarray(small) > 127).astype(np.uint8)
+        masks[path.stem] = read_mask(path, size=size)
     ids, flags = read_artifact_flags(folder / "artifact_flags.csv")
     return lists, masks, ids, flags
 
@@ -82,7 +80,7 @@ def isic_real_data(seed: int, cfg: BenchConfig, cache: str | Path) -> ShortcutDa
     patch: ``cfg.isic_real_split`` (train / validation / test); the pool is
     ``cfg.isic_real_pool`` training images, the masked patched ones among them."""
     isic = isic_arrays(str(cfg.isic_root), cfg.isic_size, str(cache))
-    lists, patch_masks, flag_ids, flags = _annotations(str(artifacts_root(cfg)), cfg.isic_size)
+    lists, patch_masks, flag_ids, flags = read_annotations(str(artifacts_root(cfg)), cfg.isic_size)
     nv = isic.classes.index("NV")
     index = {k: i for i, k in enumerate(isic.ids)}
     patched = np.array(sorted(index[k] for k in lists["patch"] if k in index))
@@ -213,7 +211,7 @@ def isic_trap_data(seed: int, artifact: str, cfg: BenchConfig, cache: str | Path
     if artifact not in TRAP_ARTIFACTS:
         raise ValueError(f"trap artifact: expected one of {TRAP_ARTIFACTS}, got {artifact!r}")
     isic = isic_arrays(str(cfg.isic_root), cfg.isic_size, str(cache))
-    _, _, flag_ids, flags = _annotations(str(artifacts_root(cfg)), cfg.isic_size)
+    _, _, flag_ids, flags = read_annotations(str(artifacts_root(cfg)), cfg.isic_size)
     every = _flags_of(isic.ids, flag_ids, flags)
     annotated = np.flatnonzero(every.pop("annotated"))
     labels = (isic.labels == isic.classes.index("MEL")).astype(np.int64)

@@ -298,9 +298,9 @@ def default_choice_markdown(rows: list[dict], candidates=DEFAULT_CANDIDATES) -> 
 def default_choice_from(folder: str | Path) -> str:
     """:func:`default_choice_markdown` of every ``folder/*/runs.jsonl`` (a benchmark output
     each), under the product's protocol: fine-tuning is class-weighted (``simulate``'s default),
-    so a data set's rows come from the folders run with ``--class-weighted`` (or a weighted
-    schedule) where it has any, and from the others where it has none (on the class-balanced
-    data sets the weights are 1 and the protocols agree).
+    so a data set's rows come from the folders run with ``--class-weighted`` where it has any,
+    and from the others where it has none (on the class-balanced data sets the weights are 1 and
+    the protocols agree).
 
     Raises:
         ValueError: no benchmark output to choose from in ``folder``.

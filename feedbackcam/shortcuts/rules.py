@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from statistics import NormalDist
 
 import numpy as np
@@ -20,6 +21,11 @@ DEFAULT_CANDIDATES = (
     "jaccard+surroundings+invariance_balanced",
     "class",
 )
+
+
+def _finite(value) -> bool:
+    """A number that is not None, NaN or infinite (rows mark a missing score with None or NaN)."""
+    return isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def guard_key(rows: list[dict]) -> str:
@@ -42,7 +48,7 @@ def choose_lambda(rows: list[dict], baseline: dict, tolerance: float) -> float:
     ok = [r for r in rows if r[key] >= baseline[key] - tolerance] or rows
 
     def flip(r: dict) -> float:  # no marked confounder on validation (trap splits): no flip
-        return 0.0 if r["val_flip"] is None or math.isnan(r["val_flip"]) else r["val_flip"]
+        return r["val_flip"] if _finite(r["val_flip"]) else 0.0
 
     return min(ok, key=lambda r: (round(flip(r), 4), -r[key]))["lam"]
 
@@ -55,16 +61,12 @@ def class_floors(reference: dict, tolerance: float, confidence: float = 0.95) ->
     counts = reference.get("val_counts") or [None] * len(reference["val_sens_filled"])
     floors = []
     for s, n in zip(reference["val_sens_filled"], counts, strict=True):
-        if s is None or (isinstance(s, float) and math.isnan(s)):
+        if not _finite(s):
             floors.append(-math.inf)
             continue
         noise = z * math.sqrt(2 * max(s * (1 - s), 0.05) / n) if n else 0.0
         floors.append(s - tolerance - noise)
     return floors
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def choose_default(
@@ -128,7 +130,7 @@ def choose_default(
 
     def mean_flip(m: str) -> float:
         flips = [t[m]["flip"] for t in table.values()]
-        flips = [f for f in flips if f is not None and not math.isnan(f)]
+        flips = [f for f in flips if _finite(f)]
         return float(np.mean(flips)) if flips else math.inf
 
     return min(ok, key=mean_flip), table

@@ -10,6 +10,10 @@ Two scorers, measured against each other on the real patches (docs/propagation.m
   upsampled, is the proposed mask; its maximum is the image's score.
 - ``"colour"``: colour matching, the baseline: a Gaussian of the marked pixels' colour against
   one of all other pixels, the per-pixel posterior smoothed over a small window.
+- ``"outlined"``: the concept scorer chooses the images and where, the colour map outlines the
+  artifact there (:func:`outlined`): a feature map's cells are coarse (8 px at the explanation
+  layer of a 64 px model) for a small patch, colour alone finds skin-coloured look-alikes in
+  every image.
 
 Both return one :class:`Proposals`: a score per image (0..1) and a probability map per image at
 the images' size. An image is proposed when its score reaches ``threshold`` (default
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCORERS = ("concept", "colour")
+SCORERS = ("concept", "colour", "outlined")
 # An image is proposed when its score reaches this: somewhere in it, the location classifier
 # (trained with the classes balanced, so 0.5 means even odds against a rare class) is 90 % sure.
 # A maximum over every location of every image is a maximum over thousands of trials: even odds
@@ -143,6 +147,16 @@ def colour_proposals(
         torch.from_numpy(maps)[:, None], window, stride=1, padding=window // 2
     )[:, 0].numpy()
     return Proposals(smooth.max(axis=(1, 2)).astype(np.float32), smooth.astype(np.float32))
+
+
+def outlined(concept: Proposals, colour: Proposals, grow: int) -> Proposals:
+    """The concept scorer's scores, with maps that are the colour map inside the concept's
+    proposed region grown by ``grow`` pixels (one feature cell is a good choice) and zero
+    outside it."""
+    region = torch.from_numpy(concept.maps >= MASK_THRESHOLD).float()[:, None]
+    if grow > 0:
+        region = F.max_pool2d(region, 2 * grow + 1, stride=1, padding=grow)
+    return Proposals(concept.scores, np.where(region[:, 0].numpy() > 0, colour.maps, 0.0))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

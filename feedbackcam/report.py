@@ -325,3 +325,46 @@ footer {{ margin-top: 2em; font-size: 13px; color: #555; border-top: 1px solid #
 <footer>{footer_html}</footer>
 </body></html>
 """
+
+
+def cluster_sheet(
+    images: np.ndarray,
+    saliency: np.ndarray,
+    keep: np.ndarray | None,
+    rows: Sequence[tuple[str, Sequence[int]]],
+    path: Path,
+    per_row: int = 6,
+    threshold: float = 0.5,
+) -> Path:
+    """One row per cluster: its title and up to ``per_row`` of its images (indices into
+    ``images``), each with its saliency (jet, 45 %), the explanation's 50 % contour (yellow)
+    and the keep mask's contour (white). ``saliency`` holds the shown images' maps, in the
+    order of ``rows``' indices, flattened. Written atomically."""
+    path = Path(path)
+    n = max(len(rows), 1)
+    fig, axes = plt.subplots(n, per_row, figsize=(1.6 * per_row, 1.75 * n), dpi=100, squeeze=False)
+    shown = 0
+    for r, (title, members) in enumerate(rows):
+        for j in range(per_row):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(members):
+                ax.axis("off")
+                continue
+            i = members[j]
+            sal = saliency[shown]
+            shown += 1
+            ax.imshow(images[i])
+            ax.imshow(sal, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if keep is not None and keep[i].any():
+                ax.contour(keep[i], levels=[0.5], colors="white", linewidths=0.7)
+            if sal.max() >= threshold:
+                ax.contour(sal, levels=[threshold], colors="yellow", linewidths=0.7)
+        axes[r, 0].set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path

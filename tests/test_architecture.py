@@ -34,6 +34,8 @@ RANK = {
     "clarc": 3,
     "propagate": 3,
     "decision": 3,
+    "suspicion": 4,
+    "clusters": 1,
     "train": 4,
     "balance": 5,
     "evaluate": 5,

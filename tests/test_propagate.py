@@ -14,7 +14,7 @@ from PIL import Image
 from feedbackcam.cli import main
 from feedbackcam.data.dataset import ArrayDataset
 from feedbackcam.data.prepared import save_prepared
-from feedbackcam.propagate import colour_proposals, concept_proposals, iou
+from feedbackcam.propagate import colour_proposals, concept_proposals, iou, outlined
 
 SIZE = 64
 
@@ -81,6 +81,29 @@ def test_the_concept_scorer_learns_the_marked_direction_per_location():
     assert props.scores[rest][~has[rest]].max() < props.scores[rest][has[rest]].min()
 
 
+def test_outlined_keeps_the_concept_choice_and_sharpens_its_masks():
+    """On coarse cells (16 px for an 8-12 px patch) the concept's mask is blocky; outlined
+    keeps the concept's scores (the same images proposed) and outlines the patch by colour."""
+    images, patches, _, has = patched_images()
+    g = torch.Generator().manual_seed(0)
+    n, k, cells = len(has), 16, 4
+    features = torch.randn(n, k, cells, cells, generator=g)
+    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(patches).float()[:, None], 4)
+    direction = torch.randn(k, generator=g)
+    features += 4 * (cover > 0).float() * direction.view(1, k, 1, 1)
+    marked = np.flatnonzero(has)[:3]
+    marks = {i: patches[i] for i in marked}
+    concept = concept_proposals(features, marks, SIZE)
+    both = outlined(concept, colour_proposals(images, marks), grow=SIZE // cells)
+    assert np.array_equal(both.scores, concept.scores)
+    rest = np.setdiff1d(np.flatnonzero(has), marked)
+    coarse = np.mean([iou(concept.masks()[i], patches[i]) for i in rest])
+    sharp = np.mean([iou(both.masks()[i], patches[i]) for i in rest])
+    assert sharp >= 0.7 and sharp > coarse + 0.15
+    # nothing is outlined outside the concept's region
+    assert not both.masks()[~concept.proposed(0.0) | (concept.maps < 0.5).all((1, 2))].any()
+
+
 @pytest.fixture
 def prepared(tmp_path):
     images, patches, lesions, has = patched_images(60, seed=1)
@@ -122,6 +145,12 @@ def test_propagate_command_writes_scored_proposals_and_their_masks(tmp_path, pre
     assert config["scorer"] == "concept" and config["layer"] == "blocks.5"
     assert "efficientnet_lite0" in config["model"]
     assert "proposals.csv" in capsys.readouterr().out
+    # outlined: the concept's choice of images, masks only inside its region
+    with open(out / "proposals.csv") as f:
+        concept = {r["id"]: r["score"] for r in csv.DictReader(f)}
+    assert main([*args, "--threshold", "0.99", "--scorer", "outlined"]) == 0
+    with open(out / "proposals.csv") as f:
+        assert {r["id"]: r["score"] for r in csv.DictReader(f)} == concept
 
 
 def test_propagate_names_the_bad_mark_and_writes_nothing(tmp_path, prepared, capsys):

@@ -1,7 +1,8 @@
 """The ``feedbackcam`` command line. This package parses and dispatches: each command's flags sit
 beside the function it runs (:mod:`.experiments`: demo, simulate, shortcuts; :mod:`.data`:
 data check and prepare; :mod:`.models`: train-base, evaluate, explain, import-keras;
-:mod:`.propagate`: propagate; the app's commands in :mod:`feedbackcam.service.commands`);
+:mod:`.propagate`: propagate; :mod:`.discover`: clusters; the app's commands in
+:mod:`feedbackcam.service.commands`);
 shared flag groups live in :mod:`feedbackcam.options`. Heavy imports happen inside the commands.
 """
 
@@ -13,13 +14,14 @@ import sys
 
 from .. import __version__
 from ..service.commands import SERVICE_COMMANDS
-from . import data, experiments, models, propagate
+from . import data, discover, experiments, models, propagate
 
 COMMANDS = (
     *experiments.COMMANDS,
     *data.COMMANDS,
     *models.COMMANDS,
     *propagate.COMMANDS,
+    *discover.COMMANDS,
     *SERVICE_COMMANDS,
 )
 

@@ -67,7 +67,8 @@ def _propagate(args) -> int:
 
     From --marks (<id>.png ignore masks of images in --data), score every other image of --data
     for the same artifact (--scorer concept: a linear classifier on a network's activations,
-    per location; colour: a colour model of the marked pixels) and propose a mask for each
+    per location; colour: a colour model of the marked pixels; outlined: the concept chooses
+    the images and where, the colour outlines the artifact there) and propose a mask for each
     image whose score reaches --threshold. Writes OUT/proposals.csv (id, score, proposed; the
     highest scores first), OUT/masks/<id>.png for the proposed images and OUT/config.json."""
     import shutil
@@ -78,14 +79,14 @@ def _propagate(args) -> int:
 
     from ..data.prepared import load_prepared
     from ..fileio import write_csv, write_json
-    from ..propagate import LITE0_LAYER, colour_proposals, concept_proposals
+    from ..propagate import LITE0_LAYER, colour_proposals, concept_proposals, outlined
     from ..self_explaining import layer_activations
 
     data = load_prepared(args.data, mmap=True)
     marks = read_marks(args.marks, data.ids, data.size)
     layer = args.layer
     model_name = None
-    if args.scorer == "concept":
+    if args.scorer in ("concept", "outlined"):
         if args.model is not None:
             from ..checkpoint import load_checkpoint
 
@@ -101,6 +102,9 @@ def _propagate(args) -> int:
         features = layer_activations(model, data.images, layer, batch_size=32)
         layer = layer or model.layers[0]
         props = concept_proposals(features, marks, data.size)
+        if args.scorer == "outlined":  # the colour map outlines the artifact, grown by a cell
+            colour = colour_proposals(np.asarray(data.images), marks)
+            props = outlined(props, colour, grow=data.size // features.shape[-1])
     else:
         props = colour_proposals(np.asarray(data.images), marks)
     chosen = props.proposed(args.threshold)

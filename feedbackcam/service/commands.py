@@ -117,6 +117,13 @@ def worklist(args) -> int:
     with _store_session(args) as (settings, session):
         if args.worklist_command == "add":
             files = lists.read_folder(args.folder, settings.max_upload_bytes)
+            rank = None
+            if args.order == "suspicious":
+                model, size = _ranking_model(args, session, settings)
+                print("suspicion  image  (signs)")
+                rank = lists.suspicious_order(
+                    model, size, max_pixels=settings.max_pixels, masks=args.masks
+                )
             made, skipped = lists.create(
                 session,
                 Store(settings.data_dir),
@@ -124,6 +131,7 @@ def worklist(args) -> int:
                 files,
                 max_bytes=settings.max_upload_bytes,
                 max_pixels=settings.max_pixels,
+                rank=rank,
             )
             for reason in skipped:
                 print(f"skipped: {reason}")
@@ -134,6 +142,28 @@ def worklist(args) -> int:
                 counts = lists.counts(lists.entries(session, w.id))
                 print(f"{w.id}\t{w.name}\t" + " ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
+
+
+def _ranking_model(args, session, settings):
+    """The model that orders a suspicious-first worklist: ``--model``, else the store's current
+    version (checked against its recorded SHA-256). Returns (model, input size)."""
+    from ..checkpoint import load_checkpoint
+    from .db import current_version
+    from .startup import verify_file
+    from .store import Store
+
+    if args.masks is not None and not args.masks.is_dir():
+        raise FileNotFoundError(f"{args.masks}: not a folder (--masks: lesion masks <name>.png)")
+    path = args.model
+    if path is None:
+        version = current_version(session)
+        if version is None:
+            raise ValueError(
+                "--order suspicious needs a model: give --model CKPT, or serve one first"
+            )
+        path = verify_file(Store(settings.data_dir), version)
+    model, spec, _ = load_checkpoint(path)
+    return model.eval(), spec.input_size
 
 
 def export(args) -> int:
@@ -220,6 +250,26 @@ def add_worklist(sub) -> None:
     add = wsub.add_parser("add", help="import a folder's PNG and JPEG images as a worklist")
     add.add_argument("folder", type=Path)
     add.add_argument("--name", default=None, help="default: the folder's name")
+    add.add_argument(
+        "--order",
+        choices=("name", "suspicious"),
+        default="name",
+        help="suspicious: most suspicious first (explanation outside the lesion, prediction "
+        "changed by other surroundings, model unsure; docs/discovery.md)",
+    )
+    add.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="--order suspicious: the checkpoint that judges (default: the served version)",
+    )
+    add.add_argument(
+        "--masks",
+        type=Path,
+        default=None,
+        help="--order suspicious: a folder of lesion masks <image stem>.png (white on the "
+        "lesion); without one an image is judged by the model's uncertainty alone",
+    )
     listing = wsub.add_parser("list", help="list worklists and their counts")
     for q in (add, listing):
         add_store_args(q)

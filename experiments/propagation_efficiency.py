@@ -1,0 +1,157 @@
+"""One mark, many images, end to end in the simulation (docs/propagation.md, efficiency).
+
+A simulated clinician marks the artifact by hand on k images of the feedback pool (k = 1, 5,
+25; a seeded choice among the pool's artifact images), ``feedbackcam propagate``'s concept
+scorer (on the model's own explanation layer, as ``propagate --model`` runs) chooses the images
+and where, the colour map outlines the artifact there (``--scorer outlined``), proposing a mask
+on every other image, and a reviewer accepts the proposals that overlap the true artifact (IoU >=
+0.5 with it; a proposal on an image without the artifact is rejected). The model is fine-tuned
+with the project's default objective (``FeedbackConfig()``: Jaccard + surroundings on the keep
+masks, invariance_balanced on the ignore masks, lambda 0.9) on the pool with the hand masks and
+the accepted *proposed* masks, and compared with the same fine-tuning on every true mask (the
+full-mask gain) and on the k hand masks alone.
+
+Clicks: one per hand mark, one "accept all above the threshold", one per rejected proposal
+(the app's review screen).
+
+    python experiments/propagation_efficiency.py --confounders patch --seeds 0 1 2 \\
+        --json docs/propagation/efficiency_patch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from feedbackcam.propagate import (
+    DEFAULT_THRESHOLD,
+    colour_proposals,
+    concept_proposals,
+    iou,
+    outlined,
+)
+from feedbackcam.self_explaining import layer_activations
+from feedbackcam.shortcuts.bench import baseline, evaluate_row, fine_tune
+from feedbackcam.shortcuts.config import BenchConfig
+from feedbackcam.shortcuts.data import synth_data
+
+METHOD = "jaccard+surroundings+invariance_balanced"  # FeedbackConfig()'s terms
+LAM = 0.9
+ACCEPT_IOU = 0.5
+KS = (1, 5, 25)
+CELL = 8  # pixels per cell of the explanation layer at 64 px
+KEYS = ("flip_rate", "acc", "acc_clean", "avg_sens")
+
+
+def _scores(row: dict) -> dict:
+    return {k: row[k] for k in KEYS}
+
+
+def run(confounder: str, seed: int, cache: Path, ks, hand_only) -> list[dict]:
+    cfg = BenchConfig()
+    sched = cfg.synth
+    d = synth_data(seed, confounder, cfg.synth_n)
+    base = baseline(cache / f"base_{confounder}_{seed}.pt", d, sched, seed)
+    pool = d.pool
+    n = len(pool)
+    true = pool.ignore
+    has = true.reshape(n, -1).any(1)
+    common = {"confounder": confounder, "seed": seed, "pool": n, "with_artifact": int(has.sum())}
+    rows = [{**common, "run": "baseline", **_scores(evaluate_row(base, d))}]
+
+    def tuned(ignore: np.ndarray) -> dict:
+        given = ignore.reshape(n, -1).any(1)
+        data = replace(pool, ignore=ignore.astype(np.uint8), has_ignore=given)
+        started = time.perf_counter()
+        model, _ = fine_tune(base, data, sched, METHOD, LAM, seed)
+        return {**_scores(evaluate_row(model, d)), "seconds": round(time.perf_counter() - started)}
+
+    rows.append({**common, "run": "full", "marked": int(has.sum()), **tuned(true)})
+    print(json.dumps(rows[-1]), flush=True)
+    features = layer_activations(base, pool.images)
+    order = np.random.default_rng([seed, 19]).permutation(np.flatnonzero(has))
+    for k in ks:
+        hand = order[:k]
+        marks = {int(i): true[i] for i in hand}
+        props = concept_proposals(features, marks, pool.size, seed=seed)
+        # the concept chooses the images and where; colour outlines the artifact there
+        props = outlined(props, colour_proposals(pool.images, marks, seed=seed), CELL)
+        proposed = props.proposed(DEFAULT_THRESHOLD)
+        proposed[hand] = False
+        masks = props.masks()
+        overlap = np.array([iou(masks[i], true[i]) if has[i] else 0.0 for i in range(n)])
+        accepted = proposed & (overlap >= ACCEPT_IOU)
+        ignore = np.zeros_like(true)
+        ignore[hand] = true[hand]
+        ignore[accepted] = masks[accepted]
+        rejected = int((proposed & ~accepted).sum())
+        row = {
+            **common,
+            "run": "propagated",
+            "k": k,
+            "proposed": int(proposed.sum()),
+            "proposed_with_artifact": int((proposed & has).sum()),
+            "accepted": int(accepted.sum()),
+            "rejected": rejected,
+            "mean_iou_proposed_with_artifact": float(overlap[proposed & has].mean())
+            if (proposed & has).any()
+            else None,
+            "marked": int(k + accepted.sum()),
+            "clicks": k + 1 + rejected,
+            **tuned(ignore),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if k in hand_only:
+            only = np.zeros_like(true)
+            only[hand] = true[hand]
+            rows.append({**common, "run": "hand only", "k": k, "marked": k, "clicks": k,
+                         **tuned(only)})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    base_flip, full_flip = rows[0]["flip_rate"], rows[1]["flip_rate"]
+    base_acc, full_acc = rows[0]["acc"], rows[1]["acc"]
+    for r in rows[2:]:
+        r["flip_gain_share"] = (base_flip - r["flip_rate"]) / (base_flip - full_flip)
+        r["acc_gain_share"] = (r["acc"] - base_acc) / (full_acc - base_acc)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--cache", type=Path, default=Path("/tmp/discovery"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--confounders", nargs="+", default=["patch", "ruler"])
+    p.add_argument("--ks", type=int, nargs="+", default=list(KS))
+    p.add_argument("--hand-only", type=int, nargs="*", default=[5])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for confounder in args.confounders:
+        for seed in args.seeds:
+            rows += run(confounder, seed, args.cache, args.ks, set(args.hand_only))
+            meta = {
+                "rows": rows,
+                "method": METHOD,
+                "lam": LAM,
+                "accept_iou": ACCEPT_IOU,
+                "threshold": DEFAULT_THRESHOLD,
+                "scorer": "outlined",
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+                "2-core CPU shared with another job",
+            }
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,11 +46,11 @@ def schema_diff(engine) -> list:
 # ------------------------------------------------------------------ migrations
 def test_a_new_database_is_made_by_the_migrations_and_matches_the_models(tmp_path, db_url):
     engine, _ = connect(url_of(tmp_path, db_url))
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     assert schema_diff(engine) == []
     engine.dispose()
     engine, _ = connect(url_of(tmp_path, db_url))  # opening it again changes nothing
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     engine.dispose()
 
 
@@ -98,7 +98,7 @@ def test_a_release_0_1_0_database_is_upgraded_without_losing_a_row(tmp_path, db_
     old.dispose()
 
     engine, sessions = connect(url)
-    assert current_revision(engine) == "0003" and schema_diff(engine) == []
+    assert current_revision(engine) == "0004" and schema_diff(engine) == []
     with engine.connect() as connection:
         for name, table in legacy.Base.metadata.tables.items():
             after = connection.execute(select(table).order_by(*table.primary_key)).all()

@@ -22,6 +22,7 @@ from .routers import (
     images,
     originals,
     predict,
+    proposals,
     updates,
     users,
     versions,
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         users,
         worklists,
         export,
+        proposals,
     ):
         app.include_router(module.router, prefix="/api", responses=ERROR_RESPONSES)
 

@@ -80,6 +80,8 @@ class Item(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     update_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))  # the update it fed
     ignore_mask_path: Mapped[str | None] = mapped_column(Text)  # the region that must not matter
+    # a proposal the clinician accepted (POST /api/proposals/accept): the item it was found from
+    propagated_from: Mapped[int | None] = mapped_column(ForeignKey("feedback.id"))
     # the client's Idempotency-Key, or a digest of the content: one row per key and user
     idempotency_key: Mapped[str | None] = mapped_column(String(64))
 

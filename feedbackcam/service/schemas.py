@@ -65,6 +65,9 @@ class FeedbackItem(BaseModel):
     update_version: int | None = Field(description="the update that used it (see its status)")
     update_status: str | None
     update_reason: str | None
+    propagated_from: int | None = Field(
+        None, description="accepted from a proposal: the feedback item it was found from"
+    )
 
 
 class VersionInfo(BaseModel):

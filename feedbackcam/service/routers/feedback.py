@@ -41,6 +41,7 @@ def _out(item: Item, user: str, update: Version | None) -> FeedbackItem:
         update_version=item.update_id,
         update_status=update.status if update else None,
         update_reason=update.reason if update else None,
+        propagated_from=item.propagated_from,
     )
 
 
@@ -123,7 +124,7 @@ def submit(
 
     region = region_of("mask", mask, mask_rle, mask_base64)
     ignore = region_of("ignore_mask", ignore_mask, ignore_mask_rle, ignore_mask_base64)
-    if not agree and label == predicted and region is None:
+    if not agree and label == predicted and region is None and ignore is None:
         raise HTTPException(422, "nothing to learn: agree, give the right class, or draw a region")
     if region is not None and not region.any():
         raise HTTPException(422, "the mask is empty: draw the region that matters, or send none")

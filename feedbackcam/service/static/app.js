@@ -119,7 +119,7 @@ async function signIn(token) {
   $("worklist-folder-form").hidden = state.me.role !== "admin";
   $("worklist-files").disabled = !canGiveFeedback;
   await Promise.all([loadGallery(), loadWorklists(), refreshStatus(),
-    state.me.role === "admin" ? loadVersions() : null]);
+    state.me.role === "admin" ? loadVersions() : null, canGiveFeedback ? loadMine() : null]);
   setInterval(poll, 1500);
 }
 
@@ -825,6 +825,19 @@ async function sendFeedback({ agree = false, label = null }, andNext = false) {
   }
 }
 
+async function loadMine() {
+  // my feedback from earlier visits: listed (and withdrawable, propagatable) after a reload
+  try {
+    const items = await api("/api/feedback?limit=6");
+    for (const item of items.reverse()) {
+      if (!state.mine.has(item.id) && item.user === state.me.name) {
+        state.mine.set(item.id, { item, before: null, region: null, label: item.label, agree: item.agree });
+      }
+    }
+    renderMine();
+  } catch (_) { /* the list stays as it is */ }
+}
+
 function renderMine() {
   const list = $("mine");
   const items = [...state.mine.values()].slice(-6).reverse();
@@ -838,6 +851,14 @@ function renderMine() {
         : `used by version ${item.update_version} (${item.update_status})`;
     text.textContent = `#${item.id} ${what}: ${where}`;
     li.append(text);
+    if (item.ignore_mask_url && !item.propagated_from && state.me.role !== "viewer") {
+      const find = document.createElement("button");
+      find.type = "button";
+      find.textContent = "Find more like this";
+      find.setAttribute("aria-label", `Find more images like feedback #${item.id}`);
+      find.addEventListener("click", () => findSimilar(item.id));
+      li.append(" ", find);
+    }
     if (item.status === "pending") {
       const button = document.createElement("button");
       button.type = "button";
@@ -861,6 +882,128 @@ async function withdraw(id) {
   renderMine();
 }
 
+// ------------------------------------------------------------------ one mark, many images
+const similar = { source: null, version: null, proposals: [], ticked: new Set() };
+
+async function findSimilar(id) {
+  $("similar").hidden = false;
+  $("similar-grid").replaceChildren();
+  say("similar-summary", "Looking for the same artifact in the other images…");
+  const body = { items: [id], limit: 100 };
+  if (state.worklist) body.worklist = state.worklist.id;
+  try {
+    const got = await api("/api/proposals", jsonBody("POST", body));
+    Object.assign(similar, { source: id, version: got.version, proposals: got.proposals });
+    similar.found = `${got.proposed} more image(s) look like this at a score of ${got.threshold.toFixed(2)} or more (${got.scored} looked at; the ${got.proposals.length} most alike are shown)`;
+    $("similar-threshold").value = got.threshold;
+    await renderSimilar();
+    tickFrom(got.threshold);
+    $("similar").scrollIntoView({ block: "start" });
+  } catch (error) {
+    say("similar-summary", `Could not look: ${error.message}`, true);
+  }
+}
+
+function tickFrom(threshold) {
+  $("similar-threshold-value").textContent = Number(threshold).toFixed(2);
+  similar.ticked = new Set(similar.proposals
+    .filter((p) => p.score >= threshold && p.outlined)
+    .map((p) => p.image_id));
+  for (const button of $("similar-grid").querySelectorAll("button")) {
+    button.setAttribute("aria-pressed", String(similar.ticked.has(button.dataset.id)));
+  }
+  updateAcceptButton();
+}
+
+function updateAcceptButton() {
+  if (similar.proposals.length) {
+    say("similar-summary", `${similar.found}. ${similar.ticked.size} ticked.`);
+  }
+  $("similar-accept").textContent = `Accept the ${similar.ticked.size} ticked`;
+  $("similar-accept").disabled = similar.ticked.size === 0;
+}
+
+async function outlinedThumb(p) {
+  const [photo, mask] = await Promise.all([authedImage(p.image_url), loadImage(p.mask_png)]);
+  const canvas = document.createElement("canvas");
+  canvas.width = photo.naturalWidth;
+  canvas.height = photo.naturalHeight;
+  const context = canvas.getContext("2d");
+  context.drawImage(mask, 0, 0, canvas.width, canvas.height);
+  const m = context.getImageData(0, 0, canvas.width, canvas.height);
+  context.drawImage(photo, 0, 0);
+  const out = context.getImageData(0, 0, canvas.width, canvas.height);
+  const w = canvas.width;
+  const inside = (i) => m.data[4 * i] > 127;
+  for (let i = 0; i < w * canvas.height; i++) {
+    const x = i % w;
+    const edge = inside(i) && (x === 0 || x === w - 1 || !inside(i - 1) || !inside(i + 1)
+      || !inside(i - w) || !inside(i + w));
+    if (edge) out.data.set([0, 229, 255, 255], 4 * i);
+  }
+  context.putImageData(out, 0, 0);
+  return canvas;
+}
+
+async function renderSimilar() {
+  const items = await Promise.all(similar.proposals.map(async (p) => {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.id = p.image_id;
+    button.disabled = !p.outlined;
+    button.setAttribute("aria-pressed", String(similar.ticked.has(p.image_id)));
+    button.setAttribute("aria-label", `score ${p.score.toFixed(2)}${p.outlined ? "" : ", nothing outlined"}`);
+    button.addEventListener("click", () => {
+      if (similar.ticked.has(p.image_id)) similar.ticked.delete(p.image_id);
+      else similar.ticked.add(p.image_id);
+      button.setAttribute("aria-pressed", String(similar.ticked.has(p.image_id)));
+      updateAcceptButton();
+    });
+    const label = document.createElement("span");
+    label.textContent = p.score.toFixed(2);
+    try {
+      button.append(await outlinedThumb(p), label);
+    } catch (_) {
+      button.append(label);
+    }
+    li.append(button);
+    return li;
+  }));
+  $("similar-grid").replaceChildren(...items);
+  updateAcceptButton();
+}
+
+async function acceptSimilar() {
+  const chosen = similar.proposals.filter((p) => similar.ticked.has(p.image_id));
+  if (!chosen.length) return;
+  const body = {
+    items: [similar.source],
+    shown_version: similar.version,
+    accepted: chosen.map((p) => ({ image_id: p.image_id, mask_base64: p.mask_png })),
+  };
+  $("similar-accept").disabled = true;
+  try {
+    const items = await api("/api/proposals/accept", jsonBody("POST", body));
+    for (const item of items) state.mine.set(item.id, { item, before: null, region: null, label: item.label, agree: false });
+    renderMine();
+    $("similar-grid").replaceChildren();
+    similar.proposals = [];
+    similar.ticked = new Set();
+    say("similar-summary", `${items.length} image(s) added as your "must not matter" feedback, found from #${similar.source}. They wait for the next update; each can be withdrawn below.`);
+  } catch (error) {
+    say("similar-summary", `Not stored: ${error.message}`, true);
+    updateAcceptButton();
+  }
+}
+
+function closeSimilar() {
+  $("similar").hidden = true;
+  $("similar-grid").replaceChildren();
+  similar.proposals = [];
+  similar.ticked = new Set();
+}
+
 // ------------------------------------------------------------------ following updates
 let polling = false;
 
@@ -875,7 +1018,7 @@ async function poll() {
       record.item = item;
       if (item.status === "used") {
         renderMine();
-        await showOutcome(record);
+        if (record.before) await showOutcome(record); // accepted proposals: no shown answer
         if (state.me.role === "admin") await loadVersions();
       }
     }
@@ -1255,6 +1398,9 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("submit-next").addEventListener("click", () => onSubmit(true));
   $("agree").addEventListener("click", onAgree);
+  $("similar-accept").addEventListener("click", acceptSimilar);
+  $("similar-close").addEventListener("click", closeSimilar);
+  $("similar-threshold").addEventListener("input", (event) => tickFrom(Number(event.target.value)));
   $("update-now").addEventListener("click", updateNow);
   $("export").addEventListener("click", downloadExport);
   document.addEventListener("keydown", onKey);

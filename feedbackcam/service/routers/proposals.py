@@ -1,0 +1,236 @@
+"""One mark, many images: from a clinician's ignore marks, propose the same artifact on the app's
+other images; accepted proposals become that clinician's ignore feedback, marked as propagated.
+
+The scorer is :mod:`feedbackcam.propagate`'s ``outlined``: a linear concept of the marked
+locations in the served model's explanation-layer activations chooses the images and where, and
+a colour model of the marked pixels outlines the artifact there.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import PurePosixPath
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from ..db import Item, Version, WorklistEntry
+from ..deps import Clinician, RuntimeDep, SessionDep
+from ..limits import MAX_ID, decode_slot
+from ..originals import admit, decode_region, read_original
+from ..schemas import FeedbackItem
+from ..store import read_image
+from ..uploads import UploadError, png_bytes
+from .feedback import _key, _out, _stored
+
+router = APIRouter(tags=["proposals"])
+
+MAX_CANDIDATES = 2000  # stored images scored per request, newest first
+MAX_SHOWN = 500
+
+
+class ProposalRequest(BaseModel):
+    items: Annotated[
+        list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(min_length=1, max_length=50)
+    ]
+    worklist: int | None = Field(None, ge=1, le=MAX_ID, description="score its images only")
+    threshold: float = Field(None, ge=0, le=1, description="default: propagate's documented")
+    limit: int = Field(100, ge=1, le=MAX_SHOWN, description="the highest scores returned")
+
+
+class Proposal(BaseModel):
+    image_id: str
+    image_url: str
+    score: float
+    proposed: bool = Field(description="the score reaches the threshold")
+    outlined: bool = Field(description="the proposed mask is not empty (it can be accepted)")
+    mask_png: str = Field(description="the proposed mask at the model's input, a PNG data URL")
+
+
+class Proposals(BaseModel):
+    version: int = Field(description="the served version that scored them (accept's shown_version)")
+    threshold: float
+    scored: int
+    proposed: int
+    proposals: list[Proposal]
+
+
+class Accepted(BaseModel):
+    image_id: str
+    mask_base64: str = Field(max_length=2_000_000, description="PNG (data URL or base64)")
+
+
+class AcceptRequest(BaseModel):
+    items: Annotated[
+        list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(min_length=1, max_length=50)
+    ]
+    shown_version: int = Field(ge=1, le=MAX_ID)
+    accepted: Annotated[list[Accepted], Field(min_length=1, max_length=MAX_SHOWN)]
+
+
+def _marks(session, user, ids: list[int], runtime, size: int) -> dict[str, np.ndarray]:
+    """{image_id: ignore mask} of the user's own items (404 for another's, 422 without one)."""
+    marks = {}
+    for item_id in ids:
+        item = session.get(Item, item_id)
+        if item is None or item.user_id != user.id:
+            raise HTTPException(404, f"no feedback item {item_id} of yours")
+        if not item.ignore_mask_path:
+            raise HTTPException(422, f"feedback {item_id} has no ignore mask to propagate")
+        mask = read_image(runtime.store.absolute(item.ignore_mask_path), "L", size) > 127
+        image_id = PurePosixPath(item.image_path).stem
+        marks[image_id] = mask.astype(np.uint8)
+    return marks
+
+
+def _candidates(runtime, session, worklist: int | None, size: int) -> list[str]:
+    """Image ids to score: a worklist's entries (their originals admitted as model inputs) or
+    the stored images, newest first."""
+    if worklist is None:
+        files = sorted(
+            (runtime.store.root / "images").glob("*.png"),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        return [p.stem for p in files[:MAX_CANDIDATES]]
+    entries = session.scalars(
+        select(WorklistEntry).where(WorklistEntry.worklist_id == worklist)
+    ).all()
+    if not entries:
+        raise HTTPException(404, f"no worklist {worklist}")
+    ids = []
+    for entry in entries[:MAX_CANDIDATES]:
+        if entry.image_id is None:
+            try:
+                with decode_slot():
+                    data, img = read_original(
+                        runtime.store, entry.original_id, max_pixels=runtime.settings.max_pixels
+                    )
+                    rgb = admit(runtime.store, session, data, img, size)
+            except UploadError:
+                continue  # a damaged original is not a candidate (the worklist shows it)
+            ids.append(runtime.store.put("images", png_bytes(rgb)))
+        else:
+            ids.append(entry.image_id)
+    return list(dict.fromkeys(ids))
+
+
+def _data_url(mask: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(mask * 255)).decode()
+
+
+@router.post("/proposals", response_model=Proposals)
+def propose(
+    body: ProposalRequest, user: Clinician, runtime: RuntimeDep, session: SessionDep
+) -> Proposals:
+    """The images that look like the marked ones: every stored image (or a worklist's) scored
+    for the artifact the given feedback items' ignore masks mark, highest first, each with a
+    proposed mask. Nothing is stored: accept with ``POST /api/proposals/accept``."""
+    from ...propagate import DEFAULT_THRESHOLD, colour_proposals, concept_proposals, outlined
+    from ...self_explaining import layer_activations
+
+    served = runtime.registry.served
+    size = served.spec.input_size
+    marks_by_id = _marks(session, user, body.items, runtime, size)
+    ids = list(marks_by_id) + [
+        i for i in _candidates(runtime, session, body.worklist, size) if i not in marks_by_id
+    ]
+    if len(ids) == len(marks_by_id):
+        raise HTTPException(422, "no other images to look at yet")
+    images = np.stack([read_image(runtime.store.root / "images" / f"{i}.png", "RGB", size)
+                       for i in ids])  # fmt: skip
+    marks = {k: marks_by_id[i] for k, i in enumerate(ids) if i in marks_by_id}
+    with served.lock:
+        features = layer_activations(served.model, images, batch_size=32)
+    props = concept_proposals(features, marks, size)
+    props = outlined(props, colour_proposals(images, marks), grow=size // features.shape[-1])
+    threshold = DEFAULT_THRESHOLD if body.threshold is None else body.threshold
+    masks = props.masks()
+    order = [k for k in np.argsort(-props.scores, kind="stable") if k not in marks]
+    chosen = props.proposed(threshold)
+    shown = [
+        Proposal(
+            image_id=ids[k],
+            image_url=f"/api/images/{ids[k]}",
+            score=round(float(props.scores[k]), 4),
+            proposed=bool(chosen[k] and masks[k].any()),
+            outlined=bool(masks[k].any()),
+            mask_png=_data_url(masks[k]),
+        )
+        for k in order[: body.limit]
+    ]
+    return Proposals(
+        version=served.version_id,
+        threshold=threshold,
+        scored=len(order),
+        proposed=int(sum(bool(chosen[k] and masks[k].any()) for k in order)),
+        proposals=shown,
+    )
+
+
+@router.post("/proposals/accept", response_model=list[FeedbackItem], status_code=201)
+def accept(
+    body: AcceptRequest, user: Clinician, runtime: RuntimeDep, session: SessionDep
+) -> list[FeedbackItem]:
+    """Store accepted proposals as this clinician's ignore feedback, each marked as propagated
+    from the first of ``items``. The clinician confirmed the artifact, not the diagnosis: the
+    item's class is the served model's prediction (so the update learns that the artifact must
+    not matter, not a new label). Everything is checked before anything is stored; a proposal
+    accepted twice is stored once."""
+    served = runtime.registry.served
+    size = served.spec.input_size
+    _marks(session, user, body.items, runtime, size)  # the user's own items with ignore masks
+    if session.get(Version, body.shown_version) is None:
+        raise HTTPException(422, f"shown_version: no version {body.shown_version}")
+    regions, images = [], []
+    for k, a in enumerate(body.accepted):
+        path = runtime.store.path_of("images", a.image_id)
+        if path is None:
+            raise HTTPException(404, f"accepted[{k}]: no image {a.image_id!r}")
+        region = decode_region(
+            b64=a.mask_base64,
+            size=size,
+            original=None,
+            max_bytes=runtime.settings.max_upload_bytes,
+            what=f"accepted[{k}].mask_base64",
+        )
+        if not region.any():
+            raise HTTPException(422, f"accepted[{k}]: the mask is empty")
+        regions.append(region)
+        images.append(read_image(path, "RGB", size))
+    from ...evaluate import predict_classes
+
+    with served.lock:
+        device = next(served.model.parameters()).device
+        predicted = predict_classes(served.model, np.stack(images), device=device)
+    out = []
+    for a, region, cls in zip(body.accepted, regions, predicted.tolist(), strict=True):
+        png = png_bytes(region * 255)
+        name = served.spec.classes[int(cls)]
+        item = Item(
+            image_path=f"images/{a.image_id}.png",
+            user_id=user.id,
+            label=name,
+            predicted=name,
+            agree=False,
+            mask_path=None,
+            ignore_mask_path=f"masks/{hashlib.sha256(png).hexdigest()}.png",
+            shown_version_id=body.shown_version,
+            propagated_from=body.items[0],
+        )
+        item.idempotency_key = _key(item, None)
+        first = _stored(session, user, item, False)
+        if first is not None:
+            out.append(_out(first, user.name, None))
+            continue
+        runtime.store.put("masks", png)
+        session.add(item)
+        session.flush()
+        out.append(_out(item, user.name, None))
+    session.commit()
+    runtime.worker.notify()
+    return out

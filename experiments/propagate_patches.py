@@ -30,6 +30,7 @@ from feedbackcam.propagate import (
     colour_proposals,
     concept_proposals,
     iou,
+    outlined,
 )
 from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.data import isic_arrays
@@ -44,6 +45,8 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=3, help="seeded draws of the k marks (k < 25)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--scorers", nargs="+", default=["concept", "colour", "outlined"])
+    p.add_argument("--features-cache", type=Path, default=None, help="a .pt file, reused")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -54,17 +57,42 @@ def main() -> None:
     patched[[index[k] for k in lists["patch"] if k in index]] = True
     masks = {index[k]: m for k, m in by_id.items()}
     masked = np.array(sorted(masks))
-    model = build_model("efficientnet_lite0", 3, weights="imagenet")
-    features = layer_activations(model, data.images, LITE0_LAYER, batch_size=32)
+    if args.features_cache is not None and args.features_cache.exists():
+        features = torch.load(args.features_cache)
+    else:
+        model = build_model("efficientnet_lite0", 3, weights="imagenet")
+        features = layer_activations(model, data.images, LITE0_LAYER, batch_size=32)
+        if args.features_cache is not None:
+            torch.save(features, args.features_cache)
+    grow = args.size // features.shape[-1]
     print(f"features {tuple(features.shape)} in {time.perf_counter() - started:.0f} s")
 
     def score(kind: str, marks: dict[int, np.ndarray], seed: int):
         if kind == "concept":
             return concept_proposals(features, marks, args.size, seed=seed)
+        if kind == "outlined":
+            concept = concept_proposals(features, marks, args.size, seed=seed)
+            return outlined(concept, colour_proposals(data.images, marks, seed=seed), grow)
         return colour_proposals(data.images, marks, seed=seed)
 
+    def one_mask(kind: str, marks: dict[int, np.ndarray], i: int, seed: int) -> np.ndarray:
+        """The proposed mask of image ``i`` alone (leave-one-out: the colour model scores only
+        the images it needs)."""
+        if kind != "outlined":
+            return score(kind, marks, seed).masks()[i]
+        concept = concept_proposals(features, marks, args.size, seed=seed)
+        keys = sorted(marks)
+        sub = np.array([*keys, i])
+        colour = colour_proposals(
+            data.images[sub], {k: marks[j] for k, j in enumerate(keys)}, seed=seed
+        )
+        from feedbackcam.propagate import Proposals
+
+        part = Proposals(concept.scores[sub], concept.maps[sub])
+        return outlined(part, colour, grow).masks()[-1]
+
     results = []
-    for kind in ("concept", "colour"):
+    for kind in args.scorers:
         for k in (1, 5, 25):
             draws = 1 if k == len(masked) else args.draws
             for draw in range(draws):
@@ -85,8 +113,7 @@ def main() -> None:
                     ious = []
                     for i in masked:
                         others = {j: masks[j] for j in masked if j != i}
-                        one = score(kind, others, draw)
-                        ious.append(iou(one.masks()[i], masks[i]))
+                        ious.append(iou(one_mask(kind, others, i, draw), masks[i]))
                 else:
                     ious = [iou(props.masks()[i], masks[i]) for i in held]
                 row = {

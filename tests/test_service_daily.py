@@ -411,7 +411,10 @@ def test_export_writes_the_documented_dataset_layout(env):
     out = env.data.parent / "export"
     assert main(["export", *store_args(env), "--out", str(out)]) == 0
     rows = list(csv.DictReader((out / "labels.csv").open()))
-    assert list(rows[0]) == ["id", "label", "user", "created_at", "model_version"]
+    assert list(rows[0]) == [
+        "id", "label", "user", "created_at", "model_version", "propagated_from"
+    ]  # fmt: skip
+    assert rows[0]["propagated_from"] == ""
     assert [r["id"] for r in rows] == ["fb000001", "fb000002"]  # the withdrawn one is left out
     assert rows[1]["label"] == p["predicted"] and rows[0]["user"] == "clinician"
     assert rows[0]["model_version"] == "1" and rows[0]["created_at"].endswith("+00:00")

@@ -5,7 +5,9 @@ fixtures come from test_service_api; F811: pytest passes them by name)."""
 from __future__ import annotations
 
 import base64
+import csv
 import io
+import zipfile
 
 import numpy as np
 import pytest
@@ -112,6 +114,13 @@ def test_a_mark_proposes_the_same_artifact_and_accepting_stores_propagated_feedb
         assert np.array_equal(
             np.asarray(Image.open(io.BytesIO(stored))) > 127, mask_of(accepted[0]["mask_base64"])
         )
+        # the export says which rows were found from a mark
+        zipped = client.get("/api/export.zip", headers=env.auth("admin"))
+        with zipfile.ZipFile(io.BytesIO(zipped.content)) as archive:
+            text = archive.read("feedback/labels.csv").decode()
+        rows = {r["id"]: r for r in csv.DictReader(text.splitlines())}
+        assert rows[f"fb{items[0]['id']:06d}"]["propagated_from"] == f"fb{source['id']:06d}"
+        assert rows[f"fb{source['id']:06d}"]["propagated_from"] == ""
         # accepting the same proposals again stores nothing new
         again = client.post("/api/proposals/accept", json=req, headers=env.auth("clinician"))
         assert [i["id"] for i in again.json()] == [i["id"] for i in items]

@@ -6,12 +6,14 @@ Layout (one row per feedback item, withdrawn items left out)::
       images/<id>.png    the image at the model's input size, as the model saw it
       masks/<id>.png     the region that matters (255 inside), when one was drawn
       ignore/<id>.png    the region that must not matter, when one was drawn
-      labels.csv         id,label,user,created_at,model_version
+      labels.csv         id,label,user,created_at,model_version,propagated_from
       README.txt         this layout
 
 ``id`` is ``fb<feedback id, 6 digits>``; ``label`` the class the clinician gave; ``user`` who
 gave it; ``created_at`` when (UTC, ISO 8601); ``model_version`` the version whose answer was
-shown. Masks have the images' size.
+shown; ``propagated_from`` empty, or for an accepted proposal the id of the mark it was found
+from (its ``label`` is then the served model's prediction: the clinician confirmed the artifact,
+not the class). Masks have the images' size.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from sqlalchemy.orm import Session
 from .db import Item, User, iso
 from .store import Store
 
-COLUMNS = ("id", "label", "user", "created_at", "model_version")
+COLUMNS = ("id", "label", "user", "created_at", "model_version", "propagated_from")
 
 
 def _rows(session: Session):
@@ -55,8 +57,9 @@ def _labels_csv(rows) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(COLUMNS)
     for item, user in rows:
+        source = "" if item.propagated_from is None else f"fb{item.propagated_from:06d}"
         writer.writerow(
-            [f"fb{item.id:06d}", item.label, user, iso(item.created), item.shown_version_id]
+            [f"fb{item.id:06d}", item.label, user, iso(item.created), item.shown_version_id, source]
         )
     return buf.getvalue()
 

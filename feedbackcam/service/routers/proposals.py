@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 from typing import Annotated
 
 import numpy as np
+import torch
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -31,6 +32,7 @@ router = APIRouter(tags=["proposals"])
 
 MAX_CANDIDATES = 2000  # stored images scored per request, newest first
 MAX_SHOWN = 500
+BATCH = 32  # images per forward pass while the served model's lock is held
 
 
 class ProposalRequest(BaseModel):
@@ -144,8 +146,11 @@ def propose(
     images = np.stack([read_image(runtime.store.root / "images" / f"{i}.png", "RGB", size)
                        for i in ids])  # fmt: skip
     marks = {k: marks_by_id[i] for k, i in enumerate(ids) if i in marks_by_id}
-    with served.lock:
-        features = layer_activations(served.model, images, batch_size=32)
+    parts = []
+    for start in range(0, len(images), BATCH):  # the lock per batch: predictions interleave
+        with served.lock:
+            parts.append(layer_activations(served.model, images[start : start + BATCH]))
+    features = torch.cat(parts)
     props = concept_proposals(features, marks, size)
     props = outlined(props, colour_proposals(images, marks), grow=size // features.shape[-1])
     threshold = DEFAULT_THRESHOLD if body.threshold is None else body.threshold

@@ -38,8 +38,8 @@ SCORERS = ("concept", "colour", "outlined")
 DEFAULT_THRESHOLD = 0.9
 # A proposed mask is where the map reaches this.
 MASK_THRESHOLD = 0.5
-# The offline network's layer for propagation: EfficientNet-Lite0's stride-16 block (a 16x16
-# map at 256 px), fine enough to outline a patch; the explanation layer (stride 32) is not.
+# The offline network's layer for propagation: EfficientNet-Lite0's blocks.5 (stride 32: an
+# 8x8 map at 256 px; 192 channels), the layer docs/propagation.md measures.
 LITE0_LAYER = "blocks.5"
 # Negatives: locations of this many unmarked images (seeded) beside the marked images' own.
 NEGATIVE_IMAGES = 200

@@ -249,7 +249,7 @@ def add_worklist(sub) -> None:
     wsub = p.add_subparsers(dest="worklist_command", required=True)
     add = wsub.add_parser("add", help="import a folder's PNG and JPEG images as a worklist")
     add.add_argument("folder", type=Path)
-    add.add_argument("--name", default=None, help="default: the folder's name")
+    add.add_argument("--name", default=None, help="none: the folder's name")
     add.add_argument(
         "--order",
         choices=("name", "suspicious"),
@@ -261,7 +261,7 @@ def add_worklist(sub) -> None:
         "--model",
         type=Path,
         default=None,
-        help="--order suspicious: the checkpoint that judges (default: the served version)",
+        help="--order suspicious: the checkpoint that judges; none: the served version",
     )
     add.add_argument(
         "--masks",

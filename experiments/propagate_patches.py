@@ -27,6 +27,7 @@ from feedbackcam.models import build_model
 from feedbackcam.propagate import (
     DEFAULT_THRESHOLD,
     LITE0_LAYER,
+    Proposals,
     colour_proposals,
     concept_proposals,
     iou,
@@ -68,28 +69,24 @@ def main() -> None:
     print(f"features {tuple(features.shape)} in {time.perf_counter() - started:.0f} s")
 
     def score(kind: str, marks: dict[int, np.ndarray], seed: int):
-        if kind == "concept":
+        """Scores of every image (outlined: the concept's, which it keeps)."""
+        if kind in ("concept", "outlined"):
             return concept_proposals(features, marks, args.size, seed=seed)
-        if kind == "outlined":
-            concept = concept_proposals(features, marks, args.size, seed=seed)
-            return outlined(concept, colour_proposals(data.images, marks, seed=seed), grow)
         return colour_proposals(data.images, marks, seed=seed)
 
-    def one_mask(kind: str, marks: dict[int, np.ndarray], i: int, seed: int) -> np.ndarray:
-        """The proposed mask of image ``i`` alone (leave-one-out: the colour model scores only
-        the images it needs)."""
+    def masks_of(kind, marks: dict[int, np.ndarray], which, seed: int, props=None) -> list:
+        """The proposed masks of the images ``which`` (outlined: the colour model scores only the
+        marks and these images — its maps do not depend on the other images)."""
+        props = props or score(kind, marks, seed)
         if kind != "outlined":
-            return score(kind, marks, seed).masks()[i]
-        concept = concept_proposals(features, marks, args.size, seed=seed)
+            return [props.masks()[i] for i in which]
         keys = sorted(marks)
-        sub = np.array([*keys, i])
+        sub = np.array([*keys, *which])
         colour = colour_proposals(
             data.images[sub], {k: marks[j] for k, j in enumerate(keys)}, seed=seed
         )
-        from feedbackcam.propagate import Proposals
-
-        part = Proposals(concept.scores[sub], concept.maps[sub])
-        return outlined(part, colour, grow).masks()[-1]
+        part = Proposals(props.scores[sub], props.maps[sub])
+        return list(outlined(part, colour, grow).masks()[len(keys) :])
 
     results = []
     for kind in args.scorers:
@@ -113,9 +110,10 @@ def main() -> None:
                     ious = []
                     for i in masked:
                         others = {j: masks[j] for j in masked if j != i}
-                        ious.append(iou(one_mask(kind, others, i, draw), masks[i]))
+                        ious.append(iou(masks_of(kind, others, [i], draw)[0], masks[i]))
                 else:
-                    ious = [iou(props.masks()[i], masks[i]) for i in held]
+                    got = masks_of(kind, {i: masks[i] for i in marks_idx}, held, draw, props)
+                    ious = [iou(m, masks[i]) for m, i in zip(got, held, strict=True)]
                 row = {
                     "scorer": kind,
                     "k": k,

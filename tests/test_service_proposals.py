@@ -159,3 +159,28 @@ def test_proposals_refuse_what_is_not_the_users_to_propagate(env):
 
 def mask_png(mask: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png(mask * 255)).decode()
+
+
+def test_the_readme_curl_example_for_ignore_feedback_is_accepted(env):
+    """The README's `curl ... /api/feedback` line, its fields filled from a prediction, is
+    accepted as it is written (it once lacked `predicted` and answered 422)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    line = next(s for s in readme.splitlines() if "curl" in s and "/api/feedback" in s)
+    fields = dict(re.findall(r"-F (\w+)=(\S+)", line))
+    with env.app(worker=False) as client:
+        p = upload(client, env, env.assets["images"][0])
+        values = {"$ID": p["image_id"], "$V": str(p["version"]), "$P": p["predicted"]}
+        ignore = np.zeros((SIZE, SIZE), np.uint8)
+        ignore[:8, :8] = 1
+        data, files = {}, {}
+        for name, value in fields.items():
+            if value.startswith("@"):
+                files[name] = (value[1:], png(ignore * 255), "image/png")
+            else:
+                data[name] = values.get(value, value)
+        r = client.post("/api/feedback", data=data, files=files, headers=env.auth("clinician"))
+        assert r.status_code == 201, (fields, r.text)
+        assert r.json()["ignore_mask_url"]

@@ -27,11 +27,10 @@ from feedbackcam.models import build_model
 from feedbackcam.propagate import (
     DEFAULT_THRESHOLD,
     LITE0_LAYER,
-    Proposals,
     colour_proposals,
     concept_proposals,
     iou,
-    outlined,
+    outlined_masks,
 )
 from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.data import isic_arrays
@@ -75,18 +74,11 @@ def main() -> None:
         return colour_proposals(data.images, marks, seed=seed)
 
     def masks_of(kind, marks: dict[int, np.ndarray], which, seed: int, props=None) -> list:
-        """The proposed masks of the images ``which`` (outlined: the colour model scores only the
-        marks and these images — its maps do not depend on the other images)."""
+        """The proposed masks of the images ``which`` (outlined: only these are outlined)."""
         props = props or score(kind, marks, seed)
         if kind != "outlined":
             return [props.masks()[i] for i in which]
-        keys = sorted(marks)
-        sub = np.array([*keys, *which])
-        colour = colour_proposals(
-            data.images[sub], {k: marks[j] for k, j in enumerate(keys)}, seed=seed
-        )
-        part = Proposals(props.scores[sub], props.maps[sub])
-        return list(outlined(part, colour, grow).masks()[len(keys) :])
+        return list(outlined_masks(props, data.images, marks, which, grow, seed=seed))
 
     results = []
     for kind in args.scorers:

@@ -113,10 +113,11 @@ def concept_proposals(
 def colour_proposals(
     images: np.ndarray, marks: dict[int, np.ndarray], *, window: int = 5, seed: int = 0
 ) -> Proposals:
-    """The colour scorer: Gaussians of the marked pixels' RGB and of the other pixels' (of the
-    marked images and a sample of the rest), the posterior of "marked" per pixel (equal
+    """The colour scorer: Gaussians of the marked pixels' RGB and of the marked images' other
+    pixels (a seeded sample of at most 200,000), the posterior of "marked" per pixel (equal
     priors) averaged over a ``window`` x ``window`` box; an image's score is its map's
-    maximum."""
+    maximum. The model is fitted on the marked images alone, so an image's map does not depend
+    on which other images are scored (:func:`outlined_masks` relies on it)."""
     if not marks:
         raise ValueError("marks: expected at least one marked image")
     idx = np.array(sorted(marks))
@@ -157,6 +158,26 @@ def outlined(concept: Proposals, colour: Proposals, grow: int) -> Proposals:
     if grow > 0:
         region = F.max_pool2d(region, 2 * grow + 1, stride=1, padding=grow)
     return Proposals(concept.scores, np.where(region[:, 0].numpy() > 0, colour.maps, 0.0))
+
+
+def outlined_masks(
+    concept: Proposals,
+    images: np.ndarray,
+    marks: dict[int, np.ndarray],
+    which,
+    grow: int,
+    *,
+    seed: int = 0,
+) -> np.ndarray:
+    """uint8 (len(which), H, W): the outlined masks (:func:`outlined`) of the images ``which``
+    (indices into ``images``) only. The colour model is applied to the marks and these images,
+    not to every scored one: outlining the few images a reviewer sees costs those alone, and
+    gives the masks that outlining all of them would."""
+    keys = sorted(marks)
+    sub = np.array([*keys, *which], dtype=np.int64)
+    colour = colour_proposals(images[sub], {k: marks[j] for k, j in enumerate(keys)}, seed=seed)
+    part = Proposals(concept.scores[sub], concept.maps[sub])
+    return outlined(part, colour, grow).masks()[len(keys) :]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -14,7 +14,13 @@ from PIL import Image
 from feedbackcam.cli import main
 from feedbackcam.data.dataset import ArrayDataset
 from feedbackcam.data.prepared import save_prepared
-from feedbackcam.propagate import colour_proposals, concept_proposals, iou, outlined
+from feedbackcam.propagate import (
+    colour_proposals,
+    concept_proposals,
+    iou,
+    outlined,
+    outlined_masks,
+)
 
 SIZE = 64
 
@@ -62,16 +68,24 @@ def test_colour_matching_finds_the_marked_artifact_on_the_other_images():
     assert np.mean([iou(wrong.masks()[i], patches[i]) for i in rest[has[rest]]]) < 0.1
 
 
+def direction_features(patches: np.ndarray, cells: int, covered, k: int = 16) -> torch.Tensor:
+    """(N, k, cells, cells) seeded noise, plus one fixed direction at the cells whose patch
+    coverage passes ``covered``: features in which the artifact is a known concept."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(len(patches), k, cells, cells, generator=g)
+    cover = torch.nn.functional.adaptive_avg_pool2d(
+        torch.from_numpy(patches).float()[:, None], cells
+    )
+    direction = torch.randn(k, generator=g)
+    return features + 4 * covered(cover).float() * direction.view(1, k, 1, 1)
+
+
 def test_the_concept_scorer_learns_the_marked_direction_per_location():
     """Features with a known artifact direction at the patch's cells: the scorer fitted on three
     marks finds every other patched image and outlines its patch; unpatched images score low."""
     _, patches, _, has = patched_images()
-    g = torch.Generator().manual_seed(0)
-    n, k, cells = len(has), 16, 16
-    features = torch.randn(n, k, cells, cells, generator=g)
-    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(patches).float()[:, None], 16)
-    direction = torch.randn(k, generator=g)
-    features += 4 * (cover >= 0.5).float() * direction.view(1, k, 1, 1)
+    n = len(has)
+    features = direction_features(patches, cells=16, covered=lambda c: c >= 0.5)
     marked = np.flatnonzero(has)[:3]
     props = concept_proposals(features, {i: patches[i] for i in marked}, SIZE)
     rest = np.setdiff1d(np.arange(n), marked)
@@ -85,12 +99,8 @@ def test_outlined_keeps_the_concept_choice_and_sharpens_its_masks():
     """On coarse cells (16 px for an 8-12 px patch) the concept's mask is blocky; outlined
     keeps the concept's scores (the same images proposed) and outlines the patch by colour."""
     images, patches, _, has = patched_images()
-    g = torch.Generator().manual_seed(0)
-    n, k, cells = len(has), 16, 4
-    features = torch.randn(n, k, cells, cells, generator=g)
-    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(patches).float()[:, None], 4)
-    direction = torch.randn(k, generator=g)
-    features += 4 * (cover > 0).float() * direction.view(1, k, 1, 1)
+    cells = 4
+    features = direction_features(patches, cells=cells, covered=lambda c: c > 0)
     marked = np.flatnonzero(has)[:3]
     marks = {i: patches[i] for i in marked}
     concept = concept_proposals(features, marks, SIZE)
@@ -102,6 +112,10 @@ def test_outlined_keeps_the_concept_choice_and_sharpens_its_masks():
     assert sharp >= 0.7 and sharp > coarse + 0.15
     # nothing is outlined outside the concept's region
     assert not both.masks()[~concept.proposed(0.0) | (concept.maps < 0.5).all((1, 2))].any()
+    # outlining only some images gives the masks that outlining every image gives
+    some = rest[::2]
+    alone = outlined_masks(concept, images, marks, some, grow=SIZE // cells)
+    assert np.array_equal(alone, both.masks()[some])
 
 
 @pytest.fixture

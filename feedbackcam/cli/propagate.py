@@ -79,7 +79,7 @@ def _propagate(args) -> int:
 
     from ..data.prepared import load_prepared
     from ..fileio import write_csv, write_json
-    from ..propagate import LITE0_LAYER, colour_proposals, concept_proposals, outlined
+    from ..propagate import LITE0_LAYER, colour_proposals, concept_proposals, outlined_masks
     from ..self_explaining import layer_activations
 
     data = load_prepared(args.data, mmap=True)
@@ -102,13 +102,17 @@ def _propagate(args) -> int:
         features = layer_activations(model, data.images, layer, batch_size=32)
         layer = layer or model.layers[0]
         props = concept_proposals(features, marks, data.size)
-        if args.scorer == "outlined":  # the colour map outlines the artifact, grown by a cell
-            colour = colour_proposals(np.asarray(data.images), marks)
-            props = outlined(props, colour, grow=data.size // features.shape[-1])
     else:
         props = colour_proposals(np.asarray(data.images), marks)
     chosen = props.proposed(args.threshold)
     order = [i for i in np.argsort(-props.scores, kind="stable") if i not in marks]
+    written = [i for i in order if chosen[i]]
+    if args.scorer == "outlined":  # the colour map outlines the artifact, grown by a cell
+        grow = data.size // features.shape[-1]
+        outlines = outlined_masks(props, np.asarray(data.images), marks, written, grow)
+        masks = dict(zip(written, outlines, strict=True))
+    else:
+        masks = props.masks()
     rows = [
         {"id": data.ids[i], "score": round(float(props.scores[i]), 4), "proposed": int(chosen[i])}
         for i in order
@@ -117,10 +121,8 @@ def _propagate(args) -> int:
     # the masks land in a temporary folder first: a failed run leaves no half-written masks/
     tmp = Path(tempfile.mkdtemp(dir=args.out, prefix=".masks-"))
     try:
-        masks = props.masks()
-        for i in order:
-            if chosen[i]:
-                Image.fromarray(masks[i] * 255).save(tmp / f"{data.ids[i]}.png")
+        for i in written:
+            Image.fromarray(masks[i] * 255).save(tmp / f"{data.ids[i]}.png")
         if (args.out / "masks").exists():
             shutil.rmtree(args.out / "masks")
         tmp.rename(args.out / "masks")

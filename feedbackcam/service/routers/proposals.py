@@ -132,7 +132,7 @@ def propose(
     """The images that look like the marked ones: every stored image (or a worklist's) scored
     for the artifact the given feedback items' ignore masks mark, highest first, each with a
     proposed mask. Nothing is stored: accept with ``POST /api/proposals/accept``."""
-    from ...propagate import DEFAULT_THRESHOLD, colour_proposals, concept_proposals, outlined
+    from ...propagate import DEFAULT_THRESHOLD, concept_proposals, outlined_masks
     from ...self_explaining import layer_activations
 
     served = runtime.registry.served
@@ -152,11 +152,13 @@ def propose(
             parts.append(layer_activations(served.model, images[start : start + BATCH]))
     features = torch.cat(parts)
     props = concept_proposals(features, marks, size)
-    props = outlined(props, colour_proposals(images, marks), grow=size // features.shape[-1])
     threshold = DEFAULT_THRESHOLD if body.threshold is None else body.threshold
-    masks = props.masks()
     order = [k for k in np.argsort(-props.scores, kind="stable") if k not in marks]
     chosen = props.proposed(threshold)
+    # outlined only where a mask is shown or counted: the shown images and the chosen ones
+    need = sorted({*order[: body.limit], *(k for k in order if chosen[k])})
+    grow = size // features.shape[-1]
+    masks = dict(zip(need, outlined_masks(props, images, marks, need, grow), strict=True))
     shown = [
         Proposal(
             image_id=ids[k],
@@ -172,7 +174,7 @@ def propose(
         version=served.version_id,
         threshold=threshold,
         scored=len(order),
-        proposed=int(sum(bool(chosen[k] and masks[k].any()) for k in order)),
+        proposed=int(sum(bool(masks[k].any()) for k in order if chosen[k])),
         proposals=shown,
     )
 

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .fileio import write_atomic  # noqa: E402
+
 MODE_TITLES = {"cls": "Classification loss", "exp": "Explanation loss", "combined": "Combined loss"}
 MODE_COLOURS = {"cls": "tab:blue", "exp": "tab:orange", "combined": "tab:green"}
 
@@ -173,6 +175,25 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
     return written
 
 
+def _overlay(ax, image, saliency, mask=None, threshold: float = 0.5, width: float = 0.8) -> None:
+    """One image with its saliency (jet, 45 %), the explanation's contour at ``threshold``
+    (yellow) and, if given and not empty, the feedback mask's contour (white)."""
+    ax.imshow(image)
+    ax.imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    if mask is not None and mask.any():
+        ax.contour(mask, levels=[0.5], colors="white", linewidths=width)
+    if saliency.max() >= threshold:
+        ax.contour(saliency, levels=[threshold], colors="yellow", linewidths=width)
+
+
+def _save_png(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` as PNG atomically and close it."""
+    try:
+        return write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+
+
 def overlay_grid(
     images: np.ndarray,
     masks: np.ndarray,
@@ -195,12 +216,7 @@ def overlay_grid(
         axes[i, 0].contour(masks[i], levels=[0.5], colors="white", linewidths=0.8)
         axes[i, 0].set_ylabel(titles[i], fontsize=7)
         for j, name in enumerate(names, 1):
-            sal = saliencies[name][i]
-            axes[i, j].imshow(images[i])
-            axes[i, j].imshow(sal, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            axes[i, j].contour(masks[i], levels=[0.5], colors="white", linewidths=0.8)
-            if sal.max() >= threshold:
-                axes[i, j].contour(sal, levels=[threshold], colors="yellow", linewidths=0.8)
+            _overlay(axes[i, j], images[i], saliencies[name][i], masks[i], threshold)
             if predictions is not None:
                 axes[i, j].text(
                     0.03,
@@ -226,21 +242,12 @@ def overlay_png(
     image: np.ndarray, saliency: np.ndarray, path: Path, title: str = "", threshold: float = 0.5
 ) -> Path:
     """Save one image with its saliency (jet, 45 %) and the explanation's 50 % contour."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.imshow(image)
-    ax.imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    if saliency.max() >= threshold:
-        ax.contour(saliency, levels=[threshold], colors="yellow", linewidths=1)
+    _overlay(ax, image, saliency, threshold=threshold, width=1)
     ax.set_title(title, fontsize=10)
     ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_png(fig, Path(path))
 
 
 def _img_tag(path: Path, alt: str) -> str:
@@ -353,18 +360,9 @@ def cluster_sheet(
                 ax.axis("off")
                 continue
             i = members[j]
-            sal = saliency[shown]
+            mask = None if keep is None else keep[i]
+            _overlay(ax, images[i], saliency[shown], mask, threshold, width=0.7)
             shown += 1
-            ax.imshow(images[i])
-            ax.imshow(sal, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            if keep is not None and keep[i].any():
-                ax.contour(keep[i], levels=[0.5], colors="white", linewidths=0.7)
-            if sal.max() >= threshold:
-                ax.contour(sal, levels=[threshold], colors="yellow", linewidths=0.7)
         axes[r, 0].set_title(title, fontsize=8, loc="left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_png(fig, path)

@@ -27,10 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feedbackcam.clusters import explanation_clusters, map_features
+from feedbackcam.clusters import explanation_clusters, map_features, write_sheet
 from feedbackcam.data.synth import SynthConfig, make_synthderm
-from feedbackcam.explain import explain
-from feedbackcam.report import cluster_sheet
 from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.bench import baseline
 from feedbackcam.shortcuts.config import BenchConfig
@@ -100,19 +98,10 @@ def run(confounder: str, seed: int, cache: Path, figure: Path | None) -> dict:
             "n_clusters": len(found.ranked),
         }
         if figure is not None and kind == "maps" and seed == 0:
-            shown = [(c, found.members[c][:6]) for c in found.ranked[:6]]
-            flat = np.concatenate([m for _, m in shown])
-            maps = explain(model, float_images(pool.images[flat])).saliency.numpy()
-            titles = [
-                (
-                    f"#{r} {d.classes[found.classes[c]]}: {len(found.members[c])} images, "
-                    f"suspicion {found.suspicion[c]:.2f}, {confounder} on "
-                    f"{found.purity(has, c):.0%}",
-                    list(m),
-                )
-                for r, (c, m) in enumerate(shown, 1)
-            ]
-            cluster_sheet(pool.images, maps, lesion, titles, figure / f"clusters_{confounder}.png")
+            path = figure / f"clusters_{confounder}.png"
+            share = {c: f"{confounder} on {found.purity(has, c):.0%}" for c in found.ranked}
+            write_sheet(model, pool.images, lesion, found, d.classes, path, clusters=6,
+                        note=share.get)  # fmt: skip
     return row
 
 

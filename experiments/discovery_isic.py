@@ -19,12 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feedbackcam.clusters import explanation_clusters, map_features
-from feedbackcam.explain import explain
-from feedbackcam.report import cluster_sheet
+from feedbackcam.clusters import explanation_clusters, map_features, write_sheet
 from feedbackcam.shortcuts.bench import baseline
 from feedbackcam.shortcuts.config import BenchConfig
-from feedbackcam.shortcuts.data import float_images
 from feedbackcam.shortcuts.datasets import load_data
 from feedbackcam.shortcuts.isic_real import _flags_of, artifacts_root, read_annotations
 from feedbackcam.suspicion import SIGNS, suspicion
@@ -96,19 +93,16 @@ def main() -> None:
     ]
     print(json.dumps(row, indent=1), flush=True)
     if args.figure is not None:
-        shown = [(c, found.members[c][:6]) for c in top]
-        flat = np.concatenate([m for _, m in shown])
-        maps = explain(model, float_images(base.images[flat])).saliency.numpy()
-        titles = [
-            (
-                f"#{r} {base.classes[found.classes[c]]}: {len(found.members[c])} images, "
-                f"suspicion {found.suspicion[c]:.2f}; patch {found.purity(truth['patch'], c):.0%}"
-                f", ruler {found.purity(truth['ruler'], c):.0%}",
-                list(m),
+
+        def note(c: int) -> str:
+            return (
+                f"patch {found.purity(truth['patch'], c):.0%}, "
+                f"ruler {found.purity(truth['ruler'], c):.0%}"
             )
-            for r, (c, m) in enumerate(shown, 1)
-        ]
-        cluster_sheet(base.images, maps, base.masks, titles, args.figure / "clusters_isic.png")
+
+        path = args.figure / "clusters_isic.png"
+        write_sheet(model, base.images, base.masks, found, base.classes, path, clusters=len(top),
+                    note=note)  # fmt: skip
     meta = {"row": row, "machine": f"{platform.machine()}, {args.threads} thread(s), CPU"}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(meta, indent=1) + "\n")

@@ -9,17 +9,24 @@ typical images shows. Clusters are ranked by their images' mean suspicion score
 label.
 
 ``features="activations"`` clusters the explanation layer's spatially pooled activations instead
-of the maps (what the network sees rather than where it looks).
+of the maps (what the network sees rather than where it looks). :func:`write_sheet` draws the
+clusters for a person to look at.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .explain import explain
+from .report import cluster_sheet
+from .self_explaining import SelfExplaining
 
 FEATURES = ("maps", "activations")
 DEFAULT_CLUSTERS = 4  # per predicted class
@@ -108,3 +115,34 @@ def explanation_clusters(
         means[c] = float(score[rows].mean())
     ranked = sorted(classes, key=lambda c: (-means[c], c))
     return Clusters(labels, ranked, classes, means, members)
+
+
+def write_sheet(
+    model: SelfExplaining,
+    images: np.ndarray,
+    keep: np.ndarray | None,
+    found: Clusters,
+    classes: Sequence[str],
+    path: Path,
+    *,
+    clusters: int = 8,
+    per_row: int = 6,
+    note: Callable[[int], str] | None = None,
+) -> Path:
+    """The picture of the ``clusters`` most suspicious clusters (:func:`report.cluster_sheet`):
+    a row per cluster, titled "#rank class: n images, suspicion s" (and ``note(cluster)``), of
+    its ``per_row`` most suspicious images with their saliency, computed here for those images
+    only, and their keep masks. ``images``: uint8 (N, H, W, 3) at the model's input size."""
+    shown = [(c, found.members[c][:per_row]) for c in found.ranked[:clusters]]
+    flat = np.concatenate([m for _, m in shown])
+    x = torch.from_numpy(np.ascontiguousarray(images[flat])).permute(0, 3, 1, 2).float() / 255
+    device = next(model.parameters()).device
+    maps = explain(model, x.to(device)).saliency.cpu().numpy()
+    rows = []
+    for rank, (c, members) in enumerate(shown, 1):
+        title = (
+            f"#{rank} {classes[found.classes[c]]}: {len(found.members[c])} images, "
+            f"suspicion {found.suspicion[c]:.2f}"
+        )
+        rows.append((title + (f"; {note(c)}" if note else ""), list(members)))
+    return cluster_sheet(images, maps, keep, rows, path, per_row=per_row)

@@ -35,7 +35,7 @@ RANK = {
     "propagate": 3,
     "decision": 3,
     "suspicion": 4,
-    "clusters": 1,
+    "clusters": 4,
     "train": 4,
     "balance": 5,
     "evaluate": 5,

@@ -37,13 +37,10 @@ def _clusters(args) -> int:
     import numpy as np
 
     from ..checkpoint import load_checkpoint
-    from ..clusters import explanation_clusters, map_features
+    from ..clusters import explanation_clusters, map_features, write_sheet
     from ..data.prepared import load_prepared
-    from ..explain import explain
     from ..fileio import write_csv, write_json, write_text
-    from ..report import cluster_sheet
     from ..self_explaining import layer_activations
-    from ..shortcuts.data import float_images
     from ..suspicion import suspicion
 
     if args.clusters < 1:
@@ -103,19 +100,10 @@ def _clusters(args) -> int:
             f"| {rank[c]} | {classes[found.classes[c]]} | {len(m)} | "
             f"{found.suspicion[c]:.2f} | " + " | ".join(cells) + " |"
         )
-    shown = [(c, found.members[c][:SHOWN_IMAGES]) for c in found.ranked[:SHOWN_CLUSTERS]]
-    flat = np.concatenate([m for _, m in shown])
-    maps = explain(model, float_images(images[flat]).to(args.device)).saliency.cpu().numpy()
-    titles = [
-        (
-            f"#{rank[c]} {classes[found.classes[c]]}: {len(found.members[c])} images, "
-            f"suspicion {found.suspicion[c]:.2f}",
-            list(m),
-        )
-        for c, m in shown
-    ]
     args.out.mkdir(parents=True, exist_ok=True)
-    cluster_sheet(images, maps, keep, titles, args.out / "clusters.png", per_row=SHOWN_IMAGES)
+    sheet = args.out / "clusters.png"
+    write_sheet(model, images, keep, found, classes, sheet, clusters=SHOWN_CLUSTERS,
+                per_row=SHOWN_IMAGES)  # fmt: skip
     fields = ["id", "cluster", "predicted", "suspicion", "outside", "swap", "uncertainty"]
     write_csv(args.out / "clusters.csv", rows, fields)
     write_text(args.out / "summary.md", "\n".join(lines) + "\n")

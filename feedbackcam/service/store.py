@@ -38,6 +38,12 @@ def read_image(path: Path, mode: str, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
+def content_path(area: str, png: bytes) -> str:
+    """Where ``png`` is (or will be) stored in ``area``, relative to the data dir: a row may
+    name it before :meth:`Store.put` writes it (rows are written after their files)."""
+    return f"{area}/{hashlib.sha256(png).hexdigest()}.png"
+
+
 def is_content_id(text: str) -> bool:
     return bool(_ID.match(text))
 

@@ -16,6 +16,7 @@ from ..deps import Clinician, RuntimeDep, SessionDep
 from ..limits import MAX_ID, decode_slot
 from ..originals import decode_region
 from ..schemas import FeedbackItem
+from ..store import content_path
 from ..uploads import png_bytes, read_limited
 
 router = APIRouter(tags=["feedback"])
@@ -132,10 +133,8 @@ def submit(
         raise HTTPException(422, "the ignore mask is empty: draw what must not matter, or none")
     mask_png = None if region is None else png_bytes(region * 255)
     ignore_png = None if ignore is None else png_bytes(ignore * 255)
-    mask_path = None if mask_png is None else f"masks/{hashlib.sha256(mask_png).hexdigest()}.png"
-    ignore_path = (
-        None if ignore_png is None else f"masks/{hashlib.sha256(ignore_png).hexdigest()}.png"
-    )
+    mask_path = None if mask_png is None else content_path("masks", mask_png)
+    ignore_path = None if ignore_png is None else content_path("masks", ignore_png)
     item = Item(
         image_path=f"images/{image_id}.png",
         user_id=user.id,

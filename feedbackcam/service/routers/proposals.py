@@ -9,7 +9,6 @@ a colour model of the marked pixels outlines the artifact there.
 from __future__ import annotations
 
 import base64
-import hashlib
 from pathlib import PurePosixPath
 from typing import Annotated
 
@@ -24,7 +23,7 @@ from ..deps import Clinician, RuntimeDep, SessionDep
 from ..limits import MAX_ID, decode_slot
 from ..originals import admit, decode_region, read_original
 from ..schemas import FeedbackItem
-from ..store import read_image
+from ..store import content_path, read_image
 from ..uploads import UploadError, png_bytes
 from .feedback import _key, _out, _stored
 
@@ -225,7 +224,7 @@ def accept(
             predicted=name,
             agree=False,
             mask_path=None,
-            ignore_mask_path=f"masks/{hashlib.sha256(png).hexdigest()}.png",
+            ignore_mask_path=content_path("masks", png),
             shown_version_id=body.shown_version,
             propagated_from=body.items[0],
         )

@@ -160,6 +160,12 @@ def painted_fraction(browser, canvas="paint"):
     )
 
 
+def focus_page(browser):
+    """Send the keys that follow to the page itself (a click on the body could land on the image
+    and paint a dot)."""
+    browser.execute_script("document.activeElement && document.activeElement.blur()")
+
+
 def items(app):
     with app["sessions"]() as session:
         return session.query(Item).order_by(Item.id).all()
@@ -273,7 +279,6 @@ def test_keyboard_shortcuts(start, browser):
     sign_in(browser, app)
     Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
     predicted = wait_prediction(browser, "lesion0.png")
-    body = browser.find_element(By.TAG_NAME, "body")
 
     def press(*keys):
         ActionChains(browser).send_keys(*keys).perform()
@@ -283,7 +288,7 @@ def test_keyboard_shortcuts(start, browser):
             "return document.querySelector('input[name=tool]:checked').value"
         )
 
-    body.click()
+    focus_page(browser)
     press("?")
     assert browser.find_element(By.ID, "help").is_displayed()
     assert "redo" in browser.find_element(By.ID, "help").text
@@ -321,7 +326,7 @@ def test_keyboard_shortcuts(start, browser):
     press("0")
     assert browser.find_element(By.ID, "zoom-value").text == "100 %"
     pick_other_class(browser, predicted)
-    body.click()
+    focus_page(browser)
     # submit and next
     ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
     wait_prediction(browser, "lesion1.png")
@@ -486,19 +491,79 @@ def test_the_lasso_fills_the_outline_drawn(start, browser):
     sign_in(browser, app)
     browser.find_element(By.ID, "file").send_keys(str(app["tmp"] / "incoming" / "lesion1.png"))
     wait_prediction(browser)
-    browser.find_element(By.TAG_NAME, "body").click()
-    ActionChains(browser).send_keys("i").send_keys("l").perform()  # ignore region, lasso
+    focus_page(browser)
+    ActionChains(browser).send_keys("i").perform()
+    paint_stroke(browser, [(20, 0)], start=(40, 40))  # an ignore stroke first
+    ignored = painted_fraction(browser, "ignore-layer")
+    assert ignored > 0 and painted_fraction(browser) == 0
+    ActionChains(browser).send_keys("l").perform()
     assert (
         browser.execute_script("return document.querySelector('input[name=tool]:checked').value")
         == "lasso"
     )
-    paint_stroke(browser, [(120, 0), (0, 90), (-120, 0)], start=(-60, -45))  # three sides
-    ignore = painted_fraction(browser, "ignore-layer")
+    outline = [(120, 0), (0, 90), (-120, 0)]  # three sides
     k = browser.find_element(By.ID, "stage").size["width"] / 120  # screen px per image px
-    assert ignore == pytest.approx((120 / k) * (90 / k) / (120 * 90), rel=0.15)  # closed, filled
-    assert painted_fraction(browser) == 0
+    area = (120 / k) * (90 / k) / (120 * 90)
+    # the lasso paints keep, as shown beside it, not the layer of the brush used last
+    paint_stroke(browser, outline, start=(-60, -45))
+    assert painted_fraction(browser) == pytest.approx(area, rel=0.15)  # closed, filled
+    assert painted_fraction(browser, "ignore-layer") == ignored
     browser.find_element(By.ID, "undo").click()
-    assert painted_fraction(browser, "ignore-layer") == 0
+    assert painted_fraction(browser) == 0
+    # picking "ignore" beside the tools sends the lasso there
+    browser.find_element(By.CSS_SELECTOR, "input[name=into][value=ignore]").click()
+    paint_stroke(browser, outline, start=(-60, -45))
+    assert painted_fraction(browser, "ignore-layer") == pytest.approx(area + ignored, rel=0.15)
+    assert painted_fraction(browser) == 0
+
+
+def test_enter_after_clicking_a_button_submits_instead_of_pressing_it_again(start, browser):
+    app = start(worker=False)
+    sign_in(browser, app)
+    Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
+    predicted = wait_prediction(browser, "lesion0.png")
+
+    def keys(*modifiers_and_key):
+        *modifiers, key = modifiers_and_key
+        chain = ActionChains(browser)
+        for m in modifiers:
+            chain.key_down(m)
+        chain.send_keys(key)
+        for m in reversed(modifiers):
+            chain.key_up(m)
+        chain.perform()
+
+    # a click on the image is a dot of the brush, in every Chromium (a zero-length stroke is not)
+    paint_stroke(browser, [], start=(10, 10))
+    assert painted_fraction(browser) > 0.001
+    keys(Keys.CONTROL, "z")
+    assert painted_fraction(browser) == 0
+    # the issue's sequence: Clear, Ctrl+Z, Enter submits the region (it cleared it again)
+    pick_other_class(browser, predicted)
+    browser.find_element(By.ID, "from-model").click()
+    drawn = painted_fraction(browser)
+    assert drawn > 0
+    browser.find_element(By.ID, "clear").click()
+    assert painted_fraction(browser) == 0
+    keys(Keys.CONTROL, "z")
+    assert painted_fraction(browser) == pytest.approx(drawn)
+    keys(Keys.ENTER)
+    WebDriverWait(browser, 20).until(lambda _: len(items(app)) == 1)
+    (item,) = items(app)
+    assert item.mask_path is not None and item.label != item.predicted
+    # Shift+Enter after "Start from the model's region" submits and moves on
+    browser.find_element(By.ID, "next").click()
+    predicted = wait_prediction(browser, "lesion1.png")
+    pick_other_class(browser, predicted)
+    browser.find_element(By.ID, "from-model").click()
+    keys(Keys.SHIFT, Keys.ENTER)
+    wait_prediction(browser, "lesion2.png")
+    assert len(items(app)) == 2 and items(app)[1].mask_path is not None
+    # Space after a click pans while held; it does not press the button
+    browser.find_element(By.ID, "clear").click()
+    ActionChains(browser).key_down(Keys.SPACE).perform()
+    assert browser.find_element(By.ID, "stage").get_attribute("data-tool") == "pan"
+    ActionChains(browser).key_up(Keys.SPACE).perform()
 
 
 def test_a_revoked_token_signs_the_page_out(start, browser):

@@ -19,7 +19,6 @@ const state = {
   mine: new Map(), // my feedback items followed until an update used them
   sending: false,
   spaceDown: false,
-  fillLayer: "keep", // the fill tool fills the region of the last brush chosen
 };
 
 // ------------------------------------------------------------------ API
@@ -402,9 +401,12 @@ const tool = () => document.querySelector("input[name=tool]:checked").value;
 
 function setTool(value) {
   document.querySelector(`input[name=tool][value=${value}]`).checked = true;
-  if (value === "keep" || value === "ignore") state.fillLayer = value;
   updateCursorLook();
 }
+
+// Fill and lasso paint the region chosen beside them (keep unless the user picks ignore), never
+// silently the layer of whichever brush was used last.
+const fillInto = () => document.querySelector("input[name=into]:checked").value;
 
 function snapshot() {
   const p = state.shown;
@@ -449,19 +451,28 @@ function brushInImage() {
   return (Number($("brush").value) * state.shown.width) / $("paint").getBoundingClientRect().width;
 }
 
+// A press without a move is a dot, drawn as a disc: browsers disagree on whether a zero-length
+// line with round caps paints anything (Chromium 150 does, 156 does not).
 function stroke(from, to) {
   const erase = tool() === "erase";
   const targets = erase ? ["paint", "ignore-layer"] : [tool() === "ignore" ? "ignore-layer" : "paint"];
+  const width = brushInImage();
+  const dot = from[0] === to[0] && from[1] === to[1];
   for (const id of targets) {
     const context = ctx($(id));
     context.globalCompositeOperation = erase ? "destination-out" : "source-over";
-    context.strokeStyle = id === "paint" ? KEEP_COLOUR : IGNORE_COLOUR;
+    context.strokeStyle = context.fillStyle = id === "paint" ? KEEP_COLOUR : IGNORE_COLOUR;
     context.lineCap = context.lineJoin = "round";
-    context.lineWidth = brushInImage();
+    context.lineWidth = width;
     context.beginPath();
-    context.moveTo(...from);
-    context.lineTo(...to);
-    context.stroke();
+    if (dot) {
+      context.arc(from[0], from[1], width / 2, 0, 2 * Math.PI);
+      context.fill();
+    } else {
+      context.moveTo(...from);
+      context.lineTo(...to);
+      context.stroke();
+    }
   }
 }
 
@@ -494,7 +505,7 @@ function fillAt([x, y], which) {
   return true;
 }
 
-// The lasso: a freehand outline, closed and filled into the last brush's region on release.
+// The lasso: a freehand outline, closed and filled into the chosen region on release.
 function fillPolygon(points, which) {
   if (points.length < 3) return;
   pushUndo();
@@ -523,7 +534,7 @@ function drawLassoPreview(points) {
   canvas.height = p.height;
   const context = canvas.getContext("2d");
   context.lineWidth = Math.max(1, p.width / 400);
-  context.strokeStyle = state.fillLayer === "ignore" ? IGNORE_COLOUR : KEEP_COLOUR;
+  context.strokeStyle = fillInto() === "ignore" ? IGNORE_COLOUR : KEEP_COLOUR;
   context.setLineDash([4 * context.lineWidth, 3 * context.lineWidth]);
   context.beginPath();
   context.moveTo(...points[0]);
@@ -613,7 +624,7 @@ function setUpStage() {
       lasso = [toImage(event)];
     } else if (t === "fill") {
       pushUndo();
-      if (!fillAt(toImage(event), state.fillLayer)) state.undo.pop();
+      if (!fillAt(toImage(event), fillInto())) state.undo.pop();
       $("show-mask").checked = true;
       applyViewControls();
       mode = null;
@@ -656,7 +667,7 @@ function setUpStage() {
     pointers.delete(event.pointerId);
     if (mode === "paint") afterEdit();
     if (mode === "lasso") {
-      fillPolygon(lasso, state.fillLayer);
+      fillPolygon(lasso, fillInto());
       lasso = [];
       drawLassoPreview(lasso);
     }
@@ -673,10 +684,7 @@ function setUpStage() {
   }, { passive: false });
 
   for (const input of document.querySelectorAll("input[name=tool]")) {
-    input.addEventListener("change", () => {
-      if (input.value === "keep" || input.value === "ignore") state.fillLayer = input.value;
-      updateCursorLook();
-    });
+    input.addEventListener("change", updateCursorLook);
   }
   $("zoom-in").addEventListener("click", () => zoomAt(1.5));
   $("zoom-out").addEventListener("click", () => zoomAt(1 / 1.5));
@@ -1404,6 +1412,13 @@ document.addEventListener("DOMContentLoaded", () => {
   $("update-now").addEventListener("click", updateNow);
   $("export").addEventListener("click", downloadExport);
   document.addEventListener("keydown", onKey);
+  // A button clicked with the pointer gives the focus back: otherwise Enter, Shift+Enter and Space
+  // would press it again (Clear clears twice) instead of submitting or panning. A button reached
+  // with Tab keeps it (its click has detail 0), so keyboard users still press what they chose.
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest("button");
+    if (button && event.detail > 0 && !button.closest("dialog")) button.blur();
+  });
   document.addEventListener("keyup", (event) => {
     if (event.key === " ") {
       state.spaceDown = false;

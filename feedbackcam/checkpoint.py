@@ -68,7 +68,10 @@ def load_checkpoint(
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "Weights only load failed" in first:  # torch's advice (weights_only=False) is unsafe
+            first = "it holds objects other than tensors and plain values; those are not loaded"
+        raise ValueError(f"{path}: not a readable checkpoint ({first[:200]})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a feedbackcam checkpoint (no '{FORMAT}' header)")
     spec = ModelSpec(

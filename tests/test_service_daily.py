@@ -135,6 +135,38 @@ def test_the_original_is_kept_and_a_mask_drawn_on_it_maps_exactly_to_the_model_i
         assert r.status_code == 422 and f"{SIZE}x{SIZE} or {w}x{h}" in r.json()["detail"]
 
 
+def test_a_phone_photo_is_turned_upright_as_its_exif_orientation_says(env):
+    # stored sideways (120 wide, 160 tall) with Orientation 6: shown 160 wide, 120 tall
+    upright = np.zeros((120, 160, 3), np.uint8)
+    upright[:, :80] = (230, 40, 40)  # left half red as the clinician sees it
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # the sensor's view
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show"
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif, quality=95)
+    with env.app(worker=False) as client:
+        r = client.post(
+            "/api/predict",
+            files={"file": ("phone.jpg", buf.getvalue(), "image/jpeg")},
+            headers=env.auth("clinician"),
+        )
+        p = r.json()
+        assert (p["width"], p["height"]) == (160, 120), p
+        model_input = np.asarray(
+            Image.open(io.BytesIO(client.get(p["image_url"], headers=env.auth("viewer")).content))
+        ).astype(int)
+        left, right = model_input[:, : SIZE // 2 - 2], model_input[:, SIZE // 2 + 2 :]
+        assert left[..., 0].mean() > 200 and right[..., 0].mean() < 30  # red left, as shown
+        # a mask drawn on the image as shown (160 x 120) is accepted and lands on the left
+        drawn = np.zeros((120, 160), np.uint8)
+        drawn[:, :80] = 255
+        item = send_feedback(client, env, p, mask=drawn, label=other_class(p)).json()
+        stored_mask = np.asarray(
+            Image.open(io.BytesIO(client.get(item["mask_url"], headers=env.auth("admin")).content))
+        )
+        assert stored_mask[:, : SIZE // 2 - 2].all() and not stored_mask[:, SIZE // 2 + 2 :].any()
+
+
 def test_to_model_is_the_identity_at_the_input_size_and_samples_centres():
     a = np.arange(SIZE * SIZE).reshape(SIZE, SIZE)
     assert np.array_equal(to_model(a, SIZE), a)
@@ -243,6 +275,10 @@ def test_tokens_expire_and_can_be_revoked(env, capsys):
         assert client.post("/api/users/viewer/revoke", headers=env.auth("admin")).status_code == 204
         assert client.get("/api/me", headers=env.auth("viewer")).status_code == 401
         assert client.post("/api/users/nobody/revoke", headers=env.auth("admin")).status_code == 404
+        # an admin cannot lock themselves (and, the last admin, everyone) out from the page
+        own = client.post("/api/users/admin/revoke", headers=env.auth("admin"))
+        assert own.status_code == 409 and "your own token" in own.json()["detail"]
+        assert client.get("/api/me", headers=env.auth("admin")).status_code == 200
         # ... and on the command line
         assert main(["users", "revoke", "clinician", *store_args(env)]) == 0
         assert client.get("/api/me", headers=env.auth("clinician")).status_code == 401
@@ -351,6 +387,11 @@ def test_a_worklist_from_a_folder_is_walked_and_survives_a_restart(env):
             f"{base}/{third['id']}", json={"state": "feedback"}, headers=env.auth("clinician")
         )
         assert lacking.status_code == 422
+        # a viewer looks but does not move the shared progress
+        viewed = client.patch(
+            f"{base}/{third['id']}", json={"state": "skipped"}, headers=env.auth("viewer")
+        )
+        assert viewed.status_code == 403
         # the clinician cannot import from the server's disk
         denied = client.post(
             "/api/worklists", json={"folder": "incoming"}, headers=env.auth("clinician")
@@ -358,6 +399,7 @@ def test_a_worklist_from_a_folder_is_walked_and_survives_a_restart(env):
         assert denied.status_code == 403
     with env.app(worker=False) as client:
         got = client.get(f"/api/worklists/{made['id']}", headers=env.auth("viewer")).json()
+        assert got["entries"][2]["state"] == "new"
         assert [e["state"] for e in got["entries"]] == ["feedback", "skipped", "new"]
         assert got["entries"][0]["image_id"] == p["image_id"]
         assert got["counts"] == {"new": 1, "reviewed": 0, "feedback": 1, "skipped": 1, "total": 3}

@@ -337,3 +337,178 @@ def test_a_decode_that_waits_too_long_is_503():
         assert caught.value.status == 503 and "busy" in str(caught.value)
     finally:
         limits.configure(2)
+
+
+def test_a_viewers_body_is_refused_before_it_is_read_where_the_route_needs_more(env):
+    with env.app(worker=False) as client:
+        read: list[int] = []
+
+        def body():
+            for _ in range(20):
+                read.append(1)
+                yield b"x" * 100_000
+
+        headers = {**env.auth("viewer"), "Content-Type": "multipart/form-data; boundary=b"}
+        r = client.post("/api/feedback", content=body(), headers=headers)
+        assert r.status_code == 403 and "needs the clinician role" in r.json()["detail"]
+        assert read == [], "the body was read before the role was checked"
+        # a route a viewer may use still reads the viewer's body
+        assert predict_upload(client, env, role="viewer")["version"] == 1
+
+
+def test_made_up_tokens_share_their_address_bucket(env):
+    with env.app(worker=False, rate_limit_per_minute=5) as client:
+        codes = [
+            client.get("/api/me", headers={"Authorization": f"Bearer made-up-{k}"}).status_code
+            for k in range(7)
+        ]
+        assert codes == [401] * 5 + [429] * 2
+        # a real token has its own allowance
+        assert client.get("/api/me", headers=env.auth("viewer")).status_code == 200
+
+
+def test_rate_limiting_is_on_by_default():
+    from feedbackcam.service import Settings
+
+    assert Settings().rate_limit_per_minute > 0
+
+
+# ------------------------------------------------------------------ bursts
+def test_a_request_waiting_for_the_model_holds_no_database_connection(env, monkeypatch):
+    with env.app(worker=False) as client:
+        runtime = client.app.state.runtime
+        p = predict_upload(client, env)
+        served = runtime.registry.served
+        real, inside, go = served.explain, threading.Event(), threading.Event()
+
+        def waiting_explain(rgb):
+            inside.set()
+            assert go.wait(30)
+            return real(rgb)
+
+        monkeypatch.setattr(served, "explain", waiting_explain)
+        result = {}
+        thread = threading.Thread(
+            target=lambda: result.update(
+                r=client.post(
+                    "/api/predict", data={"image_id": p["image_id"]}, headers=env.auth("viewer")
+                )
+            )
+        )
+        thread.start()
+        assert inside.wait(30)
+        try:
+            assert runtime.engine.pool.checkedout() == 0
+        finally:
+            go.set()
+            thread.join(30)
+        assert result["r"].status_code == 200
+
+
+def test_no_free_slot_or_connection_is_503_with_retry_after(env, monkeypatch):
+    import anyio
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from feedbackcam.service.limits import Concurrency
+
+    # requests beyond the bound wait briefly, then are told to come back
+    entered, release = [], None
+
+    async def slow_app(scope, receive, send):
+        entered.append(1)
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def burst():
+        nonlocal release
+        release = anyio.Event()
+        bounded = Concurrency(slow_app, limit=2, wait=0.2)
+        answers: list[tuple[int, dict]] = []
+
+        async def one():
+            sent = []
+
+            async def send(message):
+                sent.append(message)
+
+            await bounded({"type": "http", "path": "/api/predict"}, None, send)
+            start = sent[0]
+            answers.append((start["status"], dict(start["headers"])))
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(5):
+                tasks.start_soon(one)
+            await anyio.sleep(0.5)  # the three beyond the bound have given up by now
+            assert len(entered) == 2
+            release.set()
+        return answers
+
+    answers = anyio.run(burst)
+    assert sorted(status for status, _ in answers) == [200, 200, 503, 503, 503]
+    assert all(h[b"retry-after"] == b"5" for status, h in answers if status == 503)
+
+    # and an exhausted database pool is 503, not 500
+    from feedbackcam.service import auth
+
+    with env.app(worker=False) as client:
+
+        def exhausted(*_args, **_kwargs):
+            raise PoolTimeout("QueuePool limit of size 5 overflow 0 reached")
+
+        monkeypatch.setattr(auth, "hash_token", exhausted)
+        r = client.get("/api/me", headers=env.auth("viewer"))
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert "busy" in r.json()["detail"]
+
+
+# ------------------------------------------------------------------ non-JSON numbers, NUL bytes
+def _json_operations(spec):
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            content = op.get("requestBody", {}).get("content", {})
+            if "application/json" not in content:
+                continue
+            schema = content["application/json"]["schema"]
+            if "$ref" in schema:
+                schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+            yield method, path.replace("{", "").replace("}", ""), schema.get("properties", {})
+
+
+def test_nan_infinity_and_nul_bytes_are_4xx_on_every_route_and_keep_the_pool(db_env):
+    import re
+
+    env = db_env
+    with env.app(worker=False, rate_limit_per_minute=0) as client:
+        engine = client.app.state.runtime.engine
+        disposed = []
+        event.listen(engine.pool, "close", lambda *_: disposed.append(1))
+        p = predict_upload(client, env)
+        spec = client.get("/openapi.json").json()
+        sent = 0
+        for method, path, properties in _json_operations(spec):
+            url = re.sub(r"[a-z_]+id\b|\bentry\b", "1", path)
+            for name in properties:
+                for constant in ("NaN", "Infinity", "-Infinity"):
+                    body = "{" + f'"{name}": {constant}' + "}"
+                    r = client.request(
+                        method.upper(),
+                        url,
+                        content=body,
+                        headers={**env.auth("admin"), "Content-Type": "application/json"},
+                    )
+                    sent += 1
+                    assert r.status_code < 500, (method, url, body, r.text)
+        assert sent > 30
+        # a NUL byte in a path, a query or a form field (PostgreSQL cannot store or match one)
+        for url in ("/api/originals/a%00b", "/api/images/a%00b", "/api/feedback?mine=a%00b"):
+            r = client.get(url, headers=env.auth("viewer" if "feedback" not in url else "admin"))
+            assert r.status_code < 500, (url, r.text)
+        r = client.post("/api/users/a%00b/revoke", headers=env.auth("admin"))
+        assert r.status_code < 500, r.text
+        r = feedback(client, env, p, label="a\x00b")
+        assert r.status_code == 422, r.text
+        r = client.post("/api/worklists", json={"name": "a\x00b"}, headers=env.auth("admin"))
+        assert r.status_code < 500, r.text
+        assert disposed == [], "a bad value threw the connection pool away"
+        assert predict_upload(client, env)["version"] == 1

@@ -166,6 +166,19 @@ def test_a_damaged_current_checkpoint_refuses_to_start_and_names_the_last_good_v
     assert open_registry(started, started.assets["checkpoint"]).version_id == 1
 
 
+def test_doctor_never_brings_back_a_version_an_admin_rolled_away_from(started, capsys):
+    rolled_away = add_fine_tuned(started, seed=5)  # v2, child of v1: the admin went back to v1
+    with started.sessions() as session:
+        set_current(session, session.get(Version, 1))
+        session.commit()
+    later = add_fine_tuned(started, seed=6)  # v3, learnt from v1 after the rollback, current
+    assert rolled_away < later
+    flip_bytes(started.data / "checkpoints" / "v-6.pt")  # v3's file is damaged
+    assert main(["doctor", "--data-dir", str(started.data), "--repair"]) == 0
+    assert state(started)[1] == 1, "doctor made the rolled-away version current"
+    assert "version 1, the last good one" in capsys.readouterr().out
+
+
 def test_rollback_to_a_tampered_version_is_refused_with_the_last_good_version(started):
     fine_tuned = add_fine_tuned(started)
     replacement = tiny_checkpoint(started.data.parent / "swap.pt", seed=11)

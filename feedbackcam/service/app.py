@@ -12,9 +12,9 @@ from fastapi_offline import FastAPIOffline
 
 from .. import __version__
 from . import errors
-from .guard import Guard
+from .guard import Guard, Roles
 from .headers import SecurityHeaders
-from .limits import RateLimiter
+from .limits import Concurrency, RateLimiter
 from .registry import VersionError
 from .routers import (
     export,
@@ -98,7 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # an image and a mask at the upload limit, plus the form fields
     app.add_middleware(BodyLimit, max_bytes=2 * settings.max_upload_bytes + 2**20)
-    app.add_middleware(Guard, limiter=RateLimiter(settings.rate_limit_per_minute))
+    roles = Roles()
+    app.add_middleware(Guard, limiter=RateLimiter(settings.rate_limit_per_minute), roles=roles)
+    # outside the guard: a request waiting for a slot holds no database connection
+    app.add_middleware(Concurrency, limit=settings.max_concurrent)
     errors.install(app)
     app.add_middleware(SecurityHeaders)
     for module in (
@@ -114,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         proposals,
     ):
         app.include_router(module.router, prefix="/api", responses=ERROR_RESPONSES)
+        roles.add_router(module.router, "/api")
 
     @app.exception_handler(UploadError)
     @app.exception_handler(VersionError)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from .db import ROLES, User, utcnow
 
 RANK = {role: i for i, role in enumerate(ROLES)}
+MAX_DAYS = 36_500  # a token's longest life (a hundred years); no expiry: leave days out
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 
@@ -29,8 +30,8 @@ def hash_token(token: str) -> str:
 def add_user(session: Session, name: str, role: str, days: float | None = None) -> str:
     """Create a user and return their token (the only time it exists in clear); it expires
     after ``days`` (None: never). Commits."""
-    if days is not None and not days > 0:
-        raise ValueError(f"days: expected > 0, got {days!r}")
+    if days is not None and not 0 < days <= MAX_DAYS:
+        raise ValueError(f"days: expected more than 0 and at most {MAX_DAYS}, got {days!r}")
     if role not in ROLES:
         raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
     if not _NAME.match(name):

@@ -8,6 +8,7 @@ User errors (a bad checkpoint, a port out of range, a database without its drive
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,21 @@ if TYPE_CHECKING:
 def preflight(settings: Settings) -> None:
     """Everything that can stop a start, done before the server binds its port: the current
     version's file is verified and a new ``--model`` is checked before it is registered."""
+    check_device(settings.device)
+    if settings.model is not None and not settings.model.is_file():
+        raise ValueError(f"--model {settings.model}: no such checkpoint file")
+    created = not settings.data_dir.exists()
+    try:
+        _open_store(settings)
+    except BaseException:
+        if created:  # a refused start leaves no empty store behind
+            import shutil
+
+            shutil.rmtree(settings.data_dir, ignore_errors=True)
+        raise
+
+
+def _open_store(settings: Settings) -> None:
     from .db import connect
     from .registry import Registry
     from .store import Store
@@ -38,6 +54,25 @@ def preflight(settings: Settings) -> None:
         Registry(sessions, Store(settings.data_dir), device=settings.device).open(checkpoint)
     finally:
         engine.dispose()
+
+
+def check_device(name: str) -> None:
+    """Refuse a device torch cannot parse, or a CUDA device this machine does not have, in one
+    line before anything is loaded."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: not a device (expected cpu, cuda or cuda:N)") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name!r}: this machine has no usable CUDA device")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
 
 
 def serve(args) -> int:
@@ -61,6 +96,8 @@ def serve(args) -> int:
         feedback=feedback_config(args),
         tolerance=args.tolerance,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_concurrent=args.max_concurrent,
+        rate_limit_per_minute=args.rate_limit,
         device=args.device,
         low_confidence=args.low_confidence,
         unfamiliar_quantile=args.unfamiliar_quantile,
@@ -72,11 +109,28 @@ def serve(args) -> int:
 
 
 @contextmanager
-def _store_session(args) -> Iterator[tuple[Settings, Session]]:
-    """The settings of ``--data-dir``/``--db`` and a session on that store, closed after."""
-    from .db import connect
+def _store_session(args, create: bool = False) -> Iterator[tuple[Settings, Session]]:
+    """The settings of ``--data-dir``/``--db`` and a session on that store, closed after.
+
+    The store must exist (a mistyped ``--data-dir`` is an error, not a new empty store) unless
+    ``create``; a store created here is announced on stderr."""
+    import sys
+
+    from .db import connect, store_exists
 
     settings = Settings(data_dir=args.data_dir, db_url=args.db)
+    if not store_exists(settings):
+        if not create:
+            raise ValueError(
+                f"--data-dir {settings.data_dir}: no feedbackcam store there (no "
+                "feedbackcam.db); is the path right? ('feedbackcam serve --data-dir DIR' "
+                "creates a store)"
+            )
+        print(
+            f"feedbackcam: no store in {settings.data_dir} yet; created one (serve it with "
+            f"--data-dir {settings.data_dir})",
+            file=sys.stderr,
+        )
     engine, sessions = connect(settings.database_url)
     try:
         with sessions() as session:
@@ -91,7 +145,7 @@ def users(args) -> int:
     from .auth import add_user, revoke
     from .db import User, iso
 
-    with _store_session(args) as (settings, session):
+    with _store_session(args, create=args.users_command == "add") as (settings, session):
         if args.users_command == "add":
             token = add_user(session, args.name, args.role, args.days)
             expiry = f", expires in {args.days:g} days" if args.days else ""
@@ -187,6 +241,25 @@ def _port(text: str) -> int:
     return port
 
 
+def finite(minimum: float | None = None, above: bool = False):
+    """An argparse type: a finite float (NaN and infinities refused), optionally bounded below."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if above else value < minimum):
+            raise argparse.ArgumentTypeError(
+                f"expected a number {'>' if above else '>='} {minimum:g}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
 def add_store_args(p) -> None:
     """The app's store: ``--data-dir`` and ``--db``, defaults from ``Settings`` (one place)."""
     d = Settings()
@@ -204,25 +277,40 @@ def add_serve(sub) -> None:
     p.add_argument("--update-every", type=int, default=d.update_every, help="fine-tune after N")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per update")
     p.add_argument("--replay-per-class", type=int, default=d.replay_per_class)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=finite(0, above=True), default=d.lr)
     add_feedback_args(p)  # how an update learns: lambda, losses, CAM (Settings.feedback)
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=finite(),
         default=d.tolerance,
         help="largest drop in validation accuracy or average sensitivity a promotion may cost",
     )
-    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20)
+    p.add_argument(
+        "--max-upload-mb", type=finite(0, above=True), default=d.max_upload_bytes / 2**20
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=d.max_concurrent,
+        help="API requests in progress at once; one more waits up to 5 s, then gets 503",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        default=d.rate_limit_per_minute,
+        help="API requests a minute per signed-in user (per address without a valid token); "
+        "0: no limit",
+    )
     p.add_argument("--device", default=d.device, help="where the model predicts and learns")
     p.add_argument(
         "--low-confidence",
-        type=float,
+        type=finite(0),
         default=d.low_confidence,
         help="warn below this top probability",
     )
     p.add_argument(
         "--unfamiliar-quantile",
-        type=float,
+        type=finite(0),
         default=d.unfamiliar_quantile,
         help="warn when an image's energy is above this quantile of the validation set's",
     )
@@ -234,7 +322,9 @@ def add_users(sub) -> None:
     add = usub.add_parser("add", help="create a user and print their token once")
     add.add_argument("name")
     add.add_argument("--role", choices=("viewer", "clinician", "admin"), required=True)
-    add.add_argument("--days", type=float, default=None, help="the token expires after N days")
+    add.add_argument(
+        "--days", type=finite(0, above=True), default=None, help="the token expires after N days"
+    )
     listing = usub.add_parser("list", help="list users, roles and token expiry")
     revoke = usub.add_parser("revoke", help="revoke a user's token: it signs in no more")
     revoke.add_argument("name")

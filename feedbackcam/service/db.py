@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, create_engine, event, func, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from . import migrations
@@ -149,9 +149,20 @@ class Lease(Base):
     expires: Mapped[datetime | None]
 
 
-def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
-    """Open the database at ``url``, creating it or upgrading its schema as needed."""
+def connect(
+    url: str, pool_size: int | None = None, pool_timeout: float | None = None
+) -> tuple[Engine, sessionmaker[Session]]:
+    """Open the database at ``url``, creating it or upgrading its schema as needed.
+
+    ``pool_size`` connections are kept (SQLAlchemy's default 5 plus 10 overflow when None);
+    a caller that finds none free waits ``pool_timeout`` seconds (default 30) and then gets
+    ``sqlalchemy.exc.TimeoutError``, which the app answers 503.
+    """
     options: dict[str, Any] = {}
+    if pool_size is not None:
+        options.update(pool_size=pool_size, max_overflow=0)
+    if pool_timeout is not None:
+        options["pool_timeout"] = pool_timeout
     if url.startswith("sqlite"):
         database = url.split("///", 1)[1] if "///" in url else ""
         if database and database != ":memory:":
@@ -178,11 +189,20 @@ def connect(url: str) -> tuple[Engine, sessionmaker[Session]]:
 
     try:
         migrations.upgrade(engine)
-    except OperationalError as err:
+    except DatabaseError as err:  # cannot connect, or a file that is not a database
         engine.dispose()
         reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
         raise ValueError(f"database {_shown(url)}: cannot open it ({reason})") from err
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def store_exists(settings) -> bool:
+    """Whether the store of ``settings`` exists: its SQLite file, or (for a ``--db`` URL) its
+    data dir. Commands that read a store check this first, so a mistyped ``--data-dir`` is an
+    error rather than a new, empty store."""
+    if settings.db_url:
+        return settings.data_dir.is_dir()
+    return (settings.data_dir / "feedbackcam.db").is_file()
 
 
 def _shown(url: str) -> str:

@@ -38,6 +38,9 @@ def current_user(
     if credentials is None:
         raise HTTPException(401, "sign in: send 'Authorization: Bearer TOKEN'", headers=challenge)
     user = find_user(session, credentials.credentials)
+    # end the read: the connection goes back to the pool while the request waits for a decode
+    # slot or the model (a burst held every connection for that wait before)
+    session.commit()
     if user is None:
         raise HTTPException(401, "unknown, expired or revoked token", headers=challenge)
     return user
@@ -49,6 +52,7 @@ def require(role: str):
             raise HTTPException(403, f"a {user.role} may not do this; it needs the {role} role")
         return user
 
+    check.required_role = role  # read by the front door (guard.py) before a body is read
     return check
 
 

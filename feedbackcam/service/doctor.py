@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from .db import Item, Version, connect, current_version, set_current
+from .db import Item, Version, connect, current_version, set_current, store_exists
 from .lease import DbLease
 from .settings import Settings
 from .startup import last_good_version, verify_file
@@ -168,6 +168,11 @@ def doctor(args) -> int:
     settings = Settings(data_dir=args.data_dir, db_url=args.db)
     if not settings.data_dir.is_dir():
         raise ValueError(f"--data-dir {settings.data_dir}: no such folder")
+    if not store_exists(settings):  # checked before connect, which would create the file
+        raise ValueError(
+            f"--data-dir {settings.data_dir}: no feedbackcam store there (no feedbackcam.db); "
+            "is the path right? ('feedbackcam serve --data-dir DIR' creates a store)"
+        )
     findings = examine(settings, repair=args.repair)
     for finding in findings:
         print(finding.line())

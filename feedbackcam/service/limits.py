@@ -1,5 +1,11 @@
-"""Bounds on what one app instance spends: concurrent image decodes, requests per token, and
-the range of every id a client may send.
+"""Bounds on what one app instance spends: API requests in flight, concurrent image decodes,
+requests per token, and the range of every id a client may send.
+
+Requests in flight are bounded by ``Settings.max_concurrent``: one more waits at most
+``QUEUE_WAIT_S`` for a slot and is then answered 503 with Retry-After. The database pool holds a
+connection for each slot (and a few for the worker and the front door), and waits no longer
+than that either, so a burst is answered within seconds (some of it "busy"), never frozen on
+the pool's default 30 s wait and never a 500.
 
 A decoded image costs width x height x 4 bytes or so, whatever its file size: eight 6300 x 6300
 PNGs of 116 KB each take over a gigabyte at once. Decodes therefore take a slot from a
@@ -18,6 +24,7 @@ from PIL import Image
 
 MAX_ID = 2**63 - 1  # ids and versions are 64-bit integers in every database
 DECODE_WAIT_S = 30.0
+QUEUE_WAIT_S = 5.0
 
 _decodes = threading.BoundedSemaphore(2)
 
@@ -72,3 +79,33 @@ class RateLimiter:
                 for k in [k for k, q in self._seen.items() if not q or q[-1] <= now - 60]:
                     del self._seen[k]
             return 0.0
+
+
+class Concurrency:
+    """ASGI middleware: at most ``limit`` API requests in flight; a request that finds no slot
+    within ``wait`` seconds is answered 503 with Retry-After (the page and static files are not
+    counted)."""
+
+    def __init__(self, app, limit: int, wait: float = QUEUE_WAIT_S) -> None:
+        import anyio
+
+        self.app, self.limit, self.wait = app, limit, wait
+        self.slots = anyio.Semaphore(limit)
+
+    async def __call__(self, scope, receive, send):
+        import anyio
+
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            return await self.app(scope, receive, send)
+        acquired = False
+        with anyio.move_on_after(self.wait):  # bounds the wait for a slot, not the request
+            await self.slots.acquire()
+            acquired = True
+        if not acquired:
+            from .errors import busy
+
+            return await busy(f"{self.limit} requests are in progress")(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.slots.release()

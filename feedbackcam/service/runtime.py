@@ -51,7 +51,11 @@ class Runtime:
             checkpoint = ensure_demo(data_dir)
         limits.configure(settings.max_concurrent_decodes)
         store = Store(data_dir)
-        engine, sessions = connect(settings.database_url)
+        engine, sessions = connect(
+            settings.database_url,
+            pool_size=settings.max_concurrent + 4,
+            pool_timeout=limits.QUEUE_WAIT_S,
+        )
         try:
             # a candidate is unfinished only if no other live process is updating it
             interrupted = 0 if DbLease(sessions).held_by_other() else mark_interrupted(sessions)

@@ -17,7 +17,13 @@ class Me(BaseModel):
 class NewUser(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     role: Role
-    days: float | None = Field(None, gt=0, description="the token expires after this many days")
+    days: float | None = Field(
+        None,
+        gt=0,
+        le=36_500,
+        allow_inf_nan=False,
+        description="the token expires after this many days (at most 36,500)",
+    )
 
 
 class CreatedUser(Me):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,11 @@ class Settings:
         max_pixels: largest accepted image (width x height), checked before decoding.
         max_concurrent_decodes: images decoded at once (each may take up to
             ``max_pixels`` x 4 bytes of memory); more wait their turn.
-        rate_limit_per_minute: API requests per token (or per client address, without one)
-            in any minute; 0 means no limit.
+        max_concurrent: API requests in progress at once; one more waits up to 5 s for a
+            slot, then gets 503 with Retry-After. The database pool holds this many
+            connections plus four (the worker, the front door).
+        rate_limit_per_minute: API requests per signed-in token (or per client address for
+            requests without a known token) in any minute; 0 means no limit.
         worker: run the background updater (tests turn it off to hold items pending).
         poll_seconds: how often the worker looks for pending items without being woken.
         bootstrap_admin: on first start with no users, create ``admin`` and print its token once.
@@ -57,7 +61,8 @@ class Settings:
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000
     max_concurrent_decodes: int = 2
-    rate_limit_per_minute: int = 0
+    max_concurrent: int = 16
+    rate_limit_per_minute: int = 600
     worker: bool = True
     poll_seconds: float = 5.0
     bootstrap_admin: bool = True
@@ -77,6 +82,7 @@ class Settings:
             "max_upload_bytes",
             "max_pixels",
             "max_concurrent_decodes",
+            "max_concurrent",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -89,8 +95,11 @@ class Settings:
             raise ValueError(
                 f"rate_limit_per_minute: expected an int >= 0, got {self.rate_limit_per_minute!r}"
             )
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
+        # a NaN tolerance compares False with everything: the gate would reject every update
+        if not math.isfinite(self.tolerance):
+            raise ValueError(f"tolerance: expected a finite number, got {self.tolerance!r}")
         if not isinstance(self.feedback, FeedbackConfig):
             raise TypeError(f"feedback: expected a FeedbackConfig, got {self.feedback!r}")
         for name in ("low_confidence", "unfamiliar_quantile"):

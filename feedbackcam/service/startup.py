@@ -104,19 +104,35 @@ def verify_file(store: Store, version: Version) -> Path:
 
 
 def last_good_version(session: Session, store: Store, *, exclude: int | None = None) -> int | None:
-    """The newest promoted version whose checkpoint exists and matches its hash."""
+    """The version to fall back to when version ``exclude`` (the current one) cannot be used:
+    its nearest promoted ancestor whose checkpoint exists and matches its hash.
+
+    Only the current version's own lineage (``parent_id``, back to the base model) is searched,
+    so a version an admin deliberately rolled away from is never brought back. Without
+    ``exclude``, the newest good promoted version.
+    """
+    if exclude is not None:
+        version, seen = session.get(Version, exclude), {exclude}
+        while version is not None and version.parent_id is not None:
+            if version.parent_id in seen:  # a damaged table: never loop
+                return None
+            seen.add(version.parent_id)
+            version = session.get(Version, version.parent_id)
+            if version is not None and version.status == "promoted" and _good(store, version):
+                return version.id
+        return None
     promoted = session.scalars(
         select(Version).where(Version.status == "promoted").order_by(Version.id.desc())
     )
-    for version in promoted:
-        if version.id == exclude:
-            continue
-        try:
-            verify_file(store, version)
-        except ValueError:
-            continue
-        return version.id
-    return None
+    return next((v.id for v in promoted if _good(store, v)), None)
+
+
+def _good(store: Store, version: Version) -> bool:
+    try:
+        verify_file(store, version)
+    except ValueError:
+        return False
+    return True
 
 
 def offer(good: int | None, data_dir: Path) -> str:

@@ -14,7 +14,7 @@ import json
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 _SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
@@ -41,6 +41,10 @@ def read_limited(stream, what: str, max_bytes: int) -> bytes:
     return data
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+_TURNED = {5, 6, 7, 8}  # orientations that swap width and height
+
+
 def decode_image(
     data: bytes,
     what: str,
@@ -50,6 +54,10 @@ def decode_image(
     expect_size: tuple[int, int] | list[tuple[int, int]] | None = None,
 ) -> Image.Image:
     """Decode PNG or JPEG bytes fully; refuse other types, damaged data and too many pixels.
+
+    The image is turned upright as its EXIF orientation says (a phone photo is stored sideways
+    with Orientation 6), which is how browsers show it: the size, the model's input and any
+    mask drawn on the page all refer to the image as the clinician sees it.
 
     The pixel count (and ``expect_size``, (w, h) or a list of them, if given) is read from the
     header and checked before
@@ -65,6 +73,8 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[kind])
             w, h = img.size
+            if img.getexif().get(ORIENTATION) in _TURNED:
+                w, h = h, w
             sizes = [expect_size] if isinstance(expect_size, tuple) else expect_size
             if sizes is not None and (w, h) not in sizes:
                 expected = " or ".join(f"{ew}x{eh}" for ew, eh in sizes)
@@ -74,6 +84,7 @@ def decode_image(
                     413, f"{what}: {w}x{h} pixels, more than the {max_pixels} allowed"
                 )
             img.load()
+            img = ImageOps.exif_transpose(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise UploadError(413, f"{what}: too many pixels ({err})") from err
     except UnidentifiedImageError as err:

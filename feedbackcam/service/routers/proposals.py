@@ -39,7 +39,9 @@ class ProposalRequest(BaseModel):
         list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(min_length=1, max_length=50)
     ]
     worklist: int | None = Field(None, ge=1, le=MAX_ID, description="score its images only")
-    threshold: float | None = Field(None, ge=0, le=1, description="default: propagate's 0.9")
+    threshold: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False, description="default: propagate's 0.9"
+    )
     limit: int = Field(100, ge=1, le=MAX_SHOWN, description="the highest scores returned")
 
 

@@ -37,7 +37,15 @@ def create_user(body: NewUser, user: Admin, session: SessionDep) -> CreatedUser:
 
 @router.post("/users/{name}/revoke", status_code=204)
 def revoke_token(name: str, user: Admin, session: SessionDep) -> None:
-    """Revoke a user's token at once (``feedbackcam users revoke NAME`` does the same)."""
+    """Revoke a user's token at once (``feedbackcam users revoke NAME`` does the same).
+
+    An admin cannot revoke their own token here (409): the last admin would lock everyone out
+    of the page, with no way back but the command line. Another admin, or the command, can."""
+    if name == user.name:
+        raise HTTPException(
+            409, "you cannot revoke your own token here; another admin or 'feedbackcam users "
+            "revoke' can"
+        )
     try:
         revoke(session, name)
     except ValueError as err:

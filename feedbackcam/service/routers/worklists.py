@@ -144,9 +144,11 @@ def get_worklist(worklist_id: Id, user: Viewer, session: SessionDep):
 
 @router.patch("/worklists/{worklist_id}/entries/{entry_id}", response_model=EntryOut)
 def change_entry(
-    worklist_id: Id, entry_id: Id, body: EntryChange, user: Viewer, session: SessionDep
+    worklist_id: Id, entry_id: Id, body: EntryChange, user: Clinician, session: SessionDep
 ):
-    """Record how far an image's review got (opened, feedback given, skipped)."""
+    """Record how far an image's review got (opened, feedback given, skipped). Clinicians and
+    admins only: the progress is shared, and a viewer who looks at an image has not reviewed
+    it."""
     entry = session.get(WorklistEntry, entry_id)
     if entry is None or entry.worklist_id != worklist_id:
         raise HTTPException(404, f"no entry {entry_id} in worklist {worklist_id}")

@@ -1178,6 +1178,7 @@ async function openEntry(index) {
 }
 
 async function markEntry(entry, change) {
+  if (state.me.role === "viewer") return; // a viewer looks; the worklist's progress is the clinicians'
   const w = state.worklist;
   const updated = await api(`/api/worklists/${w.id}/entries/${entry.id}`, jsonBody("PATCH", change));
   Object.assign(entry, updated);

@@ -1,21 +1,37 @@
 """Is this answer to be trusted? Low confidence and unfamiliar input, as warnings.
 
 * Low confidence: the top class probability is below ``Settings.low_confidence``.
-* Unfamiliar input: the image's energy score ``E(x) = -log sum_k exp(logit_k(x))`` (Liu et al.,
-  "Energy-based out-of-distribution detection", NeurIPS 2020) is above the
-  ``Settings.unfamiliar_quantile`` quantile of the energies of the validation set under the
-  same model version. Images like those the model knows get low (very negative) energy; the
-  score costs one forward pass and needs no training. Without a validation set it is off. The
-  quantile is measured once per version on at most ``SAMPLE`` validation images (evenly spaced),
-  so the first prediction after a promotion waits at most that many forward passes.
+* Unfamiliar input, two checks, either one warns:
+
+  - **features**: the Mahalanobis distance of the image's pooled activations at the model's
+    explanation layer from the validation images' (Lee et al., "A simple unified framework for
+    detecting out-of-distribution samples", NeurIPS 2018: one Gaussian per class with a shared,
+    here Ledoit-Wolf shrunk, covariance; the distance to the nearest class).
+  - **image**: the same distance on a dozen image statistics (colour means and spreads,
+    saturation, near-white and near-black share, edge strength): the cheap "is this a
+    dermoscopic image at all" guard. A plain colour, noise or a page of text is far from every
+    lesion photo here whatever the network makes of it; the energy score alone called an
+    invoice, plain black, plain blue and noise "familiar".
+
+  Each check's threshold is the ``Settings.unfamiliar_quantile`` quantile of *out-of-fold*
+  distances of validation images (fit on one half, measured on the other, both ways), so
+  about 1 - quantile of images like the validation set are flagged by each. References and
+  thresholds are computed once per model version on at most ``SAMPLE`` validation images
+  (evenly spaced); without a validation set there is no check.
+
+The energy score ``-log sum_k exp(logit_k)`` (Liu et al., NeurIPS 2020) is still reported for
+the record; it no longer decides. AUROC of each score against a generated out-of-distribution
+set: ``bench/ood.py``, docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
 
 from ..data.dataset import ArrayDataset
 from .registry import Served
@@ -23,55 +39,228 @@ from .registry import Served
 SAMPLE = 256
 
 
-def energies(served: Served, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Energy scores of (N, S, S, 3) uint8 images under the served model."""
-    out = []
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """(N, 12) statistics of (N, S, S, 3) uint8 images: per-channel mean and spread, mean and
+    spread of saturation, the share of near-white and near-black pixels, mean edge strength and
+    the share of strong edges."""
+    x = np.asarray(images, dtype=np.float32) / 255
+    flat = x.reshape(len(x), -1, 3)
+    top, low = flat.max(axis=2), flat.min(axis=2)
+    saturation = (top - low) / np.maximum(top, 1e-3)
+    grey = x.mean(axis=3)
+    edges = np.concatenate(
+        [
+            np.abs(np.diff(grey, axis=1)).reshape(len(x), -1),
+            np.abs(np.diff(grey, axis=2)).reshape(len(x), -1),
+        ],
+        axis=1,
+    )
+    return np.column_stack(
+        [
+            flat.mean(axis=1),
+            flat.std(axis=1),
+            saturation.mean(axis=1),
+            saturation.std(axis=1),
+            (low > 0.92).mean(axis=1),
+            (top < 0.08).mean(axis=1),
+            edges.mean(axis=1),
+            (edges > 0.15).mean(axis=1),
+        ]
+    ).astype(np.float64)
+
+
+def forward(served: Served, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(energies (N,), pooled explanation-layer activations (N, K)) of uint8 images, in one
+    forward pass each, under the served model's lock."""
+    energy, pooled = [], []
     with served.lock, torch.no_grad():
         device = next(served.model.parameters()).device
         for start in range(0, len(images), batch):
             x = torch.from_numpy(np.array(images[start : start + batch], copy=True))
-            x = x.permute(0, 3, 1, 2).float().div(255).to(device)
-            logits = served.model(x).logits.float()
-            out.append((-torch.logsumexp(logits, dim=1)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+            out = served.model(x.permute(0, 3, 1, 2).float().div(255).to(device))
+            energy.append((-torch.logsumexp(out.logits.float(), dim=1)).cpu().numpy())
+            pooled.append(out.activations[0].float().mean(dim=(2, 3)).cpu().numpy())
+    if not energy:
+        return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(energy), np.concatenate(pooled).astype(np.float64)
+
+
+def energies(served: Served, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Energy scores of (N, S, S, 3) uint8 images under the served model."""
+    return forward(served, images, batch)[0]
+
+
+@dataclass(frozen=True)
+class Gaussians:
+    """Class means with one shared (shrunk) precision; ``distance`` to the nearest class."""
+
+    means: np.ndarray  # (C, D)
+    precision: np.ndarray  # (D, D)
+    centre: np.ndarray  # (D,) the feature-wise mean, subtracted before fitting
+    scale: np.ndarray  # (D,) the feature-wise spread, divided out (the units differ)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, labels: np.ndarray | None = None) -> Gaussians:
+        centre = x.mean(axis=0)
+        scale = x.std(axis=0) + 1e-6
+        z = (x - centre) / scale
+        groups = [z] if labels is None else [z[labels == c] for c in np.unique(labels)]
+        groups = [g for g in groups if len(g)]
+        means = np.stack([g.mean(axis=0) for g in groups])
+        residual = np.concatenate([g - g.mean(axis=0) for g in groups])
+        precision = LedoitWolf(assume_centered=True).fit(residual).precision_
+        return cls(means, precision, centre, scale)
+
+    def distance(self, x: np.ndarray) -> np.ndarray:
+        z = (np.asarray(x, np.float64) - self.centre) / self.scale
+        d = z[:, None, :] - self.means[None]  # (N, C, D)
+        squared = np.einsum("ncd,de,nce->nc", d, self.precision, d)
+        return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+
+
+def out_of_fold(x: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    """Each image's distance under Gaussians fitted on the other half (even/odd split)."""
+    index = np.arange(len(x))
+    result = np.zeros(len(x))
+    for held in (index % 2 == 0, index % 2 == 1):
+        fit = Gaussians.fit(x[~held], None if labels is None else labels[~held])
+        result[held] = fit.distance(x[held])
+    return result
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What one model version's images look like: per check, the fit and its threshold."""
+
+    features: Gaussians
+    features_threshold: float
+    image: Gaussians
+    image_threshold: float
+    energy_threshold: float
+
+
+def fit_reference(served: Served, images: np.ndarray, labels: np.ndarray, quantile: float):
+    energy, pooled = forward(served, images)
+    stats = image_statistics(images)
+    threshold = lambda d: float(np.quantile(d, quantile))  # noqa: E731
+    return Reference(
+        features=Gaussians.fit(pooled, labels),
+        features_threshold=threshold(out_of_fold(pooled, labels)),
+        image=Gaussians.fit(stats),
+        image_threshold=threshold(out_of_fold(stats, None)),
+        energy_threshold=threshold(energy),
+    )
+
+
+@dataclass(frozen=True)
+class Familiar:
+    """One image's scores: each distance with its threshold (the engineer's numbers)."""
+
+    energy: float
+    energy_threshold: float | None
+    features: float | None = None
+    features_threshold: float | None = None
+    image: float | None = None
+    image_threshold: float | None = None
+
+    @property
+    def unfamiliar(self) -> bool:
+        return (self.features is not None and self.features > self.features_threshold) or (
+            self.image is not None and self.image > self.image_threshold
+        )
 
 
 class Familiarity:
-    """The energy threshold per model version, measured on the validation set once."""
+    """The reference per model version, measured on the validation set once."""
 
     def __init__(self, validation: ArrayDataset | None, quantile: float) -> None:
         self.validation, self.quantile = validation, quantile
-        self._thresholds: dict[int, float] = {}
+        self._references: dict[int, Reference] = {}
         self._lock = threading.Lock()
 
-    def threshold(self, served: Served) -> float | None:
-        if self.validation is None or not len(self.validation):
+    def reference(self, served: Served) -> Reference | None:
+        if self.validation is None or len(self.validation) < 4:
             return None
         with self._lock:
-            if served.version_id not in self._thresholds:
-                images = self.validation.images
+            if served.version_id not in self._references:
+                images, labels = self.validation.images, np.asarray(self.validation.labels)
                 if len(images) > SAMPLE:
-                    images = images[np.linspace(0, len(images) - 1, SAMPLE).round().astype(int)]
-                scores = energies(served, images)
-                self._thresholds[served.version_id] = float(np.quantile(scores, self.quantile))
-            return self._thresholds[served.version_id]
+                    pick = np.linspace(0, len(images) - 1, SAMPLE).round().astype(int)
+                    images, labels = images[pick], labels[pick]
+                self._references[served.version_id] = fit_reference(
+                    served, np.asarray(images), labels, self.quantile
+                )
+            return self._references[served.version_id]
+
+    def score(self, served: Served, rgb: np.ndarray) -> Familiar:
+        energy, pooled = forward(served, rgb[None])
+        ref = self.reference(served)
+        if ref is None:
+            return Familiar(float(energy[0]), None)
+        return Familiar(
+            energy=float(energy[0]),
+            energy_threshold=ref.energy_threshold,
+            features=float(ref.features.distance(pooled)[0]),
+            features_threshold=ref.features_threshold,
+            image=float(ref.image.distance(image_statistics(rgb[None]))[0]),
+            image_threshold=ref.image_threshold,
+        )
 
     def warnings(
         self, served: Served, rgb: np.ndarray, top: float, low_confidence: float
-    ) -> tuple[float, float | None, list[str]]:
-        """The image's energy, the threshold, and the warnings in words."""
-        energy = float(energies(served, rgb[None])[0])
-        threshold = self.threshold(served)
+    ) -> tuple[Familiar, list[str]]:
+        """The image's scores and the warnings in a clinician's words (the numbers are in
+        the scores, one click away on the page)."""
+        familiar = self.score(served, rgb)
         said = []
+        if familiar.unfamiliar:
+            said.append(
+                "This does not look like the skin images this model was checked on "
+                "(a photo of something else, a plain colour, noise or a document?). "
+                "Its answer may be meaningless: judge the image yourself."
+            )
         if top < low_confidence:
             said.append(
-                f"low confidence: the top class has {100 * top:.0f} % "
-                f"(below {100 * low_confidence:.0f} %); judge this one yourself"
+                f"The model is unsure: its top class has {100 * top:.0f} %. "
+                "Judge this one yourself."
             )
-        if threshold is not None and energy > threshold:
-            said.append(
-                "unfamiliar image: it looks unlike the images this model was checked on "
-                f"(energy {energy:.2f} above {threshold:.2f}, the validation set's "
-                f"{100 * self.quantile:g}th percentile); the answer may be meaningless"
-            )
-        return energy, threshold, said
+        return familiar, said
+
+
+def probe_images(size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A fixed set of images that are not skin, at ``size`` x ``size``: what a clinic's
+    upload button also receives. Plain colours, noise, and renders of text (an invoice, a
+    letter); ``bench/ood.py`` adds natural photographs. Used to measure the unfamiliar-input
+    check (tests, benchmarks), never to fit it."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    plain = {
+        "black": (0, 0, 0),
+        "white": (255, 255, 255),
+        "blue": (30, 60, 200),
+        "grey": (128, 128, 128),
+        "skin": (224, 172, 140),
+        "green": (40, 160, 60),
+    }
+    out = {f"plain {k}": np.full((size, size, 3), v, np.uint8) for k, v in plain.items()}
+    out["uniform noise"] = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out["grey noise"] = np.repeat(rng.integers(0, 256, (size, size, 1), dtype=np.uint8), 3, 2)
+    gauss = np.clip(rng.normal(128, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+    out["gaussian noise"] = gauss
+    for name, lines in {
+        "invoice": [
+            "INVOICE  No. 20931",
+            "Qty  Item        Price",
+            "2    Gauze      4.20",
+            "1    Dermatoscope 899.00",
+            "TOTAL          907.40",
+        ],
+        "letter": ["Dear colleague,", "please find enclosed", "the referral for", "Mr. Smith."],
+    }.items():
+        page = Image.new("RGB", (256, 256), (250, 250, 245))
+        draw = ImageDraw.Draw(page)
+        for k, line in enumerate(lines):
+            draw.text((12, 16 + 40 * k), line, fill=(20, 20, 20))
+        out[name] = np.asarray(page.resize((size, size), Image.Resampling.BILINEAR))
+    return out

@@ -43,9 +43,19 @@ class Prediction(BaseModel):
     original_url: str = Field(description="the image as uploaded (the model input if unknown)")
     width: int = Field(description="the original's width; masks may be drawn at this size")
     height: int = Field(description="the original's height")
-    energy: float = Field(description="energy score -logsumexp(logits); higher: less familiar")
-    energy_threshold: float | None = Field(description="unfamiliar above this (None: no check)")
-    warnings: list[str] = Field(description="low confidence, unfamiliar input, in words")
+    energy: float = Field(description="energy score -logsumexp(logits), for the record")
+    energy_threshold: float | None = Field(
+        description="the validation set's quantile of it (None: no check); it does not decide"
+    )
+    unfamiliar: bool = Field(
+        False, description="the image is unlike the validation images (see familiarity)"
+    )
+    familiarity: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="the unfamiliar-input checks (ood.py): 'features' and 'image' Mahalanobis "
+        "distances, each with its '_threshold' (the validation set's out-of-fold quantile)",
+    )
+    warnings: list[str] = Field(description="unfamiliar input, low confidence, in words")
 
 
 class GalleryEntry(BaseModel):

@@ -66,7 +66,7 @@ def predict(
     explanation = served.explain(rgb)
     probs = explanation.probs[0].tolist()
     saliency = (explanation.saliency[0].numpy() * 255).round().astype(np.uint8)
-    energy, threshold, warnings = runtime.familiarity.warnings(
+    familiar, warnings = runtime.familiarity.warnings(
         served, rgb, max(probs), limits.low_confidence
     )
     original = session.get(Original, image_id)
@@ -81,7 +81,14 @@ def predict(
         probabilities=dict(zip(served.spec.classes, probs)),
         saliency_png="data:image/png;base64," + base64.b64encode(png_bytes(saliency)).decode(),
         size=size,
-        energy=energy,
-        energy_threshold=threshold,
+        energy=familiar.energy,
+        energy_threshold=familiar.energy_threshold,
+        unfamiliar=familiar.unfamiliar,
+        familiarity={
+            "features": familiar.features,
+            "features_threshold": familiar.features_threshold,
+            "image": familiar.image,
+            "image_threshold": familiar.image_threshold,
+        },
         warnings=warnings,
     )

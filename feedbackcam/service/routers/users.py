@@ -43,8 +43,9 @@ def revoke_token(name: str, user: Admin, session: SessionDep) -> None:
     of the page, with no way back but the command line. Another admin, or the command, can."""
     if name == user.name:
         raise HTTPException(
-            409, "you cannot revoke your own token here; another admin or 'feedbackcam users "
-            "revoke' can"
+            409,
+            "you cannot revoke your own token here; another admin or 'feedbackcam users "
+            "revoke' can",
         )
     try:
         revoke(session, name)

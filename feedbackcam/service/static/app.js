@@ -303,9 +303,22 @@ async function show(p, name = "") {
   const warnings = $("warnings");
   warnings.replaceChildren(...p.warnings.map((text) => {
     const line = document.createElement("p");
-    line.textContent = `⚠ ${text[0].toUpperCase()}${text.slice(1)}.`;
+    line.textContent = `⚠ ${text}`;
     return line;
   }));
+  if (p.warnings.length && p.familiarity && p.familiarity.features != null) {
+    // the engineer's numbers, one click away
+    const f = p.familiarity;
+    const numbers = document.createElement("details");
+    const summary = document.createElement("summary");
+    summary.textContent = "Numbers";
+    const body = document.createElement("p");
+    body.className = "muted";
+    body.textContent = `feature distance ${f.features.toFixed(1)} (flagged above ${f.features_threshold.toFixed(1)}), ` +
+      `image-statistics distance ${f.image.toFixed(1)} (above ${f.image_threshold.toFixed(1)}), top class ${percent(p.probabilities[p.predicted])}`;
+    numbers.append(summary, body);
+    warnings.append(numbers);
+  }
   warnings.hidden = p.warnings.length === 0;
   const rows = Object.entries(p.probabilities).map(([cls, prob]) => {
     const row = document.createElement("tr");

@@ -191,6 +191,7 @@ def test_worklist_in_suspicious_order(tmp_path, scene, capsys):
         Image.fromarray(lesions[i] * 255).save(masks / f"case{i:02d}.png")
     ckpt = _small_cnn_checkpoint(tmp_path / "m.pt")
     store = ["--data-dir", str(tmp_path / "app")]
+    connect(Settings(data_dir=tmp_path / "app").database_url)[0].dispose()  # an empty store
     # no model and nothing served: a clear error, no worklist
     assert main(["worklist", "add", str(folder), "--order", "suspicious", *store]) == 2
     assert "needs a model" in capsys.readouterr().err

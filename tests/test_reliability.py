@@ -72,6 +72,7 @@ class Live:
                 "lr": 1e-2,
                 "tolerance": 1.0,
                 "steps": 4,
+                "grace_seconds": 0,
                 **overrides,
             }
         )

@@ -64,6 +64,7 @@ class Env:
             lr=1e-2,
             tolerance=1.0,
             steps=4,
+            grace_seconds=0,  # learn at once (the withdraw window has its own test)
         )
         self.base.update(overrides)
         self.engine, self.sessions = connect(Settings(**self.base).database_url)

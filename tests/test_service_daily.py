@@ -12,7 +12,7 @@ import io
 import re
 import threading
 import zipfile
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +219,34 @@ def test_withdraw_own_pending_feedback_only(env):
             assert session.get(Item, mine).status == "withdrawn"
         used = client.delete(f"/api/feedback/{kept}", headers=env.auth("clinician"))
         assert used.status_code == 409 and "used" in used.json()["detail"]
+
+
+def test_an_automatic_update_waits_out_the_withdraw_window(env):
+    with env.app(worker=False, grace_seconds=3600) as client:
+        worker = client.app.state.runtime.worker
+        p = predict_upload(client, env)
+        item = send_feedback(client, env, p, label=other_class(p)).json()
+        created = datetime.fromisoformat(item["created"])
+        assert datetime.fromisoformat(item["learn_after"]) - created == timedelta(hours=1)
+        assert worker.run_once() is None  # inside the window: nothing is learnt
+        with env.sessions() as session:
+            assert session.get(Item, item["id"]).status == "pending"
+        # the author can still take it back, and an item given earlier is learnt
+        r = client.delete(f"/api/feedback/{item['id']}", headers=env.auth("clinician"))
+        assert r.status_code == 200 and r.json()["learn_after"] is None
+        older = send_feedback(client, env, p, mask=box_mask(), label=other_class(p)).json()
+        with env.sessions() as session:
+            session.get(Item, older["id"]).created = utcnow() - timedelta(hours=2)
+            session.commit()
+        version = worker.run_once()
+        assert version is not None
+        with env.sessions() as session:
+            assert session.get(Version, version.id).metrics["update"]["items"] == [older["id"]]
+        # an admin's "update now" does not wait
+        fresh = send_feedback(client, env, p, label=other_class(p), agree=False).json()
+        assert worker.run_once(force=True) is not None
+        with env.sessions() as session:
+            assert session.get(Item, fresh["id"]).status == "used"
 
 
 def test_the_repeat_digest_covers_the_ignore_mask_and_withdrawing_is_private(env):

@@ -51,7 +51,13 @@ def served(tmp_path):
     validation = make_synthderm(SynthConfig(n=30, size=SIZE, seed=101))
     save_npz(data / "validation.npz", as_array_dataset(validation))
     settings = Settings(
-        data_dir=data, model=checkpoint, bootstrap_admin=False, lr=1e-2, tolerance=1.0, steps=4
+        data_dir=data,
+        model=checkpoint,
+        bootstrap_admin=False,
+        lr=1e-2,
+        tolerance=1.0,
+        steps=4,
+        grace_seconds=0,
     )
     engine, sessions = connect(settings.database_url)
     with sessions() as session:

@@ -62,7 +62,6 @@ def start(tmp_path):
         folder.mkdir()
         for k, image in enumerate(make_synthderm(SynthConfig(n=4, size=96, seed=7)).images):
             Image.fromarray(image).resize((120, 90)).save(folder / f"lesion{k}.png")
-        assert main(["worklist", "add", str(folder), "--data-dir", str(data)]) == 0
         settings = Settings(
             **{
                 "data_dir": data,
@@ -72,12 +71,14 @@ def start(tmp_path):
                 "tolerance": 1.0,
                 "steps": 3,
                 "poll_seconds": 0.2,
+                "grace_seconds": 0,
                 **overrides,
             }
         )
         engine, sessions = connect(settings.database_url)
         with sessions() as session:
             tokens = {role: add_user(session, role, role) for role in ("clinician", "admin")}
+        assert main(["worklist", "add", str(folder), "--data-dir", str(data)]) == 0
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
@@ -466,7 +467,7 @@ def test_wheel_and_pinch_zoom_and_a_pinch_paints_nothing(start, browser):
 
 
 def test_withdraw_from_the_page(start, browser):
-    app = start(worker=False)
+    app = start(worker=False, grace_seconds=600)
     sign_in(browser, app)
     Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
     predicted = wait_prediction(browser, "lesion0.png")
@@ -475,7 +476,7 @@ def test_withdraw_from_the_page(start, browser):
     button = WebDriverWait(browser, 20).until(
         lambda d: d.find_element(By.CSS_SELECTOR, "#mine button")
     )
-    assert "waiting for an update" in browser.find_element(By.ID, "mine").text
+    assert "not learnt yet; you can withdraw it until" in browser.find_element(By.ID, "mine").text
     button.click()
     WebDriverWait(browser, 20).until(lambda _: items(app)[0].status == "withdrawn")
     WebDriverWait(browser, 5).until(

@@ -90,6 +90,7 @@ def serve(args) -> int:
         model=args.model,
         db_url=args.db,
         update_every=args.update_every,
+        grace_seconds=args.grace_seconds,
         steps=args.steps,
         replay_per_class=args.replay_per_class,
         lr=args.lr,
@@ -275,6 +276,13 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=_port, default=8000)
     add_store_args(p)
     p.add_argument("--update-every", type=int, default=d.update_every, help="fine-tune after N")
+    p.add_argument(
+        "--grace-seconds",
+        type=finite(0),
+        default=d.grace_seconds,
+        help="an update learns from an item only this long after it was given (until then its "
+        "author can withdraw it); an admin's 'update now' does not wait",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per update")
     p.add_argument("--replay-per-class", type=int, default=d.replay_per_class)
     p.add_argument("--lr", type=finite(0, above=True), default=d.lr)

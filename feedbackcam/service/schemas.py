@@ -71,6 +71,11 @@ class FeedbackItem(BaseModel):
     image_url: str
     user: str
     created: str
+    learn_after: str | None = Field(
+        None,
+        description="while pending: when an automatic update may first learn from it (until "
+        "then its author can withdraw it; serve --grace-seconds)",
+    )
     label: str
     predicted: str
     agree: bool

@@ -19,6 +19,9 @@ class Settings:
         model: the checkpoint to serve; None serves the demo's model (trained on first use).
         db_url: an SQLAlchemy URL; None is an SQLite file in ``data_dir``.
         update_every: fine-tune after this many new feedback items (1: online, as the thesis).
+        grace_seconds: an automatic update takes an item only this long after it was given,
+            so its author can still withdraw it (the page offers Withdraw until then); an
+            admin's "update now" does not wait.
         steps: optimizer steps per update.
         batch_size: new items per step (all of them when fewer).
         replay_per_class: earlier feedback items drawn per class into every step.
@@ -52,6 +55,7 @@ class Settings:
     model: Path | None = None
     db_url: str | None = None
     update_every: int = 1
+    grace_seconds: float = 30.0
     steps: int = 8
     batch_size: int = 8
     replay_per_class: int = 4
@@ -105,6 +109,10 @@ class Settings:
         for name in ("low_confidence", "unfamiliar_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: expected a value in [0, 1], got {getattr(self, name)!r}")
+        if not (0 <= self.grace_seconds < float("inf")):
+            raise ValueError(
+                f"grace_seconds: expected a finite number >= 0, got {self.grace_seconds!r}"
+            )
         if not self.poll_seconds > 0:
             raise ValueError(f"poll_seconds: expected > 0, got {self.poll_seconds!r}")
 

@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from dataclasses import asdict
+from datetime import timedelta
 
 import numpy as np
 from sqlalchemy import select, update
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..checkpoint import ModelSpec, save_checkpoint
 from ..data.dataset import ArrayDataset
 from .datasets import concat, fingerprint
-from .db import Item, Version, count_pending, current_version, set_current
+from .db import Item, Version, count_pending, current_version, set_current, utcnow
 from .lease import DbLease
 from .registry import Registry, Served
 from .settings import Settings
@@ -162,9 +163,11 @@ class Worker:
 
     def _run_leased(self, force: bool) -> Version | None:
         with self.sessions() as session:
-            pending = session.scalars(
-                select(Item).where(Item.status == "pending").order_by(Item.id)
-            ).all()
+            query = select(Item).where(Item.status == "pending")
+            if not force:  # the author's withdraw window; an admin's "update now" skips it
+                ready = utcnow() - timedelta(seconds=self.settings.grace_seconds)
+                query = query.where(Item.created <= ready)
+            pending = session.scalars(query.order_by(Item.id)).all()
             if not pending or (len(pending) < self.settings.update_every and not force):
                 return None
             ids = tuple(i.id for i in pending)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import timedelta
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
@@ -22,7 +23,7 @@ from ..uploads import png_bytes, read_limited
 router = APIRouter(tags=["feedback"])
 
 
-def _out(item: Item, user: str, update: Version | None) -> FeedbackItem:
+def _out(item: Item, user: str, update: Version | None, grace: float = 0.0) -> FeedbackItem:
     image_id = PurePosixPath(item.image_path).stem
     mask_id = PurePosixPath(item.mask_path).stem if item.mask_path else None
     ignore_id = PurePosixPath(item.ignore_mask_path).stem if item.ignore_mask_path else None
@@ -32,6 +33,9 @@ def _out(item: Item, user: str, update: Version | None) -> FeedbackItem:
         image_url=f"/api/images/{image_id}",
         user=user,
         created=iso(item.created),
+        learn_after=iso(item.created + timedelta(seconds=grace))
+        if item.status == "pending"
+        else None,
         label=item.label,
         predicted=item.predicted,
         agree=item.agree,
@@ -149,7 +153,7 @@ def submit(
     first = _stored(session, user, item, idempotency_key is not None)
     if first is not None:
         response.status_code = 200
-        return _out(first, user.name, _update_of(session, first))
+        return _out(first, user.name, _update_of(session, first), runtime.settings.grace_seconds)
     for png in (mask_png, ignore_png):
         if png is not None:
             runtime.store.put("masks", png)
@@ -162,9 +166,9 @@ def submit(
         if first is None:
             raise
         response.status_code = 200
-        return _out(first, user.name, _update_of(session, first))
+        return _out(first, user.name, _update_of(session, first), runtime.settings.grace_seconds)
     runtime.worker.notify()
-    return _out(item, user.name, None)
+    return _out(item, user.name, None, runtime.settings.grace_seconds)
 
 
 _CONTENT = (
@@ -199,6 +203,7 @@ def _stored(session, user: User, item: Item, given: bool) -> Item | None:
 def list_feedback(
     user: Clinician,
     session: SessionDep,
+    runtime: RuntimeDep,
     status: Literal["pending", "used", "withdrawn"] | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[FeedbackItem]:
@@ -209,19 +214,24 @@ def list_feedback(
     if status is not None:
         query = query.where(Item.status == status)
     rows = session.execute(query.order_by(Item.id.desc()).limit(limit)).all()
-    return [_out(item, name, _update_of(session, item)) for item, name in rows]
+    grace = runtime.settings.grace_seconds
+    return [_out(item, name, _update_of(session, item), grace) for item, name in rows]
 
 
 @router.get("/feedback/{item_id}", response_model=FeedbackItem)
 def get_feedback(
-    item_id: Annotated[int, Path(ge=1, le=MAX_ID)], user: Clinician, session: SessionDep
+    item_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    user: Clinician,
+    session: SessionDep,
+    runtime: RuntimeDep,
 ) -> FeedbackItem:
     """One item, with the verdict of the update that used it (poll this after submitting).
     Clinicians see their own items; admins see every item."""
     item = session.get(Item, item_id)
     if item is None or (item.user_id != user.id and not allowed(user.role, "admin")):
         raise HTTPException(404, f"no feedback item {item_id} of yours")
-    return _out(item, session.get(User, item.user_id).name, _update_of(session, item))
+    user_name = session.get(User, item.user_id).name
+    return _out(item, user_name, _update_of(session, item), runtime.settings.grace_seconds)
 
 
 def _update_of(session, item: Item) -> Version | None:
@@ -261,4 +271,4 @@ def withdraw(
     item.status = "withdrawn"
     item.idempotency_key = None  # a repeat of it is new feedback, not this withdrawn item
     session.commit()
-    return _out(item, user.name, None)
+    return _out(item, user.name, None, runtime.settings.grace_seconds)

@@ -233,12 +233,12 @@ def accept(
         item.idempotency_key = _key(item, None)
         first = _stored(session, user, item, False)
         if first is not None:
-            out.append(_out(first, user.name, None))
+            out.append(_out(first, user.name, None, runtime.settings.grace_seconds))
             continue
         runtime.store.put("masks", png)
         session.add(item)
         session.flush()
-        out.append(_out(item, user.name, None))
+        out.append(_out(item, user.name, None, runtime.settings.grace_seconds))
     session.commit()
     runtime.worker.notify()
     return out

@@ -806,7 +806,7 @@ async function onSubmit(andNext = false) {
   if (!state.shown) return;
   const label = document.querySelector("input[name=label]:checked").value;
   if (isTouch()) {
-    const choice = await ask(`Send this feedback (${label})? The model will learn from it in the next update; you can withdraw it until then.`,
+    const choice = await ask(`Send this feedback (${label})? You can withdraw it for a short while under "My recent feedback"; after that the next update learns from it.`,
       [["send", "Send", true], ["cancel", "Cancel"]]);
     if (choice !== "send") return;
   }
@@ -867,9 +867,15 @@ function renderMine() {
     const li = document.createElement("li");
     const text = document.createElement("span");
     const what = item.agree ? "agree" : item.label;
-    const where = item.status === "pending" ? "waiting for an update"
+    const until = item.learn_after ? new Date(item.learn_after) : null;
+    const open = until && until > new Date();
+    const where = item.status === "pending"
+      ? (open ? `not learnt yet; you can withdraw it until ${until.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })}`
+        : "not learnt yet; the next update will take it")
       : item.status === "withdrawn" ? "withdrawn"
-        : `used by version ${item.update_version} (${item.update_status})`;
+        : item.update_status === "promoted" ? `learnt: model version ${item.update_version} uses it`
+          : item.update_status === "rejected" ? `not learnt: the update that tried it did not pass the safety check (version ${item.update_version})`
+            : `being learnt (version ${item.update_version})`;
     text.textContent = `#${item.id} ${what}: ${where}`;
     li.append(text);
     if (item.ignore_mask_url && !item.propagated_from && state.me.role !== "viewer") {

@@ -480,7 +480,8 @@ def test_export_writes_the_documented_dataset_layout(env):
         data = {"image_id": p["image_id"], "shown_version": 1, "predicted": p["predicted"]}
         client.post("/api/feedback", data=data, files=files, headers=env.auth("clinician"))
         send_feedback(client, env, p, agree="true")
-        gone = send_feedback(client, env, p, label=other_class(p)).json()["id"]
+        gone = send_feedback(client, env, p, label=other_class(p), on_conflict="keep_both")
+        gone = gone.json()["id"]
         client.delete(f"/api/feedback/{gone}", headers=env.auth("clinician"))
         zipped = client.get("/api/export.zip", headers=env.auth("admin"))
         assert zipped.status_code == 200
@@ -489,9 +490,13 @@ def test_export_writes_the_documented_dataset_layout(env):
     assert main(["export", *store_args(env), "--out", str(out)]) == 0
     rows = list(csv.DictReader((out / "labels.csv").open()))
     assert list(rows[0]) == [
-        "id", "label", "user", "created_at", "model_version", "propagated_from"
+        "id", "label", "user", "created_at", "model_version", "propagated_from", "predicted",
+        "agree", "worklist", "source_name", "original", "conflicts",
     ]  # fmt: skip
-    assert rows[0]["propagated_from"] == ""
+    assert rows[0]["propagated_from"] == "" and rows[0]["predicted"] == p["predicted"]
+    assert [r["agree"] for r in rows] == ["0", "1"] and rows[0]["conflicts"] == ""
+    assert rows[0]["original"] == "originals/fb000001.png"  # the upload, as received
+    assert (out / rows[0]["original"]).read_bytes() == png(env.assets["images"][0])
     assert [r["id"] for r in rows] == ["fb000001", "fb000002"]  # the withdrawn one is left out
     assert rows[1]["label"] == p["predicted"] and rows[0]["user"] == "clinician"
     assert rows[0]["model_version"] == "1" and rows[0]["created_at"].endswith("+00:00")
@@ -518,6 +523,35 @@ def test_export_writes_the_documented_dataset_layout(env):
     ]
     assert data.has_mask.tolist() == [True, False] and has_ignore.tolist() == [True, False]
     assert ignore_prepared[0].any() and not (ignore_prepared[0] & data.masks[0]).any()
+
+
+def test_contradictory_feedback_is_asked_about_and_shown_in_the_export(env):
+    with env.app(worker=False) as client:
+        p = predict_upload(client, env)
+        first = send_feedback(client, env, p, agree="true").json()
+        other = other_class(p)
+        r = send_feedback(client, env, p, label=other)
+        assert r.status_code == 409 and f"#{first['id']} ({p['predicted']}, pending)" in r.text
+        assert env.count(Item) == 1  # nothing stored on a question
+        # replace: the earlier one is withdrawn, the new one stored
+        second = send_feedback(client, env, p, label=other, on_conflict="replace").json()
+        with env.sessions() as session:
+            assert session.get(Item, first["id"]).status == "withdrawn"
+        # keep both: both stay, and the export says they disagree
+        third = send_feedback(client, env, p, agree="true", on_conflict="keep_both").json()
+        # a used item cannot be replaced
+        with env.sessions() as session:
+            session.get(Item, second["id"]).status = "used"
+            session.commit()
+        r = send_feedback(
+            client, env, p, mask=box_mask(), label=p["predicted"], on_conflict="replace"
+        )
+        assert r.status_code == 409 and "already learnt" in r.text
+    out = env.data.parent / "export"
+    assert main(["export", *store_args(env), "--out", str(out)]) == 0
+    rows = {r["id"]: r for r in csv.DictReader((out / "labels.csv").open())}
+    assert rows[f"fb{second['id']:06d}"]["conflicts"] == f"fb{third['id']:06d}"
+    assert rows[f"fb{third['id']:06d}"]["conflicts"] == f"fb{second['id']:06d}"
 
 
 # ------------------------------------------------------------------ the page's colours

@@ -55,16 +55,19 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
         ],
         axis=1,
     )
+    # spreads, edge strengths and shares on a log scale: they are ratios, and a plain colour's
+    # zero must be far from a photograph's small value, not just below it
+    log = lambda v, eps: np.log(v + eps)  # noqa: E731
     return np.column_stack(
         [
             flat.mean(axis=1),
-            flat.std(axis=1),
+            log(flat.std(axis=1), 1e-3),
             saturation.mean(axis=1),
-            saturation.std(axis=1),
-            (low > 0.92).mean(axis=1),
-            (top < 0.08).mean(axis=1),
-            edges.mean(axis=1),
-            (edges > 0.15).mean(axis=1),
+            log(saturation.std(axis=1), 1e-3),
+            log((low > 0.92).mean(axis=1), 1e-3),
+            log((top < 0.08).mean(axis=1), 1e-3),
+            log(edges.mean(axis=1), 1e-4),
+            log((edges > 0.15).mean(axis=1), 1e-4),
         ]
     ).astype(np.float64)
 

@@ -74,6 +74,14 @@ def submit(
     ignore_mask: Annotated[UploadFile | None, File(description="PNG: must not matter")] = None,
     ignore_mask_rle: Annotated[str | None, Form(description="like mask_rle")] = None,
     ignore_mask_base64: Annotated[str | None, Form(description="like mask_base64")] = None,
+    on_conflict: Annotated[
+        Literal["ask", "replace", "keep_both"],
+        Form(
+            description="when you gave this image another class before: ask (409, naming the "
+            "earlier item), replace (withdraw the earlier one if no update used it yet), "
+            "keep_both (both stay; the export marks them as conflicting, for review)"
+        ),
+    ] = "ask",
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -154,6 +162,7 @@ def submit(
     if first is not None:
         response.status_code = 200
         return _out(first, user.name, _update_of(session, first), runtime.settings.grace_seconds)
+    _resolve_conflicts(session, user, item, on_conflict)
     for png in (mask_png, ignore_png):
         if png is not None:
             runtime.store.put("masks", png)
@@ -169,6 +178,39 @@ def submit(
         return _out(first, user.name, _update_of(session, first), runtime.settings.grace_seconds)
     runtime.worker.notify()
     return _out(item, user.name, None, runtime.settings.grace_seconds)
+
+
+def _resolve_conflicts(session, user: User, item: Item, on_conflict: str) -> None:
+    """The same clinician's earlier items on this image that give it another class: refuse
+    (``ask``), withdraw them (``replace``; only while no update has used them) or keep them
+    (``keep_both``). Nothing is committed here; the new item's commit carries it."""
+    earlier = session.scalars(
+        select(Item).where(
+            Item.user_id == user.id,
+            Item.image_path == item.image_path,
+            Item.status != "withdrawn",
+            Item.label != item.label,
+        )
+    ).all()
+    if not earlier or on_conflict == "keep_both":
+        return
+    said = ", ".join(f"#{e.id} ({e.label}, {e.status})" for e in earlier)
+    if on_conflict == "ask":
+        raise HTTPException(
+            409,
+            f"you gave this image another class before: {said}; send on_conflict=replace to "
+            "withdraw that and keep this one, or on_conflict=keep_both to keep both for review",
+        )
+    used = [e for e in earlier if e.status != "pending"]
+    if used:
+        raise HTTPException(
+            409,
+            f"an update already learnt from {', '.join(f'#{e.id}' for e in used)}; it cannot be "
+            "replaced: send on_conflict=keep_both to keep both for review",
+        )
+    for e in earlier:
+        e.status = "withdrawn"
+        e.idempotency_key = None  # as a withdrawal: giving it again later is new feedback
 
 
 _CONTENT = (

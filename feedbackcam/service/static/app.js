@@ -830,7 +830,23 @@ async function sendFeedback({ agree = false, label = null }, andNext = false) {
   }
   state.sending = true;
   try {
-    const item = await post("/api/feedback", form);
+    let item;
+    try {
+      item = await post("/api/feedback", form);
+    } catch (error) {
+      if (error.status !== 409 || !error.message.startsWith("you gave this image another class")) throw error;
+      // the same image with another class from you before: say so and let the clinician choose
+      const earlier = error.message.split(": ")[1].split("; ")[0];
+      const choice = await ask(`You gave this image another class before (${earlier}). Replace that with ${agree ? p.predicted : label}, or keep both for review?`,
+        [["replace", "Replace", true], ["keep_both", "Keep both"], ["cancel", "Cancel"]]);
+      if (choice !== "replace" && choice !== "keep_both") {
+        say("feedback-status", "Not sent: your earlier feedback on this image stays.");
+        return;
+      }
+      form.append("on_conflict", choice);
+      item = await post("/api/feedback", form);
+      await loadMine();
+    }
     state.mine.set(item.id, { item, before: p, region, label: item.label, agree });
     renderMine();
     say("feedback-status", `Feedback #${item.id} stored; it waits for the next update. You can go on.`);
@@ -851,7 +867,9 @@ async function loadMine() {
   try {
     const items = await api("/api/feedback?limit=6");
     for (const item of items.reverse()) {
-      if (!state.mine.has(item.id) && item.user === state.me.name) {
+      const known = state.mine.get(item.id);
+      if (known) known.item = item; // its status may have changed (withdrawn, learnt)
+      else if (item.user === state.me.name) {
         state.mine.set(item.id, { item, before: null, region: null, label: item.label, agree: item.agree });
       }
     }

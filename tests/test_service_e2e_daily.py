@@ -221,6 +221,21 @@ def test_a_worklist_with_submit_and_next_while_an_update_runs(start, browser, mo
     with app["sessions"]() as session:
         states = [e.state for e in session.query(WorklistEntry).order_by(WorklistEntry.position)]
     assert states == ["feedback", "feedback", "skipped", "reviewed"]
+    # lesion2 was explained by version 1; the model changed under the clinician: they are told
+    notice = WebDriverWait(browser, 30).until(
+        lambda d: (
+            d.find_element(By.ID, "version-notice").is_displayed()
+            and d.find_element(By.ID, "version-notice")
+        )
+    )
+    assert "version 3 is now in use" in notice.text and "version 1" in notice.text
+    browser.find_element(By.ID, "re-explain").click()
+    WebDriverWait(browser, 20).until(
+        lambda d: (
+            not d.find_element(By.ID, "version-notice").is_displayed()
+            and "version 3" in d.find_element(By.ID, "predicted-version").text
+        )
+    )
 
 
 def test_painting_on_a_zoomed_original_is_stored_at_the_model_input_exactly(start, browser):

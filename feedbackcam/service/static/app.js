@@ -274,6 +274,7 @@ function percent(p) {
 
 async function show(p, name = "") {
   state.shown = p;
+  $("version-notice").hidden = true;
   $("view-empty").hidden = true;
   $("view").hidden = false;
   $("image-name").textContent = name ? `· ${name}` : "";
@@ -1075,15 +1076,18 @@ async function poll() {
 async function refreshStatus() {
   const status = await api("/api/update/status");
   setVersionBadge(status.current_version);
+  noticeNewVersion(status.current_version);
   let text;
   if (!status.enabled) text = `${status.pending} waiting; ${status.message}`;
   else if (status.phase === "training") text = `Learning from ${status.training_items} item(s): step ${status.step} of ${status.steps}` + (status.pending > status.training_items ? `; ${status.pending - status.training_items} more queued` : "");
-  else if (status.phase === "checking") text = `Checking the new version on the validation set (the gate)`;
+  else if (status.phase === "checking") text = "Checking the new version on the check images before it is used";
   else if (status.phase === "queued") text = `${status.pending} item(s) queued for the next update`;
   else text = "Up to date";
   const last = status.last_update;
   if (last && status.phase !== "training" && status.phase !== "checking") {
-    text += `; last update: version ${last.id} ${last.status}` + (last.regressions.length ? ` (⚠ ${last.regressions.join(", ")})` : "");
+    text += last.status === "promoted" ? `; last update: version ${last.id} is in use`
+      : last.status === "rejected" ? `; last update: not taken (the model got worse on the check images)` : "";
+    if (last.regressions.length && state.me.role === "admin") text += ` (⚠ ${last.regressions.join(", ")})`;
   }
   if (status.last_error) text += `; last error: ${status.last_error}`;
   const bar = $("update-state");
@@ -1118,18 +1122,56 @@ function validationWords(version) {
     (version.regressions.length ? ` ⚠ ${version.regressions.join("; ")}.` : "");
 }
 
+function numbersDetails(text) {
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  summary.textContent = "Numbers";
+  const body = document.createElement("p");
+  body.className = "muted";
+  body.textContent = text;
+  details.append(summary, body);
+  return details;
+}
+
+// Another update (anyone's) changed the model while this image is shown: say so, offer a redo.
+function noticeNewVersion(current) {
+  const shown = state.shown;
+  const stale = shown && current && shown.version !== current;
+  $("version-notice").hidden = !stale;
+  if (stale) {
+    $("version-notice-text").textContent = `The model has changed (version ${current} is now in use); ` +
+      `what you see was explained by version ${shown.version}. Your painting stays if you explain it again.`;
+  }
+}
+
+async function reExplain() {
+  const p = state.shown;
+  if (!p) return;
+  const shot = snapshot();
+  const { undo: u, redo: r } = state;
+  try {
+    const result = await post("/api/predict", formOf({ image_id: p.image_id }));
+    await show(await decodePrediction(result), $("image-name").textContent.replace(/^· /, ""));
+    restore(shot); // the clinician's painting stays
+    Object.assign(state, { undo: u, redo: r });
+  } catch (error) {
+    say("feedback-status", `Could not explain it again: ${error.message}`, true);
+  }
+}
+
 async function showOutcome(record) {
   const { item, before, region, label } = record;
   const version = await api(`/api/versions/${item.update_version}`);
   $("validation-change").textContent = validationWords(version);
   if (item.update_status !== "promoted") {
     $("compare").hidden = false;
-    $("outcome").textContent = `Feedback #${item.id}: the update that learned from it was rejected by the gate, ` +
-      `so the model is unchanged (version ${before.version} still says ${before.predicted}). ` +
-      `Your feedback stays on record. Why: ${item.update_reason}`;
+    $("outcome").textContent = `Feedback #${item.id}: the model did not take this update, because learning it ` +
+      `made the model worse on the images it is checked on. The model is unchanged (version ${before.version} ` +
+      `still says ${before.predicted}); your feedback stays on record.`;
+    $("outcome").append(numbersDetails(`The check, for the engineer: ${item.update_reason}`));
     $("compare").querySelector(".pair").hidden = true;
     $("compare-note").textContent = "";
-    say("feedback-status", `Feedback #${item.id}: the update was not promoted, so the model is unchanged.`);
+    say("feedback-status", `Feedback #${item.id}: not taken this time; the model is unchanged.`);
     return;
   }
   $("compare").querySelector(".pair").hidden = false;
@@ -1443,6 +1485,7 @@ document.addEventListener("DOMContentLoaded", () => {
     onSubmit(false);
   });
   $("submit-next").addEventListener("click", () => onSubmit(true));
+  $("re-explain").addEventListener("click", reExplain);
   $("agree").addEventListener("click", onAgree);
   $("similar-accept").addEventListener("click", acceptSimilar);
   $("similar-close").addEventListener("click", closeSimilar);

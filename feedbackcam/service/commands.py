@@ -300,7 +300,7 @@ def add_serve(sub) -> None:
         "--max-concurrent",
         type=int,
         default=d.max_concurrent,
-        help="API requests in progress at once; one more waits up to 5 s, then gets 503",
+        help="API requests in progress at once; one more waits up to 3 s, then gets 503",
     )
     p.add_argument(
         "--rate-limit",

@@ -24,7 +24,7 @@ from PIL import Image
 
 MAX_ID = 2**63 - 1  # ids and versions are 64-bit integers in every database
 DECODE_WAIT_S = 30.0
-QUEUE_WAIT_S = 5.0
+QUEUE_WAIT_S = 3.0  # then time is left to serve a late slot: an answer within ~5 s
 
 _decodes = threading.BoundedSemaphore(2)
 

@@ -36,7 +36,7 @@ class Settings:
         max_pixels: largest accepted image (width x height), checked before decoding.
         max_concurrent_decodes: images decoded at once (each may take up to
             ``max_pixels`` x 4 bytes of memory); more wait their turn.
-        max_concurrent: API requests in progress at once; one more waits up to 5 s for a
+        max_concurrent: API requests in progress at once; one more waits up to 3 s for a
             slot, then gets 503 with Retry-After. The database pool holds this many
             connections plus four (the worker, the front door).
         rate_limit_per_minute: API requests per signed-in token (or per client address for

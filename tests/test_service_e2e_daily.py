@@ -582,10 +582,46 @@ def test_enter_after_clicking_a_button_submits_instead_of_pressing_it_again(star
     ActionChains(browser).key_up(Keys.SPACE).perform()
 
 
-def test_a_revoked_token_signs_the_page_out(start, browser):
+def test_a_revoked_token_asks_for_a_new_one_and_keeps_the_painting(start, browser, capsys):
     app = start(worker=False)
     sign_in(browser, app)
+    browser.find_element(By.ID, "file").send_keys(str(app["tmp"] / "incoming" / "lesion1.png"))
+    wait_prediction(browser)
+    paint_stroke(browser, [(40, 0), (0, 20)])
+    painted = painted_fraction(browser)
+    assert painted > 0
     assert main(["users", "revoke", "clinician", "--data-dir", str(app["data"])]) == 0
-    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "signin").is_displayed())
-    assert not browser.find_element(By.ID, "app").is_displayed()
-    assert "revoked" in browser.find_element(By.ID, "page-message").text
+    dialog = WebDriverWait(browser, 10).until(
+        lambda d: d.find_element(By.ID, "resign").is_displayed() and d.find_element(By.ID, "resign")
+    )
+    assert "revoked" in dialog.text and "what you painted is kept" in dialog.text
+    assert browser.find_element(By.ID, "app").is_displayed()  # the page stays behind the dialog
+    capsys.readouterr()
+    assert (
+        main(["users", "add", "dr-new", "--role", "clinician", "--data-dir", str(app["data"])]) == 0
+    )
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    browser.find_element(By.ID, "resign-token").send_keys("not-a-token")
+    browser.find_element(By.CSS_SELECTOR, "#resign-form button").click()
+    WebDriverWait(browser, 10).until(
+        lambda d: "does not sign in" in d.find_element(By.ID, "resign-text").text
+    )
+    browser.find_element(By.ID, "resign-token").clear()
+    browser.find_element(By.ID, "resign-token").send_keys(token)
+    browser.find_element(By.CSS_SELECTOR, "#resign-form button").click()
+    WebDriverWait(browser, 10).until(lambda d: not d.find_element(By.ID, "resign").is_displayed())
+    assert painted_fraction(browser) == pytest.approx(painted)  # nothing was lost
+    assert browser.find_element(By.ID, "user-name").text == "dr-new"
+
+
+def test_a_token_about_to_expire_is_said_ahead(start, browser):
+    app = start(worker=False)
+    with app["sessions"]() as session:
+        token = add_user(session, "dr-short", "clinician", days=0.5)
+    browser.get(app["url"])
+    browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.CSS_SELECTOR, "#signin button").click()
+    banner = WebDriverWait(browser, 10).until(
+        lambda d: d.find_element(By.ID, "expiry").is_displayed() and d.find_element(By.ID, "expiry")
+    )
+    assert "Your sign-in expires at" in banner.text

@@ -12,6 +12,7 @@ Role = Literal["viewer", "clinician", "admin"]
 class Me(BaseModel):
     name: str
     role: Role
+    expires: str | None = Field(None, description="when the token stops signing in (UTC)")
 
 
 class NewUser(BaseModel):

@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException
 from sqlalchemy import select
 
 from ..auth import add_user, revoke
-from ..db import User
+from ..db import User, iso
 from ..deps import Admin, SessionDep, Viewer
 from ..schemas import CreatedUser, Me, NewUser
 
@@ -15,8 +15,8 @@ router = APIRouter(tags=["users"])
 
 @router.get("/me", response_model=Me)
 def me(user: Viewer) -> Me:
-    """The signed-in user's name and role (any role)."""
-    return Me(name=user.name, role=user.role)
+    """The signed-in user's name, role and token expiry (any role)."""
+    return Me(name=user.name, role=user.role, expires=iso(user.expires))
 
 
 @router.get("/users", response_model=list[Me])

@@ -117,20 +117,51 @@ async function signIn(token) {
   $("admin").hidden = state.me.role !== "admin";
   $("worklist-folder-form").hidden = state.me.role !== "admin";
   $("worklist-files").disabled = !canGiveFeedback;
+  warnExpiry();
   await Promise.all([loadGallery(), loadWorklists(), refreshStatus(),
     state.me.role === "admin" ? loadVersions() : null, canGiveFeedback ? loadMine() : null]);
   setInterval(poll, 1500);
 }
 
-// The token stopped working (expired or revoked): say so, and ask for a new one.
+// The token stopped working (expired or revoked): say so and ask for a new one on top of the
+// page, which stays as it is: the image, the painting and the undo history are kept.
 function signedOut(detail) {
+  if (!state.me) return;
+  state.signedOutAs = state.me;
   state.me = null;
   sessionStorage.removeItem("feedbackcam-token");
-  $("app").hidden = true;
-  $("whoami").hidden = true;
-  $("update-state").hidden = true;
-  $("signin").hidden = false;
-  say("page-message", `Signed out: ${detail}. Ask an admin for a new token if yours expired.`, true);
+  $("resign-text").textContent = `Your sign-in has ended (${detail}). Ask an admin for a new ` +
+    "token and paste it here to go on; what you painted is kept.";
+  $("resign-token").value = "";
+  if (!$("resign").open) $("resign").showModal();
+}
+
+async function resume(token) {
+  state.token = token;
+  try {
+    const me = await api("/api/me");
+    state.me = me;
+  } catch (error) {
+    $("resign-text").textContent = `That token does not sign in (${error.message}). Try another.`;
+    return;
+  }
+  sessionStorage.setItem("feedbackcam-token", token);
+  $("resign").close();
+  $("user-name").textContent = state.me.name;
+  $("user-role").textContent = state.me.role;
+  warnExpiry();
+  say("feedback-status", `Signed in again as ${state.me.name}; your work is as you left it.`);
+}
+
+// A token about to expire is said ahead of time, not discovered by losing the page.
+function warnExpiry() {
+  const expires = state.me && state.me.expires ? new Date(state.me.expires) : null;
+  const soon = expires && expires - new Date() < 24 * 3600 * 1000;
+  $("expiry").hidden = !soon;
+  if (soon) {
+    $("expiry").textContent = `Your sign-in expires at ${expires.toLocaleString()}. Ask an admin ` +
+      "for a new token before then; if it runs out, the page asks for the new one and keeps your work.";
+  }
 }
 
 function signOut() {
@@ -1056,6 +1087,7 @@ let polling = false;
 async function poll() {
   if (polling || !state.me) return;
   polling = true;
+  warnExpiry();
   try {
     await refreshStatus();
     for (const [id, record] of state.mine) {
@@ -1485,6 +1517,11 @@ document.addEventListener("DOMContentLoaded", () => {
     onSubmit(false);
   });
   $("submit-next").addEventListener("click", () => onSubmit(true));
+  $("resign-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    resume($("resign-token").value.trim());
+  });
+  $("resign").addEventListener("cancel", (event) => event.preventDefault()); // Esc keeps it open
   $("re-explain").addEventListener("click", reExplain);
   $("agree").addEventListener("click", onAgree);
   $("similar-accept").addEventListener("click", acceptSimilar);

@@ -82,6 +82,15 @@ def test_feedback_given_during_an_update_is_learned_by_the_next_one(env, monkeyp
         release.set()
         one, two = wait_used(client, env, first), wait_used(client, env, second)
         assert one["update_version"] == 2 and two["update_version"] == 3
+        # "does the model now agree with you" is kept with the item, for after a reload: the
+        # class the promoted version gives the image, as the served model answers now
+        for item in (one, two):
+            assert item["update_status"] == "promoted"
+            assert item["now_predicted"] in CLASSES
+        served = client.post(
+            "/api/predict", data={"image_id": q["image_id"]}, headers=env.auth("viewer")
+        ).json()
+        assert served["version"] == 3 and served["predicted"] == two["now_predicted"]
         with env.sessions() as session:
             assert session.get(Version, 3).metrics["update"]["items"] == [second]
         status = client.get("/api/update/status", headers=env.auth("viewer")).json()

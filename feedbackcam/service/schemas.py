@@ -72,6 +72,11 @@ class FeedbackItem(BaseModel):
     image_url: str
     user: str
     created: str
+    now_predicted: str | None = Field(
+        None,
+        description="once an update learnt from it and was promoted: the class that version "
+        "gives the image (compare with label: does the model now agree?)",
+    )
     learn_after: str | None = Field(
         None,
         description="while pending: when an automatic update may first learn from it (until "

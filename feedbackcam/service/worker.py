@@ -17,6 +17,7 @@ from dataclasses import asdict
 from datetime import timedelta
 
 import numpy as np
+import torch
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -218,6 +219,7 @@ class Worker:
 
         stats = fine_tune(model, new, replay, plan, self.cfg, should_stop=should_stop)
         progress["phase"] = "checking"  # the gate scores the candidate on the validation set
+        outcomes = self._outcomes(model, new, pending, spec)
         after = scores(model, self.validation)
         promote, reason = gate(before, after, self.cfg.tolerance, self._original(served))
         metrics = {
@@ -226,6 +228,7 @@ class Worker:
             "update": {
                 **stats,
                 "items": [i.id for i in pending],
+                "outcomes": outcomes,
                 "replay_items": int(sum(len(p) for p in plan)),
                 "replay_from_feedback": from_feedback,
                 "config": asdict(self.cfg),
@@ -233,6 +236,24 @@ class Worker:
             },
         }
         return self._record(served, candidate_id, model, metrics, promote, reason, pending)
+
+    @staticmethod
+    def _outcomes(model, new: ArrayDataset, pending, spec: ModelSpec) -> dict[str, str]:
+        """The class the candidate gives each item's image (item id -> class): kept with the
+        version, so "does the model now agree with you" survives a reload."""
+        x = torch.from_numpy(np.ascontiguousarray(new.images)).permute(0, 3, 1, 2).float() / 255
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                device = next(model.parameters()).device
+                logits = torch.cat([model(part.to(device)).logits for part in x.split(32)])
+        finally:
+            model.train(was)
+        return {
+            str(item.id): spec.classes[int(k)]
+            for item, k in zip(pending, logits.argmax(1).tolist(), strict=True)
+        }
 
     def _replay(self, earlier, spec: ModelSpec):
         """Each step's class-balanced draw from earlier feedback and the replay set: the rows

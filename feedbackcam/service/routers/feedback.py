@@ -33,6 +33,9 @@ def _out(item: Item, user: str, update: Version | None, grace: float = 0.0) -> F
         image_url=f"/api/images/{image_id}",
         user=user,
         created=iso(item.created),
+        now_predicted=(update.metrics.get("update") or {}).get("outcomes", {}).get(str(item.id))
+        if update is not None and update.status == "promoted"
+        else None,
         learn_after=iso(item.created + timedelta(seconds=grace))
         if item.status == "pending"
         else None,

@@ -923,7 +923,9 @@ function renderMine() {
       ? (open ? `not learnt yet; you can withdraw it until ${until.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" })}`
         : "not learnt yet; the next update will take it")
       : item.status === "withdrawn" ? "withdrawn"
-        : item.update_status === "promoted" ? `learnt: model version ${item.update_version} uses it`
+        : item.update_status === "promoted" ? (item.now_predicted == null ? `learnt: model version ${item.update_version} uses it`
+          : item.now_predicted === item.label ? `learnt: the model now agrees with you (${item.label}, version ${item.update_version})`
+            : `learnt, but the model still says ${item.now_predicted} (version ${item.update_version})`)
           : item.update_status === "rejected" ? `not learnt: the update that tried it did not pass the safety check (version ${item.update_version})`
             : `being learnt (version ${item.update_version})`;
     text.textContent = `#${item.id} ${what}: ${where}`;

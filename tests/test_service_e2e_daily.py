@@ -184,8 +184,17 @@ def test_a_worklist_with_submit_and_next_while_an_update_runs(start, browser, mo
     monkeypatch.setattr(train_module, "feedback_step", held_step)
     app = start()
     sign_in(browser, app)
+    # the worklist added with `feedbackcam worklist add` is pointed out at sign-in
+    hint = WebDriverWait(browser, 10).until(
+        lambda d: (
+            d.find_element(By.ID, "worklist-hint").is_displayed()
+            and d.find_element(By.ID, "worklist-hint")
+        )
+    )
+    assert "incoming (4 new)" in hint.text
     Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
     predicted = wait_prediction(browser, "lesion0.png")
+    assert not browser.find_element(By.ID, "worklist-hint").is_displayed()
     current = browser.find_element(By.CSS_SELECTOR, "#worklist-entries .current")
     assert "lesion0.png" in current.text and current.get_attribute("aria-current") == "true"
     # the original is shown at its aspect ratio (120x90), not the model's square

@@ -1090,6 +1090,8 @@ async function poll() {
   if (polling || !state.me) return;
   polling = true;
   warnExpiry();
+  state.polls = (state.polls || 0) + 1;
+  if (state.polls % 20 === 0) loadWorklists().catch(() => {}); // ~30 s: new worklists appear
   try {
     await refreshStatus();
     for (const [id, record] of state.mine) {
@@ -1250,7 +1252,16 @@ async function loadWorklists(select = null) {
   const options = [new Option("No worklist", "")].concat(
     lists.map((w) => new Option(`${w.name} (${w.counts.total - w.counts.new} of ${w.counts.total} seen)`, w.id)),
   );
+  const keep = choose.value;
   choose.replaceChildren(...options);
+  if (keep && lists.some((w) => String(w.id) === keep)) choose.value = keep;
+  // worklists with images nobody has opened yet (one added with `feedbackcam worklist add`
+  // included): said at sign-in and whenever the list is refreshed, not left in the menu
+  const waiting = lists.filter((w) => w.counts.new > 0);
+  $("worklist-hint").hidden = !!state.worklist || waiting.length === 0;
+  $("worklist-hint").textContent = waiting.length
+    ? `To review: ${waiting.map((w) => `${w.name} (${w.counts.new} new)`).join(", ")}. Choose it above.`
+    : "";
   if (select !== null) {
     choose.value = String(select);
     await openWorklist(select);
@@ -1261,6 +1272,7 @@ async function loadWorklists(select = null) {
 
 async function openWorklist(id) {
   if (!id) return leaveWorklist();
+  $("worklist-hint").hidden = true;
   const w = await api(`/api/worklists/${id}`);
   const start = w.entries.findIndex((e) => e.state === "new");
   state.worklist = { id: w.id, name: w.name, entries: w.entries, counts: w.counts, index: -1 };

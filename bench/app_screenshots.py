@@ -123,7 +123,8 @@ def main() -> None:
         data = Path(tmp) / "data"
         shutil.copytree(args.data, data, ignore=shutil.ignore_patterns("feedbackcam.db*"))
         worklist_images(Path(tmp) / "morning")
-        cli(["worklist", "add", str(Path(tmp) / "morning"), "--data-dir", str(data)])
+        connect(Settings(data_dir=data).database_url)[0].dispose()  # a fresh store
+        assert cli(["worklist", "add", str(Path(tmp) / "morning"), "--data-dir", str(data)]) == 0
         server, url, token = serve(data)
         try:
             shoot(url, token, args.out / "app.png", 1440, 900, mobile=False)

@@ -424,6 +424,10 @@ def _serve(checkpoint: Path, data: Path, port: int) -> subprocess.Popen:
         "0.01",
         "--tolerance",
         "1.0",
+        "--grace-seconds",  # learn at once: the test kills the app mid-update
+        "0",
+        "--rate-limit",  # the test polls the status every 20 ms
+        "0",
     ]
     return subprocess.Popen(
         [sys.executable, "-m", "feedbackcam.cli", *args],

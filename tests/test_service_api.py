@@ -223,7 +223,7 @@ def test_feedback_is_stored_with_all_fields(env):
         mask = client.get(item["mask_url"], headers=env.auth("clinician"))
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(mask.content))), box_mask())
         # agreeing needs no mask; the label is the shown class
-        agreed = send_feedback(client, env, p, agree="true").json()
+        agreed = send_feedback(client, env, p, agree="true", on_conflict="keep_both").json()
         assert agreed["agree"] is True and agreed["label"] == p["predicted"]
         assert agreed["mask_url"] is None
         # the same region as run-length JSON and as a canvas data URL is the same mask
@@ -231,9 +231,9 @@ def test_feedback_is_stored_with_all_fields(env):
         runs = np.diff(np.flatnonzero(np.diff(np.r_[-1, on.astype(int), -1]) != 0))
         counts = ([0] if on[0] else []) + runs.tolist()
         rle = json.dumps({"size": [SIZE, SIZE], "counts": counts})
-        by_rle = send_feedback(client, env, p, mask_rle=rle).json()
+        by_rle = send_feedback(client, env, p, mask_rle=rle, on_conflict="keep_both").json()
         url = "data:image/png;base64," + base64.b64encode(png(box_mask())).decode()
-        by_b64 = send_feedback(client, env, p, mask_base64=url).json()
+        by_b64 = send_feedback(client, env, p, mask_base64=url, on_conflict="keep_both").json()
         assert by_rle["mask_url"] == by_b64["mask_url"] == item["mask_url"]
         assert by_b64["id"] == by_rle["id"]  # the same content again is stored once
         listed = client.get("/api/feedback", headers=env.auth("clinician")).json()
@@ -399,6 +399,7 @@ def test_auth_refusals_per_role(env):
         assert client.get("/api/me", headers=env.auth("viewer")).json() == {
             "name": "viewer",
             "role": "viewer",
+            "expires": None,
         }
         p = predict_upload(client, env, role="viewer")
         refused = send_feedback(client, env, p, role="viewer", label=other_class(p))

@@ -147,17 +147,22 @@ def test_a_repeated_submission_is_stored_once(env):
         reused = submit(client, env, p, key="visit-17", label=p["predicted"], agree="true")
         assert reused.status_code == 409 and "Idempotency-Key" in reused.json()["detail"]
         # without a key, the same content from the same user is the same item
-        plain = [submit(client, env, p, agree="true") for _ in range(3)]
+        # (the same image got another class above: keep both, do not ask)
+        plain = [submit(client, env, p, agree="true", on_conflict="keep_both") for _ in range(3)]
         assert [r.status_code for r in plain] == [201, 200, 200]
         assert len({r.json()["id"] for r in plain}) == 1
         # ...but another clinician's identical feedback is theirs
-        other = submit(client, env, p, role="admin", agree="true")
+        other = submit(client, env, p, role="admin", agree="true", on_conflict="keep_both")
         assert other.status_code == 201 and other.json()["id"] != plain[0].json()["id"]
         # a retry storm on one key from eight threads stores one item
         codes = []
 
         def retry():
-            codes.append(submit(client, env, p, key="storm", label=label).status_code)
+            codes.append(
+                submit(
+                    client, env, p, key="storm", label=label, on_conflict="keep_both"
+                ).status_code
+            )
 
         threads = [threading.Thread(target=retry) for _ in range(8)]
         for t in threads:

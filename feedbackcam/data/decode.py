@@ -4,6 +4,9 @@ keep masks and of its ignore masks, resized nearest-neighbour so they stay 0/1. 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -52,3 +55,36 @@ def load_record(record: Record, size: int, resample: str):
     if problems:
         return None, problems
     return (image, mask, ignore, width, height), []
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_room(size: int, n: int, workers: int, where: Path) -> None:
+    """Refuse, before any work, a size whose arrays cannot fit: each decoding worker holds an
+    image and its two masks at ``size`` (twice, while resizing), and the folder takes ``n`` of
+    them on disk. (``--size 100000`` was killed for memory at 18 GB with no message.)"""
+    per_image = size * size * 5  # RGB + mask + ignore mask, one byte each
+    needed = 2 * per_image * workers
+    free = _available_memory()
+    if free is not None and needed > free:
+        raise ValueError(
+            f"size {size}: each of {workers} decoding worker(s) needs about "
+            f"{2 * per_image / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory "
+            "available; choose a smaller --size"
+        )
+    disk = shutil.disk_usage(where).free
+    if n * per_image > disk:
+        raise ValueError(
+            f"size {size}: {n} image(s) take about {n * per_image / 2**30:.1f} GiB, more than "
+            f"the {disk / 2**30:.1f} GiB free on {where}; choose a smaller --size"
+        )

@@ -366,7 +366,7 @@ def prepare(
         )
     workers = workers or min(8, os.cpu_count() or 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _check_room(size, len(result.records), workers, out.parent)
+    decode.check_room(size, len(result.records), workers, out.parent)
     _remove_stale_tmp(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -397,39 +397,6 @@ def prepare(
             format_problems(problems, limit=10),
         )
     return out
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory available now (Linux's MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _check_room(size: int, n: int, workers: int, where: Path) -> None:
-    """Refuse, before any work, a size whose arrays cannot fit: each decoding worker holds an
-    image and its two masks at ``size`` (twice, while resizing), and the folder takes ``n`` of
-    them on disk. (``--size 100000`` was killed for memory at 18 GB with no message.)"""
-    per_image = size * size * 5  # RGB + mask + ignore mask, one byte each
-    needed = 2 * per_image * workers
-    free = _available_memory()
-    if free is not None and needed > free:
-        raise ValueError(
-            f"size {size}: each of {workers} decoding worker(s) needs about "
-            f"{2 * per_image / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory "
-            "available; choose a smaller --size"
-        )
-    disk = shutil.disk_usage(where).free
-    if n * per_image > disk:
-        raise ValueError(
-            f"size {size}: {n} image(s) take about {n * per_image / 2**30:.1f} GiB, more than "
-            f"the {disk / 2**30:.1f} GiB free on {where}; choose a smaller --size"
-        )
 
 
 # ----------------------------------------------------------------------------- loading

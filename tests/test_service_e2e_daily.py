@@ -634,3 +634,23 @@ def test_a_token_about_to_expire_is_said_ahead(start, browser):
         lambda d: d.find_element(By.ID, "expiry").is_displayed() and d.find_element(By.ID, "expiry")
     )
     assert "Your sign-in expires at" in banner.text
+
+
+def test_files_left_out_of_an_uploaded_worklist_stay_listed(start, browser):
+    app = start(worker=False)
+    sign_in(browser, app)
+    broken = app["tmp"] / "broken.png"
+    broken.write_bytes((app["tmp"] / "incoming" / "lesion0.png").read_bytes()[:-60])
+    files = [app["tmp"] / "incoming" / "lesion1.png", app["tmp"] / "incoming" / "lesion2.png"]
+    upload = browser.find_element(By.ID, "worklist-files")
+    upload.send_keys("\n".join(str(f) for f in [*files, broken]))
+    wait_prediction(browser, "lesion1.png")  # the first image opened (its status came and went)
+    box = WebDriverWait(browser, 10).until(
+        lambda d: (
+            d.find_element(By.ID, "worklist-skipped").is_displayed()
+            and d.find_element(By.ID, "worklist-skipped")
+        )
+    )
+    assert "1 file(s) were left out" in box.text and "broken.png" in box.text
+    browser.find_element(By.ID, "worklist-skipped-close").click()
+    assert not browser.find_element(By.ID, "worklist-skipped").is_displayed()

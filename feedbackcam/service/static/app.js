@@ -1366,14 +1366,21 @@ function renderWorklist() {
   if (current) list.scrollTop = current.offsetTop - (list.clientHeight - current.offsetHeight) / 2;
 }
 
+// Files a worklist left out stay listed until dismissed (a status line was overwritten at once).
+function showSkipped(skipped) {
+  $("worklist-skipped").hidden = skipped.length === 0;
+  $("worklist-skipped-text").textContent = skipped.length
+    ? `${skipped.length} file(s) were left out of the worklist: ${skipped.join("; ")}` : "";
+}
+
 async function uploadWorklist(files) {
   const form = new FormData();
   for (const file of files) form.append("files", file, file.name);
   form.append("name", `${files.length} upload(s) ${new Date().toLocaleString()}`);
   try {
     const made = await post("/api/worklists/upload", form);
-    if (made.skipped_files.length) say("feedback-status", `Skipped: ${made.skipped_files.join("; ")}`, true);
     await loadWorklists(made.id);
+    showSkipped(made.skipped_files); // after opening the first image, whose status would wipe it
   } catch (error) {
     say("feedback-status", `Could not make a worklist: ${error.message}`, true);
   }
@@ -1382,8 +1389,8 @@ async function uploadWorklist(files) {
 async function importFolder(folder) {
   try {
     const made = await api("/api/worklists", jsonBody("POST", { folder }));
-    if (made.skipped_files.length) say("feedback-status", `Skipped: ${made.skipped_files.join("; ")}`, true);
     await loadWorklists(made.id);
+    showSkipped(made.skipped_files); // after opening the first image, whose status would wipe it
   } catch (error) {
     say("feedback-status", `Could not import: ${error.message}`, true);
   }
@@ -1537,6 +1544,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("resign").addEventListener("cancel", (event) => event.preventDefault()); // Esc keeps it open
   $("re-explain").addEventListener("click", reExplain);
+  $("worklist-skipped-close").addEventListener("click", () => showSkipped([]));
   $("agree").addEventListener("click", onAgree);
   $("similar-accept").addEventListener("click", acceptSimilar);
   $("similar-close").addEventListener("click", closeSimilar);

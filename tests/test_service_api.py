@@ -219,6 +219,7 @@ def test_feedback_is_stored_with_all_fields(env):
         assert item["user"] == "clinician" and item["label"] == other_class(p)
         assert item["predicted"] == p["predicted"] and item["agree"] is False
         assert item["shown_version"] == 1 and item["status"] == "pending"
+        assert item["notes"] == []  # shown the version in use: nothing to say
         assert item["image_id"] == p["image_id"] and item["created"].endswith("+00:00")
         mask = client.get(item["mask_url"], headers=env.auth("clinician"))
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(mask.content))), box_mask())

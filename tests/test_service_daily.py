@@ -95,6 +95,10 @@ def test_feedback_given_during_an_update_is_learned_by_the_next_one(env, monkeyp
             assert session.get(Version, 3).metrics["update"]["items"] == [second]
         status = client.get("/api/update/status", headers=env.auth("viewer")).json()
         assert status["phase"] == "idle" and status["pending"] == 0 and status["step"] is None
+        # feedback on an answer of version 1, now that version 3 is in use: stored, and said
+        late = send_feedback(client, env, p, mask=box_mask(), label=other_class(p))
+        assert late.status_code == 201
+        assert "shown version 1's answer; version 3 is in use now" in late.json()["notes"][0]
 
 
 # ------------------------------------------------------------------ originals and the mask map

@@ -72,6 +72,11 @@ class FeedbackItem(BaseModel):
     image_url: str
     user: str
     created: str
+    notes: list[str] = Field(
+        default_factory=list,
+        description="said once, on submission: e.g. that the answer shown came from an older "
+        "version than the one now in use",
+    )
     now_predicted: str | None = Field(
         None,
         description="once an update learnt from it and was promoted: the class that version "

@@ -180,7 +180,14 @@ def submit(
         response.status_code = 200
         return _out(first, user.name, _update_of(session, first), runtime.settings.grace_seconds)
     runtime.worker.notify()
-    return _out(item, user.name, None, runtime.settings.grace_seconds)
+    out = _out(item, user.name, None, runtime.settings.grace_seconds)
+    current = runtime.registry.served.version_id
+    if shown_version != current:  # stored (the class is still right), but not silently
+        out.notes.append(
+            f"you were shown version {shown_version}'s answer; version {current} is in use now "
+            "and may already answer differently. Your feedback is stored and will be learnt."
+        )
+    return out
 
 
 def _resolve_conflicts(session, user: User, item: Item, on_conflict: str) -> None:

@@ -881,7 +881,8 @@ async function sendFeedback({ agree = false, label = null }, andNext = false) {
     }
     state.mine.set(item.id, { item, before: p, region, label: item.label, agree });
     renderMine();
-    say("feedback-status", `Feedback #${item.id} stored; it waits for the next update. You can go on.`);
+    say("feedback-status", `Feedback #${item.id} stored; it waits for the next update. You can go on.` +
+      (item.notes && item.notes.length ? ` Note: ${item.notes.join(" ")}` : ""));
     const entry = currentEntry();
     if (entry && entry.image_id === p.image_id) {
       await markEntry(entry, { state: "feedback", feedback_id: item.id });

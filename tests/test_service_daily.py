@@ -565,6 +565,12 @@ def test_contradictory_feedback_is_asked_about_and_shown_in_the_export(env):
     rows = {r["id"]: r for r in csv.DictReader((out / "labels.csv").open())}
     assert rows[f"fb{second['id']:06d}"]["conflicts"] == f"fb{third['id']:06d}"
     assert rows[f"fb{third['id']:06d}"]["conflicts"] == f"fb{second['id']:06d}"
+    # and `data check` says so (the same image under two labels), naming both rows
+    from feedbackcam.data.check import check_dataset
+
+    report = check_dataset(out)
+    said = [p for p in report.warnings if p.kind == "the same image with another label"]
+    assert sorted(p.id for p in said) == sorted(f"fb{i['id']:06d}" for i in (second, third))
 
 
 # ------------------------------------------------------------------ the page's colours

@@ -8,6 +8,7 @@ prints class counts (the thesis' Figure 5.3) and the problems.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .layouts import read_dataset
 from .records import (
+    CONFLICTING_LABELS,
     MASK_SIZE_MISMATCH,
     UNREADABLE_IMAGE,
     UNREADABLE_MASK,
@@ -88,6 +90,34 @@ def inspect_record(record: Record, *, decode: bool = True) -> list[Problem]:
     return list(problems)
 
 
+def conflicting_labels(records: Sequence[Record], pool=None) -> list[Problem]:
+    """A warning for every labelled image whose file is byte-identical to another's with a
+    different label (the same image given two classes, e.g. an export of contradictory
+    feedback): kept, but a model would learn both answers."""
+    labelled = [r for r in records if r.label is not None]
+
+    def digest(record: Record) -> str | None:
+        try:
+            return hashlib.sha256(Path(record.image).read_bytes()).hexdigest()
+        except OSError:
+            return None  # unreadable: reported by the file check
+
+    digests = list(pool.map(digest, labelled) if pool is not None else map(digest, labelled))
+    groups: defaultdict[str, list[Record]] = defaultdict(list)
+    for record, d in zip(labelled, digests, strict=True):
+        if d is not None:
+            groups[d].append(record)
+    problems = Problems()
+    for group in groups.values():
+        if len({r.label for r in group}) < 2:
+            continue
+        for record in group:
+            others = ", ".join(f"{o.id} ({o.label})" for o in group if o is not record)
+            message = f"labelled {record.label}; the same image is {others}: resolve which is right"
+            problems.add(record.image, record.id, CONFLICTING_LABELS, message, "warning")
+    return list(problems)
+
+
 def check_dataset(
     root,
     labels_csv=None,
@@ -120,6 +150,7 @@ def check_dataset(
             for ps in tqdm(found, total=len(result.records), disable=not progress, desc="check")
             for p in ps
         ]
+        file_problems += conflicting_labels(result.records, pool)
     usable = result.usable(file_problems)
     counts = Counter(r.label for r in result.records if r.label is not None)
     by_source: defaultdict[str, Counter] = defaultdict(Counter)

@@ -37,6 +37,7 @@ UNMAPPED_DIAGNOSIS = "unmapped diagnosis"
 UNKNOWN_LABEL_FORMAT = "unknown label CSV format"
 DUPLICATE_ID = "duplicate id"
 UNEXPECTED_FILE = "unexpected file"
+CONFLICTING_LABELS = "the same image with another label"
 
 
 @dataclass(frozen=True)

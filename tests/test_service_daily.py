@@ -552,12 +552,26 @@ def test_contradictory_feedback_is_asked_about_and_shown_in_the_export(env):
             assert session.get(Item, first["id"]).status == "withdrawn"
         # keep both: both stay, and the export says they disagree
         third = send_feedback(client, env, p, agree="true", on_conflict="keep_both").json()
+        # replace is also an edit of the region: the same class, another mask
+        edited = send_feedback(
+            client,
+            env,
+            p,
+            mask=box_mask(),
+            agree="false",
+            label=p["predicted"],
+            on_conflict="replace",
+        ).json()
+        with env.sessions() as session:
+            assert session.get(Item, third["id"]).status == "withdrawn"
+            assert session.get(Item, edited["id"]).mask_path is not None
+        third = edited
         # a used item cannot be replaced
         with env.sessions() as session:
             session.get(Item, second["id"]).status = "used"
             session.commit()
         r = send_feedback(
-            client, env, p, mask=box_mask(), label=p["predicted"], on_conflict="replace"
+            client, env, p, mask=box_mask(2, 20, 2, 20), label=p["predicted"], on_conflict="replace"
         )
         assert r.status_code == 409 and "already learnt" in r.text
     out = env.data.parent / "export"

@@ -654,3 +654,30 @@ def test_files_left_out_of_an_uploaded_worklist_stay_listed(start, browser):
     assert "1 file(s) were left out" in box.text and "broken.png" in box.text
     browser.find_element(By.ID, "worklist-skipped-close").click()
     assert not browser.find_element(By.ID, "worklist-skipped").is_displayed()
+
+
+def test_feedback_on_the_same_image_again_asks_to_replace_or_keep_both(start, browser):
+    app = start(worker=False)
+    sign_in(browser, app)
+    Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
+    predicted = wait_prediction(browser, "lesion0.png")
+    pick_other_class(browser, predicted)
+    browser.find_element(By.ID, "submit").click()
+    WebDriverWait(browser, 20).until(lambda _: len(items(app)) == 1)
+    # the clinician corrects themselves: draws the region too, and sends again
+    browser.find_element(By.ID, "from-model").click()
+    browser.find_element(By.ID, "submit").click()
+    dialog = WebDriverWait(browser, 10).until(
+        lambda d: d.find_element(By.ID, "ask").is_displayed() and d.find_element(By.ID, "ask")
+    )
+    assert "already gave feedback on this image" in dialog.text
+    next(b for b in dialog.find_elements(By.TAG_NAME, "button") if b.text == "Replace").click()
+    WebDriverWait(browser, 20).until(lambda _: len(items(app)) == 2)
+    first, second = items(app)
+    assert first.status == "withdrawn" and second.status == "pending" and second.mask_path
+    WebDriverWait(browser, 10).until(
+        lambda d: (
+            f"#{first.id}" in d.find_element(By.ID, "mine").text
+            and "withdrawn" in d.find_element(By.ID, "mine").text
+        )
+    )

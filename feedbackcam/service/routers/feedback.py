@@ -80,9 +80,10 @@ def submit(
     on_conflict: Annotated[
         Literal["ask", "replace", "keep_both"],
         Form(
-            description="when you gave this image another class before: ask (409, naming the "
-            "earlier item), replace (withdraw the earlier one if no update used it yet), "
-            "keep_both (both stay; the export marks them as conflicting, for review)"
+            description="your earlier feedback on this image: ask (409 when it gave another "
+            "class, naming it), replace (withdraw all of it while no update has used it: an "
+            "edit of the class or the region), keep_both (both stay; the export marks "
+            "differing classes as conflicting, for review)"
         ),
     ] = "ask",
     idempotency_key: Annotated[
@@ -191,26 +192,30 @@ def submit(
 
 
 def _resolve_conflicts(session, user: User, item: Item, on_conflict: str) -> None:
-    """The same clinician's earlier items on this image that give it another class: refuse
-    (``ask``), withdraw them (``replace``; only while no update has used them) or keep them
-    (``keep_both``). Nothing is committed here; the new item's commit carries it."""
+    """The same clinician's earlier items on this image. ``ask``: 409 when one gives the image
+    another class. ``replace``: withdraw every earlier item on the image (an edit of what was
+    said: another class or another region), 409 if an update already used one. ``keep_both``:
+    nothing. Nothing is committed here; the new item's commit carries it."""
+    if on_conflict == "keep_both":
+        return
     earlier = session.scalars(
         select(Item).where(
             Item.user_id == user.id,
             Item.image_path == item.image_path,
             Item.status != "withdrawn",
-            Item.label != item.label,
         )
     ).all()
-    if not earlier or on_conflict == "keep_both":
-        return
-    said = ", ".join(f"#{e.id} ({e.label}, {e.status})" for e in earlier)
     if on_conflict == "ask":
-        raise HTTPException(
-            409,
-            f"you gave this image another class before: {said}; send on_conflict=replace to "
-            "withdraw that and keep this one, or on_conflict=keep_both to keep both for review",
-        )
+        other = [e for e in earlier if e.label != item.label]
+        if other:
+            said = ", ".join(f"#{e.id} ({e.label}, {e.status})" for e in other)
+            raise HTTPException(
+                409,
+                f"you gave this image another class before: {said}; send on_conflict=replace "
+                "to withdraw that and keep this one, or on_conflict=keep_both to keep both for "
+                "review",
+            )
+        return
     used = [e for e in earlier if e.status != "pending"]
     if used:
         raise HTTPException(

@@ -860,11 +860,25 @@ async function sendFeedback({ agree = false, label = null }, andNext = false) {
     if (ignore) form.append("ignore_mask", ignore.blob, "ignore.png");
     region = keep ? keep.region : null;
   }
+  // feedback of mine on this image that no update has used yet: edit it (replace) or add to it
+  const earlier = [...state.mine.values()].map((r) => r.item)
+    .filter((i) => i.image_id === p.image_id && i.status === "pending");
+  if (earlier.length) {
+    const said = earlier.map((i) => `#${i.id}: ${i.agree ? "agree" : i.label}`).join(", ");
+    const choice = await ask(`You already gave feedback on this image (${said}), not learnt yet. Replace it with this one, or keep both?`,
+      [["replace", "Replace", true], ["keep_both", "Keep both"], ["cancel", "Cancel"]]);
+    if (choice !== "replace" && choice !== "keep_both") {
+      say("feedback-status", "Not sent: your earlier feedback on this image stays.");
+      return;
+    }
+    form.append("on_conflict", choice);
+  }
   state.sending = true;
   try {
     let item;
     try {
       item = await post("/api/feedback", form);
+      if (earlier.length) await loadMine(); // the replaced items are withdrawn now
     } catch (error) {
       if (error.status !== 409 || !error.message.startsWith("you gave this image another class")) throw error;
       // the same image with another class from you before: say so and let the clinician choose

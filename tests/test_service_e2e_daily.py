@@ -225,6 +225,14 @@ def test_a_worklist_with_submit_and_next_while_an_update_runs(start, browser, mo
     WebDriverWait(browser, 60).until(lambda d: "you said" in d.find_element(By.ID, "outcome").text)
     outcome = browser.find_element(By.ID, "outcome").text
     assert "agrees with you" in outcome or "disagrees with you" in outcome
+    # the short answer is in view at 1440x900, where the clinician works (the panel is not)
+    brief = browser.find_element(By.ID, "outcome-brief")
+    assert brief.is_displayed() and "Feedback #" in brief.text
+    assert browser.execute_script(
+        "const r = arguments[0].getBoundingClientRect();"
+        "return r.top >= 0 && r.bottom <= window.innerHeight;",
+        brief,
+    ), "the outcome is below the fold"
     WebDriverWait(browser, 60).until(lambda _: all(i.status == "used" for i in items(app)))
     assert [i.update_id for i in items(app)] == [2, 3]  # the second waited for the next update
     with app["sessions"]() as session:

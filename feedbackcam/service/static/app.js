@@ -1248,6 +1248,12 @@ async function showOutcome(record) {
     (region ? "; pink: the region you drew." : ".");
   $("compare").hidden = false; // shown once complete
   say("feedback-status", `Learned: version ${item.update_version} is now current.`);
+  // the answer a clinician waits for, at the top of the column they work in (the comparison
+  // panel is below the fold at 1440x900); it stays until the next outcome
+  $("outcome-brief-text").textContent = `Feedback #${item.id}: ` +
+    (agreesNow ? (agreedBefore ? `the model still agrees with you (${wanted}).` : `the model now agrees with you (${wanted}).`)
+      : `the model still says ${after.predicted}, not ${wanted}.`);
+  $("outcome-brief").hidden = false;
   if (state.shown && state.shown.image_id === before.image_id) {
     // the main view follows the current model; the painted regions stay
     const shot = snapshot();
@@ -1559,6 +1565,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("resign").addEventListener("cancel", (event) => event.preventDefault()); // Esc keeps it open
   $("re-explain").addEventListener("click", reExplain);
+  $("outcome-brief-more").addEventListener("click", () => $("compare").scrollIntoView({ behavior: "smooth" }));
   $("worklist-skipped-close").addEventListener("click", () => showSkipped([]));
   $("agree").addEventListener("click", onAgree);
   $("similar-accept").addEventListener("click", acceptSimilar);

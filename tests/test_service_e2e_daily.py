@@ -226,8 +226,13 @@ def test_a_worklist_with_submit_and_next_while_an_update_runs(start, browser, mo
     outcome = browser.find_element(By.ID, "outcome").text
     assert "agrees with you" in outcome or "disagrees with you" in outcome
     # the short answer is in view at 1440x900, where the clinician works (the panel is not)
-    brief = browser.find_element(By.ID, "outcome-brief")
-    assert brief.is_displayed() and "Feedback #" in brief.text
+    brief = WebDriverWait(browser, 10).until(
+        lambda d: (
+            d.find_element(By.ID, "outcome-brief").is_displayed()
+            and d.find_element(By.ID, "outcome-brief")
+        )
+    )
+    assert "Feedback #" in brief.text
     assert browser.execute_script(
         "const r = arguments[0].getBoundingClientRect();"
         "return r.top >= 0 && r.bottom <= window.innerHeight;",

@@ -286,7 +286,7 @@ def test_the_first_admin_token_never_goes_through_logging(tmp_path, assets, caps
         token = token_file.read_text().strip()
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         me = client.get("/api/me", headers={"Authorization": f"Bearer {token}"})
-        assert me.json() == {"name": "admin", "role": "admin"}
+        assert me.json() == {"name": "admin", "role": "admin", "expires": None}
     out = capsys.readouterr()
     assert token not in out.out + out.err and str(token_file) in out.out
     assert all(token not in record.getMessage() for record in caplog.records)

@@ -53,7 +53,8 @@ class Guard:
             declared != b"0" or b"transfer-encoding" in headers
         )
         role = None
-        if token is not None and (has_body or not self._recently_known(token)):
+        limiting = self.limiter.per_minute > 0
+        if token is not None and (has_body or (limiting and not self._recently_known(token))):
             try:
                 role = await anyio.to_thread.run_sync(self._role, scope, token)
             except PoolTimeout:  # busy, not broken: the pool stays

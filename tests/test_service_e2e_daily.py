@@ -694,3 +694,23 @@ def test_feedback_on_the_same_image_again_asks_to_replace_or_keep_both(start, br
             and "withdrawn" in d.find_element(By.ID, "mine").text
         )
     )
+
+
+def test_an_invoice_gets_a_plain_words_warning_with_the_numbers_one_click_away(start, browser):
+    from feedbackcam.service.ood import probe_images
+
+    app = start(worker=False)
+    sign_in(browser, app)
+    invoice = app["tmp"] / "invoice.png"
+    Image.fromarray(probe_images(256)["invoice"]).save(invoice)
+    browser.find_element(By.ID, "file").send_keys(str(invoice))
+    warnings = WebDriverWait(browser, 20).until(
+        lambda d: (
+            d.find_element(By.ID, "warnings").is_displayed() and d.find_element(By.ID, "warnings")
+        )
+    )
+    assert "does not look like the skin images" in warnings.text
+    assert "energy" not in warnings.text and "percentile" not in warnings.text  # no jargon
+    numbers = warnings.find_element(By.TAG_NAME, "details")
+    numbers.find_element(By.TAG_NAME, "summary").click()
+    assert "feature distance" in numbers.text and "flagged above" in numbers.text

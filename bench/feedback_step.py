@@ -2,7 +2,10 @@
 
 Prints, in one run: the reference mode (Algorithm 2: batch 1, a deep copy per sample), our step
 at batch 1, our step at larger batches in fp32 and bf16, classification-only training at the same
-batches, the ratios, and peak memory per image. Usage:
+batches, the ratios, and peak memory per image; then the library's default objective
+(``FeedbackConfig()``) with 10 %, 30 % and 100 % of each batch marked, once with ignore masks
+(its ignore loss) and once with keep masks (its keep losses), against classification-only.
+Usage:
 
     python bench/feedback_step.py --device cuda            # SkinCare VGG16 at 227 (the thesis)
     python bench/feedback_step.py --device cpu             # small CNN at the demo's 64 px
@@ -11,6 +14,7 @@ batches, the ratios, and peak memory per image. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -20,6 +24,24 @@ from feedbackcam.data.dataset import FeedbackBatch
 from feedbackcam.models import build_model
 from feedbackcam.objective import FeedbackConfig
 from feedbackcam.train import feedback_step, reference_step
+
+
+def marked_batch(n: int, size: int, classes: int, device: str, fraction: float, kind: str):
+    """A batch with ``fraction`` of its images marked: an ignore square in a corner (``kind``
+    "ignore") or a keep square on the centre ("keep")."""
+    g = torch.Generator().manual_seed(n)
+    images = torch.rand(n, 3, size, size, generator=g)
+    labels = torch.arange(n) % classes
+    marked = torch.arange(n) < max(1, round(fraction * n))
+    region = torch.zeros(n, size, size)
+    if kind == "ignore":
+        region[:, : size // 4, : size // 4] = 1
+        unmarked = torch.zeros(n, dtype=torch.bool)
+        batch = FeedbackBatch(images, labels, torch.zeros_like(region), unmarked, region, marked)
+    else:
+        region[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+        batch = FeedbackBatch(images, labels, region, marked)
+    return batch.to(device)
 
 
 def make_batch(n: int, size: int, classes: int, device: str) -> FeedbackBatch:
@@ -134,6 +156,42 @@ def main() -> None:
                     args.device,
                 )
                 record(name, batch_size, precision, sec)
+    # the default objective, with part of the batch marked: ignore feedback and keep feedback
+    default = FeedbackConfig()
+    marks = []
+    for batch_size in batches:
+        for precision in ("fp32", "bf16") if cuda else ("fp32",):
+            plain = FeedbackConfig(lam=0.0, precision=precision)
+            base = make_batch(batch_size, size, classes, args.device)
+            cls_s = timed(
+                lambda b=base, c=plain: feedback_step(model, b, optimizer, c, sync=False),
+                steps,
+                3,
+                args.device,
+            )
+            for kind in ("ignore", "keep"):
+                for fraction in (0.1, 0.3, 1.0):
+                    batch = marked_batch(batch_size, size, classes, args.device, fraction, kind)
+                    cfg = dataclasses.replace(default, precision=precision)
+                    sec = timed(
+                        lambda b=batch, c=cfg: feedback_step(model, b, optimizer, c, sync=False),
+                        steps,
+                        3,
+                        args.device,
+                    )
+                    row = {
+                        "batch": batch_size,
+                        "precision": precision,
+                        "marks": kind,
+                        "fraction_marked": fraction,
+                        "step_vs_classification": sec / cls_s,
+                    }
+                    marks.append(row)
+                    print(
+                        f"default objective, {kind:>6} marks on {100 * fraction:3.0f} % of batch "
+                        f"{batch_size} {precision}: {sec / cls_s:.2f}x a classification-only step",
+                        flush=True,
+                    )
     if cuda:
         # the whole step must run without a host synchronisation (errors if one happens)
         batch = make_batch(32, size, classes, args.device)
@@ -181,6 +239,7 @@ def main() -> None:
                     "size": size,
                     "rows": rows,
                     "summary": summary,
+                    "marked": marks,
                     "torch": torch.__version__,
                 },
                 f,

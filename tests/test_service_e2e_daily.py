@@ -385,7 +385,7 @@ def test_agree_with_a_painted_region_asks_what_to_do(start, browser):
     Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
     predicted = wait_prediction(browser, "lesion0.png")
 
-    def agree_and_answer(answer):
+    def agree_and_answer(answer, then_closed=True):
         browser.find_element(By.ID, "agree").click()
         dialog = browser.find_element(By.ID, "ask")
         WebDriverWait(browser, 5).until(lambda _: dialog.is_displayed())
@@ -393,7 +393,8 @@ def test_agree_with_a_painted_region_asks_what_to_do(start, browser):
         buttons = dialog.find_elements(By.CSS_SELECTOR, "#ask-buttons button")
         assert len(buttons) == 3
         next(b for b in buttons if b.text.startswith(answer)).click()
-        assert not dialog.is_displayed()
+        if then_closed:
+            assert not dialog.is_displayed()
 
     paint_stroke(browser, [(50, 10), (0, 30)])
     agree_and_answer("Cancel")
@@ -404,7 +405,13 @@ def test_agree_with_a_painted_region_asks_what_to_do(start, browser):
     (item,) = items(app)
     assert (item.agree, item.label, item.predicted) == (False, predicted, predicted)
     assert item.mask_path is not None
-    agree_and_answer("Agree, and discard")
+    agree_and_answer("Agree, and discard", then_closed=False)
+    # feedback on this image is waiting already: the page asks whether this replaces it
+    WebDriverWait(browser, 5).until(
+        lambda d: "already gave feedback" in d.find_element(By.ID, "ask-text").text
+    )
+    keep = browser.find_elements(By.CSS_SELECTOR, "#ask-buttons button")
+    next(b for b in keep if b.text == "Keep both").click()
     WebDriverWait(browser, 20).until(lambda _: len(items(app)) == 2)
     assert items(app)[1].agree and items(app)[1].mask_path is None
 

@@ -181,10 +181,12 @@ def reference_step(
             f"reference_step implements Algorithm 2 (a CAM vs the keep mask); "
             f"{cfg.explanation_loss!r} is not such a loss"
         )
-    if len(loss_terms(cfg, batch)) > 1:
+    terms = loss_terms(cfg, batch)
+    if len(terms) > 1:
+        added = ", ".join(t.name for t in terms[1:])
         raise ValueError(
-            "reference_step implements Algorithm 2, which knows no ignore masks; the batch has "
-            f"some and cfg.ignore_loss is {cfg.ignore_loss!r}: set ignore_loss=None"
+            "reference_step implements Algorithm 2, one loss (a CAM vs the keep mask); this "
+            f"config and batch add {added}: set surroundings_loss=None and ignore_loss=None"
         )
     _prepare(model, cfg)
     totals: dict[str, float] = {}

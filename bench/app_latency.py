@@ -10,7 +10,6 @@ The data dir is copied, so every run starts from the same state.
 from __future__ import annotations
 
 import argparse
-import io
 import platform
 import shutil
 import tempfile
@@ -20,19 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from feedbackcam.data.synth import SynthConfig, make_synthderm
 from feedbackcam.service import Settings, create_app
 from feedbackcam.service.auth import add_user
 from feedbackcam.service.db import connect
 from feedbackcam.service.demo import ensure_demo
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+from feedbackcam.service.uploads import png_bytes
 
 
 def main() -> None:
@@ -48,8 +41,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         shutil.copytree(args.data, data, ignore=shutil.ignore_patterns("feedbackcam.db*"))
+        # no withdraw window (it would add 30 s to every update) and no rate limit (this loop
+        # polls every 20 ms): the figures are the update's own time
         settings = Settings(
-            data_dir=data, model=args.model, bootstrap_admin=False, tolerance=1.0, poll_seconds=0.05
+            data_dir=data,
+            model=args.model,
+            bootstrap_admin=False,
+            tolerance=1.0,
+            poll_seconds=0.05,
+            grace_seconds=0,
+            rate_limit_per_minute=0,
         )
         engine, sessions = connect(settings.database_url)
         with sessions() as session:
@@ -57,12 +58,12 @@ def main() -> None:
         images = make_synthderm(SynthConfig(n=args.n, size=args.size, seed=99)).images
         with TestClient(create_app(settings)) as client:
             size = client.app.state.runtime.registry.served.spec.input_size
-            files = {"file": ("x.png", png(images[0]), "image/png")}
+            files = {"file": ("x.png", png_bytes(images[0]), "image/png")}
             client.post("/api/predict", files=files, headers=auth)  # warm-up (energy threshold)
             times = []
             for image in images:
                 start = time.perf_counter()
-                files = {"file": ("x.png", png(image), "image/png")}
+                files = {"file": ("x.png", png_bytes(image), "image/png")}
                 r = client.post("/api/predict", files=files, headers=auth)
                 times.append(time.perf_counter() - start)
                 assert r.status_code == 200, r.text
@@ -76,7 +77,7 @@ def main() -> None:
             for k in range(args.updates):
                 p = client.post(
                     "/api/predict",
-                    files={"file": ("x.png", png(images[k]), "image/png")},
+                    files={"file": ("x.png", png_bytes(images[k]), "image/png")},
                     headers=auth,
                 ).json()
                 label = next(c for c in p["probabilities"] if c != p["predicted"])

@@ -12,7 +12,6 @@ from one thread per request over real HTTP.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import shutil
@@ -28,7 +27,6 @@ import httpx
 import numpy as np
 import torch
 import uvicorn
-from PIL import Image
 from sqlalchemy import func, select
 
 from feedbackcam.data.synth import SynthConfig, make_synthderm
@@ -36,12 +34,7 @@ from feedbackcam.service import Settings, create_app
 from feedbackcam.service.auth import add_user
 from feedbackcam.service.db import Item, connect
 from feedbackcam.service.demo import ensure_demo
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+from feedbackcam.service.uploads import png_bytes
 
 
 def main() -> None:
@@ -72,12 +65,12 @@ def main() -> None:
         shown = []
         for k, headers in enumerate(auth):
             r = client.post(
-                "/api/predict", files={"file": ("a.png", png(images[k]))}, headers=headers
+                "/api/predict", files={"file": ("a.png", png_bytes(images[k]))}, headers=headers
             )
             shown.append(r.json())
 
-    uploads = [png(image) for image in images]  # encoded before the burst, not during it
-    mask = png(np.pad(np.full((16, 16), 255, np.uint8), 24))
+    uploads = [png_bytes(image) for image in images]  # encoded before the burst, not during it
+    mask = png_bytes(np.pad(np.full((16, 16), 255, np.uint8), 24))
     go = threading.Barrier(args.requests)
 
     def one(k: int):

@@ -64,8 +64,8 @@ def _available_memory() -> int | None:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    except OSError:  # not Linux
+        return None
     return None
 
 

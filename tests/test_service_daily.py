@@ -538,6 +538,19 @@ def test_export_writes_the_documented_dataset_layout(env):
     assert ignore_prepared[0].any() and not (ignore_prepared[0] & data.masks[0]).any()
 
 
+def test_replacing_feedback_an_update_is_learning_from_is_refused(env, monkeypatch):
+    release, entered = hold_training(monkeypatch)
+    with env.app() as client:
+        p = predict_upload(client, env)
+        first = send_feedback(client, env, p, label=other_class(p)).json()
+        assert entered.wait(10)  # the update took it and is training
+        r = send_feedback(client, env, p, agree="true", on_conflict="replace")
+        assert r.status_code == 409 and "being learned from right now" in r.text
+        release.set()
+        assert wait_used(client, env, first["id"])["status"] == "used"
+    assert env.count(Item) == 1
+
+
 def test_contradictory_feedback_is_asked_about_and_shown_in_the_export(env):
     with env.app(worker=False) as client:
         p = predict_upload(client, env)

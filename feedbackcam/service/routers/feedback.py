@@ -166,7 +166,7 @@ def submit(
     if first is not None:
         response.status_code = 200
         return _out(first, user.name, _update_of(session, first), runtime.settings.grace_seconds)
-    _resolve_conflicts(session, user, item, on_conflict)
+    _resolve_conflicts(runtime, session, user, item, on_conflict)
     for png in (mask_png, ignore_png):
         if png is not None:
             runtime.store.put("masks", png)
@@ -191,7 +191,7 @@ def submit(
     return out
 
 
-def _resolve_conflicts(session, user: User, item: Item, on_conflict: str) -> None:
+def _resolve_conflicts(runtime, session, user: User, item: Item, on_conflict: str) -> None:
     """The same clinician's earlier items on this image. ``ask``: 409 when one gives the image
     another class. ``replace``: withdraw every earlier item on the image (an edit of what was
     said: another class or another region), 409 if an update already used one. ``keep_both``:
@@ -223,9 +223,8 @@ def _resolve_conflicts(session, user: User, item: Item, on_conflict: str) -> Non
             f"an update already learnt from {', '.join(f'#{e.id}' for e in used)}; it cannot be "
             "replaced: send on_conflict=keep_both to keep both for review",
         )
-    for e in earlier:
-        e.status = "withdrawn"
-        e.idempotency_key = None  # as a withdrawal: giving it again later is new feedback
+    for e in earlier:  # as a withdrawal, with its check that no running update holds it
+        _withdraw(runtime, session, e)
 
 
 _CONTENT = (
@@ -313,8 +312,15 @@ def withdraw(
         raise HTTPException(403, "only the clinician who gave feedback may withdraw it")
     if item.status != "pending":
         raise HTTPException(409, f"feedback {item_id} is {item.status}; it cannot be withdrawn")
-    # an update running now (in this process, or in another one on the database: it holds the
-    # updater's lease) learns from every item given before it started
+    _withdraw(runtime, session, item)
+    session.commit()
+    return _out(item, user.name, None, runtime.settings.grace_seconds)
+
+
+def _withdraw(runtime, session, item: Item) -> None:
+    """Mark a pending item withdrawn (not committed), unless an update running now learns from
+    it (409): one in this process, or in another one on the database (it holds the updater's
+    lease), learns from every item given before it started."""
     worker = runtime.worker
     started = None
     if worker.candidate_id is not None:
@@ -324,8 +330,6 @@ def withdraw(
             select(Version).where(Version.status == "candidate").order_by(Version.id).limit(1)
         )
     if started is not None and item.created <= started.created:
-        raise HTTPException(409, f"feedback {item_id} is being learned from right now")
+        raise HTTPException(409, f"feedback {item.id} is being learned from right now")
     item.status = "withdrawn"
     item.idempotency_key = None  # a repeat of it is new feedback, not this withdrawn item
-    session.commit()
-    return _out(item, user.name, None, runtime.settings.grace_seconds)

@@ -34,12 +34,13 @@ _STORAGE_ERRNOS = {
 }
 
 
+def retry_later(detail: str) -> JSONResponse:
+    """503 with Retry-After: the request was fine, the server cannot serve it right now."""
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": RETRY_AFTER})
+
+
 def unavailable(message: str) -> JSONResponse:
-    return JSONResponse(
-        {"detail": f"storage unavailable: {message}; try again later"},
-        status_code=503,
-        headers={"Retry-After": RETRY_AFTER},
-    )
+    return retry_later(f"storage unavailable: {message}; try again later")
 
 
 def _reset_pool(request: Request) -> None:
@@ -70,11 +71,7 @@ async def pool_exhausted(request: Request, _err: PoolTimeout) -> JSONResponse:
 
 
 def busy(what: str) -> JSONResponse:
-    return JSONResponse(
-        {"detail": f"the server is busy ({what}); try again in a few seconds"},
-        status_code=503,
-        headers={"Retry-After": RETRY_AFTER},
-    )
+    return retry_later(f"the server is busy ({what}); try again in a few seconds")
 
 
 def _json_safe(value):

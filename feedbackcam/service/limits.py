@@ -20,7 +20,10 @@ import time
 from collections import deque
 from contextlib import contextmanager
 
+import anyio
 from PIL import Image
+
+from .errors import busy
 
 MAX_ID = 2**63 - 1  # ids and versions are 64-bit integers in every database
 DECODE_WAIT_S = 30.0
@@ -87,14 +90,10 @@ class Concurrency:
     counted)."""
 
     def __init__(self, app, limit: int, wait: float = QUEUE_WAIT_S) -> None:
-        import anyio
-
         self.app, self.limit, self.wait = app, limit, wait
         self.slots = anyio.Semaphore(limit)
 
     async def __call__(self, scope, receive, send):
-        import anyio
-
         if scope["type"] != "http" or not scope["path"].startswith("/api/"):
             return await self.app(scope, receive, send)
         acquired = False
@@ -102,8 +101,6 @@ class Concurrency:
             await self.slots.acquire()
             acquired = True
         if not acquired:
-            from .errors import busy
-
             return await busy(f"{self.limit} requests are in progress")(scope, receive, send)
         try:
             await self.app(scope, receive, send)

@@ -341,15 +341,9 @@ async function show(p, name = "") {
   if (p.warnings.length && p.familiarity && p.familiarity.features != null) {
     // the engineer's numbers, one click away
     const f = p.familiarity;
-    const numbers = document.createElement("details");
-    const summary = document.createElement("summary");
-    summary.textContent = "Numbers";
-    const body = document.createElement("p");
-    body.className = "muted";
-    body.textContent = `feature distance ${f.features.toFixed(1)} (flagged above ${f.features_threshold.toFixed(1)}), ` +
-      `image-statistics distance ${f.image.toFixed(1)} (above ${f.image_threshold.toFixed(1)}), top class ${percent(p.probabilities[p.predicted])}`;
-    numbers.append(summary, body);
-    warnings.append(numbers);
+    warnings.append(numbersDetails(
+      `feature distance ${f.features.toFixed(1)} (flagged above ${f.features_threshold.toFixed(1)}), ` +
+      `image-statistics distance ${f.image.toFixed(1)} (above ${f.image_threshold.toFixed(1)}), top class ${percent(p.probabilities[p.predicted])}`));
   }
   warnings.hidden = p.warnings.length === 0;
   const rows = Object.entries(p.probabilities).map(([cls, prob]) => {
@@ -1173,6 +1167,7 @@ function validationWords(version) {
     (version.regressions.length ? ` ⚠ ${version.regressions.join("; ")}.` : "");
 }
 
+// The engineer's numbers behind a clinician's sentence, one click away.
 function numbersDetails(text) {
   const details = document.createElement("details");
   const summary = document.createElement("summary");

@@ -453,6 +453,14 @@ def test_a_worklist_from_a_folder_is_walked_and_survives_a_restart(env):
         assert got["counts"] == {"new": 1, "reviewed": 0, "feedback": 1, "skipped": 1, "total": 3}
         listed = client.get("/api/worklists", headers=env.auth("viewer")).json()
         assert [w["id"] for w in listed] == [made["id"]]
+    # the export traces the item back to the worklist and the file it came from
+    out = env.data.parent / "export"
+    assert main(["export", *store_args(env), "--out", str(out)]) == 0
+    (row,) = csv.DictReader((out / "labels.csv").open())
+    assert (row["worklist"], row["source_name"]) == ("incoming", "lesion0.png")
+    assert (out / row["original"]).read_bytes() == (
+        env.data / "incoming" / "lesion0.png"
+    ).read_bytes()
 
 
 def test_worklists_from_uploads_and_the_command_line(env, capsys):

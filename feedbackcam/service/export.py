@@ -69,14 +69,23 @@ def _rows(session: Session):
     by_image: dict[str, list[Item]] = {}
     for item, _ in rows:
         by_image.setdefault(item.image_path, []).append(item)
+    # one query each for the worklist entries and the originals, not one per item
+    entries = {
+        entry.feedback_id: (entry, name)
+        for entry, name in session.execute(
+            select(WorklistEntry, Worklist.name)
+            .join(Worklist, WorklistEntry.worklist_id == Worklist.id)
+            .where(WorklistEntry.feedback_id.is_not(None))
+        )
+    }
+    originals = {o.image_id: o for o in session.scalars(select(Original))}
     out = []
     for item, user in rows:
         image_id = item.image_path.rsplit("/", 1)[-1].removesuffix(".png")
-        entry = session.scalar(select(WorklistEntry).where(WorklistEntry.feedback_id == item.id))
-        worklist = session.get(Worklist, entry.worklist_id) if entry else None
+        entry, worklist = entries.get(item.id, (None, ""))
         details = {
-            "original": session.get(Original, image_id),
-            "worklist": worklist.name if worklist else "",
+            "original": originals.get(image_id),
+            "worklist": worklist,
             "source_name": entry.name if entry else "",
             "conflicts": [o for o in by_image[item.image_path] if o.label != item.label],
         }

@@ -161,6 +161,16 @@ def painted_fraction(browser, canvas="paint"):
     )
 
 
+def wait_shown(browser, element_id, timeout=10, containing=""):
+    """The element, once it is displayed and its text holds ``containing``."""
+
+    def shown(d):
+        element = d.find_element(By.ID, element_id)
+        return element.is_displayed() and containing in element.text and element
+
+    return WebDriverWait(browser, timeout).until(shown)
+
+
 def focus_page(browser):
     """Send the keys that follow to the page itself (a click on the body could land on the image
     and paint a dot)."""
@@ -185,12 +195,7 @@ def test_a_worklist_with_submit_and_next_while_an_update_runs(start, browser, mo
     app = start()
     sign_in(browser, app)
     # the worklist added with `feedbackcam worklist add` is pointed out at sign-in
-    hint = WebDriverWait(browser, 10).until(
-        lambda d: (
-            d.find_element(By.ID, "worklist-hint").is_displayed()
-            and d.find_element(By.ID, "worklist-hint")
-        )
-    )
+    hint = wait_shown(browser, "worklist-hint", 10)
     assert "incoming (4 new)" in hint.text
     Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
     predicted = wait_prediction(browser, "lesion0.png")
@@ -226,12 +231,7 @@ def test_a_worklist_with_submit_and_next_while_an_update_runs(start, browser, mo
     outcome = browser.find_element(By.ID, "outcome").text
     assert "agrees with you" in outcome or "disagrees with you" in outcome
     # the short answer is in view at 1440x900, where the clinician works (the panel is not)
-    brief = WebDriverWait(browser, 10).until(
-        lambda d: (
-            d.find_element(By.ID, "outcome-brief").is_displayed()
-            and d.find_element(By.ID, "outcome-brief")
-        )
-    )
+    brief = wait_shown(browser, "outcome-brief", 10)
     assert "Feedback #" in brief.text
     assert browser.execute_script(
         "const r = arguments[0].getBoundingClientRect();"
@@ -245,13 +245,7 @@ def test_a_worklist_with_submit_and_next_while_an_update_runs(start, browser, mo
     assert states == ["feedback", "feedback", "skipped", "reviewed"]
     # lesion2 was explained by version 1; the model changed under the clinician: they are told
     # (the notice follows the status poll: wait for the text, not for the first display)
-    notice = WebDriverWait(browser, 30).until(
-        lambda d: (
-            d.find_element(By.ID, "version-notice").is_displayed()
-            and "version 3 is now in use" in d.find_element(By.ID, "version-notice").text
-            and d.find_element(By.ID, "version-notice")
-        )
-    )
+    notice = wait_shown(browser, "version-notice", 30, containing="version 3 is now in use")
     assert "explained by version 1" in notice.text
     browser.find_element(By.ID, "re-explain").click()
     WebDriverWait(browser, 20).until(
@@ -622,9 +616,7 @@ def test_a_revoked_token_asks_for_a_new_one_and_keeps_the_painting(start, browse
     painted = painted_fraction(browser)
     assert painted > 0
     assert main(["users", "revoke", "clinician", "--data-dir", str(app["data"])]) == 0
-    dialog = WebDriverWait(browser, 10).until(
-        lambda d: d.find_element(By.ID, "resign").is_displayed() and d.find_element(By.ID, "resign")
-    )
+    dialog = wait_shown(browser, "resign", 10)
     assert "revoked" in dialog.text and "what you painted is kept" in dialog.text
     assert browser.find_element(By.ID, "app").is_displayed()  # the page stays behind the dialog
     capsys.readouterr()
@@ -652,9 +644,7 @@ def test_a_token_about_to_expire_is_said_ahead(start, browser):
     browser.get(app["url"])
     browser.find_element(By.ID, "token").send_keys(token)
     browser.find_element(By.CSS_SELECTOR, "#signin button").click()
-    banner = WebDriverWait(browser, 10).until(
-        lambda d: d.find_element(By.ID, "expiry").is_displayed() and d.find_element(By.ID, "expiry")
-    )
+    banner = wait_shown(browser, "expiry", 10)
     assert "Your sign-in expires at" in banner.text
 
 
@@ -667,12 +657,7 @@ def test_files_left_out_of_an_uploaded_worklist_stay_listed(start, browser):
     upload = browser.find_element(By.ID, "worklist-files")
     upload.send_keys("\n".join(str(f) for f in [*files, broken]))
     wait_prediction(browser, "lesion1.png")  # the first image opened (its status came and went)
-    box = WebDriverWait(browser, 10).until(
-        lambda d: (
-            d.find_element(By.ID, "worklist-skipped").is_displayed()
-            and d.find_element(By.ID, "worklist-skipped")
-        )
-    )
+    box = wait_shown(browser, "worklist-skipped", 10)
     assert "1 file(s) were left out" in box.text and "broken.png" in box.text
     browser.find_element(By.ID, "worklist-skipped-close").click()
     assert not browser.find_element(By.ID, "worklist-skipped").is_displayed()
@@ -689,9 +674,7 @@ def test_feedback_on_the_same_image_again_asks_to_replace_or_keep_both(start, br
     # the clinician corrects themselves: draws the region too, and sends again
     browser.find_element(By.ID, "from-model").click()
     browser.find_element(By.ID, "submit").click()
-    dialog = WebDriverWait(browser, 10).until(
-        lambda d: d.find_element(By.ID, "ask").is_displayed() and d.find_element(By.ID, "ask")
-    )
+    dialog = wait_shown(browser, "ask", 10)
     assert "already gave feedback on this image" in dialog.text
     next(b for b in dialog.find_elements(By.TAG_NAME, "button") if b.text == "Replace").click()
     WebDriverWait(browser, 20).until(lambda _: len(items(app)) == 2)
@@ -713,11 +696,7 @@ def test_an_invoice_gets_a_plain_words_warning_with_the_numbers_one_click_away(s
     invoice = app["tmp"] / "invoice.png"
     Image.fromarray(probe_images(256)["invoice"]).save(invoice)
     browser.find_element(By.ID, "file").send_keys(str(invoice))
-    warnings = WebDriverWait(browser, 20).until(
-        lambda d: (
-            d.find_element(By.ID, "warnings").is_displayed() and d.find_element(By.ID, "warnings")
-        )
-    )
+    warnings = wait_shown(browser, "warnings", 20)
     assert "does not look like the skin images" in warnings.text
     assert "energy" not in warnings.text and "percentile" not in warnings.text  # no jargon
     numbers = warnings.find_element(By.TAG_NAME, "details")

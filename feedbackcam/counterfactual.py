@@ -28,6 +28,28 @@ def _check(images: Tensor, masks: Tensor) -> Tensor:
     return masks.to(images.dtype)[:, None]
 
 
+def counterfactual_rows(
+    marked: Tensor, batch_size: int, share: float | None, per_row: int
+) -> tuple[Tensor, float]:
+    """The marked rows whose counterfactuals a term forwards this step, and the weight of each.
+
+    ``marked``: (K,) indices of the rows that carry the term's mask. With ``share``
+    (``FeedbackConfig.counterfactual_share``) a term that forwards ``per_row`` counterfactual
+    images per marked row takes at most ``max(1, floor(share * batch_size / per_row))`` of them,
+    drawn uniformly at random, each weighted ``K / chosen`` so that the mean over the marked
+    rows is unbiased: the same loss in expectation, at a bounded cost per step. None: all rows,
+    weight 1 (the random draw is skipped, so results do not change).
+    """
+    k = len(marked)
+    if share is None or k == 0:
+        return marked, 1.0
+    limit = max(1, int(share * batch_size / per_row))
+    if k <= limit:
+        return marked, 1.0
+    chosen = marked[torch.randperm(k)[:limit].to(marked.device)]
+    return chosen, k / limit
+
+
 def median_colour(images: Tensor, masks: Tensor) -> Tensor:
     """(N, C) median colour of each image outside its mask (the whole image if all masked)."""
     m = _check(images, masks) > 0.5
@@ -70,7 +92,11 @@ def moved_masks(masks: Tensor, recipients: Tensor, protect: Tensor | None = None
 
 
 def transplant(
-    images: Tensor, masks: Tensor, recipients: Tensor, protect: Tensor | None = None
+    images: Tensor,
+    masks: Tensor,
+    recipients: Tensor,
+    protect: Tensor | None = None,
+    donors: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Paste each image's marked artifact onto another image of the batch.
 
@@ -83,17 +109,25 @@ def transplant(
     Args:
         images: (N, C, H, W).
         masks: (N, H, W) ignore masks (empty where the image has none).
-        recipients: (N,) long, per donor row the index of the image that receives its artifact.
+        recipients: (N,) long, per donor row the index of the image that receives its artifact;
+            with ``donors``, (M,): the recipient of each of those donors.
         protect: optional (N, H, W) keep masks (empty where an image has none).
+        donors: optional (M,) long: build only these donors' rows (each row exactly as the
+            whole batch's would be); None: every image is a donor.
 
     Returns:
         (pasted, base): the recipients with the donor's artifact, and the same recipients
-        without it (both (N, C, H, W)).
+        without it (both (N, C, H, W), or (M, C, H, W) with ``donors``).
     """
     _check(images, masks)
-    m = moved_masks(masks, recipients, protect).to(images.dtype)[:, None]
-    base = fill_region(images, masks)[recipients]
-    pasted = base * (1 - m) + images * m
+    if donors is None:
+        donors = torch.arange(images.shape[0], device=images.device)
+    m = masks[donors]
+    if protect is not None:
+        m = m * (1 - (protect[recipients] > 0).to(m.dtype))
+    m = m.to(images.dtype)[:, None]
+    base = fill_region(images[recipients], masks[recipients])
+    pasted = base * (1 - m) + images[donors] * m
     return pasted, base
 
 
@@ -106,7 +140,11 @@ def dilate(masks: Tensor, radius: int) -> Tensor:
 
 
 def swap_surroundings(
-    images: Tensor, keep: Tensor, donors: Tensor, margin: float = 0.035
+    images: Tensor,
+    keep: Tensor,
+    donors: Tensor,
+    margin: float = 0.035,
+    receivers: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each image's keep region (its lesion, grown by ``margin`` of the side) on the
     surroundings of another image of the batch.
@@ -120,15 +158,22 @@ def swap_surroundings(
         images: (N, C, H, W).
         keep: (N, H, W) keep masks; a row without one gets its donor's surroundings everywhere
             (callers leave such rows out).
-        donors: (N,) long, per row the image whose surroundings it receives.
+        donors: (N,) long, per row the image whose surroundings it receives; with
+            ``receivers``, (M,): the donor of each of those receivers.
         margin: the keep region is grown by this share of the image side (the lesion's border
             and the skin right around it stay the receiver's).
+        receivers: optional (M,) long: build only these images' rows (each exactly as the whole
+            batch's would be); None: every image receives.
 
     Returns:
-        (swapped, region): the counterfactuals and the (N, H, W) grown keep regions.
+        (swapped, region): the counterfactuals and the grown keep regions of their receivers
+        ((N, ...) or (M, ...)).
     """
     _check(images, keep)
-    region = dilate(keep, int(round(margin * images.shape[-1])))
-    background = fill_region(images, region)[donors]
+    if receivers is None:
+        receivers = torch.arange(images.shape[0], device=images.device)
+    radius = int(round(margin * images.shape[-1]))
+    region = dilate(keep[receivers], radius)
+    background = fill_region(images[donors], dilate(keep[donors], radius))
     r = region.to(images.dtype)[:, None]
-    return images * r + background * (1 - r), region
+    return images[receivers] * r + background * (1 - r), region

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelSpec
-from .data.synth import CLASSES, SynthConfig, SynthDataset, make_synthderm
+from .data.synth import CLASSES, SynthDataset
 from .explain import explain
 from .fileio import write_json, write_text
 from .models import build_model
@@ -154,22 +154,20 @@ def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> 
 def _add_patch_reliance(out: Path, results: dict, cfg: DemoConfig, patched: SynthDataset) -> dict:
     """Counterfactual test: the test images with their patch, and the same images without it
     (SynthDerm changes only the patch's pixels); how many predictions does the patch decide?
-    ``patched`` is the test pool; only its test images with a patch are redrawn clean."""
+    ``patched`` is the test pool, drawn with its clean images."""
     from .checkpoint import load_checkpoint
     from .evaluate import counterfactual_flip_rate
 
-    setup = cfg.synth
-    common = {"n": setup.n_feedback, "size": setup.size, "seed": setup.seed + 1, "id_prefix": "SYN"}
     test_ids = set(json.loads((out / "splits.json").read_text())["test"])
     idx = np.array(
         [i for i, k in enumerate(patched.ids) if k in test_ids and patched.has_artifact[i]]
     )
-    clean = make_synthderm(SynthConfig(**common, confounder=None), indices=idx)
-    if clean.ids != tuple(patched.ids[i] for i in idx):
-        raise RuntimeError("the clean redraw does not match the test pool's images")
+    if patched.clean_images is None:
+        raise RuntimeError("the test pool was drawn without its clean images")
+    clean = patched.clean_images[idx]
     for name, summary in [("baseline", results["baseline"])] + list(results["runs"].items()):
         model, _, _ = load_checkpoint(out / "checkpoints" / f"{name}.pt")
-        rate = counterfactual_flip_rate(model, patched.images[idx], clean.images)
+        rate = counterfactual_flip_rate(model, patched.images[idx], clean)
         summary["patch_flip_rate"] = rate
     write_json(out / "results.json", results)
     write_text(out / "results.md", simulation_table(results, CLASSES))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,9 @@ class LossSettings(Protocol):
 
     @property
     def class_weights(self) -> Sequence[float] | None: ...
+
+    @property
+    def counterfactual_share(self) -> float | None: ...  # most counterfactual rows per term
 
 
 class LossContext(Protocol):
@@ -422,45 +425,54 @@ def _unkept(inputs: LossContext) -> Tensor:
     return inputs.ignore * (inputs.keep <= 0).to(inputs.ignore.dtype)
 
 
-def _moved_logits(inputs: LossContext, *, blank: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Logits of the counterfactuals built by moving each marked artifact onto another image of
-    the batch: (recipients, logits of the marked images with their region filled, [logits of
-    the recipients carrying the donor's artifact] + with ``blank`` [the recipients with the
-    donor's region filled instead]). Each recipient's own marked region is filled first, and
-    neither the artifact nor its fill lands on the recipient's keep region."""
-    from .counterfactual import fill_region, moved_masks, transplant
+class Moved(NamedTuple):
+    """Per image: logits ``filled``, ``moved`` (recipient + artifact [, + fill]), and ``weight``
+    (what its loss counts; 0 where no counterfactual was formed)."""
+
+    recipients: Tensor
+    filled: Tensor
+    moved: list[Tensor]
+    weight: Tensor
+
+
+def _moved_logits(inputs: LossContext, *, blank: bool) -> Moved:
+    """Logits of each marked artifact moved onto another image of the batch (the recipient's own
+    marked region filled first; nothing lands on its keep region)."""
+    from .counterfactual import counterfactual_rows, fill_region, moved_masks, transplant
 
     images = inputs.images.detach()
     ignore = _unkept(inputs)
     n = images.shape[0]
     shift = int(torch.randint(1, max(n, 2), ()))
     recipients = (torch.arange(n, device=images.device) + shift) % n
-    filled = fill_region(images, ignore)
-    pasted, base = transplant(images, ignore, recipients, protect=inputs.keep)
-    landed = moved_masks(ignore, recipients, inputs.keep)
-    variants = [filled, pasted] + ([fill_region(base, landed)] if blank else [])
-    # Only the marked images' counterfactuals are new: an unmarked image filled is itself, and
-    # an unmarked donor's row is left out of the loss's mean. Forward just those rows (on the
-    # demo's data a third of the batch) and reuse the step's own logits for the rest.
-    donors = feedback_present(ignore).nonzero().squeeze(1)
-    same = [inputs.logits, *[inputs.logits[recipients]] * (len(variants) - 1)]
+    same = [inputs.logits, *[inputs.logits[recipients]] * (2 if blank else 1)]
+    # Only marked rows get counterfactuals (at most counterfactual_share of the batch's).
+    present = feedback_present(ignore).nonzero().squeeze(1)
+    donors, w = counterfactual_rows(present, n, inputs.cfg.counterfactual_share, len(same))
+    weight = inputs.logits.new_zeros(n)
     if len(donors) == 0:
-        return recipients, same[0], same[1:]
-    out = inputs.forward(torch.cat([v[donors] for v in variants])).split(len(donors))
+        return Moved(recipients, same[0], same[1:], weight)
+    weight[donors] = w
+    r = recipients[donors]
+    filled = fill_region(images[donors], ignore[donors])
+    pasted, base = transplant(images, ignore, r, protect=inputs.keep, donors=donors)
+    variants = [filled, pasted]
+    if blank:
+        variants.append(fill_region(base, moved_masks(ignore[donors], r, inputs.keep)))
+    out = inputs.forward(torch.cat(variants)).split(len(donors))
     lf, *moved = [s.index_copy(0, donors, o.to(s.dtype)) for s, o in zip(same, out, strict=True)]
-    return recipients, lf, moved
+    return Moved(recipients, lf, moved, weight)
 
 
 def _moved_artifacts(inputs: LossContext, *, blank: bool) -> Tensor:
-    """The fill term of "invariance", plus each marked artifact moved onto another image of the
-    batch (its own marked region filled first, its label kept) with CE and a KL to that image;
-    with ``blank``, also the recipient with the donor's region filled instead of pasted."""
-    recipients, lf, moved = _moved_logits(inputs, blank=blank)
+    """The fill term of "invariance", plus each marked artifact moved onto another image (CE
+    with its label and a KL to it) [and, with ``blank``, the recipient with the region filled]."""
+    recipients, lf, moved, weight = _moved_logits(inputs, blank=blank)
     loss = _ce(lf, inputs.labels, inputs.cfg) + _kl(inputs.logits, lf)
     for lm in moved:
         loss = loss + _ce(lm, inputs.labels[recipients], inputs.cfg)
         loss = loss + _kl(lf[recipients], lm)
-    return loss
+    return weight * loss
 
 
 @register_loss("invariance_transplant", needs="ignore")
@@ -495,12 +507,12 @@ def _invariance_mass_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     every labelled term by :func:`label_mass_weights` keeps the marked images' label, the signal
     that teaches the class without its artifact, at that class's share.
     """
-    recipients, lf, (lm,) = _moved_logits(inputs, blank=False)
+    recipients, lf, (lm,), weight = _moved_logits(inputs, blank=False)
     y, yr = inputs.labels, inputs.labels[recipients]
-    donors = feedback_present(_unkept(inputs))
+    donors = weight > 0
     w = label_mass_weights(y, torch.cat([y[donors], yr[donors]]), lf.shape[1]).to(lf.dtype)
     loss = w[y] * _ce(lf, y, cfg) + _kl(inputs.logits, lf)
-    return loss + w[yr] * _ce(lm, yr, cfg) + _kl(lf[recipients], lm)
+    return weight * (loss + w[yr] * _ce(lm, yr, cfg) + _kl(lf[recipients], lm))
 
 
 @register_loss("invariance_swap", needs="ignore")
@@ -524,10 +536,10 @@ def _invariance_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     rectangle means that class", a new shortcut (docs/shortcuts.md, SynthDerm). Here the
     artifact and the fill each appear with the labels of random recipients only.
     """
-    recipients, lf, (lp, lb) = _moved_logits(inputs, blank=True)
+    recipients, lf, (lp, lb), weight = _moved_logits(inputs, blank=True)
     y = inputs.labels[recipients]
     ce = _ce(lp, y, cfg) + _ce(lb, y, cfg)
-    return _kl(inputs.logits, lf) + ce + _kl(lb, lp)
+    return weight * (_kl(inputs.logits, lf) + ce + _kl(lb, lp))
 
 
 @register_loss("invariance_anchored", needs="ignore")
@@ -542,10 +554,10 @@ def _invariance_anchored(inputs: LossContext, cfg: LossSettings) -> Tensor:
     takes that class away from them, its evidence and its offset alike (experiments/
     bias_terms.py). Anchored, the filled image must find the class without the artifact.
     """
-    recipients, lf, (lp, lb) = _moved_logits(inputs, blank=True)
+    recipients, lf, (lp, lb), weight = _moved_logits(inputs, blank=True)
     y = inputs.labels[recipients]
     ce = _ce(lp, y, cfg) + _ce(lb, y, cfg)
-    return _kl(inputs.logits.detach(), lf) + ce + _kl(lb, lp)
+    return weight * (_kl(inputs.logits.detach(), lf) + ce + _kl(lb, lp))
 
 
 # ------------------------------------------------- a loss that learns from keep masks alone
@@ -568,7 +580,7 @@ def _surroundings(inputs: LossContext, cfg: LossSettings) -> Tensor:
     mass; nothing is painted over a lesion (the receiver's keep region is kept, the donor's is
     filled). Artifacts the user never marked change with the surroundings, so none can decide.
     """
-    from .counterfactual import swap_surroundings
+    from .counterfactual import counterfactual_rows, swap_surroundings
 
     loss = inputs.logits.new_zeros(inputs.labels.shape)
     marked = feedback_present(inputs.keep).nonzero().squeeze(1)
@@ -576,10 +588,13 @@ def _surroundings(inputs: LossContext, cfg: LossSettings) -> Tensor:
     if k < 2:  # no other marked image to borrow surroundings from
         return loss
     shift = int(torch.randint(1, k, ()))
-    donors = (torch.arange(k, device=marked.device) + shift) % k
-    images, keep = inputs.images.detach()[marked], inputs.keep[marked]
-    swapped, _ = swap_surroundings(images, keep, donors, SURROUNDINGS_MARGIN)
+    share = inputs.cfg.counterfactual_share
+    chosen, w = counterfactual_rows(torch.arange(k, device=marked.device), len(loss), share, 1)
+    receivers, donors = marked[chosen], marked[(chosen + shift) % k]
+    swapped, _ = swap_surroundings(
+        inputs.images.detach(), inputs.keep, donors, SURROUNDINGS_MARGIN, receivers=receivers
+    )
     ls = inputs.forward(swapped)
-    y = inputs.labels[marked]
-    per = _ce(ls, y, cfg) + _kl(inputs.logits[marked], ls)
-    return loss.index_copy(0, marked, per.to(loss.dtype))
+    y = inputs.labels[receivers]
+    per = w * (_ce(ls, y, cfg) + _kl(inputs.logits[receivers], ls))
+    return loss.index_copy(0, receivers, per.to(loss.dtype))

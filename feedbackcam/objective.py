@@ -88,6 +88,11 @@ class FeedbackConfig:
             explanation term's share of the gradient rather than of raw loss sizes; set it with
             :func:`feedbackcam.balance.calibrate_loss_scale` (the two terms' gradients equal
             at the start, as Ross et al. advise) instead of hand-tuned constants.
+        counterfactual_share: the most counterfactual rows a term that builds them (the
+            surroundings loss, the invariance losses) forwards per step, as a share of the
+            batch; when more rows are marked, that many are drawn at random and weighted so
+            that the mean stays unbiased (:func:`feedbackcam.counterfactual.counterfactual_rows`):
+            the same loss in expectation at a bounded cost. None: every marked row.
         auto_scale: let the training loops that own a whole fine-tuning (``simulate``, the
             app's updates) set ``loss_scale`` before their first step with
             :func:`feedbackcam.balance.auto_scaled`: the explanation term's gradient then
@@ -113,6 +118,7 @@ class FeedbackConfig:
     surroundings_scale: float | None = None
     ignore_loss: str | None = losses.DEFAULT_IGNORE_LOSS
     ignore_scale: float | None = None
+    counterfactual_share: float | None = None
     auto_scale: bool = False
 
     @classmethod
@@ -136,6 +142,11 @@ class FeedbackConfig:
             )
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
+        share = self.counterfactual_share
+        if share is not None and not (0 < share <= 1):
+            raise ValueError(
+                f"counterfactual_share: expected a value in (0, 1] or None, got {share!r}"
+            )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
         for name in ("loss_scale", *(scale for _, scale, _ in ADDED_TERMS)):
@@ -153,13 +164,22 @@ class FeedbackConfig:
                 )
 
 
+def _given(masks: Tensor, flags: Tensor | None) -> Tensor:
+    """``masks`` with the rows whose flag is off zeroed."""
+    if flags is None:
+        return masks
+    return masks * flags.to(device=masks.device, dtype=masks.dtype)[:, None, None]
+
+
 class LossInputs:
     """What an explanation loss may use, computed lazily from one forward pass.
 
     Attributes:
         model, images, logits (float), activations, labels, cfg: the step's forward pass.
-        keep: (N, H, W) keep masks (the region that matters; zeros where there is none).
-        ignore: (N, H, W) ignore masks (a region that must not matter), or None.
+        keep: (N, H, W) keep masks (the region that matters; zeros where there is none or its
+            flag ``has_mask`` is off).
+        ignore: (N, H, W) ignore masks (a region that must not matter; zeros where its flag
+            ``has_ignore`` is off), or None.
     """
 
     def __init__(self, model, out, images: Tensor, batch: FeedbackBatch, cfg: FeedbackConfig):
@@ -167,8 +187,10 @@ class LossInputs:
         self.logits = out.logits.float()
         self.activations = out.activations
         self.labels = batch.labels
-        self.keep = batch.masks
-        self.ignore = batch.ignore
+        # A mask whose flag is off is not feedback: it is neither learnt from nor protected,
+        # and no counterfactual is built from it (the flags decide, not the arrays).
+        self.keep = _given(batch.masks, batch.has_mask)
+        self.ignore = None if batch.ignore is None else _given(batch.ignore, batch.has_ignore)
         self._input_grads: Tensor | None = None
 
     @property
@@ -299,6 +321,14 @@ class FeedbackLoss(NamedTuple):
     terms: dict[str, Tensor]
 
 
+def _unused(where: Tensor) -> bool:
+    """True when no row needs a term and knowing so costs no host synchronisation (the flags
+    are on the CPU). On a GPU every term runs and is masked instead (no data-dependent
+    branch); on a CPU a term no row needs would cost a whole explanation pass for nothing
+    (docs/benchmarks.md)."""
+    return where.device.type == "cpu" and not bool(where.any())
+
+
 def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConfig) -> FeedbackLoss:
     """The combined loss of eq. 4.1 on ``batch``: one forward pass (under bf16 autocast if
     ``cfg.precision`` says so), the cross-entropy, and every :func:`loss_terms` term averaged
@@ -326,7 +356,11 @@ def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConf
             inputs = LossInputs(model, out, images, batch, cfg)
             loss_exp = None
             for term, where in zip(terms, present, strict=True):
-                value = term.scale * losses.masked_mean(term.loss.fn(inputs, cfg).float(), where)
+                if _unused(where):
+                    value = loss_cls.new_zeros(())  # what masked_mean gives, at no cost
+                else:
+                    per_sample = term.loss.fn(inputs, cfg).float()
+                    value = term.scale * losses.masked_mean(per_sample, where)
                 values[term.name] = value
                 loss_exp = value if loss_exp is None else loss_exp + value
         else:

@@ -15,7 +15,13 @@ import numpy as np
 from .checkpoint import ModelSpec, load_checkpoint
 from .data.dataset import ArrayDataset
 from .data.splits import split_feedback
-from .data.synth import CLASSES, SynthConfig, SynthDataset, as_array_dataset, make_synthderm
+from .data.synth import (
+    CLASSES,
+    SynthConfig,
+    SynthDataset,
+    as_array_dataset,
+    make_synthderm_versions,
+)
 from .self_explaining import SelfExplaining
 
 
@@ -110,24 +116,28 @@ def seen_ids_of(payload: dict[str, Any]) -> tuple[str, ...]:
 
 def synth_simulation_data(setup: SynthSetup) -> tuple[SimulationData, SynthDataset]:
     """Base set, feedback pool, and the pool redrawn with a class-independent confounder for
-    the test split (same lesions; only the artifact is re-drawn at random)."""
+    the test split (same lesions; only the artifact is re-drawn at random). The returned test
+    pool also holds its images without their artifact (``clean_images``), for the
+    counterfactual test of how often the artifact decides."""
 
-    def make(n: int, seed: int, rate: float) -> SynthDataset:
-        return make_synthderm(
-            SynthConfig(
-                n=n,
-                size=setup.size,
-                seed=seed,
-                confounder=setup.confounder,
-                confounder_class=setup.confounder_class,
-                confounder_rate=rate,
-                id_prefix="SYNBASE" if seed == setup.seed else "SYN",
-            )
+    def config(n: int, seed: int, prefix: str) -> SynthConfig:
+        return SynthConfig(
+            n=n,
+            size=setup.size,
+            seed=seed,
+            confounder=setup.confounder,
+            confounder_class=setup.confounder_class,
+            confounder_rate=setup.confounder_rate,
+            id_prefix=prefix,
         )
 
-    base = make(setup.n_base, setup.seed, setup.confounder_rate)
-    pool = make(setup.n_feedback, setup.seed + 1, setup.confounder_rate)
-    test_pool = make(setup.n_feedback, setup.seed + 1, 0.5)
+    (base,) = make_synthderm_versions(
+        config(setup.n_base, setup.seed, "SYNBASE"), (setup.confounder_rate,)
+    )
+    # the pool and its test version share every lesion: each image is drawn once
+    pool, test_pool = make_synthderm_versions(
+        config(setup.n_feedback, setup.seed + 1, "SYN"), (setup.confounder_rate, 0.5), clean=True
+    )
     target = CLASSES.index(setup.confounder_class)
     conflicting = test_pool.has_artifact != (test_pool.labels == target)
     data = SimulationData(

@@ -25,7 +25,12 @@ units, so a sample looks the same at any resolution; line widths are chosen to s
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +38,7 @@ import numpy as np
 
 from .dataset import ArrayDataset
 from .records import ATTRIBUTES
-from .synth_render import render
+from .synth_render import render, render_versions
 
 CLASSES = ("NV", "MEL", "BKL")
 CONFOUNDERS = ("patch", "ruler")
@@ -110,6 +115,9 @@ class SynthDataset:
         classes: Class names, ``CLASSES``.
         lesion_masks: uint8 ``(N, H, W)`` lesion segmentation (body plus streak zone), or
             ``None`` when the dataset was built by hand without one.
+        clean_images: uint8 ``(N, H, W, 3)``, the same images without their artifact (the
+            counterfactual a shortcut test needs), or ``None`` when not drawn
+            (:func:`make_synthderm_versions` with ``clean=True`` draws them).
     """
 
     images: np.ndarray
@@ -121,6 +129,7 @@ class SynthDataset:
     ids: tuple[str, ...]
     classes: tuple[str, ...] = CLASSES
     lesion_masks: np.ndarray | None = None
+    clean_images: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -138,6 +147,7 @@ class SynthDataset:
             ids=tuple(self.ids[i] for i in idx),
             classes=self.classes,
             lesion_masks=None if self.lesion_masks is None else self.lesion_masks[idx],
+            clean_images=None if self.clean_images is None else self.clean_images[idx],
         )
 
 
@@ -166,39 +176,117 @@ def make_synthderm(
     """
     if not isinstance(config, SynthConfig):
         raise TypeError(f"config must be a SynthConfig, got {type(config).__name__}")
+    return make_synthderm_versions(config, (config.confounder_rate,), indices)[0]
+
+
+def make_synthderm_versions(
+    config: SynthConfig,
+    rates: Sequence[float | None],
+    indices: Sequence[int] | None = None,
+    *,
+    clean: bool = False,
+) -> tuple[SynthDataset, ...]:
+    """One SynthDerm split at several confounder rates, each image drawn once.
+
+    Version ``k`` equals ``make_synthderm(replace(config, confounder_rate=rates[k]), indices)``
+    (``None``: ``confounder=None``, no artifact anywhere): the artifact coin and the artifact
+    are drawn from their own streams, so the versions share every lesion and differ only where
+    an image's artifact is drawn in one and not in another. Drawing the versions together costs
+    one rendering per image instead of one per version. ``clean``: every version also holds
+    ``clean_images``, its images without their artifact.
+    """
+    if not isinstance(config, SynthConfig):
+        raise TypeError(f"config must be a SynthConfig, got {type(config).__name__}")
+    for rate in rates:
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rates must be in [0, 1] or None, got {rate!r}")
     order = range(config.n) if indices is None else [int(i) for i in indices]
     if any(not 0 <= i < config.n for i in order):
         raise ValueError(f"indices: expected values in [0, {config.n}), got {list(indices)}")
-    n, s = len(order), config.size
-    images = np.empty((n, s, s, 3), np.uint8)
+    n, s, v = len(order), config.size, len(rates)
+    images = np.empty((v, n, s, s, 3), np.uint8)
+    clean_images = np.empty((n, s, s, 3), np.uint8) if clean else None
     attributes = np.empty((n, len(ATTRIBUTES), s, s), np.uint8)
-    artifact_masks = np.empty((n, s, s), np.uint8)
+    artifact_masks = np.zeros((v, n, s, s), np.uint8)
     lesion_masks = np.empty((n, s, s), np.uint8)
     labels = np.empty(n, np.int64)
-    has_artifact = np.zeros(n, bool)
-    probs = np.asarray(config.class_probs, dtype=float)
-    probs = probs / probs.sum()
-    target = CLASSES.index(config.confounder_class)
-    for row, i in enumerate(order):
-        rng = np.random.default_rng([config.seed, i])
-        label = int(rng.choice(len(CLASSES), p=probs))
-        # The coin is drawn even without a confounder so the images do not depend on it.
-        coin = rng.random()
-        rate = config.confounder_rate if label == target else 1.0 - config.confounder_rate
-        has_artifact[row] = config.confounder is not None and coin < rate
-        sample = render(rng, label, s, config.confounder if has_artifact[row] else None)
-        images[row], attributes[row], artifact_masks[row], lesion_masks[row] = sample
-        labels[row] = label
-    return SynthDataset(
-        images=images,
-        masks=attributes.max(axis=1, initial=0),
-        attributes=attributes,
-        labels=labels,
-        has_artifact=has_artifact,
-        artifact_masks=artifact_masks,
-        ids=tuple(f"{config.id_prefix}_{config.seed}_{i:06d}" for i in order),
-        lesion_masks=lesion_masks,
+    has_artifact = np.zeros((v, n), bool)
+    for row, (label, has, plain, patched, attrs, art_mask, lesion) in enumerate(
+        _draw_all(config, tuple(rates), list(order))
+    ):
+        has_artifact[:, row] = has
+        for k in range(v):
+            if has[k]:
+                images[k, row], artifact_masks[k, row] = patched, art_mask
+            else:
+                images[k, row] = plain
+        if clean_images is not None:
+            clean_images[row] = plain
+        attributes[row], lesion_masks[row], labels[row] = attrs, lesion, label
+    masks = attributes.max(axis=1, initial=0)
+    ids = tuple(f"{config.id_prefix}_{config.seed}_{i:06d}" for i in order)
+    return tuple(
+        SynthDataset(
+            images=images[k],
+            masks=masks,
+            attributes=attributes,
+            labels=labels,
+            has_artifact=has_artifact[k],
+            artifact_masks=artifact_masks[k],
+            ids=ids,
+            lesion_masks=lesion_masks,
+            clean_images=clean_images,
+        )
+        for k in range(v)
     )
+
+
+# Below this many images the drawing stays in this process (starting workers costs more).
+_PARALLEL_FROM = 64
+
+
+def _draw(config: SynthConfig, rates: tuple[float | None, ...], i: int):
+    """Sample ``i`` of a split: (label, has-artifact per rate, clean image, image with the
+    artifact or None, attributes, artifact mask, lesion mask)."""
+    rng = np.random.default_rng([config.seed, i])
+    probs = np.asarray(config.class_probs, dtype=float)
+    label = int(rng.choice(len(CLASSES), p=probs / probs.sum()))
+    # The coin is drawn even without a confounder so the images do not depend on it.
+    coin = rng.random()
+    target = CLASSES.index(config.confounder_class)
+    has = [
+        config.confounder is not None
+        and rate is not None
+        and coin < (rate if label == target else 1.0 - rate)
+        for rate in rates
+    ]
+    artifact = config.confounder if any(has) else None
+    return (label, has, *render_versions(rng, label, config.size, artifact))
+
+
+def _draw_chunk(config: SynthConfig, rates: tuple[float | None, ...], order: list[int]):
+    return [_draw(config, rates, i) for i in order]
+
+
+def _draw_all(config: SynthConfig, rates: tuple[float | None, ...], order: list[int]):
+    """Every sample of ``order``, drawn in worker processes when there are many and the
+    platform forks cheaply (Linux); each sample has its own random stream, so the result does
+    not depend on how the work is split."""
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8)
+    daemon = multiprocessing.current_process().daemon  # may not start processes of its own
+    if len(order) < _PARALLEL_FROM or workers < 2 or sys.platform != "linux" or daemon:
+        return _draw_chunk(config, rates, order)
+    chunks = [order[k::workers] for k in range(workers)]
+    try:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            parts = list(pool.map(_draw_chunk, [config] * workers, [rates] * workers, chunks))
+    except (OSError, BrokenProcessPool):  # no processes to be had: draw here
+        return _draw_chunk(config, rates, order)
+    drawn = [None] * len(order)
+    for k, part in enumerate(parts):
+        drawn[k::workers] = part
+    return drawn
 
 
 def render_sample(

@@ -94,6 +94,18 @@ def _canvas(size: int) -> _Canvas:
 def render(
     rng: np.random.Generator, label: int, size: int, artifact: str | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(image, attributes, artifact mask, lesion mask) of one sample, with ``artifact`` drawn
+    (None: none)."""
+    clean, patched, attrs, art_mask, lesion = render_versions(rng, label, size, artifact)
+    return (clean if artifact is None else patched), attrs, art_mask, lesion
+
+
+def render_versions(
+    rng: np.random.Generator, label: int, size: int, artifact: str | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]:
+    """One sample without and with its artifact: (clean image, image with ``artifact`` or
+    None, attributes, artifact mask, lesion mask). The artifact has its own random stream, so
+    the clean image is the one drawn with ``artifact=None``."""
     art_rng = np.random.default_rng(rng.integers(2**63))
     cv = _canvas(size)
     img = _skin(rng, cv)
@@ -103,13 +115,17 @@ def render(
     _hairs(rng, cv, img)
     vignette = _vignette(rng, cv)
     grain = rng.normal(0.0, 0.012, img.shape).astype(_F32)
+
+    def finish(img: np.ndarray) -> np.ndarray:
+        return np.clip((img * vignette[..., None] + grain) * 255 + 0.5, 0, 255).astype(np.uint8)
+
+    clean, patched = finish(img), None
     art_mask = np.zeros((size, size), bool)
     if artifact is not None:
         art_mask = _artifact(art_rng, artifact, cv, img, lesion_mask)
-    img = img * vignette[..., None] + grain
-    image = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+        patched = finish(img)
     u8 = np.uint8
-    return image, attrs.astype(u8), art_mask.astype(u8), lesion_mask.astype(u8)
+    return clean, patched, attrs.astype(u8), art_mask.astype(u8), lesion_mask.astype(u8)
 
 
 def _skin(rng: np.random.Generator, cv: _Canvas) -> np.ndarray:

@@ -10,7 +10,16 @@ send), ``registry.py`` (the served model and its versions), ``update.py`` (fine-
 ``static/`` (the page, no build step).
 """
 
-from .app import create_app
 from .settings import Settings
 
 __all__ = ["Settings", "create_app"]
+
+
+def __getattr__(name: str):
+    # The app (FastAPI, SQLAlchemy, the model registry) loads when it is first asked for, so
+    # that the command line's other commands (the demo, simulate) do not pay for it at start.
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,115 @@
+"""What a feedback step costs (issue 21): counterfactual rows only for flagged marks, a bounded
+number of them per step with an unbiased weight, and no term run when no row needs it. Speed
+itself is measured in bench/feedback_step.py, never here; these tests count rows and calls."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from feedbackcam import counterfactual as cf
+from feedbackcam import losses
+from feedbackcam.data.dataset import FeedbackBatch
+from feedbackcam.models import small_cnn
+from feedbackcam.objective import FeedbackConfig, feedback_loss
+
+
+def _batch(n=12, size=32, marked=3, kind="ignore", seed=0) -> FeedbackBatch:
+    """Every row holds a mask array; only the first ``marked`` rows are flagged as feedback."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g)
+    flags = torch.arange(n) < marked
+    keep = torch.zeros(n, size, size)
+    keep[:, 8:24, 8:24] = 1
+    ignore = torch.zeros(n, size, size)
+    ignore[:, :6, :6] = 1
+    labels = torch.arange(n) % 3
+    if kind == "ignore":
+        return FeedbackBatch(images, labels, keep, torch.zeros(n, dtype=torch.bool), ignore, flags)
+    return FeedbackBatch(images, labels, keep, flags)
+
+
+class _Counting(torch.nn.Module):
+    """A model that records the number of rows of every forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = small_cnn(num_classes=3, width=8)
+        self.rows: list[int] = []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.net(x)
+
+
+def test_only_flagged_marks_make_counterfactuals_and_their_loss_is_the_flagged_rows_alone():
+    """Unflagged rows hold mask arrays too (as a prepared set's rows can): they must cost
+    nothing and change nothing; the loss equals that of the batch with those arrays emptied."""
+    b = _batch(marked=3)
+    cfg = FeedbackConfig(lam=1.0)
+    model = _Counting()
+    torch.manual_seed(1)
+    full = feedback_loss(model, b, cfg)
+    assert model.rows == [12, 3 * 3]  # the batch, then filled/pasted/blanked of 3 donors
+    emptied = b._replace(ignore=b.ignore * b.has_ignore[:, None, None])
+    torch.manual_seed(1)
+    clean = feedback_loss(model, emptied, cfg)
+    assert full.loss.item() == pytest.approx(clean.loss.item(), rel=1e-6)
+    assert set(full.terms) == {"jaccard", "surroundings", "invariance_balanced"}
+    # no keep mask is flagged: the keep terms run no pass and count 0, as masked_mean would
+    assert full.terms["jaccard"].item() == 0 and full.terms["surroundings"].item() == 0
+
+
+def test_a_term_no_row_needs_runs_nothing_on_the_cpu(monkeypatch):
+    calls = []
+    entry = losses.get_loss("jaccard")
+    counted = dataclasses.replace(entry, fn=lambda *a: calls.append(1) or entry.fn(*a))
+    monkeypatch.setitem(losses.EXPLANATION_LOSSES, "jaccard", counted)
+    model = _Counting()
+    feedback_loss(model, _batch(marked=3), FeedbackConfig(lam=1.0))
+    assert calls == []  # the batch has no flagged keep mask
+    feedback_loss(model, _batch(marked=3, kind="keep"), FeedbackConfig(lam=1.0))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("kind, per_row", [("ignore", 3), ("keep", 1)])
+def test_counterfactual_share_bounds_the_rows_forwarded_per_term(kind, per_row):
+    b = _batch(n=12, marked=12, kind=kind)
+    model = _Counting()
+    feedback_loss(model, b, FeedbackConfig(lam=1.0))
+    assert model.rows[1:] == [12 * per_row]  # every marked row
+    model.rows.clear()
+    feedback_loss(model, b, FeedbackConfig(lam=1.0, counterfactual_share=0.5))
+    assert model.rows[1:] == [max(1, int(0.5 * 12 / per_row)) * per_row]
+    with pytest.raises(ValueError, match="counterfactual_share"):
+        FeedbackConfig(counterfactual_share=0.0)
+
+
+def test_the_drawn_rows_weigh_so_that_the_mean_is_unbiased():
+    marked = torch.tensor([0, 2, 3, 5, 7, 8, 9])
+    values = torch.arange(10.0) ** 2
+    exact = values[marked].mean()
+    torch.manual_seed(0)
+    total, draws = 0.0, 4000
+    for _ in range(draws):
+        chosen, w = cf.counterfactual_rows(marked, batch_size=10, share=0.3, per_row=1)
+        assert len(chosen) == 3 and set(chosen.tolist()) <= set(marked.tolist())
+        total += float((w * values[chosen]).sum()) / len(marked)
+    assert total / draws == pytest.approx(float(exact), rel=0.03)
+    same, w = cf.counterfactual_rows(marked, batch_size=10, share=None, per_row=3)
+    assert torch.equal(same, marked) and w == 1.0
+
+
+def test_row_subsets_of_counterfactuals_equal_the_whole_batchs_rows():
+    b = _batch(n=6, marked=6)
+    recipients = torch.tensor([1, 2, 3, 4, 5, 0])
+    pasted, base = cf.transplant(b.images, b.ignore, recipients, protect=b.masks)
+    donors = torch.tensor([4, 1])
+    p2, b2 = cf.transplant(b.images, b.ignore, recipients[donors], b.masks, donors=donors)
+    assert torch.equal(p2, pasted[donors]) and torch.equal(b2, base[donors])
+    swapped, region = cf.swap_surroundings(b.images, b.masks, recipients, 0.05)
+    s2, r2 = cf.swap_surroundings(b.images, b.masks, recipients[donors], 0.05, receivers=donors)
+    assert torch.equal(s2, swapped[donors]) and torch.equal(r2, region[donors])

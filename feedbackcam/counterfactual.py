@@ -122,10 +122,7 @@ def transplant(
     _check(images, masks)
     if donors is None:
         donors = torch.arange(images.shape[0], device=images.device)
-    m = masks[donors]
-    if protect is not None:
-        m = m * (1 - (protect[recipients] > 0).to(m.dtype))
-    m = m.to(images.dtype)[:, None]
+    m = moved_masks(masks[donors], recipients, protect).to(images.dtype)[:, None]
     base = fill_region(images[recipients], masks[recipients])
     pasted = base * (1 - m) + images[donors] * m
     return pasted, base
@@ -172,8 +169,8 @@ def swap_surroundings(
     _check(images, keep)
     if receivers is None:
         receivers = torch.arange(images.shape[0], device=images.device)
-    radius = int(round(margin * images.shape[-1]))
-    region = dilate(keep[receivers], radius)
-    background = fill_region(images[donors], dilate(keep[donors], radius))
+    grown = dilate(keep, int(round(margin * images.shape[-1])))
+    region = grown[receivers]
+    background = fill_region(images[donors], grown[donors])
     r = region.to(images.dtype)[:, None]
     return images[receivers] * r + background * (1 - r), region

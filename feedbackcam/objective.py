@@ -92,7 +92,9 @@ class FeedbackConfig:
             surroundings loss, the invariance losses) forwards per step, as a share of the
             batch; when more rows are marked, that many are drawn at random and weighted so
             that the mean stays unbiased (:func:`feedbackcam.counterfactual.counterfactual_rows`):
-            the same loss in expectation at a bounded cost. None: every marked row.
+            the same loss in expectation at a bounded cost. None: every marked row. The default,
+            0.5, keeps an ignore-feedback step within ~1.4x a classification-only one on a CPU
+            (docs/benchmarks.md); at batch 1 nothing is sampled.
         auto_scale: let the training loops that own a whole fine-tuning (``simulate``, the
             app's updates) set ``loss_scale`` before their first step with
             :func:`feedbackcam.balance.auto_scaled`: the explanation term's gradient then
@@ -118,7 +120,7 @@ class FeedbackConfig:
     surroundings_scale: float | None = None
     ignore_loss: str | None = losses.DEFAULT_IGNORE_LOSS
     ignore_scale: float | None = None
-    counterfactual_share: float | None = None
+    counterfactual_share: float | None = 0.5
     auto_scale: bool = False
 
     @classmethod

@@ -16,7 +16,7 @@ def test_quick_demo_writes_the_report_and_explanation_feedback_beats_the_baselin
     assert "<table>" in page and page.count("data:image/png;base64,") >= 4
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"baseline", "runs"}
-    assert set(results["runs"]) == {"cls", "exp", "combined"}
+    assert set(results["runs"]) == {"cls", "combined"}  # the quick demo's two modes
     assert set(results["baseline"]) >= RUN_KEYS
     for run in results["runs"].values():
         assert RUN_KEYS | {"best_epoch"} <= set(run)
@@ -27,7 +27,7 @@ def test_quick_demo_writes_the_report_and_explanation_feedback_beats_the_baselin
     base = results["baseline"]["patch_flip_rate"]
     assert base >= 0.3
     fed = results["runs"]["combined"]
-    assert fed["patch_flip_rate"] <= 0.7 * base
+    assert fed["patch_flip_rate"] <= 0.5 * base  # issue 21: at most half the baseline's
     assert min(fed["sensitivity"].values()) >= 0.2
     assert (
         fed["groups"]["artifact misleads"]["accuracy"]
@@ -39,4 +39,4 @@ def test_quick_demo_writes_the_report_and_explanation_feedback_beats_the_baselin
         fed[k] not in (None, 1.0) for k in ("loss_scale", "ignore_scale", "surroundings_scale")
     )
     config = json.loads((out / "config.json").read_text())
-    assert config["simulation"]["modes"] == ["cls", "exp", "combined"]
+    assert config["simulation"]["modes"] == ["cls", "combined"]

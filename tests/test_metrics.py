@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from feedbackcam.metrics import (
     ClassificationMetrics,
@@ -66,6 +66,25 @@ def test_auc_matches_sklearn_one_vs_rest():
     for k, name in enumerate(NAMES):
         assert m.per_class[name].auc == pytest.approx(per_class_ref[k])
         assert m.per_class[name].auc == pytest.approx(roc_auc_score(y == k, prob[:, k]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_numpy_scores_equal_sklearns_with_ties_and_absent_classes(seed):
+    """The metrics are computed in numpy (no scikit-learn import on the command line's path);
+    they must equal scikit-learn's, ties in the scores and never-predicted classes included."""
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(5, 60)), 4
+    y = rng.integers(0, c - (seed % 2), n)  # odd seeds: the last class never present
+    prob = np.round(random_probs(n, c, seed=seed), 1)  # rounding makes ties
+    m = classification_metrics(y, prob, ["A", "B", "C", "D"])
+    pred = prob.argmax(1)
+    f1 = f1_score(y, pred, labels=range(c), average=None, zero_division=np.nan)
+    assert m.accuracy == pytest.approx(accuracy_score(y, pred))
+    for k, name in enumerate("ABCD"):
+        cls = m.per_class[name]
+        assert np.isnan(cls.f1) if np.isnan(f1[k]) else cls.f1 == pytest.approx(f1[k])
+        if 0 < (y == k).sum() < n:
+            assert cls.auc == pytest.approx(roc_auc_score(y == k, prob[:, k]))
 
 
 def test_absent_class_is_nan_and_excluded_from_avg_sensitivity():

@@ -49,7 +49,7 @@ def test_only_flagged_marks_make_counterfactuals_and_their_loss_is_the_flagged_r
     """Unflagged rows hold mask arrays too (as a prepared set's rows can): they must cost
     nothing and change nothing; the loss equals that of the batch with those arrays emptied."""
     b = _batch(marked=3)
-    cfg = FeedbackConfig(lam=1.0)
+    cfg = FeedbackConfig(lam=1.0, counterfactual_share=None)  # every marked row
     model = _Counting()
     torch.manual_seed(1)
     full = feedback_loss(model, b, cfg)
@@ -79,11 +79,14 @@ def test_a_term_no_row_needs_runs_nothing_on_the_cpu(monkeypatch):
 def test_counterfactual_share_bounds_the_rows_forwarded_per_term(kind, per_row):
     b = _batch(n=12, marked=12, kind=kind)
     model = _Counting()
-    feedback_loss(model, b, FeedbackConfig(lam=1.0))
+    feedback_loss(model, b, FeedbackConfig(lam=1.0, counterfactual_share=None))
     assert model.rows[1:] == [12 * per_row]  # every marked row
     model.rows.clear()
-    feedback_loss(model, b, FeedbackConfig(lam=1.0, counterfactual_share=0.5))
+    feedback_loss(model, b, FeedbackConfig(lam=1.0))  # the default: half the batch
     assert model.rows[1:] == [max(1, int(0.5 * 12 / per_row)) * per_row]
+    model.rows.clear()
+    feedback_loss(model, b, FeedbackConfig(lam=1.0, counterfactual_share=0.25))
+    assert model.rows[1:] == [max(1, int(0.25 * 12 / per_row)) * per_row]
     with pytest.raises(ValueError, match="counterfactual_share"):
         FeedbackConfig(counterfactual_share=0.0)
 

@@ -279,3 +279,47 @@ def test_a_subset_of_a_split_is_drawn_exactly_as_the_whole_split_draws_it():
     assert np.array_equal(part.artifact_masks, whole.artifact_masks[idx])
     with pytest.raises(ValueError, match="indices"):
         make_synthderm(cfg, indices=[12])
+
+
+@pytest.mark.parametrize("workers", [False, True])
+def test_versions_drawn_together_equal_each_rate_drawn_alone(workers, monkeypatch):
+    """make_synthderm_versions renders each image once for all rates (in forked workers above
+    _PARALLEL_FROM images); every version must equal make_synthderm at that rate, bit for bit."""
+    from feedbackcam.data import synth
+
+    if not workers:
+        monkeypatch.setattr(synth, "_PARALLEL_FROM", 10**9)
+    else:
+        monkeypatch.setattr(synth, "_PARALLEL_FROM", 2)
+    cfg = SynthConfig(n=10, size=32, seed=3, confounder="patch", confounder_rate=0.9)
+    rates = (0.9, 0.5, None)
+    versions = synth.make_synthderm_versions(cfg, rates)
+    for rate, got in zip(rates, versions, strict=True):
+        alone = dataclasses.replace(cfg, confounder_rate=0.5 if rate is None else rate)
+        if rate is None:
+            alone = dataclasses.replace(alone, confounder=None)
+        want = make_synthderm(alone)
+        for name in ("images", "labels", "has_artifact", "artifact_masks", "masks", "ids"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), (rate, name)
+
+
+def test_clean_and_patched_images_are_every_sample_without_and_with_its_artifact():
+    from feedbackcam.data.synth import make_synthderm_versions
+
+    cfg = SynthConfig(n=16, size=32, seed=4, confounder="patch", confounder_rate=0.5)
+    (ds,) = make_synthderm_versions(cfg, (0.5,), clean=True)
+    has = ds.has_artifact
+    assert has.any() and (~has).any()
+    assert np.array_equal(ds.patched_images[has], ds.images[has])  # drawn with it: as shown
+    assert np.array_equal(ds.clean_images[~has], ds.images[~has])  # drawn without: as shown
+    assert np.array_equal(
+        ds.clean_images[has], make_synthderm(dataclasses.replace(cfg, confounder=None)).images[has]
+    )
+    changed = (ds.patched_images != ds.clean_images).any(axis=(1, 2, 3))
+    assert changed.all()  # every sample has its artifact in the patched version
+    sub = ds.subset([1, 3])
+    assert np.array_equal(sub.patched_images, ds.patched_images[[1, 3]])
+    (plain,) = make_synthderm_versions(
+        dataclasses.replace(cfg, confounder=None), (0.5,), clean=True
+    )
+    assert plain.patched_images is None  # no confounder, nothing to paste

@@ -118,6 +118,9 @@ class SynthDataset:
         clean_images: uint8 ``(N, H, W, 3)``, the same images without their artifact (the
             counterfactual a shortcut test needs), or ``None`` when not drawn
             (:func:`make_synthderm_versions` with ``clean=True`` draws them).
+        patched_images: uint8 ``(N, H, W, 3)``, the same images with the artifact, drawn for
+            every sample (where ``has_artifact`` they equal ``images``), or ``None``: with
+            ``clean_images``, the pair a shortcut test compares on every image.
     """
 
     images: np.ndarray
@@ -130,6 +133,7 @@ class SynthDataset:
     classes: tuple[str, ...] = CLASSES
     lesion_masks: np.ndarray | None = None
     clean_images: np.ndarray | None = None
+    patched_images: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -148,6 +152,7 @@ class SynthDataset:
             classes=self.classes,
             lesion_masks=None if self.lesion_masks is None else self.lesion_masks[idx],
             clean_images=None if self.clean_images is None else self.clean_images[idx],
+            patched_images=None if self.patched_images is None else self.patched_images[idx],
         )
 
 
@@ -193,7 +198,8 @@ def make_synthderm_versions(
     are drawn from their own streams, so the versions share every lesion and differ only where
     an image's artifact is drawn in one and not in another. Drawing the versions together costs
     one rendering per image instead of one per version. ``clean``: every version also holds
-    ``clean_images``, its images without their artifact.
+    ``clean_images``, its images without their artifact, and (with a confounder)
+    ``patched_images``, every image with its artifact.
     """
     if not isinstance(config, SynthConfig):
         raise TypeError(f"config must be a SynthConfig, got {type(config).__name__}")
@@ -206,13 +212,15 @@ def make_synthderm_versions(
     n, s, v = len(order), config.size, len(rates)
     images = np.empty((v, n, s, s, 3), np.uint8)
     clean_images = np.empty((n, s, s, 3), np.uint8) if clean else None
+    both = clean and config.confounder is not None
+    patched_images = np.empty((n, s, s, 3), np.uint8) if both else None
     attributes = np.empty((n, len(ATTRIBUTES), s, s), np.uint8)
     artifact_masks = np.zeros((v, n, s, s), np.uint8)
     lesion_masks = np.empty((n, s, s), np.uint8)
     labels = np.empty(n, np.int64)
     has_artifact = np.zeros((v, n), bool)
     for row, (label, has, plain, patched, attrs, art_mask, lesion) in enumerate(
-        _draw_all(config, tuple(rates), list(order))
+        _draw_all(config, tuple(rates), list(order), always=both)
     ):
         has_artifact[:, row] = has
         for k in range(v):
@@ -222,6 +230,8 @@ def make_synthderm_versions(
                 images[k, row] = plain
         if clean_images is not None:
             clean_images[row] = plain
+        if patched_images is not None:
+            patched_images[row] = patched
         attributes[row], lesion_masks[row], labels[row] = attrs, lesion, label
     masks = attributes.max(axis=1, initial=0)
     ids = tuple(f"{config.id_prefix}_{config.seed}_{i:06d}" for i in order)
@@ -236,6 +246,7 @@ def make_synthderm_versions(
             ids=ids,
             lesion_masks=lesion_masks,
             clean_images=clean_images,
+            patched_images=patched_images,
         )
         for k in range(v)
     )
@@ -245,9 +256,11 @@ def make_synthderm_versions(
 _PARALLEL_FROM = 64
 
 
-def _draw(config: SynthConfig, rates: tuple[float | None, ...], i: int):
+def _draw(config: SynthConfig, rates: tuple[float | None, ...], i: int, always: bool = False):
     """Sample ``i`` of a split: (label, has-artifact per rate, clean image, image with the
-    artifact or None, attributes, artifact mask, lesion mask)."""
+    artifact or None, attributes, artifact mask, lesion mask). ``always``: draw the image with
+    the artifact even where no rate gives it one (the artifact has its own random stream, so
+    nothing else changes)."""
     rng = np.random.default_rng([config.seed, i])
     probs = np.asarray(config.class_probs, dtype=float)
     label = int(rng.choice(len(CLASSES), p=probs / probs.sum()))
@@ -260,29 +273,37 @@ def _draw(config: SynthConfig, rates: tuple[float | None, ...], i: int):
         and coin < (rate if label == target else 1.0 - rate)
         for rate in rates
     ]
-    artifact = config.confounder if any(has) else None
+    artifact = config.confounder if any(has) or always else None
     return (label, has, *render_versions(rng, label, config.size, artifact))
 
 
-def _draw_chunk(config: SynthConfig, rates: tuple[float | None, ...], order: list[int]):
-    return [_draw(config, rates, i) for i in order]
+def _draw_chunk(
+    config: SynthConfig, rates: tuple[float | None, ...], order: list[int], always: bool = False
+):
+    return [_draw(config, rates, i, always) for i in order]
 
 
-def _draw_all(config: SynthConfig, rates: tuple[float | None, ...], order: list[int]):
+def _draw_all(
+    config: SynthConfig, rates: tuple[float | None, ...], order: list[int], always: bool = False
+):
     """Every sample of ``order``, drawn in worker processes when there are many and the
     platform forks cheaply (Linux); each sample has its own random stream, so the result does
     not depend on how the work is split."""
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 8)
     daemon = multiprocessing.current_process().daemon  # may not start processes of its own
     if len(order) < _PARALLEL_FROM or workers < 2 or sys.platform != "linux" or daemon:
-        return _draw_chunk(config, rates, order)
+        return _draw_chunk(config, rates, order, always)
     chunks = [order[k::workers] for k in range(workers)]
     try:
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            parts = list(pool.map(_draw_chunk, [config] * workers, [rates] * workers, chunks))
+            parts = list(
+                pool.map(
+                    _draw_chunk, [config] * workers, [rates] * workers, chunks, [always] * workers
+                )
+            )
     except (OSError, BrokenProcessPool):  # no processes to be had: draw here
-        return _draw_chunk(config, rates, order)
+        return _draw_chunk(config, rates, order, always)
     drawn = [None] * len(order)
     for k, part in enumerate(parts):
         drawn[k::workers] = part

@@ -70,7 +70,9 @@ def method_config(method: str, lam: float, weights=None) -> FeedbackConfig:
     """The objective of a benchmark method: ``"class"`` (lambda 0), a registered loss alone, or
     ``"A+B[+C]"``: loss A as the explanation loss with B (and C) as its added terms, each in the
     slot of the masks it learns from (``"jaccard+surroundings+invariance_balanced"`` is the
-    library's default objective). A method runs exactly the terms it names."""
+    library's default objective). A method runs exactly the terms it names, on every marked
+    row (``counterfactual_share=None``: docs/shortcuts.md measured it so; the library's
+    default samples half the batch's rows per term, the same loss in expectation)."""
     if method == CLASS_ONLY:
         return FeedbackConfig(
             lam=0.0, explanation_loss="rrr_ignore", surroundings_loss=None, ignore_loss=None,
@@ -84,7 +86,13 @@ def method_config(method: str, lam: float, weights=None) -> FeedbackConfig:
         if slots[field] is not None:
             raise ValueError(f"method {method!r}: two losses for {needs} masks")
         slots[field] = name
-    return FeedbackConfig(lam=lam, explanation_loss=first, class_weights=weights, **slots)
+    return FeedbackConfig(
+        lam=lam,
+        explanation_loss=first,
+        class_weights=weights,
+        counterfactual_share=None,
+        **slots,
+    )
 
 
 def fine_tune(

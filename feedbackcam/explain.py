@@ -33,6 +33,19 @@ def explain(
     Runs in eval mode with gradients enabled only as far as the CAM needs them; returns detached
     tensors and restores the model's train/eval mode.
     """
+    return explain_with_features(model, images, targets, method=method)[0]
+
+
+def explain_with_features(
+    model: SelfExplaining,
+    images: Tensor,
+    targets: Tensor | int | None = None,
+    *,
+    method: cams.CamMethod = "gradcam",
+) -> tuple[Explanation, Tensor, Tensor]:
+    """:func:`explain`, and from the same forward pass the logits (N, C) and the explanation
+    layer's pooled activations (N, K), detached: what an unfamiliar-input check reads, without
+    a second forward."""
     was_training = model.training
     model.eval()
     try:
@@ -41,6 +54,7 @@ def explain(
             x = images.detach().requires_grad_(True)
             out = model(x)
             resolved = cams.target_classes(out.logits, targets)
+            pooled = out.activations[0].detach().float().mean(dim=(2, 3))
             saliency = cams.saliency_maps(
                 out.logits,
                 out.activations,
@@ -50,8 +64,9 @@ def explain(
                 second_order="detached",
                 retain_graph=False,
             )
-        probs = torch.softmax(out.logits.detach().float(), dim=1)
-        return Explanation(probs, resolved, saliency.detach())
+        logits = out.logits.detach().float()
+        probs = torch.softmax(logits, dim=1)
+        return Explanation(probs, resolved, saliency.detach()), logits, pooled
     finally:
         model.train(was_training)
 

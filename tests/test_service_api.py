@@ -22,7 +22,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 import feedbackcam.train as train_module
-from feedbackcam.checkpoint import ModelSpec, save_checkpoint
+from feedbackcam.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from feedbackcam.cli import main
 from feedbackcam.data.synth import CLASSES, SynthConfig, as_array_dataset, make_synthderm
 from feedbackcam.models import build_model
@@ -690,3 +690,54 @@ def test_users_add_prints_a_token_that_signs_in(tmp_path, capsys):
     engine.dispose()
     assert main(["users", "list", "--data-dir", str(data)]) == 0
     assert "carol\tclinician" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the gate's images
+def test_gate_set_is_class_stratified_fixed_and_whole_without_a_count(assets):
+    from feedbackcam.service.update import gate_set
+
+    val = assets["validation"]
+    assert gate_set(val, None) is val and gate_set(val, len(val) + 5) is val
+    part = gate_set(val, 12, seed=3)
+    assert len(part) == 12 and part.ids == gate_set(val, 12, seed=3).ids
+    assert set(part.ids) <= set(val.ids) and len(set(part.ids)) == 12
+    share = np.bincount(val.labels, minlength=3) / len(val)
+    got = np.bincount(part.labels, minlength=3)
+    assert np.all(np.abs(got - 12 * share) <= 1) and np.all(got >= 1)
+    with pytest.raises(ValueError, match="gate_images"):
+        gate_set(val, 0)
+
+
+def test_scores_are_the_full_evaluations_numbers_with_grad_cam_only_on_masked_images(
+    assets, monkeypatch
+):
+    from feedbackcam import evaluate as ev
+    from feedbackcam.service import update
+
+    model, _, _ = load_checkpoint(assets["checkpoint"])
+    val = assets["validation"]
+    full = ev.evaluate(model, val).summary()
+    explained = []
+    real = update.evaluate
+    monkeypatch.setattr(
+        update, "evaluate", lambda m, d, **kw: explained.append(len(d)) or real(m, d, **kw)
+    )
+    monkeypatch.setattr(update, "JACCARD_IMAGES", 7)
+    got = update.scores(model, val)
+    assert got["accuracy"] == pytest.approx(full["accuracy"])
+    assert got["avg_sensitivity"] == pytest.approx(full["avg_sensitivity"])
+    assert explained == [7] and got["n_jaccard"] == 7 and got["n_validation"] == len(val)
+    monkeypatch.setattr(update, "JACCARD_IMAGES", 1000)
+    assert update.scores(model, val)["jaccard_mean"] == pytest.approx(full["jaccard_mean"])
+
+
+def test_a_verdict_on_part_of_the_validation_set_says_how_many(tmp_path, assets):
+    env = Env(tmp_path, assets, gate_images=12)
+    with env.app() as client:
+        p = predict_upload(client, env)
+        r = send_feedback(client, env, p, mask=box_mask(), label=other_class(p))
+        item = wait_used(client, env, r.json()["id"])
+        assert "on a class-stratified 12 of 30 validation images" in item["update_reason"]
+        versions = client.get("/api/versions", headers=env.auth("admin")).json()
+        assert [v["metrics"]["n_validation"] for v in versions] == [12, 12]
+    env.engine.dispose()

@@ -512,3 +512,34 @@ def test_nan_infinity_and_nul_bytes_are_4xx_on_every_route_and_keep_the_pool(db_
         assert r.status_code < 500, r.text
         assert disposed == [], "a bad value threw the connection pool away"
         assert predict_upload(client, env)["version"] == 1
+
+
+def test_a_prediction_is_one_forward_pass_and_its_check_reads_the_same_pass(env):
+    """Predict + explain + the unfamiliar-input check: one forward of the served model (the
+    check used to forward the image a second time); the check's numbers are those a separate
+    forward gives."""
+    from feedbackcam.service.ood import forward
+
+    with env.app(worker=False) as client:
+        runtime = client.app.state.runtime
+        served = runtime.registry.served
+        runtime.familiarity.reference(served)  # measured once per version, not per request
+        p = predict_upload(client, env)
+        calls = []
+        handle = served.model.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            r = client.post(
+                "/api/predict", data={"image_id": p["image_id"]}, headers=env.auth("viewer")
+            )
+        finally:
+            handle.remove()
+        assert r.status_code == 200, r.text
+        assert len(calls) == 1
+        got = client.get(p["image_url"], headers=env.auth("viewer"))
+        rgb = np.asarray(Image.open(io.BytesIO(got.content)).convert("RGB"))
+        energy, pooled = forward(served, rgb[None])
+        assert r.json()["energy"] == pytest.approx(float(energy[0]), rel=1e-4, abs=1e-4)
+        ref = runtime.familiarity.reference(served)
+        assert r.json()["familiarity"]["features"] == pytest.approx(
+            float(ref.features.distance(pooled)[0]), rel=1e-3
+        )

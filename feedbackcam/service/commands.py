@@ -96,6 +96,7 @@ def serve(args) -> int:
         lr=args.lr,
         feedback=feedback_config(args),
         tolerance=args.tolerance,
+        gate_images=args.gate_images,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_concurrent=args.max_concurrent,
         rate_limit_per_minute=args.rate_limit,
@@ -292,6 +293,13 @@ def add_serve(sub) -> None:
         type=finite(),
         default=d.tolerance,
         help="largest drop in validation accuracy or average sensitivity a promotion may cost",
+    )
+    p.add_argument(
+        "--gate-images",
+        type=int,
+        default=d.gate_images,
+        help="score each version on a class-stratified N of the validation images (default: "
+        "all); the verdict says how many",
     )
     p.add_argument(
         "--max-upload-mb", type=finite(0, above=True), default=d.max_upload_bytes / 2**20

@@ -195,8 +195,10 @@ class Familiarity:
                 )
             return self._references[served.version_id]
 
-    def score(self, served: Served, rgb: np.ndarray) -> Familiar:
-        energy, pooled = forward(served, rgb[None])
+    def score(self, served: Served, rgb: np.ndarray, seen=None) -> Familiar:
+        """``seen``: the prediction's ``(energy, pooled)`` from its own forward pass (see
+        ``Served.explain``); without it the image is forwarded here."""
+        energy, pooled = seen if seen is not None else forward(served, rgb[None])
         ref = self.reference(served)
         if ref is None:
             return Familiar(float(energy[0]), None)
@@ -210,11 +212,11 @@ class Familiarity:
         )
 
     def warnings(
-        self, served: Served, rgb: np.ndarray, top: float, low_confidence: float
+        self, served: Served, rgb: np.ndarray, top: float, low_confidence: float, seen=None
     ) -> tuple[Familiar, list[str]]:
         """The image's scores and the warnings in a clinician's words (the numbers are in
         the scores, one click away on the page)."""
-        familiar = self.score(served, rgb)
+        familiar = self.score(served, rgb, seen)
         said = []
         if familiar.unfamiliar:
             said.append(

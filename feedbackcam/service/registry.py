@@ -14,6 +14,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..checkpoint import ModelSpec, load_checkpoint
-from ..explain import Explanation, explain
+from ..explain import Explanation, explain_with_features
 from ..self_explaining import SelfExplaining
 from .db import Version, current_version, set_current
 from .startup import StartupError, check_model, last_good_version, offer, verify_file
@@ -38,6 +39,15 @@ class VersionError(ValueError):
         self.status = status
 
 
+class Seen(NamedTuple):
+    """One prediction: the explanation, and from the same forward pass the energy score (1,)
+    and the pooled explanation-layer activations (1, K) of the unfamiliar-input check."""
+
+    explanation: Explanation
+    energy: np.ndarray
+    pooled: np.ndarray
+
+
 @dataclass(eq=False)
 class Served:
     version_id: int
@@ -45,13 +55,20 @@ class Served:
     spec: ModelSpec
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def explain(self, rgb: np.ndarray) -> Explanation:
-        """Predict and explain one (S, S, 3) uint8 image at the model's input size."""
+    def explain(self, rgb: np.ndarray) -> Seen:
+        """Predict and explain one (S, S, 3) uint8 image at the model's input size, in one
+        forward pass and one backward to the explanation layer; the same pass gives the
+        unfamiliar-input check its energy and pooled features."""
         images = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)[None].float() / 255
         with self.lock:
             device = next(self.model.parameters()).device
-            out = explain(self.model, images.to(device))
-        return Explanation(*(t.cpu() for t in out))
+            out, logits, pooled = explain_with_features(self.model, images.to(device))
+        energy = -torch.logsumexp(logits, dim=1)
+        return Seen(
+            Explanation(*(t.cpu() for t in out)),
+            energy.cpu().numpy(),
+            pooled.cpu().numpy().astype(np.float64),
+        )
 
     def copy_model(self) -> SelfExplaining:
         with self.lock:  # not mid-forward: a copy would carry that call's temporary hooks

@@ -32,6 +32,9 @@ class Settings:
             --cam ...`` set them, and the versions page shows them.
         tolerance: the gate promotes a candidate unless its validation accuracy or average
             sensitivity falls more than this below the current model's (negative: must improve).
+        gate_images: the gate scores every version on a class-stratified random this many
+            validation images (the same ones each time; the verdict says how many); None:
+            all of them.
         max_upload_bytes: largest accepted image or mask file.
         max_pixels: largest accepted image (width x height), checked before decoding.
         max_concurrent_decodes: images decoded at once (each may take up to
@@ -62,6 +65,7 @@ class Settings:
     lr: float = 3e-4
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tolerance: float = 0.02
+    gate_images: int | None = None
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000
     max_concurrent_decodes: int = 2
@@ -91,6 +95,10 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.gate_images is not None and (
+            not isinstance(self.gate_images, int) or self.gate_images < 1
+        ):
+            raise ValueError(f"gate_images: expected an int >= 1 or None, got {self.gate_images!r}")
         if not isinstance(self.replay_per_class, int) or self.replay_per_class < 0:
             raise ValueError(
                 f"replay_per_class: expected an int >= 0, got {self.replay_per_class!r}"

@@ -30,7 +30,15 @@ from .registry import Registry, Served
 from .settings import Settings
 from .startup import check_model
 from .store import Store, read_image
-from .update import Interrupted, UpdateConfig, fine_tune, gate, plan_replay, scores
+from .update import (
+    Interrupted,
+    UpdateConfig,
+    fine_tune,
+    gate,
+    gate_set,
+    plan_replay,
+    scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +67,13 @@ class Worker:
         self.cfg = UpdateConfig.from_settings(settings)
         self.sessions, self.store, self.registry = sessions, store, registry
         self.validation, self.replay = validation, replay
-        self.validation_id = fingerprint(validation) if validation is not None else None
+        # what the gate scores on: the validation set or a fixed stratified part of it
+        self.gate = (
+            gate_set(validation, settings.gate_images, settings.seed)
+            if validation is not None
+            else None
+        )
+        self.validation_id = fingerprint(self.gate) if self.gate is not None else None
         self.rng = np.random.default_rng(settings.seed)
         self._wake, self._stop = threading.Event(), threading.Event()
         self._force = False
@@ -131,12 +145,15 @@ class Worker:
             version = session.get(Version, served.version_id)
             if version.metrics.get("validation") == self.validation_id:
                 return dict(version.metrics)
-        measured = scores(model if model is not None else served.copy_model(), self.validation)
+        measured = self._scores(model if model is not None else served.copy_model())
         measured["validation"] = self.validation_id
         with self.sessions.begin() as session:
             version = session.get(Version, served.version_id)
             version.metrics = {**version.metrics, **measured}
         return measured
+
+    def _scores(self, model) -> dict:
+        return {**scores(model, self.gate), "n_validation_total": len(self.validation)}
 
     def run_once(self, force: bool = False) -> Version | None:
         """Update from the pending items if there are enough (or any, with ``force``), holding
@@ -220,7 +237,7 @@ class Worker:
         stats = fine_tune(model, new, replay, plan, self.cfg, should_stop=should_stop)
         progress["phase"] = "checking"  # the gate scores the candidate on the validation set
         outcomes = self._outcomes(model, new, pending, spec)
-        after = scores(model, self.validation)
+        after = self._scores(model)
         promote, reason = gate(before, after, self.cfg.tolerance, self._original(served))
         metrics = {
             **after,

@@ -63,11 +63,12 @@ def predict(
         image_id = runtime.store.put("images", png_bytes(rgb))
     else:
         rgb = stored_rgb(runtime, image_id, size)
-    explanation = served.explain(rgb)
+    seen = served.explain(rgb)
+    explanation = seen.explanation
     probs = explanation.probs[0].tolist()
     saliency = (explanation.saliency[0].numpy() * 255).round().astype(np.uint8)
     familiar, warnings = runtime.familiarity.warnings(
-        served, rgb, max(probs), limits.low_confidence
+        served, rgb, max(probs), limits.low_confidence, (seen.energy, seen.pooled)
     )
     original = session.get(Original, image_id)
     return Prediction(

@@ -19,13 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from feedbackcam.data.synth import SynthConfig, make_synthderm
 from feedbackcam.service import Settings, create_app
 from feedbackcam.service.auth import add_user
-from feedbackcam.service.db import connect
+from feedbackcam.service.db import Version, connect
 from feedbackcam.service.demo import ensure_demo
 from feedbackcam.service.uploads import png_bytes
+
+
+def newest(sessions) -> Version:
+    with sessions() as session:
+        return session.scalars(select(Version).order_by(Version.id.desc())).first()
 
 
 def main() -> None:
@@ -35,9 +41,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="predictions timed")
     parser.add_argument("--updates", type=int, default=3, help="submit-to-promoted runs")
     parser.add_argument("--size", type=int, default=256, help="side of the uploaded images")
+    parser.add_argument(
+        "--mask",
+        choices=("ignore", "keep", "none"),
+        default="ignore",
+        help="what each feedback item marks besides its class (a corner box as 'not this', a "
+        "centre box as 'this', or nothing)",
+    )
+    parser.add_argument("--gate-images", type=int, default=None, help="Settings.gate_images")
+    parser.add_argument("--device", default="cpu", help="where the app predicts and learns")
     args = parser.parse_args()
-    if args.model is None:
-        ensure_demo(args.data)
+    ensure_demo(args.data, model=args.model is None)  # the validation set, replay and gallery
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         shutil.copytree(args.data, data, ignore=shutil.ignore_patterns("feedbackcam.db*"))
@@ -51,13 +65,21 @@ def main() -> None:
             poll_seconds=0.05,
             grace_seconds=0,
             rate_limit_per_minute=0,
+            gate_images=args.gate_images,
+            device=args.device,
         )
         engine, sessions = connect(settings.database_url)
         with sessions() as session:
             auth = {"Authorization": f"Bearer {add_user(session, 'bench', 'clinician')}"}
         images = make_synthderm(SynthConfig(n=args.n, size=args.size, seed=99)).images
+        started = time.perf_counter()
         with TestClient(create_app(settings)) as client:
             size = client.app.state.runtime.registry.served.spec.input_size
+            # predictions are timed alone: first the updater scores the served version on the
+            # validation set (once per version, kept with it), then they start
+            while "accuracy" not in newest(sessions).metrics:
+                time.sleep(0.05)
+            print(f"start-up scoring of the served version: {time.perf_counter() - started:.1f} s")
             files = {"file": ("x.png", png_bytes(images[0]), "image/png")}
             client.post("/api/predict", files=files, headers=auth)  # warm-up (energy threshold)
             times = []
@@ -73,6 +95,8 @@ def main() -> None:
             print(f"model input {size} px, uploads {args.size} px PNG, n = {args.n}")
             print(f"predict + explain (HTTP, upload included): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
             print(f"validation images: {len(client.app.state.runtime.validation)}", flush=True)
+            gate = args.gate_images or "all"
+            print(f"feedback marks: {args.mask}; the gate scores on {gate} of them", flush=True)
             update_times = []
             for k in range(args.updates):
                 p = client.post(
@@ -88,13 +112,25 @@ def main() -> None:
                     "predicted": p["predicted"],
                     "label": label,
                 }
-                item = client.post("/api/feedback", data=data_, headers=auth).json()
+                files = {}
+                if args.mask != "none":
+                    box = np.zeros((size, size), np.uint8)
+                    q = size // 4
+                    if args.mask == "ignore":
+                        box[:q, :q] = 255  # a corner: "not this"
+                        files["ignore_mask"] = ("m.png", png_bytes(box), "image/png")
+                    else:
+                        box[q : 3 * q, q : 3 * q] = 255  # the centre: "this"
+                        files["mask"] = ("m.png", png_bytes(box), "image/png")
+                item = client.post("/api/feedback", data=data_, files=files, headers=auth).json()
                 while True:
                     got = client.get(f"/api/feedback/{item['id']}", headers=auth).json()
                     if got["status"] == "used":
                         break
                     time.sleep(0.02)
                 update_times.append(time.perf_counter() - start)
+                reason = newest(sessions).reason
+                print(f"update {k + 1}: {update_times[-1]:.1f} s, {reason}", flush=True)
         engine.dispose()
     print(
         "submit -> update used (fine-tune + gate): "

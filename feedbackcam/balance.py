@@ -23,14 +23,19 @@ from .train import feedback_step
 
 
 def calibrate_loss_scale(
-    model: SelfExplaining, batches: list[FeedbackBatch], cfg: FeedbackConfig
+    model: SelfExplaining,
+    batches: list[FeedbackBatch],
+    cfg: FeedbackConfig,
+    class_norms: dict[int, float] | None = None,
 ) -> float:
     """The explanation loss's scale that makes its gradient as large as the class loss's at the
     start (Ross et al.: the best lambda is where the two terms are about equal at the start),
     so that lambda is the explanation term's share of the gradient, whatever the loss's units.
 
     Gradient norms are measured on the parameters, each term alone (lambda 0 and 1 with scale
-    1), over ``batches``, on a copy of the model (nothing is stepped).
+    1), over ``batches``, on a copy of the model (nothing is stepped). ``class_norms``: the
+    class loss's gradient norm per batch (keyed by ``id``), measured here when absent and kept
+    there, so that calibrating several terms on the same batches measures it once.
     """
     probe = copy.deepcopy(model)
     params = [p for p in probe.parameters() if p.requires_grad]
@@ -42,12 +47,18 @@ def calibrate_loss_scale(
         def step(self, closure=None):
             return None
 
+    known = {} if class_norms is None else class_norms
     norms = {0.0: [], 1.0: []}
     for lam in norms:
         for b in batches:
+            if lam == 0.0 and id(b) in known:
+                norms[lam].append(known[id(b)])
+                continue
             feedback_step(probe, b, _Null(), replace(cfg, lam=lam, loss_scale=1.0))
             sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
             norms[lam].append(math.sqrt(sq))
+            if lam == 0.0:
+                known[id(b)] = norms[lam][-1]
     cls, exp = float(np.mean(norms[0.0])), float(np.mean(norms[1.0]))
     return cls / exp if exp > 0 else 1.0
 
@@ -75,13 +86,14 @@ def auto_scaled(
             b for b in batches if bool(b.has_mask.any() and b.masks.flatten(1).amax(1).gt(0).any())
         ]
 
+    class_norms: dict[int, float] = {}  # the class loss's, measured once per batch
     alone = {field: None for field, _, _ in ADDED_TERMS}
     plain = replace(cfg, loss_scale=1.0, **alone, **{s: 1.0 for _, s, _ in ADDED_TERMS})
     out = cfg
     if cfg.auto_scale:
         main = usable(get_loss(cfg.explanation_loss).needs)
         if main:
-            out = replace(out, loss_scale=calibrate_loss_scale(model, main, plain))
+            out = replace(out, loss_scale=calibrate_loss_scale(model, main, plain, class_norms))
     main_kind = get_loss(cfg.explanation_loss).needs
     for field, scale_field, kind in ADDED_TERMS:
         if getattr(out, scale_field) is not None:
@@ -91,6 +103,6 @@ def auto_scaled(
         added = added and not (kind == "ignore" and main_kind == "ignore")
         if added and usable(kind):
             only = replace(plain, explanation_loss=name)
-            scale = calibrate_loss_scale(model, usable(kind), only)
+            scale = calibrate_loss_scale(model, usable(kind), only, class_norms)
         out = replace(out, **{scale_field: scale})
     return out

@@ -26,6 +26,7 @@ from feedbackcam.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from feedbackcam.cli import main
 from feedbackcam.data.synth import CLASSES, SynthConfig, as_array_dataset, make_synthderm
 from feedbackcam.models import build_model
+from feedbackcam.objective import FeedbackConfig
 from feedbackcam.service import Settings, create_app
 from feedbackcam.service import worker as worker_module
 from feedbackcam.service.auth import add_user, find_user
@@ -741,3 +742,35 @@ def test_a_verdict_on_part_of_the_validation_set_says_how_many(tmp_path, assets)
         versions = client.get("/api/versions", headers=env.auth("admin")).json()
         assert [v["metrics"]["n_validation"] for v in versions] == [12, 12]
     env.engine.dispose()
+
+
+def test_the_loss_scales_are_calibrated_once_per_lineage(tmp_path, assets, monkeypatch):
+    """The first update measures its terms' scales (probe passes); the next keeps them, as a
+    simulation keeps the scales of its one calibration over all its epochs; a scale set by
+    hand is never replaced."""
+    from feedbackcam.service import update
+
+    probes = []
+    real = update.auto_scaled
+    monkeypatch.setattr(update, "auto_scaled", lambda *a: probes.append(1) or real(*a))
+    env = Env(tmp_path, assets)
+    with env.app() as client:
+        for index in range(3):
+            p = predict_upload(client, env, index=index)
+            r = send_feedback(client, env, p, mask=box_mask(), label=other_class(p))
+            wait_used(client, env, r.json()["id"])
+        versions = client.get("/api/versions", headers=env.auth("admin")).json()
+    env.engine.dispose()
+    third, second, first = (v["metrics"]["update"] for v in versions[:3])
+    # the first update has one image and no replay: nothing to move a lesion onto, nothing
+    # measured or kept; the second (with replay) measures; the third keeps what it measured
+    assert first["calibrated"] == {} and first["surroundings_scale"] == 1.0
+    assert probes == [1]
+    assert set(second["calibrated"]) == {"surroundings_scale"}  # keep masks only: one term
+    assert third["calibrated"] == second["calibrated"]
+    assert third["surroundings_scale"] == second["surroundings_scale"] != 1.0
+    # a hand-set scale stays as set, whatever the parent measured
+    cfg = update.UpdateConfig.from_settings(
+        Settings(feedback=FeedbackConfig(surroundings_scale=2.0))
+    )
+    assert update._calibrated_fields(cfg.feedback) == ["ignore_scale"]

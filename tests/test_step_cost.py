@@ -116,3 +116,37 @@ def test_row_subsets_of_counterfactuals_equal_the_whole_batchs_rows():
     swapped, region = cf.swap_surroundings(b.images, b.masks, recipients, 0.05)
     s2, r2 = cf.swap_surroundings(b.images, b.masks, recipients[donors], 0.05, receivers=donors)
     assert torch.equal(s2, swapped[donors]) and torch.equal(r2, region[donors])
+
+
+def test_calibrating_several_terms_measures_the_class_gradient_once_per_batch(monkeypatch):
+    """auto_scaled calibrates the surroundings and the ignore term on the same batches: the
+    class loss's gradient (lambda 0) is the same for both, measured once per batch, and the
+    scales equal those calibrated term by term."""
+    from feedbackcam import balance
+
+    b = _batch(marked=6)
+    both = b._replace(has_mask=b.has_ignore)  # keep and ignore masks on the same rows
+    batches = [both, _batch(marked=6, seed=1)._replace(has_mask=b.has_ignore)]
+    cfg = FeedbackConfig(lam=0.7)
+    lams = []
+    real = balance.feedback_step
+    monkeypatch.setattr(
+        balance, "feedback_step", lambda m, bt, o, c, **k: lams.append(c.lam) or real(m, bt, o, c)
+    )
+    model = small_cnn(num_classes=3, width=8)
+    torch.manual_seed(0)
+    scaled = balance.auto_scaled(model, batches, cfg)
+    assert lams.count(0.0) == len(batches) and lams.count(1.0) == 2 * len(batches)
+    plain = dataclasses.replace(
+        cfg, loss_scale=1.0, surroundings_loss=None, ignore_loss=None, surroundings_scale=1.0,
+        ignore_scale=1.0,
+    )  # fmt: skip
+    for term, field in (
+        ("surroundings", "surroundings_scale"),
+        ("invariance_balanced", "ignore_scale"),
+    ):
+        torch.manual_seed(0)
+        alone = balance.calibrate_loss_scale(
+            model, batches, dataclasses.replace(plain, explanation_loss=term)
+        )
+        assert getattr(scaled, field) == pytest.approx(alone, rel=0.3)

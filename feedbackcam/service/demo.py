@@ -37,12 +37,12 @@ def _absent(data_dir: Path, name: str) -> bool:
     return not (data_dir / f"{name}.npz").is_file() and not (data_dir / name).is_dir()
 
 
-def ensure_demo(data_dir: Path) -> Path:
-    """Train the demo (quick) if its checkpoint is absent; write the validation and replay sets
-    and the gallery if absent. Returns the combined-loss checkpoint."""
+def ensure_demo(data_dir: Path, *, model: bool = True) -> Path:
+    """Train the demo (quick) if its checkpoint is absent (and ``model``); write the validation
+    and replay sets and the gallery if absent. Returns the combined-loss checkpoint's path."""
     data_dir = Path(data_dir)
     checkpoint = data_dir / "demo" / "checkpoints" / "combined.pt"
-    if not checkpoint.is_file():
+    if model and not checkpoint.is_file():
         log.warning("no demo model in %s: training it (about a minute on a CPU)", data_dir)
         print(f"training the demo model in {data_dir / 'demo'} (about a minute)...", flush=True)
         run_demo(data_dir / "demo", quick=True, progress=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ import torch
 from ..balance import auto_scaled
 from ..data.dataset import ArrayDataset, FeedbackBatch
 from ..evaluate import evaluate, predict_probs
+from ..losses import get_loss
 from ..metrics import classification_metrics
-from ..objective import FeedbackConfig
+from ..objective import ADDED_TERMS, FeedbackConfig
 from ..selection import drops
 from ..self_explaining import SelfExplaining
 from ..train import StopTraining, run_steps
@@ -87,18 +88,31 @@ def fine_tune(
     plan: list[np.ndarray],
     cfg: UpdateConfig,
     should_stop=lambda: False,
-) -> dict[str, float]:
+    scales: dict[str, float] | None = None,
+) -> dict:
     """Adam steps with the combined loss (eq. 4.1) on the new items plus each step's replay,
     through the project's one training loop (:func:`feedbackcam.train.run_steps`).
 
-    Returns the step count, the mean loss and the count of skipped (non-finite) steps.
+    The terms' scales are calibrated once per lineage, as a simulation calibrates once per
+    fine-tuning run (the updates are that run, in pieces): ``scales`` (from the parent
+    version's update) are kept, and only a term without one is measured, on this update's first
+    batches (its gradient equal to the class loss's at the start; ``balance.auto_scaled``).
+
+    Returns the step count, the mean loss, the count of skipped (non-finite) steps, the scales
+    used and ``calibrated``: those measured or kept, for the next update.
     """
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    # The ignore term's scale, measured on this update's own first batches (its gradient equal
-    # to the class loss's at the start; balance.auto_scaled), before any step.
+    kept = {k: v for k, v in (scales or {}).items() if k in _calibrated_fields(cfg.feedback)}
     probe = [b.to(device) for b in itertools.islice(update_batches(new, replay, plan, cfg), 4)]
-    feedback = auto_scaled(model, probe, cfg.feedback)
+    needed = _needed(cfg.feedback, probe)
+    if set(needed) - set(kept):
+        own = {"auto_scale": False} if "loss_scale" in kept else {}  # kept, not re-measured
+        feedback = auto_scaled(model, probe, replace(cfg.feedback, **kept, **own))
+    else:  # every term this update needs has its scale: no probe passes
+        unset = {k: 1.0 for k in _SCALES[1:] if getattr(cfg.feedback, k) is None}
+        feedback = replace(cfg.feedback, **{**unset, **kept})
+    calibrated = {**kept, **{k: getattr(feedback, k) for k in needed}}
     try:
         stats = run_steps(
             model,
@@ -114,10 +128,44 @@ def fine_tune(
     return {
         "surroundings_scale": feedback.surroundings_scale,
         "ignore_scale": feedback.ignore_scale,
+        "calibrated": calibrated,
         "steps": stats["steps"],
         "loss": stats["train_loss"],
         "skipped_steps": stats["skipped_steps"],
     }
+
+
+_SCALES = ("loss_scale", *(scale for _, scale, _ in ADDED_TERMS))
+
+
+def _calibrated_fields(feedback: FeedbackConfig) -> list[str]:
+    """The scales ``balance.auto_scaled`` measures (a scale set by hand stays as set)."""
+    out = ["loss_scale"] if feedback.auto_scale else []
+    return out + [
+        scale
+        for field, scale, _ in ADDED_TERMS
+        if getattr(feedback, field) is not None and getattr(feedback, scale) is None
+    ]
+
+
+def _needed(feedback: FeedbackConfig, batches: list[FeedbackBatch]) -> list[str]:
+    """The scales that ``batches`` let ``balance.auto_scaled`` calibrate: those it measures
+    whose masks the batches carry (nothing at lambda 0)."""
+    if feedback.lam == 0:
+        return []
+    keep = any(bool((b.has_mask & (b.masks.flatten(1).amax(1) > 0)).any()) for b in batches)
+    ignore = any(b.ignore is not None and bool(b.has_ignore.any()) for b in batches)
+    present = {"keep": keep, "ignore": ignore}
+    # the added terms move a region between two images of a batch: one image alone feeds them
+    # nothing, and a scale measured on nothing (1.0) must not be kept for later updates
+    paired = any(len(b.labels) > 1 for b in batches)
+    kinds = {"loss_scale": (get_loss(feedback.explanation_loss).needs, False)}
+    kinds |= {scale: (kind, True) for _, scale, kind in ADDED_TERMS}
+    return [
+        k
+        for k in _calibrated_fields(feedback)
+        if present[kinds[k][0]] and (paired or not kinds[k][1])
+    ]
 
 
 # The Jaccard a version records is measured on at most this many masked gate images: it is

@@ -234,7 +234,9 @@ class Worker:
             progress["step"] = min(progress["step"] + 1, steps)
             return self._should_stop()  # and renews the lease now and then
 
-        stats = fine_tune(model, new, replay, plan, self.cfg, should_stop=should_stop)
+        stats = fine_tune(
+            model, new, replay, plan, self.cfg, should_stop=should_stop, scales=self._scales(served)
+        )
         progress["phase"] = "checking"  # the gate scores the candidate on the validation set
         outcomes = self._outcomes(model, new, pending, spec)
         after = self._scores(model)
@@ -291,6 +293,13 @@ class Worker:
         if (needed >= n).any():
             parts.append(self.replay.subset(needed[needed >= n] - n))
         return concat(parts), [np.searchsorted(needed, p) for p in plan], from_feedback
+
+    def _scales(self, served: Served) -> dict[str, float]:
+        """The loss scales the served version's update calibrated or kept (none for a version
+        that was not made by an update): its descendants keep them (update.fine_tune)."""
+        with self.sessions() as session:
+            version = session.get(Version, served.version_id)
+            return dict((version.metrics.get("update") or {}).get("calibrated") or {})
 
     def _original(self, served: Served) -> dict | None:
         """Scores of the first version in the served version's lineage, if on this set."""

@@ -774,3 +774,22 @@ def test_the_loss_scales_are_calibrated_once_per_lineage(tmp_path, assets, monke
         Settings(feedback=FeedbackConfig(surroundings_scale=2.0))
     )
     assert update._calibrated_fields(cfg.feedback) == ["ignore_scale"]
+
+
+def test_a_version_answers_with_its_unfamiliar_input_check_already_measured(env):
+    """The check's reference (a pass over the validation set) is measured by the updater for
+    the served version at start and for a promoted one before it is installed: no
+    prediction pays for it."""
+    with env.app() as client:
+        runtime = client.app.state.runtime
+        deadline = time.monotonic() + 30
+        while 1 not in runtime.familiarity._references and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 1 in runtime.familiarity._references
+        p = predict_upload(client, env)
+        r = send_feedback(client, env, p, mask=box_mask(), label=other_class(p))
+        wait_used(client, env, r.json()["id"])
+        while runtime.registry.served.version_id != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runtime.registry.served.version_id == 2
+        assert 2 in runtime.familiarity._references  # measured before it was made current

@@ -80,6 +80,7 @@ class Runtime:
         worker = Worker(settings, sessions, store, registry, validation, replay)
         runtime = cls(settings, engine, sessions, store, registry, validation, gallery, worker)
         runtime.familiarity = Familiarity(validation, settings.unfamiliar_quantile)
+        worker.prepare = runtime.familiarity.reference
         if not worker.enabled:
             log.warning(worker.message)
         if settings.worker:

@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -85,6 +86,9 @@ class Worker:
         self._failed: tuple[int, ...] = ()  # pending items whose update failed: wait for more
         self.lease = DbLease(sessions)  # one updater at a time across processes on this database
         self._renewed = 0.0
+        # what a version needs before it answers (the unfamiliar-input check's reference):
+        # measured here, in the updater's thread, not by the first prediction
+        self.prepare: Callable[[Served], object] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -120,6 +124,8 @@ class Worker:
     def _loop(self) -> None:
         try:
             self.baseline(self.registry.served)
+            if self.prepare is not None:
+                self.prepare(self.registry.served)
         except Exception as err:  # the app keeps serving; the error shows in the status
             log.exception("scoring the current version failed")
             self.last_error = f"scoring the current version failed: {err}"
@@ -329,6 +335,12 @@ class Worker:
                 except ValueError as err:
                     path.unlink(missing_ok=True)
                     raise RuntimeError(f"the saved candidate does not load back: {err}") from err
+                promoted = Served(candidate_id, model.model, served.spec)
+                if self.prepare is not None:  # before it is current: the old one answers
+                    try:
+                        self.prepare(promoted)
+                    except Exception:  # promoted all the same; the first prediction retries
+                        log.exception("preparing version %d failed", candidate_id)
             with self.sessions.begin() as session:
                 version = session.get(Version, candidate_id)
                 version.metrics = metrics
@@ -353,7 +365,7 @@ class Worker:
                     .values(status="used", update_id=candidate_id)
                 )
             if path is not None:
-                self.registry.install(Served(candidate_id, model.model, served.spec))
+                self.registry.install(promoted)
             log.info("version %d %s", candidate_id, reason)
             return version
 

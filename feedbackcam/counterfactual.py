@@ -50,6 +50,66 @@ def counterfactual_rows(
     return chosen, k / limit
 
 
+def fixed_shapes(device: torch.device) -> bool:
+    """Whether the counterfactual terms pick their rows with fixed shapes (no ``nonzero``, so no
+    host synchronisation): on accelerators, where a synchronisation stalls the queue; on the
+    CPU the marked rows alone are forwarded (a synchronisation costs nothing there)."""
+    return device.type != "cpu"
+
+
+def _marked_first(present: Tensor) -> Tensor:
+    """(N,) row order: the marked rows first, in random order, then the others."""
+    key = torch.rand(present.shape[0], device=present.device) + 2 * (~present).to(torch.float32)
+    return key.argsort()
+
+
+def _limit(n: int, share: float | None, per_row: int) -> int:
+    return n if share is None else max(1, min(n, int(share * n / per_row)))
+
+
+def _fixed(present: Tensor, share: float | None, per_row: int):
+    limit = _limit(present.shape[0], share, per_row)
+    order = _marked_first(present)
+    rows, k = order[:limit], present.sum()
+    return order, rows, present[rows].to(torch.float32) * (k / k.clamp(max=limit).clamp(min=1))
+
+
+def fixed_rows(present: Tensor, share: float | None, per_row: int) -> tuple[Tensor, Tensor]:
+    """:func:`counterfactual_rows` without a host synchronisation: ``L`` rows, ``L`` fixed by
+    the batch size and ``share`` (the batch size with None), the marked ones first in random
+    order, and a weight per row: ``K / min(K, L)`` for a marked row (``K`` marked rows: the
+    same unbiased weight), 0 for an unmarked row that fills the fixed shape."""
+    _, rows, w = _fixed(present, share, per_row)
+    return rows, w
+
+
+def marked_rows(present: Tensor, share: float | None, per_row: int) -> tuple[Tensor, object]:
+    """The rows (and weights) whose counterfactuals a term forwards, from the boolean (N,)
+    ``present``: :func:`counterfactual_rows` on the CPU, :func:`fixed_rows` elsewhere."""
+    if fixed_shapes(present.device):
+        return fixed_rows(present, share, per_row)
+    return counterfactual_rows(present.nonzero().squeeze(1), len(present), share, per_row)
+
+
+def surroundings_pairs(present: Tensor, share: float | None):
+    """(receivers, donors, weights) for the surroundings term: each chosen marked row gets the
+    surroundings of another marked row; None when fewer than two rows are marked (CPU). With
+    fixed shapes a receiver whose donor is itself (fewer than two marked) weighs 0."""
+    if fixed_shapes(present.device):
+        order, rows, w = _fixed(present, share, 1)
+        # the next marked row in the random order (any marked row, chosen or not)
+        step = torch.arange(len(rows), device=order.device) + 1
+        donors = order[step % present.sum().clamp(min=1)]
+        return rows, donors, w * (donors != rows)
+    marked = present.nonzero().squeeze(1)
+    k = len(marked)
+    if k < 2:  # no other marked image to borrow surroundings from
+        return None
+    shift = int(torch.randint(1, k, ()))
+    chosen, w = counterfactual_rows(torch.arange(k, device=marked.device), len(present), share, 1)
+    return marked[chosen], marked[(chosen + shift) % k], w
+
+
 def median_colour(images: Tensor, masks: Tensor) -> Tensor:
     """(N, C) median colour of each image outside its mask (the whole image if all masked)."""
     m = _check(images, masks) > 0.5
@@ -60,6 +120,8 @@ def median_colour(images: Tensor, masks: Tensor) -> Tensor:
     vals = torch.where(outside, flat, torch.full_like(flat, float("nan")))
     med = vals.nanmedian(dim=2).values
     full = (~outside).all(dim=2).any(dim=1)  # images masked everywhere: the whole image's
+    if fixed_shapes(images.device):  # no host synchronisation: every row's, then chosen
+        return torch.where(full[:, None], flat.median(dim=2).values, med)
     if full.any():
         med[full] = flat[full].median(dim=2).values
     return med
@@ -70,7 +132,9 @@ def fill_region(images: Tensor, masks: Tensor) -> Tensor:
     m = _check(images, masks)
     marked = (m.flatten(1) > 0).any(dim=1)
     colour = torch.zeros(images.shape[:2], dtype=images.dtype, device=images.device)
-    if marked.any():  # the others are left as they are: no median to take
+    if fixed_shapes(images.device):  # every row's median: no host synchronisation
+        colour = median_colour(images, masks).to(images.dtype)
+    elif marked.any():  # the others are left as they are: no median to take
         colour[marked] = median_colour(images[marked], masks[marked]).to(images.dtype)
     return images * (1 - m) + colour[:, :, None, None] * m
 

@@ -438,7 +438,7 @@ class Moved(NamedTuple):
 def _moved_logits(inputs: LossContext, *, blank: bool) -> Moved:
     """Logits of each marked artifact moved onto another image of the batch (the recipient's own
     marked region filled first; nothing lands on its keep region)."""
-    from .counterfactual import counterfactual_rows, fill_region, moved_masks, transplant
+    from .counterfactual import fill_region, marked_rows, moved_masks, transplant
 
     images = inputs.images.detach()
     ignore = _unkept(inputs)
@@ -447,8 +447,7 @@ def _moved_logits(inputs: LossContext, *, blank: bool) -> Moved:
     recipients = (torch.arange(n, device=images.device) + shift) % n
     same = [inputs.logits, *[inputs.logits[recipients]] * (2 if blank else 1)]
     # Only marked rows get counterfactuals (at most counterfactual_share of the batch's).
-    present = feedback_present(ignore).nonzero().squeeze(1)
-    donors, w = counterfactual_rows(present, n, inputs.cfg.counterfactual_share, len(same))
+    donors, w = marked_rows(feedback_present(ignore), inputs.cfg.counterfactual_share, len(same))
     weight = inputs.logits.new_zeros(n)
     if len(donors) == 0:
         return Moved(recipients, same[0], same[1:], weight)
@@ -580,17 +579,13 @@ def _surroundings(inputs: LossContext, cfg: LossSettings) -> Tensor:
     mass; nothing is painted over a lesion (the receiver's keep region is kept, the donor's is
     filled). Artifacts the user never marked change with the surroundings, so none can decide.
     """
-    from .counterfactual import counterfactual_rows, swap_surroundings
+    from .counterfactual import surroundings_pairs, swap_surroundings
 
     loss = inputs.logits.new_zeros(inputs.labels.shape)
-    marked = feedback_present(inputs.keep).nonzero().squeeze(1)
-    k = len(marked)
-    if k < 2:  # no other marked image to borrow surroundings from
+    pairs = surroundings_pairs(feedback_present(inputs.keep), inputs.cfg.counterfactual_share)
+    if pairs is None:  # no other marked image to borrow surroundings from
         return loss
-    shift = int(torch.randint(1, k, ()))
-    share = inputs.cfg.counterfactual_share
-    chosen, w = counterfactual_rows(torch.arange(k, device=marked.device), len(loss), share, 1)
-    receivers, donors = marked[chosen], marked[(chosen + shift) % k]
+    receivers, donors, w = pairs
     swapped, _ = swap_surroundings(
         inputs.images.detach(), inputs.keep, donors, SURROUNDINGS_MARGIN, receivers=receivers
     )

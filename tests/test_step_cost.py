@@ -150,3 +150,61 @@ def test_calibrating_several_terms_measures_the_class_gradient_once_per_batch(mo
             model, batches, dataclasses.replace(plain, explanation_loss=term)
         )
         assert getattr(scaled, field) == pytest.approx(alone, rel=0.3)
+
+
+# ------------------------------------------------------- fixed shapes (accelerators): no sync
+@pytest.fixture
+def fixed(monkeypatch):
+    """The accelerator's row selection, on the CPU (no GPU here): fixed shapes, no nonzero."""
+    monkeypatch.setattr(cf, "fixed_shapes", lambda device: True)
+
+
+def test_fixed_rows_have_a_fixed_shape_marked_first_and_unbiased_weights():
+    values = torch.arange(10.0) ** 2
+    torch.manual_seed(0)
+    for marked in ([0, 2, 3, 5, 7, 8, 9], [4], []):
+        present = torch.zeros(10, dtype=torch.bool)
+        present[marked] = True
+        total, draws = 0.0, 2000
+        for _ in range(draws):
+            rows, w = cf.fixed_rows(present, share=0.3, per_row=1)
+            assert rows.shape == (3,) and w.shape == (3,)  # whatever the number marked
+            k = min(len(marked), 3)
+            assert set(rows[:k].tolist()) <= set(marked) and (w[k:] == 0).all()
+            total += float((w * values[rows]).sum()) / max(len(marked), 1)
+        exact = float(values[marked].mean()) if marked else 0.0
+        assert total / draws == pytest.approx(exact, rel=0.03, abs=1e-6)
+
+
+def test_with_fixed_shapes_the_ignore_loss_is_the_same_and_fill_the_same(fixed):
+    """Every row forwarded, the unmarked at weight 0: the same loss as the marked rows alone."""
+    b = _batch(marked=3)
+    cfg = FeedbackConfig(lam=1.0, counterfactual_share=None, surroundings_loss=None)
+    model = _Counting()
+    torch.manual_seed(1)
+    got = feedback_loss(model, b, cfg)
+    assert model.rows == [12, 3 * 12]  # fixed: every row's counterfactuals
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cf, "fixed_shapes", lambda device: False)
+        torch.manual_seed(1)
+        want = feedback_loss(model, b, cfg)
+        plain = cf.fill_region(b.images, b.ignore * b.has_ignore[:, None, None])
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+    assert torch.allclose(cf.fill_region(b.images, b.ignore * b.has_ignore[:, None, None]), plain)
+
+
+def test_with_fixed_shapes_a_surroundings_receiver_never_borrows_its_own(fixed):
+    present = torch.zeros(8, dtype=torch.bool)
+    present[[1, 6]] = True
+    torch.manual_seed(0)
+    for _ in range(50):
+        rows, donors, w = cf.surroundings_pairs(present, share=0.5)
+        assert rows.shape == donors.shape == w.shape == (4,)
+        live = w > 0
+        assert set(rows[live].tolist()) == {1, 6} and set(donors[live].tolist()) == {1, 6}
+        assert (rows[live] != donors[live]).all()
+    present[6] = False  # one marked image: nothing to borrow, all weights 0
+    assert (cf.surroundings_pairs(present, share=0.5)[2] == 0).all()
+    b = _batch(marked=6, kind="keep")
+    loss = feedback_loss(_Counting(), b, FeedbackConfig(lam=1.0)).loss
+    assert torch.isfinite(loss) and loss.item() > 0

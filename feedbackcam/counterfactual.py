@@ -67,7 +67,8 @@ def _limit(n: int, share: float | None, per_row: int) -> int:
     return n if share is None else max(1, min(n, int(share * n / per_row)))
 
 
-def _fixed(present: Tensor, share: float | None, per_row: int):
+def _fixed(present: Tensor, share: float | None, per_row: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(the marked-first order, its first L rows, their weights)."""
     limit = _limit(present.shape[0], share, per_row)
     order = _marked_first(present)
     rows, k = order[:limit], present.sum()
@@ -83,7 +84,9 @@ def fixed_rows(present: Tensor, share: float | None, per_row: int) -> tuple[Tens
     return rows, w
 
 
-def marked_rows(present: Tensor, share: float | None, per_row: int) -> tuple[Tensor, object]:
+def marked_rows(
+    present: Tensor, share: float | None, per_row: int
+) -> tuple[Tensor, float | Tensor]:
     """The rows (and weights) whose counterfactuals a term forwards, from the boolean (N,)
     ``present``: :func:`counterfactual_rows` on the CPU, :func:`fixed_rows` elsewhere."""
     if fixed_shapes(present.device):
@@ -91,7 +94,9 @@ def marked_rows(present: Tensor, share: float | None, per_row: int) -> tuple[Ten
     return counterfactual_rows(present.nonzero().squeeze(1), len(present), share, per_row)
 
 
-def surroundings_pairs(present: Tensor, share: float | None):
+def surroundings_pairs(
+    present: Tensor, share: float | None
+) -> tuple[Tensor, Tensor, float | Tensor] | None:
     """(receivers, donors, weights) for the surroundings term: each chosen marked row gets the
     surroundings of another marked row; None when fewer than two rows are marked (CPU). With
     fixed shapes a receiver whose donor is itself (fewer than two marked) weighs 0."""

@@ -195,7 +195,9 @@ class Familiarity:
                 )
             return self._references[served.version_id]
 
-    def score(self, served: Served, rgb: np.ndarray, seen=None) -> Familiar:
+    def score(
+        self, served: Served, rgb: np.ndarray, seen: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Familiar:
         """``seen``: the prediction's ``(energy, pooled)`` from its own forward pass (see
         ``Served.explain``); without it the image is forwarded here."""
         energy, pooled = seen if seen is not None else forward(served, rgb[None])
@@ -212,7 +214,12 @@ class Familiarity:
         )
 
     def warnings(
-        self, served: Served, rgb: np.ndarray, top: float, low_confidence: float, seen=None
+        self,
+        served: Served,
+        rgb: np.ndarray,
+        top: float,
+        low_confidence: float,
+        seen: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[Familiar, list[str]]:
         """The image's scores and the warnings in a clinician's words (the numbers are in
         the scores, one click away on the page)."""

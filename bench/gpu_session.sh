@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session (under 8 minutes on an H100/H200): the feedback step against classification-only
-# (keep and ignore marks on 10/30/100 % of batch 32 and 128, fp32 and bf16), the app with
+# One GPU session, under 8 minutes on an H100/H200 (the steps are capped at 120 + 100 + 80 + 60 +
+# 130 s): the feedback step against classification-only (keep and ignore marks on 10/30/100 % of batch 32 and 128, fp32 and bf16), the app with
 # EfficientNet-Lite0 at 224 px (predict + explain, submit -> promoted with an ignore mark), a
 # SynthDerm simulation with the default objective (its ignore loss on the patch) at the demo's
 # recipe, and the ISIC 2017 pipeline (check, prepare, simulate) with the 25 annotated real
@@ -17,7 +17,7 @@ nvidia-smi -L | tee "$R/device.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$R/device.txt"
 FB="python3 -m feedbackcam.cli"
 # 1. the step (about 2 min)
-timeout 150 python3 bench/feedback_step.py --device cuda --json "$R/feedback_step.json" 2>&1 | tee "$R/feedback_step.log"
+timeout 120 python3 bench/feedback_step.py --device cuda --json "$R/feedback_step.json" 2>&1 | tee "$R/feedback_step.log"
 # 2. the app, Lite0 at 224 px (weights do not change the time: a random initialisation)
 python3 - <<'PY'
 import torch
@@ -28,10 +28,10 @@ torch.manual_seed(0)
 m = build_model("efficientnet_lite0", 3)
 save_checkpoint("/tmp/lite0.pt", m, ModelSpec("efficientnet_lite0", CLASSES, m.layers, 224, {}))
 PY
-timeout 120 python3 bench/app_latency.py --data /tmp/demo-data --model /tmp/lite0.pt --device cuda \
+timeout 100 python3 bench/app_latency.py --data /tmp/demo-data --model /tmp/lite0.pt --device cuda \
   --n 40 --updates 3 --size 512 2>&1 | tail -12 | tee "$R/app_latency.log"
 # 3. SynthDerm, the demo's recipe, default objective (ignore loss on the patch), on the GPU
-timeout 90 $FB simulate --data synth --model small_cnn --width 32 --size 64 --n-base 900 --n-feedback 900 \
+timeout 80 $FB simulate --data synth --model small_cnn --width 32 --size 64 --n-base 900 --n-feedback 900 \
   --confounder-rate 0.95 --lambda 0.9 --auto-scale --select-by accuracy --epochs 5 --batch-size 16 \
   --optimizer adam --lr 3e-4 --base-epochs 12 --base-lr 2e-3 --device cuda --out /tmp/sim_synth 2>&1 \
   | tail -4 | tee "$R/sim_synth.log"
@@ -39,8 +39,8 @@ cp /tmp/sim_synth/{results.json,results.md,config.json} "$R/sim_synth/" 2>/dev/n
 # 4. ISIC 2017 with its real patches marked "not this" (default objective), Lite0 bf16
 python3 bench/isic_folder.py .gpu_data/isic2017-256 --out /tmp/isicf | tee "$R/isic_folder.txt"
 $FB data check /tmp/isicf > "$R/check.txt" 2>&1
-$FB data prepare /tmp/isicf --size 224 --out /tmp/p224 2>&1 | tail -2
-timeout 150 $FB simulate --data /tmp/p224 --model efficientnet_lite0 --weights imagenet --base-fraction 0.5 \
+timeout 60 $FB data prepare /tmp/isicf --size 224 --out /tmp/p224 2>&1 | tail -2
+timeout 130 $FB simulate --data /tmp/p224 --model efficientnet_lite0 --weights imagenet --base-fraction 0.5 \
   --base-epochs 8 --epochs 6 --lambda 0.7 --auto-scale --select-by accuracy --batch-size 32 --optimizer adam \
   --lr 1e-4 --device cuda --precision bf16 --out /tmp/sim_isic 2>&1 | tail -8 | tee "$R/sim_isic.log"
 cp /tmp/sim_isic/{results.json,results.md,history.csv,config.json} "$R/sim_isic/" 2>/dev/null

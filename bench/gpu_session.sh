@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session, under 8 minutes on an H100/H200 (the steps are capped at 120 + 100 + 80 + 60 +
-# 130 s): the feedback step against classification-only (keep and ignore marks on 10/30/100 % of batch 32 and 128, fp32 and bf16), the app with
+# 130 s): the feedback step against classification-only (keep and ignore marks on 10/30/100 % of
+# batch 32 and 128, fp32 and bf16, and the host-synchronisation check), the app with
 # EfficientNet-Lite0 at 224 px (predict + explain, submit -> promoted with an ignore mark), a
 # SynthDerm simulation with the default objective (its ignore loss on the patch) at the demo's
 # recipe, and the ISIC 2017 pipeline (check, prepare, simulate) with the 25 annotated real

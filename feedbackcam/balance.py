@@ -63,46 +63,61 @@ def calibrate_loss_scale(
     return cls / exp if exp > 0 else 1.0
 
 
+def feeding(batches: list[FeedbackBatch], kind: str) -> list[FeedbackBatch]:
+    """The batches that carry masks of ``kind`` ("keep" or "ignore"): what a term that learns
+    from them can be calibrated on."""
+    if kind == "ignore":
+        return [b for b in batches if b.ignore is not None and bool(b.has_ignore.any())]
+    return [b for b in batches if bool(b.has_mask.any() and b.masks.flatten(1).amax(1).gt(0).any())]
+
+
+def measured_scales(cfg: FeedbackConfig) -> list[str]:
+    """The scales :func:`auto_scaled` measures for ``cfg`` (given batches that feed them):
+    ``loss_scale`` with ``auto_scale``, and each added term's scale that is None and whose loss
+    is added to the explanation loss. A scale set by hand is never measured; at lambda 0
+    nothing is."""
+    from .losses import get_loss
+
+    if cfg.lam == 0:
+        return []
+    main_kind = get_loss(cfg.explanation_loss).needs
+    out = ["loss_scale"] if cfg.auto_scale else []
+    for field, scale_field, kind in ADDED_TERMS:
+        name = getattr(cfg, field)
+        added = name is not None and name != cfg.explanation_loss
+        added = added and not (kind == "ignore" and main_kind == "ignore")
+        if added and getattr(cfg, scale_field) is None:
+            out.append(scale_field)
+    return out
+
+
 def auto_scaled(
     model: SelfExplaining, batches: list[FeedbackBatch], cfg: FeedbackConfig
 ) -> FeedbackConfig:
-    """``cfg`` with its scales calibrated on ``batches`` by :func:`calibrate_loss_scale`:
-    ``loss_scale`` if ``cfg.auto_scale``, and the scale of every added term
-    (:data:`feedbackcam.objective.ADDED_TERMS`: the surroundings and ignore losses) that is None
-    and whose loss is added to the explanation loss, each measured alone. Nothing happens at
-    lambda 0. A term that no batch can feed (no masks of its kind) keeps its scale (None
-    becomes 1).
+    """``cfg`` with its scales calibrated on ``batches`` by :func:`calibrate_loss_scale`: those
+    :func:`measured_scales` names, each measured alone on the batches that feed it
+    (:func:`feeding`). Nothing happens at lambda 0. A term that no batch can feed (no masks of
+    its kind) keeps its scale (None becomes 1).
     """
     from .losses import get_loss
 
     unset = {scale: 1.0 for _, scale, _ in ADDED_TERMS if getattr(cfg, scale) is None}
     if cfg.lam == 0 or not batches:
         return replace(cfg, **unset)
-
-    def usable(kind: str) -> list[FeedbackBatch]:
-        if kind == "ignore":
-            return [b for b in batches if b.ignore is not None and bool(b.has_ignore.any())]
-        return [
-            b for b in batches if bool(b.has_mask.any() and b.masks.flatten(1).amax(1).gt(0).any())
-        ]
-
+    measured = measured_scales(cfg)
     class_norms: dict[int, float] = {}  # the class loss's, measured once per batch
     alone = {field: None for field, _, _ in ADDED_TERMS}
     plain = replace(cfg, loss_scale=1.0, **alone, **{s: 1.0 for _, s, _ in ADDED_TERMS})
     out = cfg
-    if cfg.auto_scale:
-        main = usable(get_loss(cfg.explanation_loss).needs)
-        if main:
-            out = replace(out, loss_scale=calibrate_loss_scale(model, main, plain, class_norms))
-    main_kind = get_loss(cfg.explanation_loss).needs
+    main = feeding(batches, get_loss(cfg.explanation_loss).needs)
+    if "loss_scale" in measured and main:
+        out = replace(out, loss_scale=calibrate_loss_scale(model, main, plain, class_norms))
     for field, scale_field, kind in ADDED_TERMS:
         if getattr(out, scale_field) is not None:
             continue
-        name, scale = getattr(cfg, field), 1.0
-        added = name is not None and name != cfg.explanation_loss
-        added = added and not (kind == "ignore" and main_kind == "ignore")
-        if added and usable(kind):
-            only = replace(plain, explanation_loss=name)
-            scale = calibrate_loss_scale(model, usable(kind), only, class_norms)
+        scale, fed = 1.0, feeding(batches, kind)
+        if scale_field in measured and fed:
+            only = replace(plain, explanation_loss=getattr(cfg, field))
+            scale = calibrate_loss_scale(model, fed, only, class_norms)
         out = replace(out, **{scale_field: scale})
     return out

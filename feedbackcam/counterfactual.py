@@ -43,7 +43,7 @@ def counterfactual_rows(
     k = len(marked)
     if share is None or k == 0:
         return marked, 1.0
-    limit = max(1, int(share * batch_size / per_row))
+    limit = _limit(batch_size, share, per_row)
     if k <= limit:
         return marked, 1.0
     chosen = marked[torch.randperm(k)[:limit].to(marked.device)]
@@ -135,12 +135,13 @@ def median_colour(images: Tensor, masks: Tensor) -> Tensor:
 def fill_region(images: Tensor, masks: Tensor) -> Tensor:
     """Images with the masked region replaced by the image's median colour outside it."""
     m = _check(images, masks)
-    marked = (m.flatten(1) > 0).any(dim=1)
-    colour = torch.zeros(images.shape[:2], dtype=images.dtype, device=images.device)
     if fixed_shapes(images.device):  # every row's median: no host synchronisation
         colour = median_colour(images, masks).to(images.dtype)
-    elif marked.any():  # the others are left as they are: no median to take
-        colour[marked] = median_colour(images[marked], masks[marked]).to(images.dtype)
+    else:
+        marked = (m.flatten(1) > 0).any(dim=1)
+        colour = torch.zeros(images.shape[:2], dtype=images.dtype, device=images.device)
+        if marked.any():  # the others are left as they are: no median to take
+            colour[marked] = median_colour(images[marked], masks[marked]).to(images.dtype)
     return images * (1 - m) + colour[:, :, None, None] * m
 
 

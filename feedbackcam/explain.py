@@ -36,6 +36,11 @@ def explain(
     return explain_with_features(model, images, targets, method=method)[0]
 
 
+def pooled_activations(activations) -> Tensor:
+    """(N, K) the explanation layer's activations averaged over space, in float32."""
+    return activations[0].float().mean(dim=(2, 3))
+
+
 def explain_with_features(
     model: SelfExplaining,
     images: Tensor,
@@ -54,7 +59,7 @@ def explain_with_features(
             x = images.detach().requires_grad_(True)
             out = model(x)
             resolved = cams.target_classes(out.logits, targets)
-            pooled = out.activations[0].detach().float().mean(dim=(2, 3))
+            pooled = pooled_activations(out.activations).detach()
             saliency = cams.saliency_maps(
                 out.logits,
                 out.activations,

@@ -748,6 +748,7 @@ def test_the_loss_scales_are_calibrated_once_per_lineage(tmp_path, assets, monke
     """The first update measures its terms' scales (probe passes); the next keeps them, as a
     simulation keeps the scales of its one calibration over all its epochs; a scale set by
     hand is never replaced."""
+    from feedbackcam.balance import measured_scales
     from feedbackcam.service import update
 
     probes = []
@@ -773,7 +774,7 @@ def test_the_loss_scales_are_calibrated_once_per_lineage(tmp_path, assets, monke
     cfg = update.UpdateConfig.from_settings(
         Settings(feedback=FeedbackConfig(surroundings_scale=2.0))
     )
-    assert update._calibrated_fields(cfg.feedback) == ["ignore_scale"]
+    assert measured_scales(cfg.feedback) == ["ignore_scale"]
 
 
 def test_a_version_answers_with_its_unfamiliar_input_check_already_measured(env):

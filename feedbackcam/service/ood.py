@@ -34,6 +34,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from ..data.dataset import ArrayDataset
+from ..explain import pooled_activations
 from .registry import Served
 
 SAMPLE = 256
@@ -72,6 +73,11 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     ).astype(np.float64)
 
 
+def energy_score(logits: torch.Tensor) -> np.ndarray:
+    """``-log sum_k exp(logit_k)`` per row (Liu et al. 2020), on the CPU."""
+    return (-torch.logsumexp(logits.float(), dim=1)).cpu().numpy()
+
+
 def forward(served: Served, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(energies (N,), pooled explanation-layer activations (N, K)) of uint8 images, in one
     forward pass each, under the served model's lock."""
@@ -81,8 +87,8 @@ def forward(served: Served, images: np.ndarray, batch: int = 64) -> tuple[np.nda
         for start in range(0, len(images), batch):
             x = torch.from_numpy(np.array(images[start : start + batch], copy=True))
             out = served.model(x.permute(0, 3, 1, 2).float().div(255).to(device))
-            energy.append((-torch.logsumexp(out.logits.float(), dim=1)).cpu().numpy())
-            pooled.append(out.activations[0].float().mean(dim=(2, 3)).cpu().numpy())
+            energy.append(energy_score(out.logits))
+            pooled.append(pooled_activations(out.activations).cpu().numpy())
     if not energy:
         return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(energy), np.concatenate(pooled).astype(np.float64)
@@ -198,9 +204,12 @@ class Familiarity:
     def score(
         self, served: Served, rgb: np.ndarray, seen: tuple[np.ndarray, np.ndarray] | None = None
     ) -> Familiar:
-        """``seen``: the prediction's ``(energy, pooled)`` from its own forward pass (see
+        """``seen``: the prediction's ``(logits, pooled)`` from its own forward pass (see
         ``Served.explain``); without it the image is forwarded here."""
-        energy, pooled = seen if seen is not None else forward(served, rgb[None])
+        if seen is not None:
+            energy, pooled = energy_score(torch.as_tensor(seen[0])), seen[1]
+        else:
+            energy, pooled = forward(served, rgb[None])
         ref = self.reference(served)
         if ref is None:
             return Familiar(float(energy[0]), None)

@@ -40,11 +40,11 @@ class VersionError(ValueError):
 
 
 class Seen(NamedTuple):
-    """One prediction: the explanation, and from the same forward pass the energy score (1,)
-    and the pooled explanation-layer activations (1, K) of the unfamiliar-input check."""
+    """One prediction: the explanation, and from the same forward pass the logits (1, C) and
+    the pooled explanation-layer activations (1, K) the unfamiliar-input check reads."""
 
     explanation: Explanation
-    energy: np.ndarray
+    logits: np.ndarray
     pooled: np.ndarray
 
 
@@ -58,15 +58,14 @@ class Served:
     def explain(self, rgb: np.ndarray) -> Seen:
         """Predict and explain one (S, S, 3) uint8 image at the model's input size, in one
         forward pass and one backward to the explanation layer; the same pass gives the
-        unfamiliar-input check its energy and pooled features."""
+        unfamiliar-input check its logits and pooled features."""
         images = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)[None].float() / 255
         with self.lock:
             device = next(self.model.parameters()).device
             out, logits, pooled = explain_with_features(self.model, images.to(device))
-        energy = -torch.logsumexp(logits, dim=1)
         return Seen(
             Explanation(*(t.cpu() for t in out)),
-            energy.cpu().numpy(),
+            logits.cpu().numpy(),
             pooled.cpu().numpy().astype(np.float64),
         )
 

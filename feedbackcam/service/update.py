@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from ..balance import auto_scaled
+from ..balance import auto_scaled, feeding, measured_scales
 from ..data.dataset import ArrayDataset, FeedbackBatch
 from ..evaluate import evaluate, predict_probs
 from ..losses import get_loss
@@ -103,7 +103,7 @@ def fine_tune(
     """
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    kept = {k: v for k, v in (scales or {}).items() if k in _calibrated_fields(cfg.feedback)}
+    kept = {k: v for k, v in (scales or {}).items() if k in measured_scales(cfg.feedback)}
     probe = [b.to(device) for b in itertools.islice(update_batches(new, replay, plan, cfg), 4)]
     needed = _needed(cfg.feedback, probe)
     if set(needed) - set(kept):
@@ -138,33 +138,18 @@ def fine_tune(
 _SCALES = ("loss_scale", *(scale for _, scale, _ in ADDED_TERMS))
 
 
-def _calibrated_fields(feedback: FeedbackConfig) -> list[str]:
-    """The scales ``balance.auto_scaled`` measures (a scale set by hand stays as set)."""
-    out = ["loss_scale"] if feedback.auto_scale else []
-    return out + [
-        scale
-        for field, scale, _ in ADDED_TERMS
-        if getattr(feedback, field) is not None and getattr(feedback, scale) is None
-    ]
-
-
 def _needed(feedback: FeedbackConfig, batches: list[FeedbackBatch]) -> list[str]:
-    """The scales that ``batches`` let ``balance.auto_scaled`` calibrate: those it measures
-    whose masks the batches carry (nothing at lambda 0)."""
-    if feedback.lam == 0:
-        return []
-    keep = any(bool((b.has_mask & (b.masks.flatten(1).amax(1) > 0)).any()) for b in batches)
-    ignore = any(b.ignore is not None and bool(b.has_ignore.any()) for b in batches)
-    present = {"keep": keep, "ignore": ignore}
-    # the added terms move a region between two images of a batch: one image alone feeds them
-    # nothing, and a scale measured on nothing (1.0) must not be kept for later updates
+    """The scales ``balance.auto_scaled`` would measure on ``batches``: those it measures for
+    ``feedback`` whose masks the batches carry, the added terms only on batches of two images
+    or more (they move a region between two images; a scale measured on one image alone is
+    not kept for later updates)."""
+    kinds = {"loss_scale": get_loss(feedback.explanation_loss).needs}
+    kinds |= {scale: kind for _, scale, kind in ADDED_TERMS}
     paired = any(len(b.labels) > 1 for b in batches)
-    kinds = {"loss_scale": (get_loss(feedback.explanation_loss).needs, False)}
-    kinds |= {scale: (kind, True) for _, scale, kind in ADDED_TERMS}
     return [
         k
-        for k in _calibrated_fields(feedback)
-        if present[kinds[k][0]] and (paired or not kinds[k][1])
+        for k in measured_scales(feedback)
+        if feeding(batches, kinds[k]) and (paired or k == "loss_scale")
     ]
 
 

@@ -68,7 +68,7 @@ def predict(
     probs = explanation.probs[0].tolist()
     saliency = (explanation.saliency[0].numpy() * 255).round().astype(np.uint8)
     familiar, warnings = runtime.familiarity.warnings(
-        served, rgb, max(probs), limits.low_confidence, (seen.energy, seen.pooled)
+        served, rgb, max(probs), limits.low_confidence, (seen.logits, seen.pooled)
     )
     original = session.get(Original, image_id)
     return Prediction(

@@ -25,8 +25,8 @@ import torch
 
 from feedbackcam.models import build_model
 from feedbackcam.propagate import (
-    DEFAULT_THRESHOLD,
     LITE0_LAYER,
+    LITE0_THRESHOLD,
     colour_proposals,
     concept_proposals,
     iou,
@@ -47,6 +47,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--scorers", nargs="+", default=["concept", "colour", "outlined"])
     p.add_argument("--features-cache", type=Path, default=None, help="a .pt file, reused")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=LITE0_THRESHOLD,
+        help="propose at this score (default: the offline network's, as the command does)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -89,7 +95,7 @@ def main() -> None:
                 marks_idx = rng.choice(masked, k, replace=False)
                 props = score(kind, {i: masks[i] for i in marks_idx}, draw)
                 rest = np.setdiff1d(np.arange(len(data)), marks_idx)
-                chosen = props.proposed(DEFAULT_THRESHOLD)[rest]
+                chosen = props.proposed(args.threshold)[rest]
                 truth = patched[rest]
                 tp = int((chosen & truth).sum())
                 precision = tp / max(int(chosen.sum()), 1)
@@ -121,7 +127,7 @@ def main() -> None:
                 results.append(row)
     out = {
         "rows": results,
-        "threshold": DEFAULT_THRESHOLD,
+        "threshold": args.threshold,
         "layer": LITE0_LAYER,
         "size": args.size,
         "n_images": len(data),

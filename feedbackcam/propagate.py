@@ -36,6 +36,11 @@ SCORERS = ("concept", "colour", "outlined")
 # A maximum over every location of every image is a maximum over thousands of trials: even odds
 # would propose many images by chance (docs/propagation.md measures it).
 DEFAULT_THRESHOLD = 0.9
+# The offline network's own threshold (its activations give other probabilities than a
+# model's explanation layer): chosen on a development half of ISIC 2017's real patches from 5
+# marks (the grid 0.5..0.9, the best mean of min(precision, recall)) and measured on the other
+# half (experiments/propagation_threshold.py, docs/propagation.md).
+LITE0_THRESHOLD = 0.8
 # A proposed mask is where the map reaches this.
 MASK_THRESHOLD = 0.5
 # The offline network's layer for propagation: EfficientNet-Lite0's blocks.5 (stride 32: an

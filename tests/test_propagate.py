@@ -15,6 +15,8 @@ from feedbackcam.cli import main
 from feedbackcam.data.dataset import ArrayDataset
 from feedbackcam.data.prepared import save_prepared
 from feedbackcam.propagate import (
+    DEFAULT_THRESHOLD,
+    LITE0_THRESHOLD,
     colour_proposals,
     concept_proposals,
     iou,
@@ -153,11 +155,19 @@ def test_propagate_command_writes_scored_proposals_and_their_masks(tmp_path, pre
     assert iou(mask, patches[ids.index(some)]) >= 0.5
     config = json.loads((out / "config.json").read_text())
     assert config["scorer"] == "colour" and config["marks"] == sorted(marked)
-    # the default scorer: the offline ImageNet network's activations (no download)
-    assert main([*args, "--threshold", "0.99"]) == 0
+    assert config["threshold"] == DEFAULT_THRESHOLD
+    # the default scorer: the offline ImageNet network's activations (no download), proposing
+    # at that network's own threshold
+    assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["scorer"] == "concept" and config["layer"] == "blocks.5"
     assert "efficientnet_lite0" in config["model"]
+    assert config["threshold"] == LITE0_THRESHOLD != DEFAULT_THRESHOLD
+    with open(out / "proposals.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(r["proposed"] == str(int(float(r["score"]) >= LITE0_THRESHOLD)) for r in rows)
+    assert main([*args, "--threshold", "0.99"]) == 0
+    assert json.loads((out / "config.json").read_text())["threshold"] == 0.99
     assert "proposals.csv" in capsys.readouterr().out
     # outlined: the concept's choice of images, masks only inside its region
     with open(out / "proposals.csv") as f:

@@ -8,7 +8,7 @@ from ..options import command
 
 
 def _add_propagate(sub) -> None:
-    from ..propagate import DEFAULT_THRESHOLD, SCORERS
+    from ..propagate import DEFAULT_THRESHOLD, LITE0_THRESHOLD, SCORERS
 
     p = command(sub, "propagate", _propagate)
     p.add_argument("--data", type=Path, required=True, help="a prepared folder")
@@ -33,7 +33,14 @@ def _add_propagate(sub) -> None:
         help="the layer whose activations are used (default: the model's explanation layer; "
         "blocks.5 for the offline EfficientNet-Lite0)",
     )
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help=f"propose an image at this score (default: {LITE0_THRESHOLD} with the offline "
+        f"network, chosen on ISIC 2017's real patches; {DEFAULT_THRESHOLD} with --model or "
+        "--scorer colour)",
+    )
     p.add_argument("--device", default="cpu")
 
 
@@ -69,7 +76,8 @@ def _propagate(args) -> int:
     for the same artifact (--scorer concept: a linear classifier on a network's activations,
     per location; colour: a colour model of the marked pixels; outlined: the concept chooses
     the images and where, the colour outlines the artifact there) and propose a mask for each
-    image whose score reaches --threshold. Writes OUT/proposals.csv (id, score, proposed; the
+    image whose score reaches --threshold (by default 0.8 with the offline network, 0.9
+    otherwise; docs/propagation.md). Writes OUT/proposals.csv (id, score, proposed; the
     highest scores first), OUT/masks/<id>.png for the proposed images and OUT/config.json."""
     import shutil
     import tempfile
@@ -79,13 +87,21 @@ def _propagate(args) -> int:
 
     from ..data.prepared import load_prepared
     from ..fileio import write_csv, write_json
-    from ..propagate import LITE0_LAYER, colour_proposals, concept_proposals, outlined_masks
+    from ..propagate import (
+        DEFAULT_THRESHOLD,
+        LITE0_LAYER,
+        LITE0_THRESHOLD,
+        colour_proposals,
+        concept_proposals,
+        outlined_masks,
+    )
     from ..self_explaining import layer_activations
 
     data = load_prepared(args.data, mmap=True)
     marks = read_marks(args.marks, data.ids, data.size)
     layer = args.layer
     model_name = None
+    threshold = DEFAULT_THRESHOLD
     if args.scorer in ("concept", "outlined"):
         if args.model is not None:
             from ..checkpoint import load_checkpoint
@@ -98,13 +114,15 @@ def _propagate(args) -> int:
             model = build_model("efficientnet_lite0", 2, weights="imagenet")
             model_name = "efficientnet_lite0 (ImageNet, offline)"
             layer = layer or LITE0_LAYER
+            threshold = LITE0_THRESHOLD if layer == LITE0_LAYER else DEFAULT_THRESHOLD
         model.to(args.device)
         features = layer_activations(model, data.images, layer, batch_size=32)
         layer = layer or model.layers[0]
         props = concept_proposals(features, marks, data.size)
     else:
         props = colour_proposals(np.asarray(data.images), marks)
-    chosen = props.proposed(args.threshold)
+    threshold = threshold if args.threshold is None else args.threshold
+    chosen = props.proposed(threshold)
     order = [i for i in np.argsort(-props.scores, kind="stable") if i not in marks]
     written = [i for i in order if chosen[i]]
     if args.scorer == "outlined":  # the colour map outlines the artifact, grown by a cell
@@ -136,7 +154,7 @@ def _propagate(args) -> int:
         "scorer": args.scorer,
         "model": model_name,
         "layer": layer,
-        "threshold": args.threshold,
+        "threshold": threshold,
         "proposed": int(sum(r["proposed"] for r in rows)),
         "scored": len(rows),
     }

@@ -26,7 +26,11 @@ Then the trap splits themselves (``isic-trap-*``, the benchmark's own seeded spl
 melanoma vs benign trained on the trap's training images and one trained on its correlation-free
 split, each on every view, scored on the reversed test. The ``lesion`` view's trap probe is what
 a model that decides from the lesion alone — the ideal "decide from the lesion" asks for — can
-reach on these features.
+reach on these features. And what the *flag* can do instead of a keep mask: the trap probe on
+features with the flag's direction projected out (P-ClArC's direction: the difference of the
+mean standardised features of the flagged and unflagged training images), and with 20
+directions that predict the flag removed one after another (iterative nullspace projection,
+Ravfogel et al. 2020), both fitted on the trap's training images only.
 
     python experiments/trap_lesion_signal.py --isic-root ../shared/data/isic2017-256 \\
         --cache /tmp/isic256 --features-cache VIEWS.npz \\
@@ -63,6 +67,7 @@ from feedbackcam.shortcuts.isic_real import (
 )
 
 FLAGS = ("ruler", "ink", "dark_corner", "gel_border", "gel_bubble")
+INLP_STEPS = 20
 MARGIN = 9  # px at 256: the benchmark's dilation of the lesion mask
 GREY = 128
 
@@ -109,6 +114,24 @@ def trap_probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray
     """ROC AUC on ``test`` of a logistic regression fitted on ``train``."""
     p = _classifier().fit(x[train], y[train]).predict_proba(x[test])[:, 1]
     return round(float(roc_auc_score(y[test], p)), 3)
+
+
+def _without(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    v = v / np.linalg.norm(v)
+    return x - np.outer(x @ v, v)
+
+
+def flag_removed(x: np.ndarray, flag: np.ndarray, train: np.ndarray) -> dict[str, np.ndarray]:
+    """``x`` standardised on ``train``, then with the flag's mean-difference direction projected
+    out ("p_clarc") or 20 flag-predicting directions removed in turn ("inlp")."""
+    x = StandardScaler().fit(x[train]).transform(x)
+    f = flag[train]
+    mean_difference = _without(x, x[train][f].mean(0) - x[train][~f].mean(0))
+    nullspace = x
+    for _ in range(INLP_STEPS):
+        fit = LogisticRegression(class_weight="balanced", C=0.1, max_iter=3000)
+        nullspace = _without(nullspace, fit.fit(nullspace[train], f).coef_[0])
+    return {"p_clarc": mean_difference, "inlp": nullspace}
 
 
 def main() -> None:
@@ -174,6 +197,10 @@ def main() -> None:
             for view, x in views.items():
                 row[f"{view}: trap"] = trap_probe(x, mel, split["train"], split["test"])
                 row[f"{view}: free"] = trap_probe(x, mel, split["free"], split["test"])
+            for view in ("whole", "lesion"):
+                removed = flag_removed(views[view], has, split["train"])
+                for how, x in removed.items():
+                    row[f"{view}: trap, {how}"] = trap_probe(x, mel, split["train"], split["test"])
             traps.append(row)
             print(json.dumps(row), flush=True)
     out = {

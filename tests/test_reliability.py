@@ -643,6 +643,37 @@ def test_concurrent_large_uploads_are_decoded_two_at_a_time(tmp_path, capsys):
         )
     assert codes == [200] * 8
     # Two decodes at once plus what each request derives from its image (the stored original,
-    # the model input, the response's overlay) measured 1.9-3.0 decodes' worth on 2-core machines;
-    # with no bound the eight requests decode together, 8 decodes' worth or more.
-    assert peak - base < 4.5 * per_image, "more decodes at once than the semaphore allows"
+    # the model input, the response's overlay) measured 1.9-3.0 decodes' worth on 2-core machines,
+    # once 4.6 (allocator timing); with no bound the eight requests decode together, 8 decodes'
+    # worth or more. The bound itself is checked exactly by the test below.
+    assert peak - base < 6 * per_image, "more decodes at once than the semaphore allows"
+
+
+def test_decode_slots_admit_as_many_at_once_as_configured():
+    import threading
+    import time
+
+    from feedbackcam.service import limits
+
+    limits.configure(2)
+    try:
+        inside, most, lock = 0, 0, threading.Lock()
+
+        def decode():
+            nonlocal inside, most
+            with limits.decode_slot():
+                with lock:
+                    inside += 1
+                    most = max(most, inside)
+                time.sleep(0.05)
+                with lock:
+                    inside -= 1
+
+        threads = [threading.Thread(target=decode) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert most == 2
+    finally:
+        limits.configure(2)

@@ -33,9 +33,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
-from feedbackcam.models import build_model
-from feedbackcam.propagate import LITE0_LAYER, NEGATIVE_IMAGES
-from feedbackcam.self_explaining import layer_activations
+from feedbackcam.propagate import LITE0_LAYER, NEGATIVE_IMAGES, offline_features
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import read_annotations
 
@@ -97,13 +95,7 @@ def main() -> None:
     lists, _, _, _ = read_annotations(str(Path(args.isic_root) / "artifacts"), args.size)
     index = {k: i for i, k in enumerate(data.ids)}
     n = len(data)
-    if args.features_cache is not None and args.features_cache.exists():
-        features = torch.load(args.features_cache)
-    else:
-        model = build_model("efficientnet_lite0", 3, weights="imagenet")
-        features = layer_activations(model, data.images, LITE0_LAYER, batch_size=32)
-        if args.features_cache is not None:
-            torch.save(features, args.features_cache)
+    features = offline_features(data.images, args.features_cache)
     k_ = features.shape[1]
     cells = F.normalize(features, dim=1).permute(0, 2, 3, 1).reshape(n, -1, k_).numpy()
     dev = np.random.default_rng(SPLIT_SEED).permutation(n) < n // 2

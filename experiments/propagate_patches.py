@@ -23,16 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feedbackcam.models import build_model
 from feedbackcam.propagate import (
     LITE0_LAYER,
     LITE0_THRESHOLD,
     colour_proposals,
     concept_proposals,
     iou,
+    offline_features,
     outlined_masks,
 )
-from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import read_annotations
 
@@ -63,13 +62,7 @@ def main() -> None:
     patched[[index[k] for k in lists["patch"] if k in index]] = True
     masks = {index[k]: m for k, m in by_id.items()}
     masked = np.array(sorted(masks))
-    if args.features_cache is not None and args.features_cache.exists():
-        features = torch.load(args.features_cache)
-    else:
-        model = build_model("efficientnet_lite0", 3, weights="imagenet")
-        features = layer_activations(model, data.images, LITE0_LAYER, batch_size=32)
-        if args.features_cache is not None:
-            torch.save(features, args.features_cache)
+    features = offline_features(data.images, args.features_cache)
     grow = args.size // features.shape[-1]
     print(f"features {tuple(features.shape)} in {time.perf_counter() - started:.0f} s")
 

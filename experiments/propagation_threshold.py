@@ -23,9 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feedbackcam.models import build_model
-from feedbackcam.propagate import LITE0_LAYER, concept_proposals
-from feedbackcam.self_explaining import layer_activations
+from feedbackcam.propagate import LITE0_LAYER, concept_proposals, offline_features
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import read_annotations
 
@@ -98,13 +96,7 @@ def main() -> None:
     patched = np.zeros(n, bool)
     patched[[index[k] for k in lists["patch"] if k in index]] = True
     masks = {index[k]: m for k, m in by_id.items()}
-    if args.features_cache is not None and args.features_cache.exists():
-        features = torch.load(args.features_cache)
-    else:
-        model = build_model("efficientnet_lite0", 3, weights="imagenet")
-        features = layer_activations(model, data.images, LITE0_LAYER, batch_size=32)
-        if args.features_cache is not None:
-            torch.save(features, args.features_cache)
+    features = offline_features(data.images, args.features_cache)
     dev = np.random.default_rng(SPLIT_SEED).permutation(n) < n // 2
     out = {}
     for name, part in (("development", dev), ("test", ~dev)):

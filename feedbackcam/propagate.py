@@ -24,6 +24,7 @@ the images' size. An image is proposed when its score reaches ``threshold`` (def
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +49,22 @@ MASK_THRESHOLD = 0.5
 LITE0_LAYER = "blocks.5"
 # Negatives: locations of this many unmarked images (seeded) beside the marked images' own.
 NEGATIVE_IMAGES = 200
+
+
+def offline_features(images, cache: str | Path | None = None) -> torch.Tensor:
+    """(N, K, h, w) activations of :data:`LITE0_LAYER` of the offline ImageNet
+    EfficientNet-Lite0 for ``images`` (uint8 (N, H, W, 3)); with ``cache`` (a ``.pt`` file),
+    read from it when it exists, else computed and saved there."""
+    from .models import build_model
+    from .self_explaining import layer_activations
+
+    if cache is not None and Path(cache).exists():
+        return torch.load(cache)
+    model = build_model("efficientnet_lite0", 2, weights="imagenet")
+    features = layer_activations(model, images, LITE0_LAYER, batch_size=32)
+    if cache is not None:
+        torch.save(features, cache)
+    return features
 
 
 @dataclass(frozen=True)

@@ -195,3 +195,17 @@ def test_propagate_names_the_bad_mark_and_writes_nothing(tmp_path, prepared, cap
     given = ["--data", str(folder), "--marks", str(nothing), "--out", str(out)]
     assert main(["propagate", *given, "--scorer", "colour"]) == 2
     assert "no <id>.png marks" in capsys.readouterr().err
+
+
+def test_offline_features_are_the_lite0_layer_and_cached(tmp_path):
+    from feedbackcam.models import build_model
+    from feedbackcam.propagate import LITE0_LAYER, offline_features
+    from feedbackcam.self_explaining import layer_activations
+
+    images = patched_images(n=4)[0]
+    cache = tmp_path / "features.pt"
+    features = offline_features(images, cache)
+    model = build_model("efficientnet_lite0", 3, weights="imagenet")
+    assert torch.equal(features, layer_activations(model, images, LITE0_LAYER))
+    torch.save(features + 1, cache)  # a cache that exists is read, not recomputed
+    assert torch.equal(offline_features(images, cache), features + 1)

@@ -23,7 +23,7 @@ from feedbackcam.clusters import explanation_clusters, map_features, write_sheet
 from feedbackcam.shortcuts.bench import baseline
 from feedbackcam.shortcuts.config import BenchConfig
 from feedbackcam.shortcuts.datasets import load_data
-from feedbackcam.shortcuts.isic_real import _flags_of, artifacts_root, read_annotations
+from feedbackcam.shortcuts.isic_real import artifacts_root, flags_of, read_annotations
 from feedbackcam.suspicion import SIGNS, suspicion
 
 SHARE = 0.3
@@ -53,7 +53,7 @@ def main() -> None:
     trained = time.perf_counter() - started
     base = data.base
     lists, _, flag_ids, flags = read_annotations(str(artifacts_root(cfg)), cfg.isic_size)
-    every = _flags_of(base.ids, flag_ids, flags)
+    every = flags_of(base.ids, flag_ids, flags)
     truth = {
         "patch": np.isin(np.array(base.ids), lists["patch"]),
         "ruler": every["ruler"],

@@ -34,11 +34,11 @@ from feedbackcam import clarc
 from feedbackcam.shortcuts.bench import baseline, evaluate_row, fine_tune
 from feedbackcam.shortcuts.config import CLASS_ONLY, BenchConfig
 from feedbackcam.shortcuts.isic_real import (
-    _flags_of,
-    _trap_flag,
     artifacts_root,
+    flags_of,
     isic_trap_data,
     read_annotations,
+    trap_flag,
 )
 
 KEYS = ("auc_clean", "avg_sens", "sens", "acc", "val_avg_sens_filled")
@@ -79,9 +79,9 @@ def main() -> None:
             data = isic_trap_data(seed, artifact, cfg, args.cache)
             base = baseline(args.models / f"trap_{artifact}_{seed}.pt", data, cfg.trap, seed)
             trained = time.perf_counter() - started
-            every = _flags_of(data.pool.ids, flag_ids, flags)
+            every = flags_of(data.pool.ids, flag_ids, flags)
             every.pop("annotated")
-            has = _trap_flag(artifact, every)
+            has = trap_flag(artifact, every)
             model = copy.deepcopy(base)
             d = clarc.artifact_direction(model, data.pool.images, has)
             clarc.attach(model, d, d.clean)

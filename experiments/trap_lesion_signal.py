@@ -60,9 +60,9 @@ from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import (
     TRAP_ARTIFACTS,
-    _flags_of,
-    _trap_flag,
+    flags_of,
     read_annotations,
+    trap_flag,
     trap_indices,
 )
 
@@ -147,7 +147,7 @@ def main() -> None:
     started = time.perf_counter()
     data = isic_arrays(args.isic_root, 256, str(args.cache))
     _, _, flag_ids, flags = read_annotations(str(Path(args.isic_root) / "artifacts"), 256)
-    every = _flags_of(data.ids, flag_ids, flags)
+    every = flags_of(data.ids, flag_ids, flags)
     keep = np.flatnonzero(every.pop("annotated"))
     images = np.asarray(data.images)[keep]
     lesion = dilate(np.asarray(data.masks)[keep] > 0, MARGIN)
@@ -189,7 +189,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     traps = []
     for artifact in TRAP_ARTIFACTS:
-        has = _trap_flag(artifact, {n: f[keep] for n, f in every.items()})
+        has = trap_flag(artifact, {n: f[keep] for n, f in every.items()})
         for seed in args.seeds:
             split = trap_indices(mel.astype(np.int64), has, seed)
             row = {"trap": artifact, "seed": seed, "train": len(split["train"]),

@@ -66,8 +66,9 @@ def read_annotations(root: str, size: int) -> tuple[dict, dict[str, np.ndarray],
     return lists, masks, ids, flags
 
 
-def _flags_of(ids, flag_ids, flags) -> dict[str, np.ndarray]:
-    """The flags of ``ids`` (False where an image is not annotated), and ``annotated``."""
+def flags_of(ids, flag_ids, flags) -> dict[str, np.ndarray]:
+    """The artifact flags (``read_annotations``' ``flag_ids`` and ``flags``) of the images
+    ``ids``, by name (False where an image is not annotated), and ``annotated``."""
     where = {k: i for i, k in enumerate(flag_ids)}
     rows = np.array([where.get(k, -1) for k in ids])
     out = {n: np.where(rows >= 0, f[np.maximum(rows, 0)], False) for n, f in flags.items()}
@@ -119,7 +120,7 @@ def isic_real_data(seed: int, cfg: BenchConfig, cache: str | Path) -> ShortcutDa
         labels = isic.labels[idx]
         ids = [isic.ids[i] for i in idx]
         return ShortcutEval(
-            data, isic.images[idx], has & (labels != nv), nv, _flags_of(ids, flag_ids, flags)
+            data, isic.images[idx], has & (labels != nv), nv, flags_of(ids, flag_ids, flags)
         )
 
     return ShortcutData(
@@ -133,7 +134,9 @@ def isic_real_data(seed: int, cfg: BenchConfig, cache: str | Path) -> ShortcutDa
     )
 
 
-def _trap_flag(name: str, flags: dict[str, np.ndarray]) -> np.ndarray:
+def trap_flag(name: str, flags: dict[str, np.ndarray]) -> np.ndarray:
+    """The artifact a trap split is built on (``name`` a flag, or "all": at least
+    ``ALL_AT_LEAST`` of ``ALL_ARTIFACTS``), from :func:`flags_of`."""
     if name == "all":
         return sum(flags[a].astype(int) for a in ALL_ARTIFACTS) >= ALL_AT_LEAST
     return flags[name]
@@ -212,10 +215,10 @@ def isic_trap_data(seed: int, artifact: str, cfg: BenchConfig, cache: str | Path
         raise ValueError(f"trap artifact: expected one of {TRAP_ARTIFACTS}, got {artifact!r}")
     isic = isic_arrays(str(cfg.isic_root), cfg.isic_size, str(cache))
     _, _, flag_ids, flags = read_annotations(str(artifacts_root(cfg)), cfg.isic_size)
-    every = _flags_of(isic.ids, flag_ids, flags)
+    every = flags_of(isic.ids, flag_ids, flags)
     annotated = np.flatnonzero(every.pop("annotated"))
     labels = (isic.labels == isic.classes.index("MEL")).astype(np.int64)
-    has = _trap_flag(artifact, every)
+    has = trap_flag(artifact, every)
     split = trap_indices(labels[annotated], has[annotated], seed)
     star = int(split["star"][0])
 

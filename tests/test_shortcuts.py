@@ -315,6 +315,38 @@ def test_images_without_feedback_carry_no_ignore_mask():
     assert control.ignore.sum(axis=(1, 2)).tolist() == [4, 0, 4, 0]
 
 
+def test_whole_feedback_controls_replace_the_keep_masks_too():
+    """ "Decide from the lesion" learns from keep masks: a control that left them true would
+    credit the keep masks' effect to random strokes (docs/real-artifacts.md)."""
+    from feedbackcam.shortcuts.data import ShortcutData, keep_control_masks
+
+    n, size = 3, 16
+    keep = np.zeros((n, size, size), np.uint8)
+    keep[:, 6:10, 5:11] = 1  # a centred "lesion", 4 x 6
+    keep[2] = 0  # an image without a keep mask
+    ignore = np.zeros((n, size, size), np.uint8)
+    ignore[:, :2, :2] = 1
+    pool = replace(_tiny_pool(range(n), size=size, ignore=ignore), masks=keep)
+    random = np.zeros_like(ignore)
+    random[:, -2:, -2:] = 1
+    data = ShortcutData(pool, pool, pool, pool, {"random": random, "wrong": random}, None, None)
+
+    assert (data.pool_with("random", seed=0).masks == keep).all()  # strokes only
+    for kind in ("random_all", "wrong_all"):
+        control = data.pool_with(kind, seed=0)
+        assert (control.ignore == random).all()  # the strokes' control of the same name
+        assert not (control.masks == keep).all()
+        assert control.masks.sum(axis=(1, 2)).tolist() == [24, 24, 0]  # same size, empty stays
+    wrong = data.pool_with("wrong_all").masks[0]
+    assert not (wrong & keep[0]).any()  # a centred mask rolled onto the corners
+    a, b = (keep_control_masks(keep, s)["random"] for s in (0, 1))
+    assert (a == keep_control_masks(keep, 0)["random"]).all() and not (a == b).all()
+    # a trap split marks nothing: its whole-feedback control is the keep masks' control
+    trap = ShortcutData(*[replace(pool, ignore=None, has_ignore=None)] * 4, {}, None, None)
+    assert trap.pool_with("random_all", seed=1).ignore is None
+    assert (trap.pool_with("random_all", seed=1).masks == b).all()
+
+
 def test_class_weighted_fine_tuning_weights_by_the_pools_class_frequencies(monkeypatch):
     import feedbackcam.train as train_module
     from feedbackcam.shortcuts import Schedule, fine_tune

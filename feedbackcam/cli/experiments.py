@@ -189,7 +189,7 @@ def _simulate(args) -> int:
 
 
 def _add_shortcuts(sub) -> None:
-    from ..shortcuts.config import DATASETS, MASK_CONTROLS, BenchConfig, check_method, methods
+    from ..shortcuts.config import CONTROLS, DATASETS, BenchConfig, check_method, methods
 
     def method(text: str) -> str:
         try:
@@ -220,7 +220,7 @@ def _add_shortcuts(sub) -> None:
         help="isic-real and the trap splits: the artifact annotations (artifact_lists.json, "
         "patch_masks/, artifact_flags.csv); default: ISIC_ROOT/artifacts",
     )
-    bench("--controls", "controls", nargs="*", choices=MASK_CONTROLS)
+    bench("--controls", "controls", nargs="*", choices=CONTROLS)
     bench("--control-methods", "control_methods", nargs="*", type=method, metavar="METHOD")
     bench("--control-seeds", "control_seeds", nargs="*", type=int)
     bench("--fractions", "fractions", nargs="*", type=float)

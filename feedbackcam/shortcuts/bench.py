@@ -32,7 +32,7 @@ from ..models import build_model
 from ..objective import ADDED_TERMS, FeedbackConfig
 from ..self_explaining import SelfExplaining
 from ..train import Batching, class_weights, epoch_batches, make_optimizer, train_epochs
-from .config import CLARC, CLASS_ONLY, BenchConfig, Schedule, needs_keep_masks
+from .config import CLARC, CLASS_ONLY, WHOLE_CONTROLS, BenchConfig, Schedule, needs_keep_masks
 from .data import ShortcutData
 from .datasets import load_data
 from .metrics import shortcut_scores, val_scores
@@ -133,7 +133,7 @@ def fine_tune(
     given = np.zeros(n, bool)
     given[ranked[: int(round(fraction * len(ranked)))]] = True
     if isinstance(data, ShortcutData):
-        pool = data.pool_with(mask_kind, given)
+        pool = data.pool_with(mask_kind, given, seed)
     elif pool.ignore is not None:
         pool = replace(pool, ignore=pool.ignore * given[:, None, None], has_ignore=given)
     weighted = class_weighted or sched.weighted
@@ -310,7 +310,10 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
         for seed in [s for s in seeds if s in config.control_seeds]:
             for method in config.control_methods:
                 for mask in config.controls:
-                    masks_matter = not needs_keep_masks(method) and method not in CLARC
+                    # the stroke-only controls do not touch a keep-mask method's masks
+                    masks_matter = method not in CLARC and (
+                        mask in WHOLE_CONTROLS or not needs_keep_masks(method)
+                    )
                     if method in chosen and masks_matter and method != CLASS_ONLY:
                         tuned(seed, method, chosen[method], mask=mask, phase="control")
         for seed in [s for s in seeds if s in config.efficiency_seeds]:

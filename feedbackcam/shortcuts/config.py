@@ -15,6 +15,11 @@ from .. import losses
 TRAPS = ("isic-trap-ruler", "isic-trap-ink", "isic-trap-dark_corner", "isic-trap-all")
 DATASETS = ("decoy", "synth-patch", "synth-ruler", "isic-bandaid", "isic-real", *TRAPS)
 MASK_CONTROLS = ("random", "wrong", "half")
+# Controls of the whole feedback: every mask the user gave, the ignore strokes *and* the keep
+# masks, replaced by a random or a wrong one (a method that learns from keep masks, "decide from
+# the lesion", is tested by these: the stroke-only controls leave its keep masks true).
+WHOLE_CONTROLS = ("random_all", "wrong_all")
+CONTROLS = (*MASK_CONTROLS, *WHOLE_CONTROLS)
 CLASS_ONLY = "class"
 # Reveal2Revise's activation-space corrections (feedbackcam.clarc): the marked images give the
 # artifact's direction; P-ClArC projects it out (no training), A-ClArC fine-tunes with it added.
@@ -87,7 +92,8 @@ class BenchConfig:
     Attributes:
         datasets, seeds, methods, lams: the main table; ``lams`` is each method's tuning grid,
             chosen on ``tune_seed``'s validation split (:func:`~.rules.choose_lambda`).
-        controls, control_seeds, control_methods: the mask controls (random, wrong, half).
+        controls, control_seeds, control_methods: the mask controls (random, wrong, half: the
+            ignore strokes replaced; random_all, wrong_all: the keep masks too).
         fractions, efficiency_methods, efficiency_seeds: feedback on a share of the images.
         isic_root: an ISIC 2017 folder (official layout, lesion masks) or a folder prepared from one
             (``feedbackcam data prepare``) for ``isic-bandaid``; no default (``--isic-root``).
@@ -156,7 +162,7 @@ class BenchConfig:
     class_weighted: bool = False
 
     def __post_init__(self) -> None:
-        for name, allowed in (("datasets", DATASETS), ("controls", MASK_CONTROLS)):
+        for name, allowed in (("datasets", DATASETS), ("controls", CONTROLS)):
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad:
                 raise ValueError(f"{name}: {bad} not in {allowed}")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..data.dataset import ArrayDataset
-from .config import MASK_CONTROLS, BenchConfig
+from .config import MASK_CONTROLS, WHOLE_CONTROLS, BenchConfig
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,16 +82,27 @@ class ShortcutData:
     def classes(self) -> tuple[str, ...]:
         return self.pool.classes
 
-    def pool_with(self, mask_kind: str = "ignore", given: np.ndarray | None = None) -> ArrayDataset:
+    def pool_with(
+        self, mask_kind: str = "ignore", given: np.ndarray | None = None, seed: int = 0
+    ) -> ArrayDataset:
         """The pool with the ``mask_kind`` ignore masks (the true ones or a control) on the
         images in ``given`` (bool (N,); default all): an image without feedback has an empty
-        ignore mask, so the counterfactual losses never fill or move what nobody marked."""
-        if self.pool.ignore is None:  # nothing was marked (the trap splits): keep masks only
-            return self.pool
-        masks = self.pool.ignore if mask_kind == "ignore" else self.controls[mask_kind]
-        given = np.ones(len(self.pool), bool) if given is None else np.asarray(given, bool)
+        ignore mask, so the counterfactual losses never fill or move what nobody marked.
+
+        A whole-feedback control (``"random_all"``, ``"wrong_all"``) replaces the keep masks
+        too (:func:`keep_control_masks`, seeded by ``seed``), and the strokes by the control of
+        the same name (:func:`control_masks`)."""
+        pool = self.pool
+        kind = mask_kind
+        if mask_kind in WHOLE_CONTROLS:
+            kind = mask_kind.removesuffix("_all")
+            pool = replace(pool, masks=keep_control_masks(pool.masks, seed)[kind])
+        if pool.ignore is None:  # nothing was marked (the trap splits): keep masks only
+            return pool
+        masks = pool.ignore if kind == "ignore" else self.controls[kind]
+        given = np.ones(len(pool), bool) if given is None else np.asarray(given, bool)
         ignore = (masks * given[:, None, None]).astype(np.uint8)
-        return replace(self.pool, ignore=ignore, has_ignore=given)
+        return replace(pool, ignore=ignore, has_ignore=given)
 
 
 def float_images(a: np.ndarray) -> Tensor:
@@ -130,6 +141,24 @@ def control_masks(true: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         out["wrong"][i] = true[i, ::-1, ::-1]
         mid = (ys.min() + ys.max()) // 2
         out["half"][i, : mid + 1] = true[i, : mid + 1]
+    return out
+
+
+def keep_control_masks(keep: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Controls of keep masks (uint8 (N, H, W)): random (a box of the mask's bounding-box size
+    anywhere) and wrong (the mask rolled by half the image in both directions: a centred
+    lesion's keep mask lands on the corners, i.e. on its surroundings). Empty masks stay
+    empty."""
+    rng = np.random.default_rng([seed, 19])
+    n, h, w = keep.shape
+    out = {"random": np.zeros_like(keep), "wrong": np.roll(keep, (h // 2, w // 2), axis=(1, 2))}
+    for i in range(n):
+        ys, xs = np.nonzero(keep[i])
+        if not len(ys):
+            continue
+        bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        y0, x0 = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
+        out["random"][i, y0 : y0 + bh, x0 : x0 + bw] = 1
     return out
 
 

@@ -247,14 +247,27 @@ def efficiency_plot(rows: list[dict], path: Path) -> Path | None:
             ]
             base = [r for r in same if r["method"] == "baseline"]
             label = f"{ds}: {method} (seeds {sorted(seeds)})"
-            fracs = sorted({r["fraction"] for r in pts})
+            fracs = sorted({r["fraction"] for r in pts} - {0.0})
             for ax, k in zip(axes, ("acc", "flip_rate")):
                 stats = [_stat([r[k] for r in pts if r["fraction"] == f]) for f in fracs]
                 xs = [0.0, *fracs]
                 b = _stat([r[k] for r in base])
                 ys = [b[0], *[s[0] for s in stats]]
                 es = [b[1], *[s[1] for s in stats]]
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+                line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+                none = [r[k] for r in pts if r["fraction"] == 0.0]
+                if none:  # fine-tuned with no strokes at all (its keep masks only)
+                    m, e = _stat(none)
+                    ax.errorbar(
+                        [0.0],
+                        [m],
+                        yerr=[e],
+                        marker="s",
+                        mfc="none",
+                        capsize=3,
+                        color=line.lines[0].get_color(),
+                        label=f"{label}, no ignore masks",
+                    )
     for ax, title in zip(axes, ("test accuracy", "flip rate (confounder decides)")):
         ax.set_xscale("symlog", linthresh=0.05)
         ax.set_xticks([0, 0.05, 0.1, 0.25, 1.0], ["0\n(baseline)", "5 %", "10 %", "25 %", "100 %"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -679,3 +680,34 @@ def test_the_anchored_loss_is_the_balanced_loss_with_the_marked_images_predictio
     g_anc, s_anc = _grads(b, "invariance_anchored")
     assert s_anc["loss_exp"] == pytest.approx(s_bal["loss_exp"], rel=1e-6)
     assert not torch.allclose(g_anc, g_bal)
+
+
+def test_target_shift_reads_the_push_towards_the_class_not_its_offset():
+    """A fine-tune that only lowers NV's offset has fewer flips to NV but reads the patch as
+    much as before: the log-odds shift must say so, and must see a real push."""
+    from feedbackcam.shortcuts.metrics import flip_to, target_shift
+
+    g = torch.Generator().manual_seed(0)
+    n, target = 200, 0
+    labels = torch.randint(1, 3, (n,), generator=g)
+    labels[:20] = 0
+    has = torch.ones(n, dtype=torch.bool)
+    clean = torch.randn(n, 3, generator=g)
+    push = torch.zeros(3)
+    push[target] = 1.5  # the patch adds 1.5 to the target's logit
+    patched = clean + push
+
+    def scores(offset: float):
+        shift = torch.zeros(3)
+        shift[target] = offset
+        p, pc = (torch.softmax(z + shift, 1) for z in (patched, clean))
+        flips = flip_to(p.argmax(1), pc.argmax(1), labels, has, target)
+        return flips, target_shift(p, pc, labels, has, target)
+
+    (flip0, shift0), (flip1, shift1) = scores(0.0), scores(-3.0)
+    assert shift0 > 0.5  # a push towards the target, measured
+    assert shift1 == pytest.approx(shift0, abs=1e-6)  # the offset does not change it
+    assert flip1 < flip0 / 2  # while the flips to the target fall with the offset
+    p = torch.softmax(clean, 1)
+    assert target_shift(p, p, labels, has, target) == pytest.approx(0.0, abs=1e-9)
+    assert math.isnan(target_shift(p, p, labels, torch.zeros(n, dtype=torch.bool), target))

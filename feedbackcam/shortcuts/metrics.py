@@ -7,7 +7,10 @@
 - the wrong-reason score WR of the typology (Friedrich et al. 2023) for Grad-CAM and for input
   gradients;
 - the mean Jaccard of the thresholded Grad-CAM against a keep mask where there is one;
-- per-class sensitivity and AUC, with and without the confounder.
+- per-class sensitivity and AUC, with and without the confounder;
+- where the confounder stands for one class (isic-real's patch → NV): the share of other
+  classes' images it turns into that class, and how far it pushes them towards it in log-odds
+  (independent of the class's offset).
 
 Predictions come from :func:`feedbackcam.evaluate.predict_probs`, as everywhere else.
 """
@@ -112,6 +115,7 @@ class ShortcutScores:
     auc_clean: tuple[float, ...] = ()
     avg_sens_clean: float = math.nan
     flip_to_target: float = math.nan
+    target_shift: float = math.nan
     by_artifact: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -129,6 +133,28 @@ def flip_to(pred: Tensor, pred_clean: Tensor, labels: Tensor, has: Tensor, targe
     if not rows.any():
         return math.nan
     return float(((pred[rows] == target) & (pred_clean[rows] != target)).float().mean())
+
+
+def target_shift(
+    probs: Tensor, probs_clean: Tensor, labels: Tensor, has: Tensor, target: int
+) -> float:
+    """How far the confounder pushes the images of other classes than ``target`` towards it:
+    the mean change of the target's log-odds, log p_t - log(1 - p_t), from the clean image to
+    the one with the confounder (0: no push; positive: towards ``target``).
+
+    Unlike :func:`flip_to` it does not depend on where the decision lies: adding a constant to
+    the target's logit (a model that calls the class more or less often) leaves it unchanged,
+    so a fine-tune that only lowers NV's offset does not look like one that stopped reading
+    the patch."""
+    rows = has & (labels != target)
+    if not rows.any():
+        return math.nan
+
+    def log_odds(p: Tensor) -> Tensor:
+        pt = p[rows, target].double().clamp(1e-12, 1 - 1e-12)
+        return pt.log() - (1 - pt).log()
+
+    return float((log_odds(probs) - log_odds(probs_clean)).mean())
 
 
 def artifact_accuracy(correct: np.ndarray, flags: dict[str, np.ndarray]) -> dict[str, list[float]]:
@@ -179,6 +205,9 @@ def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores
         flip_to_target=math.nan
         if data.target is None
         else flip_to(pred, pred_clean, labels, has, data.target),
+        target_shift=math.nan
+        if data.target is None
+        else target_shift(probs, probs_clean, labels, has, data.target),
         by_artifact=artifact_accuracy((pred_clean == labels).numpy(), data.flags),
     )
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from feedbackcam import losses
+from feedbackcam.fileio import write_json
 from feedbackcam.objective import FeedbackConfig, LossInputs
 from feedbackcam.shortcuts.bench import baseline
 from feedbackcam.shortcuts.config import BenchConfig
@@ -104,7 +105,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

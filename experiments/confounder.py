@@ -17,6 +17,7 @@ import torch
 from feedbackcam.checkpoint import ModelSpec, load_checkpoint
 from feedbackcam.data.synth import CLASSES
 from feedbackcam.demo import DemoConfig
+from feedbackcam.fileio import write_json
 from feedbackcam.models import build_model
 from feedbackcam.objective import FeedbackConfig
 from feedbackcam.simulate import run_simulation
@@ -136,7 +137,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
                 with open(args.out / "log.jsonl", "a") as log:
                     log.write(json.dumps(rows[-1]) + "\n")
-    (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+    write_json(args.out / "rows.json", rows)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 
 from feedbackcam.clusters import explanation_clusters, map_features, write_sheet
 from feedbackcam.data.synth import SynthConfig, make_synthderm
+from feedbackcam.fileio import write_json
 from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.bench import baseline
 from feedbackcam.shortcuts.config import BenchConfig
@@ -128,8 +129,7 @@ def main() -> None:
         "share": SHARE,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), CPU",
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(args.json, meta)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from feedbackcam.clusters import explanation_clusters, map_features, write_sheet
+from feedbackcam.fileio import write_json
 from feedbackcam.shortcuts.bench import baseline
 from feedbackcam.shortcuts.config import BenchConfig
 from feedbackcam.shortcuts.datasets import load_data
@@ -104,8 +105,7 @@ def main() -> None:
         write_sheet(model, base.images, base.masks, found, base.classes, path, clusters=len(top),
                     note=note)  # fmt: skip
     meta = {"row": row, "machine": f"{platform.machine()}, {args.threads} thread(s), CPU"}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(args.json, meta)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
+from feedbackcam.fileio import write_json
 from feedbackcam.propagate import LITE0_LAYER, NEGATIVE_IMAGES, offline_features
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import read_annotations
@@ -138,8 +139,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {args.threads} torch thread(s), 2-core CPU",
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

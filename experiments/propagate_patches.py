@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from feedbackcam.fileio import write_json
 from feedbackcam.propagate import (
     LITE0_LAYER,
     LITE0_THRESHOLD,
@@ -129,8 +130,7 @@ def main() -> None:
         "threads": args.threads,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

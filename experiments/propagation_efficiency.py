@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from feedbackcam.fileio import write_json
 from feedbackcam.propagate import (
     DEFAULT_THRESHOLD,
     colour_proposals,
@@ -149,8 +150,7 @@ def main() -> None:
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
                 "2-core CPU shared with another job",
             }
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(meta, indent=1) + "\n")
+            write_json(args.json, meta)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ threshold of the grid printed and the chosen one named.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from feedbackcam.fileio import write_json
 from feedbackcam.propagate import LITE0_LAYER, concept_proposals, offline_features
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import read_annotations
@@ -128,8 +128,7 @@ def main() -> None:
         }
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from feedbackcam.checkpoint import load_checkpoint
 from feedbackcam.data.synth import CLASSES, SynthConfig, make_synthderm
 from feedbackcam.demo import DemoConfig
 from feedbackcam.explain import explain
+from feedbackcam.fileio import write_json
 
 
 def reliance(model, with_patch, without_patch, has_patch) -> dict[str, float]:
@@ -62,7 +63,7 @@ def main() -> None:
             r = reliance(model, patched.images, clean.images, patched.has_artifact)
             rows.append({"seed": seed, "setting": name} | r)
             print(json.dumps(rows[-1]), flush=True)
-    (runs / "reliance.json").write_text(json.dumps(rows, indent=1))
+    write_json(runs / "reliance.json", rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from feedbackcam import clarc
+from feedbackcam.fileio import write_json
 from feedbackcam.shortcuts.bench import baseline, evaluate_row, fine_tune
 from feedbackcam.shortcuts.config import CLASS_ONLY, BenchConfig
 from feedbackcam.shortcuts.isic_real import (
@@ -114,8 +115,7 @@ def main() -> None:
                 "schedule": str(cfg.trap),
                 "machine": f"{platform.machine()}, {args.threads} torch thread(s), 2-core CPU",
             }
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(out, indent=1) + "\n")
+            write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from feedbackcam.fileio import write_json
 from feedbackcam.models import build_model
 from feedbackcam.propagate import LITE0_LAYER
 from feedbackcam.self_explaining import layer_activations
@@ -213,8 +214,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {args.threads} torch thread(s), 2-core CPU",
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

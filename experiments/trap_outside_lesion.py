@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from feedbackcam.counterfactual import dilate
+from feedbackcam.fileio import write_json
 from feedbackcam.shortcuts.bench import baseline, evaluate_row, fine_tune
 from feedbackcam.shortcuts.config import BenchConfig
 from feedbackcam.shortcuts.datasets import load_data
@@ -70,8 +71,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("method", "seconds")}), flush=True)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -125,23 +125,31 @@ def _dataset(images, labels, classes, keep=None, ignore=None, ids=None) -> Array
     )
 
 
-def control_masks(true: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Random (a box of the artifact's size anywhere), wrong (the artifact's mask moved to the
-    opposite side of the image) and half (the artifact's upper half) masks."""
-    rng = np.random.default_rng([seed, 7])
-    n, h, w = true.shape
-    out = {k: np.zeros_like(true) for k in MASK_CONTROLS}
+def _random_boxes(masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each mask, a box of its bounding box's size placed anywhere (empty stays empty)."""
+    n, h, w = masks.shape
+    out = np.zeros_like(masks)
     for i in range(n):
-        ys, xs = np.nonzero(true[i])
+        ys, xs = np.nonzero(masks[i])
         if not len(ys):
             continue
         bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
         y0, x0 = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
-        out["random"][i, y0 : y0 + bh, x0 : x0 + bw] = 1
-        out["wrong"][i] = true[i, ::-1, ::-1]
-        mid = (ys.min() + ys.max()) // 2
-        out["half"][i, : mid + 1] = true[i, : mid + 1]
+        out[i, y0 : y0 + bh, x0 : x0 + bw] = 1
     return out
+
+
+def control_masks(true: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Random (a box of the artifact's size anywhere), wrong (the artifact's mask moved to the
+    opposite side of the image) and half (the artifact's upper half) masks."""
+    half = np.zeros_like(true)
+    for i in range(len(true)):
+        ys = np.nonzero(true[i].any(1))[0]
+        if len(ys):
+            mid = (ys.min() + ys.max()) // 2
+            half[i, : mid + 1] = true[i, : mid + 1]
+    random = _random_boxes(true, np.random.default_rng([seed, 7]))
+    return {"random": random, "wrong": np.ascontiguousarray(true[:, ::-1, ::-1]), "half": half}
 
 
 def keep_control_masks(keep: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -149,17 +157,11 @@ def keep_control_masks(keep: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     anywhere) and wrong (the mask rolled by half the image in both directions: a centred
     lesion's keep mask lands on the corners, i.e. on its surroundings). Empty masks stay
     empty."""
-    rng = np.random.default_rng([seed, 19])
-    n, h, w = keep.shape
-    out = {"random": np.zeros_like(keep), "wrong": np.roll(keep, (h // 2, w // 2), axis=(1, 2))}
-    for i in range(n):
-        ys, xs = np.nonzero(keep[i])
-        if not len(ys):
-            continue
-        bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-        y0, x0 = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
-        out["random"][i, y0 : y0 + bh, x0 : x0 + bw] = 1
-    return out
+    _, h, w = keep.shape
+    return {
+        "random": _random_boxes(keep, np.random.default_rng([seed, 19])),
+        "wrong": np.roll(keep, (h // 2, w // 2), axis=(1, 2)),
+    }
 
 
 def decoy_data(seed: int, sizes: dict[str, int]) -> ShortcutData:

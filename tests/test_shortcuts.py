@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -711,3 +712,47 @@ def test_target_shift_reads_the_push_towards_the_class_not_its_offset():
     p = torch.softmax(clean, 1)
     assert target_shift(p, p, labels, has, target) == pytest.approx(0.0, abs=1e-9)
     assert math.isnan(target_shift(p, p, labels, torch.zeros(n, dtype=torch.bool), target))
+
+
+def test_whole_feedback_controls_run_for_keep_mask_methods_and_stroke_controls_do_not(
+    tmp_path, monkeypatch
+):
+    """A keep-mask method ("decide from the lesion", HINT) is controlled by the whole-feedback
+    controls only: the stroke controls leave its masks true, so running them would waste a
+    fine-tune and report a control that is not one."""
+    import feedbackcam.shortcuts.bench as bench
+    from feedbackcam.shortcuts import BenchConfig
+
+    calls = []
+    data = SimpleNamespace(classes=("a", "b"), clean_base=None, clean_pool=None)
+    monkeypatch.setattr(bench, "load_data", lambda ds, seed, config, cache: (data, None))
+    monkeypatch.setattr(bench, "baseline", lambda *a: "base")
+    row = {"val_avg_sens_filled": 0.5, "val_flip": 0.1}
+    monkeypatch.setattr(bench, "evaluate_row", lambda model, data: dict(row))
+    monkeypatch.setattr(bench, "write_outputs", lambda rows, out: None)
+    monkeypatch.setattr(bench, "make_model", lambda *a: "model")
+    monkeypatch.setattr(bench, "train_classifier", lambda model, *a: model)
+
+    def fake_fine_tune(base, data, sched, method, lam, seed, *, mask_kind="ignore", **kw):
+        calls.append((method, mask_kind))
+        return "tuned", 1.0
+
+    monkeypatch.setattr(bench, "fine_tune", fake_fine_tune)
+    config = BenchConfig(
+        seeds=(0,),
+        methods=("hint", "rrr_ignore"),
+        lams=(0.9,),
+        controls=("random", "random_all", "wrong_all"),
+        control_seeds=(0,),
+        control_methods=("hint", "rrr_ignore"),
+        fractions=(),
+    )
+    bench.run_benchmark(config, tmp_path, log=lambda *_: None)
+    controls = {c for c in calls if c[1] != "ignore"}
+    assert controls == {
+        ("hint", "random_all"),
+        ("hint", "wrong_all"),
+        ("rrr_ignore", "random"),
+        ("rrr_ignore", "random_all"),
+        ("rrr_ignore", "wrong_all"),
+    }

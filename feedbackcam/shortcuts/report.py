@@ -276,8 +276,12 @@ def efficiency_plot(rows: list[dict], path: Path) -> Path | None:
         ax.set_xlabel("share of confounded images with an ignore mask")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    # below the plots, one line a curve: long labels never cover a curve or a title
+    below = 0.06 * len(labels) + 0.02
+    fig.set_figheight(3.6 + below * 3.6)
+    fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, below / (1 + below), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -192,3 +192,20 @@ def test_misuse_is_one_line_exit_2_and_no_traceback(case, places, capsys):
     assert "error" in captured.err, captured.err
     assert "secret" not in captured.err
     assert not places["nowhere"].exists(), "a refused command created its --data-dir or --out"
+
+
+def test_help_shows_defaults_but_never_default_none():
+    """Every option's help ends with its default, help text or not, except where the default
+    is None: there the help says what happens ("(default: None)" after "default: 0.8 with the
+    offline network" reads as a contradiction)."""
+    import argparse
+
+    from feedbackcam.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    texts = {name: " ".join(p.format_help().split()) for name, p in sub.choices.items()}
+    assert not [name for name, text in texts.items() if "(default: None)" in text]
+    assert "(default: concept)" in texts["propagate"]  # a real default is still shown
+    # ... also for an option without help text (argparse prints no line for blank help)
+    assert "--device DEVICE (default: cpu)" in texts["propagate"]

@@ -26,16 +26,33 @@ COMMANDS = (
 )
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, except where there is none to show (``None``:
+    the help text says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Every command's ``--help`` shows each option's default (subcommands inherit this)."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Defaults)
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
-        if args and args[0].startswith("-") and kwargs.get("action") not in ("help", "version"):
-            kwargs.setdefault("help", " ")  # no help text would hide the default too
+        if (
+            args
+            and args[0].startswith("-")
+            and kwargs.get("action") not in ("help", "version")
+            and kwargs.get("default") is not None
+        ):
+            # argparse prints no help line at all for an option without help (nor for one
+            # whose help is blank), so it would hide the default too
+            kwargs.setdefault("help", "(default: %(default)s)")
         return super().add_argument(*args, **kwargs)
 
 

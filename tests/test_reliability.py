@@ -650,30 +650,31 @@ def test_concurrent_large_uploads_are_decoded_two_at_a_time(tmp_path, capsys):
 
 
 def test_decode_slots_admit_as_many_at_once_as_configured():
+    """Two decodes hold their slots; a third is refused (503) instead of joining them. No sleep
+    decides it: the holders stay inside until told to leave."""
     import threading
-    import time
 
     from feedbackcam.service import limits
+    from feedbackcam.service.uploads import UploadError
 
     limits.configure(2)
+    leave, entered = threading.Event(), threading.Semaphore(0)
+
+    def hold():
+        with limits.decode_slot():
+            entered.release()
+            leave.wait()
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
     try:
-        inside, most, lock = 0, 0, threading.Lock()
-
-        def decode():
-            nonlocal inside, most
-            with limits.decode_slot():
-                with lock:
-                    inside += 1
-                    most = max(most, inside)
-                time.sleep(0.05)
-                with lock:
-                    inside -= 1
-
-        threads = [threading.Thread(target=decode) for _ in range(8)]
-        for t in threads:
+        for t in holders:
             t.start()
-        for t in threads:
-            t.join()
-        assert most == 2
+        assert all(entered.acquire(timeout=10) for _ in holders), "two decodes were not admitted"
+        with pytest.raises(UploadError) as refused, limits.decode_slot(wait=0.2):
+            pass
+        assert refused.value.status == 503
     finally:
+        leave.set()
+        for t in holders:
+            t.join()
         limits.configure(2)

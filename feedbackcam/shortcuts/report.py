@@ -279,7 +279,7 @@ def efficiency_plot(rows: list[dict], path: Path) -> Path | None:
     handles, labels = axes[0].get_legend_handles_labels()
     # below the plots, one line a curve: long labels never cover a curve or a title
     below = 0.06 * len(labels) + 0.02
-    fig.set_figheight(3.6 + below * 3.6)
+    fig.set_figheight(fig.get_figheight() * (1 + below))
     fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, below / (1 + below), 1, 1))
     fig.savefig(path, dpi=120)

@@ -25,6 +25,7 @@ import torch
 
 from feedbackcam import losses
 from feedbackcam.fileio import write_json
+from feedbackcam.losses import invariance
 from feedbackcam.objective import FeedbackConfig, LossInputs
 from feedbackcam.shortcuts.bench import baseline
 from feedbackcam.shortcuts.config import BenchConfig
@@ -43,19 +44,19 @@ def terms(inputs, cfg) -> dict[str, torch.Tensor]:
     out = {"class loss (CE on x)": losses.classification_loss(inputs.logits, inputs.labels)}
     marked = losses.feedback_present(inputs.ignore)
     if marked.any():
-        recipients, lf, (lp, lb) = losses._moved_logits(inputs, blank=True)
+        recipients, lf, (lp, lb), _ = invariance._moved_logits(inputs, blank=True)
         y = inputs.labels[recipients]
         w = marked.float()
 
         def mean(v):
             return (v * w).sum() / w.sum()
 
-        out["KL(p(x) || p(x filled)) on donors"] = mean(losses._kl(inputs.logits, lf))
-        out["KL, teacher p(x) detached"] = mean(losses._kl(inputs.logits.detach(), lf))
-        out["KL, student p(x): filled detached"] = mean(losses._kl(inputs.logits, lf.detach()))
-        out["CE(recipient + moved artifact)"] = mean(losses._ce(lp, y, cfg))
-        out["CE(recipient + blank)"] = mean(losses._ce(lb, y, cfg))
-        out["KL(blank || moved)"] = mean(losses._kl(lb, lp))
+        out["KL(p(x) || p(x filled)) on donors"] = mean(invariance._kl(inputs.logits, lf))
+        out["KL, teacher p(x) detached"] = mean(invariance._kl(inputs.logits.detach(), lf))
+        out["KL, student p(x): filled detached"] = mean(invariance._kl(inputs.logits, lf.detach()))
+        out["CE(recipient + moved artifact)"] = mean(invariance._ce(lp, y, cfg))
+        out["CE(recipient + blank)"] = mean(invariance._ce(lb, y, cfg))
+        out["KL(blank || moved)"] = mean(invariance._kl(lb, lp))
     present = losses.feedback_present(inputs.keep)
     if present.sum() > 1:
         s = losses.EXPLANATION_LOSSES["surroundings"].fn(inputs, cfg)

@@ -1,0 +1,252 @@
+"""Explanation losses that ask the prediction to be invariant: to a region the user marked as
+"not this" (the ignore losses, issue 11; compared in docs/shortcuts.md), or to everything outside
+the region marked as mattering (``surroundings``: decide from the lesion).
+
+Each registers itself in :data:`feedbackcam.losses.EXPLANATION_LOSSES` on import (the package
+imports this module). Each multiplies its loss by cfg.loss_scale through the step, so benchmark
+and app can set lambda as a share of the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..counterfactual import (
+    fill_region,
+    marked_rows,
+    moved_masks,
+    randomize_region,
+    surroundings_pairs,
+    swap_surroundings,
+    transplant,
+)
+from . import LossContext, LossSettings, feedback_present, register_loss
+
+
+def _ce(logits: Tensor, labels: Tensor, cfg: LossSettings) -> Tensor:
+    """Per-sample cross-entropy of a counterfactual, weighted by ``cfg.class_weights`` (the
+    fine-tuning's class weights, when it has them) so that the counterfactual terms see the
+    same class balance as the classification term."""
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    weights = cfg.class_weights
+    if weights is None:
+        return ce
+    w = torch.as_tensor(weights, dtype=ce.dtype, device=ce.device)
+    return ce * w[labels]
+
+
+def _kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(p || q) per sample, from logits."""
+    lp, lq = F.log_softmax(logits_p.float(), 1), F.log_softmax(logits_q.float(), 1)
+    return (lp.exp() * (lp - lq)).sum(1)
+
+
+@register_loss("counterexample", needs="ignore")
+def _counterexample(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """Counterexamples (CE): cross-entropy on the image with its ignore region randomised."""
+    images = randomize_region(inputs.images.detach(), inputs.ignore)
+    return _ce(inputs.forward(images), inputs.labels, cfg)
+
+
+@register_loss("region_contribution", needs="ignore", input_gradients=True)
+def _region_contribution(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """CDEP-style: the marked region's first-order contribution to a random class's logit,
+    sum over the region of (x - x_filled) * d logit / dx, squared.
+
+    Contextual decomposition (Rieger et al. 2020) splits a logit into the part due to a region
+    and the rest by propagating both through the network, a pass per layer type; the
+    gradient-times-difference above is the first term of the same split's Taylor expansion, at
+    the cost of one double backward. One class per sample per step, drawn at random, estimates
+    the mean over classes (as ``signed_evidence`` does).
+    """
+    images = inputs.images
+    targets = torch.randint(0, inputs.logits.shape[1], inputs.labels.shape, device=images.device)
+    score = inputs.logits.gather(1, targets[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, images, create_graph=True)
+    region = _unkept(inputs)
+    delta = images.detach() - fill_region(images.detach(), region)
+    return (delta * grad * region[:, None]).flatten(1).sum(1).pow(2)
+
+
+@register_loss("invariance", needs="ignore")
+def _invariance(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """Counterfactual invariance: CE on the image with its ignore region filled by its median
+    colour, plus KL(p(x) || p(x_filled))."""
+    lf = inputs.forward(fill_region(inputs.images.detach(), _unkept(inputs)))
+    return _ce(lf, inputs.labels, cfg) + _kl(inputs.logits, lf)
+
+
+def _unkept(inputs: LossContext) -> Tensor:
+    """The ignore masks less each image's own keep region: what the user marked as mattering is
+    never filled, even where the two marks overlap."""
+    return inputs.ignore * (inputs.keep <= 0).to(inputs.ignore.dtype)
+
+
+class Moved(NamedTuple):
+    """Per image: logits ``filled``, ``moved`` (recipient + artifact [, + fill]), and ``weight``
+    (what its loss counts; 0 where no counterfactual was formed)."""
+
+    recipients: Tensor
+    filled: Tensor
+    moved: list[Tensor]
+    weight: Tensor
+
+
+def _moved_logits(inputs: LossContext, *, blank: bool) -> Moved:
+    """Logits of each marked artifact moved onto another image of the batch (the recipient's own
+    marked region filled first; nothing lands on its keep region)."""
+    images = inputs.images.detach()
+    ignore = _unkept(inputs)
+    n = images.shape[0]
+    shift = int(torch.randint(1, max(n, 2), ()))
+    recipients = (torch.arange(n, device=images.device) + shift) % n
+    same = [inputs.logits, *[inputs.logits[recipients]] * (2 if blank else 1)]
+    # Only marked rows get counterfactuals (at most counterfactual_share of the batch's).
+    donors, w = marked_rows(feedback_present(ignore), inputs.cfg.counterfactual_share, len(same))
+    weight = inputs.logits.new_zeros(n)
+    if len(donors) == 0:
+        return Moved(recipients, same[0], same[1:], weight)
+    weight[donors] = w
+    r = recipients[donors]
+    filled = fill_region(images[donors], ignore[donors])
+    pasted, base = transplant(images, ignore, r, protect=inputs.keep, donors=donors)
+    variants = [filled, pasted]
+    if blank:
+        variants.append(fill_region(base, moved_masks(ignore[donors], r, inputs.keep)))
+    out = inputs.forward(torch.cat(variants)).split(len(donors))
+    lf, *moved = [s.index_copy(0, donors, o.to(s.dtype)) for s, o in zip(same, out, strict=True)]
+    return Moved(recipients, lf, moved, weight)
+
+
+def _moved_artifacts(inputs: LossContext, *, blank: bool) -> Tensor:
+    """The fill term of "invariance", plus each marked artifact moved onto another image (CE
+    with its label and a KL to it) [and, with ``blank``, the recipient with the region filled]."""
+    recipients, lf, moved, weight = _moved_logits(inputs, blank=blank)
+    loss = _ce(lf, inputs.labels, inputs.cfg) + _kl(inputs.logits, lf)
+    for lm in moved:
+        loss = loss + _ce(lm, inputs.labels[recipients], inputs.cfg)
+        loss = loss + _kl(lf[recipients], lm)
+    return weight * loss
+
+
+@register_loss("invariance_transplant", needs="ignore")
+def _invariance_transplant(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """Invariance to the marked artifact: the fill term of "invariance", plus each artifact
+    moved onto another image of the batch (labels unchanged) with CE and a KL to that image.
+
+    The recipient's own marked region is filled first, so it carries one known artifact: the
+    donor's. Filling alone can leave "a filled patch" as a cue; moving the artifact onto
+    images of every class makes it useless as one.
+    """
+    return _moved_artifacts(inputs, blank=False)
+
+
+def label_mass_weights(labels: Tensor, terms: Tensor, n_classes: int) -> Tensor:
+    """Per-class weights that give each class, over the labelled ``terms``, the total weight of
+    its share of the batch (``labels``): w_c = p_batch(c) * len(terms) / count_terms(c); 0 for a
+    class with no term."""
+    mass = torch.bincount(terms, minlength=n_classes).float()
+    share = torch.bincount(labels, minlength=n_classes).float() / max(len(labels), 1)
+    return torch.where(mass > 0, share * len(terms) / mass.clamp_min(1), torch.zeros_like(mass))
+
+
+@register_loss("invariance_mass_balanced", needs="ignore")
+def _invariance_mass_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """``invariance_transplant`` with its labelled terms re-weighted per batch so that each
+    class's total weight is its share of the batch.
+
+    The transplant labels the marked images with their artifact removed (on confounded data,
+    mostly one class) and the recipients of the moved artifacts (any class), so the confounded
+    class gets most of the label mass and the model drifts to it (docs/shortcuts.md). Weighting
+    every labelled term by :func:`label_mass_weights` keeps the marked images' label, the signal
+    that teaches the class without its artifact, at that class's share.
+    """
+    recipients, lf, (lm,), weight = _moved_logits(inputs, blank=False)
+    y, yr = inputs.labels, inputs.labels[recipients]
+    donors = weight > 0
+    w = label_mass_weights(y, torch.cat([y[donors], yr[donors]]), lf.shape[1]).to(lf.dtype)
+    loss = w[y] * _ce(lf, y, cfg) + _kl(inputs.logits, lf)
+    return weight * (loss + w[yr] * _ce(lm, yr, cfg) + _kl(lf[recipients], lm))
+
+
+@register_loss("invariance_swap", needs="ignore")
+def _invariance_swap(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """``invariance_transplant`` plus, for each recipient, the donor's region filled instead of
+    pasted: every class then carries filled patches as often as pasted artifacts, so neither the
+    artifact nor the filled rectangle that replaces it can become a cue."""
+    return _moved_artifacts(inputs, blank=True)
+
+
+@register_loss("invariance_balanced", needs="ignore")
+def _invariance_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """Invariance from class-free counterfactuals only: each marked artifact is moved onto
+    another image of the batch (any class, its own marked region filled first) and, on the same
+    recipient, its region is filled instead; cross-entropy on both with the recipient's label and
+    a KL between them. The donor's own prediction must not change when its artifact is filled:
+    a KL, with no label.
+
+    Why no label on the filled donor: the donors are the images the user marked, and on
+    confounded data they are mostly of one class; cross-entropy on them teaches "a filled
+    rectangle means that class", a new shortcut (docs/shortcuts.md, SynthDerm). Here the
+    artifact and the fill each appear with the labels of random recipients only.
+    """
+    recipients, lf, (lp, lb), weight = _moved_logits(inputs, blank=True)
+    y = inputs.labels[recipients]
+    ce = _ce(lp, y, cfg) + _ce(lb, y, cfg)
+    return weight * (_kl(inputs.logits, lf) + ce + _kl(lb, lp))
+
+
+@register_loss("invariance_anchored", needs="ignore")
+def _invariance_anchored(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """``invariance_balanced`` with the marked image's own prediction as a fixed anchor: its
+    filled version is pulled towards what it says now (a KL with the prediction detached), never
+    the other way round.
+
+    Why: in ``invariance_balanced`` the KL between a marked image and its filled self moves
+    both; on confounded data the marked images are mostly of the class the artifact stood for,
+    and pulling their prediction towards the filled one (where the artifact no longer speaks)
+    takes that class away from them, its evidence and its offset alike (experiments/
+    bias_terms.py). Anchored, the filled image must find the class without the artifact.
+    """
+    recipients, lf, (lp, lb), weight = _moved_logits(inputs, blank=True)
+    y = inputs.labels[recipients]
+    ce = _ce(lp, y, cfg) + _ce(lb, y, cfg)
+    return weight * (_kl(inputs.logits.detach(), lf) + ce + _kl(lb, lp))
+
+
+# ------------------------------------------------- a loss that learns from keep masks alone
+# "Decide from the lesion": whatever lies outside the region the user marked as mattering (a
+# ruler, ink, a patch, dark corners, gel) may change without changing the answer.
+
+# The keep region is grown by this share of the image side before its surroundings are swapped
+# (9 px at 256 px): the lesion's border and the skin right around it stay its own.
+SURROUNDINGS_MARGIN = 0.035
+# The loss that learns from keep masks this way by default (FeedbackConfig.surroundings_loss).
+DEFAULT_SURROUNDINGS_LOSS = "surroundings"
+
+
+@register_loss("surroundings", needs="keep")
+def _surroundings(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """Decide from the lesion: each marked lesion on another marked image's surroundings (that
+    image's lesion filled), its own label kept; CE on it and KL(p(x) || p(swapped)).
+
+    Every lesion keeps its label and its class's share of the batch, so no class gains label
+    mass; nothing is painted over a lesion (the receiver's keep region is kept, the donor's is
+    filled). Artifacts the user never marked change with the surroundings, so none can decide.
+    """
+    loss = inputs.logits.new_zeros(inputs.labels.shape)
+    pairs = surroundings_pairs(feedback_present(inputs.keep), inputs.cfg.counterfactual_share)
+    if pairs is None:  # no other marked image to borrow surroundings from
+        return loss
+    receivers, donors, w = pairs
+    swapped, _ = swap_surroundings(
+        inputs.images.detach(), inputs.keep, donors, SURROUNDINGS_MARGIN, receivers=receivers
+    )
+    ls = inputs.forward(swapped)
+    y = inputs.labels[receivers]
+    per = w * (_ce(ls, y, cfg) + _kl(inputs.logits[receivers], ls))
+    return loss.index_copy(0, receivers, per.to(loss.dtype))

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from propagation_threshold import SPLIT_SEED  # the same development and test halves
 from sklearn.linear_model import LogisticRegression
 
 from feedbackcam.fileio import write_json
@@ -41,7 +42,6 @@ from feedbackcam.shortcuts.isic_real import read_annotations
 ARTIFACTS = ("patch", "ruler", "skin_marker")
 KS = (1, 5, 25)
 DRAWS = 4
-SPLIT_SEED = 2026  # experiments/propagation_threshold.py's halves
 MIL_TOP = 0.25
 MIL_ROUNDS = 3
 

@@ -55,9 +55,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from feedbackcam.fileio import write_json
-from feedbackcam.models import build_model
-from feedbackcam.propagate import LITE0_LAYER
-from feedbackcam.self_explaining import layer_activations
+from feedbackcam.propagate import LITE0_LAYER, offline_features
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import (
     TRAP_ARTIFACTS,
@@ -153,10 +151,9 @@ def main() -> None:
     images = np.asarray(data.images)[keep]
     lesion = dilate(np.asarray(data.masks)[keep] > 0, MARGIN)
     mel = np.asarray(data.labels)[keep] == data.classes.index("MEL")
-    model = build_model("efficientnet_lite0", 3, weights="imagenet")
 
     def pooled(view: np.ndarray) -> np.ndarray:
-        a = layer_activations(model, view, LITE0_LAYER, batch_size=32)
+        a = offline_features(view)  # the propagation's features, of this view
         return torch.cat([a.mean((2, 3)), a.amax((2, 3))], 1).numpy()
 
     if args.features_cache is not None and args.features_cache.exists():

@@ -142,6 +142,7 @@ IGNORE_LOSSES = (
     "invariance_balanced",
     "invariance_mass_balanced",
     "invariance_anchored",
+    "invariance_offset_free",
     "region_contribution",
 )
 
@@ -681,6 +682,33 @@ def test_the_anchored_loss_is_the_balanced_loss_with_the_marked_images_predictio
     g_anc, s_anc = _grads(b, "invariance_anchored")
     assert s_anc["loss_exp"] == pytest.approx(s_bal["loss_exp"], rel=1e-6)
     assert not torch.allclose(g_anc, g_bal)
+
+
+def test_the_offset_free_loss_cannot_move_a_class_offset_and_reads_no_label():
+    """Its gradient on the last layer's bias is zero (the balanced loss's is not: that is how
+    it took melanoma away, docs/real-artifacts.md); the weights still learn; labels play no
+    part."""
+    from feedbackcam.decision import head
+
+    b = ignore_batch()
+
+    def grads(batch, name):
+        torch.manual_seed(0)
+        model = small_cnn(num_classes=3, width=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        torch.manual_seed(1)
+        stats = feedback_step(
+            model, batch, opt, FeedbackConfig.thesis(lam=1.0, explanation_loss=name)
+        )
+        return head(model).bias.grad, head(model).weight.grad, stats["loss_exp"]
+
+    bias, weight, loss = grads(b, "invariance_offset_free")
+    assert loss > 0 and weight.abs().sum() > 0
+    assert bias.abs().max() < 1e-4 * weight.abs().max()  # float rounding only
+    balanced_bias, _, _ = grads(b, "invariance_balanced")
+    assert balanced_bias.abs().max() > 1e-3 * weight.abs().max()
+    relabelled = b._replace(labels=(b.labels + 1) % 3)
+    assert grads(relabelled, "invariance_offset_free")[2] == pytest.approx(loss, rel=1e-6)
 
 
 def test_target_shift_reads_the_push_towards_the_class_not_its_offset():

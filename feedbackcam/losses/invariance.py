@@ -218,6 +218,32 @@ def _invariance_anchored(inputs: LossContext, cfg: LossSettings) -> Tensor:
     return weight * (_kl(inputs.logits.detach(), lf) + ce + _kl(lb, lp))
 
 
+def _logit_gap(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared difference of two logit vectors, each centred over its classes, per sample.
+
+    A change of a class's offset (the last layer's bias) moves both alike and cancels, and a
+    constant added to a row is removed by the centring: the gap's gradient on the offsets is
+    exactly zero."""
+    a, b = a.float(), b.float()
+    return ((a - a.mean(1, keepdim=True)) - (b - b.mean(1, keepdim=True))).pow(2).mean(1)
+
+
+@register_loss("invariance_offset_free", needs="ignore")
+def _invariance_offset_free(inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """Invariance to the marked artifact that cannot move a class's offset: the counterfactuals
+    of ``invariance_balanced`` (the marked image filled; its artifact moved onto another image
+    and, on the same recipient, its region filled instead), compared by their logits, no label.
+
+    Why: in ``invariance_balanced`` the terms on moved artifacts (the recipient's label on it, a
+    KL between probabilities) are cheapest to satisfy by lowering the confounded class's offset
+    for every image, which removes that class at the decision while its ranking survives
+    (experiments/bias_terms.py, docs/real-artifacts.md). Logit gaps are blind to offsets, so
+    only the features can answer them; what each class is stays the class loss's job.
+    """
+    recipients, lf, (lp, lb), weight = _moved_logits(inputs, blank=True)
+    return weight * (_logit_gap(inputs.logits, lf) + _logit_gap(lb, lp))
+
+
 # ------------------------------------------------- a loss that learns from keep masks alone
 # "Decide from the lesion": whatever lies outside the region the user marked as mattering (a
 # ruler, ink, a patch, dark corners, gel) may change without changing the answer.

@@ -784,3 +784,63 @@ def test_whole_feedback_controls_run_for_keep_mask_methods_and_stroke_controls_d
         ("rrr_ignore", "random_all"),
         ("rrr_ignore", "wrong_all"),
     }
+
+
+def test_refit_rows_come_from_the_same_fine_tune_and_resume(tmp_path, monkeypatch):
+    """With refit_bias, each fine-tune is scored twice (as trained, and after the offsets'
+    re-fit: "METHOD +refit"), the tuning seed's chosen trial gives both main rows, and a rerun
+    trains nothing that both rows already have; an old folder without the refit rows trains
+    again for them only."""
+    import json
+
+    import feedbackcam.shortcuts.bench as bench
+    from feedbackcam.shortcuts import BenchConfig
+
+    calls = []
+    data = SimpleNamespace(classes=("a", "b"), clean_base=None, clean_pool=None)
+    monkeypatch.setattr(bench, "load_data", lambda ds, seed, config, cache: (data, None))
+    monkeypatch.setattr(bench, "baseline", lambda *a: "base")
+    row = {"val_avg_sens_filled": 0.5, "val_flip": 0.1, "val_acc": 0.8}
+    monkeypatch.setattr(bench, "evaluate_row", lambda model, data: dict(row))
+    monkeypatch.setattr(bench, "write_outputs", lambda rows, out: None)
+    monkeypatch.setattr(bench, "make_model", lambda *a: "model")
+    monkeypatch.setattr(bench, "train_classifier", lambda model, *a: model)
+    refits = []
+
+    def fake_refit(model, data, weighted, mask, fraction, seed, scored):
+        refits.append((model, seed))
+        return {**scored, "bias_change": [0.5, -0.5]}
+
+    def fake_fine_tune(base, data, sched, method, lam, seed, **kw):
+        calls.append((method, lam, seed))
+        return f"tuned-{method}-{lam}-{seed}", 1.0
+
+    monkeypatch.setattr(bench, "fine_tune", fake_fine_tune)
+    monkeypatch.setattr(bench, "refit_row", fake_refit)
+    sched = SimpleNamespace(weighted=False)
+    monkeypatch.setattr(bench, "load_data", lambda ds, seed, config, cache: (data, sched))
+    plain = BenchConfig(
+        seeds=(0, 1), methods=("rrr_ignore",), lams=(0.5, 0.9), controls=(), fractions=()
+    )
+    config = replace_config(plain, refit_bias=True)
+    bench.run_benchmark(plain, tmp_path, log=lambda *_: None)
+    # the references' class fine-tunes, two trials on seed 0, the chosen lambda on seed 1
+    assert len(calls) == 5 and refits == []
+    calls.clear()
+    rows = bench.run_benchmark(config, tmp_path, log=lambda *_: None)
+    assert len(calls) == 3  # the old folder had no refit rows: trained again, for them
+    assert [m for m, _ in refits] == [f"tuned-{m}-{lam}-{s}" for m, lam, s in calls]
+    main = sorted(r["method"] for r in rows if r["phase"] == "main" and r["seed"] == 0)
+    assert main == ["baseline", "no-confounder", "rrr_ignore", "rrr_ignore +refit"]
+    lines = [json.loads(s) for s in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert sum(r["method"] == "rrr_ignore" for r in lines) == 4  # none written twice
+    assert sum(r["method"] == "rrr_ignore +refit" for r in lines) == 4
+    calls.clear()
+    bench.run_benchmark(config, tmp_path, log=lambda *_: None)
+    assert calls == []
+
+
+def replace_config(config, **changes):
+    from dataclasses import replace
+
+    return replace(config, **changes)

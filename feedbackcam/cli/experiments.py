@@ -238,6 +238,13 @@ def _add_shortcuts(sub) -> None:
         default=argparse.SUPPRESS,
         help="weight every fine-tuning cross-entropy by inverse class frequency",
     )
+    p.add_argument(
+        "--refit-bias",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also score every fine-tune after re-fitting its decision's offsets on its pool, "
+        "marked regions filled (rows 'METHOD +refit')",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
 
 

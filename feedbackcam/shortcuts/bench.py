@@ -120,22 +120,9 @@ def fine_tune(
     and the counterfactuals', is weighted by the pool's inverse class frequencies.
     """
     model = copy.deepcopy(base)
-    pool = data.pool if isinstance(data, ShortcutData) else data
-    n = len(pool)
     g = torch.Generator().manual_seed(seed)
-    marked = (
-        np.zeros(n, bool)
-        if pool.ignore is None
-        else pool.ignore.reshape(n, -1).any(1) & (pool.has_ignore is None or pool.has_ignore)
-    )
-    order = torch.randperm(n, generator=g).numpy()
-    ranked = order[marked[order]]
-    given = np.zeros(n, bool)
-    given[ranked[: int(round(fraction * len(ranked)))]] = True
-    if isinstance(data, ShortcutData):
-        pool = data.pool_with(mask_kind, given, seed)
-    elif pool.ignore is not None:
-        pool = replace(pool, ignore=pool.ignore * given[:, None, None], has_ignore=given)
+    pool, given = feedback_pool(data, mask_kind, fraction, g, seed)
+    n = len(pool)
     weighted = class_weighted or sched.weighted
     weights = class_weights(pool.labels, len(pool.classes)) if weighted else None
     if method in CLARC:
@@ -154,6 +141,34 @@ def fine_tune(
     return model, cfg.loss_scale
 
 
+def feedback_pool(
+    data: ShortcutData | ArrayDataset,
+    mask_kind: str,
+    fraction: float,
+    g: torch.Generator,
+    seed: int,
+) -> tuple[ArrayDataset, np.ndarray]:
+    """The pool a fine-tune learns from and which of its images carry their ignore mask
+    (``fraction`` of the marked ones, in an order drawn from ``g``), as :func:`fine_tune` builds
+    it; the same ``seed`` and a fresh generator give the same pool."""
+    pool = data.pool if isinstance(data, ShortcutData) else data
+    n = len(pool)
+    marked = (
+        np.zeros(n, bool)
+        if pool.ignore is None
+        else pool.ignore.reshape(n, -1).any(1) & (pool.has_ignore is None or pool.has_ignore)
+    )
+    order = torch.randperm(n, generator=g).numpy()
+    ranked = order[marked[order]]
+    given = np.zeros(n, bool)
+    given[ranked[: int(round(fraction * len(ranked)))]] = True
+    if isinstance(data, ShortcutData):
+        pool = data.pool_with(mask_kind, given, seed)
+    elif pool.ignore is not None:
+        pool = replace(pool, ignore=pool.ignore * given[:, None, None], has_ignore=given)
+    return pool, given
+
+
 def _clarc(model, pool: ArrayDataset, given: np.ndarray, sched: Schedule, method, g, weights):
     """P-ClArC (the artifact's direction projected out, no training) or A-ClArC (class
     feedback fine-tuning with the direction added to every image), the direction from the
@@ -170,6 +185,30 @@ def _clarc(model, pool: ArrayDataset, given: np.ndarray, sched: Schedule, method
             epochs=sched.epochs, generator=g,
         )  # fmt: skip
     return model
+
+
+# A fine-tune scored again after its decision's offsets are re-fit (BenchConfig.refit_bias)
+# is a row of its own, this suffix on the method's name.
+REFIT = " +refit"
+
+
+def refit_row(model, data: ShortcutData, weighted: bool, mask, fraction, seed, scored) -> dict:
+    """``model`` (changed in place) with the last layer's bias re-fit on the pool it was
+    fine-tuned on, marked regions filled (:func:`feedbackcam.decision.refit_bias`, with the
+    fine-tune's class weights), and scored again; ``scored``: its row before."""
+    from ..decision import refit_bias
+
+    started = time.perf_counter()
+    pool, _ = feedback_pool(data, mask, fraction, torch.Generator().manual_seed(seed), seed)
+    weights = class_weights(pool.labels, len(pool.classes)) if weighted else None
+    change = refit_bias(model, pool, class_weights=weights)
+    seconds = scored["seconds"] + round(time.perf_counter() - started, 1)
+    return {
+        "loss_scale": scored["loss_scale"],
+        "bias_change": change.tolist(),
+        **evaluate_row(model, data),
+        "seconds": seconds,
+    }
 
 
 def baseline(path: Path, data: ShortcutData, sched: Schedule, seed: int) -> SelfExplaining:
@@ -249,26 +288,33 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
         def tuned(seed, method, lam, mask="ignore", fraction=1.0, phase="main", ds=ds):
             row = {"dataset": ds, "seed": seed, "phase": phase, "method": method, "lam": lam}
             row = {**row, "mask": mask, "fraction": fraction}
-            if _key(row) in done:  # resuming: no need to train this seed's baseline
+            wanted = [row]
+            if config.refit_bias and method not in CLARC:
+                wanted.append({**row, "method": method + REFIT})
+            if all(_key(r) in done for r in wanted):  # resuming: no baseline to train
                 return done[_key(row)]
             data, sched, base, _ = context(seed)
-
-            def go():
-                model, scale = fine_tune(
-                    base,
-                    data,
-                    sched,
-                    method,
-                    lam,
-                    seed,
-                    mask_kind=mask,
-                    fraction=fraction,
-                    calibration_batches=config.calibration_batches,
-                    class_weighted=config.class_weighted,
+            started = time.perf_counter()
+            model, scale = fine_tune(
+                base,
+                data,
+                sched,
+                method,
+                lam,
+                seed,
+                mask_kind=mask,
+                fraction=fraction,
+                calibration_batches=config.calibration_batches,
+                class_weighted=config.class_weighted,
+            )
+            seconds = round(time.perf_counter() - started, 1)
+            result = {"loss_scale": scale, **evaluate_row(model, data), "seconds": seconds}
+            first = record(row, lambda: result)
+            if len(wanted) > 1:
+                record(
+                    wanted[1], lambda: refit_row(model, data, sched, mask, fraction, seed, result)
                 )
-                return {"loss_scale": scale, **evaluate_row(model, data)}
-
-            return record(row, go)
+            return first
 
         def ceiling(seed):
             data, sched, _, _ = context(seed)
@@ -306,6 +352,9 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                     for t in trials:  # the tuning seed's main run is its chosen trial
                         if t["lam"] == chosen[method]:
                             record({**t, "phase": "main"}, lambda: {})
+                            refit = done.get(_key({**t, "method": method + REFIT}))
+                            if refit is not None:
+                                record({**refit, "phase": "main"}, lambda: {})
                 tuned(seed, method, chosen[method])
         for seed in [s for s in seeds if s in config.control_seeds]:
             for method in config.control_methods:

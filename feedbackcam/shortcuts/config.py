@@ -112,6 +112,9 @@ class BenchConfig:
         calibration_batches: batches the loss scale is calibrated on.
         class_weighted: fine-tunes (and the reference's) weight every cross-entropy by the
             pool's inverse class frequencies.
+        refit_bias: every fine-tune is also scored after its last layer's bias is re-fit on its
+            pool with the marked regions filled (:func:`feedbackcam.decision.refit_bias`): a
+            second row, the method's name with " +refit".
     """
 
     datasets: tuple[str, ...] = ("decoy",)
@@ -160,6 +163,7 @@ class BenchConfig:
     )
     calibration_batches: int = 4
     class_weighted: bool = False
+    refit_bias: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("datasets", DATASETS), ("controls", CONTROLS)):

@@ -16,7 +16,7 @@ through the network), and only the bias of the last linear layer is optimised.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .counterfactual import fill_region
-from .data.dataset import ArrayDataset
+from .data.dataset import ArrayDataset, FeedbackBatch, TensorData
 from .self_explaining import SelfExplaining
 
 
@@ -41,10 +41,33 @@ def head(model: SelfExplaining) -> nn.Linear:
 
 
 def head_inputs(
-    model: SelfExplaining, data: ArrayDataset, *, fill: bool = True, batch_size: int = 64
+    model: SelfExplaining,
+    data: ArrayDataset | TensorData,
+    *,
+    index: np.ndarray | None = None,
+    fill: bool = True,
+    batch_size: int = 64,
 ) -> Tensor:
-    """(N, F) the inputs of :func:`head` for ``data``'s images, in eval mode and without
-    gradients; with ``fill``, each image's ignore region filled with its median colour."""
+    """(N, F) the inputs of :func:`head` for ``data``'s images (those of ``index``, default
+    all), in eval mode and without gradients; with ``fill``, each image's ignore region filled
+    with its median colour."""
+    rows = np.arange(len(data.labels)) if index is None else np.asarray(index)
+    chunks = (_chunk(data, rows[k : k + batch_size]) for k in range(0, len(rows), batch_size))
+    return _head_inputs(model, chunks, fill)
+
+
+def _chunk(data: ArrayDataset | TensorData, idx: np.ndarray) -> tuple[Tensor, Tensor | None]:
+    """Images (B, 3, H, W) in [0, 1] and their given ignore masks (or None) of rows ``idx``."""
+    x = torch.as_tensor(data.images[idx]).permute(0, 3, 1, 2).float() / 255
+    if data.ignore is None:
+        return x, None
+    given = torch.as_tensor(data.ignore[idx]).float()
+    if data.has_ignore is not None:
+        given = given * torch.as_tensor(data.has_ignore[idx])[:, None, None]
+    return x, given
+
+
+def _head_inputs(model: SelfExplaining, chunks, fill: bool) -> Tensor:
     layer = head(model)
     captured: list[Tensor] = []
     handle = layer.register_forward_hook(lambda _m, args, _out: captured.append(args[0].detach()))
@@ -53,15 +76,10 @@ def head_inputs(
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                idx = np.arange(start, min(start + batch_size, len(data)))
-                x = torch.from_numpy(np.ascontiguousarray(data.images[idx]))
-                x = x.to(device).permute(0, 3, 1, 2).float() / 255
-                if fill and data.ignore is not None:
-                    given = data.ignore[idx] * (
-                        data.has_ignore[idx, None, None] if data.has_ignore is not None else 1
-                    )
-                    x = fill_region(x, torch.from_numpy(given).to(device).float())
+            for x, given in chunks:
+                x = x.to(device)
+                if fill and given is not None:
+                    x = fill_region(x, given.to(device))
                 model(x)
     finally:
         handle.remove()
@@ -71,21 +89,51 @@ def head_inputs(
 
 def refit_bias(
     model: SelfExplaining,
-    data: ArrayDataset,
+    data: ArrayDataset | TensorData,
     *,
+    index: np.ndarray | None = None,
     class_weights: Sequence[float] | None = None,
     steps: int = 300,
     lr: float = 0.1,
 ) -> Tensor:
     """Re-fit the last layer's bias by (``class_weights``-weighted) cross-entropy on ``data``
-    with its marked regions filled; the rest of the network is fixed. Returns the change
-    (new bias minus old). A data set with a single class leaves the bias as it is."""
-    layer = head(model)
-    labels = torch.as_tensor(np.asarray(data.labels), dtype=torch.long)
+    (the images of ``index``, default all) with its marked regions filled; the rest of the
+    network is fixed. Returns the change (new bias minus old). A data set with a single class
+    leaves the bias as it is."""
+    labels = torch.as_tensor(data.labels).long()
+    if index is not None:
+        labels = labels[torch.as_tensor(np.asarray(index), device=labels.device)]
     if len(torch.unique(labels)) < 2:
-        return torch.zeros_like(layer.bias)
-    features = head_inputs(model, data).to(layer.weight.device)
-    labels = labels.to(layer.weight.device)
+        return torch.zeros_like(head(model).bias)
+    features = head_inputs(model, data, index=index)
+    return _fit_bias(head(model), features, labels, class_weights, steps, lr)
+
+
+def refit_bias_on_batches(
+    model: SelfExplaining,
+    batches: Iterable[FeedbackBatch],
+    *,
+    class_weights: Sequence[float] | None = None,
+    steps: int = 300,
+    lr: float = 0.1,
+) -> Tensor:
+    """:func:`refit_bias` on the images of ``batches`` (as a training loop draws them: an image
+    drawn twice counts twice)."""
+    batches = list(batches)
+    labels = torch.cat([b.labels for b in batches]).long() if batches else torch.zeros(0)
+    if len(torch.unique(labels)) < 2:
+        return torch.zeros_like(head(model).bias)
+    chunks = (
+        (b.images, None if b.ignore is None else b.ignore * b.has_ignore[:, None, None])
+        for b in batches
+    )
+    features = _head_inputs(model, chunks, fill=True)
+    return _fit_bias(head(model), features, labels, class_weights, steps, lr)
+
+
+def _fit_bias(layer: nn.Linear, features, labels, class_weights, steps: int, lr: float) -> Tensor:
+    """Fit ``layer``'s bias by cross-entropy on its fixed ``features``; return the change."""
+    features, labels = features.to(layer.weight.device), labels.to(layer.weight.device)
     with torch.no_grad():
         fixed = features @ layer.weight.float().T
     bias = layer.bias.detach().float().clone().requires_grad_(True)

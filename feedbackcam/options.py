@@ -81,6 +81,13 @@ def add_feedback_args(p) -> None:
         "loss's); 'none' leaves ignore masks unused",
     )
     p.add_argument(
+        "--refit-bias",
+        action=argparse.BooleanOptionalAction,
+        default=fb.refit_bias,
+        help="where feedback marks ignore regions, re-fit the decision's offsets on the "
+        "training images with those regions filled after fine-tuning (docs/real-artifacts.md)",
+    )
+    p.add_argument(
         "--auto-scale",
         action=argparse.BooleanOptionalAction,
         default=fb.auto_scale,
@@ -104,6 +111,7 @@ def feedback_config(args):
         surroundings_loss=_none(args.surroundings_loss),
         ignore_loss=_none(args.ignore_loss),
         auto_scale=args.auto_scale,
+        refit_bias=args.refit_bias,
         explain_classes=args.explain_classes,
         cam=args.cam,
         second_order=args.second_order,

@@ -153,9 +153,7 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
         base = start[0] if key != "train_loss" and start else None
         _line_panel(ax, series, base, "baseline (val, epoch 0)", "epoch", label)
         fig.tight_layout()
-        fig.savefig(out / name)
-        plt.close(fig)
-        written.append(out / name)
+        written.append(_save_png(fig, out / name))
     sliced = {m: r["slices"] for m, r in results["runs"].items() if "slices" in r}
     if sliced:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
@@ -169,9 +167,7 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
             }
             _line_panel(ax, series, results["baseline"][key], "baseline (test)", "slice", label)
         fig.tight_layout()
-        fig.savefig(out / "slices.png")
-        plt.close(fig)
-        written.append(out / "slices.png")
+        written.append(_save_png(fig, out / "slices.png"))
     return written
 
 
@@ -233,9 +229,7 @@ def overlay_grid(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save_png(fig, Path(path))
 
 
 def overlay_png(

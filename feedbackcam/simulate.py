@@ -28,6 +28,7 @@ from .checkpoint import ModelSpec, save_checkpoint
 from .counterfactual import fill_region
 from .data.dataset import ArrayDataset, TensorData
 from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
+from .decision import refit_bias
 from .distributed import SINGLE, Dist, wrap
 from .evaluate import Evaluation, evaluate
 from .fileio import write_csv, write_json, write_text
@@ -277,8 +278,13 @@ def fine_tune(
     # Distributed shuffles are numbered apart per slice: slice k's epoch e is 1000 k + e.
     offset = stage.get("slice", 0) * 1000
 
+    marked = data.ignore is not None and _marks_ignore(data, train_idx)
+    refit = fb.refit_bias and fb.lam > 0 and fb.ignore_loss is not None and marked
+
     def after_epoch(number: int, stats: dict) -> None:
         epoch = number - offset
+        if refit:
+            refit_bias(model, data, index=train_idx, class_weights=fb.class_weights)
         ev = validate()
         margins = None
         if cfg.guard_confidence is not None:
@@ -321,6 +327,15 @@ def fine_tune(
     )
     best.restore(model)
     return model, best.epoch, best.info
+
+
+def _marks_ignore(data: TensorData, index: np.ndarray) -> bool:
+    """Whether any image of ``index`` carries a given, non-empty ignore region."""
+    idx = torch.as_tensor(index, device=data.ignore.device)
+    given = data.ignore[idx].flatten(1).amax(1) > 0
+    if data.has_ignore is not None:
+        given = given & data.has_ignore[idx]
+    return bool(given.any())
 
 
 def _test_summary(model, test: ArrayDataset, groups: dict[str, np.ndarray], cfg, method) -> dict:

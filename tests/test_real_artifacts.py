@@ -5,6 +5,7 @@ artifact annotations, trap splits, ClArC, the noise-aware guard."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -387,6 +388,21 @@ def test_refit_bias_restores_the_offsets_and_changes_nothing_else():
     filled = head_inputs(model, data, fill=True)
     assert torch.equal(plain[~torch.from_numpy(marked)], filled[~torch.from_numpy(marked)])
     assert not torch.allclose(plain[torch.from_numpy(marked)], filled[torch.from_numpy(marked)])
+    # the training loop's tensors and a subset of them, as simulate hands them over
+    index = np.arange(0, 60, 2)
+    as_arrays = head_inputs(model, data, index=index)
+    assert torch.equal(head_inputs(model, data.tensors(), index=index), as_arrays)
+    assert torch.equal(as_arrays, filled[index])
+    before = layer.bias.detach().clone()
+    half = refit_bias(model, data.tensors(), index=index)
+    with torch.no_grad():
+        layer.bias.copy_(before)
+    assert torch.allclose(refit_bias(model, replace(data, **subset(data, index))), half, atol=1e-6)
+
+
+def subset(data, index):
+    keep = ("images", "masks", "labels", "has_mask", "ignore", "has_ignore")
+    return {**{k: getattr(data, k)[index] for k in keep}, "ids": tuple(data.ids[i] for i in index)}
 
 
 def test_simulate_demo_and_the_app_learn_with_the_same_default_objective():

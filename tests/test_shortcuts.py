@@ -653,7 +653,8 @@ def test_isic_bandaid_data_confounds_training_and_not_test(tmp_path):
 
 def test_the_apps_updates_learn_from_ignore_masks_at_a_calibrated_scale():
     """An app update whose items carry an ignore region adds the default ignore loss, scaled
-    on the update's own first batches; items without one leave it out (scale 1)."""
+    on the update's own first batches, and re-fits the decision's offsets after its steps;
+    items without one leave both out (scale 1, no re-fit)."""
     from dataclasses import replace
 
     from feedbackcam.data.synth import SynthConfig, as_array_dataset, make_synthderm
@@ -670,8 +671,12 @@ def test_the_apps_updates_learn_from_ignore_masks_at_a_calibrated_scale():
     model = small_cnn(num_classes=3, width=8)
     stats = fine_tune(model, ds, None, plan, cfg)
     assert stats["ignore_scale"] != 1.0 and stats["steps"] >= 2
+    assert stats["bias_change"] is not None and any(stats["bias_change"])  # offsets re-fit
     plain = replace(ds, ignore=None, has_ignore=None)
-    assert fine_tune(model, plain, None, plan, cfg)["ignore_scale"] == 1.0
+    stats = fine_tune(model, plain, None, plan, cfg)
+    assert stats["ignore_scale"] == 1.0 and stats["bias_change"] is None
+    off = replace(cfg, feedback=replace(fb, refit_bias=False))
+    assert fine_tune(model, ds, None, plan, off)["bias_change"] is None
 
 
 def test_the_anchored_loss_is_the_balanced_loss_with_the_marked_images_prediction_fixed():
@@ -787,10 +792,10 @@ def test_whole_feedback_controls_run_for_keep_mask_methods_and_stroke_controls_d
 
 
 def test_refit_rows_come_from_the_same_fine_tune_and_resume(tmp_path, monkeypatch):
-    """With refit_bias, each fine-tune is scored twice (as trained, and after the offsets'
-    re-fit: "METHOD +refit"), the tuning seed's chosen trial gives both main rows, and a rerun
-    trains nothing that both rows already have; an old folder without the refit rows trains
-    again for them only."""
+    """With refit_bias, each fine-tune is scored three times (as trained, and after the offsets'
+    re-fit on its pool, "METHOD +refit", and on validation, "METHOD +refit val"), the tuning
+    seed's chosen trial gives all three main rows, and a rerun trains nothing that the rows
+    already have; an old folder without the refit rows trains again for them only."""
     import json
 
     import feedbackcam.shortcuts.bench as bench
@@ -807,8 +812,9 @@ def test_refit_rows_come_from_the_same_fine_tune_and_resume(tmp_path, monkeypatc
     monkeypatch.setattr(bench, "train_classifier", lambda model, *a: model)
     refits = []
 
-    def fake_refit(model, data, weighted, mask, fraction, seed, scored):
-        refits.append((model, seed))
+    def fake_refit(model, data, weighted, mask, fraction, seed, scored, on):
+        assert weighted is False  # an unweighted schedule re-fits unweighted
+        refits.append((model, on))
         return {**scored, "bias_change": [0.5, -0.5]}
 
     def fake_fine_tune(base, data, sched, method, lam, seed, **kw):
@@ -829,12 +835,21 @@ def test_refit_rows_come_from_the_same_fine_tune_and_resume(tmp_path, monkeypatc
     calls.clear()
     rows = bench.run_benchmark(config, tmp_path, log=lambda *_: None)
     assert len(calls) == 3  # the old folder had no refit rows: trained again, for them
-    assert [m for m, _ in refits] == [f"tuned-{m}-{lam}-{s}" for m, lam, s in calls]
+    assert refits == [
+        (f"tuned-{m}-{lam}-{s}", on) for m, lam, s in calls for on in ("pool", "val")
+    ]  # each fine-tune re-fit on its pool and on validation
     main = sorted(r["method"] for r in rows if r["phase"] == "main" and r["seed"] == 0)
-    assert main == ["baseline", "no-confounder", "rrr_ignore", "rrr_ignore +refit"]
+    assert main == [
+        "baseline",
+        "no-confounder",
+        "rrr_ignore",
+        "rrr_ignore +refit",
+        "rrr_ignore +refit val",
+    ]
     lines = [json.loads(s) for s in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert sum(r["method"] == "rrr_ignore" for r in lines) == 4  # none written twice
     assert sum(r["method"] == "rrr_ignore +refit" for r in lines) == 4
+    assert sum(r["method"] == "rrr_ignore +refit val" for r in lines) == 4
     calls.clear()
     bench.run_benchmark(config, tmp_path, log=lambda *_: None)
     assert calls == []

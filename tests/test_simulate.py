@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-import feedbackcam.train as train_module
 from feedbackcam import simulate
 from feedbackcam.checkpoint import ModelSpec, load_checkpoint
 from feedbackcam.models import build_model
@@ -123,18 +122,13 @@ def test_best_epoch_is_chosen_by_validation_and_its_weights_are_returned(
     # val scores for epochs 0 (the incoming model), 1, 2, 3
     jaccards = iter([0.1, 0.3, 0.5, 0.2])
     accuracies = iter([0.5, 0.4, 0.6, 0.9])
-    monkeypatch.setattr(
-        simulate, "evaluate", lambda *a, **k: _FakeEval(next(jaccards), next(accuracies))
-    )
-    snapshots = []
-    real_epoch = train_module.train_one_epoch
+    snapshots = []  # the weights each validation saw (after the epoch's offset re-fit)
 
-    def recording_epoch(model, *args, **kwargs):
-        stats = real_epoch(model, *args, **kwargs)
+    def fake_evaluate(model, *a, **k):
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
-        return stats
+        return _FakeEval(next(jaccards), next(accuracies))
 
-    monkeypatch.setattr(train_module, "train_one_epoch", recording_epoch)  # train_epochs calls it
+    monkeypatch.setattr(simulate, "evaluate", fake_evaluate)
     cfg = _cfg(select_by=select_by, guard_confidence=None)  # fakes: no per-image predictions
     history = []
     model, best_epoch, _ = simulate.fine_tune(
@@ -151,7 +145,7 @@ def test_best_epoch_is_chosen_by_validation_and_its_weights_are_returned(
     )
     assert best_epoch == expected
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, snapshots[expected - 1][k])
+        torch.testing.assert_close(v, snapshots[expected][k])
     assert [row["epoch"] for row in history] == [0, 1, 2, 3]
 
 
@@ -218,3 +212,39 @@ def test_ignore_feedback_trains_with_calibrated_scales_and_they_are_recorded(tmp
     )
     assert plain["runs"]["combined"]["ignore_scale"] == 1.0
     assert plain["runs"]["combined"]["loss_scale"] == 1.0
+
+
+def test_offsets_are_re_fit_after_each_epoch_of_a_mode_that_learns_from_ignore_regions(
+    tmp_path, tiny_data, monkeypatch
+):
+    """Combined feedback on SynthDerm (ignore masks on the patch) re-fits the decision's offsets
+    on feedback-train after every epoch, before validating; class feedback does not, nor does
+    anything without ignore masks or with refit_bias off."""
+    from dataclasses import replace
+
+    from feedbackcam.decision import refit_bias as real_refit
+
+    calls = []
+
+    def spy(model, data, *, index=None, class_weights=None):
+        calls.append((len(index), class_weights))
+        return real_refit(model, data, index=index, class_weights=class_weights)
+
+    monkeypatch.setattr(simulate, "refit_bias", spy)
+    cfg = _cfg(modes=("cls", "combined"))
+    quiet = {"make_model": _make_model, "spec": SPEC, "progress": False}
+    run_simulation(tiny_data, cfg, tmp_path / "a", **quiet)
+    splits = json.loads((tmp_path / "a" / "splits.json").read_text())
+    assert len(calls) == cfg.epochs  # combined only, once per epoch
+    assert {n for n, _ in calls} == {len(splits["train"])}
+    assert all(w is not None for _, w in calls)  # the fine-tuning's class weights
+    calls.clear()
+    off = replace(cfg, feedback=replace(cfg.feedback, refit_bias=False))
+    run_simulation(tiny_data, off, tmp_path / "b", **quiet)
+    no_ignore = simulate.SimulationData(
+        feedback=replace(tiny_data.feedback, ignore=None, has_ignore=None), base=tiny_data.base
+    )
+    run_simulation(
+        no_ignore, cfg, tmp_path / "c", make_model=_make_model, spec=SPEC, progress=False
+    )
+    assert calls == []

@@ -211,6 +211,7 @@ def _add_shortcuts(sub) -> None:
 
     bench("--datasets", "datasets", nargs="+", choices=DATASETS)
     bench("--seeds", "seeds", nargs="+", type=int)
+    bench("--tune-seed", "tune_seed", type=int)
     bench("--methods", "methods", nargs="+", type=method, metavar="METHOD")
     bench("--lams", "lams", nargs="+", type=float)
     bench("--isic-size", "isic_size", type=int)

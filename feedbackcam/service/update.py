@@ -19,6 +19,7 @@ import torch
 
 from ..balance import auto_scaled, feeding, measured_scales
 from ..data.dataset import ArrayDataset, FeedbackBatch
+from ..decision import refit_bias_on_batches
 from ..evaluate import evaluate, predict_probs
 from ..losses import get_loss
 from ..metrics import classification_metrics
@@ -124,6 +125,7 @@ def fine_tune(
         )
     except StopTraining as err:
         raise Interrupted("stopped during an update") from err
+    change = _refit_offsets(model, list(update_batches(new, replay, plan, cfg)), feedback, device)
     model.eval()
     return {
         "surroundings_scale": feedback.surroundings_scale,
@@ -132,7 +134,22 @@ def fine_tune(
         "steps": stats["steps"],
         "loss": stats["train_loss"],
         "skipped_steps": stats["skipped_steps"],
+        "bias_change": change,
     }
+
+
+def _refit_offsets(model, batches, feedback: FeedbackConfig, device) -> list[float] | None:
+    """Where the update learnt from ignore regions (and ``feedback.refit_bias``), re-fit the
+    last layer's bias on the update's own batches with those regions filled
+    (:func:`feedbackcam.decision.refit_bias_on_batches`); return the change, or None."""
+    if not (feedback.refit_bias and feedback.lam > 0 and feedback.ignore_loss is not None):
+        return None
+    marked = feeding(batches, "ignore")
+    if not marked:
+        return None
+    weights = feedback.class_weights
+    change = refit_bias_on_batches(model, [b.to(device) for b in batches], class_weights=weights)
+    return change.tolist()
 
 
 _SCALES = ("loss_scale", *(scale for _, scale, _ in ADDED_TERMS))

@@ -188,20 +188,25 @@ def _clarc(model, pool: ArrayDataset, given: np.ndarray, sched: Schedule, method
 
 
 # A fine-tune scored again after its decision's offsets are re-fit (BenchConfig.refit_bias)
-# is a row of its own, this suffix on the method's name.
-REFIT = " +refit"
+# is a row of its own, the method's name with the suffix of where they were re-fit: on the
+# pool it was fine-tuned on, or on the validation split (held out: its numbers then are not).
+REFIT = {"pool": " +refit", "val": " +refit val"}
 
 
-def refit_row(model, data: ShortcutData, weighted: bool, mask, fraction, seed, scored) -> dict:
-    """``model`` (changed in place) with the last layer's bias re-fit on the pool it was
-    fine-tuned on, marked regions filled (:func:`feedbackcam.decision.refit_bias`, with the
-    fine-tune's class weights), and scored again; ``scored``: its row before."""
+def refit_row(
+    model, data: ShortcutData, weighted: bool, mask, fraction, seed, scored, on: str = "pool"
+) -> dict:
+    """A copy of ``model`` with the last layer's bias re-fit on the images ``on`` ("pool": those
+    it was fine-tuned on; "val": the validation split), marked regions filled
+    (:func:`feedbackcam.decision.refit_bias`, with the fine-tune's class weights), scored
+    again; ``scored``: its row before."""
     from ..decision import refit_bias
 
     started = time.perf_counter()
+    model = copy.deepcopy(model)
     pool, _ = feedback_pool(data, mask, fraction, torch.Generator().manual_seed(seed), seed)
     weights = class_weights(pool.labels, len(pool.classes)) if weighted else None
-    change = refit_bias(model, pool, class_weights=weights)
+    change = refit_bias(model, pool if on == "pool" else data.val.data, class_weights=weights)
     seconds = scored["seconds"] + round(time.perf_counter() - started, 1)
     return {
         "loss_scale": scored["loss_scale"],
@@ -290,7 +295,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
             row = {**row, "mask": mask, "fraction": fraction}
             wanted = [row]
             if config.refit_bias and method not in CLARC:
-                wanted.append({**row, "method": method + REFIT})
+                wanted += [{**row, "method": method + suffix} for suffix in REFIT.values()]
             if all(_key(r) in done for r in wanted):  # resuming: no baseline to train
                 return done[_key(row)]
             data, sched, base, _ = context(seed)
@@ -310,10 +315,11 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
             seconds = round(time.perf_counter() - started, 1)
             result = {"loss_scale": scale, **evaluate_row(model, data), "seconds": seconds}
             first = record(row, lambda: result)
-            if len(wanted) > 1:
-                record(
-                    wanted[1], lambda: refit_row(model, data, sched, mask, fraction, seed, result)
-                )
+            weighted = config.class_weighted or sched.weighted
+            for on, refit in zip(REFIT, wanted[1:], strict=False):
+                if _key(refit) not in done:
+                    again = refit_row(model, data, weighted, mask, fraction, seed, result, on)
+                    record(refit, lambda again=again: again)
             return first
 
         def ceiling(seed):
@@ -352,9 +358,10 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                     for t in trials:  # the tuning seed's main run is its chosen trial
                         if t["lam"] == chosen[method]:
                             record({**t, "phase": "main"}, lambda: {})
-                            refit = done.get(_key({**t, "method": method + REFIT}))
-                            if refit is not None:
-                                record({**refit, "phase": "main"}, lambda: {})
+                            for suffix in REFIT.values():
+                                refit = done.get(_key({**t, "method": method + suffix}))
+                                if refit is not None:
+                                    record({**refit, "phase": "main"}, lambda: {})
                 tuned(seed, method, chosen[method])
         for seed in [s for s in seeds if s in config.control_seeds]:
             for method in config.control_methods:

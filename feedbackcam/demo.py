@@ -66,9 +66,16 @@ QUICK = DemoConfig(
 )
 
 
-def run_demo(out: str | Path, *, quick: bool = False, progress: bool = True) -> Path:
-    """Run the demo; return the path of the HTML report."""
+def run_demo(
+    out: str | Path, *, quick: bool = False, progress: bool = True, refit_bias: bool = False
+) -> Path:
+    """Run the demo; return the path of the HTML report. ``refit_bias``: the modes that learn
+    from the marked patch re-fit the decision's offsets (``FeedbackConfig.refit_bias``)."""
     cfg = QUICK if quick else DemoConfig()
+    if refit_bias:
+        sim = cfg.simulation
+        feedback = replace(sim.feedback, refit_bias=True)
+        cfg = replace(cfg, simulation=replace(sim, feedback=feedback))
     out = Path(out)
     started = time.perf_counter()
     data, test_pool = synth_simulation_data(cfg.synth)

@@ -102,12 +102,14 @@ class FeedbackConfig:
             gradient (the shortcut benchmark's protocol, docs/shortcuts.md). Off by default:
             the thesis weighted raw losses.
         refit_bias: where the feedback marks ignore regions and lambda > 0, the loops that own
-            a fine-tuning (``simulate`` after each epoch, before validating; the app after an
-            update's steps) re-fit the last layer's bias on the images they trained on, those
-            regions filled (:func:`feedbackcam.decision.refit_bias`, with ``class_weights``).
-            Invariance to an artifact that stood for one class lowers that class's offset for
-            every image: the ranking survives, the decision does not (docs/real-artifacts.md).
-            No effect without ignore masks; off in :meth:`thesis`.
+            a fine-tuning re-fit the last layer's bias on the images they trained on, those
+            regions filled (:func:`feedbackcam.decision.refit_bias`, with ``class_weights``):
+            ``simulate`` judges (and keeps) each epoch with re-fit offsets and trains on from
+            its own; the app re-fits after an update's steps. Invariance to an artifact that
+            stood for one class lowers that class's offset for every image; the re-fit gives
+            that class back, but moves the operating point, and the artifact then flips more
+            predictions (docs/offsets.md: the demo's combined mode 0.09 -> 0.19). Off by
+            default; no effect without ignore masks.
     """
 
     lam: float = 0.3
@@ -129,14 +131,13 @@ class FeedbackConfig:
     ignore_scale: float | None = None
     counterfactual_share: float | None = 0.5
     auto_scale: bool = False
-    refit_bias: bool = True
+    refit_bias: bool = False
 
     @classmethod
     def thesis(cls, **overrides) -> FeedbackConfig:
         """The thesis' objective: the explanation loss alone, no added terms (no surroundings
-        or ignore loss, no re-fit offsets); ``overrides`` set any other field."""
-        thesis = {"surroundings_loss": None, "ignore_loss": None, "refit_bias": False}
-        return cls(**(thesis | overrides))
+        or ignore loss); ``overrides`` set any other field."""
+        return cls(**({"surroundings_loss": None, "ignore_loss": None} | overrides))
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:

@@ -85,7 +85,8 @@ def add_feedback_args(p) -> None:
         action=argparse.BooleanOptionalAction,
         default=fb.refit_bias,
         help="where feedback marks ignore regions, re-fit the decision's offsets on the "
-        "training images with those regions filled after fine-tuning (docs/real-artifacts.md)",
+        "training images with those regions filled after fine-tuning: the confounded class "
+        "comes back, the artifact flips more predictions (docs/offsets.md)",
     )
     p.add_argument(
         "--auto-scale",

@@ -28,7 +28,7 @@ from .checkpoint import ModelSpec, save_checkpoint
 from .counterfactual import fill_region
 from .data.dataset import ArrayDataset, TensorData
 from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
-from .decision import refit_bias
+from .decision import head, refit_bias
 from .distributed import SINGLE, Dist, wrap
 from .evaluate import Evaluation, evaluate
 from .fileio import write_csv, write_json, write_text
@@ -283,6 +283,9 @@ def fine_tune(
 
     def after_epoch(number: int, stats: dict) -> None:
         epoch = number - offset
+        # The epoch is judged (and kept, if chosen) with its offsets re-fit; training goes on
+        # from the offsets it had, so the re-fit never steers the next epoch.
+        trained_bias = head(model).bias.detach().clone() if refit else None
         if refit:
             refit_bias(model, data, index=train_idx, class_weights=fb.class_weights)
         ev = validate()
@@ -310,6 +313,9 @@ def fine_tune(
             }
         )
         best.offer(model, epoch, _score(ev, cfg.select_by), ev, eligible=eligible)
+        if trained_bias is not None:
+            with torch.no_grad():
+                head(model).bias.copy_(trained_bias)
 
     batching = Batching(cfg.batch_size, cfg.device, cfg.seed, ctx)
     train_epochs(

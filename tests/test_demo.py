@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from feedbackcam.cli import main
 
 RUN_KEYS = {"accuracy", "avg_sensitivity", "sensitivity", "jaccard_mean", "jaccard_sd", "n_test"}
@@ -40,3 +42,25 @@ def test_quick_demo_writes_the_report_and_explanation_feedback_beats_the_baselin
     )
     config = json.loads((out / "config.json").read_text())
     assert config["simulation"]["modes"] == ["cls", "combined"]
+
+
+def test_demo_refit_bias_reaches_the_simulation(tmp_path, monkeypatch):
+    """`demo --refit-bias` asks the simulation's feedback to re-fit the offsets; without it
+    the demo learns with the library's default (no re-fit)."""
+    import feedbackcam.demo as demo
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_simulation(data, sim, out, **kw):
+        seen.append(sim.feedback.refit_bias)
+        raise Stop
+
+    monkeypatch.setattr(demo, "run_simulation", fake_simulation)
+    monkeypatch.setattr(demo, "synth_simulation_data", lambda setup: (None, None))
+    for extra in ([], ["--refit-bias"]):
+        with pytest.raises(Stop):
+            main(["demo", "--quick", "--out", str(tmp_path / "d"), *extra])
+    assert seen == [False, True]

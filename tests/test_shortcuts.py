@@ -653,8 +653,8 @@ def test_isic_bandaid_data_confounds_training_and_not_test(tmp_path):
 
 def test_the_apps_updates_learn_from_ignore_masks_at_a_calibrated_scale():
     """An app update whose items carry an ignore region adds the default ignore loss, scaled
-    on the update's own first batches, and re-fits the decision's offsets after its steps;
-    items without one leave both out (scale 1, no re-fit)."""
+    on the update's own first batches (and, with refit_bias, re-fits the decision's offsets
+    after its steps); items without one leave both out (scale 1, no re-fit)."""
     from dataclasses import replace
 
     from feedbackcam.data.synth import SynthConfig, as_array_dataset, make_synthderm
@@ -671,12 +671,13 @@ def test_the_apps_updates_learn_from_ignore_masks_at_a_calibrated_scale():
     model = small_cnn(num_classes=3, width=8)
     stats = fine_tune(model, ds, None, plan, cfg)
     assert stats["ignore_scale"] != 1.0 and stats["steps"] >= 2
-    assert stats["bias_change"] is not None and any(stats["bias_change"])  # offsets re-fit
+    assert stats["bias_change"] is None  # offsets re-fit only when asked
     plain = replace(ds, ignore=None, has_ignore=None)
-    stats = fine_tune(model, plain, None, plan, cfg)
-    assert stats["ignore_scale"] == 1.0 and stats["bias_change"] is None
-    off = replace(cfg, feedback=replace(fb, refit_bias=False))
-    assert fine_tune(model, ds, None, plan, off)["bias_change"] is None
+    assert fine_tune(model, plain, None, plan, cfg)["ignore_scale"] == 1.0
+    refit = replace(cfg, feedback=replace(fb, refit_bias=True))
+    change = fine_tune(model, ds, None, plan, refit)["bias_change"]
+    assert change is not None and any(change)
+    assert fine_tune(model, plain, None, plan, refit)["bias_change"] is None  # nothing marked
 
 
 def test_the_anchored_loss_is_the_balanced_loss_with_the_marked_images_prediction_fixed():
@@ -792,9 +793,10 @@ def test_whole_feedback_controls_run_for_keep_mask_methods_and_stroke_controls_d
 
 
 def test_refit_rows_come_from_the_same_fine_tune_and_resume(tmp_path, monkeypatch):
-    """With refit_bias, each fine-tune is scored three times (as trained, and after the offsets'
-    re-fit on its pool, "METHOD +refit", and on validation, "METHOD +refit val"), the tuning
-    seed's chosen trial gives all three main rows, and a rerun trains nothing that the rows
+    """With refit_bias, each fine-tune is scored four times (as trained, and after the offsets'
+    re-fit: on its pool, "METHOD +refit"; on validation, "+refit val"; on its pool at the
+    balanced operating point, "+refit weighted"), the tuning seed's chosen trial gives every
+    main row, and a rerun trains nothing that the rows
     already have; an old folder without the refit rows trains again for them only."""
     import json
 
@@ -836,8 +838,8 @@ def test_refit_rows_come_from_the_same_fine_tune_and_resume(tmp_path, monkeypatc
     rows = bench.run_benchmark(config, tmp_path, log=lambda *_: None)
     assert len(calls) == 3  # the old folder had no refit rows: trained again, for them
     assert refits == [
-        (f"tuned-{m}-{lam}-{s}", on) for m, lam, s in calls for on in ("pool", "val")
-    ]  # each fine-tune re-fit on its pool and on validation
+        (f"tuned-{m}-{lam}-{s}", on) for m, lam, s in calls for on in ("pool", "val", "weighted")
+    ]  # each fine-tune re-fit on its pool, on validation, and at the balanced operating point
     main = sorted(r["method"] for r in rows if r["phase"] == "main" and r["seed"] == 0)
     assert main == [
         "baseline",
@@ -845,11 +847,13 @@ def test_refit_rows_come_from_the_same_fine_tune_and_resume(tmp_path, monkeypatc
         "rrr_ignore",
         "rrr_ignore +refit",
         "rrr_ignore +refit val",
+        "rrr_ignore +refit weighted",
     ]
     lines = [json.loads(s) for s in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert sum(r["method"] == "rrr_ignore" for r in lines) == 4  # none written twice
     assert sum(r["method"] == "rrr_ignore +refit" for r in lines) == 4
     assert sum(r["method"] == "rrr_ignore +refit val" for r in lines) == 4
+    assert sum(r["method"] == "rrr_ignore +refit weighted" for r in lines) == 4
     calls.clear()
     bench.run_benchmark(config, tmp_path, log=lambda *_: None)
     assert calls == []

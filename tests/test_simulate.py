@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -217,29 +218,38 @@ def test_ignore_feedback_trains_with_calibrated_scales_and_they_are_recorded(tmp
 def test_offsets_are_re_fit_after_each_epoch_of_a_mode_that_learns_from_ignore_regions(
     tmp_path, tiny_data, monkeypatch
 ):
-    """Combined feedback on SynthDerm (ignore masks on the patch) re-fits the decision's offsets
-    on feedback-train after every epoch, before validating; class feedback does not, nor does
-    anything without ignore masks or with refit_bias off."""
+    """With refit_bias, combined feedback on SynthDerm (ignore masks on the patch) re-fits the
+    decision's offsets on feedback-train after every epoch, before validating, and trains on
+    from the offsets the epoch left; class feedback does not re-fit, nor does anything without
+    ignore masks or with refit_bias off (the default)."""
     from dataclasses import replace
 
+    from feedbackcam.decision import head
     from feedbackcam.decision import refit_bias as real_refit
+    from feedbackcam.objective import FeedbackConfig
 
     calls = []
 
     def spy(model, data, *, index=None, class_weights=None):
-        calls.append((len(index), class_weights))
+        before = head(model).bias.detach().clone()
+        calls.append((len(index), class_weights, before))
         return real_refit(model, data, index=index, class_weights=class_weights)
 
     monkeypatch.setattr(simulate, "refit_bias", spy)
-    cfg = _cfg(modes=("cls", "combined"))
+    cfg = _cfg(modes=("cls", "combined"), feedback=FeedbackConfig(refit_bias=True))
     quiet = {"make_model": _make_model, "spec": SPEC, "progress": False}
     run_simulation(tiny_data, cfg, tmp_path / "a", **quiet)
     splits = json.loads((tmp_path / "a" / "splits.json").read_text())
     assert len(calls) == cfg.epochs  # combined only, once per epoch
-    assert {n for n, _ in calls} == {len(splits["train"])}
-    assert all(w is not None for _, w in calls)  # the fine-tuning's class weights
+    assert {n for n, _, _ in calls} == {len(splits["train"])}
+    assert all(w is not None for _, w, _ in calls)  # the fine-tuning's class weights
+    # epoch 2 started from epoch 1's own offsets (restored after judging), not the re-fit ones:
+    # Adam moves a bias by at most ~lr a step, far less than the re-fit moved it
+    steps = math.ceil(len(splits["train"]) / cfg.batch_size)
+    assert (calls[1][2] - calls[0][2]).abs().max() <= 1.5 * cfg.lr * steps
     calls.clear()
-    off = replace(cfg, feedback=replace(cfg.feedback, refit_bias=False))
+    assert FeedbackConfig().refit_bias is False
+    off = replace(cfg, feedback=FeedbackConfig())
     run_simulation(tiny_data, off, tmp_path / "b", **quiet)
     no_ignore = simulate.SimulationData(
         feedback=replace(tiny_data.feedback, ignore=None, has_ignore=None), base=tiny_data.base

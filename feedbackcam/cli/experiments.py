@@ -19,6 +19,11 @@ def _add_demo(sub) -> None:
     p = command(sub, "demo", _demo)
     p.add_argument("--out", type=Path, default=Path("feedbackcam-demo"))
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
+    p.add_argument(
+        "--refit-bias",
+        action="store_true",
+        help="re-fit the decision's offsets where the patch was marked (docs/offsets.md)",
+    )
 
 
 def _demo(args) -> int:
@@ -28,7 +33,7 @@ def _demo(args) -> int:
     feedback, and write a self-contained HTML report."""
     from ..demo import run_demo
 
-    report = run_demo(args.out, quick=args.quick)
+    report = run_demo(args.out, quick=args.quick, refit_bias=args.refit_bias)
     print(f"report: {report.resolve()}")
     return 0
 

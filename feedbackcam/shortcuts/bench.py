@@ -188,25 +188,27 @@ def _clarc(model, pool: ArrayDataset, given: np.ndarray, sched: Schedule, method
 
 
 # A fine-tune scored again after its decision's offsets are re-fit (BenchConfig.refit_bias)
-# is a row of its own, the method's name with the suffix of where they were re-fit: on the
-# pool it was fine-tuned on, or on the validation split (held out: its numbers then are not).
-REFIT = {"pool": " +refit", "val": " +refit val"}
+# is a row of its own, the method's name with the suffix of how they were re-fit: on the pool
+# it was fine-tuned on, with the fine-tune's class weights; on the validation split (held out:
+# its validation numbers then are not); on the pool at the balanced operating point (inverse
+# class frequencies, whatever the fine-tune's weights).
+REFIT = {"pool": " +refit", "val": " +refit val", "weighted": " +refit weighted"}
 
 
 def refit_row(
     model, data: ShortcutData, weighted: bool, mask, fraction, seed, scored, on: str = "pool"
 ) -> dict:
-    """A copy of ``model`` with the last layer's bias re-fit on the images ``on`` ("pool": those
-    it was fine-tuned on; "val": the validation split), marked regions filled
-    (:func:`feedbackcam.decision.refit_bias`, with the fine-tune's class weights), scored
-    again; ``scored``: its row before."""
+    """A copy of ``model`` with the last layer's bias re-fit (:data:`REFIT`: "pool", "val" or
+    "weighted"), marked regions filled (:func:`feedbackcam.decision.refit_bias`), scored again;
+    ``scored``: its row before."""
     from ..decision import refit_bias
 
     started = time.perf_counter()
     model = copy.deepcopy(model)
     pool, _ = feedback_pool(data, mask, fraction, torch.Generator().manual_seed(seed), seed)
-    weights = class_weights(pool.labels, len(pool.classes)) if weighted else None
-    change = refit_bias(model, pool if on == "pool" else data.val.data, class_weights=weights)
+    balanced = weighted or on == "weighted"
+    weights = class_weights(pool.labels, len(pool.classes)) if balanced else None
+    change = refit_bias(model, data.val.data if on == "val" else pool, class_weights=weights)
     seconds = scored["seconds"] + round(time.perf_counter() - started, 1)
     return {
         "loss_scale": scored["loss_scale"],

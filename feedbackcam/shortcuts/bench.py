@@ -317,9 +317,9 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
             seconds = round(time.perf_counter() - started, 1)
             result = {"loss_scale": scale, **evaluate_row(model, data), "seconds": seconds}
             first = record(row, lambda: result)
-            weighted = config.class_weighted or sched.weighted
             for on, refit in zip(REFIT, wanted[1:], strict=False):
                 if _key(refit) not in done:
+                    weighted = config.class_weighted or sched.weighted
                     again = refit_row(model, data, weighted, mask, fraction, seed, result, on)
                     record(refit, lambda again=again: again)
             return first

@@ -125,7 +125,10 @@ def fine_tune(
         )
     except StopTraining as err:
         raise Interrupted("stopped during an update") from err
-    change = _refit_offsets(model, list(update_batches(new, replay, plan, cfg)), feedback, device)
+    change = None
+    if feedback.refit_bias and feedback.lam > 0 and feedback.ignore_loss is not None:
+        batches = list(update_batches(new, replay, plan, cfg))
+        change = _refit_offsets(model, batches, feedback, device)
     model.eval()
     return {
         "surroundings_scale": feedback.surroundings_scale,
@@ -139,13 +142,10 @@ def fine_tune(
 
 
 def _refit_offsets(model, batches, feedback: FeedbackConfig, device) -> list[float] | None:
-    """Where the update learnt from ignore regions (and ``feedback.refit_bias``), re-fit the
-    last layer's bias on the update's own batches with those regions filled
-    (:func:`feedbackcam.decision.refit_bias_on_batches`); return the change, or None."""
-    if not (feedback.refit_bias and feedback.lam > 0 and feedback.ignore_loss is not None):
-        return None
-    marked = feeding(batches, "ignore")
-    if not marked:
+    """Where the update's batches carry ignore regions, re-fit the last layer's bias on them
+    with those regions filled (:func:`feedbackcam.decision.refit_bias_on_batches`, with
+    ``feedback.class_weights``); return the change, or None."""
+    if not feeding(batches, "ignore"):
         return None
     weights = feedback.class_weights
     change = refit_bias_on_batches(model, [b.to(device) for b in batches], class_weights=weights)

@@ -139,6 +139,12 @@ class FeedbackConfig:
         or ignore loss); ``overrides`` set any other field."""
         return cls(**({"surroundings_loss": None, "ignore_loss": None} | overrides))
 
+    @property
+    def refits_offsets(self) -> bool:
+        """Whether a fine-tuning with this objective re-fits the decision's offsets where the
+        feedback marks ignore regions (``refit_bias``, an ignore loss, lambda > 0)."""
+        return self.refit_bias and self.lam > 0 and self.ignore_loss is not None
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam: expected a value in [0, 1], got {self.lam!r}")

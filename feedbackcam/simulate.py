@@ -278,8 +278,7 @@ def fine_tune(
     # Distributed shuffles are numbered apart per slice: slice k's epoch e is 1000 k + e.
     offset = stage.get("slice", 0) * 1000
 
-    learns_ignore = fb.refit_bias and fb.lam > 0 and fb.ignore_loss is not None
-    refit = learns_ignore and data.ignore is not None and _marks_ignore(data, train_idx)
+    refit = fb.refits_offsets and data.ignore is not None and _marks_ignore(data, train_idx)
 
     def after_epoch(number: int, stats: dict) -> None:
         epoch = number - offset

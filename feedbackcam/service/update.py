@@ -126,7 +126,7 @@ def fine_tune(
     except StopTraining as err:
         raise Interrupted("stopped during an update") from err
     change = None
-    if feedback.refit_bias and feedback.lam > 0 and feedback.ignore_loss is not None:
+    if feedback.refits_offsets:
         batches = list(update_batches(new, replay, plan, cfg))
         change = _refit_offsets(model, batches, feedback, device)
     model.eval()

@@ -153,7 +153,7 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
         base = start[0] if key != "train_loss" and start else None
         _line_panel(ax, series, base, "baseline (val, epoch 0)", "epoch", label)
         fig.tight_layout()
-        written.append(_save_png(fig, out / name))
+        written.append(save_png(fig, out / name))
     sliced = {m: r["slices"] for m, r in results["runs"].items() if "slices" in r}
     if sliced:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
@@ -167,7 +167,7 @@ def simulation_plots(history: list[dict[str, Any]], results: dict[str, Any], out
             }
             _line_panel(ax, series, results["baseline"][key], "baseline (test)", "slice", label)
         fig.tight_layout()
-        written.append(_save_png(fig, out / "slices.png"))
+        written.append(save_png(fig, out / "slices.png"))
     return written
 
 
@@ -182,10 +182,11 @@ def _overlay(ax, image, saliency, mask=None, threshold: float = 0.5, width: floa
         ax.contour(saliency, levels=[threshold], colors="yellow", linewidths=width)
 
 
-def _save_png(fig, path: Path) -> Path:
-    """Write ``fig`` to ``path`` as PNG atomically and close it."""
+def save_png(fig, path: Path, dpi: float | None = None) -> Path:
+    """Write ``fig`` to ``path`` as PNG atomically (at ``dpi``, default the figure's) and
+    close it."""
     try:
-        return write_atomic(path, lambda f: fig.savefig(f, format="png"))
+        return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
         plt.close(fig)
 
@@ -229,7 +230,7 @@ def overlay_grid(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    return _save_png(fig, Path(path))
+    return save_png(fig, Path(path))
 
 
 def overlay_png(
@@ -241,7 +242,7 @@ def overlay_png(
     ax.set_title(title, fontsize=10)
     ax.axis("off")
     fig.tight_layout()
-    return _save_png(fig, Path(path))
+    return save_png(fig, Path(path))
 
 
 def _img_tag(path: Path, alt: str) -> str:
@@ -359,4 +360,4 @@ def cluster_sheet(
             shown += 1
         axes[r, 0].set_title(title, fontsize=8, loc="left")
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)

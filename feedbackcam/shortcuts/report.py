@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import write_atomic, write_csv, write_text
+from ..fileio import write_csv, write_text
 from .rules import DEFAULT_CANDIDATES, choose_default
 
 METRICS = ("acc", "acc_clean", "acc_misleads", "flip_rate", "wr_gradcam", "wr_inputgrad", "jaccard")
@@ -282,11 +282,9 @@ def efficiency_plot(rows: list[dict], path: Path) -> Path | None:
     fig.set_figheight(fig.get_figheight() * (1 + below))
     fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, below / (1 + below), 1, 1))
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    finally:
-        plt.close(fig)
-    return path
+    from ..report import save_png  # matplotlib only when a plot is drawn
+
+    return save_png(fig, path, dpi=120)
 
 
 def write_outputs(rows: list[dict], out: Path) -> None:

@@ -814,7 +814,7 @@ def test_refit_rows_come_from_the_same_fine_tune_and_resume(tmp_path, monkeypatc
     monkeypatch.setattr(bench, "train_classifier", lambda model, *a: model)
     refits = []
 
-    def fake_refit(model, data, weighted, mask, fraction, seed, scored, on):
+    def fake_refit(model, data, pool, weighted, scored, on):
         assert weighted is False  # an unweighted schedule re-fits unweighted
         refits.append((model, on))
         return {**scored, "bias_change": [0.5, -0.5]}
@@ -825,6 +825,7 @@ def test_refit_rows_come_from_the_same_fine_tune_and_resume(tmp_path, monkeypatc
 
     monkeypatch.setattr(bench, "fine_tune", fake_fine_tune)
     monkeypatch.setattr(bench, "refit_row", fake_refit)
+    monkeypatch.setattr(bench, "feedback_pool", lambda *a: ("pool", None))
     sched = SimpleNamespace(weighted=False)
     monkeypatch.setattr(bench, "load_data", lambda ds, seed, config, cache: (data, sched))
     plain = BenchConfig(
@@ -863,3 +864,22 @@ def replace_config(config, **changes):
     from dataclasses import replace
 
     return replace(config, **changes)
+
+
+def test_refit_rows_are_real_re_fits_of_the_fine_tune(tmp_path):
+    """The tiny Decoy-MNIST run with refit_bias: every re-fit row carries the offsets' change
+    (one per class) and its own scores; the pool and the validation split give different
+    offsets."""
+    pytest.importorskip("mlxtend")
+    from dataclasses import replace
+
+    from feedbackcam.shortcuts import QUICK, run_benchmark
+
+    config = replace(QUICK, refit_bias=True, controls=())
+    rows = run_benchmark(config, tmp_path, log=lambda *_: None)
+    main = {r["method"]: r for r in rows if r["phase"] == "main"}
+    name = QUICK.methods[0]
+    changes = {s: main[name + s]["bias_change"] for s in (" +refit", " +refit val")}
+    assert all(len(c) == 10 and any(c) for c in changes.values())
+    assert changes[" +refit"] != changes[" +refit val"]
+    assert "bias_change" not in main[name] and "flip_rate" in main[name + " +refit weighted"]

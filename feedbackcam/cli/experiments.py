@@ -248,8 +248,9 @@ def _add_shortcuts(sub) -> None:
         "--refit-bias",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="also score every fine-tune after re-fitting its decision's offsets on its pool, "
-        "marked regions filled (rows 'METHOD +refit')",
+        help="also score every fine-tune after re-fitting its decision's offsets, marked "
+        "regions filled: on its pool, on validation, on its pool class-weighted (rows "
+        "'METHOD +refit', '+refit val', '+refit weighted')",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
 

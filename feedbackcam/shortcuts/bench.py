@@ -196,16 +196,15 @@ REFIT = {"pool": " +refit", "val": " +refit val", "weighted": " +refit weighted"
 
 
 def refit_row(
-    model, data: ShortcutData, weighted: bool, mask, fraction, seed, scored, on: str = "pool"
+    model, data: ShortcutData, pool: ArrayDataset, weighted: bool, scored, on: str = "pool"
 ) -> dict:
     """A copy of ``model`` with the last layer's bias re-fit (:data:`REFIT`: "pool", "val" or
-    "weighted"), marked regions filled (:func:`feedbackcam.decision.refit_bias`), scored again;
-    ``scored``: its row before."""
+    "weighted"; ``pool``: the one it was fine-tuned on, :func:`feedback_pool`), marked regions
+    filled (:func:`feedbackcam.decision.refit_bias`), scored again; ``scored``: its row before."""
     from ..decision import refit_bias
 
     started = time.perf_counter()
     model = copy.deepcopy(model)
-    pool, _ = feedback_pool(data, mask, fraction, torch.Generator().manual_seed(seed), seed)
     balanced = weighted or on == "weighted"
     weights = class_weights(pool.labels, len(pool.classes)) if balanced else None
     change = refit_bias(model, data.val.data if on == "val" else pool, class_weights=weights)
@@ -317,11 +316,16 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
             seconds = round(time.perf_counter() - started, 1)
             result = {"loss_scale": scale, **evaluate_row(model, data), "seconds": seconds}
             first = record(row, lambda: result)
-            for on, refit in zip(REFIT, wanted[1:], strict=False):
-                if _key(refit) not in done:
-                    weighted = config.class_weighted or sched.weighted
-                    again = refit_row(model, data, weighted, mask, fraction, seed, result, on)
-                    record(refit, lambda again=again: again)
+            missing = [
+                (on, r) for on, r in zip(REFIT, wanted[1:], strict=False) if _key(r) not in done
+            ]
+            if missing:  # the pool the fine-tune learnt from, built again once
+                g = torch.Generator().manual_seed(seed)
+                pool, _ = feedback_pool(data, mask, fraction, g, seed)
+                weighted = config.class_weighted or sched.weighted
+            for on, refit in missing:
+                again = refit_row(model, data, pool, weighted, result, on)
+                record(refit, lambda again=again: again)
             return first
 
         def ceiling(seed):

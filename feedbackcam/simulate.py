@@ -32,6 +32,7 @@ from .decision import head, refit_bias
 from .distributed import SINGLE, Dist, wrap
 from .evaluate import Evaluation, evaluate
 from .fileio import write_csv, write_json, write_text
+from .losses import feedback_present
 from .objective import ADDED_TERMS, FeedbackConfig, check_feedback_kind
 from .selection import drops, noise_margins, run_warnings, validation_warnings
 from .self_explaining import SelfExplaining
@@ -337,10 +338,8 @@ def fine_tune(
 def _marks_ignore(data: TensorData, index: np.ndarray) -> bool:
     """Whether any image of ``index`` carries a given, non-empty ignore region."""
     idx = torch.as_tensor(index, device=data.ignore.device)
-    given = data.ignore[idx].flatten(1).amax(1) > 0
-    if data.has_ignore is not None:
-        given = given & data.has_ignore[idx]
-    return bool(given.any())
+    has = None if data.has_ignore is None else data.has_ignore[idx]
+    return bool(feedback_present(data.ignore[idx], has).any())
 
 
 def _test_summary(model, test: ArrayDataset, groups: dict[str, np.ndarray], cfg, method) -> dict:

@@ -44,9 +44,8 @@ def terms(inputs, cfg) -> dict[str, torch.Tensor]:
     out = {"class loss (CE on x)": losses.classification_loss(inputs.logits, inputs.labels)}
     marked = losses.feedback_present(inputs.ignore)
     if marked.any():
-        recipients, lf, (lp, lb), _ = invariance._moved_logits(inputs, blank=True)
-        y = inputs.labels[recipients]
-        w = marked.float()
+        recipients, lf, (lp, lb), w = invariance._moved_logits(inputs, blank=True)
+        y = inputs.labels[recipients]  # w: the rows that got counterfactuals, unbiased weights
 
         def mean(v):
             return (v * w).sum() / w.sum()

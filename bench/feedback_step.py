@@ -23,7 +23,7 @@ import torch
 from feedbackcam.data.dataset import FeedbackBatch
 from feedbackcam.models import build_model
 from feedbackcam.objective import FeedbackConfig
-from feedbackcam.train import feedback_step, reference_step
+from feedbackcam.train import feedback_step, place_model, reference_step
 
 
 def marked_batch(n: int, size: int, classes: int, device: str, fraction: float, kind: str):
@@ -94,9 +94,7 @@ def main() -> None:
     torch.manual_seed(0)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    model = build_model(arch, classes).to(args.device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(arch, classes), args.device)
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=1e-5, fused=cuda)
     rows = []

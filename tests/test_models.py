@@ -1,3 +1,4 @@
+import copy
 import gc
 import urllib.error
 import weakref
@@ -11,6 +12,7 @@ from feedbackcam.cam import grad_cam
 from feedbackcam.models import (
     VGG16_EXPLANATION_LAYER,
     SelfExplaining,
+    build_model,
     skincare_vgg16,
     small_cnn,
 )
@@ -127,3 +129,33 @@ def test_repeated_calls_keep_nothing_alive():
 def test_inplace_activations_are_switched_off():
     model = SelfExplaining(torchvision.models.vgg16(weights=None), "features.29")
     assert not any(getattr(m, "inplace", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "decoy_cnn"])
+def test_models_are_built_channels_last_and_give_the_same_values(arch, tmp_path):
+    """Channels-last weights (oneDNN's fast layout) change nothing but the speed: the logits,
+    the explanation and the gradients equal those of the same weights in the default layout,
+    and a checkpoint loads back into the same layout."""
+    from feedbackcam.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(arch, 3)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # the layout really changed
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    size = 28 if arch == "decoy_cnn" else 32
+    x = torch.rand(4, 3, size, size)
+    a, b = model(x), plain(x)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.activations[0], b.activations[0], rtol=1e-4, atol=1e-5)
+    a.logits.sum().backward()
+    b.logits.sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    spec = ModelSpec(arch, ("a", "b", "c"), tuple(model.layers), size)
+    save_checkpoint(tmp_path / "m.pt", model, spec)
+    loaded, _, _ = load_checkpoint(tmp_path / "m.pt")
+    w = next(m.weight for m in loaded.modules() if isinstance(m, torch.nn.Conv2d))
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(loaded(x).logits, a.logits)

@@ -454,6 +454,10 @@ def run_simulation(
     tensors = feedback.tensors(cfg.device)
     for mode in progress_bar(cfg.modes, enabled=progress, desc="modes"):
         generator = torch.Generator().manual_seed(cfg.seed)
+        # Each mode starts from the same random state (the counterfactual rows' draws use the
+        # global generator): its run does not depend on which modes ran before it, or for how
+        # many epochs, and its first k epochs are those of a k-epoch run.
+        torch.manual_seed(cfg.seed)
         if cfg.slices is None:
             model, best_epoch, _ = fine_tune(
                 baseline,

@@ -258,3 +258,31 @@ def test_offsets_are_re_fit_after_each_epoch_of_a_mode_that_learns_from_ignore_r
         no_ignore, cfg, tmp_path / "c", make_model=_make_model, spec=SPEC, progress=False
     )
     assert calls == []
+
+
+def test_a_mode_runs_the_same_whatever_ran_before_it_and_for_how_long(tmp_path, tiny_data):
+    """The counterfactual rows draw from the global generator; each mode starts from the same
+    state, so a mode's run does not depend on the modes before it or their epoch count, and a
+    k-epoch run is the first k epochs of a longer one (choosing the epoch count on validation
+    curves means something)."""
+    from feedbackcam.objective import FeedbackConfig
+
+    fb = FeedbackConfig(lam=0.5, auto_scale=True)
+
+    def rows(name, **kw):
+        run_simulation(
+            tiny_data,
+            _cfg(feedback=fb, **kw),
+            tmp_path / name,
+            make_model=_make_model,
+            spec=SPEC,
+            progress=False,
+        )
+        lines = (tmp_path / name / "history.csv").read_text().splitlines()
+        return [line for line in lines[1:] if line.split(",")[0] == "combined"]
+
+    alone = rows("alone", modes=("combined",))
+    after = rows("after", modes=("exp", "combined"))
+    longer = rows("longer", modes=("exp", "combined"), epochs=3)
+    assert alone == after
+    assert longer[: len(after)] == after and len(longer) == len(after) + 1

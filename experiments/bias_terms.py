@@ -44,7 +44,8 @@ def terms(inputs, cfg) -> dict[str, torch.Tensor]:
     out = {"class loss (CE on x)": losses.classification_loss(inputs.logits, inputs.labels)}
     marked = losses.feedback_present(inputs.ignore)
     if marked.any():
-        recipients, lf, (lp, lb), w = invariance._moved_logits(inputs, blank=True)
+        moved = losses.drive(invariance._moved_logits(inputs, blank=True), inputs)
+        recipients, lf, (lp, lb), w = moved
         y = inputs.labels[recipients]  # w: the rows that got counterfactuals, unbiased weights
 
         def mean(v):
@@ -58,7 +59,7 @@ def terms(inputs, cfg) -> dict[str, torch.Tensor]:
         out["KL(blank || moved)"] = mean(invariance._kl(lb, lp))
     present = losses.feedback_present(inputs.keep)
     if present.sum() > 1:
-        s = losses.EXPLANATION_LOSSES["surroundings"].fn(inputs, cfg)
+        s = losses.run_loss(losses.EXPLANATION_LOSSES["surroundings"], inputs, cfg)
         out["surroundings"] = (s * present.float()).sum() / present.sum()
     return out
 

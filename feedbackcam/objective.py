@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import cam as cams
 from . import losses
@@ -202,14 +203,32 @@ class LossInputs:
 
     def __init__(self, model, out, images: Tensor, batch: FeedbackBatch, cfg: FeedbackConfig):
         self.model, self.images, self.cfg = model, images, cfg
-        self.logits = out.logits.float()
-        self.activations = out.activations
+        self._logits: Tensor | None = None
+        if out is not None:
+            self.set_forward(out)
         self.labels = batch.labels
         # A mask whose flag is off is not feedback: it is neither learnt from nor protected,
         # and no counterfactual is built from it (the flags decide, not the arrays).
         self.keep = _given(batch.masks, batch.has_mask)
         self.ignore = None if batch.ignore is None else _given(batch.ignore, batch.has_ignore)
         self._input_grads: Tensor | None = None
+
+    def set_forward(self, out) -> None:
+        """The step's forward pass; its first ``len(images)`` rows are the batch's (the rest,
+        counterfactual rows that rode along, are the terms' own)."""
+        n = self.images.shape[0]
+        self._logits = out.logits[:n].float()
+        self.activations = out.activations  # all rows: the CAM's gradient flows through them
+        self._rows = n
+
+    @property
+    def logits(self) -> Tensor:
+        if self._logits is None:
+            raise RuntimeError(
+                "the step's logits are not computed yet: a counterfactual loss must yield its "
+                "rows before it reads them"
+            )
+        return self._logits
 
     @property
     def size(self) -> tuple[int, int]:
@@ -232,7 +251,7 @@ class LossInputs:
             self.size,
             method=self.cfg.cam,
             second_order=self.cfg.second_order,
-        )
+        )[: self._rows]
 
     def saliencies(self) -> list[Tensor]:
         """The saliency of every class in :meth:`targets`."""
@@ -240,7 +259,7 @@ class LossInputs:
 
     def raw_cams(self, targets: Tensor) -> list[Tensor]:
         """Signed class evidence ``sum_k w_k A_k`` per layer (N, h, w), before the ReLU."""
-        return cams.layer_cams(
+        maps = cams.layer_cams(
             self.logits,
             self.activations,
             targets,
@@ -248,6 +267,7 @@ class LossInputs:
             second_order=self.cfg.second_order,
             rectify=False,
         )
+        return [m[: self._rows] for m in maps]
 
     def input_gradients(self) -> Tensor:
         """d/dx sum_k log p_k (N, 3, H, W), in the graph; computed once per step."""
@@ -257,6 +277,8 @@ class LossInputs:
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits (float) of a second forward pass, e.g. on counterfactual images."""
+        if images.shape[0] == 0:
+            return self.logits.new_zeros((0, self.logits.shape[1]))
         return self.model(images).logits.float()
 
 
@@ -347,10 +369,21 @@ def _unused(where: Tensor) -> bool:
     return where.device.type == "cpu" and not bool(where.any())
 
 
+def _batch_statistics(model: nn.Module) -> bool:
+    """Whether a forward pass mixes the rows of a batch (BatchNorm in training mode): then
+    counterfactual rows may not share the batch's forward."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
+
+
 def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConfig) -> FeedbackLoss:
     """The combined loss of eq. 4.1 on ``batch``: one forward pass (under bf16 autocast if
     ``cfg.precision`` says so), the cross-entropy, and every :func:`loss_terms` term averaged
     over the samples that carry its kind of mask (:func:`feedbackcam.losses.masked_mean`).
+
+    The counterfactual terms (``ExplanationLoss.counterfactual``) build their rows first and
+    those rows ride in the same forward as the batch, concatenated after it: one pass, one
+    graph, no host synchronisation added. Where a layer mixes a batch's rows (BatchNorm in
+    training mode) each term's rows are forwarded on their own instead.
 
     The model is used as it is (train or eval mode): :func:`feedbackcam.train.feedback_step`
     prepares it.
@@ -361,23 +394,39 @@ def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConf
         images = images.detach().requires_grad_(True)
     bf16 = cfg.precision == "bf16"
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(images)
-        logits = out.logits.float()
-        loss_cls = losses.classification_loss(logits, batch.labels, cfg.class_weights)
         present = [present_mask(batch, t.needs) for t in terms]
         n_exp = present[0]
         for p in present[1:]:
             n_exp = n_exp | p
         n_exp = n_exp.sum()
+        inputs = LossInputs(model, None, images, batch, cfg)
+        # The counterfactual terms build their rows first; they ride in the batch's forward.
+        pending: dict[int, tuple] = {}
+        if cfg.lam > 0:
+            for k, (term, where) in enumerate(zip(terms, present, strict=True)):
+                if term.loss.counterfactual and not _unused(where):
+                    rows_loss = term.loss.fn(inputs, cfg)
+                    pending[k] = (rows_loss, next(rows_loss))
+        together = bool(pending) and not _batch_statistics(model)
+        rows = [r for _, r in pending.values()] if together else []
+        out = model(torch.cat([images, *rows]) if rows else images)
+        inputs.set_forward(out)
+        logits = inputs.logits
+        loss_cls = losses.classification_loss(logits, batch.labels, cfg.class_weights)
         values: dict[str, Tensor] = {}
         if cfg.lam > 0:
-            inputs = LossInputs(model, out, images, batch, cfg)
+            ridden = iter(out.logits[images.shape[0] :].float().split([len(r) for r in rows]))
             loss_exp = None
-            for term, where in zip(terms, present, strict=True):
+            for k, (term, where) in enumerate(zip(terms, present, strict=True)):
                 if _unused(where):
                     value = loss_cls.new_zeros(())  # what masked_mean gives, at no cost
                 else:
-                    per_sample = term.loss.fn(inputs, cfg).float()
+                    if k in pending:
+                        rows_loss, own = pending[k]
+                        theirs = next(ridden) if together else inputs.forward(own)
+                        per_sample = losses.finish(rows_loss, theirs).float()
+                    else:
+                        per_sample = term.loss.fn(inputs, cfg).float()
                     value = term.scale * losses.masked_mean(per_sample, where)
                 values[term.name] = value
                 loss_exp = value if loss_exp is None else loss_exp + value

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.skipif(
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
 uvicorn = pytest.importorskip("uvicorn")
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -124,6 +125,24 @@ def sign_in(browser, app, role="clinician"):
     WebDriverWait(browser, 30).until(EC.visibility_of_element_located((By.ID, "app")))
 
 
+def choose_worklist(browser, index):
+    """Pick the worklist at ``index`` of the menu once the page has loaded it. The page
+    replaces the menu's options when its worklists arrive (at sign-in, and every ~30 s), so
+    an option read in between is stale: read again until the choice is made."""
+
+    def chosen(_):
+        try:
+            menu = Select(browser.find_element(By.ID, "worklist-select"))
+            if len(menu.options) <= index:
+                return False  # not loaded yet
+            menu.select_by_index(index)
+            return menu.first_selected_option.get_attribute("index") == str(index)
+        except StaleElementReferenceException:
+            return False
+
+    WebDriverWait(browser, 30).until(chosen)
+
+
 def wait_prediction(browser, image_name=None):
     def ready(d):
         shown = d.execute_script("return state.shown && state.shown.image_id")
@@ -197,7 +216,7 @@ def test_a_worklist_with_submit_and_next_while_an_update_runs(start, browser, mo
     # the worklist added with `feedbackcam worklist add` is pointed out at sign-in
     hint = wait_shown(browser, "worklist-hint", 10)
     assert "incoming (4 new)" in hint.text
-    Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
+    choose_worklist(browser, 1)
     predicted = wait_prediction(browser, "lesion0.png")
     assert not browser.find_element(By.ID, "worklist-hint").is_displayed()
     current = browser.find_element(By.CSS_SELECTOR, "#worklist-entries .current")
@@ -311,7 +330,7 @@ def test_painting_on_a_zoomed_original_is_stored_at_the_model_input_exactly(star
 def test_keyboard_shortcuts(start, browser):
     app = start(worker=False)
     sign_in(browser, app)
-    Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
+    choose_worklist(browser, 1)
     predicted = wait_prediction(browser, "lesion0.png")
 
     def press(*keys):
@@ -378,7 +397,7 @@ def test_keyboard_shortcuts(start, browser):
 def test_agree_with_a_painted_region_asks_what_to_do(start, browser):
     app = start(worker=False)
     sign_in(browser, app)
-    Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
+    choose_worklist(browser, 1)
     predicted = wait_prediction(browser, "lesion0.png")
 
     def agree_and_answer(answer, then_closed=True):
@@ -424,7 +443,7 @@ def test_the_phone_layout_fits_and_asks_before_sending(start):
     phone = webdriver.Chrome(service=service, options=options)
     try:
         sign_in(phone, app, role="admin")  # the admin's page has the most: versions, imports
-        Select(phone.find_element(By.ID, "worklist-select")).select_by_index(1)
+        choose_worklist(phone, 1)
         predicted = wait_prediction(phone, "lesion0.png")
         wide = phone.execute_script(
             """
@@ -509,7 +528,7 @@ def test_wheel_and_pinch_zoom_and_a_pinch_paints_nothing(start, browser):
 def test_withdraw_from_the_page(start, browser):
     app = start(worker=False, grace_seconds=600)
     sign_in(browser, app)
-    Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
+    choose_worklist(browser, 1)
     predicted = wait_prediction(browser, "lesion0.png")
     pick_other_class(browser, predicted)
     browser.find_element(By.ID, "submit").click()
@@ -561,7 +580,7 @@ def test_the_lasso_fills_the_outline_drawn(start, browser):
 def test_enter_after_clicking_a_button_submits_instead_of_pressing_it_again(start, browser):
     app = start(worker=False)
     sign_in(browser, app)
-    Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
+    choose_worklist(browser, 1)
     predicted = wait_prediction(browser, "lesion0.png")
 
     def keys(*modifiers_and_key):
@@ -666,7 +685,7 @@ def test_files_left_out_of_an_uploaded_worklist_stay_listed(start, browser):
 def test_feedback_on_the_same_image_again_asks_to_replace_or_keep_both(start, browser):
     app = start(worker=False)
     sign_in(browser, app)
-    Select(browser.find_element(By.ID, "worklist-select")).select_by_index(1)
+    choose_worklist(browser, 1)
     predicted = wait_prediction(browser, "lesion0.png")
     pick_other_class(browser, predicted)
     browser.find_element(By.ID, "submit").click()

@@ -8,9 +8,10 @@ saliency can match, so it is treated as missing rather than as a target.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -221,6 +222,12 @@ class ExplanationLoss:
         saliency_only: a function of the explained classes' saliency maps and the mask alone
             (what the thesis' Algorithm 2, ``reference_step``, can compute).
         summary: one line for ``--help`` and the docs.
+        counterfactual: ``fn`` is a generator that yields, once, the counterfactual images it
+            needs forwarded (built from the images and masks only, before the step's forward:
+            it may not read ``inputs.logits`` before its yield), receives their logits (float)
+            and returns the per-sample loss. The step forwards those rows together with the
+            batch, in one forward (:func:`feedbackcam.objective.feedback_loss`); outside a step
+            :func:`run_loss` forwards them on their own.
     """
 
     fn: LossFn | None
@@ -228,6 +235,7 @@ class ExplanationLoss:
     input_gradients: bool = False
     saliency_only: bool = False
     summary: str = ""
+    counterfactual: bool = False
 
 
 # The explanation losses by name. Adding one is one decorated function in this package; the
@@ -236,20 +244,52 @@ EXPLANATION_LOSSES: dict[str, ExplanationLoss] = {}
 
 
 def register_loss(
-    name: str, *, needs: str, input_gradients: bool = False, saliency_only: bool = False
+    name: str,
+    *,
+    needs: str,
+    input_gradients: bool = False,
+    saliency_only: bool = False,
+    counterfactual: bool = False,
 ) -> Callable[[LossFn], LossFn]:
-    """Decorator: register ``fn(inputs, cfg) -> (N,)`` as the explanation loss ``name``."""
+    """Decorator: register ``fn(inputs, cfg) -> (N,)`` as the explanation loss ``name``
+    (``counterfactual``: a generator, see :class:`ExplanationLoss`)."""
     if needs not in MASK_KINDS:
         raise ValueError(f"needs: expected one of {MASK_KINDS}, got {needs!r}")
 
     def add(fn: LossFn) -> LossFn:
+        if counterfactual and not inspect.isgeneratorfunction(fn):
+            raise TypeError(f"{name}: a counterfactual loss yields its rows (a generator)")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         EXPLANATION_LOSSES[name] = ExplanationLoss(
-            fn, needs, input_gradients, saliency_only, summary
+            fn, needs, input_gradients, saliency_only, summary, counterfactual
         )
         return fn
 
     return add
+
+
+def finish(rows_loss: Generator[Tensor, Tensor, Tensor], logits: Tensor) -> Tensor:
+    """Send a counterfactual loss (a generator past its one yield) the logits of its rows and
+    return its per-sample loss."""
+    try:
+        rows_loss.send(logits)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("a counterfactual loss yields its rows once")
+
+
+def run_loss(entry: ExplanationLoss, inputs: LossContext, cfg: LossSettings) -> Tensor:
+    """``entry``'s per-sample loss outside a training step: a counterfactual loss's rows are
+    forwarded on their own (``inputs.forward``)."""
+    if not entry.counterfactual:
+        return entry.fn(inputs, cfg)
+    return drive(entry.fn(inputs, cfg), inputs)
+
+
+def drive(rows_loss: Generator[Tensor, Tensor, Any], inputs: LossContext) -> Any:
+    """Run a generator that yields rows once (a counterfactual loss or one of its parts),
+    forwarding its rows on their own; its return value."""
+    return finish(rows_loss, inputs.forward(next(rows_loss)))
 
 
 def get_loss(name: str) -> ExplanationLoss:

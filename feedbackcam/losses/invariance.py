@@ -9,6 +9,7 @@ and app can set lambda as a share of the gradient.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,10 @@ from ..counterfactual import (
     transplant,
 )
 from . import LossContext, LossSettings, feedback_present, register_loss
+
+# A counterfactual loss: yields the rows it needs forwarded, receives their logits, returns the
+# per-sample loss (ExplanationLoss.counterfactual).
+Rows = Generator[Tensor, Tensor, Tensor]
 
 
 def _ce(logits: Tensor, labels: Tensor, cfg: LossSettings) -> Tensor:
@@ -45,11 +50,11 @@ def _kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     return (lp.exp() * (lp - lq)).sum(1)
 
 
-@register_loss("counterexample", needs="ignore")
-def _counterexample(inputs: LossContext, cfg: LossSettings) -> Tensor:
+@register_loss("counterexample", needs="ignore", counterfactual=True)
+def _counterexample(inputs: LossContext, cfg: LossSettings) -> Rows:
     """Counterexamples (CE): cross-entropy on the image with its ignore region randomised."""
-    images = randomize_region(inputs.images.detach(), inputs.ignore)
-    return _ce(inputs.forward(images), inputs.labels, cfg)
+    logits = yield randomize_region(inputs.images.detach(), inputs.ignore)
+    return _ce(logits, inputs.labels, cfg)
 
 
 @register_loss("region_contribution", needs="ignore", input_gradients=True)
@@ -72,11 +77,11 @@ def _region_contribution(inputs: LossContext, cfg: LossSettings) -> Tensor:
     return (delta * grad * region[:, None]).flatten(1).sum(1).pow(2)
 
 
-@register_loss("invariance", needs="ignore")
-def _invariance(inputs: LossContext, cfg: LossSettings) -> Tensor:
+@register_loss("invariance", needs="ignore", counterfactual=True)
+def _invariance(inputs: LossContext, cfg: LossSettings) -> Rows:
     """Counterfactual invariance: CE on the image with its ignore region filled by its median
     colour, plus KL(p(x) || p(x_filled))."""
-    lf = inputs.forward(fill_region(inputs.images.detach(), _unkept(inputs)))
+    lf = yield fill_region(inputs.images.detach(), _unkept(inputs))
     return _ce(lf, inputs.labels, cfg) + _kl(inputs.logits, lf)
 
 
@@ -96,19 +101,24 @@ class Moved(NamedTuple):
     weight: Tensor
 
 
-def _moved_logits(inputs: LossContext, *, blank: bool) -> Moved:
+def _moved_logits(inputs: LossContext, *, blank: bool) -> Generator[Tensor, Tensor, Moved]:
     """Logits of each marked artifact moved onto another image of the batch (the recipient's own
-    marked region filled first; nothing lands on its keep region)."""
+    marked region filled first; nothing lands on its keep region). Yields the rows to forward
+    (none where nothing is marked) and receives their logits."""
     images = inputs.images.detach()
     ignore = _unkept(inputs)
     n = images.shape[0]
     shift = int(torch.randint(1, max(n, 2), ()))
     recipients = (torch.arange(n, device=images.device) + shift) % n
-    same = [inputs.logits, *[inputs.logits[recipients]] * (2 if blank else 1)]
+    variants_per_row = 3 if blank else 2
     # Only marked rows get counterfactuals (at most counterfactual_share of the batch's).
-    donors, w = marked_rows(feedback_present(ignore), inputs.cfg.counterfactual_share, len(same))
-    weight = inputs.logits.new_zeros(n)
+    donors, w = marked_rows(
+        feedback_present(ignore), inputs.cfg.counterfactual_share, variants_per_row
+    )
+    weight = torch.zeros(n, device=images.device)
     if len(donors) == 0:
+        yield images[:0]
+        same = [inputs.logits, *[inputs.logits[recipients]] * (variants_per_row - 1)]
         return Moved(recipients, same[0], same[1:], weight)
     weight[donors] = w
     r = recipients[donors]
@@ -117,15 +127,16 @@ def _moved_logits(inputs: LossContext, *, blank: bool) -> Moved:
     variants = [filled, pasted]
     if blank:
         variants.append(fill_region(base, moved_masks(ignore[donors], r, inputs.keep)))
-    out = inputs.forward(torch.cat(variants)).split(len(donors))
+    out = (yield torch.cat(variants)).split(len(donors))
+    same = [inputs.logits, *[inputs.logits[recipients]] * (variants_per_row - 1)]
     lf, *moved = [s.index_copy(0, donors, o.to(s.dtype)) for s, o in zip(same, out, strict=True)]
     return Moved(recipients, lf, moved, weight)
 
 
-def _moved_artifacts(inputs: LossContext, *, blank: bool) -> Tensor:
+def _moved_artifacts(inputs: LossContext, *, blank: bool) -> Rows:
     """The fill term of "invariance", plus each marked artifact moved onto another image (CE
     with its label and a KL to it) [and, with ``blank``, the recipient with the region filled]."""
-    recipients, lf, moved, weight = _moved_logits(inputs, blank=blank)
+    recipients, lf, moved, weight = yield from _moved_logits(inputs, blank=blank)
     loss = _ce(lf, inputs.labels, inputs.cfg) + _kl(inputs.logits, lf)
     for lm in moved:
         loss = loss + _ce(lm, inputs.labels[recipients], inputs.cfg)
@@ -133,8 +144,8 @@ def _moved_artifacts(inputs: LossContext, *, blank: bool) -> Tensor:
     return weight * loss
 
 
-@register_loss("invariance_transplant", needs="ignore")
-def _invariance_transplant(inputs: LossContext, cfg: LossSettings) -> Tensor:
+@register_loss("invariance_transplant", needs="ignore", counterfactual=True)
+def _invariance_transplant(inputs: LossContext, cfg: LossSettings) -> Rows:
     """Invariance to the marked artifact: the fill term of "invariance", plus each artifact
     moved onto another image of the batch (labels unchanged) with CE and a KL to that image.
 
@@ -142,7 +153,7 @@ def _invariance_transplant(inputs: LossContext, cfg: LossSettings) -> Tensor:
     donor's. Filling alone can leave "a filled patch" as a cue; moving the artifact onto
     images of every class makes it useless as one.
     """
-    return _moved_artifacts(inputs, blank=False)
+    return (yield from _moved_artifacts(inputs, blank=False))
 
 
 def label_mass_weights(labels: Tensor, terms: Tensor, n_classes: int) -> Tensor:
@@ -154,8 +165,8 @@ def label_mass_weights(labels: Tensor, terms: Tensor, n_classes: int) -> Tensor:
     return torch.where(mass > 0, share * len(terms) / mass.clamp_min(1), torch.zeros_like(mass))
 
 
-@register_loss("invariance_mass_balanced", needs="ignore")
-def _invariance_mass_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
+@register_loss("invariance_mass_balanced", needs="ignore", counterfactual=True)
+def _invariance_mass_balanced(inputs: LossContext, cfg: LossSettings) -> Rows:
     """``invariance_transplant`` with its labelled terms re-weighted per batch so that each
     class's total weight is its share of the batch.
 
@@ -165,7 +176,7 @@ def _invariance_mass_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     every labelled term by :func:`label_mass_weights` keeps the marked images' label, the signal
     that teaches the class without its artifact, at that class's share.
     """
-    recipients, lf, (lm,), weight = _moved_logits(inputs, blank=False)
+    recipients, lf, (lm,), weight = yield from _moved_logits(inputs, blank=False)
     y, yr = inputs.labels, inputs.labels[recipients]
     donors = weight > 0
     w = label_mass_weights(y, torch.cat([y[donors], yr[donors]]), lf.shape[1]).to(lf.dtype)
@@ -173,16 +184,16 @@ def _invariance_mass_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     return weight * (loss + w[yr] * _ce(lm, yr, cfg) + _kl(lf[recipients], lm))
 
 
-@register_loss("invariance_swap", needs="ignore")
-def _invariance_swap(inputs: LossContext, cfg: LossSettings) -> Tensor:
+@register_loss("invariance_swap", needs="ignore", counterfactual=True)
+def _invariance_swap(inputs: LossContext, cfg: LossSettings) -> Rows:
     """``invariance_transplant`` plus, for each recipient, the donor's region filled instead of
     pasted: every class then carries filled patches as often as pasted artifacts, so neither the
     artifact nor the filled rectangle that replaces it can become a cue."""
-    return _moved_artifacts(inputs, blank=True)
+    return (yield from _moved_artifacts(inputs, blank=True))
 
 
-@register_loss("invariance_balanced", needs="ignore")
-def _invariance_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
+@register_loss("invariance_balanced", needs="ignore", counterfactual=True)
+def _invariance_balanced(inputs: LossContext, cfg: LossSettings) -> Rows:
     """Invariance from class-free counterfactuals only: each marked artifact is moved onto
     another image of the batch (any class, its own marked region filled first) and, on the same
     recipient, its region is filled instead; cross-entropy on both with the recipient's label and
@@ -194,14 +205,14 @@ def _invariance_balanced(inputs: LossContext, cfg: LossSettings) -> Tensor:
     rectangle means that class", a new shortcut (docs/shortcuts.md, SynthDerm). Here the
     artifact and the fill each appear with the labels of random recipients only.
     """
-    recipients, lf, (lp, lb), weight = _moved_logits(inputs, blank=True)
+    recipients, lf, (lp, lb), weight = yield from _moved_logits(inputs, blank=True)
     y = inputs.labels[recipients]
     ce = _ce(lp, y, cfg) + _ce(lb, y, cfg)
     return weight * (_kl(inputs.logits, lf) + ce + _kl(lb, lp))
 
 
-@register_loss("invariance_anchored", needs="ignore")
-def _invariance_anchored(inputs: LossContext, cfg: LossSettings) -> Tensor:
+@register_loss("invariance_anchored", needs="ignore", counterfactual=True)
+def _invariance_anchored(inputs: LossContext, cfg: LossSettings) -> Rows:
     """``invariance_balanced`` with the marked image's own prediction as a fixed anchor: its
     filled version is pulled towards what it says now (a KL with the prediction detached), never
     the other way round.
@@ -212,7 +223,7 @@ def _invariance_anchored(inputs: LossContext, cfg: LossSettings) -> Tensor:
     takes that class away from them, its evidence and its offset alike (experiments/
     bias_terms.py). Anchored, the filled image must find the class without the artifact.
     """
-    recipients, lf, (lp, lb), weight = _moved_logits(inputs, blank=True)
+    recipients, lf, (lp, lb), weight = yield from _moved_logits(inputs, blank=True)
     y = inputs.labels[recipients]
     ce = _ce(lp, y, cfg) + _ce(lb, y, cfg)
     return weight * (_kl(inputs.logits.detach(), lf) + ce + _kl(lb, lp))
@@ -228,8 +239,8 @@ def _logit_gap(a: Tensor, b: Tensor) -> Tensor:
     return ((a - a.mean(1, keepdim=True)) - (b - b.mean(1, keepdim=True))).pow(2).mean(1)
 
 
-@register_loss("invariance_offset_free", needs="ignore")
-def _invariance_offset_free(inputs: LossContext, cfg: LossSettings) -> Tensor:
+@register_loss("invariance_offset_free", needs="ignore", counterfactual=True)
+def _invariance_offset_free(inputs: LossContext, cfg: LossSettings) -> Rows:
     """Invariance to the marked artifact that cannot move a class's offset: the counterfactuals
     of ``invariance_balanced`` (the marked image filled; its artifact moved onto another image
     and, on the same recipient, its region filled instead), compared by their logits, no label.
@@ -240,7 +251,7 @@ def _invariance_offset_free(inputs: LossContext, cfg: LossSettings) -> Tensor:
     (experiments/bias_terms.py, docs/real-artifacts.md). Logit gaps are blind to offsets, so
     only the features can answer them; what each class is stays the class loss's job.
     """
-    recipients, lf, (lp, lb), weight = _moved_logits(inputs, blank=True)
+    recipients, lf, (lp, lb), weight = yield from _moved_logits(inputs, blank=True)
     return weight * (_logit_gap(inputs.logits, lf) + _logit_gap(lb, lp))
 
 
@@ -255,8 +266,8 @@ SURROUNDINGS_MARGIN = 0.035
 DEFAULT_SURROUNDINGS_LOSS = "surroundings"
 
 
-@register_loss("surroundings", needs="keep")
-def _surroundings(inputs: LossContext, cfg: LossSettings) -> Tensor:
+@register_loss("surroundings", needs="keep", counterfactual=True)
+def _surroundings(inputs: LossContext, cfg: LossSettings) -> Rows:
     """Decide from the lesion: each marked lesion on another marked image's surroundings (that
     image's lesion filled), its own label kept; CE on it and KL(p(x) || p(swapped)).
 
@@ -264,15 +275,16 @@ def _surroundings(inputs: LossContext, cfg: LossSettings) -> Tensor:
     mass; nothing is painted over a lesion (the receiver's keep region is kept, the donor's is
     filled). Artifacts the user never marked change with the surroundings, so none can decide.
     """
-    loss = inputs.logits.new_zeros(inputs.labels.shape)
     pairs = surroundings_pairs(feedback_present(inputs.keep), inputs.cfg.counterfactual_share)
     if pairs is None:  # no other marked image to borrow surroundings from
-        return loss
+        yield inputs.images.detach()[:0]
+        return inputs.logits.new_zeros(inputs.labels.shape)
     receivers, donors, w = pairs
     swapped, _ = swap_surroundings(
         inputs.images.detach(), inputs.keep, donors, SURROUNDINGS_MARGIN, receivers=receivers
     )
-    ls = inputs.forward(swapped)
+    ls = yield swapped
+    loss = inputs.logits.new_zeros(inputs.labels.shape)
     y = inputs.labels[receivers]
     per = w * (_ce(ls, y, cfg) + _kl(inputs.logits[receivers], ls))
     return loss.index_copy(0, receivers, per.to(loss.dtype))

@@ -369,10 +369,18 @@ def _unused(where: Tensor) -> bool:
     return where.device.type == "cpu" and not bool(where.any())
 
 
-def _batch_statistics(model: nn.Module) -> bool:
-    """Whether a forward pass mixes the rows of a batch (BatchNorm in training mode): then
-    counterfactual rows may not share the batch's forward."""
-    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
+def rows_ride_along(model: nn.Module, device: torch.device) -> bool:
+    """Whether the counterfactual terms' rows share the batch's forward pass.
+
+    On an accelerator, yes: one larger forward instead of one per term (fewer kernel launches,
+    a fuller device). On a CPU, no: a forward per term measured as fast or faster there
+    (docs/benchmarks.md: together was 1.07-1.21x slower for the demo's small CNN, 1.00-1.04x
+    for EfficientNet-Lite0 at 224 px). Never where a layer mixes a batch's rows (BatchNorm in
+    training mode): the rows would change the batch's statistics.
+    """
+    if device.type == "cpu":
+        return False
+    return not any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
 
 
 def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConfig) -> FeedbackLoss:
@@ -380,10 +388,10 @@ def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConf
     ``cfg.precision`` says so), the cross-entropy, and every :func:`loss_terms` term averaged
     over the samples that carry its kind of mask (:func:`feedbackcam.losses.masked_mean`).
 
-    The counterfactual terms (``ExplanationLoss.counterfactual``) build their rows first and
-    those rows ride in the same forward as the batch, concatenated after it: one pass, one
-    graph, no host synchronisation added. Where a layer mixes a batch's rows (BatchNorm in
-    training mode) each term's rows are forwarded on their own instead.
+    The counterfactual terms (``ExplanationLoss.counterfactual``) build their rows first; on an
+    accelerator those rows ride in the same forward as the batch, concatenated after it (one
+    pass, no host synchronisation added), on a CPU each term's rows get a forward of their own
+    (:func:`rows_ride_along` says why). Both give the same loss and gradients.
 
     The model is used as it is (train or eval mode): :func:`feedbackcam.train.feedback_step`
     prepares it.
@@ -407,7 +415,7 @@ def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConf
                 if term.loss.counterfactual and not _unused(where):
                     rows_loss = term.loss.fn(inputs, cfg)
                     pending[k] = (rows_loss, next(rows_loss))
-        together = bool(pending) and not _batch_statistics(model)
+        together = bool(pending) and rows_ride_along(model, images.device)
         rows = [r for _, r in pending.values()] if together else []
         out = model(torch.cat([images, *rows]) if rows else images)
         inputs.set_forward(out)

@@ -235,7 +235,7 @@ def test_moved_artifact_losses_forward_only_the_marked_images_counterfactuals(na
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cfg = FeedbackConfig.thesis(lam=0.5, explanation_loss=name)
     feedback_step(model, b._replace(ignore=one), opt, cfg)
-    assert sizes == [6 + variants]  # one forward: the batch and one row per variant
+    assert sizes == [6, variants]  # the step's forward, then one row per variant
     sizes.clear()
     feedback_step(model, b._replace(ignore=torch.zeros_like(one)), opt, cfg)
     assert sizes == [6]

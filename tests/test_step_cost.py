@@ -53,8 +53,7 @@ def test_only_flagged_marks_make_counterfactuals_and_their_loss_is_the_flagged_r
     model = _Counting()
     torch.manual_seed(1)
     full = feedback_loss(model, b, cfg)
-    # one forward: the batch and the filled/pasted/blanked rows of 3 donors riding with it
-    assert model.rows == [12 + 3 * 3]
+    assert model.rows == [12, 3 * 3]  # the batch, then filled/pasted/blanked of 3 donors
     emptied = b._replace(ignore=b.ignore * b.has_ignore[:, None, None])
     torch.manual_seed(1)
     clean = feedback_loss(model, emptied, cfg)
@@ -81,13 +80,13 @@ def test_counterfactual_share_bounds_the_rows_forwarded_per_term(kind, per_row):
     b = _batch(n=12, marked=12, kind=kind)
     model = _Counting()
     feedback_loss(model, b, FeedbackConfig(lam=1.0, counterfactual_share=None))
-    assert model.rows == [12 + 12 * per_row]  # every marked row, in the batch's forward
+    assert model.rows[1:] == [12 * per_row]  # every marked row
     model.rows.clear()
     feedback_loss(model, b, FeedbackConfig(lam=1.0))  # the default: half the batch
-    assert model.rows == [12 + max(1, int(0.5 * 12 / per_row)) * per_row]
+    assert model.rows[1:] == [max(1, int(0.5 * 12 / per_row)) * per_row]
     model.rows.clear()
     feedback_loss(model, b, FeedbackConfig(lam=1.0, counterfactual_share=0.25))
-    assert model.rows == [12 + max(1, int(0.25 * 12 / per_row)) * per_row]
+    assert model.rows[1:] == [max(1, int(0.25 * 12 / per_row)) * per_row]
     with pytest.raises(ValueError, match="counterfactual_share"):
         FeedbackConfig(counterfactual_share=0.0)
 
@@ -184,7 +183,7 @@ def test_with_fixed_shapes_the_ignore_loss_is_the_same_and_fill_the_same(fixed):
     model = _Counting()
     torch.manual_seed(1)
     got = feedback_loss(model, b, cfg)
-    assert model.rows == [12 + 3 * 12]  # fixed: every row's counterfactuals, in one forward
+    assert model.rows == [12, 3 * 12]  # fixed: every row's counterfactuals
     with pytest.MonkeyPatch.context() as m:
         m.setattr(cf, "fixed_shapes", lambda device: False)
         torch.manual_seed(1)
@@ -221,24 +220,25 @@ def _both_kinds(n=8, size=32, seed=0) -> FeedbackBatch:
 def test_rows_riding_in_the_batchs_forward_give_the_loss_and_gradients_of_separate_forwards(
     monkeypatch,
 ):
-    """One concatenated forward (the batch, then each term's rows) is the same computation as a
-    forward per term when no layer mixes rows: same loss, same terms, same gradients."""
+    """One concatenated forward (the batch, then each term's rows: what an accelerator runs) is
+    the same computation as a forward per term (what a CPU runs): same loss, same terms, same
+    gradients."""
     from feedbackcam import objective
 
     b = _both_kinds()
     cfg = FeedbackConfig(lam=0.7)  # the default objective: jaccard, surroundings, ignore loss
 
-    def run():
+    def run(together):
+        monkeypatch.setattr(objective, "rows_ride_along", lambda model, device: together)
         model = _Counting()
         torch.manual_seed(3)
         out = feedback_loss(model, b, cfg)
         out.loss.backward()
         return model.rows, out, [p.grad.clone() for p in model.parameters()]
 
-    rows, together, grads = run()
+    rows, together, grads = run(True)
     assert len(rows) == 1 and rows[0] > 8  # the counterfactual rows rode along
-    monkeypatch.setattr(objective, "_batch_statistics", lambda model: True)
-    rows_apart, apart, grads_apart = run()
+    rows_apart, apart, grads_apart = run(False)
     assert rows_apart[0] == 8 and len(rows_apart) == 3 and sum(rows_apart) == rows[0]
     assert set(together.terms) == {"jaccard", "surroundings", "invariance_balanced"}
     for name, value in together.terms.items():
@@ -249,27 +249,19 @@ def test_rows_riding_in_the_batchs_forward_give_the_loss_and_gradients_of_separa
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
 
 
-def test_a_model_with_batch_statistics_forwards_the_rows_on_their_own():
-    """BatchNorm in training mode mixes a batch's rows: counterfactual rows then get forwards
-    of their own, so they do not change the batch's statistics."""
+def test_rows_ride_along_on_an_accelerator_unless_batch_statistics_mix_them():
+    """On a CPU each term's rows get their own forward (measured faster there); elsewhere they
+    ride in the batch's, except through BatchNorm in training mode, whose statistics they
+    would change."""
+    from feedbackcam.objective import rows_ride_along
 
-    class WithBatchNorm(_Counting):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm = torch.nn.BatchNorm2d(3)
-
-        def forward(self, x):
-            self.rows.append(x.shape[0])
-            return self.net(self.norm(x))
-
-    model = WithBatchNorm().train()
-    feedback_loss(model, _batch(marked=3), FeedbackConfig(lam=1.0, counterfactual_share=None))
-    assert model.rows == [12, 3 * 3]
-    model.rows.clear()
-    feedback_loss(
-        model.eval(), _batch(marked=3), FeedbackConfig(lam=1.0, counterfactual_share=None)
-    )
-    assert model.rows == [12 + 3 * 3]
+    plain = _Counting()
+    normed = torch.nn.Sequential(torch.nn.BatchNorm2d(3), _Counting())
+    accelerator = torch.device("meta")  # any device that is not the CPU
+    assert not rows_ride_along(plain, torch.device("cpu"))
+    assert rows_ride_along(plain, accelerator)
+    assert not rows_ride_along(normed.train(), accelerator)
+    assert rows_ride_along(normed.eval(), accelerator)
 
 
 def test_a_counterfactual_loss_that_reads_the_logits_before_its_rows_is_told_so(monkeypatch):

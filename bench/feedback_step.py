@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from feedbackcam import objective
 from feedbackcam.data.dataset import FeedbackBatch
 from feedbackcam.models import build_model
 from feedbackcam.objective import FeedbackConfig
@@ -70,6 +71,9 @@ def timed(fn, steps: int, warmup: int, device: str) -> float:
         fn()
     sync(device)
     return (time.perf_counter() - start) / steps
+
+
+ride_along = objective.rows_ride_along
 
 
 def main() -> None:
@@ -195,6 +199,35 @@ def main() -> None:
                         f"{batch_size} {precision}: {sec / cls_s:.2f}x a classification-only step",
                         flush=True,
                     )
+    # counterfactual rows in the batch's forward against a forward per term (the choice of
+    # objective.rows_ride_along: together on an accelerator, apart on a CPU), interleaved
+    riding = []
+    for batch_size in batches:
+        for kind in ("ignore", "keep"):
+            batch = marked_batch(batch_size, size, classes, args.device, 0.3, kind)
+            cfg = dataclasses.replace(default, precision="bf16" if cuda else "fp32")
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(3):
+                for together in (True, False):
+                    objective.rows_ride_along = lambda model, device, t=together: t
+                    times[together].append(
+                        timed(
+                            lambda b=batch, c=cfg: feedback_step(
+                                model, b, optimizer, c, sync=False
+                            ),
+                            steps,
+                            2,
+                            args.device,
+                        )
+                    )
+            objective.rows_ride_along = ride_along
+            one, apart = sorted(times[True])[1], sorted(times[False])[1]  # medians
+            riding.append({"batch": batch_size, "marks": kind, "together_vs_apart": one / apart})
+            print(
+                f"counterfactual rows in the batch's forward, {kind:>6} marks on 30 % of batch "
+                f"{batch_size}: {one / apart:.2f}x the time of a forward per term",
+                flush=True,
+            )
     if cuda:
         # the whole step must run without a host synchronisation (errors if one happens)
         batch = make_batch(32, size, classes, args.device)
@@ -243,6 +276,7 @@ def main() -> None:
                     "rows": rows,
                     "summary": summary,
                     "marked": marks,
+                    "rows_together_vs_apart": riding,
                     "torch": torch.__version__,
                 },
                 f,

@@ -374,7 +374,7 @@ def rows_ride_along(model: nn.Module, device: torch.device) -> bool:
 
     On an accelerator, yes: one larger forward instead of one per term (fewer kernel launches,
     a fuller device). On a CPU, no: a forward per term measured as fast or faster there
-    (docs/benchmarks.md: together was 1.07-1.21x slower for the demo's small CNN, 1.00-1.04x
+    (docs/benchmarks.md: together was 1.03-1.21x slower for the demo's small CNN, 1.00-1.04x
     for EfficientNet-Lite0 at 224 px). Never where a layer mixes a batch's rows (BatchNorm in
     training mode): the rows would change the batch's statistics.
     """

@@ -215,7 +215,7 @@ def main() -> None:
                             lambda b=batch, c=cfg: feedback_step(
                                 model, b, optimizer, c, sync=False
                             ),
-                            steps,
+                            max(3, steps // 4),  # short: the GPU session's step has 120 s
                             2,
                             args.device,
                         )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session, under 8 minutes on an H100/H200 (the steps are capped at 120 + 100 + 80 + 60 +
 # 130 s): the feedback step against classification-only (keep and ignore marks on 10/30/100 % of
-# batch 32 and 128, fp32 and bf16, and the host-synchronisation check), the app with
+# batch 32 and 128, fp32 and bf16, counterfactual rows in the batch's forward or apart, and the
+# host-synchronisation check), the app with
 # EfficientNet-Lite0 at 224 px (predict + explain, submit -> promoted with an ignore mark), a
 # SynthDerm simulation with the default objective (its ignore loss on the patch) at the demo's
 # recipe, and the ISIC 2017 pipeline (check, prepare, simulate) with the 25 annotated real
@@ -33,7 +34,7 @@ timeout 100 python3 bench/app_latency.py --data /tmp/demo-data --model /tmp/lite
   --n 40 --updates 3 --size 512 2>&1 | tail -12 | tee "$R/app_latency.log"
 # 3. SynthDerm, the demo's recipe, default objective (ignore loss on the patch), on the GPU
 timeout 80 $FB simulate --data synth --model small_cnn --width 32 --size 64 --n-base 900 --n-feedback 900 \
-  --confounder-rate 0.95 --lambda 0.9 --auto-scale --select-by accuracy --epochs 5 --batch-size 16 \
+  --confounder-rate 0.95 --lambda 0.9 --auto-scale --select-by jaccard --epochs 5 --batch-size 16 \
   --optimizer adam --lr 3e-4 --base-epochs 12 --base-lr 2e-3 --device cuda --out /tmp/sim_synth 2>&1 \
   | tail -4 | tee "$R/sim_synth.log"
 cp /tmp/sim_synth/{results.json,results.md,config.json} "$R/sim_synth/" 2>/dev/null

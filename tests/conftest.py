@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from feedbackcam.data.dataset import FeedbackBatch
 from feedbackcam.models import small_cnn
 
-torch.set_num_threads(2)
+# Two threads for the serial run CI makes; one per worker under pytest-xdist (`-n 2`), or the
+# workers' spinning thread pools share two cores 4 ways and a step runs many times slower (a
+# load test once waited over its 120 s for updates that take 10 s alone).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def toy_feedback(n: int, size: int = 32, seed: int = 0) -> FeedbackBatch:

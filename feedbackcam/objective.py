@@ -408,7 +408,8 @@ def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConf
             n_exp = n_exp | p
         n_exp = n_exp.sum()
         inputs = LossInputs(model, None, images, batch, cfg)
-        # The counterfactual terms build their rows first; they ride in the batch's forward.
+        # The counterfactual terms build their rows first, so that they can ride in the
+        # batch's forward (rows_ride_along decides).
         pending: dict[int, tuple] = {}
         if cfg.lam > 0:
             for k, (term, where) in enumerate(zip(terms, present, strict=True)):

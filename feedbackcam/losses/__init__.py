@@ -225,9 +225,10 @@ class ExplanationLoss:
         counterfactual: ``fn`` is a generator that yields, once, the counterfactual images it
             needs forwarded (built from the images and masks only, before the step's forward:
             it may not read ``inputs.logits`` before its yield), receives their logits (float)
-            and returns the per-sample loss. The step forwards those rows together with the
-            batch, in one forward (:func:`feedbackcam.objective.feedback_loss`); outside a step
-            :func:`run_loss` forwards them on their own.
+            and returns the per-sample loss. On an accelerator the step forwards those rows
+            together with the batch, in one forward, on a CPU on their own
+            (:func:`feedbackcam.objective.feedback_loss`); outside a step :func:`run_loss`
+            forwards them on their own.
     """
 
     fn: LossFn | None

@@ -116,20 +116,23 @@ def _moved_logits(inputs: LossContext, *, blank: bool) -> Generator[Tensor, Tens
         feedback_present(ignore), inputs.cfg.counterfactual_share, variants_per_row
     )
     weight = torch.zeros(n, device=images.device)
-    if len(donors) == 0:
-        yield images[:0]
-        same = [inputs.logits, *[inputs.logits[recipients]] * (variants_per_row - 1)]
-        return Moved(recipients, same[0], same[1:], weight)
-    weight[donors] = w
-    r = recipients[donors]
-    filled = fill_region(images[donors], ignore[donors])
-    pasted, base = transplant(images, ignore, r, protect=inputs.keep, donors=donors)
-    variants = [filled, pasted]
-    if blank:
-        variants.append(fill_region(base, moved_masks(ignore[donors], r, inputs.keep)))
-    out = (yield torch.cat(variants)).split(len(donors))
+    rows = images[:0]  # none where nothing is marked
+    if len(donors):
+        weight[donors] = w
+        r = recipients[donors]
+        filled = fill_region(images[donors], ignore[donors])
+        pasted, base = transplant(images, ignore, r, protect=inputs.keep, donors=donors)
+        variants = [filled, pasted]
+        if blank:
+            variants.append(fill_region(base, moved_masks(ignore[donors], r, inputs.keep)))
+        rows = torch.cat(variants)
+    out = yield rows
+    # rows without a counterfactual keep the step's own logits (the image, its recipient)
     same = [inputs.logits, *[inputs.logits[recipients]] * (variants_per_row - 1)]
-    lf, *moved = [s.index_copy(0, donors, o.to(s.dtype)) for s, o in zip(same, out, strict=True)]
+    if len(donors) == 0:
+        return Moved(recipients, same[0], same[1:], weight)
+    parts = out.split(len(donors))
+    lf, *moved = [s.index_copy(0, donors, o.to(s.dtype)) for s, o in zip(same, parts, strict=True)]
     return Moved(recipients, lf, moved, weight)
 
 

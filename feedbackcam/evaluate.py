@@ -16,7 +16,7 @@ from PIL import Image
 
 from . import cam as cams
 from .data.dataset import ArrayDataset
-from .explain import explain
+from .explain import explain, pooled_activations
 from .fileio import write_atomic
 from .metrics import (
     ClassificationMetrics,
@@ -145,7 +145,6 @@ def evaluate(
     )
 
 
-@torch.no_grad()
 def predict_logits(
     model: SelfExplaining,
     images: np.ndarray | torch.Tensor,
@@ -156,9 +155,23 @@ def predict_logits(
     """Float logits (N, C) on the CPU, in eval mode and without gradients; restores the
     model's train/eval mode. ``images``: uint8 (N, H, W, 3) (an array, possibly memory-mapped,
     converted a batch at a time) or float (N, 3, H, W) in [0, 1]."""
+    return predict_features(model, images, batch_size=batch_size, device=device)[0]
+
+
+@torch.no_grad()
+def predict_features(
+    model: SelfExplaining,
+    images: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    pooled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`predict_logits`, and from the same forward passes (with ``pooled``) the explanation
+    layer's activations averaged over space (N, K), float, on the CPU; else None."""
     was_training = model.training
     model.eval()
-    out = []
+    out, pools = [], []
     try:
         for start in range(0, len(images), batch_size):
             part = images[start : start + batch_size]
@@ -166,10 +179,16 @@ def predict_logits(
                 x = part.to(device)
             else:
                 x = torch.from_numpy(np.array(part)).to(device).permute(0, 3, 1, 2).float() / 255
-            out.append(model(x).logits.float().cpu())
+            result = model(x)
+            out.append(result.logits.float().cpu())
+            if pooled:
+                pools.append(pooled_activations(result.activations).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    logits = torch.cat(out) if out else torch.zeros(0, 0)
+    if not pooled:
+        return logits, None
+    return logits, torch.cat(pools) if pools else torch.zeros(0, 0)
 
 
 def predict_probs(model: SelfExplaining, images: np.ndarray | torch.Tensor, **kw) -> torch.Tensor:

@@ -777,6 +777,44 @@ def test_the_loss_scales_are_calibrated_once_per_lineage(tmp_path, assets, monke
     assert measured_scales(cfg.feedback) == ["ignore_scale"]
 
 
+def test_the_updater_scores_a_version_and_fits_its_check_in_one_pass(tmp_path, assets, monkeypatch):
+    """The gate's scores and the unfamiliar-input check's reference come from one forward pass
+    over the union of their validation rows (each made its own before); the image-statistics
+    part of the check, which no model changes, is fitted once for all versions. The reference
+    is the one a separate forward gives."""
+    from feedbackcam.service import ood
+
+    forwarded, image_fits = [], []
+    real_forward, real_image = ood.forward, ood.image_reference
+    monkeypatch.setattr(
+        ood, "forward", lambda s, x, *a: forwarded.append(len(x)) or real_forward(s, x, *a)
+    )
+    monkeypatch.setattr(ood, "image_reference", lambda *a: image_fits.append(1) or real_image(*a))
+    env = Env(tmp_path, assets, gate_images=12)
+    with env.app() as client:
+        runtime = client.app.state.runtime
+        deadline = time.monotonic() + 30  # the updater prepares the served version at start
+        while 1 not in runtime.familiarity._references and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p = predict_upload(client, env)
+        r = send_feedback(client, env, p, mask=box_mask(), label=other_class(p))
+        wait_used(client, env, r.json()["id"])
+        while runtime.registry.served.version_id != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        familiarity, served = runtime.familiarity, runtime.registry.served
+        assert set(familiarity._references) == {1, 2}
+        assert forwarded == [] and image_fits == [1]  # the prediction read its own pass
+        fitted = familiarity._references[2]
+        images = familiarity.validation.images[familiarity.rows]
+        labels = np.asarray(familiarity.validation.labels)[familiarity.rows]
+        again = ood.fit_reference(served, images, labels, familiarity.quantile)
+    env.engine.dispose()
+    assert fitted.energy_threshold == pytest.approx(again.energy_threshold, rel=1e-4, abs=1e-5)
+    assert fitted.features_threshold == pytest.approx(again.features_threshold, rel=1e-3)
+    np.testing.assert_allclose(fitted.features.means, again.features.means, rtol=1e-3, atol=1e-5)
+    assert fitted.image_threshold == pytest.approx(again.image_threshold)
+
+
 def test_a_version_answers_with_its_unfamiliar_input_check_already_measured(env):
     """The check's reference (a pass over the validation set) is measured by the updater for
     the served version at start and for a promoted one before it is installed: no

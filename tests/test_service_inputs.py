@@ -543,3 +543,23 @@ def test_a_prediction_is_one_forward_pass_and_its_check_reads_the_same_pass(env)
         assert r.json()["familiarity"]["features"] == pytest.approx(
             float(ref.features.distance(pooled)[0]), rel=1e-3
         )
+
+
+@pytest.mark.parametrize(("n", "dim"), [(40, 300), (300, 20), (64, 64), (5, 1)])
+def test_the_shrunk_precision_is_scikit_learns_ledoit_wolf(n, dim):
+    """The unfamiliar-input check's precision from the small Gram matrix equals scikit-learn's
+    ``LedoitWolf(assume_centered=True).precision_`` (a D x D inverse), fewer rows than
+    dimensions or more, and for rows with no spread."""
+    from sklearn.covariance import LedoitWolf
+
+    from feedbackcam.service.ood import shrunk_precision
+
+    rng = np.random.default_rng(n + dim)
+    x = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim)) * 0.1
+    x -= x.mean(axis=0)
+    want = LedoitWolf(assume_centered=True).fit(x).precision_
+    np.testing.assert_allclose(shrunk_precision(x), want, rtol=1e-7, atol=1e-9 * np.abs(want).max())
+    flat = np.zeros((n, dim))
+    np.testing.assert_allclose(
+        shrunk_precision(flat), LedoitWolf(assume_centered=True).fit(flat).precision_
+    )

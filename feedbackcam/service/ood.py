@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
+from sklearn.covariance import ledoit_wolf_shrinkage
 
 from ..data.dataset import ArrayDataset
-from ..explain import pooled_activations
+from ..evaluate import predict_features
 from .registry import Served
 
 SAMPLE = 256
@@ -81,22 +81,39 @@ def energy_score(logits: torch.Tensor) -> np.ndarray:
 def forward(served: Served, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(energies (N,), pooled explanation-layer activations (N, K)) of uint8 images, in one
     forward pass each, under the served model's lock."""
-    energy, pooled = [], []
-    with served.lock, torch.no_grad():
-        device = next(served.model.parameters()).device
-        for start in range(0, len(images), batch):
-            x = torch.from_numpy(np.array(images[start : start + batch], copy=True))
-            out = served.model(x.permute(0, 3, 1, 2).float().div(255).to(device))
-            energy.append(energy_score(out.logits))
-            pooled.append(pooled_activations(out.activations).cpu().numpy())
-    if not energy:
+    if not len(images):
         return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
-    return np.concatenate(energy), np.concatenate(pooled).astype(np.float64)
+    with served.lock:
+        device = next(served.model.parameters()).device
+        logits, pooled = predict_features(
+            served.model, images, batch_size=batch, device=device, pooled=True
+        )
+    return energy_score(logits), pooled.numpy().astype(np.float64)
 
 
 def energies(served: Served, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """Energy scores of (N, S, S, 3) uint8 images under the served model."""
     return forward(served, images, batch)[0]
+
+
+def shrunk_precision(x: np.ndarray) -> np.ndarray:
+    """The inverse of the Ledoit-Wolf shrunk covariance of centred rows ``x`` (N, D): what
+    ``sklearn.covariance.LedoitWolf(assume_centered=True).fit(x).precision_`` is (a test
+    checks), from the N x N Gram matrix's eigenvectors instead of a D x D inverse. The shrunk
+    covariance is ``(1 - s) x'x / N + s mu I``: on the span of the rows its eigenvalues are
+    ``(1 - s) lambda + s mu``, elsewhere ``s mu``."""
+    n, dim = x.shape
+    shrinkage = ledoit_wolf_shrinkage(x, assume_centered=True)
+    floor = shrinkage * float((x**2).sum()) / n / dim  # s mu
+    if floor <= 0:  # no spread at all, or no shrinkage: the plain (pseudo-)inverse
+        from scipy.linalg import pinvh
+
+        return pinvh((1 - shrinkage) * (x.T @ x) / n + floor * np.eye(dim))
+    lam, u = np.linalg.eigh(x @ x.T / n)
+    kept = lam > max(lam.max(), 0.0) * 1e-12
+    lam, u = lam[kept], u[:, kept]
+    v = x.T @ u / np.sqrt(n * lam)  # (D, r) orthonormal: the rows' span
+    return np.eye(dim) / floor + (v * (1 / ((1 - shrinkage) * lam + floor) - 1 / floor)) @ v.T
 
 
 @dataclass(frozen=True)
@@ -117,13 +134,13 @@ class Gaussians:
         groups = [g for g in groups if len(g)]
         means = np.stack([g.mean(axis=0) for g in groups])
         residual = np.concatenate([g - g.mean(axis=0) for g in groups])
-        precision = LedoitWolf(assume_centered=True).fit(residual).precision_
+        precision = shrunk_precision(residual)
         return cls(means, precision, centre, scale)
 
     def distance(self, x: np.ndarray) -> np.ndarray:
         z = (np.asarray(x, np.float64) - self.centre) / self.scale
-        d = z[:, None, :] - self.means[None]  # (N, C, D)
-        squared = np.einsum("ncd,de,nce->nc", d, self.precision, d)
+        d = (z[:, None, :] - self.means[None]).reshape(-1, len(self.centre))  # (N * C, D)
+        squared = ((d @ self.precision) * d).sum(axis=1).reshape(len(z), len(self.means))
         return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 
 
@@ -148,17 +165,38 @@ class Reference:
     energy_threshold: float
 
 
-def fit_reference(served: Served, images: np.ndarray, labels: np.ndarray, quantile: float):
-    energy, pooled = forward(served, images)
-    stats = image_statistics(images)
+def fit_reference(
+    served: Served,
+    images: np.ndarray,
+    labels: np.ndarray,
+    quantile: float,
+    *,
+    seen: tuple[np.ndarray, np.ndarray] | None = None,
+    image: tuple[Gaussians, float] | None = None,
+) -> Reference:
+    """The reference of ``served`` on ``images``. ``seen``: their (energies, pooled
+    activations) under ``served`` from a pass already made (the update's scoring pass); else
+    they are forwarded here. ``image``: the image-statistics fit and threshold, which depend on
+    the images alone (kept per validation set); else fitted here."""
+    energy, pooled = seen if seen is not None else forward(served, images)
+    if len(energy) != len(images) or len(pooled) != len(images):
+        raise ValueError(f"seen: {len(energy)} energies for {len(images)} images")
     threshold = lambda d: float(np.quantile(d, quantile))  # noqa: E731
+    if image is None:
+        image = image_reference(images, quantile)
     return Reference(
         features=Gaussians.fit(pooled, labels),
         features_threshold=threshold(out_of_fold(pooled, labels)),
-        image=Gaussians.fit(stats),
-        image_threshold=threshold(out_of_fold(stats, None)),
+        image=image[0],
+        image_threshold=image[1],
         energy_threshold=threshold(energy),
     )
+
+
+def image_reference(images: np.ndarray, quantile: float) -> tuple[Gaussians, float]:
+    """The image-statistics check's fit and threshold: the same for every model version."""
+    stats = image_statistics(images)
+    return Gaussians.fit(stats), float(np.quantile(out_of_fold(stats, None), quantile))
 
 
 @dataclass(frozen=True)
@@ -180,24 +218,36 @@ class Familiar:
 
 
 class Familiarity:
-    """The reference per model version, measured on the validation set once."""
+    """The reference per model version, measured on the validation set once (the same
+    ``rows`` of it for every version; the image-statistics part once for all versions)."""
 
     def __init__(self, validation: ArrayDataset | None, quantile: float) -> None:
         self.validation, self.quantile = validation, quantile
         self._references: dict[int, Reference] = {}
+        self._image: tuple[Gaussians, float] | None = None
         self._lock = threading.Lock()
+        n = 0 if validation is None else len(validation)
+        # the validation rows the reference is measured on: all, or SAMPLE evenly spaced
+        self.rows = (
+            np.linspace(0, n - 1, SAMPLE).round().astype(int) if n > SAMPLE else np.arange(n)
+        )
 
-    def reference(self, served: Served) -> Reference | None:
+    def reference(
+        self, served: Served, seen: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Reference | None:
+        """The reference of ``served`` (fitted on first use). ``seen``: the (energies, pooled
+        activations) of the validation ``rows`` under ``served``, from a pass already made
+        (the updater's scoring pass), so that fitting forwards nothing."""
         if self.validation is None or len(self.validation) < 4:
             return None
         with self._lock:
             if served.version_id not in self._references:
-                images, labels = self.validation.images, np.asarray(self.validation.labels)
-                if len(images) > SAMPLE:
-                    pick = np.linspace(0, len(images) - 1, SAMPLE).round().astype(int)
-                    images, labels = images[pick], labels[pick]
+                images = np.asarray(self.validation.images[self.rows])
+                labels = np.asarray(self.validation.labels)[self.rows]
+                if self._image is None:
+                    self._image = image_reference(images, self.quantile)
                 self._references[served.version_id] = fit_reference(
-                    served, np.asarray(images), labels, self.quantile
+                    served, images, labels, self.quantile, seen=seen, image=self._image
                 )
             return self._references[served.version_id]
 

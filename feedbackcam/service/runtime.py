@@ -81,6 +81,7 @@ class Runtime:
         runtime = cls(settings, engine, sessions, store, registry, validation, gallery, worker)
         runtime.familiarity = Familiarity(validation, settings.unfamiliar_quantile)
         worker.prepare = runtime.familiarity.reference
+        worker.reference_rows = runtime.familiarity.rows
         if not worker.enabled:
             log.warning(worker.message)
         if settings.worker:

@@ -20,7 +20,7 @@ import torch
 from ..balance import auto_scaled, feeding, measured_scales
 from ..data.dataset import ArrayDataset, FeedbackBatch
 from ..decision import refit_bias_on_batches
-from ..evaluate import evaluate, predict_probs
+from ..evaluate import evaluate, predict_logits
 from ..losses import get_loss
 from ..metrics import classification_metrics
 from ..objective import ADDED_TERMS, FeedbackConfig
@@ -179,10 +179,16 @@ def gate_set(validation: ArrayDataset, n: int | None, seed: int = 0) -> ArrayDat
     """The images the gate scores on: all of ``validation`` (``n`` None or at least its size)
     or a class-stratified random ``n`` of them, each class keeping its share (at least one
     image of every class present), fixed by ``seed`` so every version is scored on the same
-    images."""
+    images (:func:`gate_rows`)."""
+    rows = gate_rows(validation, n, seed)
+    return validation if len(rows) == len(validation) else validation.subset(rows)
+
+
+def gate_rows(validation: ArrayDataset, n: int | None, seed: int = 0) -> np.ndarray:
+    """The indices of :func:`gate_set`'s images in ``validation``, ascending."""
     total = len(validation)
     if n is None or n >= total:
-        return validation
+        return np.arange(total)
     if n < 1:
         raise ValueError(f"gate_images: expected a positive count or None, got {n!r}")
     rng = np.random.default_rng(seed)
@@ -197,15 +203,20 @@ def gate_set(validation: ArrayDataset, n: int | None, seed: int = 0) -> ArrayDat
         rng.choice(np.flatnonzero(labels == c), min(q, cnt), replace=False)
         for c, q, cnt in zip(classes, quota, counts, strict=True)
     ]
-    return validation.subset(np.sort(np.concatenate(picked)))
+    return np.sort(np.concatenate(picked))
 
 
-def scores(model: SelfExplaining, validation: ArrayDataset) -> dict[str, float | int | None]:
+def scores(
+    model: SelfExplaining, validation: ArrayDataset, logits: torch.Tensor | None = None
+) -> dict[str, float | int | None]:
     """What the gate compares, accuracy and average sensitivity, from batched no-grad
-    forward passes; and the mean Jaccard of the explanation against the masks (for the
-    record) on at most ``JACCARD_IMAGES`` masked images, the only ones that need a Grad-CAM."""
+    forward passes (or ``logits``, the model's on ``validation`` from a pass already made); and
+    the mean Jaccard of the explanation against the masks (for the record) on at most
+    ``JACCARD_IMAGES`` masked images, the only ones that need a Grad-CAM."""
     device = next(model.parameters()).device
-    probs = predict_probs(model, validation.images, batch_size=32, device=device)
+    if logits is None:
+        logits = predict_logits(model, validation.images, batch_size=32, device=device)
+    probs = torch.softmax(logits.float(), 1)
     metrics = classification_metrics(validation.labels, probs.numpy(), validation.classes)
     masked = np.flatnonzero(
         validation.has_mask & (validation.masks.reshape(len(validation), -1).max(axis=1) > 0)

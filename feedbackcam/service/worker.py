@@ -24,9 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..checkpoint import ModelSpec, save_checkpoint
 from ..data.dataset import ArrayDataset
+from ..evaluate import predict_features
 from .datasets import concat, fingerprint
 from .db import Item, Version, count_pending, current_version, set_current, utcnow
 from .lease import DbLease
+from .ood import energy_score
 from .registry import Registry, Served
 from .settings import Settings
 from .startup import check_model
@@ -36,7 +38,7 @@ from .update import (
     UpdateConfig,
     fine_tune,
     gate,
-    gate_set,
+    gate_rows,
     plan_replay,
     scores,
 )
@@ -69,10 +71,15 @@ class Worker:
         self.sessions, self.store, self.registry = sessions, store, registry
         self.validation, self.replay = validation, replay
         # what the gate scores on: the validation set or a fixed stratified part of it
-        self.gate = (
-            gate_set(validation, settings.gate_images, settings.seed)
+        self.gate_rows = (
+            gate_rows(validation, settings.gate_images, settings.seed)
             if validation is not None
             else None
+        )
+        self.gate = (
+            validation.subset(self.gate_rows)
+            if validation is not None and len(self.gate_rows) < len(validation)
+            else validation
         )
         self.validation_id = fingerprint(self.gate) if self.gate is not None else None
         self.rng = np.random.default_rng(settings.seed)
@@ -87,8 +94,12 @@ class Worker:
         self.lease = DbLease(sessions)  # one updater at a time across processes on this database
         self._renewed = 0.0
         # what a version needs before it answers (the unfamiliar-input check's reference):
-        # measured here, in the updater's thread, not by the first prediction
-        self.prepare: Callable[[Served], object] | None = None
+        # measured here, in the updater's thread, not by the first prediction; it is given
+        # the (energies, pooled activations) of the validation rows ``reference_rows`` from
+        # the pass that scored the version, so it forwards nothing itself
+        self.prepare: Callable[[Served, tuple | None], object] | None = None
+        self.reference_rows: np.ndarray | None = None
+        self._seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -123,9 +134,10 @@ class Worker:
 
     def _loop(self) -> None:
         try:
-            self.baseline(self.registry.served)
+            served = self.registry.served
+            self.baseline(served)
             if self.prepare is not None:
-                self.prepare(self.registry.served)
+                self.prepare(served, self._seen.pop(served.version_id, None))
         except Exception as err:  # the app keeps serving; the error shows in the status
             log.exception("scoring the current version failed")
             self.last_error = f"scoring the current version failed: {err}"
@@ -151,15 +163,32 @@ class Worker:
             version = session.get(Version, served.version_id)
             if version.metrics.get("validation") == self.validation_id:
                 return dict(version.metrics)
-        measured = self._scores(model if model is not None else served.copy_model())
+        measured, seen = self._measure(model if model is not None else served.copy_model())
+        if seen is not None:
+            self._seen = {served.version_id: seen}  # for prepare, at start
         measured["validation"] = self.validation_id
         with self.sessions.begin() as session:
             version = session.get(Version, served.version_id)
             version.metrics = {**version.metrics, **measured}
         return measured
 
-    def _scores(self, model) -> dict:
-        return {**scores(model, self.gate), "n_validation_total": len(self.validation)}
+    def _measure(self, model) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
+        """The gate's scores of ``model`` and, from the same forward pass over the union of
+        the gate's rows and ``reference_rows``, the (energies, pooled activations) of the
+        latter (None without them): one pass where the gate and the unfamiliar-input check
+        each made one."""
+        total = {"n_validation_total": len(self.validation)}
+        extra = self.reference_rows
+        if extra is None or not len(extra):
+            return {**scores(model, self.gate), **total}, None
+        rows = np.union1d(self.gate_rows, extra)
+        device = next(model.parameters()).device
+        images = np.asarray(self.validation.images[rows])
+        logits, pooled = predict_features(model, images, batch_size=32, device=device, pooled=True)
+        gate = torch.from_numpy(np.searchsorted(rows, self.gate_rows))
+        own = torch.from_numpy(np.searchsorted(rows, extra))
+        seen = (energy_score(logits[own]), pooled[own].numpy().astype(np.float64))
+        return {**scores(model, self.gate, logits=logits[gate]), **total}, seen
 
     def run_once(self, force: bool = False) -> Version | None:
         """Update from the pending items if there are enough (or any, with ``force``), holding
@@ -245,7 +274,7 @@ class Worker:
         )
         progress["phase"] = "checking"  # the gate scores the candidate on the validation set
         outcomes = self._outcomes(model, new, pending, spec)
-        after = self._scores(model)
+        after, seen = self._measure(model)
         promote, reason = gate(before, after, self.cfg.tolerance, self._original(served))
         metrics = {
             **after,
@@ -260,7 +289,7 @@ class Worker:
                 "parent_metrics": {k: before.get(k) for k in ("accuracy", "avg_sensitivity")},
             },
         }
-        return self._record(served, candidate_id, model, metrics, promote, reason, pending)
+        return self._record(served, candidate_id, model, metrics, promote, reason, pending, seen)
 
     @staticmethod
     def _outcomes(model, new: ArrayDataset, pending, spec: ModelSpec) -> dict[str, str]:
@@ -316,7 +345,9 @@ class Worker:
             same = version.metrics.get("validation") == self.validation_id
             return dict(version.metrics) if same and version.id != served.version_id else None
 
-    def _record(self, served, candidate_id, model, metrics, promote, reason, pending) -> Version:
+    def _record(
+        self, served, candidate_id, model, metrics, promote, reason, pending, seen=None
+    ) -> Version:
         with self.registry.switching:
             with self.sessions() as session:
                 moved = current_version(session).id != served.version_id
@@ -338,7 +369,7 @@ class Worker:
                 promoted = Served(candidate_id, model.model, served.spec)
                 if self.prepare is not None:  # before it is current: the old one answers
                     try:
-                        self.prepare(promoted)
+                        self.prepare(promoted, seen)
                     except Exception:  # promoted all the same; the first prediction retries
                         log.exception("preparing version %d failed", candidate_id)
             with self.sessions.begin() as session:

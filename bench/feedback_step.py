@@ -148,8 +148,13 @@ def main() -> None:
                 images=batch.images.contiguous(memory_format=torch.channels_last)
             )
         for precision in ("fp32", "bf16") if cuda else ("fp32",):
-            for name, lam in [("classification only", 0.0), ("feedback step (combined)", 0.3)]:
-                cfg = FeedbackConfig(lam=lam, precision=precision)
+            for name, cfg in [
+                ("classification only", FeedbackConfig(lam=0.0, precision=precision)),
+                # the thesis' objective (Jaccard on keep masks), as measured on 2026-11-26
+                ("feedback step (thesis)", dataclasses.replace(fb, precision=precision)),
+                # today's default objective (Jaccard and surroundings), keep masks on every row
+                ("feedback step (default)", FeedbackConfig(lam=0.3, precision=precision)),
+            ]:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 sec = timed(
@@ -246,7 +251,7 @@ def main() -> None:
     print(f"\ndevice: {device_name}; model {arch} at {size}x{size}")
     summary = []
     for r in rows:
-        if r["step"].startswith("feedback step (combined)"):
+        if r["step"] in ("feedback step (thesis)", "feedback step (default)"):
             cls = next(
                 x
                 for x in rows
@@ -255,6 +260,7 @@ def main() -> None:
                 and x["precision"] == r["precision"]
             )
             line = {
+                "step": r["step"],
                 "batch": r["batch"],
                 "precision": r["precision"],
                 "feedback_vs_classification": r["images_per_s"] / cls["images_per_s"],
@@ -262,7 +268,7 @@ def main() -> None:
             }
             summary.append(line)
             print(
-                f"batch {r['batch']:>4} {r['precision']}: feedback/classification "
+                f"{r['step']:<24} batch {r['batch']:>4} {r['precision']}: feedback/classification "
                 f"{line['feedback_vs_classification']:.2f}x, feedback/reference "
                 f"{line['feedback_vs_reference']:.1f}x"
             )

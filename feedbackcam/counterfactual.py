@@ -67,41 +67,54 @@ def _limit(n: int, share: float | None, per_row: int) -> int:
     return n if share is None else max(1, min(n, int(share * n / per_row)))
 
 
-def _fixed(present: Tensor, share: float | None, per_row: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(the marked-first order, its first L rows, their weights)."""
+def _fixed(
+    present: Tensor, share: float | None, per_row: int, count: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(the marked-first order, its first L rows, their weights). ``count``: at least the
+    number of marked rows, known on the host (``FeedbackBatch.counts``): L is at most it."""
     limit = _limit(present.shape[0], share, per_row)
+    if count is not None:
+        limit = min(limit, count)
     order = _marked_first(present)
     rows, k = order[:limit], present.sum()
     return order, rows, present[rows].to(torch.float32) * (k / k.clamp(max=limit).clamp(min=1))
 
 
-def fixed_rows(present: Tensor, share: float | None, per_row: int) -> tuple[Tensor, Tensor]:
+def fixed_rows(
+    present: Tensor, share: float | None, per_row: int, count: int | None = None
+) -> tuple[Tensor, Tensor]:
     """:func:`counterfactual_rows` without a host synchronisation: ``L`` rows, ``L`` fixed by
     the batch size and ``share`` (the batch size with None), the marked ones first in random
     order, and a weight per row: ``K / min(K, L)`` for a marked row (``K`` marked rows: the
-    same unbiased weight), 0 for an unmarked row that fills the fixed shape."""
-    _, rows, w = _fixed(present, share, per_row)
+    same unbiased weight), 0 for an unmarked row that fills the fixed shape. ``count`` (the
+    batch's marked rows counted on the host, or more) caps ``L``: a batch with few marks
+    forwards few rows, none without marks."""
+    _, rows, w = _fixed(present, share, per_row, count)
     return rows, w
 
 
 def marked_rows(
-    present: Tensor, share: float | None, per_row: int
+    present: Tensor, share: float | None, per_row: int, count: int | None = None
 ) -> tuple[Tensor, float | Tensor]:
     """The rows (and weights) whose counterfactuals a term forwards, from the boolean (N,)
-    ``present``: :func:`counterfactual_rows` on the CPU, :func:`fixed_rows` elsewhere."""
+    ``present``: :func:`counterfactual_rows` on the CPU, :func:`fixed_rows` (with ``count``)
+    elsewhere."""
     if fixed_shapes(present.device):
-        return fixed_rows(present, share, per_row)
+        return fixed_rows(present, share, per_row, count)
     return counterfactual_rows(present.nonzero().squeeze(1), len(present), share, per_row)
 
 
 def surroundings_pairs(
-    present: Tensor, share: float | None
+    present: Tensor, share: float | None, count: int | None = None
 ) -> tuple[Tensor, Tensor, float | Tensor] | None:
     """(receivers, donors, weights) for the surroundings term: each chosen marked row gets the
-    surroundings of another marked row; None when fewer than two rows are marked (CPU). With
-    fixed shapes a receiver whose donor is itself (fewer than two marked) weighs 0."""
+    surroundings of another marked row; None when fewer than two rows are marked (CPU, or a
+    ``count`` below two). With fixed shapes a receiver whose donor is itself (fewer than two
+    marked) weighs 0, and ``count`` caps the rows as in :func:`fixed_rows`."""
+    if count is not None and count < 2:
+        return None
     if fixed_shapes(present.device):
-        order, rows, w = _fixed(present, share, 1)
+        order, rows, w = _fixed(present, share, 1, count)
         # the next marked row in the random order (any marked row, chosen or not)
         step = torch.arange(len(rows), device=order.device) + 1
         donors = order[step % present.sum().clamp(min=1)]

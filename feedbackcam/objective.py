@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import cam as cams
-from . import losses
+from . import counterfactual, losses
 from .data.dataset import FeedbackBatch
 from .self_explaining import SelfExplaining
 
@@ -207,6 +207,7 @@ class LossInputs:
         if out is not None:
             self.set_forward(out)
         self.labels = batch.labels
+        self.counts = batch.counts  # host counts of the rows with feedback (or None)
         # A mask whose flag is off is not feedback: it is neither learnt from nor protected,
         # and no counterfactual is built from it (the flags decide, not the arrays).
         self.keep = _given(batch.masks, batch.has_mask)
@@ -361,12 +362,15 @@ class FeedbackLoss(NamedTuple):
     terms: dict[str, Tensor]
 
 
-def _unused(where: Tensor) -> bool:
-    """True when no row needs a term and knowing so costs no host synchronisation (the flags
-    are on the CPU). On a GPU every term runs and is masked instead (no data-dependent
-    branch); on a CPU a term no row needs would cost a whole explanation pass for nothing
-    (docs/benchmarks.md)."""
-    return where.device.type == "cpu" and not bool(where.any())
+def _unused(where: Tensor, count: int | None = None) -> bool:
+    """True when no row needs a term and knowing so costs no host synchronisation: the flags
+    are on the CPU, or the batch's rows with feedback were counted on the host before it went
+    to the device (``count``, ``FeedbackBatch.counts``). Otherwise (a GPU-resident batch of
+    unknown counts) every term runs and is masked instead (no data-dependent branch); a term no
+    row needs costs a whole explanation pass for nothing (docs/benchmarks.md)."""
+    if count is not None:
+        return count == 0
+    return not counterfactual.fixed_shapes(where.device) and not bool(where.any())
 
 
 def rows_ride_along(model: nn.Module, device: torch.device) -> bool:
@@ -408,12 +412,13 @@ def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConf
             n_exp = n_exp | p
         n_exp = n_exp.sum()
         inputs = LossInputs(model, None, images, batch, cfg)
+        unused = [_unused(w, losses.host_count(batch, t.needs)) for t, w in zip(terms, present)]
         # The counterfactual terms build their rows first, so that they can ride in the
         # batch's forward (rows_ride_along decides).
         pending: dict[int, tuple] = {}
         if cfg.lam > 0:
-            for k, (term, where) in enumerate(zip(terms, present, strict=True)):
-                if term.loss.counterfactual and not _unused(where):
+            for k, term in enumerate(terms):
+                if term.loss.counterfactual and not unused[k]:
                     rows_loss = term.loss.fn(inputs, cfg)
                     pending[k] = (rows_loss, next(rows_loss))
         together = bool(pending) and rows_ride_along(model, images.device)
@@ -427,7 +432,7 @@ def feedback_loss(model: SelfExplaining, batch: FeedbackBatch, cfg: FeedbackConf
             ridden = iter(out.logits[images.shape[0] :].float().split([len(r) for r in rows]))
             loss_exp = None
             for k, (term, where) in enumerate(zip(terms, present, strict=True)):
-                if _unused(where):
+                if unused[k]:
                     value = loss_cls.new_zeros(())  # what masked_mean gives, at no cost
                 else:
                     if k in pending:

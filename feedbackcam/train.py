@@ -315,11 +315,13 @@ def epoch_batches(
         batch_size = local_batch_size(batch_size, ctx)
     else:
         perm = torch.randperm(len(indices), generator=generator)
-    order = torch.as_tensor(np.asarray(indices))[perm].to(data.labels.device)
+    host = torch.as_tensor(np.asarray(indices))[perm]  # kept: the batches' feedback counts
+    order = host.to(data.labels.device)
     starts = range(0, len(order), batch_size)
     label = progress if isinstance(progress, str) else "steps"
     for start in progress_bar(starts, enabled=bool(progress), desc=label):
-        yield data.batch(order[start : start + batch_size])
+        stop = start + batch_size
+        yield data.batch(order[start:stop], host[start:stop])
 
 
 def train_one_epoch(

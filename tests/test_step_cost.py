@@ -276,3 +276,81 @@ def test_a_counterfactual_loss_that_reads_the_logits_before_its_rows_is_told_so(
         feedback_loss(_Counting(), _batch(marked=3), FeedbackConfig(lam=1.0, ignore_loss="early"))
     with pytest.raises(TypeError, match="generator"):
         losses.register_loss("plain", needs="ignore", counterfactual=True)(lambda i, c: i.labels)
+
+
+# ------------------------------------- host counts: rows sized without reading the device back
+def test_a_batch_counts_its_feedback_on_the_host_before_it_goes_to_a_device():
+    b = _batch(marked=3)  # ignore marks on 3 rows, no keep feedback (flags off)
+    assert b.counts is None and b.feedback_counts() == (0, 3)
+    assert b.to("meta").counts == (0, 3)  # counted on the CPU, before the move
+    assert b.to("cpu").counts is None  # a CPU step reads its flags for free
+    k = _batch(marked=5, kind="keep")
+    assert k.feedback_counts() == (5, 0)
+    both = FeedbackBatch.cat([b.to("meta"), k.to("meta")])
+    assert both.counts == (5, 3)
+    unknown = k.to("meta")._replace(counts=None)
+    assert FeedbackBatch.cat([b.to("meta"), unknown]).counts is None  # unknown stays unknown
+
+
+def test_tensor_data_batches_carry_the_counts_of_their_rows():
+    import numpy as np
+
+    from feedbackcam.data.dataset import ArrayDataset
+    from feedbackcam.train import epoch_batches
+
+    rng = np.random.default_rng(0)
+    n, size = 20, 8
+    masks = np.zeros((n, size, size), np.uint8)
+    masks[::2, 2:5, 2:5] = 1  # even rows hold a keep mask ...
+    has_mask = np.arange(n) % 4 != 2  # ... but rows 2, 6, 10, ... have their flag off
+    ignore = np.zeros((n, size, size), np.uint8)
+    ignore[:7, :2, :2] = 1
+    data = ArrayDataset(
+        rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
+        masks,
+        np.arange(n) % 3,
+        has_mask,
+        tuple(str(i) for i in range(n)),
+        ("a", "b", "c"),
+        ignore,
+        np.arange(n) != 3,
+    )
+    tensors = data.tensors()
+    seen = 0
+    for batch in epoch_batches(tensors, np.arange(n), 6, generator=torch.Generator()):
+        assert batch.counts == batch.feedback_counts()
+        seen += len(batch.labels)
+    assert seen == n
+    assert tensors.batch(torch.arange(n)).counts == (5, 6)
+
+
+def test_with_host_counts_a_term_no_row_needs_is_skipped_and_rows_match_the_marks(fixed):
+    """On an accelerator (fixed shapes) without counts every term runs, its rows padded to
+    the batch's share; with the host counts a term no row needs is skipped and a term forwards
+    no more rows than are marked. The loss is the CPU path's (the marked rows alone)."""
+    b = _batch(marked=3)  # ignore marks only
+    cfg = FeedbackConfig(lam=1.0, counterfactual_share=None)  # jaccard, surroundings, ignore
+    model = _Counting()
+    torch.manual_seed(1)
+    feedback_loss(model, b, cfg)
+    assert model.rows == [12, 12, 3 * 12]  # unknown counts: surroundings' rows too, all padded
+    model.rows.clear()
+    counted = b._replace(counts=b.feedback_counts())
+    torch.manual_seed(1)
+    got = feedback_loss(model, counted, cfg)
+    assert model.rows == [12, 3 * 3]  # no surroundings rows, the 3 marked rows' variants
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cf, "fixed_shapes", lambda device: False)
+        fresh = _Counting()  # seeds torch itself: before the step's seed
+        torch.manual_seed(1)
+        want = feedback_loss(fresh, b, cfg)
+    assert set(got.terms) == set(want.terms)
+    for name in got.terms:
+        torch.testing.assert_close(got.terms[name], want.terms[name], rtol=1e-5, atol=1e-6)
+    # a share below the marked count still draws from the marked rows alone, unbiased
+    cfg = dataclasses.replace(cfg, counterfactual_share=0.5)
+    marked = _batch(marked=9)
+    rows, w = cf.fixed_rows(marked.has_ignore, 0.5, 3, count=9)
+    assert rows.shape == (2,) and set(rows.tolist()) <= set(range(9)) and (w == 9 / 2).all()
+    rows, w = cf.fixed_rows(marked.has_ignore, 0.5, 3, count=0)
+    assert rows.shape == (0,)

@@ -24,7 +24,13 @@ from torch import Tensor
 class FeedbackBatch(NamedTuple):
     """A batch of feedback: images (N, 3, H, W) in [0, 1], labels (N,), keep masks (N, H, W) in
     [0, 1] (binary, or a non-binary map for the "mse" loss), has_mask (N,) bool, and optional
-    ignore masks (N, H, W) with has_ignore (N,) bool (None: no image has one)."""
+    ignore masks (N, H, W) with has_ignore (N,) bool (None: no image has one).
+
+    ``counts``: how many rows carry keep feedback and how many ignore feedback (a flag on and a
+    non-empty mask), as host integers, or None where unknown. They are counted on the CPU before
+    a batch goes to an accelerator (:meth:`to`, :meth:`TensorData.batch`), so that the step can
+    size its counterfactual rows and skip a term no row needs without reading the device's
+    flags back (a host synchronisation)."""
 
     images: Tensor
     labels: Tensor
@@ -32,23 +38,42 @@ class FeedbackBatch(NamedTuple):
     has_mask: Tensor
     ignore: Tensor | None = None
     has_ignore: Tensor | None = None
+    counts: tuple[int, int] | None = None
+
+    @property
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        return tuple(self)[:6]
 
     def to(self, device: torch.device | str) -> FeedbackBatch:
-        return FeedbackBatch(
-            *(None if t is None else t.to(device, non_blocking=True) for t in self)
+        counts = self.counts
+        if counts is None and torch.device(device).type != "cpu" and self.images.is_cpu:
+            counts = self.feedback_counts()
+        moved = (None if t is None else t.to(device, non_blocking=True) for t in self.tensors)
+        return FeedbackBatch(*moved, counts)
+
+    def feedback_counts(self) -> tuple[int, int]:
+        """(rows with keep feedback, rows with ignore feedback); reads the flags (on an
+        accelerator, a synchronisation: count before moving)."""
+        return (
+            _present_count(self.masks, self.has_mask),
+            0 if self.ignore is None else _present_count(self.ignore, self.has_ignore),
         )
 
     def index(self, idx) -> FeedbackBatch:
         """The samples at ``idx`` (a slice, index tensor or boolean mask)."""
-        return FeedbackBatch(*(None if t is None else t[idx] for t in self))
+        return FeedbackBatch(*(None if t is None else t[idx] for t in self.tensors))
 
     @staticmethod
     def cat(parts: Sequence[FeedbackBatch]) -> FeedbackBatch:
         """Concatenate batches; ignore masks are zeros (and absent) where a part has none."""
+        known = [p.counts for p in parts]
+        counts = None if None in known else tuple(int(sum(c)) for c in zip(*known))
         if not any(p.ignore is not None for p in parts):
-            return FeedbackBatch(*(torch.cat(t) for t in zip(*(p[:4] for p in parts))))
+            return FeedbackBatch(
+                *(torch.cat(t) for t in zip(*(p[:4] for p in parts))), counts=counts
+            )
         parts = [p.with_ignore_slots() for p in parts]
-        return FeedbackBatch(*(torch.cat(t) for t in zip(*parts)))
+        return FeedbackBatch(*(torch.cat(t) for t in zip(*(p.tensors for p in parts))), counts)
 
     def with_ignore_slots(self) -> FeedbackBatch:
         """The same batch with explicit (empty) ignore masks where there are none."""
@@ -59,6 +84,13 @@ class FeedbackBatch(NamedTuple):
             ignore=torch.zeros_like(self.masks),
             has_ignore=torch.zeros(n, dtype=torch.bool, device=self.labels.device),
         )
+
+
+def _present_count(masks: Tensor, flags: Tensor | None) -> int:
+    present = masks.flatten(1).amax(dim=1) > 0
+    if flags is not None:
+        present = present & flags.to(device=masks.device, dtype=torch.bool)
+    return int(present.sum())
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,7 +196,19 @@ class ArrayDataset:
             torch.from_numpy(self.has_mask.astype(bool)).to(device),
             put(self.ignore),
             None if self.has_ignore is None else put(self.has_ignore.astype(bool)),
+            torch.from_numpy(self.feedback_present()),
         )
+
+    def feedback_present(self) -> np.ndarray:
+        """(N, 2) bool: each row carries keep feedback, ignore feedback (flag on, mask
+        non-empty)."""
+        n = len(self)
+        keep = self.has_mask.astype(bool) & (self.masks.reshape(n, -1).max(axis=1) > 0)
+        ignore = np.zeros(n, bool)
+        if self.ignore is not None:
+            flags = np.ones(n, bool) if self.has_ignore is None else self.has_ignore.astype(bool)
+            ignore = flags & (self.ignore.reshape(n, -1).max(axis=1) > 0)
+        return np.stack([keep, ignore], axis=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,12 +219,22 @@ class TensorData:
     has_mask: torch.Tensor
     ignore: torch.Tensor | None = None  # uint8 (N, H, W)
     has_ignore: torch.Tensor | None = None
+    # (N, 2) bool on the CPU: keep feedback, ignore feedback per row (ArrayDataset's
+    # feedback_present), so that a batch's counts need no read from an accelerator
+    present: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def batch(self, idx: torch.Tensor) -> FeedbackBatch:
-        """Float batch: images (B, 3, H, W) in [0, 1], masks (B, H, W) in {0, 1}."""
+    def batch(self, idx: torch.Tensor, host_idx: torch.Tensor | None = None) -> FeedbackBatch:
+        """Float batch: images (B, 3, H, W) in [0, 1], masks (B, H, W) in {0, 1}; with its
+        feedback counts where ``present`` is known and the indices are on the CPU (``idx``, or
+        ``host_idx``: the same indices, kept on the host)."""
+        if host_idx is None and idx.device.type == "cpu":
+            host_idx = idx
+        counts = None
+        if self.present is not None and host_idx is not None:
+            counts = tuple(int(c) for c in self.present[host_idx].sum(dim=0))
         images = self.images[idx].permute(0, 3, 1, 2).float().div_(255)
         ignore = None if self.ignore is None else self.ignore[idx].float()
         has_ignore = None if self.has_ignore is None else self.has_ignore[idx]
@@ -191,4 +245,5 @@ class TensorData:
             self.has_mask[idx],
             ignore,
             has_ignore,
+            counts,
         )

@@ -124,6 +124,14 @@ def feedback_present(masks: Tensor, has_mask: Tensor | None = None) -> Tensor:
     return present
 
 
+def host_count(inputs, kind: str) -> int | None:
+    """How many of the step's rows carry feedback of ``kind`` ("keep" or "ignore"), counted on
+    the host before the batch reached the device (``FeedbackBatch.counts``); None where unknown.
+    It sizes the counterfactual rows on an accelerator without a host synchronisation."""
+    counts = getattr(inputs, "counts", None)
+    return None if counts is None else counts[0 if kind == "keep" else 1]
+
+
 def masked_mean(per_sample: Tensor, present: Tensor) -> Tensor:
     """Mean of ``per_sample`` over samples where ``present``; 0 (in the graph) if there are none."""
     weights = present.to(per_sample.dtype)

@@ -25,7 +25,7 @@ from ..counterfactual import (
     swap_surroundings,
     transplant,
 )
-from . import LossContext, LossSettings, feedback_present, register_loss
+from . import LossContext, LossSettings, feedback_present, host_count, register_loss
 
 # A counterfactual loss: yields the rows it needs forwarded, receives their logits, returns the
 # per-sample loss (ExplanationLoss.counterfactual).
@@ -113,7 +113,10 @@ def _moved_logits(inputs: LossContext, *, blank: bool) -> Generator[Tensor, Tens
     variants_per_row = 3 if blank else 2
     # Only marked rows get counterfactuals (at most counterfactual_share of the batch's).
     donors, w = marked_rows(
-        feedback_present(ignore), inputs.cfg.counterfactual_share, variants_per_row
+        feedback_present(ignore),
+        inputs.cfg.counterfactual_share,
+        variants_per_row,
+        host_count(inputs, "ignore"),
     )
     weight = torch.zeros(n, device=images.device)
     rows = images[:0]  # none where nothing is marked
@@ -278,7 +281,9 @@ def _surroundings(inputs: LossContext, cfg: LossSettings) -> Rows:
     mass; nothing is painted over a lesion (the receiver's keep region is kept, the donor's is
     filled). Artifacts the user never marked change with the surroundings, so none can decide.
     """
-    pairs = surroundings_pairs(feedback_present(inputs.keep), inputs.cfg.counterfactual_share)
+    pairs = surroundings_pairs(
+        feedback_present(inputs.keep), inputs.cfg.counterfactual_share, host_count(inputs, "keep")
+    )
     if pairs is None:  # no other marked image to borrow surroundings from
         yield inputs.images.detach()[:0]
         return inputs.logits.new_zeros(inputs.labels.shape)

@@ -777,6 +777,42 @@ def test_the_loss_scales_are_calibrated_once_per_lineage(tmp_path, assets, monke
     assert measured_scales(cfg.feedback) == ["ignore_scale"]
 
 
+def test_with_a_replay_set_the_keep_terms_are_calibrated_at_start(tmp_path, assets, monkeypatch):
+    """The served version's keep-mask term (surroundings) is calibrated at start on the replay
+    set, whose images carry lesion masks, and kept with it; the first update, whose ignore
+    mark only a user gives, measures the ignore term alone and keeps the other."""
+    from feedbackcam.service import update
+
+    calls = []
+    real = update.auto_scaled
+    monkeypatch.setattr(
+        update, "auto_scaled", lambda m, b, cfg: calls.append(cfg) or real(m, b, cfg)
+    )
+    env = Env(tmp_path, assets)
+    save_npz(env.data / "replay.npz", assets["validation"].subset(range(12)))
+    with env.app() as client:
+        p = predict_upload(client, env)
+        data = {
+            "image_id": p["image_id"],
+            "shown_version": p["version"],
+            "predicted": p["predicted"],
+            "label": other_class(p),
+        }
+        files = {"ignore_mask": ("m.png", png(box_mask()), "image/png")}
+        r = client.post("/api/feedback", data=data, files=files, headers=env.auth("clinician"))
+        assert r.status_code == 201, r.text
+        wait_used(client, env, r.json()["id"])
+        versions = client.get("/api/versions", headers=env.auth("admin")).json()
+    env.engine.dispose()
+    made, original = versions[0]["metrics"], versions[1]["metrics"]
+    kept = original["calibrated"]
+    assert set(kept) == {"surroundings_scale"} and kept["surroundings_scale"] > 0
+    assert [c.surroundings_scale for c in calls] == [None, kept["surroundings_scale"]]
+    assert calls[1].ignore_scale is None  # the update measured the ignore term alone
+    assert set(made["update"]["calibrated"]) == {"surroundings_scale", "ignore_scale"}
+    assert made["update"]["surroundings_scale"] == kept["surroundings_scale"]
+
+
 def test_the_updater_scores_a_version_and_fits_its_check_in_one_pass(tmp_path, assets, monkeypatch):
     """The gate's scores and the unfamiliar-input check's reference come from one forward pass
     over the union of their validation rows (each made its own before); the image-statistics

@@ -170,6 +170,32 @@ def _needed(feedback: FeedbackConfig, batches: list[FeedbackBatch]) -> list[str]
     ]
 
 
+def replay_scales(
+    model: SelfExplaining,
+    replay: ArrayDataset,
+    cfg: UpdateConfig,
+    rng: np.random.Generator,
+    batches: int = 4,
+) -> dict[str, float]:
+    """The loss scales that the replay set alone can feed (the keep-mask terms: the replay's
+    images carry lesion masks, never ignore marks), measured as :func:`fine_tune` measures them
+    (``balance.auto_scaled`` on ``batches`` batches of ``cfg.replay_per_class`` images of every
+    class, the replay part of an update's batches) on a copy of ``model``. The app measures
+    them for a served version that has none before any feedback arrives, so that the first
+    update measures only what a user's marks alone feed."""
+    if not cfg.replay_per_class or not len(replay):
+        return {}
+    device = next(model.parameters()).device
+    plan = plan_replay(replay.labels, batches, cfg.replay_per_class, rng)
+    data = replay.tensors()
+    probe = [data.batch(torch.from_numpy(rows)).to(device) for rows in plan]
+    needed = _needed(cfg.feedback, probe)
+    if not needed:
+        return {}
+    scaled = auto_scaled(model, probe, cfg.feedback)
+    return {k: float(getattr(scaled, k)) for k in needed}
+
+
 # The Jaccard a version records is measured on at most this many masked gate images: it is
 # for the record (the gate does not decide on it), and each image costs a Grad-CAM backward.
 JACCARD_IMAGES = 64

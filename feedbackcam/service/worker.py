@@ -40,6 +40,7 @@ from .update import (
     gate,
     gate_rows,
     plan_replay,
+    replay_scales,
     scores,
 )
 
@@ -84,6 +85,7 @@ class Worker:
         self.validation_id = fingerprint(self.gate) if self.gate is not None else None
         self.rng = np.random.default_rng(settings.seed)
         self._wake, self._stop = threading.Event(), threading.Event()
+        self.ready = threading.Event()  # set once the start-up work is done (see _loop)
         self._force = False
         self._thread: threading.Thread | None = None
         self.candidate_id: int | None = None
@@ -138,9 +140,12 @@ class Worker:
             self.baseline(served)
             if self.prepare is not None:
                 self.prepare(served, self._seen.pop(served.version_id, None))
+            self.calibrate(served)
         except Exception as err:  # the app keeps serving; the error shows in the status
             log.exception("scoring the current version failed")
             self.last_error = f"scoring the current version failed: {err}"
+        finally:
+            self.ready.set()  # start-up work done: scores, the check's reference, scales
         while not self._stop.is_set():
             self._wake.clear()
             force, self._force = self._force, False
@@ -330,11 +335,28 @@ class Worker:
         return concat(parts), [np.searchsorted(needed, p) for p in plan], from_feedback
 
     def _scales(self, served: Served) -> dict[str, float]:
-        """The loss scales the served version's update calibrated or kept (none for a version
-        that was not made by an update): its descendants keep them (update.fine_tune)."""
+        """The loss scales the served version's update calibrated or kept, and those measured
+        on the replay set at start (:meth:`calibrate`): its descendants keep them
+        (update.fine_tune)."""
         with self.sessions() as session:
-            version = session.get(Version, served.version_id)
-            return dict((version.metrics.get("update") or {}).get("calibrated") or {})
+            metrics = session.get(Version, served.version_id).metrics
+            made = (metrics.get("update") or {}).get("calibrated") or {}
+            return {**(metrics.get("calibrated") or {}), **made}
+
+    def calibrate(self, served: Served) -> dict[str, float]:
+        """For a served version with no loss scales (one not made by an update), measure at
+        start those its replay set can feed (the keep-mask terms, ``update.replay_scales``)
+        and keep them with it, so that its first update measures only the terms a user's
+        marks alone feed (the ignore term): fewer probe passes while a clinician waits."""
+        if self.replay is None or self._scales(served):
+            return {}
+        rng = np.random.default_rng(self.settings.seed + 1)  # not the updates' draws
+        measured = replay_scales(served.copy_model(), self.replay, self.cfg, rng)
+        if measured:
+            with self.sessions.begin() as session:
+                version = session.get(Version, served.version_id)
+                version.metrics = {**version.metrics, "calibrated": measured}
+        return measured
 
     def _original(self, served: Served) -> dict | None:
         """Scores of the first version in the served version's lineage, if on this set."""

@@ -55,8 +55,8 @@ class FeedbackBatch(NamedTuple):
         """(rows with keep feedback, rows with ignore feedback); reads the flags (on an
         accelerator, a synchronisation: count before moving)."""
         return (
-            _present_count(self.masks, self.has_mask),
-            0 if self.ignore is None else _present_count(self.ignore, self.has_ignore),
+            int(feedback_present(self.masks, self.has_mask).sum()),
+            0 if self.ignore is None else int(feedback_present(self.ignore, self.has_ignore).sum()),
         )
 
     def index(self, idx) -> FeedbackBatch:
@@ -86,11 +86,12 @@ class FeedbackBatch(NamedTuple):
         )
 
 
-def _present_count(masks: Tensor, flags: Tensor | None) -> int:
+def feedback_present(masks: Tensor, has_mask: Tensor | None = None) -> Tensor:
+    """Boolean (N,): the sample carries explanation feedback (a given, non-empty mask)."""
     present = masks.flatten(1).amax(dim=1) > 0
-    if flags is not None:
-        present = present & flags.to(device=masks.device, dtype=torch.bool)
-    return int(present.sum())
+    if has_mask is not None:
+        present = present & has_mask.to(device=masks.device, dtype=torch.bool)
+    return present
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cam import soft_threshold
+from ..data.dataset import feedback_present  # noqa: F401  (losses.feedback_present)
 
 MASK_KINDS = ("keep", "ignore")
 
@@ -114,14 +115,6 @@ def rrr_loss(input_grads: Tensor, mask: Tensor) -> Tensor:
         )
     outside = 1 - mask.to(input_grads.dtype)
     return (input_grads.pow(2).sum(dim=1) * outside).mean(dim=(1, 2))
-
-
-def feedback_present(masks: Tensor, has_mask: Tensor | None = None) -> Tensor:
-    """Boolean (N,): the sample carries explanation feedback (a given, non-empty mask)."""
-    present = masks.flatten(1).amax(dim=1) > 0
-    if has_mask is not None:
-        present = present & has_mask.to(device=masks.device, dtype=torch.bool)
-    return present
 
 
 def host_count(inputs, kind: str) -> int | None:

@@ -88,6 +88,12 @@ def forward(served: Served, images: np.ndarray, batch: int = 64) -> tuple[np.nda
         logits, pooled = predict_features(
             served.model, images, batch_size=batch, device=device, pooled=True
         )
+    return check_inputs(logits, pooled)
+
+
+def check_inputs(logits: torch.Tensor, pooled: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """What the check reads from a forward pass: (energies (N,), pooled explanation-layer
+    activations (N, K) in float64), from its logits and pooled activations."""
     return energy_score(logits), pooled.numpy().astype(np.float64)
 
 

@@ -28,7 +28,7 @@ from ..evaluate import predict_features
 from .datasets import concat, fingerprint
 from .db import Item, Version, count_pending, current_version, set_current, utcnow
 from .lease import DbLease
-from .ood import energy_score
+from .ood import check_inputs
 from .registry import Registry, Served
 from .settings import Settings
 from .startup import check_model
@@ -39,6 +39,7 @@ from .update import (
     fine_tune,
     gate,
     gate_rows,
+    gate_set,
     plan_replay,
     replay_scales,
     scores,
@@ -78,9 +79,9 @@ class Worker:
             else None
         )
         self.gate = (
-            validation.subset(self.gate_rows)
-            if validation is not None and len(self.gate_rows) < len(validation)
-            else validation
+            gate_set(validation, settings.gate_images, settings.seed)
+            if validation is not None
+            else None
         )
         self.validation_id = fingerprint(self.gate) if self.gate is not None else None
         self.rng = np.random.default_rng(settings.seed)
@@ -101,7 +102,6 @@ class Worker:
         # the pass that scored the version, so it forwards nothing itself
         self.prepare: Callable[[Served, tuple | None], object] | None = None
         self.reference_rows: np.ndarray | None = None
-        self._seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -137,9 +137,9 @@ class Worker:
     def _loop(self) -> None:
         try:
             served = self.registry.served
-            self.baseline(served)
+            _, seen = self.baseline(served)
             if self.prepare is not None:
-                self.prepare(served, self._seen.pop(served.version_id, None))
+                self.prepare(served, seen)
             self.calibrate(served)
         except Exception as err:  # the app keeps serving; the error shows in the status
             log.exception("scoring the current version failed")
@@ -160,22 +160,22 @@ class Worker:
             self._wake.wait(self.settings.poll_seconds)
 
     # ----------------------------------------------------------------- one update
-    def baseline(self, served: Served, model=None) -> dict:
-        """The served version's validation scores, computed once per validation set."""
+    def baseline(self, served: Served, model=None) -> tuple[dict, tuple | None]:
+        """The served version's validation scores, computed once per validation set, and,
+        when this call measured them, the check's inputs from the same pass (for ``prepare``;
+        None when the scores were kept from before)."""
         if self.validation is None:
-            return {}
+            return {}, None
         with self.sessions() as session:
             version = session.get(Version, served.version_id)
             if version.metrics.get("validation") == self.validation_id:
-                return dict(version.metrics)
+                return dict(version.metrics), None
         measured, seen = self._measure(model if model is not None else served.copy_model())
-        if seen is not None:
-            self._seen = {served.version_id: seen}  # for prepare, at start
         measured["validation"] = self.validation_id
         with self.sessions.begin() as session:
             version = session.get(Version, served.version_id)
             version.metrics = {**version.metrics, **measured}
-        return measured
+        return measured, seen
 
     def _measure(self, model) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
         """The gate's scores of ``model`` and, from the same forward pass over the union of
@@ -192,7 +192,7 @@ class Worker:
         logits, pooled = predict_features(model, images, batch_size=32, device=device, pooled=True)
         gate = torch.from_numpy(np.searchsorted(rows, self.gate_rows))
         own = torch.from_numpy(np.searchsorted(rows, extra))
-        seen = (energy_score(logits[own]), pooled[own].numpy().astype(np.float64))
+        seen = check_inputs(logits[own], pooled[own])
         return {**scores(model, self.gate, logits=logits[gate]), **total}, seen
 
     def run_once(self, force: bool = False) -> Version | None:
@@ -261,7 +261,7 @@ class Worker:
     def _update(self, served: Served, candidate_id: int, pending, earlier) -> Version:
         spec = served.spec
         model = served.copy_model()
-        before = self.baseline(served, model)
+        before, _ = self.baseline(served, model)
         new = self._dataset(
             [(i.label, i.image_path, i.mask_path, i.ignore_mask_path) for i in pending], spec
         )

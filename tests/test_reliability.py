@@ -82,7 +82,8 @@ class Live:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
@@ -121,6 +122,18 @@ class Live:
     def count(self, model) -> int:
         with self.sessions() as session:
             return session.scalar(select(func.count()).select_from(model))
+
+    def updater(self) -> str:
+        """What the updater is doing and what each version became: for a failure message."""
+        worker = self.app.state.runtime.worker
+        with self.sessions() as session:
+            versions = [(v.id, v.status, v.reason) for v in session.scalars(select(Version))]
+            items = sorted(session.execute(select(Item.status, func.count()).group_by(Item.status)))
+        return (
+            f"progress={worker.progress} last_error={worker.last_error} failed={worker._failed} "
+            f"ready={worker.ready.is_set()} alive={worker._thread.is_alive()} items={items} "
+            f"versions={versions}"
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -569,10 +582,24 @@ def test_bounded_load_has_no_5xx_and_loses_nothing(tmp_path, capsys):
         assert elapsed < 120 and len(statuses) == 90
         assert all(s < 500 for s in statuses), sorted(statuses)
         assert len(accepted) == 30
-        deadline = time.monotonic() + 120
-        while live.count(Item) != 30 or _pending(live):
-            assert time.monotonic() < deadline, "feedback under load was not all learnt"
+        assert live.count(Item) == 30
+        # The updater learns on its own while update_every (4) or more items are pending; the
+        # last few (0-3, by how the 30 fell between updates) wait for more feedback or for an
+        # admin's "update now", as documented: the admin asks, then every item must be learnt.
+        learning = time.monotonic()
+        deadline = learning + 120
+        while _pending(live) >= 4:
+            assert time.monotonic() < deadline, f"the updater stalled: {live.updater()}"
             time.sleep(0.2)
+        if _pending(live):
+            r = live.client.post("/api/update", headers=live.auth("admin"))
+            assert r.status_code == 202, r.text
+        while _pending(live):
+            assert time.monotonic() < deadline, (
+                f"feedback under load was not all learnt: {live.updater()}"
+            )
+            time.sleep(0.2)
+        learning = time.monotonic() - learning
         with live.sessions() as session:
             assert sorted(session.scalars(select(Item.id)).all()) == sorted(accepted)
         a50, a95 = _percentiles(alone)
@@ -581,7 +608,8 @@ def test_bounded_load_has_no_5xx_and_loses_nothing(tmp_path, capsys):
             print(
                 f"\nload: 90 requests (60 predicts, 30 feedback) by 8 clients in {elapsed:.1f}s; "
                 f"predict alone p50 {a50 * 1000:.0f} ms p95 {a95 * 1000:.0f} ms; "
-                f"under load with updates p50 {d50 * 1000:.0f} ms p95 {d95 * 1000:.0f} ms"
+                f"under load with updates p50 {d50 * 1000:.0f} ms p95 {d95 * 1000:.0f} ms; "
+                f"the rest learnt {learning:.1f}s later"
             )
     finally:
         live.close()

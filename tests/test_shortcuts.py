@@ -883,3 +883,55 @@ def test_refit_rows_are_real_re_fits_of_the_fine_tune(tmp_path):
     assert all(len(c) == 10 and any(c) for c in changes.values())
     assert changes[" +refit"] != changes[" +refit val"]
     assert "bias_change" not in main[name] and "flip_rate" in main[name + " +refit weighted"]
+
+
+def test_epoch_choice_keeps_the_lowest_flip_among_epochs_that_lose_no_class(monkeypatch):
+    from feedbackcam.shortcuts import bench
+
+    def row(flip, sens):
+        return {"val_flip": flip, "val_sens_filled": sens, "val_counts": [1000, 1000]}
+
+    scripted = iter(
+        [
+            row(0.40, [0.80, 0.50]),  # epoch 0, the incoming model
+            row(0.05, [0.20, 0.60]),  # the lowest flip, but class 0 collapsed: not eligible
+            row(0.20, [0.78, 0.50]),  # eligible, chosen
+            row(0.30, [0.80, 0.52]),  # eligible, more flips
+        ]
+    )
+    monkeypatch.setattr(bench, "val_scores", lambda model, val: next(scripted))
+    model = torch.nn.Linear(2, 2)
+    choice = bench.EpochChoice(val=None, tolerance=0.05)
+    choice.start(model)
+    kept = {}
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        kept[epoch] = model.weight.clone()
+        choice.offer(model, epoch)
+    choice.restore(model)
+    assert choice.epoch == 2
+    assert torch.equal(model.weight, kept[2])
+    assert [h["eligible"] for h in choice.history] == [True, False, True, True]
+
+
+def test_fine_tune_with_an_impossible_guard_returns_the_incoming_model():
+    from feedbackcam.shortcuts import Schedule, fine_tune
+    from feedbackcam.shortcuts.bench import EpochChoice
+    from feedbackcam.shortcuts.data import ShortcutEval
+
+    ignore = np.zeros((8, 16, 16), np.uint8)
+    ignore[:, :4, :4] = 1
+    pool = _tiny_pool([0, 1] * 4, size=16, ignore=ignore)
+    val = ShortcutEval(data=pool, clean=pool.images, misleads=np.zeros(8, bool))
+    model = small_cnn(num_classes=2, width=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sched = Schedule(epochs=2, batch=4, lr=0.05)
+    # a tolerance below -1 puts every class's floor above any sensitivity: only epoch 0 passes
+    choice = EpochChoice(val, tolerance=-2.0)
+    tuned, _ = fine_tune(model, pool, sched, "invariance_balanced", 0.5, 0, choice=choice)
+    assert choice.epoch == 0 and len(choice.history) == 3
+    assert all(torch.equal(tuned.state_dict()[k], v) for k, v in before.items())
+    # the same fine-tune without the guard moves the weights
+    moved, _ = fine_tune(model, pool, sched, "invariance_balanced", 0.5, 0)
+    assert not all(torch.equal(moved.state_dict()[k], v) for k, v in before.items())

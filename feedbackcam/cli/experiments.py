@@ -252,6 +252,13 @@ def _add_shortcuts(sub) -> None:
         "regions filled: on its pool, on validation, on its pool class-weighted (rows "
         "'METHOD +refit', '+refit val', '+refit weighted')",
     )
+    p.add_argument(
+        "--select-epoch",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="keep each fine-tune's best epoch under the per-class guard (lowest validation "
+        "flip rate), as simulate does, instead of its last",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
 
 

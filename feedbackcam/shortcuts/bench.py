@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,11 +34,11 @@ from ..objective import ADDED_TERMS, FeedbackConfig
 from ..self_explaining import SelfExplaining
 from ..train import Batching, class_weights, epoch_batches, make_optimizer, train_epochs
 from .config import CLARC, CLASS_ONLY, WHOLE_CONTROLS, BenchConfig, Schedule, needs_keep_masks
-from .data import ShortcutData
+from .data import ShortcutData, ShortcutEval
 from .datasets import load_data
 from .metrics import shortcut_scores, val_scores
 from .report import write_outputs
-from .rules import choose_lambda
+from .rules import choose_lambda, class_floors
 
 
 def make_model(n_classes: int, sched: Schedule, seed: int) -> SelfExplaining:
@@ -95,6 +96,45 @@ def method_config(method: str, lam: float, weights=None) -> FeedbackConfig:
     )
 
 
+class EpochChoice:
+    """The collapse guard of ``simulate`` on a benchmark's validation split, choosing the epoch
+    a fine-tune keeps.
+
+    An epoch is eligible when no class's sensitivity on the filled validation images falls
+    below the incoming model's floor (:func:`.rules.class_floors`: its sensitivity less
+    ``tolerance`` and what two models can differ by chance on this many images). Among the
+    eligible epochs, the incoming model (epoch 0) included, the lowest validation flip rate
+    wins, ties to the later epoch; without a flip rate (no marked confounder on validation, the
+    trap splits) the last eligible epoch. Validation numbers only."""
+
+    def __init__(self, val: ShortcutEval, tolerance: float) -> None:
+        self.val, self.tolerance = val, tolerance
+        self.epoch: int | None = None
+        self.history: list[dict] = []
+
+    @staticmethod
+    def _flip(row: dict) -> float:
+        flip = row["val_flip"]
+        return round(flip, 4) if flip is not None and math.isfinite(flip) else 0.0
+
+    def start(self, model: SelfExplaining) -> None:
+        row = val_scores(model, self.val)
+        self.floors = class_floors(row, self.tolerance)
+        self.epoch, self._best = 0, (self._flip(row), copy.deepcopy(model.state_dict()))
+        self.history = [{"epoch": 0, "val_flip": row["val_flip"], "eligible": True}]
+
+    def offer(self, model: SelfExplaining, epoch: int) -> None:
+        row = val_scores(model, self.val)
+        sens = row["val_sens_filled"]
+        eligible = all(v is None or v >= f - 1e-9 for v, f in zip(sens, self.floors, strict=True))
+        self.history.append({"epoch": epoch, "val_flip": row["val_flip"], "eligible": eligible})
+        if eligible and self._flip(row) <= self._best[0]:
+            self.epoch, self._best = epoch, (self._flip(row), copy.deepcopy(model.state_dict()))
+
+    def restore(self, model: SelfExplaining) -> None:
+        model.load_state_dict(self._best[1])
+
+
 def fine_tune(
     base: SelfExplaining,
     data: ShortcutData | ArrayDataset,
@@ -107,6 +147,7 @@ def fine_tune(
     fraction: float = 1.0,
     calibration_batches: int = 4,
     class_weighted: bool = False,
+    choice: EpochChoice | None = None,
 ) -> tuple[SelfExplaining, float]:
     """Fine-tune a copy of ``base`` on the feedback pool with one method (:func:`method_config`);
     return it and its loss scale.
@@ -118,6 +159,8 @@ def fine_tune(
     share of the starting gradient (:func:`~feedbackcam.balance.auto_scaled`).
     ``class_weighted`` (or a weighted schedule): every cross-entropy, the classification term's
     and the counterfactuals', is weighted by the pool's inverse class frequencies.
+    ``choice``: keep the epoch it chooses (:class:`EpochChoice`, its ``epoch`` says which)
+    instead of the last.
     """
     model = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed)
@@ -137,7 +180,26 @@ def fine_tune(
         cfg = auto_scaled(model, probe, replace(cfg, auto_scale=True))
     opt = make_optimizer(model, "adam", sched.lr)
     batching = Batching(sched.batch)
-    train_epochs(model, tensors, everything, opt, cfg, batching, epochs=sched.epochs, generator=g)
+    after = None
+    if choice is not None:
+        choice.start(model)
+
+        def after(epoch: int, stats: dict) -> None:
+            choice.offer(model, epoch)
+
+    train_epochs(
+        model,
+        tensors,
+        everything,
+        opt,
+        cfg,
+        batching,
+        epochs=sched.epochs,
+        generator=g,
+        after_epoch=after,
+    )
+    if choice is not None:
+        choice.restore(model)
     return model, cfg.loss_scale
 
 
@@ -301,6 +363,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 return done[_key(row)]
             data, sched, base, _ = context(seed)
             started = time.perf_counter()
+            choice = EpochChoice(data.val, config.acc_tolerance) if config.select_epoch else None
             model, scale = fine_tune(
                 base,
                 data,
@@ -312,9 +375,12 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 fraction=fraction,
                 calibration_batches=config.calibration_batches,
                 class_weighted=config.class_weighted,
+                choice=choice,
             )
             seconds = round(time.perf_counter() - started, 1)
             result = {"loss_scale": scale, **evaluate_row(model, data), "seconds": seconds}
+            if choice is not None:
+                result |= {"epoch": choice.epoch, "epochs": choice.history}
             first = record(row, lambda: result)
             missing = [
                 (on, r) for on, r in zip(REFIT, wanted[1:], strict=False) if _key(r) not in done

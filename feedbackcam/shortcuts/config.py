@@ -115,6 +115,11 @@ class BenchConfig:
         refit_bias: every fine-tune is also scored after its last layer's bias is re-fit on its
             pool with the marked regions filled (:func:`feedbackcam.decision.refit_bias`): a
             second row, the method's name with " +refit".
+        select_epoch: fine-tunes keep their best eligible epoch, as ``simulate`` does, instead
+            of the last (:class:`~.bench.EpochChoice`: no class's filled-validation sensitivity
+            below the incoming model's less ``acc_tolerance`` and chance, then the lowest
+            validation flip rate; epoch 0, the incoming model, is a candidate). Rows get
+            ``epoch``.
     """
 
     datasets: tuple[str, ...] = ("decoy",)
@@ -164,6 +169,7 @@ class BenchConfig:
     calibration_batches: int = 4
     class_weighted: bool = False
     refit_bias: bool = False
+    select_epoch: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("datasets", DATASETS), ("controls", CONTROLS)):

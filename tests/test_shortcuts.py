@@ -889,7 +889,13 @@ def test_epoch_choice_keeps_the_lowest_flip_among_epochs_that_lose_no_class(monk
     from feedbackcam.shortcuts import bench
 
     def row(flip, sens):
-        return {"val_flip": flip, "val_sens_filled": sens, "val_counts": [1000, 1000]}
+        avg = sum(sens) / len(sens)
+        return {
+            "val_flip": flip,
+            "val_avg_sens_filled": avg,
+            "val_sens_filled": sens,
+            "val_counts": [1000, 1000],
+        }
 
     scripted = iter(
         [

@@ -117,17 +117,22 @@ class EpochChoice:
         flip = row["val_flip"]
         return round(flip, 4) if flip is not None and math.isfinite(flip) else 0.0
 
+    @staticmethod
+    def _entry(epoch: int, row: dict, eligible: bool) -> dict:
+        keys = ("val_flip", "val_avg_sens_filled", "val_sens_filled")
+        return {"epoch": epoch, **{k: row[k] for k in keys}, "eligible": eligible}
+
     def start(self, model: SelfExplaining) -> None:
         row = val_scores(model, self.val)
         self.floors = class_floors(row, self.tolerance)
         self.epoch, self._best = 0, (self._flip(row), copy.deepcopy(model.state_dict()))
-        self.history = [{"epoch": 0, "val_flip": row["val_flip"], "eligible": True}]
+        self.history = [self._entry(0, row, True)]
 
     def offer(self, model: SelfExplaining, epoch: int) -> None:
         row = val_scores(model, self.val)
         sens = row["val_sens_filled"]
         eligible = all(v is None or v >= f - 1e-9 for v, f in zip(sens, self.floors, strict=True))
-        self.history.append({"epoch": epoch, "val_flip": row["val_flip"], "eligible": eligible})
+        self.history.append(self._entry(epoch, row, eligible))
         if eligible and self._flip(row) <= self._best[0]:
             self.epoch, self._best = epoch, (self._flip(row), copy.deepcopy(model.state_dict()))
 

@@ -107,6 +107,26 @@ def noise_margins(
     return out
 
 
+def independent_margins(
+    sensitivity: Mapping[str, float | None],
+    counts: Mapping[str, int],
+    confidence: float = 0.95,
+) -> dict[str, float]:
+    """How far each class's sensitivity may fall by chance between two models scored apart on
+    the same ``counts`` images per class, when only the scores are kept (no predictions to pair):
+    the one-sided ``confidence`` bound z * sqrt(2 s (1 - s) / n), with s (1 - s) at least 0.05
+    so that a class at 0 or 1 still has some room. Keys ``"sensitivity <class>"``; classes
+    without a score or images are left out."""
+    z = NormalDist().inv_cdf(confidence)
+    out = {}
+    for name, s in sensitivity.items():
+        n = counts.get(name, 0)
+        if s is None or not math.isfinite(s) or not n:
+            continue
+        out[f"sensitivity {name}"] = z * math.sqrt(2 * max(s * (1 - s), 0.05) / n)
+    return out
+
+
 def images_needed(tolerance: float, changed: float = 0.2, confidence: float = 0.95) -> int:
     """Images per class a validation set needs so that chance alone moves a class's
     sensitivity by less than ``tolerance`` (one-sided ``confidence``), when a share ``changed``

@@ -96,6 +96,7 @@ def serve(args) -> int:
         lr=args.lr,
         feedback=feedback_config(args),
         tolerance=args.tolerance,
+        gate_per_class=args.gate_per_class,
         gate_images=args.gate_images,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_concurrent=args.max_concurrent,
@@ -293,6 +294,13 @@ def add_serve(sub) -> None:
         type=finite(),
         default=d.tolerance,
         help="largest drop in validation accuracy or average sensitivity a promotion may cost",
+    )
+    p.add_argument(
+        "--no-gate-per-class",
+        dest="gate_per_class",
+        action="store_false",
+        help="let an update through that loses one class while accuracy and average "
+        "sensitivity hold (by default the gate refuses it)",
     )
     p.add_argument(
         "--gate-images",

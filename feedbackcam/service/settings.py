@@ -32,6 +32,9 @@ class Settings:
             --cam ...`` set them, and the versions page shows them.
         tolerance: the gate promotes a candidate unless its validation accuracy or average
             sensitivity falls more than this below the current model's (negative: must improve).
+        gate_per_class: the gate also refuses a candidate that loses one class (its
+            validation sensitivity more than ``tolerance`` plus chance below the current
+            model's) while accuracy and average sensitivity hold.
         gate_images: the gate scores every version on a class-stratified random this many
             validation images (the same ones each time; the verdict says how many); None:
             all of them.
@@ -65,6 +68,7 @@ class Settings:
     lr: float = 3e-4
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tolerance: float = 0.02
+    gate_per_class: bool = True
     gate_images: int | None = None
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000

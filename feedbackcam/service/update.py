@@ -24,7 +24,7 @@ from ..evaluate import evaluate, predict_logits
 from ..losses import get_loss
 from ..metrics import classification_metrics
 from ..objective import ADDED_TERMS, FeedbackConfig
-from ..selection import drops
+from ..selection import drops, independent_margins
 from ..self_explaining import SelfExplaining
 from ..train import StopTraining, run_steps
 
@@ -253,9 +253,15 @@ def scores(
     if len(masked):
         summary = evaluate(model, validation.subset(masked), batch_size=16, device=device)
         jaccard = summary.jaccard.mean
+    labels = np.asarray(validation.labels)
     return {
         "accuracy": metrics.accuracy,
         "avg_sensitivity": metrics.avg_sensitivity,
+        # per class, for the gate's per-class rule (None where the class has no image)
+        "sensitivity": {
+            c: float(v) if np.isfinite(v) else None for c, v in metrics.sensitivity().items()
+        },
+        "counts": {c: int((labels == k).sum()) for k, c in enumerate(validation.classes)},
         "jaccard_mean": None if jaccard is None or not np.isfinite(jaccard) else float(jaccard),
         "n_validation": len(validation),
         "n_jaccard": int(len(masked)),
@@ -263,17 +269,36 @@ def scores(
 
 
 def gate(
-    before: dict, after: dict, tolerance: float, original: dict | None = None
+    before: dict,
+    after: dict,
+    tolerance: float,
+    original: dict | None = None,
+    per_class: bool = True,
 ) -> tuple[bool, str]:
     """Promote unless accuracy or average sensitivity falls more than ``tolerance`` below the
-    parent's, or below the original model's (so many small allowed drops cannot add up).
+    parent's, or below the original model's (so many small allowed drops cannot add up); with
+    ``per_class``, nor any class's sensitivity more than ``tolerance`` plus what the validation
+    set cannot tell from chance (:func:`feedbackcam.selection.independent_margins`): an update
+    may not trade a class away, the one a marked artifact stood for included, while the average
+    holds (docs/real-artifacts.md, "The guard chooses the epoch"). Scores kept from before the
+    per-class rule have no ``sensitivity``: only the two averages are compared with them.
 
     The same rule as the simulations' collapse guard (:func:`feedbackcam.selection.drops`).
     """
     keys = ("accuracy", "avg_sensitivity")
-    failed = {d.name: d for d in drops(before, after, tolerance, keys)}
+
+    def found(reference: dict) -> list:
+        use = per_class and bool(reference.get("sensitivity"))
+        margins = (
+            independent_margins(reference["sensitivity"], reference.get("counts") or {})
+            if use
+            else None
+        )
+        return drops(reference, after, tolerance, keys, per_class=use, margins=margins)
+
+    failed = {d.name: d for d in found(before)}
     if original is not None:
-        for d in drops(original, after, tolerance, keys):
+        for d in found(original):
             if d.name not in failed or d.floor > failed[d.name].floor:
                 failed[d.name] = d
     parts = []
@@ -281,8 +306,11 @@ def gate(
         name = key.replace("avg_sensitivity", "average sensitivity")
         text = f"{name} {float(before[key]):.3f} -> {float(after[key]):.3f}"
         parts.append(text + (f" (below {failed[name].floor:.3f})" if name in failed else ""))
+    parts += [str(d) for name, d in failed.items() if name.startswith("sensitivity ")]
     verdict = "rejected" if failed else "promoted"
     rule = f"a drop of at most {tolerance:g} from the parent and the original model is allowed"
+    if per_class and before.get("sensitivity"):
+        rule += f" (each class's sensitivity: {tolerance:g} plus what chance moves it by)"
     where, n = "", after.get("n_validation")
     if n is not None:
         total = after.get("n_validation_total", n)

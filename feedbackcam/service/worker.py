@@ -280,7 +280,13 @@ class Worker:
         progress["phase"] = "checking"  # the gate scores the candidate on the validation set
         outcomes = self._outcomes(model, new, pending, spec)
         after, seen = self._measure(model)
-        promote, reason = gate(before, after, self.cfg.tolerance, self._original(served))
+        promote, reason = gate(
+            before,
+            after,
+            self.cfg.tolerance,
+            self._original(served),
+            per_class=self.settings.gate_per_class,
+        )
         metrics = {
             **after,
             "validation": self.validation_id,

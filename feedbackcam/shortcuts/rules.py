@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from statistics import NormalDist
 
 import numpy as np
+
+from ..selection import independent_margins
 
 # The objectives the default rule chooses among (and class feedback, the floor): the ignore
 # losses alone, and with "decide from the lesion" (and the thesis' Jaccard) on the keep masks.
@@ -57,16 +58,18 @@ def class_floors(reference: dict, tolerance: float, confidence: float = 0.95) ->
     """Per class, the lowest filled-validation sensitivity a default may have: the no-confounder
     reference's, less ``tolerance``, less what two models' sensitivities on this validation set
     can differ by chance (one-sided ``confidence``, from the class's image count)."""
-    z = NormalDist().inv_cdf(confidence)
-    counts = reference.get("val_counts") or [None] * len(reference["val_sens_filled"])
-    floors = []
-    for s, n in zip(reference["val_sens_filled"], counts, strict=True):
-        if not _finite(s):
-            floors.append(-math.inf)
-            continue
-        noise = z * math.sqrt(2 * max(s * (1 - s), 0.05) / n) if n else 0.0
-        floors.append(s - tolerance - noise)
-    return floors
+    sens = reference["val_sens_filled"]
+    counts = reference.get("val_counts") or [None] * len(sens)
+    names = [str(k) for k in range(len(sens))]
+    margins = independent_margins(
+        {k: s if _finite(s) else None for k, s in zip(names, sens, strict=True)},
+        {k: n for k, n in zip(names, counts, strict=True) if n},
+        confidence,
+    )
+    return [
+        s - tolerance - margins.get(f"sensitivity {k}", 0.0) if _finite(s) else -math.inf
+        for k, s in zip(names, sens, strict=True)
+    ]
 
 
 def choose_default(

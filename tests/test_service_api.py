@@ -399,21 +399,22 @@ def _per_class(nv, mel, n=100):
 def test_the_gate_refuses_an_update_that_trades_a_class_away_while_the_average_holds():
     before = _per_class(0.60, 0.60)
     traded = _per_class(0.95, 0.25)  # the average rises; MEL is lost
-    ok, reason = gate(before, traded, 0.02)
+    ok, reason = gate(before, traded, 0.02, per_class=True)
     assert not ok and "sensitivity MEL 0.600 -> 0.250" in reason
-    assert gate(before, traded, 0.02, per_class=False)[0]  # the averages alone let it through
+    assert gate(before, traded, 0.02)[0]  # the averages alone (the default) let it through
     # a small fall, within what chance moves a class by on 100 images, passes
-    assert gate(before, _per_class(0.64, 0.55), 0.02)[0]
+    assert gate(before, _per_class(0.64, 0.55), 0.02, per_class=True)[0]
     # the same fall on 10,000 images per class is beyond chance
-    assert not gate(_per_class(0.6, 0.6, 10_000), _per_class(0.64, 0.55, 10_000), 0.02)[0]
+    big = _per_class(0.6, 0.6, 10_000), _per_class(0.64, 0.55, 10_000)
+    assert not gate(*big, 0.02, per_class=True)[0]
     # scores kept from before the rule (no per-class numbers) compare the averages only
     plain = {"accuracy": 0.6, "avg_sensitivity": 0.6}
-    assert gate(plain, traded, 0.02)[0]
+    assert gate(plain, traded, 0.02, per_class=True)[0]
 
 
 def test_the_gate_holds_each_class_against_the_original_model_too():
     original, parent = _per_class(0.6, 0.6), _per_class(0.6, 0.45)
-    ok, reason = gate(parent, _per_class(0.62, 0.42), 0.02, original)
+    ok, reason = gate(parent, _per_class(0.62, 0.42), 0.02, original, per_class=True)
     assert not ok and "sensitivity MEL 0.600 -> 0.420" in reason
 
 

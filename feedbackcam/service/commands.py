@@ -296,11 +296,10 @@ def add_serve(sub) -> None:
         help="largest drop in validation accuracy or average sensitivity a promotion may cost",
     )
     p.add_argument(
-        "--no-gate-per-class",
-        dest="gate_per_class",
-        action="store_false",
-        help="let an update through that loses one class while accuracy and average "
-        "sensitivity hold (by default the gate refuses it)",
+        "--gate-per-class",
+        action="store_true",
+        help="also refuse an update that loses one class while accuracy and average "
+        "sensitivity hold (for a validation set free of the marked artifacts)",
     )
     p.add_argument(
         "--gate-images",

@@ -34,7 +34,10 @@ class Settings:
             sensitivity falls more than this below the current model's (negative: must improve).
         gate_per_class: the gate also refuses a candidate that loses one class (its
             validation sensitivity more than ``tolerance`` plus chance below the current
-            model's) while accuracy and average sensitivity hold.
+            model's) while accuracy and average sensitivity hold. Off by default: on a
+            validation set that carries the artifact a clinician marks, the class it stood for
+            scores higher *because* of it, and the update that removes it lowers that class's
+            validation sensitivity; turn it on with a validation set free of the artifact.
         gate_images: the gate scores every version on a class-stratified random this many
             validation images (the same ones each time; the verdict says how many); None:
             all of them.
@@ -68,7 +71,7 @@ class Settings:
     lr: float = 3e-4
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tolerance: float = 0.02
-    gate_per_class: bool = True
+    gate_per_class: bool = False
     gate_images: int | None = None
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000

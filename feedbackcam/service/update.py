@@ -273,15 +273,17 @@ def gate(
     after: dict,
     tolerance: float,
     original: dict | None = None,
-    per_class: bool = True,
+    per_class: bool = False,
 ) -> tuple[bool, str]:
     """Promote unless accuracy or average sensitivity falls more than ``tolerance`` below the
     parent's, or below the original model's (so many small allowed drops cannot add up); with
     ``per_class``, nor any class's sensitivity more than ``tolerance`` plus what the validation
     set cannot tell from chance (:func:`feedbackcam.selection.independent_margins`): an update
-    may not trade a class away, the one a marked artifact stood for included, while the average
-    holds (docs/real-artifacts.md, "The guard chooses the epoch"). Scores kept from before the
-    per-class rule have no ``sensitivity``: only the two averages are compared with them.
+    may not trade a class away while the average holds (docs/real-artifacts.md, "The guard
+    chooses the epoch"). Off by default (``Settings.gate_per_class``): on a validation set that
+    carries the marked artifact, removing it lowers the sensitivity of the class it stood for
+    there, and the rule would refuse the very update that removes it. Scores kept from before
+    the per-class rule have no ``sensitivity``: only the two averages are compared with them.
 
     The same rule as the simulations' collapse guard (:func:`feedbackcam.selection.drops`).
     """

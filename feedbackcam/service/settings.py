@@ -34,10 +34,11 @@ class Settings:
             sensitivity falls more than this below the current model's (negative: must improve).
         gate_per_class: the gate also refuses a candidate that loses one class (its
             validation sensitivity more than ``tolerance`` plus chance below the current
-            model's) while accuracy and average sensitivity hold. Off by default: on a
-            validation set that carries the artifact a clinician marks, the class it stood for
-            scores higher *because* of it, and the update that removes it lowers that class's
-            validation sensitivity; turn it on with a validation set free of the artifact.
+            model's) while accuracy and average sensitivity hold. Off by default: a model
+            with a shortcut has a class profile the shortcut made (without the artifact, the
+            confounded class's images go to another class, whose sensitivity looks perfect),
+            and the update that repairs it moves sensitivity from that class back to the
+            confounded one: a per-class rule refuses the repair (docs/real-artifacts.md).
         gate_images: the gate scores every version on a class-stratified random this many
             validation images (the same ones each time; the verdict says how many); None:
             all of them.

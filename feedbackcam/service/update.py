@@ -280,10 +280,11 @@ def gate(
     ``per_class``, nor any class's sensitivity more than ``tolerance`` plus what the validation
     set cannot tell from chance (:func:`feedbackcam.selection.independent_margins`): an update
     may not trade a class away while the average holds (docs/real-artifacts.md, "The guard
-    chooses the epoch"). Off by default (``Settings.gate_per_class``): on a validation set that
-    carries the marked artifact, removing it lowers the sensitivity of the class it stood for
-    there, and the rule would refuse the very update that removes it. Scores kept from before
-    the per-class rule have no ``sensitivity``: only the two averages are compared with them.
+    chooses the epoch"). Off by default (``Settings.gate_per_class``): a model with a shortcut
+    has a class profile the shortcut made (the confounded class's images, without the artifact,
+    go to another class), and the update that repairs it moves sensitivity from that class back
+    to the confounded one, which the rule would refuse. Scores kept from before the per-class
+    rule have no ``sensitivity``: only the two averages are compared with them.
 
     The same rule as the simulations' collapse guard (:func:`feedbackcam.selection.drops`).
     """

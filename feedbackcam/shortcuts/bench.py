@@ -97,18 +97,23 @@ def method_config(method: str, lam: float, weights=None) -> FeedbackConfig:
 
 
 class EpochChoice:
-    """The collapse guard of ``simulate`` on a benchmark's validation split, choosing the epoch
-    a fine-tune keeps.
+    """A per-class collapse guard on a benchmark's validation split, choosing the epoch a
+    fine-tune keeps (``simulate`` too keeps a guarded epoch, on average sensitivity by default).
 
     An epoch is eligible when no class's sensitivity on the filled validation images falls
     below the incoming model's floor (:func:`.rules.class_floors`: its sensitivity less
     ``tolerance`` and what two models can differ by chance on this many images). Among the
     eligible epochs, the incoming model (epoch 0) included, the lowest validation flip rate
     wins, ties to the later epoch; without a flip rate (no marked confounder on validation, the
-    trap splits) the last eligible epoch. Validation numbers only."""
+    trap splits) the last eligible epoch. Validation numbers only.
+
+    The floors come from the model being repaired: where its shortcut made one class absorb
+    another (the demo's baseline: NV 1.00, MEL 0.03 with the patch filled), the repair lowers the
+    absorbing class and is refused (docs/real-artifacts.md, "The guard chooses the epoch")."""
 
     def __init__(self, val: ShortcutEval, tolerance: float) -> None:
         self.val, self.tolerance = val, tolerance
+        self.floors: list[float] = []
         self.epoch: int | None = None
         self.history: list[dict] = []
 

@@ -440,13 +440,17 @@ class BestEpoch:
 
     Epoch 0 is the incoming model: a run in which no epoch improves on it keeps it, and
     :attr:`improved` says so. ``eligible=False`` epochs (e.g. a collapsed classifier) are
-    never kept, whatever their score.
+    never kept, whatever their score. A tie keeps the earlier epoch, or with ``later_ties`` the
+    later one.
     """
 
-    def __init__(self, model: nn.Module, score: float, info: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, score: float, info: Any = None, *, later_ties: bool = False
+    ) -> None:
         self.score = score if math.isfinite(score) else -math.inf
         self.epoch = 0
         self.info = info
+        self.later_ties = later_ties
         self.state = copy.deepcopy(model.state_dict())
 
     @property
@@ -457,7 +461,8 @@ class BestEpoch:
         self, model: nn.Module, epoch: int, score: float, info: Any = None, eligible: bool = True
     ) -> bool:
         """Keep ``model`` if it is eligible and scores higher; return whether it was kept."""
-        if not (eligible and math.isfinite(score) and score > self.score):
+        better = score >= self.score if self.later_ties else score > self.score
+        if not (eligible and math.isfinite(score) and better):
             return False
         self.score, self.epoch, self.info = score, epoch, info
         self.state = copy.deepcopy(model.state_dict())

@@ -253,15 +253,13 @@ def scores(
     if len(masked):
         summary = evaluate(model, validation.subset(masked), batch_size=16, device=device)
         jaccard = summary.jaccard.mean
-    labels = np.asarray(validation.labels)
+    per_class = {c: m.to_dict() for c, m in metrics.per_class.items()}
     return {
         "accuracy": metrics.accuracy,
         "avg_sensitivity": metrics.avg_sensitivity,
         # per class, for the gate's per-class rule (None where the class has no image)
-        "sensitivity": {
-            c: float(v) if np.isfinite(v) else None for c, v in metrics.sensitivity().items()
-        },
-        "counts": {c: int((labels == k).sum()) for k, c in enumerate(validation.classes)},
+        "sensitivity": {c: m["sensitivity"] for c, m in per_class.items()},
+        "counts": {c: m["support"] for c, m in per_class.items()},
         "jaccard_mean": None if jaccard is None or not np.isfinite(jaccard) else float(jaccard),
         "n_validation": len(validation),
         "n_jaccard": int(len(masked)),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,13 +31,20 @@ from ..fileio import write_atomic, write_json
 from ..models import build_model
 from ..objective import ADDED_TERMS, FeedbackConfig
 from ..self_explaining import SelfExplaining
-from ..train import Batching, class_weights, epoch_batches, make_optimizer, train_epochs
+from ..train import (
+    Batching,
+    BestEpoch,
+    class_weights,
+    epoch_batches,
+    make_optimizer,
+    train_epochs,
+)
 from .config import CLARC, CLASS_ONLY, WHOLE_CONTROLS, BenchConfig, Schedule, needs_keep_masks
 from .data import ShortcutData, ShortcutEval
 from .datasets import load_data
 from .metrics import shortcut_scores, val_scores
 from .report import write_outputs
-from .rules import choose_lambda, class_floors
+from .rules import below_floors, choose_lambda, class_floors, flip_key
 
 
 def make_model(n_classes: int, sched: Schedule, seed: int) -> SelfExplaining:
@@ -114,13 +120,13 @@ class EpochChoice:
     def __init__(self, val: ShortcutEval, tolerance: float) -> None:
         self.val, self.tolerance = val, tolerance
         self.floors: list[float] = []
-        self.epoch: int | None = None
         self.history: list[dict] = []
+        self._best: BestEpoch | None = None  # scored by minus the flip rate
 
-    @staticmethod
-    def _flip(row: dict) -> float:
-        flip = row["val_flip"]
-        return round(flip, 4) if flip is not None and math.isfinite(flip) else 0.0
+    @property
+    def epoch(self) -> int | None:
+        """The epoch kept (None before :meth:`start`)."""
+        return None if self._best is None else self._best.epoch
 
     @staticmethod
     def _entry(epoch: int, row: dict, eligible: bool) -> dict:
@@ -130,19 +136,17 @@ class EpochChoice:
     def start(self, model: SelfExplaining) -> None:
         row = val_scores(model, self.val)
         self.floors = class_floors(row, self.tolerance)
-        self.epoch, self._best = 0, (self._flip(row), copy.deepcopy(model.state_dict()))
+        self._best = BestEpoch(model, -flip_key(row), later_ties=True)
         self.history = [self._entry(0, row, True)]
 
     def offer(self, model: SelfExplaining, epoch: int) -> None:
         row = val_scores(model, self.val)
-        sens = row["val_sens_filled"]
-        eligible = all(v is None or v >= f - 1e-9 for v, f in zip(sens, self.floors, strict=True))
+        eligible = not below_floors(row["val_sens_filled"], self.floors)
         self.history.append(self._entry(epoch, row, eligible))
-        if eligible and self._flip(row) <= self._best[0]:
-            self.epoch, self._best = epoch, (self._flip(row), copy.deepcopy(model.state_dict()))
+        self._best.offer(model, epoch, -flip_key(row), eligible=eligible)
 
     def restore(self, model: SelfExplaining) -> None:
-        model.load_state_dict(self._best[1])
+        self._best.restore(model)
 
 
 def fine_tune(

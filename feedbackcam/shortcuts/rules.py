@@ -47,11 +47,20 @@ def choose_lambda(rows: list[dict], baseline: dict, tolerance: float) -> float:
     """
     key = guard_key([*rows, baseline])
     ok = [r for r in rows if r[key] >= baseline[key] - tolerance] or rows
+    return min(ok, key=lambda r: (flip_key(r), -r[key]))["lam"]
 
-    def flip(r: dict) -> float:  # no marked confounder on validation (trap splits): no flip
-        return r["val_flip"] if _finite(r["val_flip"]) else 0.0
 
-    return min(ok, key=lambda r: (round(flip(r), 4), -r[key]))["lam"]
+def flip_key(row: dict) -> float:
+    """A row's validation flip rate as the rules compare it: rounded to 4 decimals, and 0 where
+    there is none (no marked confounder on validation, the trap splits)."""
+    return round(row["val_flip"], 4) if _finite(row["val_flip"]) else 0.0
+
+
+def below_floors(sensitivities: list, floors: list[float]) -> list[int]:
+    """The classes (indices) whose sensitivity is below its floor (:func:`class_floors`); a
+    class without a score (None) is never below."""
+    pairs = zip(sensitivities, floors, strict=True)
+    return [k for k, (v, f) in enumerate(pairs) if v is not None and not v >= f - 1e-9]
 
 
 def class_floors(reference: dict, tolerance: float, confidence: float = 0.95) -> list[float]:
@@ -115,11 +124,7 @@ def choose_default(
             lost = []
             if floors is not None and "val_sens_filled" in run:
                 names = run.get("classes") or [str(k) for k in range(len(floors))]
-                lost = [
-                    name
-                    for name, v, f in zip(names, run["val_sens_filled"], floors, strict=True)
-                    if v is not None and not v >= f - 1e-9
-                ]
+                lost = [names[k] for k in below_floors(run["val_sens_filled"], floors)]
             table.setdefault(ds, {})[method] = {
                 "flip": run["val_flip"],
                 "score": run[key],

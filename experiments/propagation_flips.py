@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from propagation_threshold import DRAWS, GRID, KS, SPLIT_SEED, summary  # noqa: E402
+from propagation_threshold import GRID, SPLIT_SEED, summary  # noqa: E402
+from propagation_threshold import rows_of as threshold_rows  # noqa: E402
 
 from feedbackcam.models import build_model
-from feedbackcam.propagate import LITE0_LAYER, concept_proposals, offline_features
+from feedbackcam.propagate import LITE0_LAYER, offline_features
 from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import read_annotations
@@ -47,36 +48,22 @@ for name, axes in FLIPS.items():
 dev = np.random.default_rng(SPLIT_SEED).permutation(n) < n // 2
 
 
+def with_flips(flips):
+    """The ``augment`` of ``rows_of``: each marked image's flips, masks flipped alike, as
+    extra marked rows after the 2,000 images."""
+
+    def augment(hand, marks, feats):
+        extra = [(int(i), name) for i in hand for name in flips]
+        if not extra:
+            return feats, marks
+        feats = torch.cat([feats, torch.stack([flipped_feats[e] for e in extra])])
+        return feats, {**marks, **{n + j: flipped_masks[e] for j, e in enumerate(extra)}}
+
+    return augment
+
+
 def rows_of(part, flips):
-    own = [i for i in hand if part[i]]
-    rows = []
-    for k in KS:
-        for draw in range(DRAWS):
-            chosen_marks = np.random.default_rng([draw, k, 7]).choice(own, k, replace=False)
-            marks = {int(i): masks[i] for i in chosen_marks}
-            feats = features
-            if flips:
-                extra = [(int(i), nm) for i in chosen_marks for nm in flips]
-                feats = torch.cat([features, torch.stack([flipped_feats[e] for e in extra])])
-                for j, e in enumerate(extra):
-                    marks[n + j] = flipped_masks[e]
-            scores = concept_proposals(feats, marks, 256, seed=draw)
-            rest = np.setdiff1d(np.flatnonzero(part), chosen_marks)
-            truth = patched[rest]
-            for t in GRID:
-                sel = scores.scores[rest] >= t
-                tp = int((sel & truth).sum())
-                rows.append(
-                    {
-                        "k": k,
-                        "draw": draw,
-                        "threshold": t,
-                        "proposed": int(sel.sum()),
-                        "precision": round(tp / max(int(sel.sum()), 1), 4),
-                        "recall": round(tp / int(truth.sum()), 4),
-                    }
-                )
-    return rows
+    return threshold_rows(part, patched, masks, features, 256, augment=with_flips(flips))
 
 
 out = {}

@@ -33,14 +33,20 @@ DRAWS = 6
 SPLIT_SEED = 2026
 
 
-def rows_of(part, patched, masks, features, size) -> list[dict]:
-    """Precision and recall on the images of ``part`` (bool), marks drawn from its masks."""
+def rows_of(part, patched, masks, features, size, augment=None) -> list[dict]:
+    """Precision and recall on the images of ``part`` (bool), marks drawn from its masks.
+    ``augment(hand, marks, features)``, if given, returns the (features, marks) to fit on
+    instead (extra marked rows appended after the images; scores are read for the images)."""
     own = [i for i in sorted(masks) if part[i]]
     rows = []
     for k in KS:
         for draw in range(DRAWS):
             hand = np.random.default_rng([draw, k, 7]).choice(own, k, replace=False)
-            scores = concept_proposals(features, {int(i): masks[i] for i in hand}, size, seed=draw)
+            marks = {int(i): masks[i] for i in hand}
+            fit_on = features
+            if augment is not None:
+                fit_on, marks = augment(hand, marks, features)
+            scores = concept_proposals(fit_on, marks, size, seed=draw)
             rest = np.setdiff1d(np.flatnonzero(part), hand)
             truth = patched[rest]
             for t in GRID:

@@ -15,6 +15,7 @@ gradient of the global mean when ranks hold equal numbers of samples (and of mas
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -58,7 +59,15 @@ def init_from_env(device: str = "cpu") -> tuple[Dist, str]:
         device = f"cuda:{local}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # torn down before the interpreter ends: a group left to the C++ destructors can abort
+        # the rank at exit ("terminate called without an active exception", seen with gloo)
+        atexit.register(_destroy)
     return Dist(rank, world, local), device
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, ctx: Dist) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 
 from feedbackcam.fileio import write_json
 from feedbackcam.propagate import (
+    LITE0_EXPAND_AT,
     LITE0_LAYER,
     LITE0_THRESHOLD,
     colour_proposals,
@@ -53,6 +54,13 @@ def main() -> None:
         default=LITE0_THRESHOLD,
         help="propose at this score (default: the offline network's, as the command does)",
     )
+    p.add_argument(
+        "--expand-at",
+        type=float,
+        default=LITE0_EXPAND_AT,
+        help="the concept scorer's query expansion (default: the offline network's, as the "
+        "command does; a value above 1 turns it off)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -65,12 +73,13 @@ def main() -> None:
     masked = np.array(sorted(masks))
     features = offline_features(data.images, args.features_cache)
     grow = args.size // features.shape[-1]
+    expand_at = args.expand_at if args.expand_at <= 1 else None
     print(f"features {tuple(features.shape)} in {time.perf_counter() - started:.0f} s")
 
     def score(kind: str, marks: dict[int, np.ndarray], seed: int):
         """Scores of every image (outlined: the concept's, which it keeps)."""
         if kind in ("concept", "outlined"):
-            return concept_proposals(features, marks, args.size, seed=seed)
+            return concept_proposals(features, marks, args.size, seed=seed, expand_at=expand_at)
         return colour_proposals(data.images, marks, seed=seed)
 
     def masks_of(kind, marks: dict[int, np.ndarray], which, seed: int, props=None) -> list:
@@ -122,6 +131,7 @@ def main() -> None:
     out = {
         "rows": results,
         "threshold": args.threshold,
+        "expand_at": expand_at,
         "layer": LITE0_LAYER,
         "size": args.size,
         "n_images": len(data),

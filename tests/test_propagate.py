@@ -16,6 +16,7 @@ from feedbackcam.data.dataset import ArrayDataset
 from feedbackcam.data.prepared import save_prepared
 from feedbackcam.propagate import (
     DEFAULT_THRESHOLD,
+    LITE0_EXPAND_AT,
     LITE0_THRESHOLD,
     colour_proposals,
     concept_proposals,
@@ -97,6 +98,46 @@ def test_the_concept_scorer_learns_the_marked_direction_per_location():
     assert props.scores[rest][~has[rest]].max() < props.scores[rest][has[rest]].min()
 
 
+def drifting_features(patches: np.ndarray, seed: int, cells: int = 16, k: int = 16):
+    """Like :func:`direction_features`, but the artifact's direction turns from ``a`` towards
+    ``b`` (an angle drawn per image in [0, 0.8] rad): patches that differ from image to image,
+    as real ones do. Returns (features, angles)."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(len(patches), k, cells, cells, generator=g)
+    cover = torch.nn.functional.adaptive_avg_pool2d(
+        torch.from_numpy(patches).float()[:, None], cells
+    )
+    a, b = torch.randn(k, generator=g), torch.randn(k, generator=g)
+    b = b - (b @ a) / (a @ a) * a
+    b = b / b.norm() * a.norm()
+    angle = np.random.default_rng([seed, 1]).uniform(0, 0.8, len(patches))
+    angle = torch.from_numpy(angle).float()
+    direction = torch.cos(angle)[:, None] * a + torch.sin(angle)[:, None] * b
+    return features + 4 * (cover >= 0.5).float() * direction[:, :, None, None], angle.numpy()
+
+
+def test_query_expansion_finds_patches_unlike_the_marked_ones():
+    """Marks on the three patches nearest ``a``: one fit finds the patches like them; with
+    expansion, the patches it finds join the marks and the second fit reaches the patches
+    further along, without proposing unpatched images."""
+    _, patches, _, has = patched_images(150, seed=1, share=0.4)
+    features, angle = drifting_features(patches, seed=1)
+    marked = np.argsort(np.where(has, angle, np.inf))[:3]
+    marks = {int(i): patches[i] for i in marked}
+    rest = np.setdiff1d(np.arange(len(has)), marked)
+    once = concept_proposals(features, marks, SIZE)
+    expanded = concept_proposals(features, marks, SIZE, expand_at=0.9)
+    p1, r1 = _precision_recall(once.proposed(0.9)[rest], has[rest])
+    p2, r2 = _precision_recall(expanded.proposed(0.9)[rest], has[rest])
+    assert r1 < 0.6 and r2 >= r1 + 0.25 and p2 >= 0.85
+    far = rest[has[rest] & (angle[rest] > 0.5)]  # the patches least like the marked ones
+    assert expanded.scores[far].mean() > once.scores[far].mean() + 0.1
+    # no image above the expansion score, or none allowed per mark: one fit, unchanged
+    for kwargs in ({"expand_at": 1.01}, {"expand_at": 0.9, "expand_per_mark": 0}):
+        same = concept_proposals(features, marks, SIZE, **kwargs)
+        assert np.array_equal(same.scores, once.scores)
+
+
 def test_outlined_keeps_the_concept_choice_and_sharpens_its_masks():
     """On coarse cells (16 px for an 8-12 px patch) the concept's mask is blocky; outlined
     keeps the concept's scores (the same images proposed) and outlines the patch by colour."""
@@ -156,18 +197,21 @@ def test_propagate_command_writes_scored_proposals_and_their_masks(tmp_path, pre
     config = json.loads((out / "config.json").read_text())
     assert config["scorer"] == "colour" and config["marks"] == sorted(marked)
     assert config["threshold"] == DEFAULT_THRESHOLD
+    assert config["expand_at"] is None  # no expansion outside the concept scorers
     # the default scorer: the offline ImageNet network's activations (no download), proposing
-    # at that network's own threshold
+    # at that network's own threshold after its query expansion
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["scorer"] == "concept" and config["layer"] == "blocks.5"
     assert "efficientnet_lite0" in config["model"]
-    assert config["threshold"] == LITE0_THRESHOLD != DEFAULT_THRESHOLD
+    assert config["threshold"] == LITE0_THRESHOLD
+    assert config["expand_at"] == LITE0_EXPAND_AT and config["expand_per_mark"] == 10
     with open(out / "proposals.csv") as f:
         rows = list(csv.DictReader(f))
     assert all(r["proposed"] == str(int(float(r["score"]) >= LITE0_THRESHOLD)) for r in rows)
-    assert main([*args, "--threshold", "0.99"]) == 0
-    assert json.loads((out / "config.json").read_text())["threshold"] == 0.99
+    assert main([*args, "--threshold", "0.99", "--no-expand"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["threshold"] == 0.99 and config["expand_at"] is None
     assert "proposals.csv" in capsys.readouterr().out
     # outlined: the concept's choice of images, masks only inside its region
     with open(out / "proposals.csv") as f:

@@ -1,0 +1,63 @@
+"""isic-real's default objective under the per-class guard (``--select-epoch``) with another
+fine-tuning schedule than the benchmark's (docs/real-artifacts.md, "The guard chooses the
+epoch": six epochs instead of three, tried and not adopted).
+
+The baselines, their data and their baseline / reference rows are taken from an earlier run's
+folder (``--from``), so the fine-tunes start from the very models the three-epoch rows did.
+
+    python experiments/isic_real_schedule.py OUT --from BENCH --epochs 6 --lr 3e-4 \\
+        --isic-root ISIC2017_FOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from feedbackcam.shortcuts import BenchConfig, run_benchmark
+from feedbackcam.shortcuts.config import ISIC, Schedule
+
+DEFAULT = "jaccard+surroundings+invariance_balanced"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--from", dest="source", type=Path, required=True, help="a benchmark folder")
+    p.add_argument("--isic-root", required=True)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--methods", nargs="+", default=[DEFAULT])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    if not args.out.exists():
+        args.out.mkdir(parents=True)
+        for d in ("data", "models"):
+            (args.out / d).symlink_to((args.source / d).resolve())
+        keep = [
+            line
+            for line in (args.source / "runs.jsonl").read_text().splitlines()
+            if json.loads(line)["method"] in ("baseline", "no-confounder")
+        ]
+        (args.out / "runs.jsonl").write_text("\n".join(keep) + "\n")
+    torch.set_num_threads(args.threads)
+    config = BenchConfig(
+        datasets=("isic-real",),
+        seeds=tuple(args.seeds),
+        methods=tuple(args.methods),
+        lams=(0.9,),
+        controls=(),
+        fractions=(),
+        isic_root=args.isic_root,
+        isic_real=Schedule(**ISIC, epochs=args.epochs, lr=args.lr, batch=32, weighted=True),
+        select_epoch=True,
+    )
+    run_benchmark(config, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,14 @@
 """isic-real's default objective under the per-class guard (``--select-epoch``) with another
 fine-tuning schedule than the benchmark's (docs/real-artifacts.md, "The guard chooses the
-epoch": six epochs instead of three, tried and not adopted).
+epoch": six epochs instead of three, and the marked images repeated in the pool; tried, not
+adopted).
 
 The baselines, their data and their baseline / reference rows are taken from an earlier run's
 folder (``--from``), so the fine-tunes start from the very models the three-epoch rows did.
 
     python experiments/isic_real_schedule.py OUT --from BENCH --epochs 6 --lr 3e-4 \\
         --isic-root ISIC2017_FOLDER
+    python experiments/isic_real_schedule.py OUT --from BENCH --epochs 3 --repeat-marked 3 ...
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from feedbackcam.shortcuts import BenchConfig, run_benchmark
+from feedbackcam.shortcuts import BenchConfig, bench, run_benchmark
 from feedbackcam.shortcuts.config import ISIC, Schedule
 
 DEFAULT = "jaccard+surroundings+invariance_balanced"
@@ -33,7 +36,23 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=[DEFAULT])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--repeat-marked",
+        type=int,
+        default=0,
+        help="each image with an ignore mark appears this many more times in the pool",
+    )
     args = p.parse_args()
+    if args.repeat_marked:
+        pool_of = bench.feedback_pool
+
+        def repeated(data, mask_kind, fraction, g, seed):
+            pool, given = pool_of(data, mask_kind, fraction, g, seed)
+            rows = [np.arange(len(pool))] + [np.flatnonzero(given)] * args.repeat_marked
+            idx = np.concatenate(rows)
+            return pool.subset(idx), given[idx]
+
+        bench.feedback_pool = repeated
     if not args.out.exists():
         args.out.mkdir(parents=True)
         for d in ("data", "models"):

@@ -748,6 +748,49 @@ def test_target_shift_reads_the_push_towards_the_class_not_its_offset():
     assert math.isnan(target_shift(p, p, labels, torch.zeros(n, dtype=torch.bool), target))
 
 
+def test_filled_region_flip_separates_the_artifact_from_any_change_there():
+    """A model that reads a magenta patch: pasting it turns every other class into the target,
+    filling the same region with the skin's colour turns none; a model that does not read it
+    flips for neither. The benchmark reports both, so what the artifact itself adds is the
+    difference (docs/real-artifacts.md)."""
+    import math
+
+    from feedbackcam.models import SelfExplaining
+    from feedbackcam.shortcuts.data import ShortcutEval
+    from feedbackcam.shortcuts.metrics import shortcut_scores
+
+    def model(reads: float) -> SelfExplaining:
+        # class 0 (the target): how magenta the most magenta pixel is; class 1: a constant
+        net = torch.nn.Sequential()
+        net.add_module("features", torch.nn.Conv2d(3, 3, 1))
+        net.add_module("pool", torch.nn.AdaptiveMaxPool2d(1))
+        net.add_module("flat", torch.nn.Flatten())
+        with torch.no_grad():
+            net.features.weight.zero_()
+            net.features.weight[0, :, 0, 0] = reads * torch.tensor([4.0, -8.0, 4.0])
+            net.features.bias.copy_(torch.tensor([-1.0, 0.5, -5.0]))
+        return SelfExplaining(net, "features", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    n, size = 12, 16
+    rng = np.random.default_rng(0)
+    skin = np.array([205, 150, 125]) + rng.normal(0, 4, (n, size, size, 3))
+    clean = np.clip(skin, 0, 255).astype(np.uint8)
+    region = np.zeros((n, size, size), np.uint8)
+    region[:, 1:6, 1:6] = 1
+    pasted = clean.copy()
+    pasted[region.astype(bool)] = [230, 50, 210]
+    labels = np.array([1] * 8 + [2] * 4)
+    data = _tiny_pool(list(labels), size=size, ignore=region)
+    data = replace(data, images=pasted)
+    ev = ShortcutEval(data, clean, np.ones(n, bool), target=0)
+    reader = shortcut_scores(model(1.0), ev)
+    assert reader.flip_to_target == 1.0 and reader.flip_to_target_filled == 0.0
+    blind = shortcut_scores(model(0.0), ev)
+    assert blind.flip_to_target == 0.0 and blind.flip_to_target_filled == 0.0
+    untargeted = shortcut_scores(model(1.0), replace(ev, target=None))
+    assert math.isnan(untargeted.flip_to_target_filled)
+
+
 def test_whole_feedback_controls_run_for_keep_mask_methods_and_stroke_controls_do_not(
     tmp_path, monkeypatch
 ):

@@ -10,7 +10,9 @@
 - per-class sensitivity and AUC, with and without the confounder;
 - where the confounder stands for one class (isic-real's patch → NV): the share of other
   classes' images it turns into that class, and how far it pushes them towards it in log-odds
-  (independent of the class's offset).
+  (independent of the class's offset); and the same flip with the confounder's region filled
+  with the image's median colour instead: what any change there does, no object in it (a
+  model near its decision boundary flips for that too; docs/real-artifacts.md).
 
 Predictions come from :func:`feedbackcam.evaluate.predict_probs`, as everywhere else.
 """
@@ -116,6 +118,7 @@ class ShortcutScores:
     avg_sens_clean: float = math.nan
     flip_to_target: float = math.nan
     target_shift: float = math.nan
+    flip_to_target_filled: float = math.nan
     by_artifact: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -208,8 +211,18 @@ def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores
         target_shift=math.nan
         if data.target is None
         else target_shift(probs, probs_clean, labels, has, data.target),
+        flip_to_target_filled=math.nan
+        if data.target is None
+        else flip_to(filled_pred(model, data), pred_clean, labels, has, data.target),
         by_artifact=artifact_accuracy((pred_clean == labels).numpy(), data.flags),
     )
+
+
+def filled_pred(model: SelfExplaining, data: ShortcutEval) -> Tensor:
+    """Predictions on the clean images with the confounder's region filled by each image's
+    median colour outside it: the region changed, nothing in it."""
+    filled = fill_region(data.clean_images, data.confounder)
+    return predict_probs(model, filled, batch_size=BATCH).argmax(1)
 
 
 def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:

@@ -100,17 +100,20 @@ def _real_artifact_tables(main: dict[tuple, list[dict]]) -> list[str]:
         "On the clean test images (no pasted artifact), per class "
         f"({classes}), how often a pasted artifact turns another class into the one it "
         "stood for in training, and how far it pushes them towards it (mean change of that "
-        "class's log-odds; independent of the class's offset):",
+        "class's log-odds; independent of the class's offset); *region filled*: the same flip "
+        "with the artifact's region holding the image's median colour instead (a change with "
+        "no object in it: what the artifact adds is the difference):",
         "",
-        "| method | λ | flip to that class | push (log-odds) | sensitivity, clean | AUC, clean "
-        "| avg sensitivity, clean | n |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | λ | flip to that class | the same, region filled | push (log-odds) "
+        "| sensitivity, clean | AUC, clean | avg sensitivity, clean | n |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (method, _, _), rs in main.items():
         lam = rs[0]["lam"]
         lines.append(
             f"| {method} | {'' if lam is None else lam} "
             f"| {_fmt([r.get('flip_to_target') for r in rs])} "
+            f"| {_fmt([r.get('flip_to_target_filled') for r in rs])} "
             f"| {_fmt([r.get('target_shift') for r in rs])} | {per_class(rs, 'sens_clean')} "
             f"| {per_class(rs, 'auc_clean')} | {_fmt([r.get('avg_sens_clean') for r in rs])} "
             f"| {len(rs)} |"

@@ -14,19 +14,15 @@ AUC and sensitivities on the clean test images.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import platform
+import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from real_patch_floor import arguments, guarded_fine_tunes, save  # noqa: E402
 
-from feedbackcam.fileio import write_json
-from feedbackcam.shortcuts import BenchConfig
-from feedbackcam.shortcuts.bench import EpochChoice, baseline, evaluate_row, fine_tune
-from feedbackcam.shortcuts.datasets import load_data
+from feedbackcam.shortcuts.bench import evaluate_row
 
-DEFAULT = "jaccard+surroundings+invariance_balanced"
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 KEYS = ("val_flip", "val_sens_filled", "flip_to_target", "flip_to_target_filled", "auc_clean",
         "sens_clean")  # fmt: skip
@@ -43,30 +39,15 @@ def blend(base, tuned, alpha: float):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bench", type=Path, required=True, help="isic-real's data/ and models/")
-    p.add_argument("--isic-root", required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--json", type=Path, required=True)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = BenchConfig(datasets=("isic-real",), isic_root=args.isic_root, select_epoch=True)
+    args = arguments(__doc__.splitlines()[0])
     rows = []
-    for seed in args.seeds:
-        data, sched = load_data("isic-real", seed, cfg, args.bench / "data")
-        base = baseline(args.bench / "models" / f"isic-real-seed{seed}.pt", data, sched, seed)
-        choice = EpochChoice(data.val, cfg.acc_tolerance)
-        tuned, _ = fine_tune(base, data, sched, DEFAULT, 0.9, seed, choice=choice)
+    for seed, data, base, tuned, epoch in guarded_fine_tunes(args):
         for alpha in ALPHAS:
             r = evaluate_row(blend(base, tuned, alpha), data)
-            row = {"seed": seed, "epoch": choice.epoch, "alpha": alpha, **{k: r[k] for k in KEYS}}
+            row = {"seed": seed, "epoch": epoch, "alpha": alpha, **{k: r[k] for k in KEYS}}
             print(row, flush=True)
             rows.append(row)
-    write_json(
-        args.json,
-        {"rows": rows, "machine": f"{platform.machine()}, {args.threads} threads, 2-core CPU"},
-    )
+    save(args, rows)
 
 
 if __name__ == "__main__":

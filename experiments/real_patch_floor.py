@@ -61,22 +61,42 @@ def filled(clean: np.ndarray, region: np.ndarray) -> np.ndarray:
     return (x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bench", type=Path, required=True)
+def arguments(description: str) -> argparse.Namespace:
+    """The command line shared with isic_real_blend.py (threads set)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--bench", type=Path, required=True, help="isic-real's data/ and models/")
     p.add_argument("--isic-root", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def guarded_fine_tunes(args: argparse.Namespace):
+    """Per seed: (seed, data, baseline, the default's fine-tune, the epoch the per-class guard
+    kept), as ``feedbackcam shortcuts --select-epoch`` makes them from BENCH's baselines."""
     cfg = BenchConfig(datasets=("isic-real",), isic_root=args.isic_root, select_epoch=True)
-    rows = []
     for seed in args.seeds:
         data, sched = load_data("isic-real", seed, cfg, args.bench / "data")
         base = baseline(args.bench / "models" / f"isic-real-seed{seed}.pt", data, sched, seed)
         choice = EpochChoice(data.val, cfg.acc_tolerance)
         tuned, _ = fine_tune(base, data, sched, DEFAULT, 0.9, seed, choice=choice)
+        yield seed, data, base, tuned, choice.epoch
+
+
+def save(args: argparse.Namespace, rows: list[dict]) -> None:
+    write_json(
+        args.json,
+        {"rows": rows, "machine": f"{platform.machine()}, {args.threads} threads, 2-core CPU"},
+    )
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0])
+    rows = []
+    for seed, data, base, tuned, epoch in guarded_fine_tunes(args):
         test = data.test
         has = torch.from_numpy(np.asarray(test.misleads, bool))
         for name, model in (("baseline", base), ("default", tuned)):
@@ -86,7 +106,7 @@ def main() -> None:
                 row = {
                     "seed": seed,
                     "model": name,
-                    "epoch": choice.epoch if name == "default" else None,
+                    "epoch": epoch if name == "default" else None,
                     "variant": variant,
                     "flip_to_nv": flip_to(
                         probs.argmax(1), clean.argmax(1), test.labels, has, test.target
@@ -95,10 +115,7 @@ def main() -> None:
                 }
                 print(row, flush=True)
                 rows.append(row)
-    write_json(
-        args.json,
-        {"rows": rows, "machine": f"{platform.machine()}, {args.threads} threads, 2-core CPU"},
-    )
+    save(args, rows)
 
 
 if __name__ == "__main__":

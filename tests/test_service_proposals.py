@@ -128,6 +128,39 @@ def test_a_mark_proposes_the_same_artifact_and_accepting_stores_propagated_feedb
             assert session.query(Item).count() == 1 + len(items)
 
 
+def test_proposals_from_the_offline_network_find_the_patch_at_the_served_size(env, shortcut_model):
+    """``serve --propose-with offline``: the offline ImageNet EfficientNet-Lite0 (no download)
+    at 256 px with query expansion scores the images; its masks come back at the served
+    model's input, where accepting stores them."""
+    from feedbackcam.propagate import LITE0_THRESHOLD
+    from feedbackcam.service.routers import proposals as router
+
+    router._offline_network.cache_clear()
+    images, masks, has = patched(env.assets["images"])
+    with env.app(worker=False, model=shortcut_model, propose_with="offline") as client:
+        shown = [upload(client, env, rgb) for rgb in images]
+        source = mark(client, env, shown[0], masks[0])
+        r = client.post("/api/proposals", json={"items": [source["id"]]},
+                        headers=env.auth("clinician"))  # fmt: skip
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["threshold"] == LITE0_THRESHOLD and got["scored"] == len(images) - 1
+        assert router._offline_network.cache_info().currsize == 1  # scored by it, not the model
+        index = {s["image_id"]: k for k, s in enumerate(shown)}
+        ids = [p["image_id"] for p in got["proposals"]]
+        top = [index[i] for i in ids[: int(has.sum()) - 1]]
+        assert has[top].all()  # the patched images come first
+        best = got["proposals"][0]
+        m = mask_of(best["mask_png"])
+        assert m.shape == (SIZE, SIZE)
+        k = index[best["image_id"]]
+        assert (m & masks[k].astype(bool)).sum() / (m | masks[k].astype(bool)).sum() >= 0.3
+        accepted = [{"image_id": best["image_id"], "mask_base64": best["mask_png"]}]
+        req = {"items": [source["id"]], "shown_version": 1, "accepted": accepted}
+        r = client.post("/api/proposals/accept", json=req, headers=env.auth("clinician"))
+        assert r.status_code == 201, r.text
+
+
 def test_proposals_refuse_what_is_not_the_users_to_propagate(env):
     images, masks, has = patched(env.assets["images"], n=6)
     with env.app(worker=False) as client:
@@ -184,3 +217,10 @@ def test_the_readme_curl_example_for_ignore_feedback_is_accepted(env):
         r = client.post("/api/feedback", data=data, files=files, headers=env.auth("clinician"))
         assert r.status_code == 201, (fields, r.text)
         assert r.json()["ignore_mask_url"]
+
+
+def test_propose_with_names_what_it_accepts():
+    from feedbackcam.service.settings import Settings
+
+    with pytest.raises(ValueError, match="propose_with"):
+        Settings(data_dir="x", propose_with="imagenet")

@@ -97,6 +97,7 @@ def serve(args) -> int:
         feedback=feedback_config(args),
         tolerance=args.tolerance,
         gate_per_class=args.gate_per_class,
+        propose_with=args.propose_with,
         gate_images=args.gate_images,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_concurrent=args.max_concurrent,
@@ -300,6 +301,14 @@ def add_serve(sub) -> None:
         action="store_true",
         help="also refuse an update that loses one class while accuracy and average "
         "sensitivity hold (for a validation set free of the marked artifacts)",
+    )
+    p.add_argument(
+        "--propose-with",
+        choices=("served", "offline"),
+        default=d.propose_with,
+        help="score 'N more images look like this' with the served model's explanation layer, "
+        "or with the offline ImageNet EfficientNet-Lite0 at 256 px and query expansion (the "
+        "setting measured on ISIC's real patches, docs/propagation.md)",
     )
     p.add_argument(
         "--gate-images",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..objective import FeedbackConfig
 
+PROPOSE_WITH = ("served", "offline")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -39,6 +41,10 @@ class Settings:
             confounded class's images go to another class, whose sensitivity looks perfect),
             and the update that repairs it moves sensitivity from that class back to the
             confounded one: a per-class rule refuses the repair (docs/real-artifacts.md).
+        propose_with: what "N more images look like this" scores with: "served" (the served
+            model's explanation layer) or "offline" (the offline ImageNet EfficientNet-Lite0's
+            blocks.5 at 256 px, with query expansion and its threshold: the setting measured on
+            ISIC 2017's real patches, docs/propagation.md; its weights load on first use).
         gate_images: the gate scores every version on a class-stratified random this many
             validation images (the same ones each time; the verdict says how many); None:
             all of them.
@@ -73,6 +79,7 @@ class Settings:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tolerance: float = 0.02
     gate_per_class: bool = False
+    propose_with: str = "served"
     gate_images: int | None = None
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000
@@ -120,6 +127,10 @@ class Settings:
         # a NaN tolerance compares False with everything: the gate would reject every update
         if not math.isfinite(self.tolerance):
             raise ValueError(f"tolerance: expected a finite number, got {self.tolerance!r}")
+        if self.propose_with not in PROPOSE_WITH:
+            raise ValueError(
+                f"propose_with: expected one of {PROPOSE_WITH}, got {self.propose_with!r}"
+            )
         if not isinstance(self.feedback, FeedbackConfig):
             raise TypeError(f"feedback: expected a FeedbackConfig, got {self.feedback!r}")
         for name in ("low_confidence", "unfamiliar_quantile"):

@@ -2,13 +2,17 @@
 other images; accepted proposals become that clinician's ignore feedback, marked as propagated.
 
 The scorer is :mod:`feedbackcam.propagate`'s ``outlined``: a linear concept of the marked
-locations in the served model's explanation-layer activations chooses the images and where, and
-a colour model of the marked pixels outlines the artifact there.
+locations in a network's activations chooses the images and where, and a colour model of the
+marked pixels outlines the artifact there. The network is the served model's explanation layer,
+or (``serve --propose-with offline``) the offline ImageNet EfficientNet-Lite0's ``blocks.5`` at
+256 px with query expansion and its own threshold, the setting measured on ISIC 2017's real
+patches (docs/propagation.md); its masks are resized to the served model's input.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 from pathlib import PurePosixPath
 from typing import Annotated
 
@@ -32,6 +36,30 @@ router = APIRouter(tags=["proposals"])
 MAX_CANDIDATES = 2000  # stored images scored per request, newest first
 MAX_SHOWN = 500
 BATCH = 32  # images per forward pass while the served model's lock is held
+OFFLINE_SIZE = 256  # the offline network's side: the size its threshold was chosen at
+
+
+@functools.lru_cache(maxsize=1)
+def _offline_network():
+    """The offline ImageNet EfficientNet-Lite0 (built once per process, on the CPU)."""
+    from ...models import build_model
+
+    return build_model("efficientnet_lite0", 2, weights="imagenet").eval()
+
+
+def _features(runtime, images: np.ndarray, offline: bool) -> torch.Tensor:
+    """Activations of the scoring network for uint8 (N, H, W, 3) ``images``."""
+    from ...propagate import LITE0_LAYER
+    from ...self_explaining import layer_activations
+
+    if offline:
+        return layer_activations(_offline_network(), images, LITE0_LAYER, batch_size=BATCH)
+    served = runtime.registry.served
+    parts = []
+    for start in range(0, len(images), BATCH):  # the lock per batch: predictions interleave
+        with served.lock:
+            parts.append(layer_activations(served.model, images[start : start + BATCH]))
+    return torch.cat(parts)
 
 
 class ProposalRequest(BaseModel):
@@ -122,6 +150,19 @@ def _candidates(runtime, session, worklist: int | None, size: int) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def _at(masks: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, s, s) 0/1 masks resized (nearest) to ``size``: the served model's input, where
+    accepted masks are stored."""
+    if masks.shape[-1] == size:
+        return masks
+    t = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
+    return (
+        torch.nn.functional.interpolate(t, size=(size, size), mode="nearest")[:, 0]
+        .to(torch.uint8)
+        .numpy()
+    )
+
+
 def _data_url(mask: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(mask * 255)).decode()
 
@@ -133,33 +174,38 @@ def propose(
     """The images that look like the marked ones: every stored image (or a worklist's) scored
     for the artifact the given feedback items' ignore masks mark, highest first, each with a
     proposed mask. Nothing is stored: accept with ``POST /api/proposals/accept``."""
-    from ...propagate import DEFAULT_THRESHOLD, concept_proposals, outlined_masks
-    from ...self_explaining import layer_activations
+    from ...propagate import (
+        DEFAULT_THRESHOLD,
+        LITE0_EXPAND_AT,
+        LITE0_THRESHOLD,
+        concept_proposals,
+        outlined_masks,
+    )
 
     served = runtime.registry.served
     size = served.spec.input_size
-    marks_by_id = _marks(session, user, body.items, runtime, size)
+    offline = runtime.settings.propose_with == "offline"
+    side = OFFLINE_SIZE if offline else size  # where the scorer and its masks work
+    marks_by_id = _marks(session, user, body.items, runtime, side)
     ids = list(marks_by_id) + [
         i for i in _candidates(runtime, session, body.worklist, size) if i not in marks_by_id
     ]
     if len(ids) == len(marks_by_id):
         raise HTTPException(422, "no other images to look at yet")
-    images = np.stack([read_image(runtime.store.root / "images" / f"{i}.png", "RGB", size)
+    images = np.stack([read_image(runtime.store.root / "images" / f"{i}.png", "RGB", side)
                        for i in ids])  # fmt: skip
     marks = {k: marks_by_id[i] for k, i in enumerate(ids) if i in marks_by_id}
-    parts = []
-    for start in range(0, len(images), BATCH):  # the lock per batch: predictions interleave
-        with served.lock:
-            parts.append(layer_activations(served.model, images[start : start + BATCH]))
-    features = torch.cat(parts)
-    props = concept_proposals(features, marks, size)
-    threshold = DEFAULT_THRESHOLD if body.threshold is None else body.threshold
+    features = _features(runtime, images, offline)
+    props = concept_proposals(features, marks, side, expand_at=LITE0_EXPAND_AT if offline else None)
+    default = LITE0_THRESHOLD if offline else DEFAULT_THRESHOLD
+    threshold = default if body.threshold is None else body.threshold
     order = [k for k in np.argsort(-props.scores, kind="stable") if k not in marks]
     chosen = props.proposed(threshold)
     # outlined only where a mask is shown or counted: the shown images and the chosen ones
     need = sorted({*order[: body.limit], *(k for k in order if chosen[k])})
-    grow = size // features.shape[-1]
-    masks = dict(zip(need, outlined_masks(props, images, marks, need, grow), strict=True))
+    grow = side // features.shape[-1]
+    outlines = outlined_masks(props, images, marks, need, grow)
+    masks = dict(zip(need, _at(outlines, size), strict=True))
     shown = [
         Proposal(
             image_id=ids[k],

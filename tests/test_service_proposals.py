@@ -136,6 +136,7 @@ def test_proposals_from_the_offline_network_find_the_patch_at_the_served_size(en
     from feedbackcam.service.routers import proposals as router
 
     router._offline_network.cache_clear()
+    router.offline_features.clear()
     images, masks, has = patched(env.assets["images"])
     with env.app(worker=False, model=shortcut_model, propose_with="offline") as client:
         shown = [upload(client, env, rgb) for rgb in images]
@@ -146,6 +147,7 @@ def test_proposals_from_the_offline_network_find_the_patch_at_the_served_size(en
         got = r.json()
         assert got["threshold"] == LITE0_THRESHOLD and got["scored"] == len(images) - 1
         assert router._offline_network.cache_info().currsize == 1  # scored by it, not the model
+        assert router.offline_features.computed == len(images)
         index = {s["image_id"]: k for k, s in enumerate(shown)}
         ids = [p["image_id"] for p in got["proposals"]]
         top = [index[i] for i in ids[: int(has.sum()) - 1]]
@@ -159,6 +161,17 @@ def test_proposals_from_the_offline_network_find_the_patch_at_the_served_size(en
         req = {"items": [source["id"]], "shown_version": 1, "accepted": accepted}
         r = client.post("/api/proposals/accept", json=req, headers=env.auth("clinician"))
         assert r.status_code == 201, r.text
+        # asked again: the same scores from the kept activations, no image through the network
+        ask = {"items": [source["id"]]}
+        again = client.post("/api/proposals", json=ask, headers=env.auth("clinician")).json()
+        assert router.offline_features.computed == len(images)
+        assert [(p["image_id"], p["score"]) for p in again["proposals"]] == [
+            (p["image_id"], p["score"]) for p in got["proposals"]
+        ]
+        # one more image: the network sees that one only
+        upload(client, env, np.roll(images[1], 5, axis=0))
+        more = client.post("/api/proposals", json=ask, headers=env.auth("clinician")).json()
+        assert more["scored"] == len(images) and router.offline_features.computed == len(images) + 1
 
 
 def test_proposals_refuse_what_is_not_the_users_to_propagate(env):

@@ -56,17 +56,23 @@ LITE0_LAYER = "blocks.5"
 NEGATIVE_IMAGES = 200
 
 
-def offline_features(images, cache: str | Path | None = None) -> torch.Tensor:
-    """(N, K, h, w) activations of :data:`LITE0_LAYER` of the offline ImageNet
-    EfficientNet-Lite0 for ``images`` (uint8 (N, H, W, 3)); with ``cache`` (a ``.pt`` file),
-    read from it when it exists, else computed and saved there."""
+def offline_network():
+    """The offline network propagation scores with when no model is given: EfficientNet-Lite0
+    with its ImageNet weights (shipped, no download), in eval mode; read :data:`LITE0_LAYER`."""
     from .models import build_model
+
+    return build_model("efficientnet_lite0", 2, weights="imagenet").eval()
+
+
+def offline_features(images, cache: str | Path | None = None) -> torch.Tensor:
+    """(N, K, h, w) activations of :data:`LITE0_LAYER` of :func:`offline_network` for
+    ``images`` (uint8 (N, H, W, 3)); with ``cache`` (a ``.pt`` file), read from it when it
+    exists, else computed and saved there."""
     from .self_explaining import layer_activations
 
     if cache is not None and Path(cache).exists():
         return torch.load(cache)
-    model = build_model("efficientnet_lite0", 2, weights="imagenet")
-    features = layer_activations(model, images, LITE0_LAYER, batch_size=32)
+    features = layer_activations(offline_network(), images, LITE0_LAYER, batch_size=32)
     if cache is not None:
         torch.save(features, cache)
     return features

@@ -112,6 +112,7 @@ def _propagate(args) -> int:
         LITE0_THRESHOLD,
         colour_proposals,
         concept_proposals,
+        offline_network,
         outlined_masks,
     )
     from ..self_explaining import layer_activations
@@ -129,9 +130,7 @@ def _propagate(args) -> int:
             model, _, _ = load_checkpoint(args.model, map_location=args.device)
             model_name = str(args.model)
         else:
-            from ..models import build_model
-
-            model = build_model("efficientnet_lite0", 2, weights="imagenet")
+            model = offline_network()
             model_name = "efficientnet_lite0 (ImageNet, offline)"
             layer = layer or LITE0_LAYER
             if layer == LITE0_LAYER:  # the setting measured on ISIC 2017's real patches

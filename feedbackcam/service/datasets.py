@@ -74,12 +74,16 @@ def load_labelled(
     labels = np.asarray([classes.index(c) for c in data.classes])[data.labels]
     images, masks = data.images, data.masks
     if data.size != size:
-        images = np.stack([_resize(im, size) for im in images])
-        masks = np.stack([_resize(m, size) for m in masks])
+        images = np.stack([resize_nearest(im, size) for im in images])
+        masks = np.stack([resize_nearest(m, size) for m in masks])
     return ArrayDataset(images, masks, labels, data.has_mask, data.ids, tuple(classes))
 
 
-def _resize(array: np.ndarray, size: int) -> np.ndarray:
+def resize_nearest(array: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 (H, W[, 3]) image or 0/1 mask at size x size (nearest neighbour: a mask stays
+    0/1; unchanged when it has that size already)."""
+    if array.shape[:2] == (size, size):
+        return array
     return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.NEAREST))
 
 

@@ -24,6 +24,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from ..datasets import resize_nearest
 from ..db import Item, Version, WorklistEntry
 from ..deps import Clinician, RuntimeDep, SessionDep
 from ..limits import MAX_ID, decode_slot
@@ -43,10 +44,10 @@ OFFLINE_SIZE = 256  # the offline network's side: the size its threshold was cho
 
 @functools.lru_cache(maxsize=1)
 def _offline_network():
-    """The offline ImageNet EfficientNet-Lite0 (built once per process, on the CPU)."""
-    from ...models import build_model
+    """:func:`feedbackcam.propagate.offline_network`, built once per process (on the CPU)."""
+    from ...propagate import offline_network
 
-    return build_model("efficientnet_lite0", 2, weights="imagenet").eval()
+    return offline_network()
 
 
 class OfflineFeatures:
@@ -193,19 +194,6 @@ def _candidates(runtime, session, worklist: int | None, size: int) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _at(masks: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, s, s) 0/1 masks resized (nearest) to ``size``: the served model's input, where
-    accepted masks are stored."""
-    if masks.shape[-1] == size:
-        return masks
-    t = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
-    return (
-        torch.nn.functional.interpolate(t, size=(size, size), mode="nearest")[:, 0]
-        .to(torch.uint8)
-        .numpy()
-    )
-
-
 def _data_url(mask: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(mask * 255)).decode()
 
@@ -248,7 +236,7 @@ def propose(
     need = sorted({*order[: body.limit], *(k for k in order if chosen[k])})
     grow = side // features.shape[-1]
     outlines = outlined_masks(props, images, marks, need, grow)
-    masks = dict(zip(need, _at(outlines, size), strict=True))
+    masks = {k: resize_nearest(m, size) for k, m in zip(need, outlines, strict=True)}
     shown = [
         Proposal(
             image_id=ids[k],

@@ -28,6 +28,7 @@ from feedbackcam.propagate import (
     LITE0_EXPAND_AT,
     LITE0_LAYER,
     LITE0_THRESHOLD,
+    OUTLINE_FEATURES,
     colour_proposals,
     concept_proposals,
     iou,
@@ -61,6 +62,12 @@ def main() -> None:
         help="the concept scorer's query expansion (default: the offline network's, as the "
         "command does; a value above 1 turns it off)",
     )
+    p.add_argument(
+        "--outline-features",
+        default=OUTLINE_FEATURES,
+        choices=["colour", "appearance"],
+        help="what the outlined scorer outlines with (propagate.pixel_features)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -87,7 +94,11 @@ def main() -> None:
         props = props or score(kind, marks, seed)
         if kind != "outlined":
             return [props.masks()[i] for i in which]
-        return list(outlined_masks(props, data.images, marks, which, grow, seed=seed))
+        return list(
+            outlined_masks(
+                props, data.images, marks, which, grow, seed=seed, features=args.outline_features
+            )
+        )
 
     results = []
     for kind in args.scorers:
@@ -138,6 +149,7 @@ def main() -> None:
         "n_patched": int(patched.sum()),
         "seconds": round(time.perf_counter() - started, 1),
         "threads": args.threads,
+        "outline_features": args.outline_features,
     }
     if args.json:
         write_json(args.json, out)

@@ -3,7 +3,8 @@
 A simulated clinician marks the artifact by hand on k images of the feedback pool (k = 1, 5,
 25; a seeded choice among the pool's artifact images), ``feedbackcam propagate``'s concept
 scorer (on the model's own explanation layer, as ``propagate --model`` runs) chooses the images
-and where, the colour map outlines the artifact there (``--scorer outlined``), proposing a mask
+and where, a pixel model (colour and local texture by default, ``--outline-features``) outlines
+the artifact there (``--scorer outlined``), proposing a mask
 on every other image, and a reviewer accepts the proposals that overlap the true artifact (IoU >=
 0.5 with it; a proposal on an image without the artifact is rejected). The model is fine-tuned
 with the project's default objective (``FeedbackConfig()``: Jaccard + surroundings on the keep
@@ -16,12 +17,16 @@ Clicks: one per hand mark, one "accept all above the threshold", one per rejecte
 
     python experiments/propagation_efficiency.py --confounders patch --seeds 0 1 2 \\
         --json docs/propagation/efficiency_patch.json
+    python experiments/propagation_efficiency.py --confounders ruler --seeds 0 1 2 3 4 --ks 5 \\
+        --outline-features colour appearance --tune-seeds 0 1 2 --threads 2 \\
+        --json docs/propagation/efficiency_outline_ruler.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import replace
@@ -33,6 +38,7 @@ import torch
 from feedbackcam.fileio import write_json
 from feedbackcam.propagate import (
     DEFAULT_THRESHOLD,
+    OUTLINE_FEATURES,
     colour_proposals,
     concept_proposals,
     iou,
@@ -55,7 +61,18 @@ def _scores(row: dict) -> dict:
     return {k: row[k] for k in KEYS}
 
 
-def run(confounder: str, seed: int, cache: Path, ks, hand_only) -> list[dict]:
+def run(
+    confounder: str,
+    seed: int,
+    cache: Path,
+    ks,
+    hand_only,
+    outlines=(OUTLINE_FEATURES,),
+    tune_seeds=None,
+) -> list[dict]:
+    """The rows of one data seed. ``tune_seeds``: fine-tune every configuration once per seed
+    (default: the data seed alone) and report the means, each seed's scores beside them."""
+    tune_seeds = [seed] if tune_seeds is None else list(tune_seeds)
     cfg = BenchConfig()
     sched = cfg.synth
     d = synth_data(seed, confounder, cfg.synth_n)
@@ -71,8 +88,14 @@ def run(confounder: str, seed: int, cache: Path, ks, hand_only) -> list[dict]:
         given = ignore.reshape(n, -1).any(1)
         data = replace(pool, ignore=ignore.astype(np.uint8), has_ignore=given)
         started = time.perf_counter()
-        model, _ = fine_tune(base, data, sched, METHOD, LAM, seed)
-        return {**_scores(evaluate_row(model, d)), "seconds": round(time.perf_counter() - started)}
+        each = []
+        for s in tune_seeds:
+            model, _ = fine_tune(base, data, sched, METHOD, LAM, s)
+            each.append(_scores(evaluate_row(model, d)))
+        mean = {k: float(np.mean([e[k] for e in each])) for k in KEYS}
+        seconds = round((time.perf_counter() - started) / len(tune_seeds))
+        extra = {"tune_seeds": tune_seeds, "per_tune_seed": each} if len(each) > 1 else {}
+        return {**mean, "seconds": seconds, **extra}
 
     rows.append({**common, "run": "full", "marked": int(has.sum()), **tuned(true)})
     print(json.dumps(rows[-1]), flush=True)
@@ -81,35 +104,39 @@ def run(confounder: str, seed: int, cache: Path, ks, hand_only) -> list[dict]:
     for k in ks:
         hand = order[:k]
         marks = {int(i): true[i] for i in hand}
-        props = concept_proposals(features, marks, pool.size, seed=seed)
-        # the concept chooses the images and where; colour outlines the artifact there
-        props = outlined(props, colour_proposals(pool.images, marks, seed=seed), CELL)
-        proposed = props.proposed(DEFAULT_THRESHOLD)
-        proposed[hand] = False
-        masks = props.masks()
-        overlap = np.array([iou(masks[i], true[i]) if has[i] else 0.0 for i in range(n)])
-        accepted = proposed & (overlap >= ACCEPT_IOU)
-        ignore = np.zeros_like(true)
-        ignore[hand] = true[hand]
-        ignore[accepted] = masks[accepted]
-        rejected = int((proposed & ~accepted).sum())
-        row = {
-            **common,
-            "run": "propagated",
-            "k": k,
-            "proposed": int(proposed.sum()),
-            "proposed_with_artifact": int((proposed & has).sum()),
-            "accepted": int(accepted.sum()),
-            "rejected": rejected,
-            "mean_iou_proposed_with_artifact": float(overlap[proposed & has].mean())
-            if (proposed & has).any()
-            else None,
-            "marked": int(k + accepted.sum()),
-            "clicks": k + 1 + rejected,
-            **tuned(ignore),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        concept = concept_proposals(features, marks, pool.size, seed=seed)
+        for outline in outlines:
+            # the concept chooses the images and where; the pixel model outlines the artifact
+            pixels = colour_proposals(pool.images, marks, seed=seed, features=outline)
+            props = outlined(concept, pixels, CELL)
+            proposed = props.proposed(DEFAULT_THRESHOLD)
+            proposed[hand] = False
+            masks = props.masks()
+            overlap = np.array([iou(masks[i], true[i]) if has[i] else 0.0 for i in range(n)])
+            accepted = proposed & (overlap >= ACCEPT_IOU)
+            ignore = np.zeros_like(true)
+            ignore[hand] = true[hand]
+            ignore[accepted] = masks[accepted]
+            rejected = int((proposed & ~accepted).sum())
+            found = proposed & has
+            row = {
+                **common,
+                "run": "propagated",
+                "k": k,
+                "outline": outline,
+                "proposed": int(proposed.sum()),
+                "proposed_with_artifact": int(found.sum()),
+                "accepted": int(accepted.sum()),
+                "rejected": rejected,
+                "mean_iou_proposed_with_artifact": float(overlap[found].mean())
+                if found.any()
+                else None,
+                "marked": int(k + accepted.sum()),
+                "clicks": k + 1 + rejected,
+                **tuned(ignore),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         if k in hand_only:
             only = np.zeros_like(true)
             only[hand] = true[hand]
@@ -133,13 +160,37 @@ def main() -> None:
     p.add_argument("--ks", type=int, nargs="+", default=list(KS))
     p.add_argument("--hand-only", type=int, nargs="*", default=[5])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--outline-features",
+        nargs="+",
+        default=[OUTLINE_FEATURES],
+        choices=["colour", "appearance"],
+        help="what the proposals are outlined with (propagate.pixel_features); several: a run "
+        "each on the same proposals",
+    )
+    p.add_argument(
+        "--tune-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="fine-tune each configuration once per seed and report the means (default: the "
+        "data seed once)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for confounder in args.confounders:
         for seed in args.seeds:
-            rows += run(confounder, seed, args.cache, args.ks, set(args.hand_only))
+            rows += run(
+                confounder,
+                seed,
+                args.cache,
+                args.ks,
+                set(args.hand_only),
+                args.outline_features,
+                args.tune_seeds,
+            )
             meta = {
                 "rows": rows,
                 "method": METHOD,
@@ -147,8 +198,10 @@ def main() -> None:
                 "accept_iou": ACCEPT_IOU,
                 "threshold": DEFAULT_THRESHOLD,
                 "scorer": "outlined",
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-                "2-core CPU shared with another job",
+                "outline_features": args.outline_features,
+                "tune_seeds": args.tune_seeds,
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                f"{torch.get_num_threads()} torch thread(s)",
             }
             write_json(args.json, meta)
 

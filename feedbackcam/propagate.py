@@ -10,10 +10,12 @@ Two scorers, measured against each other on the real patches (docs/propagation.m
   upsampled, is the proposed mask; its maximum is the image's score.
 - ``"colour"``: colour matching, the baseline: a Gaussian of the marked pixels' colour against
   one of all other pixels, the per-pixel posterior smoothed over a small window.
-- ``"outlined"``: the concept scorer chooses the images and where, the colour map outlines the
+- ``"outlined"``: the concept scorer chooses the images and where, a pixel model outlines the
   artifact there (:func:`outlined`): a feature map's cells are coarse (8 px at the explanation
   layer of a 64 px model) for a small patch, colour alone finds skin-coloured look-alikes in
-  every image.
+  every image. The pixel model reads colour and local texture (:data:`OUTLINE_FEATURES`,
+  :func:`pixel_features`): a ruler's box is skin between thin dark ticks, which colour alone
+  cannot outline.
 
 Both return one :class:`Proposals`: a score per image (0..1) and a probability map per image at
 the images' size. An image is proposed when its score reaches ``threshold`` (default
@@ -47,6 +49,10 @@ LITE0_THRESHOLD = 0.9
 LITE0_EXPAND_AT = 0.9
 # Query expansion adds at most this many images per mark (the surest first).
 EXPAND_PER_MARK = 10
+# What the outlined scorer outlines with (:func:`pixel_features`): colour and local texture.
+# Measured against colour alone on SynthDerm's patch and ruler and ISIC 2017's real patches
+# (docs/propagation.md, "Outlined by colour and texture").
+OUTLINE_FEATURES = "appearance"
 # A proposed mask is where the map reaches this.
 MASK_THRESHOLD = 0.5
 # The offline network's layer for propagation: EfficientNet-Lite0's blocks.5 (stride 32: an
@@ -173,19 +179,46 @@ def _concept_fit(
     return Proposals(prob.max(axis=(1, 2)).astype(np.float32), _upsample(prob, image_size))
 
 
+def pixel_features(images: np.ndarray, kind: str = "colour", window: int = 5) -> np.ndarray:
+    """Per-pixel features of ``images`` (uint8 (N, H, W, 3)) in grey levels, float64 (N, H, W,
+    D): ``"colour"``, the RGB (D = 3); ``"appearance"``, the RGB, its mean and its standard
+    deviation per channel over a ``window`` x ``window`` box (D = 9, edges replicated).
+
+    Appearance is colour and local texture: a ruler's box is mostly skin between dark ticks, so
+    its pixels' colour is the skin's, while its local spread is not (docs/propagation.md)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).double().permute(0, 3, 1, 2)
+    if kind == "colour":
+        return x.permute(0, 2, 3, 1).numpy()
+    if kind != "appearance":
+        raise ValueError(f"kind: expected 'colour' or 'appearance', got {kind!r}")
+    pad = (window // 2,) * 4
+    mean = F.avg_pool2d(F.pad(x, pad, mode="replicate"), window, stride=1)
+    square = F.avg_pool2d(F.pad(x * x, pad, mode="replicate"), window, stride=1)
+    spread = (square - mean * mean).clamp_min(0).sqrt()
+    return torch.cat([x, mean, spread], 1).permute(0, 2, 3, 1).numpy()
+
+
 def colour_proposals(
-    images: np.ndarray, marks: dict[int, np.ndarray], *, window: int = 5, seed: int = 0
+    images: np.ndarray,
+    marks: dict[int, np.ndarray],
+    *,
+    window: int = 5,
+    seed: int = 0,
+    features: str = "colour",
 ) -> Proposals:
     """The colour scorer: Gaussians of the marked pixels' RGB and of the marked images' other
     pixels (a seeded sample of at most 200,000), the posterior of "marked" per pixel (equal
     priors) averaged over a ``window`` x ``window`` box; an image's score is its map's
-    maximum. The model is fitted on the marked images alone, so an image's map does not depend
-    on which other images are scored (:func:`outlined_masks` relies on it)."""
+    maximum. With ``features="appearance"`` the Gaussians are of :func:`pixel_features`'
+    colour and local texture in the same window (what :func:`outlined_masks` outlines with).
+    The model is fitted on the marked images alone, so an image's map does not depend on which
+    other images are scored (:func:`outlined_masks` relies on it)."""
     if not marks:
         raise ValueError("marks: expected at least one marked image")
     idx = np.array(sorted(marks))
     marked = np.stack([marks[i] for i in idx]).astype(bool)
-    px = images[idx].reshape(-1, 3).astype(np.float64)
+    px = pixel_features(images[idx], features, window)
+    px = px.reshape(-1, px.shape[-1])
     inside = marked.reshape(-1)
     rng = np.random.default_rng(seed)
     outside = px[~inside]
@@ -193,14 +226,14 @@ def colour_proposals(
 
     def gaussian(v: np.ndarray):
         mu = v.mean(0)
-        cov = np.cov(v.T) + np.eye(3) * 4.0  # a floor of 2 grey levels per channel
+        cov = np.cov(v.T) + np.eye(v.shape[1]) * 4.0  # a floor of 2 grey levels per feature
         inv, (_, logdet) = np.linalg.inv(cov), np.linalg.slogdet(cov)
         return mu, inv, logdet
 
     a, b = gaussian(px[inside]), gaussian(outside)
     maps = np.empty(images.shape[:3], np.float32)
     for i in range(len(images)):
-        v = images[i].reshape(-1, 3).astype(np.float64)
+        v = pixel_features(images[i : i + 1], features, window).reshape(-1, px.shape[1])
         ll = []
         for mu, inv, logdet in (a, b):
             d = v - mu
@@ -231,14 +264,19 @@ def outlined_masks(
     grow: int,
     *,
     seed: int = 0,
+    features: str | None = None,
 ) -> np.ndarray:
     """uint8 (len(which), H, W): the outlined masks (:func:`outlined`) of the images ``which``
-    (indices into ``images``) only. The colour model is applied to the marks and these images,
-    not to every scored one: outlining the few images a reviewer sees costs those alone, and
-    gives the masks that outlining all of them would."""
+    (indices into ``images``) only, outlined with ``features`` (default
+    :data:`OUTLINE_FEATURES`; see :func:`pixel_features`). The pixel model is applied to the
+    marks and these images, not to every scored one: outlining the few images a reviewer sees
+    costs those alone, and gives the masks that outlining all of them would."""
+    features = features or OUTLINE_FEATURES
     keys = sorted(marks)
     sub = np.array([*keys, *which], dtype=np.int64)
-    colour = colour_proposals(images[sub], {k: marks[j] for k, j in enumerate(keys)}, seed=seed)
+    colour = colour_proposals(
+        images[sub], {k: marks[j] for k, j in enumerate(keys)}, seed=seed, features=features
+    )
     part = Proposals(concept.scores[sub], concept.maps[sub])
     return outlined(part, colour, grow).masks()[len(keys) :]
 

@@ -18,6 +18,7 @@ from feedbackcam.propagate import (
     DEFAULT_THRESHOLD,
     LITE0_EXPAND_AT,
     LITE0_THRESHOLD,
+    OUTLINE_FEATURES,
     colour_proposals,
     concept_proposals,
     iou,
@@ -140,14 +141,16 @@ def test_query_expansion_finds_patches_unlike_the_marked_ones():
 
 def test_outlined_keeps_the_concept_choice_and_sharpens_its_masks():
     """On coarse cells (16 px for an 8-12 px patch) the concept's mask is blocky; outlined
-    keeps the concept's scores (the same images proposed) and outlines the patch by colour."""
+    keeps the concept's scores (the same images proposed) and outlines the patch by colour and
+    texture (the default outline)."""
     images, patches, _, has = patched_images()
     cells = 4
     features = direction_features(patches, cells=cells, covered=lambda c: c > 0)
     marked = np.flatnonzero(has)[:3]
     marks = {i: patches[i] for i in marked}
     concept = concept_proposals(features, marks, SIZE)
-    both = outlined(concept, colour_proposals(images, marks), grow=SIZE // cells)
+    pixels = colour_proposals(images, marks, features=OUTLINE_FEATURES)
+    both = outlined(concept, pixels, grow=SIZE // cells)
     assert np.array_equal(both.scores, concept.scores)
     rest = np.setdiff1d(np.flatnonzero(has), marked)
     coarse = np.mean([iou(concept.masks()[i], patches[i]) for i in rest])
@@ -159,6 +162,59 @@ def test_outlined_keeps_the_concept_choice_and_sharpens_its_masks():
     some = rest[::2]
     alone = outlined_masks(concept, images, marks, some, grow=SIZE // cells)
     assert np.array_equal(alone, both.masks()[some])
+
+
+def ruled_images(n: int = 90, seed: int = 0, share: float = 0.3):
+    """Like :func:`patched_images`, with a ruler instead of a patch: a 7 px box along the top or
+    bottom edge holding a dark baseline and a dark tick every 3 px, the box being the mask (as
+    SynthDerm's ruler is marked). Its pixels are mostly skin. Returns (images, boxes, has)."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    boxes = np.zeros((n, SIZE, SIZE), np.uint8)
+    has = rng.random(n) < share
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for i in range(n):
+        im = np.array([200, 150, 130]) + rng.normal(0, 10, 3) + rng.normal(0, 8, (SIZE, SIZE, 3))
+        cx, cy, r = *rng.uniform(26, 38, 2), rng.uniform(8, 12)
+        im[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = np.array([90, 60, 50]) + rng.normal(0, 10, 3)
+        if has[i]:
+            length, x0 = int(rng.integers(24, 37)), int(rng.integers(2, 8))
+            y0 = [3, SIZE - 10][int(rng.integers(2))]
+            boxes[i, y0 : y0 + 7, x0 : x0 + length] = 1
+            ink = np.zeros((SIZE, SIZE), bool)
+            ink[y0 + 1, x0 + 1 : x0 + length - 1] = True
+            for t in range(x0 + 1, x0 + length - 1, 3):
+                ink[y0 + 1 : y0 + 6, t] = True
+            im[ink] = [40, 40, 45]
+        images[i] = np.clip(im, 0, 255)
+    return images, boxes, has
+
+
+def test_a_ruler_is_outlined_by_its_texture_not_its_colour():
+    """A ruler's box is mostly skin between thin dark ticks: colour alone outlines the ticks (or
+    skin anywhere in the concept's region), colour and local texture outline the box."""
+    images, boxes, has = ruled_images()
+    cells = 8
+    features = direction_features(boxes, cells=cells, covered=lambda c: c > 0)
+    marked = np.flatnonzero(has)[:3]
+    marks = {i: boxes[i] for i in marked}
+    concept = concept_proposals(features, marks, SIZE)
+    rest = np.setdiff1d(np.flatnonzero(has), marked)
+
+    def mean_iou(kind: str) -> float:
+        pixels = colour_proposals(images, marks, features=kind)
+        masks = outlined(concept, pixels, grow=SIZE // cells).masks()
+        return float(np.mean([iou(masks[i], boxes[i]) for i in rest]))
+
+    by_colour, by_appearance = mean_iou("colour"), mean_iou("appearance")
+    assert by_appearance >= 0.6 and by_colour < 0.4
+    # the default outline is colour and texture
+    default = outlined_masks(concept, images, marks, rest, grow=SIZE // cells)
+    assert np.mean([iou(m, boxes[i]) for m, i in zip(default, rest)]) == pytest.approx(
+        by_appearance
+    )
+    with pytest.raises(ValueError, match="kind"):
+        colour_proposals(images, marks, features="shape")
 
 
 @pytest.fixture
@@ -219,6 +275,10 @@ def test_propagate_command_writes_scored_proposals_and_their_masks(tmp_path, pre
     assert main([*args, "--threshold", "0.99", "--scorer", "outlined"]) == 0
     with open(out / "proposals.csv") as f:
         assert {r["id"]: r["score"] for r in csv.DictReader(f)} == concept
+    # what outlined the masks is recorded
+    assert json.loads((out / "config.json").read_text())["outline"] == "appearance"
+    assert main([*args, "--threshold", "0.99", "--scorer", "outlined", "--outline", "colour"]) == 0
+    assert json.loads((out / "config.json").read_text())["outline"] == "colour"
 
 
 def test_propagate_names_the_bad_mark_and_writes_nothing(tmp_path, prepared, capsys):

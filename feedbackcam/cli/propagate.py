@@ -13,6 +13,7 @@ def _add_propagate(sub) -> None:
         EXPAND_PER_MARK,
         LITE0_EXPAND_AT,
         LITE0_THRESHOLD,
+        OUTLINE_FEATURES,
         SCORERS,
     )
 
@@ -57,6 +58,13 @@ def _add_propagate(sub) -> None:
         "ISIC 2017's real patches; off otherwise, where it was not measured)",
     )
     p.add_argument("--no-expand", action="store_true", help="no query expansion")
+    p.add_argument(
+        "--outline",
+        choices=("appearance", "colour"),
+        default=OUTLINE_FEATURES,
+        help="--scorer outlined: outline each proposed artifact by its colour and local texture "
+        "(the default: a ruler is thin ticks on skin), or by its colour alone",
+    )
     p.add_argument("--device", default="cpu")
 
 
@@ -147,9 +155,12 @@ def _propagate(args) -> int:
     chosen = props.proposed(threshold)
     order = [i for i in np.argsort(-props.scores, kind="stable") if i not in marks]
     written = [i for i in order if chosen[i]]
-    if args.scorer == "outlined":  # the colour map outlines the artifact, grown by a cell
+    outline = None
+    if args.scorer == "outlined":  # the pixel model outlines the artifact, grown by a cell
         grow = data.size // features.shape[-1]
-        outlines = outlined_masks(props, np.asarray(data.images), marks, written, grow)
+        images = np.asarray(data.images)
+        outline = args.outline
+        outlines = outlined_masks(props, images, marks, written, grow, features=outline)
         masks = dict(zip(written, outlines, strict=True))
     else:
         masks = props.masks()
@@ -179,6 +190,7 @@ def _propagate(args) -> int:
         "threshold": threshold,
         "expand_at": expand_at,
         "expand_per_mark": EXPAND_PER_MARK if expand_at is not None else None,
+        "outline": outline,
         "proposed": int(sum(r["proposed"] for r in rows)),
         "scored": len(rows),
     }

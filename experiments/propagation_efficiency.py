@@ -38,10 +38,13 @@ import torch
 from feedbackcam.fileio import write_json
 from feedbackcam.propagate import (
     DEFAULT_THRESHOLD,
+    LITE0_EXPAND_AT,
+    LITE0_THRESHOLD,
     OUTLINE_FEATURES,
     colour_proposals,
     concept_proposals,
     iou,
+    offline_features,
     outlined,
 )
 from feedbackcam.self_explaining import layer_activations
@@ -55,6 +58,7 @@ ACCEPT_IOU = 0.5
 KS = (1, 5, 25)
 CELL = 8  # pixels per cell of the explanation layer at 64 px
 KEYS = ("flip_rate", "acc", "acc_clean", "avg_sens")
+OFFLINE_SIZE = 256  # the offline network's side (the app's, where its threshold was chosen)
 
 
 def _scores(row: dict) -> dict:
@@ -69,9 +73,17 @@ def run(
     hand_only,
     outlines=(OUTLINE_FEATURES,),
     tune_seeds=None,
+    concept_on: str = "own",
+    full_from: Path | None = None,
 ) -> list[dict]:
     """The rows of one data seed. ``tune_seeds``: fine-tune every configuration once per seed
-    (default: the data seed alone) and report the means, each seed's scores beside them."""
+    (default: the data seed alone) and report the means, each seed's scores beside them.
+    ``concept_on``: ``"own"``, the baseline's explanation layer (``propagate --model``); or
+    ``"offline"``, the offline ImageNet EfficientNet-Lite0 on the images enlarged to 256 px
+    (nearest neighbour, as the app's ``serve --propose-with offline`` reads them), with that
+    network's threshold and query expansion. ``full_from``: the all-true-masks row of this
+    confounder and data seed read from that earlier output (run with the same fine-tuning seeds;
+    fine-tuning on this CPU is deterministic) instead of fine-tuned again."""
     tune_seeds = [seed] if tune_seeds is None else list(tune_seeds)
     cfg = BenchConfig()
     sched = cfg.synth
@@ -97,19 +109,39 @@ def run(
         extra = {"tune_seeds": tune_seeds, "per_tune_seed": each} if len(each) > 1 else {}
         return {**mean, "seconds": seconds, **extra}
 
-    rows.append({**common, "run": "full", "marked": int(has.sum()), **tuned(true)})
+    earlier = json.loads(full_from.read_text())["rows"] if full_from else []
+    full = [
+        r
+        for r in earlier
+        if r["run"] == "full" and (r["confounder"], r["seed"]) == (confounder, seed)
+    ]
+    if full_from and not full:
+        raise SystemExit(f"{full_from}: no full-mask row for {confounder} seed {seed}")
+    if full and full[0].get("tune_seeds", [seed]) != tune_seeds:
+        raise SystemExit(f"{full_from}: its full-mask row used other fine-tuning seeds")
+    full_row = (
+        full[0] if full else {**common, "run": "full", "marked": int(has.sum()), **tuned(true)}
+    )
+    rows.append({**full_row, "read_from": str(full_from)} if full else full_row)
     print(json.dumps(rows[-1]), flush=True)
-    features = layer_activations(base, pool.images)
+    threshold, expand_at = DEFAULT_THRESHOLD, None
+    if concept_on == "offline":
+        factor = OFFLINE_SIZE // pool.size
+        big = np.repeat(np.repeat(pool.images, factor, 1), factor, 2)
+        features = offline_features(big, cache / f"offline_{confounder}_{seed}.pt")
+        threshold, expand_at = LITE0_THRESHOLD, LITE0_EXPAND_AT
+    else:
+        features = layer_activations(base, pool.images)
     order = np.random.default_rng([seed, 19]).permutation(np.flatnonzero(has))
     for k in ks:
         hand = order[:k]
         marks = {int(i): true[i] for i in hand}
-        concept = concept_proposals(features, marks, pool.size, seed=seed)
+        concept = concept_proposals(features, marks, pool.size, seed=seed, expand_at=expand_at)
         for outline in outlines:
             # the concept chooses the images and where; the pixel model outlines the artifact
             pixels = colour_proposals(pool.images, marks, seed=seed, features=outline)
             props = outlined(concept, pixels, CELL)
-            proposed = props.proposed(DEFAULT_THRESHOLD)
+            proposed = props.proposed(threshold)
             proposed[hand] = False
             masks = props.masks()
             overlap = np.array([iou(masks[i], true[i]) if has[i] else 0.0 for i in range(n)])
@@ -124,6 +156,7 @@ def run(
                 "run": "propagated",
                 "k": k,
                 "outline": outline,
+                "concept_on": concept_on,
                 "proposed": int(proposed.sum()),
                 "proposed_with_artifact": int(found.sum()),
                 "accepted": int(accepted.sum()),
@@ -169,6 +202,19 @@ def main() -> None:
         "each on the same proposals",
     )
     p.add_argument(
+        "--concept",
+        choices=["own", "offline"],
+        default="own",
+        help="the concept scorer's activations: the baseline's explanation layer, or the offline "
+        "ImageNet EfficientNet-Lite0 at 256 px with its threshold and expansion",
+    )
+    p.add_argument(
+        "--full-from",
+        type=Path,
+        default=None,
+        help="read the all-true-masks rows from this earlier output instead of fine-tuning again",
+    )
+    p.add_argument(
         "--tune-seeds",
         type=int,
         nargs="+",
@@ -190,13 +236,16 @@ def main() -> None:
                 set(args.hand_only),
                 args.outline_features,
                 args.tune_seeds,
+                args.concept,
+                args.full_from,
             )
             meta = {
                 "rows": rows,
                 "method": METHOD,
                 "lam": LAM,
                 "accept_iou": ACCEPT_IOU,
-                "threshold": DEFAULT_THRESHOLD,
+                "threshold": DEFAULT_THRESHOLD if args.concept == "own" else LITE0_THRESHOLD,
+                "concept": args.concept,
                 "scorer": "outlined",
                 "outline_features": args.outline_features,
                 "tune_seeds": args.tune_seeds,

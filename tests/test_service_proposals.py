@@ -232,6 +232,27 @@ def test_the_readme_curl_example_for_ignore_feedback_is_accepted(env):
         assert r.json()["ignore_mask_url"]
 
 
+def test_the_offline_proposer_computes_the_stored_images_at_start(env, shortcut_model):
+    """``serve --propose-with offline`` computes the offline activations of the stored images
+    in the background at start: the first request then computes none of them again."""
+    from feedbackcam.service.routers import proposals as router
+
+    images, masks, _ = patched(env.assets["images"])
+    with env.app(worker=False, model=shortcut_model) as client:
+        assert client.app.state.offline_warmup is None  # the served model's layer: nothing to warm
+        shown = [upload(client, env, rgb) for rgb in images]
+        source = mark(client, env, shown[0], masks[0])
+    router.offline_features.clear()
+    with env.app(worker=False, model=shortcut_model, propose_with="offline") as client:
+        client.app.state.offline_warmup.join(timeout=600)
+        assert router.offline_features.computed == len(images)
+        r = client.post("/api/proposals", json={"items": [source["id"]]},
+                        headers=env.auth("clinician"))  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["scored"] == len(images) - 1
+        assert router.offline_features.computed == len(images)  # nothing computed again
+
+
 def test_propose_with_names_what_it_accepts():
     from feedbackcam.service.settings import Settings
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -34,16 +36,35 @@ from .settings import Settings
 from .uploads import UploadError
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     runtime = Runtime.open(app.state.settings)
     app.state.runtime = runtime
+    app.state.offline_warmup = None
+    if app.state.settings.propose_with == "offline":
+        app.state.offline_warmup = threading.Thread(
+            target=_warm_offline, args=(runtime,), name="offline-warmup", daemon=True
+        )
+        app.state.offline_warmup.start()
     try:
         yield
     finally:
         runtime.close()
+
+
+def _warm_offline(runtime) -> None:
+    """The offline proposer's activations of the stored images, computed at start
+    (:func:`.routers.proposals.warm_offline`); a failure only leaves them to the first request."""
+    from .routers.proposals import warm_offline
+
+    try:
+        done = warm_offline(runtime)
+        log.info("offline proposer: activations of %d stored images computed at start", done)
+    except Exception:  # noqa: BLE001 - the requests compute what is missing
+        log.exception("offline proposer: computing the stored images' activations at start failed")
 
 
 class BodyLimit:

@@ -253,6 +253,41 @@ def test_the_offline_proposer_computes_the_stored_images_at_start(env, shortcut_
         assert router.offline_features.computed == len(images)  # nothing computed again
 
 
+def test_offline_activations_computed_by_another_caller_are_not_computed_again():
+    """Two callers missing the same images (the start-up's warm-up and a request): the one that
+    waits for the network looks again and takes what the other computed."""
+    import threading
+
+    from feedbackcam.service.routers.proposals import OfflineFeatures
+
+    class Gate:
+        """The network's lock, saying when a caller starts waiting for it."""
+
+        def __init__(self) -> None:
+            self.lock, self.waiting = threading.Lock(), threading.Event()
+
+        def __enter__(self):
+            self.waiting.set()
+            self.lock.acquire()
+
+        def __exit__(self, *exc) -> None:
+            self.lock.release()
+
+    cache = OfflineFeatures(10)
+    cache.network_lock = gate = Gate()
+    ids, images = ["a", "b"], np.zeros((2, 32, 32, 3), np.uint8)
+    got = {}
+    with gate.lock:  # another caller is computing
+        waiter = threading.Thread(target=lambda: got.update(f=cache(ids, images)))
+        waiter.start()
+        assert gate.waiting.wait(timeout=60)  # the waiter found them missing and waits
+        done = {i: torch.full((4, 1, 1), float(k)) for k, i in enumerate(ids)}
+        cache._keep(ids, done, len(ids))  # ... and the other caller keeps its result
+    waiter.join(timeout=600)
+    assert cache.computed == len(ids)  # the waiter computed nothing
+    assert torch.equal(got["f"], torch.stack([done["a"], done["b"]]))
+
+
 def test_propose_with_names_what_it_accepts():
     from feedbackcam.service.settings import Settings
 

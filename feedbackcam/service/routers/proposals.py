@@ -74,19 +74,29 @@ class OfflineFeatures:
 
         with self.lock:
             known = {i: self.rows[i] for i in ids if i in self.rows}
-        missing = [k for k, i in enumerate(ids) if i not in known]
-        if missing:
+        if len(known) < len(set(ids)):
+            # one caller computes at a time, and looks again once it may: what another caller
+            # (the start-up's warm-up, a second request) computed meanwhile is not computed twice
             with self.network_lock:
-                new = layer_activations(_offline_network(), images[missing], LITE0_LAYER, BATCH)
-            known.update({ids[k]: f.clone() for k, f in zip(missing, new, strict=True)})
+                with self.lock:
+                    known.update({i: self.rows[i] for i in ids if i in self.rows})
+                missing = [k for k, i in enumerate(ids) if i not in known]
+                if missing:
+                    new = layer_activations(_offline_network(), images[missing], LITE0_LAYER, BATCH)
+                    known.update({ids[k]: f.clone() for k, f in zip(missing, new, strict=True)})
+                self._keep(ids, known, len(missing))
+        else:
+            self._keep(ids, known, 0)
+        return torch.stack([known[i] for i in ids])
+
+    def _keep(self, ids: list[str], known: dict, computed: int) -> None:
         with self.lock:
-            self.computed += len(missing)
+            self.computed += computed
             for i in ids:
                 self.rows[i] = known[i]
                 self.rows.move_to_end(i)
             while len(self.rows) > self.limit:
                 self.rows.popitem(last=False)
-        return torch.stack([known[i] for i in ids])
 
 
 offline_features = OfflineFeatures(MAX_CANDIDATES + 50)

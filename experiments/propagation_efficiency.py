@@ -109,20 +109,19 @@ def run(
         extra = {"tune_seeds": tune_seeds, "per_tune_seed": each} if len(each) > 1 else {}
         return {**mean, "seconds": seconds, **extra}
 
-    earlier = json.loads(full_from.read_text())["rows"] if full_from else []
-    full = [
-        r
-        for r in earlier
-        if r["run"] == "full" and (r["confounder"], r["seed"]) == (confounder, seed)
-    ]
-    if full_from and not full:
-        raise SystemExit(f"{full_from}: no full-mask row for {confounder} seed {seed}")
-    if full and full[0].get("tune_seeds", [seed]) != tune_seeds:
-        raise SystemExit(f"{full_from}: its full-mask row used other fine-tuning seeds")
-    full_row = (
-        full[0] if full else {**common, "run": "full", "marked": int(has.sum()), **tuned(true)}
-    )
-    rows.append({**full_row, "read_from": str(full_from)} if full else full_row)
+    if full_from is None:
+        rows.append({**common, "run": "full", "marked": int(has.sum()), **tuned(true)})
+    else:
+        full = [
+            r
+            for r in json.loads(full_from.read_text())["rows"]
+            if r["run"] == "full" and (r["confounder"], r["seed"]) == (confounder, seed)
+        ]
+        if not full:
+            raise SystemExit(f"{full_from}: no full-mask row for {confounder} seed {seed}")
+        if full[0].get("tune_seeds", [seed]) != tune_seeds:
+            raise SystemExit(f"{full_from}: its full-mask row used other fine-tuning seeds")
+        rows.append({**full[0], "read_from": str(full_from)})
     print(json.dumps(rows[-1]), flush=True)
     threshold, expand_at = DEFAULT_THRESHOLD, None
     if concept_on == "offline":

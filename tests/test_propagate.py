@@ -29,6 +29,17 @@ from feedbackcam.propagate import (
 SIZE = 64
 
 
+def skin_with_lesion(rng: np.random.Generator, centre: tuple, radius: tuple):
+    """Skin-coloured noise (float (SIZE, SIZE, 3)) with a dark disc, its centre and radius drawn
+    from the ``centre`` and ``radius`` ranges. Returns (image, lesion mask)."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    im = np.array([200, 150, 130]) + rng.normal(0, 10, 3) + rng.normal(0, 8, (SIZE, SIZE, 3))
+    cx, cy, r = *rng.uniform(*centre, 2), rng.uniform(*radius)
+    lesion = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+    im[lesion] = np.array([90, 60, 50]) + rng.normal(0, 10, 3)
+    return im, lesion
+
+
 def patched_images(n: int = 90, seed: int = 0, share: float = 0.3):
     """Skin-coloured noise, a dark lesion in the middle, and on ``share`` of the images a magenta
     patch of 8-12 px in a random corner. Returns (images, patch masks, lesion masks, has)."""
@@ -37,13 +48,8 @@ def patched_images(n: int = 90, seed: int = 0, share: float = 0.3):
     patches = np.zeros((n, SIZE, SIZE), np.uint8)
     lesions = np.zeros((n, SIZE, SIZE), np.uint8)
     has = rng.random(n) < share
-    yy, xx = np.mgrid[:SIZE, :SIZE]
     for i in range(n):
-        im = np.array([200, 150, 130]) + rng.normal(0, 10, 3) + rng.normal(0, 8, (SIZE, SIZE, 3))
-        cx, cy, r = *rng.uniform(24, 40, 2), rng.uniform(8, 14)
-        lesion = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
-        im[lesion] = np.array([90, 60, 50]) + rng.normal(0, 10, 3)
-        lesions[i] = lesion
+        im, lesions[i] = skin_with_lesion(rng, centre=(24, 40), radius=(8, 14))
         if has[i]:
             s, corner = int(rng.integers(8, 13)), int(rng.integers(0, 4))
             x0, y0 = [2, SIZE - s - 2][corner % 2], [2, SIZE - s - 2][corner // 2]
@@ -172,11 +178,8 @@ def ruled_images(n: int = 90, seed: int = 0, share: float = 0.3):
     images = np.empty((n, SIZE, SIZE, 3), np.uint8)
     boxes = np.zeros((n, SIZE, SIZE), np.uint8)
     has = rng.random(n) < share
-    yy, xx = np.mgrid[:SIZE, :SIZE]
     for i in range(n):
-        im = np.array([200, 150, 130]) + rng.normal(0, 10, 3) + rng.normal(0, 8, (SIZE, SIZE, 3))
-        cx, cy, r = *rng.uniform(26, 38, 2), rng.uniform(8, 12)
-        im[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = np.array([90, 60, 50]) + rng.normal(0, 10, 3)
+        im, _ = skin_with_lesion(rng, centre=(26, 38), radius=(8, 12))
         if has[i]:
             length, x0 = int(rng.integers(24, 37)), int(rng.integers(2, 8))
             y0 = [3, SIZE - 10][int(rng.integers(2))]

@@ -213,16 +213,21 @@ def shortcut_scores(model: SelfExplaining, data: ShortcutEval) -> ShortcutScores
         else target_shift(probs, probs_clean, labels, has, data.target),
         flip_to_target_filled=math.nan
         if data.target is None
-        else flip_to(filled_pred(model, data), pred_clean, labels, has, data.target),
+        else flip_to(
+            filled_pred(model, data.clean_images, data.confounder),
+            pred_clean,
+            labels,
+            has,
+            data.target,
+        ),
         by_artifact=artifact_accuracy((pred_clean == labels).numpy(), data.flags),
     )
 
 
-def filled_pred(model: SelfExplaining, data: ShortcutEval) -> Tensor:
-    """Predictions on the clean images with the confounder's region filled by each image's
-    median colour outside it: the region changed, nothing in it."""
-    filled = fill_region(data.clean_images, data.confounder)
-    return predict_probs(model, filled, batch_size=BATCH).argmax(1)
+def filled_pred(model: SelfExplaining, images: Tensor, region: Tensor) -> Tensor:
+    """Predictions on ``images`` with ``region`` filled by each image's median colour outside
+    it (:func:`~feedbackcam.counterfactual.fill_region`): the region changed, nothing in it."""
+    return predict_probs(model, fill_region(images, region), batch_size=BATCH).argmax(1)
 
 
 def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
@@ -234,7 +239,7 @@ def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
     images, labels, confounder = val.images, val.labels, val.confounder
     probs = predict_probs(model, images, batch_size=BATCH)
     pred = probs.argmax(1)
-    filled = predict_probs(model, fill_region(images, confounder), batch_size=BATCH).argmax(1)
+    filled = filled_pred(model, images, confounder)
     has = confounder.flatten(1).amax(1) > 0
     names = [str(k) for k in range(probs.shape[1])]
     on_filled = classification_metrics(

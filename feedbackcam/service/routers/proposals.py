@@ -2,11 +2,12 @@
 other images; accepted proposals become that clinician's ignore feedback, marked as propagated.
 
 The scorer is :mod:`feedbackcam.propagate`'s ``outlined``: a linear concept of the marked
-locations in a network's activations chooses the images and where, and a colour model of the
-marked pixels outlines the artifact there. The network is the served model's explanation layer,
-or (``serve --propose-with offline``) the offline ImageNet EfficientNet-Lite0's ``blocks.5`` at
-256 px with query expansion and its own threshold, the setting measured on ISIC 2017's real
-patches (docs/propagation.md); its masks are resized to the served model's input.
+locations in a network's activations chooses the images and where, and a model of the marked
+pixels' colour and local texture outlines the artifact there. The network is the served
+model's explanation layer, or (``serve --propose-with offline``) the offline ImageNet
+EfficientNet-Lite0's ``blocks.5`` at 256 px with query expansion and its own threshold, the
+setting measured on ISIC 2017's real patches (docs/propagation.md); its masks are resized to the
+served model's input.
 """
 
 from __future__ import annotations
@@ -182,6 +183,12 @@ def _newest_stored(runtime) -> list[str]:
     return [p.stem for p in files[:MAX_CANDIDATES]]
 
 
+def _read_images(runtime, ids: list[str], size: int) -> np.ndarray:
+    """uint8 (N, size, size, 3): the stored images ``ids``."""
+    root = runtime.store.root / "images"
+    return np.stack([read_image(root / f"{i}.png", "RGB", size) for i in ids])
+
+
 def warm_offline(runtime) -> int:
     """Compute the offline network's activations of the stored images a request would score
     (the newest :data:`MAX_CANDIDATES`) before anyone asks, a batch at a time; return how many
@@ -192,9 +199,7 @@ def warm_offline(runtime) -> int:
     before = offline_features.computed
     for start in range(0, len(ids), 4 * BATCH):
         part = ids[start : start + 4 * BATCH]
-        images = [read_image(runtime.store.root / "images" / f"{i}.png", "RGB", OFFLINE_SIZE)
-                  for i in part]  # fmt: skip
-        offline_features(part, np.stack(images))
+        offline_features(part, _read_images(runtime, part, OFFLINE_SIZE))
     return offline_features.computed - before
 
 
@@ -254,8 +259,7 @@ def propose(
     ]
     if len(ids) == len(marks_by_id):
         raise HTTPException(422, "no other images to look at yet")
-    images = np.stack([read_image(runtime.store.root / "images" / f"{i}.png", "RGB", side)
-                       for i in ids])  # fmt: skip
+    images = _read_images(runtime, ids, side)
     marks = {k: marks_by_id[i] for k, i in enumerate(ids) if i in marks_by_id}
     features = _features(runtime, ids, images, offline)
     props = concept_proposals(features, marks, side, expand_at=LITE0_EXPAND_AT if offline else None)

@@ -40,29 +40,85 @@ from feedbackcam.propagate import (
     DEFAULT_THRESHOLD,
     LITE0_EXPAND_AT,
     LITE0_THRESHOLD,
+    MAX_MARKS,
     OUTLINE_FEATURES,
-    colour_proposals,
     concept_proposals,
     iou,
     offline_features,
-    outlined,
+    outlined_masks,
+    round_marks,
 )
 from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.bench import baseline, evaluate_row, fine_tune
 from feedbackcam.shortcuts.config import BenchConfig
-from feedbackcam.shortcuts.data import synth_data
+from feedbackcam.shortcuts.data import isic_data, synth_data
 
 METHOD = "jaccard+surroundings+invariance_balanced"  # FeedbackConfig()'s terms
 LAM = 0.9
 ACCEPT_IOU = 0.5
 KS = (1, 5, 25)
-CELL = 8  # pixels per cell of the explanation layer at 64 px
 KEYS = ("flip_rate", "acc", "acc_clean", "avg_sens")
 OFFLINE_SIZE = 256  # the offline network's side (the app's, where its threshold was chosen)
 
 
 def _scores(row: dict) -> dict:
     return {k: row[k] for k in KEYS}
+
+
+def _propagated(images, features, true, has, hand, outline, threshold, expand_at, rounds, seed):
+    """A simulated clinician's review of up to ``rounds`` rounds of proposals from the hand marks
+    ``hand`` (pool indices): each round fits the concept on :func:`propagate.round_marks` of the
+    hand marks and the proposals accepted so far (as "Find more like these" does in the app),
+    proposes the images at ``threshold`` that no round has shown yet, outlines them, and the
+    reviewer accepts those with IoU >= 0.5 with the true artifact (accepted in the app's order,
+    highest score first, so the newest are a round's least sure). The clinician stops after a
+    round that accepts nothing. Clicks: one per hand mark; per round, one "accept all" and one
+    per rejected proposal; from the second round on, one "Find more like these"."""
+    hand = [int(i) for i in hand]
+    accepted: dict[int, np.ndarray] = {}
+    reviewed = set(hand)
+    per_round, clicks, ious = [], len(hand), []
+    for r in range(rounds):
+        keys = round_marks(hand, list(accepted))
+        marks = {i: (true[i] if i in hand else accepted[i]) for i in keys}
+        concept = concept_proposals(features, marks, images.shape[1], seed=seed,
+                                    expand_at=expand_at)  # fmt: skip
+        ranked = np.argsort(-concept.scores, kind="stable")  # the app's order, highest first
+        chosen = concept.proposed(threshold)
+        new = [int(i) for i in ranked if chosen[i] and int(i) not in reviewed]
+        clicks += 1 if r else 0  # "Find more like these"
+        if not new:
+            per_round.append({"proposed": 0, "accepted": 0, "rejected": 0})
+            break
+        grow = images.shape[1] // features.shape[-1]  # one feature cell, in pixels
+        masks = outlined_masks(concept, images, marks, new, grow, seed=seed, features=outline)
+        got = 0
+        for i, m in zip(new, masks, strict=True):
+            overlap = iou(m, true[i]) if has[i] else 0.0
+            if has[i]:
+                ious.append(overlap)
+            if overlap >= ACCEPT_IOU:
+                accepted[i] = m
+                got += 1
+        reviewed.update(new)
+        clicks += 1 + len(new) - got  # "accept all", one untick per rejected proposal
+        per_round.append({"proposed": len(new), "with_artifact": int(has[new].sum()),
+                          "accepted": got, "rejected": len(new) - got})  # fmt: skip
+        if not got:
+            break
+    proposed = sum(p["proposed"] for p in per_round)
+    return {
+        "rounds": per_round,
+        "proposed": proposed,
+        "proposed_with_artifact": sum(p.get("with_artifact", 0) for p in per_round),
+        "accepted": len(accepted),
+        "rejected": proposed - len(accepted),
+        "mean_iou_proposed_with_artifact": float(np.mean(ious)) if ious else None,
+        "marked": len(hand) + len(accepted),
+        "recall_of_artifact_images": (len(hand) + len(accepted)) / int(has.sum()),
+        "clicks": clicks,
+        "accepted_masks": accepted,
+    }
 
 
 def run(
@@ -75,6 +131,8 @@ def run(
     tune_seeds=None,
     concept_on: str = "own",
     full_from: Path | None = None,
+    rounds: int = 1,
+    isic_root: str | None = None,
 ) -> list[dict]:
     """The rows of one data seed. ``tune_seeds``: fine-tune every configuration once per seed
     (default: the data seed alone) and report the means, each seed's scores beside them.
@@ -83,11 +141,19 @@ def run(
     (nearest neighbour, as the app's ``serve --propose-with offline`` reads them), with that
     network's threshold and query expansion. ``full_from``: the all-true-masks row of this
     confounder and data seed read from that earlier output (run with the same fine-tuning seeds;
-    fine-tuning on this CPU is deterministic) instead of fine-tuned again."""
+    fine-tuning on this CPU is deterministic) instead of fine-tuned again. ``rounds``: at most
+    this many rounds of review (:func:`_propagated`). ``confounder`` ``"bandaid"``: the
+    benchmark's ISIC 2017 with pasted band-aids (``isic-bandaid``, from ``isic_root``) instead of
+    SynthDerm."""
     tune_seeds = [seed] if tune_seeds is None else list(tune_seeds)
-    cfg = BenchConfig()
-    sched = cfg.synth
-    d = synth_data(seed, confounder, cfg.synth_n)
+    if confounder == "bandaid":
+        cfg = BenchConfig(datasets=("isic-bandaid",), isic_root=isic_root)
+        sched = cfg.isic
+        d = isic_data(seed, cfg, cache / "isic")
+    else:
+        cfg = BenchConfig()
+        sched = cfg.synth
+        d = synth_data(seed, confounder, cfg.synth_n)
     base = baseline(cache / f"base_{confounder}_{seed}.pt", d, sched, seed)
     pool = d.pool
     n = len(pool)
@@ -134,39 +200,17 @@ def run(
     order = np.random.default_rng([seed, 19]).permutation(np.flatnonzero(has))
     for k in ks:
         hand = order[:k]
-        marks = {int(i): true[i] for i in hand}
-        concept = concept_proposals(features, marks, pool.size, seed=seed, expand_at=expand_at)
         for outline in outlines:
-            # the concept chooses the images and where; the pixel model outlines the artifact
-            pixels = colour_proposals(pool.images, marks, seed=seed, features=outline)
-            props = outlined(concept, pixels, CELL)
-            proposed = props.proposed(threshold)
-            proposed[hand] = False
-            masks = props.masks()
-            overlap = np.array([iou(masks[i], true[i]) if has[i] else 0.0 for i in range(n)])
-            accepted = proposed & (overlap >= ACCEPT_IOU)
+            row = _propagated(
+                pool.images, features, true, has, hand, outline, threshold, expand_at, rounds,
+                seed,
+            )  # fmt: skip
             ignore = np.zeros_like(true)
             ignore[hand] = true[hand]
-            ignore[accepted] = masks[accepted]
-            rejected = int((proposed & ~accepted).sum())
-            found = proposed & has
-            row = {
-                **common,
-                "run": "propagated",
-                "k": k,
-                "outline": outline,
-                "concept_on": concept_on,
-                "proposed": int(proposed.sum()),
-                "proposed_with_artifact": int(found.sum()),
-                "accepted": int(accepted.sum()),
-                "rejected": rejected,
-                "mean_iou_proposed_with_artifact": float(overlap[found].mean())
-                if found.any()
-                else None,
-                "marked": int(k + accepted.sum()),
-                "clicks": k + 1 + rejected,
-                **tuned(ignore),
-            }
+            for i, m in row.pop("accepted_masks").items():
+                ignore[i] = m
+            row = {**common, "run": "propagated", "k": k, "outline": outline,
+                   "concept_on": concept_on, **row, **tuned(ignore)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
         if k in hand_only:
@@ -188,7 +232,14 @@ def main() -> None:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--cache", type=Path, default=Path("/tmp/discovery"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--confounders", nargs="+", default=["patch", "ruler"])
+    p.add_argument(
+        "--confounders",
+        nargs="+",
+        default=["patch", "ruler"],
+        choices=["patch", "ruler", "bandaid"],
+        help="SynthDerm's patch and ruler; bandaid: ISIC 2017 with pasted band-aids (--isic-root)",
+    )
+    p.add_argument("--isic-root", default=None, help="ISIC 2017 folder (for bandaid)")
     p.add_argument("--ks", type=int, nargs="+", default=list(KS))
     p.add_argument("--hand-only", type=int, nargs="*", default=[5])
     p.add_argument("--threads", type=int, default=1)
@@ -221,6 +272,14 @@ def main() -> None:
         help="fine-tune each configuration once per seed and report the means (default: the "
         "data seed once)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="at most this many rounds of review, each fitted on the hand marks and the newest "
+        "accepted proposals ('Find more like these'); the clinician stops after a round that "
+        "accepts nothing",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -237,6 +296,8 @@ def main() -> None:
                 args.tune_seeds,
                 args.concept,
                 args.full_from,
+                args.rounds,
+                args.isic_root,
             )
             meta = {
                 "rows": rows,
@@ -248,6 +309,8 @@ def main() -> None:
                 "scorer": "outlined",
                 "outline_features": args.outline_features,
                 "tune_seeds": args.tune_seeds,
+                "rounds": args.rounds,
+                "max_marks": MAX_MARKS,
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                 f"{torch.get_num_threads()} torch thread(s)",
             }

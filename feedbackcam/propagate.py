@@ -60,6 +60,8 @@ MASK_THRESHOLD = 0.5
 LITE0_LAYER = "blocks.5"
 # Negatives: locations of this many unmarked images (seeded) beside the marked images' own.
 NEGATIVE_IMAGES = 200
+# The most marks one round of "Find more like these" fits on (the app's limit per request).
+MAX_MARKS = 50
 
 
 def offline_network():
@@ -279,6 +281,19 @@ def outlined_masks(
     )
     part = Proposals(concept.scores[sub], concept.maps[sub])
     return outlined(part, colour, grow).masks()[len(keys) :]
+
+
+def round_marks(hand: list, accepted: list, cap: int = MAX_MARKS) -> list:
+    """The marks the next round of "Find more like these" fits on: every hand mark, then the
+    newest accepted proposals (``accepted`` in the order they were accepted), at most ``cap``
+    in all (the hand marks first when they alone exceed it).
+
+    The newest, not the first: once the accepted proposals exceed the cap, a round fitted on
+    the hand marks and the *first* accepted ones fits the previous round's marks again and
+    finds nothing new; the newest are the images unlike the hand marks that the last round
+    reached (docs/propagation.md, "Rounds")."""
+    room = max(cap - len(hand), 0)
+    return list(hand[:cap]) + (list(accepted[-room:]) if room else [])
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

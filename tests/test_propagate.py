@@ -24,6 +24,7 @@ from feedbackcam.propagate import (
     iou,
     outlined,
     outlined_masks,
+    round_marks,
 )
 
 SIZE = 64
@@ -143,6 +144,37 @@ def test_query_expansion_finds_patches_unlike_the_marked_ones():
     for kwargs in ({"expand_at": 1.01}, {"expand_at": 0.9, "expand_per_mark": 0}):
         same = concept_proposals(features, marks, SIZE, **kwargs)
         assert np.array_equal(same.scores, once.scores)
+
+
+def test_round_marks_keep_the_hand_marks_and_the_newest_accepted():
+    assert round_marks([7, 3], [10, 11, 12], cap=10) == [7, 3, 10, 11, 12]
+    assert round_marks([7, 3], [10, 11, 12, 13], cap=4) == [7, 3, 12, 13]
+    assert round_marks([7, 3, 5], [10], cap=2) == [7, 3]
+
+
+def test_rounds_from_the_newest_accepted_reach_patches_unlike_the_marks():
+    """A reviewer accepts the patched images each round proposes; the next round fits on the
+    hand marks and the newest accepted (at most 6 marks). Fitted on the first accepted instead,
+    the rounds stall: the marks stop changing once the cap is reached."""
+    _, patches, _, has = patched_images(150, seed=1, share=0.4)
+    features, angle = drifting_features(patches, seed=1)
+    hand = [int(i) for i in np.argsort(np.where(has, angle, np.inf))[:3]]
+
+    def recall(choose) -> float:
+        accepted: list[int] = []
+        for _ in range(3):
+            props = concept_proposals(features, {i: patches[i] for i in choose(accepted)}, SIZE)
+            ranked = np.argsort(-props.scores, kind="stable")
+            accepted += [
+                int(i)
+                for i in ranked
+                if props.scores[i] >= 0.9 and has[i] and i not in hand and i not in accepted
+            ]
+        return (len(hand) + len(accepted)) / has.sum()
+
+    newest = recall(lambda accepted: round_marks(hand, accepted, cap=6))
+    first = recall(lambda accepted: (hand + accepted)[:6])
+    assert newest >= 0.9 and newest >= first + 0.3
 
 
 def test_outlined_keeps_the_concept_choice_and_sharpens_its_masks():

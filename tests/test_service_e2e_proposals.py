@@ -1,6 +1,7 @@
 """One mark, many images in the page, in real headless Chromium (issue 19): a clinician's ignore
 mark -> "Find more like this" -> one screen of outlined proposals -> untick a wrong one with one
-click -> accept the rest with one click; they are stored as that clinician's propagated feedback.
+click -> accept the rest with one click; they are stored as that clinician's propagated feedback;
+"Find more like these" looks again from the mark and the accepted ones, without the reviewed.
 No step depends on timing: every wait is for a state the page reaches."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def png(array: np.ndarray) -> bytes:
 
 
 def test_propose_and_confirm_on_one_screen(start, browser, shortcut_model, assets, tmp_path):  # noqa: F811
-    app = start(model=shortcut_model)
+    app = start(model=shortcut_model, propose_with="served")  # the ranking this test knows
     images, masks, has = patched(assets["images"], n=24)
     auth = {"Authorization": f"Bearer {app['tokens']['clinician']}"}
     shown = []
@@ -91,3 +92,15 @@ def test_propose_and_confirm_on_one_screen(start, browser, shortcut_model, asset
     # they are listed as my feedback, and can be withdrawn like any other
     mine = browser.find_element(By.ID, "mine").text
     assert all(f"#{i.id}" in mine for i in stored[-min(len(stored), 5) :])
+    # "Find more like these": a next round from the mark and the accepted ones, without the
+    # images already reviewed (the accepted and the unticked one)
+    more = browser.find_element(By.ID, "similar-more")
+    assert more.is_displayed()
+    more.click()
+    WebDriverWait(browser, 60).until(
+        lambda d: "leaving out the" in d.find_element(By.ID, "similar-summary").text
+    )
+    again = browser.find_elements(By.CSS_SELECTOR, grid)
+    assert len(again) == 23 - len(ticked)
+    assert not {b.get_attribute("data-id") for b in again} & set(ticked_ids)
+    browser.save_screenshot(str(tmp_path / "proposals_round2.png"))

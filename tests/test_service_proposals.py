@@ -78,7 +78,7 @@ def test_a_mark_proposes_the_same_artifact_and_accepting_stores_propagated_feedb
     env, shortcut_model
 ):
     images, masks, has = patched(env.assets["images"])
-    with env.app(worker=False, model=shortcut_model) as client:
+    with env.app(worker=False, model=shortcut_model, propose_with="served") as client:
         shown = [upload(client, env, rgb) for rgb in images]
         source = mark(client, env, shown[0], masks[0])
         body = {"items": [source["id"]], "threshold": 0.5}
@@ -126,19 +126,30 @@ def test_a_mark_proposes_the_same_artifact_and_accepting_stores_propagated_feedb
         assert [i["id"] for i in again.json()] == [i["id"] for i in items]
         with env.sessions() as session:
             assert session.query(Item).count() == 1 + len(items)
+        # "Find more like these": the source and the accepted marks, the reviewed images left out
+        rejected = [p["image_id"] for p in got["proposals"] if p not in proposed[:2]][:1]
+        reviewed = [a["image_id"] for a in accepted] + rejected
+        body = {"items": [source["id"]] + [i["id"] for i in items], "exclude": reviewed}
+        body["threshold"] = 0.5
+        more = client.post("/api/proposals", json=body, headers=env.auth("clinician")).json()
+        assert more["scored"] == len(images) - 1 - len(reviewed)
+        assert not {p["image_id"] for p in more["proposals"]} & {*reviewed, shown[0]["image_id"]}
+        too_many = {"items": [source["id"]] * 51}
+        r = client.post("/api/proposals", json=too_many, headers=env.auth("clinician"))
+        assert r.status_code == 422
 
 
 def test_proposals_from_the_offline_network_find_the_patch_at_the_served_size(env, shortcut_model):
-    """``serve --propose-with offline``: the offline ImageNet EfficientNet-Lite0 (no download)
-    at 256 px with query expansion scores the images; its masks come back at the served
-    model's input, where accepting stores them."""
+    """``serve --propose-with offline`` (the default): the offline ImageNet EfficientNet-Lite0
+    (no download) at 256 px with query expansion scores the images; its masks come back at the
+    served model's input, where accepting stores them."""
     from feedbackcam.propagate import LITE0_THRESHOLD
     from feedbackcam.service.routers import proposals as router
 
     router._offline_network.cache_clear()
     router.offline_features.clear()
     images, masks, has = patched(env.assets["images"])
-    with env.app(worker=False, model=shortcut_model, propose_with="offline") as client:
+    with env.app(worker=False, model=shortcut_model) as client:  # the default: offline
         shown = [upload(client, env, rgb) for rgb in images]
         source = mark(client, env, shown[0], masks[0])
         r = client.post("/api/proposals", json={"items": [source["id"]]},
@@ -238,7 +249,7 @@ def test_the_offline_proposer_computes_the_stored_images_at_start(env, shortcut_
     from feedbackcam.service.routers import proposals as router
 
     images, masks, _ = patched(env.assets["images"])
-    with env.app(worker=False, model=shortcut_model) as client:
+    with env.app(worker=False, model=shortcut_model, propose_with="served") as client:
         assert client.app.state.offline_warmup is None  # the served model's layer: nothing to warm
         shown = [upload(client, env, rgb) for rgb in images]
         source = mark(client, env, shown[0], masks[0])

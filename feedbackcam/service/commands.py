@@ -306,9 +306,10 @@ def add_serve(sub) -> None:
         "--propose-with",
         choices=("served", "offline"),
         default=d.propose_with,
-        help="score 'N more images look like this' with the served model's explanation layer, "
-        "or with the offline ImageNet EfficientNet-Lite0 at 256 px and query expansion (the "
-        "setting measured on ISIC's real patches, docs/propagation.md)",
+        help="score 'N more images look like this' with the offline ImageNet "
+        "EfficientNet-Lite0 at 256 px and query expansion (the default: the setting measured on "
+        "ISIC's real patches, docs/propagation.md; the stored images' activations are computed "
+        "in the background at start), or with the served model's explanation layer",
     )
     p.add_argument(
         "--gate-images",

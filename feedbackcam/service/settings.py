@@ -41,10 +41,12 @@ class Settings:
             confounded class's images go to another class, whose sensitivity looks perfect),
             and the update that repairs it moves sensitivity from that class back to the
             confounded one: a per-class rule refuses the repair (docs/real-artifacts.md).
-        propose_with: what "N more images look like this" scores with: "served" (the served
-            model's explanation layer) or "offline" (the offline ImageNet EfficientNet-Lite0's
-            blocks.5 at 256 px, with query expansion and its threshold: the setting measured on
-            ISIC 2017's real patches, docs/propagation.md; its weights load on first use).
+        propose_with: what "N more images look like this" scores with: "offline" (the
+            default: the offline ImageNet EfficientNet-Lite0's blocks.5 at 256 px, with query
+            expansion and its threshold: the setting measured on ISIC 2017's real patches and,
+            end to end, the better proposer on SynthDerm, docs/propagation.md; its weights load
+            on first use, and the stored images' activations are computed in the background at
+            start) or "served" (the served model's explanation layer).
         gate_images: the gate scores every version on a class-stratified random this many
             validation images (the same ones each time; the verdict says how many); None:
             all of them.
@@ -79,7 +81,7 @@ class Settings:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tolerance: float = 0.02
     gate_per_class: bool = False
-    propose_with: str = "served"
+    propose_with: str = "offline"
     gate_images: int | None = None
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000

@@ -3,11 +3,11 @@ other images; accepted proposals become that clinician's ignore feedback, marked
 
 The scorer is :mod:`feedbackcam.propagate`'s ``outlined``: a linear concept of the marked
 locations in a network's activations chooses the images and where, and a model of the marked
-pixels' colour and local texture outlines the artifact there. The network is the served
-model's explanation layer, or (``serve --propose-with offline``) the offline ImageNet
-EfficientNet-Lite0's ``blocks.5`` at 256 px with query expansion and its own threshold, the
-setting measured on ISIC 2017's real patches (docs/propagation.md); its masks are resized to the
-served model's input.
+pixels' colour and local texture outlines the artifact there. The network is (by default,
+``serve --propose-with offline``) the offline ImageNet EfficientNet-Lite0's ``blocks.5`` at
+256 px with query expansion and its own threshold, the setting measured on ISIC 2017's real
+patches (docs/propagation.md), its masks resized to the served model's input; or
+(``--propose-with served``) the served model's explanation layer.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from ...propagate import MAX_MARKS
 from ..datasets import resize_nearest
 from ..db import Item, Version, WorklistEntry
 from ..deps import Clinician, RuntimeDep, SessionDep
@@ -119,8 +120,17 @@ def _features(runtime, ids: list[str], images: np.ndarray, offline: bool) -> tor
 
 class ProposalRequest(BaseModel):
     items: Annotated[
-        list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(min_length=1, max_length=50)
+        list[Annotated[int, Field(ge=1, le=MAX_ID)]],
+        Field(min_length=1, max_length=MAX_MARKS, description="feedback items whose marks to fit"),
     ]
+    exclude: Annotated[
+        list[Annotated[str, Field(max_length=128)]],
+        Field(
+            max_length=MAX_CANDIDATES,
+            description="image ids already reviewed (accepted or rejected in earlier rounds of "
+            "'Find more like these'): scored, but neither shown nor counted",
+        ),
+    ] = []
     worklist: int | None = Field(None, ge=1, le=MAX_ID, description="score its images only")
     threshold: float | None = Field(
         None, ge=0, le=1, allow_inf_nan=False, description="default: propagate's 0.9"
@@ -192,9 +202,10 @@ def _read_images(runtime, ids: list[str], size: int) -> np.ndarray:
 def warm_offline(runtime) -> int:
     """Compute the offline network's activations of the stored images a request would score
     (the newest :data:`MAX_CANDIDATES`) before anyone asks, a batch at a time; return how many
-    were computed. ``serve --propose-with offline`` runs it in the background at start, so the
-    first "Find more like this" does not pay for every stored image (about 90 ms an image on a
-    2-core CPU: 3 min for 2,000)."""
+    were computed. ``serve`` (with the default ``--propose-with offline``) runs it in the
+    background at start, so the first "Find more like this" does not pay for every stored
+    image (40-90 ms an image on a 2-core CPU: 1.5-3 min for 2,000; predictions meanwhile
+    take about twice as long at the 95th percentile, bench/offline_warmup.py)."""
     ids = _newest_stored(runtime)
     before = offline_features.computed
     for start in range(0, len(ids), 4 * BATCH):
@@ -240,7 +251,10 @@ def propose(
 ) -> Proposals:
     """The images that look like the marked ones: every stored image (or a worklist's) scored
     for the artifact the given feedback items' ignore masks mark, highest first, each with a
-    proposed mask. Nothing is stored: accept with ``POST /api/proposals/accept``."""
+    proposed mask; the images in ``exclude`` (reviewed in earlier rounds) are left out. Nothing
+    is stored: accept with ``POST /api/proposals/accept``. The page's "Find more like these"
+    asks again with the source mark and the newest accepted proposals
+    (:func:`feedbackcam.propagate.round_marks`), excluding what was reviewed."""
     from ...propagate import (
         DEFAULT_THRESHOLD,
         LITE0_EXPAND_AT,
@@ -265,7 +279,9 @@ def propose(
     props = concept_proposals(features, marks, side, expand_at=LITE0_EXPAND_AT if offline else None)
     default = LITE0_THRESHOLD if offline else DEFAULT_THRESHOLD
     threshold = default if body.threshold is None else body.threshold
-    order = [k for k in np.argsort(-props.scores, kind="stable") if k not in marks]
+    reviewed = set(body.exclude)
+    skip = set(marks) | {k for k, i in enumerate(ids) if i in reviewed}
+    order = [k for k in np.argsort(-props.scores, kind="stable") if k not in skip]
     chosen = props.proposed(threshold)
     # outlined only where a mask is shown or counted: the shown images and the chosen ones
     need = sorted({*order[: body.limit], *(k for k in order if chosen[k])})

@@ -971,18 +971,38 @@ async function withdraw(id) {
 }
 
 // ------------------------------------------------------------------ one mark, many images
-const similar = { source: null, version: null, proposals: [], ticked: new Set() };
+// A chain of rounds: the source mark, then "Find more like these" asks again from the source and
+// the newest accepted proposals (at most MAX_MARKS marks, as propagate.round_marks chooses them),
+// leaving out every image already reviewed (accepted, or proposed and left unticked).
+const MAX_MARKS = 50;
+const similar = {
+  source: null, version: null, proposals: [], ticked: new Set(), chain: [], reviewed: new Set(),
+};
 
-async function findSimilar(id) {
+function findSimilar(id) {
+  Object.assign(similar, { source: id, chain: [], reviewed: new Set() });
+  return lookForSimilar();
+}
+
+function findMore() {
+  return lookForSimilar();
+}
+
+async function lookForSimilar() {
   $("similar").hidden = false;
+  $("similar-more").hidden = true;
   $("similar-grid").replaceChildren();
   say("similar-summary", "Looking for the same artifact in the other images…");
-  const body = { items: [id], limit: 100 };
+  const items = [similar.source, ...similar.chain.slice(-(MAX_MARKS - 1))];
+  const body = { items, exclude: [...similar.reviewed], limit: 100 };
   if (state.worklist) body.worklist = state.worklist.id;
+  const from = similar.chain.length
+    ? ` from #${similar.source} and ${items.length - 1} accepted image(s), leaving out the ${similar.reviewed.size} reviewed`
+    : "";
   try {
     const got = await api("/api/proposals", jsonBody("POST", body));
-    Object.assign(similar, { source: id, version: got.version, proposals: got.proposals });
-    similar.found = `${got.proposed} more image(s) look like this at a score of ${got.threshold.toFixed(2)} or more (${got.scored} looked at; the ${got.proposals.length} most alike are shown)`;
+    Object.assign(similar, { version: got.version, proposals: got.proposals });
+    similar.found = `${got.proposed} more image(s) look like this at a score of ${got.threshold.toFixed(2)} or more${from} (${got.scored} looked at; the ${got.proposals.length} most alike are shown)`;
     $("similar-threshold").value = got.threshold;
     await renderSimilar();
     tickFrom(got.threshold);
@@ -1065,6 +1085,9 @@ async function renderSimilar() {
 async function acceptSimilar() {
   const chosen = similar.proposals.filter((p) => similar.ticked.has(p.image_id));
   if (!chosen.length) return;
+  const threshold = Number($("similar-threshold").value);
+  // reviewed: the accepted ones, and the ones offered (at or above the slider) left unticked
+  const offered = similar.proposals.filter((p) => p.outlined && p.score >= threshold);
   const body = {
     items: [similar.source],
     shown_version: similar.version,
@@ -1074,11 +1097,14 @@ async function acceptSimilar() {
   try {
     const items = await api("/api/proposals/accept", jsonBody("POST", body));
     for (const item of items) state.mine.set(item.id, { item, before: null, region: null, label: item.label, agree: false });
+    for (const p of [...chosen, ...offered]) similar.reviewed.add(p.image_id);
+    for (const item of items) if (!similar.chain.includes(item.id)) similar.chain.push(item.id);
     renderMine();
     $("similar-grid").replaceChildren();
     similar.proposals = [];
     similar.ticked = new Set();
-    say("similar-summary", `${items.length} image(s) added as your "must not matter" feedback, found from #${similar.source}. They wait for the next update; each can be withdrawn below.`);
+    $("similar-more").hidden = false;
+    say("similar-summary", `${items.length} image(s) added as your "must not matter" feedback, found from #${similar.source}. They wait for the next update; each can be withdrawn below. "Find more like these" looks again from your mark and the ${similar.chain.length} accepted.`);
   } catch (error) {
     say("similar-summary", `Not stored: ${error.message}`, true);
     updateAcceptButton();
@@ -1087,9 +1113,9 @@ async function acceptSimilar() {
 
 function closeSimilar() {
   $("similar").hidden = true;
+  $("similar-more").hidden = true;
   $("similar-grid").replaceChildren();
-  similar.proposals = [];
-  similar.ticked = new Set();
+  Object.assign(similar, { proposals: [], ticked: new Set(), chain: [], reviewed: new Set() });
 }
 
 // ------------------------------------------------------------------ following updates
@@ -1565,6 +1591,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("agree").addEventListener("click", onAgree);
   $("similar-accept").addEventListener("click", acceptSimilar);
   $("similar-close").addEventListener("click", closeSimilar);
+  $("similar-more").addEventListener("click", findMore);
   $("similar-threshold").addEventListener("input", (event) => tickFrom(Number(event.target.value)));
   $("update-now").addEventListener("click", updateNow);
   $("export").addEventListener("click", downloadExport);

@@ -9,6 +9,12 @@ From k hand masks (k = 1, 5, 25 of the 25 patch masks; seeded draws), each score
 Rulers and skin markers have image-level lists but no pixel masks, so no strokes to start from:
 not measured here.
 
+With ``--rounds R``: the app's "Find more like these" instead (outlined scorer, k = 1 and 5):
+a reviewer accepts each round's new proposals that are patched images (where a hand mask
+exists, only at IoU >= 0.5 with it; the other 96 patched images have no mask to check the
+outline against), the next round fits on ``propagate.round_marks`` of the hand marks and the
+accepted, leaving out what was reviewed; the chain stops after a round that accepts nothing.
+
     python experiments/propagate_patches.py --isic-root ../shared/data/isic2017-256 \\
         --cache /tmp/isic256 --json docs/propagation/patches.json
 """
@@ -34,6 +40,7 @@ from feedbackcam.propagate import (
     iou,
     offline_features,
     outlined_masks,
+    round_marks,
 )
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import read_annotations
@@ -68,6 +75,12 @@ def main() -> None:
         choices=["colour", "appearance"],
         help="what the outlined scorer outlines with (propagate.pixel_features)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="measure chains of at most this many rounds of review instead (k = 1 and 5)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -100,7 +113,59 @@ def main() -> None:
             )
         )
 
+    def chain(hand: list[int], seed: int) -> dict:
+        accepted: dict[int, np.ndarray] = {}
+        reviewed, per_round, clicks = set(hand), [], len(hand)
+        for r in range(args.rounds):
+            marks = {
+                i: masks[i] if i in hand else accepted[i] for i in round_marks(hand, list(accepted))
+            }
+            props = score("outlined", marks, seed)
+            ranked = np.argsort(-props.scores, kind="stable")
+            chosen = props.proposed(args.threshold)
+            new = [int(i) for i in ranked if chosen[i] and int(i) not in reviewed]
+            clicks += 1 if r else 0
+            if not new:
+                per_round.append({"proposed": 0, "accepted": 0, "rejected": 0})
+                break
+            outlines = masks_of("outlined", marks, new, seed, props)
+            got = 0
+            for i, m in zip(new, outlines, strict=True):
+                ok = patched[i] and m.any() and (i not in masks or iou(m, masks[i]) >= 0.5)
+                if ok:
+                    accepted[i] = m
+                    got += 1
+            reviewed.update(new)
+            clicks += 1 + len(new) - got
+            per_round.append({"proposed": len(new), "patched": int(patched[new].sum()),
+                              "accepted": got, "rejected": len(new) - got})  # fmt: skip
+            if not got:
+                break
+        others = int(patched.sum()) - len(hand)
+        found = sum(p.get("patched", 0) for p in per_round)
+        proposed = sum(p["proposed"] for p in per_round)
+        return {
+            "rounds": per_round,
+            "proposed": proposed,
+            "precision": round(found / max(proposed, 1), 4),
+            "recall": round(found / others, 4),
+            "accepted": len(accepted),
+            "recall_accepted": round(len(accepted) / others, 4),
+            "clicks": clicks,
+        }
+
     results = []
+    if args.rounds:
+        for k in (1, 5):
+            for draw in range(args.draws):
+                rng = np.random.default_rng([draw, k])
+                hand = [int(i) for i in rng.choice(masked, k, replace=False)]
+                row = {"scorer": "outlined", "k": k, "draw": draw}
+                row.update(chain(hand, draw))
+                print(json.dumps(row), flush=True)
+                results.append(row)
+        args.scorers = []
+
     for kind in args.scorers:
         for k in (1, 5, 25):
             draws = 1 if k == len(masked) else args.draws
@@ -150,6 +215,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "threads": args.threads,
         "outline_features": args.outline_features,
+        "rounds": args.rounds,
     }
     if args.json:
         write_json(args.json, out)

@@ -133,6 +133,7 @@ def run(
     full_from: Path | None = None,
     rounds: int = 1,
     isic_root: str | None = None,
+    tune: bool = True,
 ) -> list[dict]:
     """The rows of one data seed. ``tune_seeds``: fine-tune every configuration once per seed
     (default: the data seed alone) and report the means, each seed's scores beside them.
@@ -144,7 +145,8 @@ def run(
     fine-tuning on this CPU is deterministic) instead of fine-tuned again. ``rounds``: at most
     this many rounds of review (:func:`_propagated`). ``confounder`` ``"bandaid"``: the
     benchmark's ISIC 2017 with pasted band-aids (``isic-bandaid``, from ``isic_root``) instead of
-    SynthDerm."""
+    SynthDerm. ``tune=False``: the proposals and the review alone (offline concept only; no
+    model is trained or fine-tuned)."""
     tune_seeds = [seed] if tune_seeds is None else list(tune_seeds)
     if confounder == "bandaid":
         cfg = BenchConfig(datasets=("isic-bandaid",), isic_root=isic_root)
@@ -154,13 +156,15 @@ def run(
         cfg = BenchConfig()
         sched = cfg.synth
         d = synth_data(seed, confounder, cfg.synth_n)
-    base = baseline(cache / f"base_{confounder}_{seed}.pt", d, sched, seed)
     pool = d.pool
     n = len(pool)
     true = pool.ignore
     has = true.reshape(n, -1).any(1)
     common = {"confounder": confounder, "seed": seed, "pool": n, "with_artifact": int(has.sum())}
-    rows = [{**common, "run": "baseline", **_scores(evaluate_row(base, d))}]
+    if not tune and concept_on != "offline":
+        raise SystemExit("--no-tune needs --concept offline (the own layer is the baseline's)")
+    base = baseline(cache / f"base_{confounder}_{seed}.pt", d, sched, seed) if tune else None
+    rows = [{**common, "run": "baseline", **_scores(evaluate_row(base, d))}] if tune else []
 
     def tuned(ignore: np.ndarray) -> dict:
         given = ignore.reshape(n, -1).any(1)
@@ -175,7 +179,9 @@ def run(
         extra = {"tune_seeds": tune_seeds, "per_tune_seed": each} if len(each) > 1 else {}
         return {**mean, "seconds": seconds, **extra}
 
-    if full_from is None:
+    if not tune:
+        pass
+    elif full_from is None:
         rows.append({**common, "run": "full", "marked": int(has.sum()), **tuned(true)})
     else:
         full = [
@@ -188,7 +194,8 @@ def run(
         if full[0].get("tune_seeds", [seed]) != tune_seeds:
             raise SystemExit(f"{full_from}: its full-mask row used other fine-tuning seeds")
         rows.append({**full[0], "read_from": str(full_from)})
-    print(json.dumps(rows[-1]), flush=True)
+    if rows:
+        print(json.dumps(rows[-1]), flush=True)
     threshold, expand_at = DEFAULT_THRESHOLD, None
     if concept_on == "offline":
         factor = OFFLINE_SIZE // pool.size
@@ -209,16 +216,19 @@ def run(
             ignore[hand] = true[hand]
             for i, m in row.pop("accepted_masks").items():
                 ignore[i] = m
+            scores = tuned(ignore) if tune else {}
             row = {**common, "run": "propagated", "k": k, "outline": outline,
-                   "concept_on": concept_on, **row, **tuned(ignore)}  # fmt: skip
+                   "concept_on": concept_on, **row, **scores}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if k in hand_only:
+        if k in hand_only and tune:
             only = np.zeros_like(true)
             only[hand] = true[hand]
             rows.append({**common, "run": "hand only", "k": k, "marked": k, "clicks": k,
                          **tuned(only)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
+    if not tune:
+        return rows
     base_flip, full_flip = rows[0]["flip_rate"], rows[1]["flip_rate"]
     base_acc, full_acc = rows[0]["acc"], rows[1]["acc"]
     for r in rows[2:]:
@@ -280,6 +290,12 @@ def main() -> None:
         "accepted proposals ('Find more like these'); the clinician stops after a round that "
         "accepts nothing",
     )
+    p.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="the proposals and the review alone: no model trained or fine-tuned (--concept "
+        "offline)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -298,6 +314,7 @@ def main() -> None:
                 args.full_from,
                 args.rounds,
                 args.isic_root,
+                not args.no_tune,
             )
             meta = {
                 "rows": rows,

@@ -97,6 +97,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--last-epoch",
+        action="store_true",
+        help="keep the last epoch instead of the one the per-class guard chooses (what the "
+        "guard refused)",
+    )
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,7 +145,7 @@ def main() -> None:
             ignore[i] = resize_nearest(m, pool.size)
         marked = ignore.reshape(len(pool), -1).any(1)
         data = replace(pool, ignore=ignore, has_ignore=marked)
-        choice = EpochChoice(d.val, cfg.acc_tolerance)
+        choice = None if args.last_epoch else EpochChoice(d.val, cfg.acc_tolerance)
         started = time.perf_counter()
         model, _ = fine_tune(base, data, sched, METHOD, LAM, seed, choice=choice)
         scores = evaluate_row(model, d)
@@ -154,8 +160,8 @@ def main() -> None:
             "marked": int(marked.sum()),
             "clicks": got["clicks"],
             "review_seconds": review_seconds,
-            "epoch": choice.epoch,
-            "epochs": choice.history,
+            "epoch": choice.epoch if choice else "last",
+            "epochs": choice.history if choice else None,
             "seconds": round(time.perf_counter() - started),
             **scores,
         }
@@ -168,6 +174,7 @@ def main() -> None:
                 "rows": rows,
                 "method": METHOD,
                 "lam": LAM,
+                "epoch": "last" if args.last_epoch else "chosen by the per-class guard",
                 "bench": str(args.bench),
                 "threshold": LITE0_THRESHOLD,
                 "expand_at": LITE0_EXPAND_AT,

@@ -42,18 +42,21 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, {{tests!r}})
     from test_distributed import CFG, make_data, make_model
 
-    ctx, device = init_from_env("cpu")
-    images, masks, labels = make_data()
-    data = TensorData(images, masks, labels, torch.ones(len(labels), dtype=torch.bool))
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ddp = wrap(model, ctx)
-    for epoch in range({EPOCHS}):
-        stats = train_one_epoch(ddp, data, torch.arange(len(labels)).numpy(), opt, CFG,
-                            batch_size={BATCH}, generator=None, ctx=ctx, epoch=epoch,
-                            seed={SEED})
-    if ctx.is_main:
-        torch.save({{"state": model.state_dict(), "loss": stats["train_loss"]}}, sys.argv[1])
+    def main():  # the DDP wrapper is released when it returns, as in the library's code paths
+        ctx, device = init_from_env("cpu")
+        images, masks, labels = make_data()
+        data = TensorData(images, masks, labels, torch.ones(len(labels), dtype=torch.bool))
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ddp = wrap(model, ctx)
+        for epoch in range({EPOCHS}):
+            stats = train_one_epoch(ddp, data, torch.arange(len(labels)).numpy(), opt, CFG,
+                                batch_size={BATCH}, generator=None, ctx=ctx, epoch=epoch,
+                                seed={SEED})
+        if ctx.is_main:
+            torch.save({{"state": model.state_dict(), "loss": stats["train_loss"]}}, sys.argv[1])
+
+    main()
     """
 )
 
@@ -111,3 +114,32 @@ def test_shards_partition_the_epoch_and_single_process_is_unsharded():
     shares = [shard_order(10, epoch=1, seed=0, ctx=Dist(r, 2)) for r in range(2)]
     assert sorted(torch.cat(shares).tolist()) == list(range(10))
     assert local_batch_size(8, SINGLE) == 8
+
+
+def test_teardown_releases_a_ddp_wrapper_left_in_a_reference_cycle(tmp_path):
+    """A DDP wrapper kept alive by a reference cycle holds the gloo group past
+    destroy_process_group; torn down at interpreter exit, it aborted a rank now and then. The
+    exit handler collects such cycles before destroying the group (automatic collection is off
+    here, so only the handler can free it)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from feedbackcam.distributed import _destroy
+
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    gc.disable()
+    try:
+        ddp = DistributedDataParallel(make_model())
+        ddp.__dict__["cycle"] = [ddp]
+        alive = weakref.ref(ddp)
+        del ddp
+        _destroy()
+        assert alive() is None and not dist.is_initialized()
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -65,30 +65,43 @@ def _scores(row: dict) -> dict:
     return {k: row[k] for k in KEYS}
 
 
-def _propagated(images, features, true, has, hand, outline, threshold, expand_at, rounds, seed):
+def _propagated(
+    images, features, true, has, hand, outline, threshold, expand_at, rounds, seed, chains=1
+):
     """A simulated clinician's review of up to ``rounds`` rounds of proposals from the hand marks
     ``hand`` (pool indices): each round fits the concept on :func:`propagate.round_marks` of the
     hand marks and the proposals accepted so far (as "Find more like these" does in the app),
     proposes the images at ``threshold`` that no round has shown yet, outlines them, and the
     reviewer accepts those with IoU >= 0.5 with the true artifact (accepted in the app's order,
-    highest score first, so the newest are a round's least sure). The clinician stops after a
-    round that accepts nothing. Clicks: one per hand mark; per round, one "accept all" and one
-    per rejected proposal; from the second round on, one "Find more like these"."""
+    highest score first, so the newest are a round's least sure). The chain ends after a round
+    that accepts nothing.
+
+    ``chains`` > 1: when that round's proposals did carry the artifact (found, outlined wrong),
+    the clinician paints the surest of them by hand and starts a new chain from that mark alone
+    ("Find more like this" on it; the images already marked are not offered again, as the app
+    leaves out an image whose mark covers the place found); at most ``chains`` chains.
+
+    Clicks: one per hand mark (the painted ones too); per round, one "accept all" and one per
+    rejected proposal; one per "Find more like these" / "Find more like this" after the
+    first."""
     hand = [int(i) for i in hand]
+    painted: list[int] = []
     accepted: dict[int, np.ndarray] = {}
+    source, chain_accepted = list(hand), []
     reviewed = set(hand)
     per_round, clicks, ious = [], len(hand), []
-    for r in range(rounds):
-        keys = round_marks(hand, list(accepted))
-        marks = {i: (true[i] if i in hand else accepted[i]) for i in keys}
+    chain, r = 0, 0
+    while r < rounds:
+        keys = round_marks(source, chain_accepted)
+        marks = {i: (accepted[i] if i in accepted else true[i]) for i in keys}
         concept = concept_proposals(features, marks, images.shape[1], seed=seed,
                                     expand_at=expand_at)  # fmt: skip
         ranked = np.argsort(-concept.scores, kind="stable")  # the app's order, highest first
         chosen = concept.proposed(threshold)
         new = [int(i) for i in ranked if chosen[i] and int(i) not in reviewed]
-        clicks += 1 if r else 0  # "Find more like these"
+        clicks += 1 if r or chain else 0  # "Find more like these" / "... like this"
         if not new:
-            per_round.append({"proposed": 0, "accepted": 0, "rejected": 0})
+            per_round.append({"chain": chain, "proposed": 0, "accepted": 0, "rejected": 0})
             break
         grow = images.shape[1] // features.shape[-1]  # one feature cell, in pixels
         masks = outlined_masks(concept, images, marks, new, grow, seed=seed, features=outline)
@@ -99,23 +112,37 @@ def _propagated(images, features, true, has, hand, outline, threshold, expand_at
                 ious.append(overlap)
             if overlap >= ACCEPT_IOU:
                 accepted[i] = m
+                chain_accepted.append(i)
                 got += 1
         reviewed.update(new)
         clicks += 1 + len(new) - got  # "accept all", one untick per rejected proposal
-        per_round.append({"proposed": len(new), "with_artifact": int(has[new].sum()),
-                          "accepted": got, "rejected": len(new) - got})  # fmt: skip
+        per_round.append({"chain": chain, "proposed": len(new),
+                          "with_artifact": int(has[new].sum()), "accepted": got,
+                          "rejected": len(new) - got})  # fmt: skip
+        r += 1
         if not got:
-            break
+            found = [i for i in new if has[i]]
+            if not found or chain + 1 >= chains:
+                break
+            paint = found[0]  # the surest image that carries the artifact, outlined wrong
+            painted.append(paint)
+            clicks += 1
+            chain, r = chain + 1, 0
+            source, chain_accepted = [paint], []
+            reviewed = {*hand, *painted, *accepted}  # a new chain: only the marked are left out
     proposed = sum(p["proposed"] for p in per_round)
+    marked = len(hand) + len(painted) + len(accepted)
     return {
         "rounds": per_round,
+        "chains": chain + 1,
+        "painted": painted,
         "proposed": proposed,
         "proposed_with_artifact": sum(p.get("with_artifact", 0) for p in per_round),
         "accepted": len(accepted),
         "rejected": proposed - len(accepted),
         "mean_iou_proposed_with_artifact": float(np.mean(ious)) if ious else None,
-        "marked": len(hand) + len(accepted),
-        "recall_of_artifact_images": (len(hand) + len(accepted)) / int(has.sum()),
+        "marked": marked,
+        "recall_of_artifact_images": marked / int(has.sum()),
         "clicks": clicks,
         "accepted_masks": accepted,
     }
@@ -134,6 +161,7 @@ def run(
     rounds: int = 1,
     isic_root: str | None = None,
     tune: bool = True,
+    chains: int = 1,
 ) -> list[dict]:
     """The rows of one data seed. ``tune_seeds``: fine-tune every configuration once per seed
     (default: the data seed alone) and report the means, each seed's scores beside them.
@@ -146,7 +174,7 @@ def run(
     this many rounds of review (:func:`_propagated`). ``confounder`` ``"bandaid"``: the
     benchmark's ISIC 2017 with pasted band-aids (``isic-bandaid``, from ``isic_root``) instead of
     SynthDerm. ``tune=False``: the proposals and the review alone (offline concept only; no
-    model is trained or fine-tuned)."""
+    model is trained or fine-tuned). ``chains``: see :func:`_propagated`."""
     tune_seeds = [seed] if tune_seeds is None else list(tune_seeds)
     if confounder == "bandaid":
         cfg = BenchConfig(datasets=("isic-bandaid",), isic_root=isic_root)
@@ -210,10 +238,11 @@ def run(
         for outline in outlines:
             row = _propagated(
                 pool.images, features, true, has, hand, outline, threshold, expand_at, rounds,
-                seed,
+                seed, chains,
             )  # fmt: skip
             ignore = np.zeros_like(true)
             ignore[hand] = true[hand]
+            ignore[row["painted"]] = true[row["painted"]]
             for i, m in row.pop("accepted_masks").items():
                 ignore[i] = m
             scores = tuned(ignore) if tune else {}
@@ -291,6 +320,13 @@ def main() -> None:
         "accepts nothing",
     )
     p.add_argument(
+        "--chains",
+        type=int,
+        default=1,
+        help="at most this many chains: after a round that found the artifact but outlined it "
+        "wrong, the clinician paints one of those by hand and starts again from it",
+    )
+    p.add_argument(
         "--no-tune",
         action="store_true",
         help="the proposals and the review alone: no model trained or fine-tuned (--concept "
@@ -315,6 +351,7 @@ def main() -> None:
                 args.rounds,
                 args.isic_root,
                 not args.no_tune,
+                args.chains,
             )
             meta = {
                 "rows": rows,
@@ -327,6 +364,7 @@ def main() -> None:
                 "outline_features": args.outline_features,
                 "tune_seeds": args.tune_seeds,
                 "rounds": args.rounds,
+                "chains": args.chains,
                 "max_marks": MAX_MARKS,
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                 f"{torch.get_num_threads()} torch thread(s)",

@@ -21,6 +21,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -183,6 +184,26 @@ def _marks(session, user, ids: list[int], runtime, size: int) -> dict[str, np.nd
     return marks
 
 
+def _marked_already(session, user, runtime, ids: list[str], side: int) -> dict[str, np.ndarray]:
+    """{image id: the union of this user's ignore masks on it} for the images ``ids`` that
+    carry one (withdrawn feedback left out), at ``side`` px."""
+    paths = {f"images/{i}.png": i for i in ids}
+    items = session.scalars(
+        select(Item).where(
+            Item.user_id == user.id,
+            Item.ignore_mask_path.is_not(None),
+            Item.status != "withdrawn",
+            Item.image_path.in_(list(paths)),
+        )
+    ).all()
+    out: dict[str, np.ndarray] = {}
+    for item in items:
+        mask = read_image(runtime.store.absolute(item.ignore_mask_path), "L", side) > 127
+        image_id = paths[item.image_path]
+        out[image_id] = out[image_id] | mask if image_id in out else mask
+    return out
+
+
 def _newest_stored(runtime) -> list[str]:
     """The newest :data:`MAX_CANDIDATES` stored images' ids, newest first."""
     files = sorted(
@@ -251,7 +272,8 @@ def propose(
 ) -> Proposals:
     """The images that look like the marked ones: every stored image (or a worklist's) scored
     for the artifact the given feedback items' ignore masks mark, highest first, each with a
-    proposed mask; the images in ``exclude`` (reviewed in earlier rounds) are left out. Nothing
+    proposed mask; the images in ``exclude`` (reviewed in earlier rounds), and those where this
+    clinician's ignore feedback already covers the place found, are left out. Nothing
     is stored: accept with ``POST /api/proposals/accept``. The page's "Find more like these"
     asks again with the source mark and the newest accepted proposals
     (:func:`feedbackcam.propagate.round_marks`), excluding what was reviewed."""
@@ -276,16 +298,28 @@ def propose(
     images = _read_images(runtime, ids, side)
     marks = {k: marks_by_id[i] for k, i in enumerate(ids) if i in marks_by_id}
     features = _features(runtime, ids, images, offline)
+    others = [i for i in ids if i not in marks_by_id]
+    already = _marked_already(session, user, runtime, others, side)
     props = concept_proposals(features, marks, side, expand_at=LITE0_EXPAND_AT if offline else None)
     default = LITE0_THRESHOLD if offline else DEFAULT_THRESHOLD
     threshold = default if body.threshold is None else body.threshold
     reviewed = set(body.exclude)
     skip = set(marks) | {k for k, i in enumerate(ids) if i in reviewed}
+    # an image this clinician already marked where the artifact is found (the concept's peak
+    # within a feature cell of the mark) is not offered again: a new chain from a new mark
+    # would otherwise offer every image accepted before; one marked elsewhere still is
+    grow = side // features.shape[-1]
+    for k, i in enumerate(ids):
+        if i in already and k not in skip:
+            near = F.max_pool2d(torch.from_numpy(already[i]).float()[None, None],
+                                2 * grow + 1, stride=1, padding=grow)[0, 0].numpy() > 0  # fmt: skip
+            y, x = np.unravel_index(np.argmax(props.maps[k]), props.maps[k].shape)
+            if near[y, x]:
+                skip.add(k)
     order = [k for k in np.argsort(-props.scores, kind="stable") if k not in skip]
     chosen = props.proposed(threshold)
     # outlined only where a mask is shown or counted: the shown images and the chosen ones
     need = sorted({*order[: body.limit], *(k for k in order if chosen[k])})
-    grow = side // features.shape[-1]
     outlines = outlined_masks(props, images, marks, need, grow)
     masks = {k: resize_nearest(m, size) for k, m in zip(need, outlines, strict=True)}
     shown = [

@@ -33,11 +33,9 @@ from feedbackcam.fileio import write_json
 from feedbackcam.propagate import (
     LITE0_EXPAND_AT,
     LITE0_THRESHOLD,
-    concept_proposals,
     iou,
     offline_features,
-    outlined_masks,
-    round_marks,
+    review_rounds,
 )
 from feedbackcam.service.datasets import resize_nearest
 from feedbackcam.shortcuts.bench import (
@@ -56,36 +54,27 @@ HAND_FRACTION = 0.2  # 5 of the 25 masks: the benchmark's --fractions 0.2
 SIDE = 256  # the offline network's side
 
 
-def review(pool_ids, big, features, hand, true_big, patched, rounds, seed) -> dict:
+def review(big, features, hand, true_big, patched, rounds, seed) -> dict:
     """Rounds of proposals on the pool from the hand marks (pool indices), as the app's "Find
-    more like these"; returns the accepted masks at 256 px and the review's counts."""
-    accepted: dict[int, np.ndarray] = {}
-    reviewed, per_round, clicks = set(hand), [], len(hand)
-    for r in range(rounds):
-        keys = round_marks(hand, list(accepted))
-        marks = {i: true_big[i] if i in hand else accepted[i] for i in keys}
-        props = concept_proposals(features, marks, SIDE, seed=seed, expand_at=LITE0_EXPAND_AT)
-        ranked = np.argsort(-props.scores, kind="stable")
-        chosen = props.proposed(LITE0_THRESHOLD)
-        new = [int(i) for i in ranked if chosen[i] and int(i) not in reviewed]
-        clicks += 1 if r else 0
-        if not new:
-            per_round.append({"proposed": 0, "accepted": 0, "rejected": 0})
-            break
-        outlines = outlined_masks(props, big, marks, new, SIDE // features.shape[-1], seed=seed)
-        got = 0
-        for i, m in zip(new, outlines, strict=True):
-            ok = patched[i] and m.any() and (not true_big[i].any() or iou(m, true_big[i]) >= 0.5)
-            if ok:
-                accepted[i] = m
-                got += 1
-        reviewed.update(new)
-        clicks += 1 + len(new) - got
-        per_round.append({"proposed": len(new), "patched": int(patched[new].sum()),
-                          "accepted": got, "rejected": len(new) - got})  # fmt: skip
-        if not got:
-            break
-    return {"rounds": per_round, "accepted": accepted, "clicks": clicks}
+    more like these" (:func:`propagate.review_rounds`): the reviewer accepts a patched image,
+    outlined at IoU >= 0.5 where a hand mask exists. Returns the accepted masks at 256 px and
+    the review's counts."""
+
+    def accept(i: int, m: np.ndarray) -> bool:
+        return bool(
+            patched[i] and m.any() and (not true_big[i].any() or iou(m, true_big[i]) >= 0.5)
+        )
+
+    done = review_rounds(
+        features, big, {i: true_big[i] for i in hand}, accept, threshold=LITE0_THRESHOLD,
+        expand_at=LITE0_EXPAND_AT, rounds=rounds, seed=seed,
+    )  # fmt: skip
+    per_round = [
+        {"proposed": len(new), "patched": int(patched[new].sum()), "accepted": got,
+         "rejected": len(new) - got} if new else {"proposed": 0, "accepted": 0, "rejected": 0}
+        for _, new, got in done.rounds
+    ]  # fmt: skip
+    return {"rounds": per_round, "accepted": done.accepted, "clicks": done.clicks}
 
 
 def main() -> None:
@@ -137,7 +126,7 @@ def main() -> None:
         true_big = np.stack([masks_big.get(k, empty) for k in pool.ids])
         patched = np.array([k in patched_ids for k in pool.ids])
         started = time.perf_counter()
-        got = review(pool.ids, big, features, hand, true_big, patched, args.rounds, seed)
+        got = review(big, features, hand, true_big, patched, args.rounds, seed)
         review_seconds = round(time.perf_counter() - started)
         ignore = np.zeros_like(pool.ignore)
         ignore[hand] = pool.ignore[hand]

@@ -40,7 +40,7 @@ from feedbackcam.propagate import (
     iou,
     offline_features,
     outlined_masks,
-    round_marks,
+    review_rounds,
 )
 from feedbackcam.shortcuts.data import isic_arrays
 from feedbackcam.shortcuts.isic_real import read_annotations
@@ -114,33 +114,16 @@ def main() -> None:
         )
 
     def chain(hand: list[int], seed: int) -> dict:
-        accepted: dict[int, np.ndarray] = {}
-        reviewed, per_round, clicks = set(hand), [], len(hand)
-        for r in range(args.rounds):
-            marks = {
-                i: masks[i] if i in hand else accepted[i] for i in round_marks(hand, list(accepted))
-            }
-            props = score("outlined", marks, seed)
-            ranked = np.argsort(-props.scores, kind="stable")
-            chosen = props.proposed(args.threshold)
-            new = [int(i) for i in ranked if chosen[i] and int(i) not in reviewed]
-            clicks += 1 if r else 0
-            if not new:
-                per_round.append({"proposed": 0, "accepted": 0, "rejected": 0})
-                break
-            outlines = masks_of("outlined", marks, new, seed, props)
-            got = 0
-            for i, m in zip(new, outlines, strict=True):
-                ok = patched[i] and m.any() and (i not in masks or iou(m, masks[i]) >= 0.5)
-                if ok:
-                    accepted[i] = m
-                    got += 1
-            reviewed.update(new)
-            clicks += 1 + len(new) - got
-            per_round.append({"proposed": len(new), "patched": int(patched[new].sum()),
-                              "accepted": got, "rejected": len(new) - got})  # fmt: skip
-            if not got:
-                break
+        review = review_rounds(
+            features, data.images, {i: masks[i] for i in hand}, accept_patched,
+            threshold=args.threshold, expand_at=expand_at, rounds=args.rounds, seed=seed,
+            outline=args.outline_features,
+        )  # fmt: skip
+        per_round = [
+            {"proposed": len(new), "patched": int(patched[new].sum()), "accepted": got,
+             "rejected": len(new) - got} if new else {"proposed": 0, "accepted": 0, "rejected": 0}
+            for _, new, got in review.rounds
+        ]  # fmt: skip
         others = int(patched.sum()) - len(hand)
         found = sum(p.get("patched", 0) for p in per_round)
         proposed = sum(p["proposed"] for p in per_round)
@@ -149,10 +132,14 @@ def main() -> None:
             "proposed": proposed,
             "precision": round(found / max(proposed, 1), 4),
             "recall": round(found / others, 4),
-            "accepted": len(accepted),
-            "recall_accepted": round(len(accepted) / others, 4),
-            "clicks": clicks,
+            "accepted": len(review.accepted),
+            "recall_accepted": round(len(review.accepted) / others, 4),
+            "clicks": review.clicks,
         }
+
+    def accept_patched(i: int, m: np.ndarray) -> bool:
+        """The reviewer: a patched image, outlined at IoU >= 0.5 where a hand mask exists."""
+        return bool(patched[i] and m.any() and (i not in masks or iou(m, masks[i]) >= 0.5))
 
     results = []
     if args.rounds:

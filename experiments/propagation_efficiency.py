@@ -42,11 +42,9 @@ from feedbackcam.propagate import (
     LITE0_THRESHOLD,
     MAX_MARKS,
     OUTLINE_FEATURES,
-    concept_proposals,
     iou,
     offline_features,
-    outlined_masks,
-    round_marks,
+    review_rounds,
 )
 from feedbackcam.self_explaining import layer_activations
 from feedbackcam.shortcuts.bench import baseline, evaluate_row, fine_tune
@@ -68,74 +66,41 @@ def _scores(row: dict) -> dict:
 def _propagated(
     images, features, true, has, hand, outline, threshold, expand_at, rounds, seed, chains=1
 ):
-    """A simulated clinician's review of up to ``rounds`` rounds of proposals from the hand marks
-    ``hand`` (pool indices): each round fits the concept on :func:`propagate.round_marks` of the
-    hand marks and the proposals accepted so far (as "Find more like these" does in the app),
-    proposes the images at ``threshold`` that no round has shown yet, outlines them, and the
-    reviewer accepts those with IoU >= 0.5 with the true artifact (accepted in the app's order,
-    highest score first, so the newest are a round's least sure). The chain ends after a round
-    that accepts nothing.
+    """A simulated clinician's review (:func:`propagate.review_rounds`, the app's "Find more like
+    these") from the hand marks ``hand`` (pool indices): the reviewer accepts a proposal with IoU
+    >= 0.5 with the true artifact. ``chains`` > 1: after a round whose proposals carried the
+    artifact but none was accepted (found, outlined wrong), the clinician paints the surest of
+    them by hand and starts a new chain from it."""
+    ious = []
 
-    ``chains`` > 1: when that round's proposals did carry the artifact (found, outlined wrong),
-    the clinician paints the surest of them by hand and starts a new chain from that mark alone
-    ("Find more like this" on it; the images already marked are not offered again, as the app
-    leaves out an image whose mark covers the place found); at most ``chains`` chains.
+    def accept(i, m) -> bool:
+        overlap = iou(m, true[i]) if has[i] else 0.0
+        if has[i]:
+            ious.append(overlap)
+        return overlap >= ACCEPT_IOU
 
-    Clicks: one per hand mark (the painted ones too); per round, one "accept all" and one per
-    rejected proposal; one per "Find more like these" / "Find more like this" after the
-    first."""
-    hand = [int(i) for i in hand]
-    painted: list[int] = []
-    accepted: dict[int, np.ndarray] = {}
-    source, chain_accepted = list(hand), []
-    reviewed = set(hand)
-    per_round, clicks, ious = [], len(hand), []
-    chain, r = 0, 0
-    while r < rounds:
-        keys = round_marks(source, chain_accepted)
-        marks = {i: (accepted[i] if i in accepted else true[i]) for i in keys}
-        concept = concept_proposals(features, marks, images.shape[1], seed=seed,
-                                    expand_at=expand_at)  # fmt: skip
-        ranked = np.argsort(-concept.scores, kind="stable")  # the app's order, highest first
-        chosen = concept.proposed(threshold)
-        new = [int(i) for i in ranked if chosen[i] and int(i) not in reviewed]
-        clicks += 1 if r or chain else 0  # "Find more like these" / "... like this"
-        if not new:
-            per_round.append({"chain": chain, "proposed": 0, "accepted": 0, "rejected": 0})
-            break
-        grow = images.shape[1] // features.shape[-1]  # one feature cell, in pixels
-        masks = outlined_masks(concept, images, marks, new, grow, seed=seed, features=outline)
-        got = 0
-        for i, m in zip(new, masks, strict=True):
-            overlap = iou(m, true[i]) if has[i] else 0.0
-            if has[i]:
-                ious.append(overlap)
-            if overlap >= ACCEPT_IOU:
-                accepted[i] = m
-                chain_accepted.append(i)
-                got += 1
-        reviewed.update(new)
-        clicks += 1 + len(new) - got  # "accept all", one untick per rejected proposal
-        per_round.append({"chain": chain, "proposed": len(new),
-                          "with_artifact": int(has[new].sum()), "accepted": got,
-                          "rejected": len(new) - got})  # fmt: skip
-        r += 1
-        if not got:
-            found = [i for i in new if has[i]]
-            if not found or chain + 1 >= chains:
-                break
-            paint = found[0]  # the surest image that carries the artifact, outlined wrong
-            painted.append(paint)
-            clicks += 1
-            chain, r = chain + 1, 0
-            source, chain_accepted = [paint], []
-            reviewed = {*hand, *painted, *accepted}  # a new chain: only the marked are left out
+    def paint(proposed):
+        found = [i for i in proposed if has[i]]
+        return (found[0], true[found[0]]) if found else None
+
+    review = review_rounds(
+        features, images, {int(i): true[i] for i in hand}, accept, threshold=threshold,
+        expand_at=expand_at, rounds=rounds, seed=seed, outline=outline, paint=paint,
+        chains=chains,
+    )  # fmt: skip
+    per_round = [
+        {"chain": c, "proposed": len(new), "with_artifact": int(has[new].sum()), "accepted": got,
+         "rejected": len(new) - got} if new else
+        {"chain": c, "proposed": 0, "accepted": 0, "rejected": 0}
+        for c, new, got in review.rounds
+    ]  # fmt: skip
     proposed = sum(p["proposed"] for p in per_round)
-    marked = len(hand) + len(painted) + len(accepted)
+    accepted = review.accepted
+    marked = len(hand) + len(review.painted) + len(accepted)
     return {
         "rounds": per_round,
-        "chains": chain + 1,
-        "painted": painted,
+        "chains": review.rounds[-1][0] + 1,
+        "painted": review.painted,
         "proposed": proposed,
         "proposed_with_artifact": sum(p.get("with_artifact", 0) for p in per_round),
         "accepted": len(accepted),
@@ -143,7 +108,7 @@ def _propagated(
         "mean_iou_proposed_with_artifact": float(np.mean(ious)) if ious else None,
         "marked": marked,
         "recall_of_artifact_images": marked / int(has.sum()),
-        "clicks": clicks,
+        "clicks": review.clicks,
         "accepted_masks": accepted,
     }
 

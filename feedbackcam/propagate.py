@@ -296,6 +296,89 @@ def round_marks(hand: list, accepted: list, cap: int = MAX_MARKS) -> list:
     return list(hand[:cap]) + (list(accepted[-room:]) if room else [])
 
 
+@dataclass
+class Review:
+    """What :func:`review_rounds` did: the accepted masks (in the order accepted), the images
+    painted by hand to start a new chain, one ``(chain, proposed indices, accepted count)`` per
+    round, and the clicks spent."""
+
+    accepted: dict[int, np.ndarray]
+    painted: list[int]
+    rounds: list[tuple[int, list[int], int]]
+    clicks: int
+
+
+def review_rounds(
+    features: torch.Tensor,
+    images: np.ndarray,
+    hand: dict[int, np.ndarray],
+    accept,
+    *,
+    threshold: float,
+    expand_at: float | None = None,
+    rounds: int = 5,
+    seed: int = 0,
+    outline: str | None = None,
+    paint=None,
+    chains: int = 1,
+) -> Review:
+    """A reviewer's rounds of "Find more like these" (the app's workflow, simulated): each round
+    fits the concept on :func:`round_marks` of the chain's source marks and its accepted
+    proposals, proposes the images at ``threshold`` not reviewed yet (highest score first),
+    outlines them (:func:`outlined_masks`, one feature cell grown) and keeps those for which
+    ``accept(index, mask)`` is true. A chain ends after a round that accepts nothing; with
+    ``paint(proposed) -> (index, mask) | None`` and ``chains`` > 1, the reviewer then paints
+    one of that round's images by hand and starts a new chain from it alone, with only the
+    marked images left out (as the app leaves out an image already marked where the artifact
+    is found). At most ``rounds`` rounds per chain.
+
+    Clicks: one per hand mark (painted ones too); per round one "accept all" and one per
+    rejected proposal; one per "Find more like these" / "Find more like this" after the first.
+    ``hand``: {image index: its hand mask}, the marks of the first chain."""
+    marks_by_hand = dict(hand)
+    accepted: dict[int, np.ndarray] = {}
+    painted: list[int] = []
+    source, chain_accepted = list(hand), []
+    reviewed = set(hand)
+    done, clicks = [], len(hand)
+    grow = images.shape[1] // features.shape[-1]
+    chain, r = 0, 0
+    while r < rounds:
+        keys = round_marks(source, chain_accepted)
+        marks = {i: accepted[i] if i in accepted else marks_by_hand[i] for i in keys}
+        props = concept_proposals(features, marks, images.shape[1], seed=seed, expand_at=expand_at)
+        ranked = np.argsort(-props.scores, kind="stable")
+        chosen = props.proposed(threshold)
+        new = [int(i) for i in ranked if chosen[i] and int(i) not in reviewed]
+        clicks += 1 if r or chain else 0  # "Find more like these" / "... like this"
+        if not new:
+            done.append((chain, [], 0))
+            break
+        outlines = outlined_masks(props, images, marks, new, grow, seed=seed, features=outline)
+        got = 0
+        for i, m in zip(new, outlines, strict=True):
+            if accept(i, m):
+                accepted[i] = m
+                chain_accepted.append(i)
+                got += 1
+        reviewed.update(new)
+        clicks += 1 + len(new) - got  # "accept all", one untick per rejected proposal
+        done.append((chain, new, got))
+        r += 1
+        if not got:
+            start = paint(new) if paint is not None and chain + 1 < chains else None
+            if start is None:
+                break
+            i, mask = start
+            marks_by_hand[i] = mask
+            painted.append(i)
+            clicks += 1
+            chain, r = chain + 1, 0
+            source, chain_accepted = [i], []
+            reviewed = {*hand, *painted, *accepted}
+    return Review(accepted, painted, done, clicks)
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two 0/1 masks (1.0 when both are empty)."""
     a, b = a.astype(bool), b.astype(bool)

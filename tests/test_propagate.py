@@ -24,6 +24,7 @@ from feedbackcam.propagate import (
     iou,
     outlined,
     outlined_masks,
+    review_rounds,
     round_marks,
 )
 
@@ -175,6 +176,28 @@ def test_rounds_from_the_newest_accepted_reach_patches_unlike_the_marks():
     newest = recall(lambda accepted: round_marks(hand, accepted, cap=6))
     first = recall(lambda accepted: (hand + accepted)[:6])
     assert newest >= 0.9 and newest >= first + 0.3
+
+
+def test_a_review_offers_each_image_once_and_counts_its_clicks():
+    """review_rounds, the simulated "Find more like these": a reviewer who accepts only every
+    other patched image. No image is offered twice, only accepted ones are returned, and the
+    clicks are one per hand mark, one per round's "accept all" and per rejection, and one per
+    round after the first."""
+    images, patches, _, has = patched_images(150, seed=1, share=0.4)
+    features, _ = drifting_features(patches, seed=1)
+    hand = [int(i) for i in np.flatnonzero(has)[:3]]
+    accept = lambda i, m: bool(has[i] and i % 2 == 0)  # noqa: E731
+    review = review_rounds(
+        features, images, {i: patches[i] for i in hand}, accept, threshold=0.9, rounds=4
+    )
+    offered = [i for _, new, _ in review.rounds for i in new]
+    assert len(offered) == len(set(offered)) and not set(offered) & set(hand)
+    assert set(review.accepted) == {i for i in offered if has[i] and i % 2 == 0}
+    assert review.accepted and not review.painted
+    rejected = len(offered) - len(review.accepted)
+    asked = len(review.rounds) - 1
+    accepts = sum(1 for _, new, _ in review.rounds if new)
+    assert review.clicks == len(hand) + accepts + rejected + asked
 
 
 def test_outlined_keeps_the_concept_choice_and_sharpens_its_masks():

@@ -172,11 +172,9 @@ def run(
         extra = {"tune_seeds": tune_seeds, "per_tune_seed": each} if len(each) > 1 else {}
         return {**mean, "seconds": seconds, **extra}
 
-    if not tune:
-        pass
-    elif full_from is None:
+    if tune and full_from is None:
         rows.append({**common, "run": "full", "marked": int(has.sum()), **tuned(true)})
-    else:
+    elif tune:
         full = [
             r
             for r in json.loads(full_from.read_text())["rows"]

@@ -29,6 +29,18 @@ from feedbackcam.service.demo import ensure_demo
 from feedbackcam.service.uploads import png_bytes
 
 
+def timed_predictions(client, auth, images) -> list[float]:
+    """Seconds of each ``POST /api/predict`` of ``images`` (upload, predict, explain)."""
+    times = []
+    for image in images:
+        start = time.perf_counter()
+        files = {"file": ("x.png", png_bytes(image), "image/png")}
+        r = client.post("/api/predict", files=files, headers=auth)
+        times.append(time.perf_counter() - start)
+        assert r.status_code == 200, r.text
+    return times
+
+
 def newest(sessions) -> Version:
     with sessions() as session:
         return session.scalars(select(Version).order_by(Version.id.desc())).first()
@@ -89,13 +101,7 @@ def main() -> None:
             print(f"start-up (scores, the check's reference, replay scales): {took:.1f} s")
             files = {"file": ("x.png", png_bytes(images[0]), "image/png")}
             client.post("/api/predict", files=files, headers=auth)  # warm-up (energy threshold)
-            times = []
-            for image in images:
-                start = time.perf_counter()
-                files = {"file": ("x.png", png_bytes(image), "image/png")}
-                r = client.post("/api/predict", files=files, headers=auth)
-                times.append(time.perf_counter() - start)
-                assert r.status_code == 200, r.text
+            times = timed_predictions(client, auth, images)
             p50, p95 = np.percentile(np.array(times) * 1000, [50, 95])
             cpu = platform.processor() or platform.machine()
             print(f"machine: {cpu}, torch {torch.__version__}, threads {torch.get_num_threads()}")

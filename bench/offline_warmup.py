@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from app_latency import timed_predictions  # bench/, beside this script
 from fastapi.testclient import TestClient
 
 from feedbackcam.data.synth import SynthConfig, make_synthderm
@@ -30,17 +31,6 @@ from feedbackcam.service.demo import ensure_demo
 from feedbackcam.service.routers.proposals import offline_features
 from feedbackcam.service.store import Store
 from feedbackcam.service.uploads import png_bytes
-
-
-def timed_predictions(client, auth, images) -> list[float]:
-    times = []
-    for image in images:
-        start = time.perf_counter()
-        files = {"file": ("x.png", png_bytes(image), "image/png")}
-        r = client.post("/api/predict", files=files, headers=auth)
-        times.append(time.perf_counter() - start)
-        assert r.status_code == 200, r.text
-    return times
 
 
 def summary(times: list[float]) -> str:

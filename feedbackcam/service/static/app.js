@@ -984,10 +984,6 @@ function findSimilar(id) {
   return lookForSimilar();
 }
 
-function findMore() {
-  return lookForSimilar();
-}
-
 async function lookForSimilar() {
   $("similar").hidden = false;
   $("similar-more").hidden = true;
@@ -1591,7 +1587,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("agree").addEventListener("click", onAgree);
   $("similar-accept").addEventListener("click", acceptSimilar);
   $("similar-close").addEventListener("click", closeSimilar);
-  $("similar-more").addEventListener("click", findMore);
+  $("similar-more").addEventListener("click", lookForSimilar);
   $("similar-threshold").addEventListener("input", (event) => tickFrom(Number(event.target.value)));
   $("update-now").addEventListener("click", updateNow);
   $("export").addEventListener("click", downloadExport);

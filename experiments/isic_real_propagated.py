@@ -69,12 +69,8 @@ def review(big, features, hand, true_big, patched, rounds, seed) -> dict:
         features, big, {i: true_big[i] for i in hand}, accept, threshold=LITE0_THRESHOLD,
         expand_at=LITE0_EXPAND_AT, rounds=rounds, seed=seed,
     )  # fmt: skip
-    per_round = [
-        {"proposed": len(new), "patched": int(patched[new].sum()), "accepted": got,
-         "rejected": len(new) - got} if new else {"proposed": 0, "accepted": 0, "rejected": 0}
-        for _, new, got in done.rounds
-    ]  # fmt: skip
-    return {"rounds": per_round, "accepted": done.accepted, "clicks": done.clicks}
+    rounds = done.per_round(patched, "patched")
+    return {"rounds": rounds, "accepted": done.accepted, "clicks": done.clicks}
 
 
 def main() -> None:

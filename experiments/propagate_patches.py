@@ -119,11 +119,7 @@ def main() -> None:
             threshold=args.threshold, expand_at=expand_at, rounds=args.rounds, seed=seed,
             outline=args.outline_features,
         )  # fmt: skip
-        per_round = [
-            {"proposed": len(new), "patched": int(patched[new].sum()), "accepted": got,
-             "rejected": len(new) - got} if new else {"proposed": 0, "accepted": 0, "rejected": 0}
-            for _, new, got in review.rounds
-        ]  # fmt: skip
+        per_round = review.per_round(patched, "patched")
         others = int(patched.sum()) - len(hand)
         found = sum(p.get("patched", 0) for p in per_round)
         proposed = sum(p["proposed"] for p in per_round)

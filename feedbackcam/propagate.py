@@ -307,6 +307,19 @@ class Review:
     rounds: list[tuple[int, list[int], int]]
     clicks: int
 
+    def per_round(self, positive: np.ndarray, name: str, *, chain: bool = False) -> list[dict]:
+        """One summary per round: images proposed, how many of them are ``positive`` (a
+        boolean per image, e.g. "has the artifact"; counted under ``name``), accepted and
+        rejected; ``chain`` adds the round's chain."""
+        out = []
+        for c, new, got in self.rounds:
+            row = {"chain": c} if chain else {}
+            row["proposed"] = len(new)
+            if new:
+                row[name] = int(positive[new].sum())
+            out.append({**row, "accepted": got, "rejected": len(new) - got})
+        return out
+
 
 def review_rounds(
     features: torch.Tensor,

@@ -198,6 +198,13 @@ def test_a_review_offers_each_image_once_and_counts_its_clicks():
     asked = len(review.rounds) - 1
     accepts = sum(1 for _, new, _ in review.rounds if new)
     assert review.clicks == len(hand) + accepts + rejected + asked
+    # the per-round summary the experiments write agrees with the rounds
+    summary = review.per_round(has, "patched", chain=True)
+    assert [s["proposed"] for s in summary] == [len(new) for _, new, _ in review.rounds]
+    assert sum(s["accepted"] for s in summary) == len(review.accepted)
+    assert sum(s["rejected"] for s in summary) == rejected
+    assert sum(s.get("patched", 0) for s in summary) == int(has[offered].sum())
+    assert all(s["chain"] == 0 for s in summary)
 
 
 def test_outlined_keeps_the_concept_choice_and_sharpens_its_masks():

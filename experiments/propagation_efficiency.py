@@ -47,7 +47,7 @@ from feedbackcam.propagate import (
     review_rounds,
 )
 from feedbackcam.self_explaining import layer_activations
-from feedbackcam.shortcuts.bench import baseline, evaluate_row, fine_tune
+from feedbackcam.shortcuts.bench import EpochChoice, baseline, evaluate_row, fine_tune
 from feedbackcam.shortcuts.config import BenchConfig
 from feedbackcam.shortcuts.data import isic_data, synth_data
 
@@ -88,12 +88,7 @@ def _propagated(
         expand_at=expand_at, rounds=rounds, seed=seed, outline=outline, paint=paint,
         chains=chains,
     )  # fmt: skip
-    per_round = [
-        {"chain": c, "proposed": len(new), "with_artifact": int(has[new].sum()), "accepted": got,
-         "rejected": len(new) - got} if new else
-        {"chain": c, "proposed": 0, "accepted": 0, "rejected": 0}
-        for c, new, got in review.rounds
-    ]  # fmt: skip
+    per_round = review.per_round(has, "with_artifact", chain=True)
     proposed = sum(p["proposed"] for p in per_round)
     accepted = review.accepted
     marked = len(hand) + len(review.painted) + len(accepted)
@@ -127,6 +122,8 @@ def run(
     isic_root: str | None = None,
     tune: bool = True,
     chains: int = 1,
+    select_epoch: bool = False,
+    class_weighted: bool = False,
 ) -> list[dict]:
     """The rows of one data seed. ``tune_seeds``: fine-tune every configuration once per seed
     (default: the data seed alone) and report the means, each seed's scores beside them.
@@ -139,7 +136,11 @@ def run(
     this many rounds of review (:func:`_propagated`). ``confounder`` ``"bandaid"``: the
     benchmark's ISIC 2017 with pasted band-aids (``isic-bandaid``, from ``isic_root``) instead of
     SynthDerm. ``tune=False``: the proposals and the review alone (offline concept only; no
-    model is trained or fine-tuned). ``chains``: see :func:`_propagated`."""
+    model is trained or fine-tuned). ``chains``: see :func:`_propagated`. ``select_epoch``: every
+    fine-tuning keeps the epoch the per-class guard chooses (``simulate``'s rule,
+    :class:`~feedbackcam.shortcuts.bench.EpochChoice`) instead of its last. ``class_weighted``:
+    its cross-entropies weighted by the pool's inverse class frequencies, as ``simulate``
+    fine-tunes by default."""
     tune_seeds = [seed] if tune_seeds is None else list(tune_seeds)
     if confounder == "bandaid":
         cfg = BenchConfig(datasets=("isic-bandaid",), isic_root=isic_root)
@@ -163,14 +164,20 @@ def run(
         given = ignore.reshape(n, -1).any(1)
         data = replace(pool, ignore=ignore.astype(np.uint8), has_ignore=given)
         started = time.perf_counter()
-        each = []
+        each, epochs = [], []
         for s in tune_seeds:
-            model, _ = fine_tune(base, data, sched, METHOD, LAM, s)
+            choice = EpochChoice(d.val, cfg.acc_tolerance) if select_epoch else None
+            model, _ = fine_tune(
+                base, data, sched, METHOD, LAM, s, choice=choice, class_weighted=class_weighted
+            )
             each.append(_scores(evaluate_row(model, d)))
+            epochs.append({"epoch": choice.epoch, "epochs": choice.history} if choice else {})
         mean = {k: float(np.mean([e[k] for e in each])) for k in KEYS}
         seconds = round((time.perf_counter() - started) / len(tune_seeds))
         extra = {"tune_seeds": tune_seeds, "per_tune_seed": each} if len(each) > 1 else {}
-        return {**mean, "seconds": seconds, **extra}
+        chosen = {"chosen": epochs} if select_epoch else {}
+        weighted = {"weighted": True} if class_weighted else {}
+        return {**mean, "seconds": seconds, **extra, **chosen, **weighted}
 
     if tune and full_from is None:
         rows.append({**common, "run": "full", "marked": int(has.sum()), **tuned(true)})
@@ -184,6 +191,9 @@ def run(
             raise SystemExit(f"{full_from}: no full-mask row for {confounder} seed {seed}")
         if full[0].get("tune_seeds", [seed]) != tune_seeds:
             raise SystemExit(f"{full_from}: its full-mask row used other fine-tuning seeds")
+        how = ("chosen" in full[0], full[0].get("weighted", False))
+        if how != (select_epoch, class_weighted):
+            raise SystemExit(f"{full_from}: its full-mask row was fine-tuned otherwise")
         rows.append({**full[0], "read_from": str(full_from)})
     if rows:
         print(json.dumps(rows[-1]), flush=True)
@@ -223,10 +233,14 @@ def run(
         return rows
     base_flip, full_flip = rows[0]["flip_rate"], rows[1]["flip_rate"]
     base_acc, full_acc = rows[0]["acc"], rows[1]["acc"]
-    for r in rows[2:]:
-        r["flip_gain_share"] = (base_flip - r["flip_rate"]) / (base_flip - full_flip)
-        r["acc_gain_share"] = (r["acc"] - base_acc) / (full_acc - base_acc)
+    for r in rows[2:]:  # None where the full masks gained nothing (no share of it to take)
+        r["flip_gain_share"] = _share(base_flip - r["flip_rate"], base_flip - full_flip)
+        r["acc_gain_share"] = _share(r["acc"] - base_acc, full_acc - base_acc)
     return rows
+
+
+def _share(gain: float, full: float) -> float | None:
+    return gain / full if full > 0 else None
 
 
 def main() -> None:
@@ -295,6 +309,17 @@ def main() -> None:
         help="the proposals and the review alone: no model trained or fine-tuned (--concept "
         "offline)",
     )
+    p.add_argument(
+        "--select-epoch",
+        action="store_true",
+        help="keep the epoch the per-class guard chooses, as simulate does (default: the last)",
+    )
+    p.add_argument(
+        "--class-weighted",
+        action="store_true",
+        help="weight the fine-tuning's cross-entropies by the pool's inverse class frequencies, "
+        "as simulate does (default: the data set's schedule)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -315,6 +340,8 @@ def main() -> None:
                 args.isic_root,
                 not args.no_tune,
                 args.chains,
+                args.select_epoch,
+                args.class_weighted,
             )
             meta = {
                 "rows": rows,
@@ -328,6 +355,8 @@ def main() -> None:
                 "tune_seeds": args.tune_seeds,
                 "rounds": args.rounds,
                 "chains": args.chains,
+                "epoch": "chosen by the per-class guard" if args.select_epoch else "last",
+                "class_weighted": args.class_weighted,
                 "max_marks": MAX_MARKS,
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                 f"{torch.get_num_threads()} torch thread(s)",

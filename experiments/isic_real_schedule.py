@@ -14,6 +14,7 @@ folder (``--from``), so the fine-tunes start from the very models the three-epoc
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -24,6 +25,32 @@ from feedbackcam.shortcuts import BenchConfig, bench, run_benchmark
 from feedbackcam.shortcuts.config import ISIC, Schedule
 
 DEFAULT = "jaccard+surroundings+invariance_balanced"
+
+
+def average_weights(decay: float) -> None:
+    """Every fine-tune's optimiser also updates an exponential moving average of the weights
+    after each step (``decay`` per step, from the incoming model); the guard scores, and the
+    fine-tune keeps, the average instead of the raw weights. BatchNorm is frozen in the
+    fine-tunes, so the buffers need no averaging."""
+    make, offer = bench.make_optimizer, bench.EpochChoice.offer
+    averages: dict[int, torch.nn.Module] = {}
+
+    def with_average(model, name, lr, *rest, **kw):
+        opt = make(model, name, lr, *rest, **kw)
+        ema = averages[id(model)] = copy.deepcopy(model)
+
+        def step(*_):
+            with torch.no_grad():
+                for a, w in zip(ema.parameters(), model.parameters(), strict=True):
+                    a.lerp_(w, 1 - decay)
+
+        opt.register_step_post_hook(step)
+        return opt
+
+    def offer_average(self, model, epoch):
+        return offer(self, averages.get(id(model), model), epoch)
+
+    bench.make_optimizer, bench.EpochChoice.offer = with_average, offer_average
 
 
 def main() -> None:
@@ -42,7 +69,16 @@ def main() -> None:
         default=0,
         help="each image with an ignore mark appears this many more times in the pool",
     )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        help="score (and keep) an exponential moving average of the fine-tuned weights, this "
+        "decay per step, started at the incoming model",
+    )
     args = p.parse_args()
+    if args.ema:
+        average_weights(args.ema)
     if args.repeat_marked:
         pool_of = bench.feedback_pool
 

@@ -63,6 +63,10 @@ class FeedbackConfig:
         class_weights: optional cross-entropy weights, one per class.
         clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
         freeze_batchnorm: BatchNorm in eval mode during steps (per-sample CAMs; see cam.py).
+        recalibrate_batchnorm: with ``freeze_batchnorm``, re-estimate BatchNorm's running
+            statistics on the training images after each epoch (and after an app update), so
+            that they describe the weights the steps moved (:func:`feedbackcam.train.
+            recalibrate_batchnorm`). A model without BatchNorm (the thesis' VGG16) is unchanged.
         surroundings_loss: a loss that learns from keep masks what must *not* decide (default
             "surroundings": the lesion on other images' surroundings, labels kept), added for
             the samples that carry a keep mask; None: keep masks feed the explanation loss
@@ -122,6 +126,7 @@ class FeedbackConfig:
     class_weights: tuple[float, ...] | None = None
     clip_grad_norm: float | None = None
     freeze_batchnorm: bool = True
+    recalibrate_batchnorm: bool = True
     precision: str = "fp32"
     rrr_scale: float = 1000.0
     explain_classes: str = "label"

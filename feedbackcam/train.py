@@ -408,10 +408,41 @@ def train_epochs(
             epoch=epoch,
             seed=batching.seed,
         )
+        if cfg.freeze_batchnorm and cfg.recalibrate_batchnorm:
+            images = image_batches(data, indices, batching.batch_size, batching.device)
+            recalibrate_batchnorm(model, images)
         if after_epoch is not None:
             after_epoch(epoch, stats)
         history.append(stats)
     return history
+
+
+def recalibrate_batchnorm(model: nn.Module, images: Iterable[Tensor]) -> bool:
+    """Re-estimate every BatchNorm layer's running statistics on ``images`` (batches of model
+    inputs on the model's device): a no-grad pass in train mode with a cumulative average
+    (``torch.optim.swa_utils.update_bn``), every module's mode restored. Returns False, touching
+    nothing, for a model without BatchNorm.
+
+    Why: feedback steps run with BatchNorm frozen (per-sample CAMs), so its statistics stay
+    those of the incoming weights while the steps move the weights; a fine-tune whose
+    statistics go stale moves the boundaries between classes by large steps from epoch to epoch
+    (docs/real-artifacts.md). Every rank of a distributed run passes over the same images with
+    the same weights and so gets the same statistics."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return False
+    modes = {m: m.training for m in net.modules()}
+    torch.optim.swa_utils.update_bn(images, net)
+    for m, training in modes.items():
+        m.training = training
+    return True
+
+
+def image_batches(data: TensorData, indices: np.ndarray, batch_size: int, device="cpu"):
+    """``data[indices]``'s images in order, ``batch_size`` at a time, on ``device``."""
+    for start in range(0, len(indices), batch_size):
+        chunk = torch.from_numpy(np.asarray(indices[start : start + batch_size]))
+        yield data.batch(chunk).images.to(device)
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0, wd: float = 0.0):

@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,3 +221,138 @@ def test_sync_free_step_with_a_fused_optimizer_matches_and_skips_on_the_device(t
     stats = feedback_step(tiny_model, bad, fused, FeedbackConfig.thesis(), sync=False)
     assert stats["skipped"].item() == 1
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+
+
+class _Normed(torch.nn.Module):
+    """One conv, BatchNorm and ReLU, pooled into a linear head: the smallest model whose
+    frozen BatchNorm statistics can go stale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from collections import OrderedDict
+
+        nn = torch.nn
+        self.features = nn.Sequential(
+            OrderedDict(conv1=nn.Conv2d(3, 4, 3, padding=1), bn1=nn.BatchNorm2d(4), relu1=nn.ReLU())
+        )
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def _normed_model():
+    from feedbackcam.self_explaining import SelfExplaining
+
+    torch.manual_seed(0)
+    return SelfExplaining(_Normed(), "features.relu1", mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _tensor_data(n=12, size=16, seed=0):
+    from feedbackcam.data.dataset import TensorData
+
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(n, size, size, dtype=torch.uint8)
+    masks[:, 4:12, 4:12] = 1
+    return TensorData(
+        torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8),
+        masks,
+        torch.arange(n) % 3,
+        torch.ones(n, dtype=torch.bool),
+    )
+
+
+def _conv_statistics(model, data):
+    """Mean and unbiased variance, per channel, of the first conv's output over ``data``."""
+    images = data.batch(torch.arange(len(data))).images
+    with torch.no_grad():
+        out = model.model.features.conv1(model.normalize(images))
+    flat = out.transpose(0, 1).flatten(1)
+    return flat.mean(1), flat.var(1)
+
+
+def test_recalibrating_batchnorm_sets_the_statistics_of_the_data_and_keeps_the_modes():
+    from feedbackcam.self_explaining import set_batchnorm_eval
+    from feedbackcam.train import image_batches, recalibrate_batchnorm
+
+    model, data = _normed_model(), _tensor_data()
+    bn = model.model.features.bn1
+    model.train()
+    set_batchnorm_eval(model)  # as a feedback step leaves it
+    mean, var = _conv_statistics(model, data)
+    assert not torch.allclose(bn.running_mean, mean, atol=1e-3)
+    assert recalibrate_batchnorm(model, image_batches(data, np.arange(len(data)), len(data)))
+    torch.testing.assert_close(bn.running_mean, mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var, var, atol=1e-5, rtol=1e-4)
+    assert model.training and not bn.training and bn.momentum == 0.1
+    # in two equal batches the mean is the same (the variance is the batches' average)
+    recalibrate_batchnorm(model, image_batches(data, np.arange(len(data)), len(data) // 2))
+    torch.testing.assert_close(bn.running_mean, mean, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_without_batchnorm_is_left_as_it_is(tiny_model):
+    from feedbackcam.train import image_batches, recalibrate_batchnorm
+
+    before = copy.deepcopy(tiny_model.state_dict())
+    assert not recalibrate_batchnorm(tiny_model, image_batches(_tensor_data(), np.arange(12), 4))
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_training_epochs_recalibrate_frozen_batchnorm_only_when_asked(recalibrate):
+    """With frozen BatchNorm the steps never touch its statistics; with
+    ``recalibrate_batchnorm`` each epoch ends with those of the data under the moved weights."""
+    from feedbackcam.train import Batching, make_optimizer, train_epochs
+
+    model, data = _normed_model(), _tensor_data()
+    bn = model.model.features.bn1
+    start = bn.running_mean.clone()
+    cfg = FeedbackConfig(lam=0.0, recalibrate_batchnorm=recalibrate)
+    seen = []
+    train_epochs(
+        model,
+        data,
+        np.arange(len(data)),
+        make_optimizer(model, "adam", 1e-2),
+        cfg,
+        Batching(batch_size=len(data)),
+        epochs=2,
+        generator=torch.Generator().manual_seed(0),
+        after_epoch=lambda epoch, stats: seen.append(bn.running_mean.clone()),
+    )
+    mean, _ = _conv_statistics(model, data)
+    if recalibrate:  # scored after each epoch with its own statistics
+        torch.testing.assert_close(seen[-1], mean, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(seen[0], start)
+    else:
+        assert all(torch.equal(s, start) for s in seen)
+        assert not torch.allclose(start, mean, atol=1e-3)
+
+
+def test_an_app_update_recalibrates_batchnorm_on_its_own_batches():
+    """The app's update steps with BatchNorm frozen, then re-estimates its statistics on the
+    update's first batches (the images it learned from), and says so."""
+    from dataclasses import replace
+
+    from feedbackcam.data.synth import SynthConfig, as_array_dataset, make_synthderm
+    from feedbackcam.service.update import UpdateConfig, fine_tune, plan_replay, update_batches
+
+    ds = as_array_dataset(make_synthderm(SynthConfig(n=12, size=32, seed=0)))
+    cfg = UpdateConfig(
+        steps=2, batch_size=4, replay_per_class=0, lr=1e-2, feedback=FeedbackConfig(lam=0.3),
+        tolerance=0,
+    )  # fmt: skip
+    plan = plan_replay(ds.labels, cfg.steps, 0, np.random.default_rng(0))
+    model = _normed_model()
+    bn = model.model.features.bn1
+    assert fine_tune(model, ds, None, plan, cfg)["batchnorm_recalibrated"]
+    images = torch.cat([b.images for b in update_batches(ds, None, plan, cfg)])
+    with torch.no_grad():
+        out = model.model.features.conv1(model.normalize(images))
+    torch.testing.assert_close(bn.running_mean, out.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    frozen = replace(cfg, feedback=FeedbackConfig(lam=0.3, recalibrate_batchnorm=False))
+    model = _normed_model()
+    start = model.model.features.bn1.running_mean.clone()
+    assert not fine_tune(model, ds, None, plan, frozen)["batchnorm_recalibrated"]
+    assert torch.equal(model.model.features.bn1.running_mean, start)

@@ -26,7 +26,7 @@ from ..metrics import classification_metrics
 from ..objective import ADDED_TERMS, FeedbackConfig
 from ..selection import drops, independent_margins
 from ..self_explaining import SelfExplaining
-from ..train import StopTraining, run_steps
+from ..train import StopTraining, recalibrate_batchnorm, run_steps
 
 
 class Interrupted(Exception):
@@ -99,8 +99,12 @@ def fine_tune(
     version's update) are kept, and only a term without one is measured, on this update's first
     batches (its gradient equal to the class loss's at the start; ``balance.auto_scaled``).
 
+    After the steps, BatchNorm's statistics (frozen during them) are re-estimated on the
+    update's first batches (``FeedbackConfig.recalibrate_batchnorm``).
+
     Returns the step count, the mean loss, the count of skipped (non-finite) steps, the scales
-    used and ``calibrated``: those measured or kept, for the next update.
+    used and ``calibrated``: those measured or kept, for the next update; and whether BatchNorm
+    was re-estimated.
     """
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -125,6 +129,11 @@ def fine_tune(
         )
     except StopTraining as err:
         raise Interrupted("stopped during an update") from err
+    recalibrated = False
+    if feedback.freeze_batchnorm and feedback.recalibrate_batchnorm:
+        # the statistics of the moved weights, on the update's first batches (its own images;
+        # the calibration's probe, already on the device)
+        recalibrated = recalibrate_batchnorm(model, (b.images for b in probe))
     change = None
     if feedback.refits_offsets:
         batches = list(update_batches(new, replay, plan, cfg))
@@ -138,6 +147,7 @@ def fine_tune(
         "loss": stats["train_loss"],
         "skipped_steps": stats["skipped_steps"],
         "bias_change": change,
+        "batchnorm_recalibrated": recalibrated,
     }
 
 

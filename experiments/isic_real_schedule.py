@@ -76,6 +76,12 @@ def main() -> None:
         help="score (and keep) an exponential moving average of the fine-tuned weights, this "
         "decay per step, started at the incoming model",
     )
+    p.add_argument(
+        "--no-recalibrate-bn",
+        dest="recalibrate_bn",
+        action="store_false",
+        help="leave BatchNorm's statistics the incoming model's (the runs before 2026-12-05)",
+    )
     args = p.parse_args()
     if args.ema:
         average_weights(args.ema)
@@ -110,6 +116,7 @@ def main() -> None:
         isic_root=args.isic_root,
         isic_real=Schedule(**ISIC, epochs=args.epochs, lr=args.lr, batch=32, weighted=True),
         select_epoch=True,
+        recalibrate_batchnorm=args.recalibrate_bn,
     )
     run_benchmark(config, args.out)
 

@@ -371,6 +371,38 @@ def test_class_weighted_fine_tuning_weights_by_the_pools_class_frequencies(monke
         assert seen == [pytest.approx(expected) if expected else None]
 
 
+def test_benchmark_fine_tunes_recalibrate_batchnorm_unless_told_not_to(monkeypatch, tmp_path):
+    """Fine-tunes re-estimate BatchNorm's statistics after each epoch by default (the library's
+    default since 2026-12-05); ``--no-recalibrate-bn`` (BenchConfig.recalibrate_batchnorm)
+    reproduces the earlier runs, every term's config saying so."""
+    import feedbackcam.train as train_module
+    from feedbackcam.cli import build_parser
+    from feedbackcam.shortcuts import BenchConfig, Schedule, fine_tune
+
+    assert BenchConfig().recalibrate_batchnorm and FeedbackConfig().recalibrate_batchnorm
+    args = build_parser().parse_args(["shortcuts", str(tmp_path), "--no-recalibrate-bn"])
+    assert args.recalibrate_batchnorm is False
+    assert not hasattr(
+        build_parser().parse_args(["shortcuts", str(tmp_path)]), "recalibrate_batchnorm"
+    )
+    seen = []
+    real = train_module.feedback_step
+
+    def recording(model, batch, opt, cfg, **kw):
+        seen.append(cfg.recalibrate_batchnorm)
+        return real(model, batch, opt, cfg, **kw)
+
+    monkeypatch.setattr(train_module, "feedback_step", recording)
+    pool = _tiny_pool([0, 0, 0, 1], size=16, ignore=np.zeros((4, 16, 16), np.uint8))
+    for method in ("class", "jaccard"):
+        for recalibrate in (True, False):
+            seen.clear()
+            model = small_cnn(num_classes=2, width=4)
+            sched = Schedule(epochs=1, batch=4)
+            fine_tune(model, pool, sched, method, 0.5, 0, recalibrate_batchnorm=recalibrate)
+            assert seen and set(seen) == {recalibrate}
+
+
 # --- the band-aid paster ------------------------------------------------------------------
 
 

@@ -259,6 +259,14 @@ def _add_shortcuts(sub) -> None:
         help="keep each fine-tune's best epoch under the per-class guard (lowest validation "
         "flip rate), as simulate does, instead of its last",
     )
+    p.add_argument(
+        "--no-recalibrate-bn",
+        dest="recalibrate_batchnorm",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="leave BatchNorm's statistics those of the incoming model during fine-tuning (the "
+        "runs before 2026-12-05)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
 
 

@@ -73,17 +73,21 @@ def train_classifier(
     return model
 
 
-def method_config(method: str, lam: float, weights=None) -> FeedbackConfig:
+def method_config(
+    method: str, lam: float, weights=None, recalibrate_batchnorm: bool = True
+) -> FeedbackConfig:
     """The objective of a benchmark method: ``"class"`` (lambda 0), a registered loss alone, or
     ``"A+B[+C]"``: loss A as the explanation loss with B (and C) as its added terms, each in the
     slot of the masks it learns from (``"jaccard+surroundings+invariance_balanced"`` is the
     library's default objective). A method runs exactly the terms it names, on every marked
     row (``counterfactual_share=None``: docs/shortcuts.md measured it so; the library's
-    default samples half the batch's rows per term, the same loss in expectation)."""
+    default samples half the batch's rows per term, the same loss in expectation).
+    ``recalibrate_batchnorm``: :class:`~feedbackcam.objective.FeedbackConfig`'s (False: the
+    runs before 2026-12-05, BatchNorm's statistics those of the incoming model)."""
     if method == CLASS_ONLY:
         return FeedbackConfig(
             lam=0.0, explanation_loss="rrr_ignore", surroundings_loss=None, ignore_loss=None,
-            class_weights=weights,
+            class_weights=weights, recalibrate_batchnorm=recalibrate_batchnorm,
         )  # fmt: skip
     first, *added = method.split("+")
     slots = {field: None for field, _, _ in ADDED_TERMS}
@@ -98,6 +102,7 @@ def method_config(method: str, lam: float, weights=None) -> FeedbackConfig:
         explanation_loss=first,
         class_weights=weights,
         counterfactual_share=None,
+        recalibrate_batchnorm=recalibrate_batchnorm,
         **slots,
     )
 
@@ -162,6 +167,7 @@ def fine_tune(
     calibration_batches: int = 4,
     class_weighted: bool = False,
     choice: EpochChoice | None = None,
+    recalibrate_batchnorm: bool = True,
 ) -> tuple[SelfExplaining, float]:
     """Fine-tune a copy of ``base`` on the feedback pool with one method (:func:`method_config`);
     return it and its loss scale.
@@ -174,7 +180,8 @@ def fine_tune(
     ``class_weighted`` (or a weighted schedule): every cross-entropy, the classification term's
     and the counterfactuals', is weighted by the pool's inverse class frequencies.
     ``choice``: keep the epoch it chooses (:class:`EpochChoice`, its ``epoch`` says which)
-    instead of the last.
+    instead of the last. ``recalibrate_batchnorm``: BatchNorm's statistics re-estimated on the
+    pool after each epoch (:func:`method_config`).
     """
     model = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed)
@@ -184,7 +191,7 @@ def fine_tune(
     weights = class_weights(pool.labels, len(pool.classes)) if weighted else None
     if method in CLARC:
         return _clarc(model, pool, given, sched, method, g, weights), 1.0
-    cfg = method_config(method, lam, weights)
+    cfg = method_config(method, lam, weights, recalibrate_batchnorm)
     tensors = pool.tensors()
     everything = np.arange(n)
     torch.manual_seed(seed)
@@ -390,6 +397,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 calibration_batches=config.calibration_batches,
                 class_weighted=config.class_weighted,
                 choice=choice,
+                recalibrate_batchnorm=config.recalibrate_batchnorm,
             )
             seconds = round(time.perf_counter() - started, 1)
             result = {"loss_scale": scale, **evaluate_row(model, data), "seconds": seconds}
@@ -420,6 +428,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 0.0,
                 seed,
                 class_weighted=config.class_weighted,
+                recalibrate_batchnorm=config.recalibrate_batchnorm,
             )
             return evaluate_row(model, data)
 

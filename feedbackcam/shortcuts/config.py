@@ -120,6 +120,9 @@ class BenchConfig:
             below the incoming model's less ``acc_tolerance`` and chance, then the lowest
             validation flip rate; epoch 0, the incoming model, is a candidate). Rows get
             ``epoch``.
+        recalibrate_batchnorm: fine-tunes re-estimate BatchNorm's running statistics on their
+            pool after each epoch, as the library does by default since 2026-12-05 (False: the
+            earlier runs, whose statistics stayed the incoming model's).
     """
 
     datasets: tuple[str, ...] = ("decoy",)
@@ -170,6 +173,7 @@ class BenchConfig:
     class_weighted: bool = False
     refit_bias: bool = False
     select_epoch: bool = False
+    recalibrate_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in (("datasets", DATASETS), ("controls", CONTROLS)):

@@ -146,6 +146,12 @@ class FeedbackConfig:
         return cls(**({"surroundings_loss": None, "ignore_loss": None} | overrides))
 
     @property
+    def recalibrates_batchnorm(self) -> bool:
+        """Whether training re-estimates BatchNorm's statistics after its steps: they were
+        frozen during them (``freeze_batchnorm``) and ``recalibrate_batchnorm`` is on."""
+        return self.freeze_batchnorm and self.recalibrate_batchnorm
+
+    @property
     def refits_offsets(self) -> bool:
         """Whether a fine-tuning with this objective re-fits the decision's offsets where the
         feedback marks ignore regions (``refit_bias``, an ignore loss, lambda > 0)."""

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import cam as cams
 from . import losses
 from .data.dataset import FeedbackBatch, TensorData
-from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across
+from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across, unwrap
 from .objective import FeedbackConfig, feedback_loss, loss_terms
 from .self_explaining import SelfExplaining, set_batchnorm_eval
 
@@ -408,7 +408,7 @@ def train_epochs(
             epoch=epoch,
             seed=batching.seed,
         )
-        if cfg.freeze_batchnorm and cfg.recalibrate_batchnorm:
+        if cfg.recalibrates_batchnorm:
             images = image_batches(data, indices, batching.batch_size, batching.device)
             recalibrate_batchnorm(model, images)
         if after_epoch is not None:
@@ -428,7 +428,7 @@ def recalibrate_batchnorm(model: nn.Module, images: Iterable[Tensor]) -> bool:
     statistics go stale moves the boundaries between classes by large steps from epoch to epoch
     (docs/real-artifacts.md). Every rank of a distributed run passes over the same images with
     the same weights and so gets the same statistics."""
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    net = unwrap(model)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
         return False
     modes = {m: m.training for m in net.modules()}

@@ -130,7 +130,7 @@ def fine_tune(
     except StopTraining as err:
         raise Interrupted("stopped during an update") from err
     recalibrated = False
-    if feedback.freeze_batchnorm and feedback.recalibrate_batchnorm:
+    if feedback.recalibrates_batchnorm:
         # the statistics of the moved weights, on the update's first batches (its own images;
         # the calibration's probe, already on the device)
         recalibrated = recalibrate_batchnorm(model, (b.images for b in probe))

@@ -350,18 +350,25 @@ def test_whole_feedback_controls_replace_the_keep_masks_too():
     assert (trap.pool_with("random_all", seed=1).masks == b).all()
 
 
-def test_class_weighted_fine_tuning_weights_by_the_pools_class_frequencies(monkeypatch):
+def _recorded_configs(monkeypatch, field: str) -> list:
+    """The list every training step's ``FeedbackConfig.<field>`` is appended to."""
     import feedbackcam.train as train_module
-    from feedbackcam.shortcuts import Schedule, fine_tune
 
     seen = []
     real = train_module.feedback_step
 
     def recording(model, batch, opt, cfg, **kw):
-        seen.append(cfg.class_weights)
+        seen.append(getattr(cfg, field))
         return real(model, batch, opt, cfg, **kw)
 
     monkeypatch.setattr(train_module, "feedback_step", recording)
+    return seen
+
+
+def test_class_weighted_fine_tuning_weights_by_the_pools_class_frequencies(monkeypatch):
+    from feedbackcam.shortcuts import Schedule, fine_tune
+
+    seen = _recorded_configs(monkeypatch, "class_weights")
     pool = _tiny_pool([0, 0, 0, 1], size=16, ignore=np.zeros((4, 16, 16), np.uint8))
     sched = Schedule(epochs=1, batch=4)
     for weighted, expected in ((True, (4 / 6, 2.0)), (False, None)):
@@ -375,7 +382,6 @@ def test_benchmark_fine_tunes_recalibrate_batchnorm_unless_told_not_to(monkeypat
     """Fine-tunes re-estimate BatchNorm's statistics after each epoch by default (the library's
     default since 2026-12-05); ``--no-recalibrate-bn`` (BenchConfig.recalibrate_batchnorm)
     reproduces the earlier runs, every term's config saying so."""
-    import feedbackcam.train as train_module
     from feedbackcam.cli import build_parser
     from feedbackcam.shortcuts import BenchConfig, Schedule, fine_tune
 
@@ -385,14 +391,7 @@ def test_benchmark_fine_tunes_recalibrate_batchnorm_unless_told_not_to(monkeypat
     assert not hasattr(
         build_parser().parse_args(["shortcuts", str(tmp_path)]), "recalibrate_batchnorm"
     )
-    seen = []
-    real = train_module.feedback_step
-
-    def recording(model, batch, opt, cfg, **kw):
-        seen.append(cfg.recalibrate_batchnorm)
-        return real(model, batch, opt, cfg, **kw)
-
-    monkeypatch.setattr(train_module, "feedback_step", recording)
+    seen = _recorded_configs(monkeypatch, "recalibrate_batchnorm")
     pool = _tiny_pool([0, 0, 0, 1], size=16, ignore=np.zeros((4, 16, 16), np.uint8))
     for method in ("class", "jaccard"):
         for recalibrate in (True, False):

@@ -21,11 +21,11 @@ from typing import Annotated
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from ...counterfactual import dilate
 from ...propagate import MAX_MARKS
 from ..datasets import resize_nearest
 from ..db import Item, Version, WorklistEntry
@@ -311,8 +311,7 @@ def propose(
     grow = side // features.shape[-1]
     for k, i in enumerate(ids):
         if i in already and k not in skip:
-            near = F.max_pool2d(torch.from_numpy(already[i]).float()[None, None],
-                                2 * grow + 1, stride=1, padding=grow)[0, 0].numpy() > 0  # fmt: skip
+            near = dilate(torch.from_numpy(already[i])[None], grow)[0].numpy() > 0
             y, x = np.unravel_index(np.argmax(props.maps[k]), props.maps[k].shape)
             if near[y, x]:
                 skip.add(k)

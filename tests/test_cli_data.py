@@ -3,11 +3,11 @@
 import json
 
 import pytest
-from test_isic import make_isic2017, truncate
+from test_isic import make_isic2017, png_mask, sid, truncate
 
 from feedbackcam.checkpoint import load_checkpoint
 from feedbackcam.cli import main
-from feedbackcam.data.prepared import load_prepared, save_prepared
+from feedbackcam.data.prepared import load_prepared, load_prepared_ignore, save_prepared
 from feedbackcam.data.synth import SynthConfig, as_array_dataset, make_synthderm
 
 
@@ -188,3 +188,47 @@ def test_cli_errors_name_the_problem_without_a_traceback(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
+
+
+def test_an_ignore_folder_joins_an_isic_layout_in_check_and_prepare(tmp_path, capsys):
+    """ISIC 2017 as downloaded has no ignore masks; a clinician's strokes kept in a folder of
+    their own (<id>.png or <id>_ignore.png) join it, the keep masks stay, a stroke naming no
+    image is a warning naming its file, and preparing again without the folder drops them."""
+    root = make_isic2017(tmp_path / "i17")  # 40 x 30 images sid(1..4)
+    marks = tmp_path / "marks"
+    png_mask(marks / f"{sid(2)}.png", box=(0, 0, 10, 10))  # top left
+    png_mask(marks / f"{sid(3)}_ignore.png", box=(30, 20, 40, 30))  # bottom right
+    png_mask(marks / f"{sid(99)}.png")
+    assert main(["data", "check", str(root), "--ignore", str(marks)]) == 0
+    out = capsys.readouterr().out
+    assert "with ignore masks: 2" in out and f"{sid(99)}.png" in out
+    prepared = tmp_path / "prepared"
+    args = ["data", "prepare", str(root), "--size", "20", "--out", str(prepared)]
+    assert main([*args, "--ignore", str(marks)]) == 0
+    assert "2 with ignore masks" in capsys.readouterr().out
+    data = load_prepared(prepared)
+    ignore, has_ignore = load_prepared_ignore(prepared)
+    row = {i: k for k, i in enumerate(data.ids)}
+    assert [data.ids[k] for k in range(len(data.ids)) if has_ignore[k]] == [sid(2), sid(3)]
+    assert ignore[row[sid(2)]][0, 0] == 1 and ignore[row[sid(2)]][-1, -1] == 0
+    assert ignore[row[sid(3)]][-1, -1] == 1 and ignore[row[sid(3)]][0, 0] == 0
+    assert not ignore[row[sid(1)]].any() and data.has_mask.all()
+    meta = json.loads((prepared / "meta.json").read_text())
+    assert meta["settings"]["options"]["ignore"] == str(marks.resolve())
+    assert main(args) == 0  # other settings: rebuilt without them
+    assert load_prepared_ignore(prepared) is None
+
+
+def test_an_ignore_folder_that_names_no_image_is_an_error_naming_it(tmp_path, capsys):
+    root = make_isic2017(tmp_path / "i17")
+    marks = tmp_path / "marks"
+    png_mask(marks / "lesion-17.png")
+    out = tmp_path / "prepared"
+    for folder, words in (
+        (marks, ["names an image", "lesion-17", sid(1)]),
+        (tmp_path / "no", ["does not exist"]),
+    ):
+        assert main(["data", "prepare", str(root), "--ignore", str(folder), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert str(folder) in err and all(w in err for w in words) and "Traceback" not in err
+    assert not out.exists()

@@ -61,6 +61,15 @@ def _add_data(sub) -> None:
             help="Task 2: a missing attribute file leaves the image out (error) or counts as an "
             "empty mask (default: %(default)s)",
         )
+        q.add_argument(
+            "--ignore",
+            type=Path,
+            default=None,
+            metavar="FOLDER",
+            help='"must not matter" masks for any layout, named <id>.png or <id>_ignore.png '
+            "after their images (e.g. a clinician's strokes on the patches of ISIC 2017): "
+            "ignore feedback beside the data set as downloaded",
+        )
         if name == "prepare":
             q.add_argument(
                 "--size", type=int, default=227, help="side in pixels (default: %(default)s)"
@@ -83,6 +92,8 @@ def _reader_options(args) -> dict:
     opts = {}
     if args.layout != "auto":
         opts["layout"] = args.layout
+    if args.ignore is not None:
+        opts["ignore"] = args.ignore
     given = {}
     if args.attributes is not None:
         given["attributes"] = ("--attributes", args.attributes)

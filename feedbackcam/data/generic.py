@@ -30,6 +30,7 @@ import csv
 import os
 import re
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from . import records as rec
@@ -43,6 +44,7 @@ __all__ = [
     "looks_generic",
     "read_generic",
     "read_generic_labels",
+    "with_ignore_folder",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -301,4 +303,55 @@ def read_generic(root, labels_csv=None, *, classes=None) -> ReadResult:
         root,
         (label_file,) if label_file is not None else (),
         (("classes", tuple(classes or ())),),
+    )
+
+
+def with_ignore_folder(result: ReadResult, folder) -> ReadResult:
+    """``result`` (any layout's) with the "must not matter" masks of ``folder`` added: a clinician's
+    ignore strokes kept apart from the data set as downloaded (ISIC 2017 and the 25 patch masks of
+    its artifact annotations, say). ``<id>.png`` or ``<id>_ignore.png`` (also ``_mask``,
+    ``_segmentation``; JPEG too) joins the ignore masks of the image with that id (a union with
+    the ones it has); the folder is recorded in ``result.options`` as ``ignore``.
+
+    A mask whose id no image has is a warning naming its file; a file that is not an image, too.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+        ValueError: ``folder`` holds no mask, or none of its masks names an image of ``result``
+            (the message gives examples of both kinds of id, the usual cause being a naming
+            mismatch).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: ignore-mask folder does not exist")
+    problems = Problems()
+    found: defaultdict[str, list[Path]] = defaultdict(list)
+    for path in _files(folder, folder):
+        if not _is_image(path):
+            problems.add(path, None, rec.UNEXPECTED_FILE, "not a PNG or JPEG mask", "warning")
+            continue
+        m = _MASK_SUFFIX.match(path.stem)
+        found[m.group(1) if m else path.stem].append(path)
+    if not found:
+        raise ValueError(f"{folder}: no PNG or JPEG ignore mask in it")
+    ids = {r.id for r in result.records}
+    stray = sorted(found.keys() - ids)
+    if len(stray) == len(found):
+        raise ValueError(
+            f"{folder}: none of its {len(found)} ignore mask(s) names an image of "
+            f"{result.root} (masks: {', '.join(stray[:3])}; images: "
+            f"{', '.join(sorted(ids)[:3]) or 'none'}); name each <id>.png after its image"
+        )
+    for key in stray:
+        msg = f"no image {key} in {result.root} for this ignore mask"
+        problems.add(found[key][0], key, rec.MASK_WITHOUT_IMAGE, msg, "warning")
+    records = tuple(
+        replace(r, ignore=r.ignore + tuple(found[r.id])) if r.id in found else r
+        for r in result.records
+    )
+    return replace(
+        result,
+        records=records,
+        problems=result.problems + tuple(problems),
+        options=result.options + (("ignore", str(folder.resolve())),),
     )

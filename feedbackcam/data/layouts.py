@@ -108,13 +108,22 @@ def detect_layout(root) -> str:
     )
 
 
-def read_dataset(root, labels_csv=None, *, layout: str | None = None, **options) -> ReadResult:
+def read_dataset(
+    root, labels_csv=None, *, layout: str | None = None, ignore=None, **options
+) -> ReadResult:
     """Detect the layout of ``root`` (unless given) and read it with its reader.
 
     ``options`` go to that reader (:attr:`Layout.options`: ``attributes``/``missing_attribute``
     for isic2018_task2, ``splits`` for isic2017, ``classes`` for generic). ``labels_csv``
-    applies to the layouts whose reader takes one (isic2018_task2 and generic).
+    applies to the layouts whose reader takes one (isic2018_task2 and generic). ``ignore``: a
+    folder of "must not matter" masks named by image id, for any layout
+    (`feedbackcam.data.generic.with_ignore_folder`).
     """
+    result = _read_layout(root, labels_csv, layout, options)
+    return result if ignore is None else generic.with_ignore_folder(result, ignore)
+
+
+def _read_layout(root, labels_csv, layout: str | None, options: dict) -> ReadResult:
     row = get_layout(detect_layout(root) if layout is None else layout)
     unknown = sorted(set(options) - set(row.options))
     if unknown:

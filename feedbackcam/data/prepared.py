@@ -5,7 +5,8 @@ A prepared folder holds::
     images.npy  (N, S, S, 3) uint8
     masks.npy   (N, S, S)    uint8, 0/1 (union of the record's mask files; zeros if none)
     ignore.npy  (N, S, S)    uint8, 0/1, only when some image has "must not matter" masks
-                (generic layout's ignore/); meta.json's "ignore" flag says it is there, an
+                (generic layout's ignore/, or `prepare(..., ignore=FOLDER)` for any layout,
+                `data prepare --ignore`); meta.json's "ignore" flag says it is there, an
                 all-zero row means none (`load_prepared_ignore`)
     index.csv   id,label,label_index,has_mask,source,width,height  (row i describes array row i;
                 width/height are the original image's)
@@ -480,7 +481,8 @@ def load_prepared(path, mmap: bool = True) -> ArrayDataset:
 
 def load_prepared_ignore(path, mmap: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
     """The "must not matter" masks of a prepared folder: (ignore (N, S, S) uint8 0/1,
-    has_ignore (N,) bool), or ``None`` for a folder without them (every ISIC layout).
+    has_ignore (N,) bool), or ``None`` for a folder without them (an ISIC layout prepared
+    without ``--ignore``).
 
     Raises:
         FileNotFoundError: meta.json says there are ignore masks but ``ignore.npy`` is missing.

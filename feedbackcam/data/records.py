@@ -44,7 +44,8 @@ CONFLICTING_LABELS = "the same image with another label"
 class Record:
     """One image: canonical id, image file, class name (None if unknown), the mask files whose
     union is its feedback mask (empty: no mask), where it came from, and the files whose union
-    marks what must not matter (``ignore``; only the generic layout has them)."""
+    marks what must not matter (``ignore``: the generic layout's ``ignore/``, or a folder given
+    with any layout, `feedbackcam.data.generic.with_ignore_folder`)."""
 
     id: str
     image: Path

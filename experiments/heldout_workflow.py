@@ -1,0 +1,167 @@
+"""Issue 18's held-out check, repeated on ISIC 2017 through the command line only: the model you
+have, fine-tuned on its own images with a clinician's 25 patch strokes.
+
+    python experiments/heldout_workflow.py --isic-root ../shared/data/isic2017-256 \\
+        --work /tmp/heldout --json docs/shortcuts/heldout_workflow.json
+
+The steps a user runs (each skipped when its output is there):
+
+1. ``feedbackcam data prepare ISIC --size 128 --ignore ISIC/artifacts/patch_masks``: ISIC 2017 as
+   downloaded, the lesion masks as keep masks, the 25 patch masks as ignore strokes;
+2. ``feedbackcam train-base`` (EfficientNet-Lite0, ImageNet weights, README's recipe, 8 epochs):
+   it trains and selects on 1,800 of the 2,000 images;
+3. ``feedbackcam simulate --base-model`` (modes cls and combined, batch 32, Adam 3e-4, lambda
+   0.7, 6 epochs, every other setting the default): the 1,800 images the base model saw stay in
+   feedback-train, validation and test are the 200 it did not see (100 each).
+
+Then, on the images no step trained or selected on (simulate's test split), for the base model
+and each mode's kept checkpoint: per-class sensitivity and MEL AUC on the clean images, and a real
+patch (cut out with the 25 masks, never over the lesion) pasted into every MEL and BKL image:
+the share that turns NV (and was not NV without it), and the share of all predictions that
+change. The same on the 200 images the base never saw (validation included: simulate chose its
+epoch there by Jaccard and the guard, never by a pasted patch) for a less noisy count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from feedbackcam.checkpoint import load_checkpoint
+from feedbackcam.data.artifacts import cut_out, paste_cutouts
+from feedbackcam.data.prepared import load_prepared, load_prepared_ignore
+from feedbackcam.shortcuts.data import float_images
+
+
+def run(cmd: list[str], done: Path, log: Path) -> float:
+    """Run one CLI step unless ``done`` exists; its seconds (0 when skipped)."""
+    if done.exists():
+        return 0.0
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+def predict(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Probabilities (N, C) of uint8 (N, H, W, 3) images."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out.append(model(float_images(images[i : i + batch])).logits.softmax(1))
+    return torch.cat(out).numpy()
+
+
+def scores(model, images, pasted, has, labels, classes) -> dict:
+    nv, mel = classes.index("NV"), classes.index("MEL")
+    p_clean, p_pasted = predict(model, images), predict(model, pasted)
+    clean, with_patch = p_clean.argmax(1), p_pasted.argmax(1)
+    rows = has & (labels != nv)
+    return {
+        "n": int(len(labels)),
+        "n_flip_rows": int(rows.sum()),
+        "acc_clean": float((clean == labels).mean()),
+        "sens_clean": [float((clean[labels == c] == c).mean()) for c in range(len(classes))],
+        "mel_auc_clean": float(roc_auc_score(labels == mel, p_clean[:, mel])),
+        "flip_to_nv": float(((with_patch[rows] == nv) & (clean[rows] != nv)).mean()),
+        "n_flipped_to_nv": int(((with_patch[rows] == nv) & (clean[rows] != nv)).sum()),
+        "changed": float((with_patch[has] != clean[has]).mean()),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--isic-root", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--base-epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0, help="simulate's split and fine-tuning seed")
+    args = p.parse_args()
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    log = w / "cli.log"
+    exe = [sys.executable, "-m", "feedbackcam.cli"]
+    prepared, base, sim = w / "prepared", w / "base", w / f"sim-seed{args.seed}"
+    seconds = {
+        "prepare": run(
+            [*exe, "data", "prepare", str(args.isic_root), "--size", str(args.size),
+             "--ignore", str(args.isic_root / "artifacts" / "patch_masks"), "--out", str(prepared)],
+            prepared / "meta.json", log,
+        ),
+        "train_base": run(
+            [*exe, "train-base", "--data", str(prepared), "--model", "efficientnet_lite0",
+             "--weights", "imagenet", "--epochs", str(args.base_epochs), "--out", str(base)],
+            base / "model.pt", log,
+        ),
+        "simulate": run(
+            [*exe, "simulate", "--data", str(prepared), "--base-model", str(base / "model.pt"),
+             "--modes", "cls,combined", "--lambda", "0.7", "--epochs", str(args.epochs),
+             "--batch-size", "32", "--optimizer", "adam", "--lr", "3e-4",
+             "--seed", str(args.seed), "--out", str(sim)],
+            sim / "results.json", log,
+        ),
+    }  # fmt: skip
+    data = load_prepared(prepared)
+    ignore, has_ignore = load_prepared_ignore(prepared)
+    classes = list(data.classes)
+    index = {k: i for i, k in enumerate(data.ids)}
+    splits = json.loads((sim / "splits.json").read_text())
+    _, _, base_payload = load_checkpoint(base / "model.pt")
+    seen = set((base_payload["config"].get("trained_on") or {}).get("train", ()))
+    seen |= set((base_payload["config"].get("trained_on") or {}).get("val", ()))
+    sets = {
+        "test": np.array(sorted(index[k] for k in splits["test"])),
+        "unseen by the base (val + test)": np.array(
+            sorted(index[k] for k in (*splits["val"], *splits["test"]))
+        ),
+    }
+    assert not any(data.ids[i] in seen for i in sets["unseen by the base (val + test)"])
+    marked = np.flatnonzero(has_ignore)
+    cutouts = [cut_out(data.images[i], ignore[i], data.ids[i]) for i in marked]
+    results = json.loads((sim / "results.json").read_text())
+    models = {"base": base / "model.pt"}
+    models |= {m: sim / "checkpoints" / f"{m}.pt" for m in ("cls", "combined")}
+    rows = []
+    for name, idx in sets.items():
+        images, lesions = np.asarray(data.images[idx]), np.asarray(data.masks[idx])
+        pasted, _, has = paste_cutouts(images, lesions, cutouts, seed=1000 + args.seed)
+        labels = np.asarray(data.labels[idx])
+        for model_name, path in models.items():
+            model, _, _ = load_checkpoint(path)
+            row = {"set": name, "model": model_name}
+            row |= scores(model, images, pasted, has, labels, classes)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = {
+        "machine": "2-core CPU VM, torch 2.14.1, no GPU",
+        "classes": classes,
+        "seconds": seconds,
+        "n_marked_patches": int(len(marked)),
+        "base_seen": len(seen),
+        "split_sizes": {k: len(v) for k, v in splits.items()},
+        "simulate": {
+            m: {
+                k: r.get(k) for k in ("best_epoch", "improved", "guard_rejected_epochs", "warnings")
+            }
+            for m, r in results["runs"].items()
+        },
+        "rows": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

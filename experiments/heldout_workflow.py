@@ -16,7 +16,8 @@ The steps a user runs (each skipped when its output is there):
 
 Then, on the images no step trained or selected on (simulate's test split), for the base model
 and each mode's kept checkpoint: per-class sensitivity and MEL AUC on the clean images, and a real
-patch (cut out with the 25 masks, never over the lesion) pasted into every MEL and BKL image:
+patch (cut out with the 25 masks, never over the lesion) pasted into every MEL and BKL image,
+``--draws`` times (patch and place drawn per image, the same draws for every seed and model):
 the share that turns NV (and was not NV without it), and the share of all predictions that
 change. The same on the 200 images the base never saw (validation included: simulate chose its
 epoch there by Jaccard and the guard, never by a pasted patch) for a less noisy count.
@@ -62,20 +63,31 @@ def predict(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def scores(model, images, pasted, has, labels, classes) -> dict:
+def scores(model, images, pasted, has, labels, classes, rows) -> dict:
+    """Clean-image scores on ``rows`` (indices), and the pasted patch's flips there, averaged
+    over the paste draws (``pasted`` (K, N, ...), ``has`` (K, N))."""
     nv, mel = classes.index("NV"), classes.index("MEL")
-    p_clean, p_pasted = predict(model, images), predict(model, pasted)
-    clean, with_patch = p_clean.argmax(1), p_pasted.argmax(1)
-    rows = has & (labels != nv)
+    y = labels[rows]
+    p_clean = predict(model, images[rows])
+    clean = p_clean.argmax(1)
+    flips, changed, n_flips = [], [], []
+    for x, h in zip(pasted, has, strict=True):
+        with_patch = predict(model, x[rows]).argmax(1)
+        at = h[rows] & (y != nv)
+        flipped = (with_patch[at] == nv) & (clean[at] != nv)
+        flips.append(flipped.mean())
+        n_flips.append(int(flipped.sum()))
+        changed.append((with_patch[h[rows]] != clean[h[rows]]).mean())
     return {
-        "n": int(len(labels)),
-        "n_flip_rows": int(rows.sum()),
-        "acc_clean": float((clean == labels).mean()),
-        "sens_clean": [float((clean[labels == c] == c).mean()) for c in range(len(classes))],
-        "mel_auc_clean": float(roc_auc_score(labels == mel, p_clean[:, mel])),
-        "flip_to_nv": float(((with_patch[rows] == nv) & (clean[rows] != nv)).mean()),
-        "n_flipped_to_nv": int(((with_patch[rows] == nv) & (clean[rows] != nv)).sum()),
-        "changed": float((with_patch[has] != clean[has]).mean()),
+        "n": int(len(rows)),
+        "n_flip_rows": int((has[0][rows] & (y != nv)).sum()),
+        "acc_clean": float((clean == y).mean()),
+        "sens_clean": [float((clean[y == c] == c).mean()) for c in range(len(classes))],
+        "mel_auc_clean": float(roc_auc_score(y == mel, p_clean[:, mel])),
+        "flip_to_nv": float(np.mean(flips)),
+        "flip_to_nv_draws": [float(f) for f in flips],
+        "n_flipped_to_nv_draws": n_flips,
+        "changed": float(np.mean(changed)),
     }
 
 
@@ -88,6 +100,7 @@ def main() -> None:
     p.add_argument("--base-epochs", type=int, default=8)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0, help="simulate's split and fine-tuning seed")
+    p.add_argument("--draws", type=int, default=5, help="patch pastes per image, averaged")
     args = p.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -121,27 +134,31 @@ def main() -> None:
     _, _, base_payload = load_checkpoint(base / "model.pt")
     seen = set((base_payload["config"].get("trained_on") or {}).get("train", ()))
     seen |= set((base_payload["config"].get("trained_on") or {}).get("val", ()))
+    unseen = np.array(sorted(index[k] for k in (*splits["val"], *splits["test"])))
+    assert not any(data.ids[i] in seen for i in unseen)
+    test = set(splits["test"])
     sets = {
-        "test": np.array(sorted(index[k] for k in splits["test"])),
-        "unseen by the base (val + test)": np.array(
-            sorted(index[k] for k in (*splits["val"], *splits["test"]))
-        ),
+        "test": np.array([k for k, i in enumerate(unseen) if data.ids[i] in test]),
+        "unseen by the base (val + test)": np.arange(len(unseen)),
     }
-    assert not any(data.ids[i] in seen for i in sets["unseen by the base (val + test)"])
     marked = np.flatnonzero(has_ignore)
     cutouts = [cut_out(data.images[i], ignore[i], data.ids[i]) for i in marked]
+    images, lesions = np.asarray(data.images[unseen]), np.asarray(data.masks[unseen])
+    labels = np.asarray(data.labels[unseen])
+    # the same draws for every seed and model: image k of the 200 gets patch draw d by
+    # default_rng([1000 + d, k])
+    draws = [paste_cutouts(images, lesions, cutouts, seed=1000 + d) for d in range(args.draws)]
+    pasted = np.stack([x for x, _, _ in draws])
+    has = np.stack([h for _, _, h in draws])
     results = json.loads((sim / "results.json").read_text())
     models = {"base": base / "model.pt"}
     models |= {m: sim / "checkpoints" / f"{m}.pt" for m in ("cls", "combined")}
     rows = []
-    for name, idx in sets.items():
-        images, lesions = np.asarray(data.images[idx]), np.asarray(data.masks[idx])
-        pasted, _, has = paste_cutouts(images, lesions, cutouts, seed=1000 + args.seed)
-        labels = np.asarray(data.labels[idx])
-        for model_name, path in models.items():
-            model, _, _ = load_checkpoint(path)
+    for model_name, path in models.items():
+        model, _, _ = load_checkpoint(path)
+        for name, idx in sets.items():
             row = {"set": name, "model": model_name}
-            row |= scores(model, images, pasted, has, labels, classes)
+            row |= scores(model, images, pasted, has, labels, classes, idx)
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = {

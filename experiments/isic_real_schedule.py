@@ -9,6 +9,8 @@ folder (``--from``), so the fine-tunes start from the very models the three-epoc
     python experiments/isic_real_schedule.py OUT --from BENCH --epochs 6 --lr 3e-4 \\
         --isic-root ISIC2017_FOLDER
     python experiments/isic_real_schedule.py OUT --from BENCH --epochs 3 --repeat-marked 3 ...
+    python experiments/isic_real_schedule.py OUT --from BENCH --epochs 3 --pool 0 ...  # every
+        # training image in the pool, as `simulate` fine-tunes on all of feedback-train
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ def main() -> None:
         help="each image with an ignore mark appears this many more times in the pool",
     )
     p.add_argument(
+        "--pool",
+        type=int,
+        default=BenchConfig.isic_real_pool,
+        help="training images in the feedback pool, the marked ones among them; 0: all of them "
+        "(default: the benchmark's %(default)s)",
+    )
+    p.add_argument(
         "--ema",
         type=float,
         default=None,
@@ -115,6 +124,7 @@ def main() -> None:
         fractions=(),
         isic_root=args.isic_root,
         isic_real=Schedule(**ISIC, epochs=args.epochs, lr=args.lr, batch=32, weighted=True),
+        isic_real_pool=args.pool or 1_000_000,
         select_epoch=True,
         recalibrate_batchnorm=args.recalibrate_bn,
     )

@@ -101,17 +101,47 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0, help="simulate's split and fine-tuning seed")
     p.add_argument("--draws", type=int, default=5, help="patch pastes per image, averaged")
+    p.add_argument(
+        "--marks",
+        type=int,
+        default=25,
+        help="how many of the 25 patch masks the clinician gave (drawn by --seed; 0: none, the "
+        "lesion masks alone): the base model is shared, the prepared folder and the "
+        "simulation are per setting",
+    )
+    p.add_argument("--modes", default="cls,combined")
     args = p.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
     log = w / "cli.log"
     exe = [sys.executable, "-m", "feedbackcam.cli"]
+    patch_masks = args.isic_root / "artifacts" / "patch_masks"
     prepared, base, sim = w / "prepared", w / "base", w / f"sim-seed{args.seed}"
+    marks = ["--ignore", str(patch_masks)]
+    if args.marks != 25:  # a subset of the strokes: its own folder, prepared folder, simulation
+        sim = w / f"sim-{args.marks}marks-seed{args.seed}"
+        prepared_marks = w / f"prepared-{args.marks}marks-seed{args.seed}"
+        marks = []
+        if args.marks:
+            folder = w / f"marks-{args.marks}-seed{args.seed}"
+            folder.mkdir(exist_ok=True)
+            files = sorted(patch_masks.glob("*.png"))
+            rng = np.random.default_rng([args.seed, 25])
+            for k in rng.choice(len(files), args.marks, replace=False):
+                (folder / files[k].name).write_bytes(files[k].read_bytes())
+            marks = ["--ignore", str(folder)]
+    else:
+        prepared_marks = prepared
     seconds = {
         "prepare": run(
             [*exe, "data", "prepare", str(args.isic_root), "--size", str(args.size),
-             "--ignore", str(args.isic_root / "artifacts" / "patch_masks"), "--out", str(prepared)],
+             "--ignore", str(patch_masks), "--out", str(prepared)],
             prepared / "meta.json", log,
+        ),
+        "prepare_marks": run(
+            [*exe, "data", "prepare", str(args.isic_root), "--size", str(args.size),
+             *marks, "--out", str(prepared_marks)],
+            prepared_marks / "meta.json", log,
         ),
         "train_base": run(
             [*exe, "train-base", "--data", str(prepared), "--model", "efficientnet_lite0",
@@ -119,8 +149,9 @@ def main() -> None:
             base / "model.pt", log,
         ),
         "simulate": run(
-            [*exe, "simulate", "--data", str(prepared), "--base-model", str(base / "model.pt"),
-             "--modes", "cls,combined", "--lambda", "0.7", "--epochs", str(args.epochs),
+            [*exe, "simulate", "--data", str(prepared_marks), "--base-model",
+             str(base / "model.pt"), "--modes", args.modes, "--lambda", "0.7",
+             "--epochs", str(args.epochs),
              "--batch-size", "32", "--optimizer", "adam", "--lr", "3e-4",
              "--seed", str(args.seed), "--out", str(sim)],
             sim / "results.json", log,
@@ -152,7 +183,7 @@ def main() -> None:
     has = np.stack([h for _, _, h in draws])
     results = json.loads((sim / "results.json").read_text())
     models = {"base": base / "model.pt"}
-    models |= {m: sim / "checkpoints" / f"{m}.pt" for m in ("cls", "combined")}
+    models |= {m: sim / "checkpoints" / f"{m}.pt" for m in args.modes.split(",")}
     rows = []
     for model_name, path in models.items():
         model, _, _ = load_checkpoint(path)
@@ -165,7 +196,8 @@ def main() -> None:
         "machine": "2-core CPU VM, torch 2.14.1, no GPU",
         "classes": classes,
         "seconds": seconds,
-        "n_marked_patches": int(len(marked)),
+        "n_marked_patches": args.marks,
+        "marks": marks,
         "base_seen": len(seen),
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "simulate": {

@@ -72,6 +72,14 @@ def main() -> None:
         help="each image with an ignore mark appears this many more times in the pool",
     )
     p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also fine-tune the first METHOD with ignore marks on these shares of the marked "
+        "images (0.2: 5 of the 25), every seed",
+    )
+    p.add_argument(
         "--pool",
         type=int,
         default=BenchConfig.isic_real_pool,
@@ -121,7 +129,9 @@ def main() -> None:
         methods=tuple(args.methods),
         lams=(0.9,),
         controls=(),
-        fractions=(),
+        fractions=tuple(args.fractions),
+        efficiency_methods=tuple(args.methods[:1]),
+        efficiency_seeds=tuple(args.seeds),
         isic_root=args.isic_root,
         isic_real=Schedule(**ISIC, epochs=args.epochs, lr=args.lr, batch=32, weighted=True),
         isic_real_pool=args.pool or 1_000_000,

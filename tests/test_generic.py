@@ -294,3 +294,25 @@ def test_evaluate_reports_per_artifact_reliance(tmp_path, capsys):
     flags.write_text("image_id,ruler\nIMD001,2\n")
     assert main([*args, "--artifacts", str(flags)]) == 2
     assert "row 2, column 'ruler'" in capsys.readouterr().err
+
+
+def test_an_ignore_folder_adds_to_the_ignore_masks_a_folder_has(tmp_path):
+    """The export's own ignore/ and a folder given with ``ignore=``: each image's masks are the
+    union of both (the app's strokes and a clinician's later ones), a file that is not an image
+    in the folder is a warning naming it."""
+    root = make_generic(tmp_path / "g", n=9, export=True)  # ignore/ on 3, 6, 9
+    more = tmp_path / "more"
+    png_mask(more / f"{gid(3)}.png", size=(W, H), box=(0, 12, 4, 18))
+    png_mask(more / f"{gid(4)}_ignore.png", size=(W, H), box=(0, 12, 4, 18))
+    (more / "notes.txt").write_text("strokes of 2026-12-05")
+    result = read_dataset(root, ignore=more)
+    by_id = {r.id: r for r in result.records}
+    assert [p.parent.name for p in by_id[gid(3)].ignore] == ["ignore", "more"]
+    assert [p.parent.name for p in by_id[gid(4)].ignore] == ["more"]
+    assert [r.id for r in result.records if r.ignore] == [gid(i) for i in (3, 4, 6, 9)]
+    assert any(p.path == more / "notes.txt" and p.severity == "warning" for p in result.problems)
+    out = prepare(root, tmp_path / "p", size=12, progress=False, ignore=more)
+    ignore, has_ignore = load_prepared_ignore(out)
+    ids = load_prepared(out).ids
+    row = ids.index(gid(3))
+    assert ignore[row][0, -1] == 1 and ignore[row][-1, 0] == 1  # both boxes

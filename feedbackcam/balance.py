@@ -10,16 +10,17 @@ measures that on a few batches and returns the ``FeedbackConfig.loss_scale`` tha
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from .data.dataset import FeedbackBatch
+from .data.dataset import FeedbackBatch, TensorData
 from .objective import ADDED_TERMS, FeedbackConfig
 from .self_explaining import SelfExplaining
-from .train import feedback_step
+from .train import epoch_batches, feedback_step
 
 
 def calibrate_loss_scale(
@@ -69,6 +70,41 @@ def feeding(batches: list[FeedbackBatch], kind: str) -> list[FeedbackBatch]:
     if kind == "ignore":
         return [b for b in batches if b.ignore is not None and bool(b.has_ignore.any())]
     return [b for b in batches if bool(b.has_mask.any() and b.masks.flatten(1).amax(1).gt(0).any())]
+
+
+def probe_batches(
+    data: TensorData,
+    indices,
+    batch_size: int,
+    n: int,
+    *,
+    generator: torch.Generator,
+) -> list[FeedbackBatch]:
+    """The batches a fine-tuning calibrates its scales on (:func:`auto_scaled`): ``n`` shuffled
+    batches of ``indices`` and, for each kind of mask (keep, ignore) that rows of ``indices``
+    carry and none of those batches holds, one more batch of such rows. Five ignore strokes
+    among 1,800 images are rarely in the first batches; without this, their term kept scale 1,
+    4-30 times its calibrated size (docs/real-artifacts.md, the held-out workflow)."""
+    indices = np.asarray(indices)
+    shuffled = epoch_batches(data, indices, batch_size, generator=generator)
+    probe = list(itertools.islice(shuffled, n))
+    for column, kind in ((0, "keep"), (1, "ignore")):
+        if feeding(probe, kind):
+            continue
+        rows = indices[_carries(data, column)[indices]]
+        if len(rows):
+            pick = torch.as_tensor(rows[torch.randperm(len(rows), generator=generator).numpy()])
+            host = pick[:batch_size]
+            probe.append(data.batch(host.to(data.labels.device), host))
+    return probe
+
+
+def _carries(data: TensorData, column: int) -> np.ndarray:
+    """(N,) bool: the rows with keep (column 0) or ignore (1) feedback, read on the host."""
+    if data.present is not None:
+        return data.present[:, column].cpu().numpy()
+    flags = data.has_mask if column == 0 else data.has_ignore
+    return np.zeros(len(data), bool) if flags is None else flags.cpu().numpy().astype(bool)
 
 
 def measured_scales(cfg: FeedbackConfig) -> list[str]:

@@ -12,7 +12,6 @@ metrics. Everything it writes goes to one output folder, beside the resolved con
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .balance import auto_scaled
+from .balance import auto_scaled, probe_batches
 from .checkpoint import ModelSpec, save_checkpoint
 from .counterfactual import fill_region
 from .data.dataset import ArrayDataset, TensorData
@@ -41,7 +40,6 @@ from .train import (
     Batching,
     BestEpoch,
     class_weights,
-    epoch_batches,
     make_optimizer,
     place_model,
     progress_bar,
@@ -254,13 +252,13 @@ def fine_tune(
     unset = any(getattr(fb, scale) is None for _, scale, _ in ADDED_TERMS)
     if fb.lam > 0 and (fb.auto_scale or unset):
         # A probe of its own generator: the training shuffles stay what they were.
-        batches = epoch_batches(
+        probe = probe_batches(
             data,
             train_idx,
             max(cfg.batch_size, CALIBRATION_BATCH),
+            CALIBRATION_BATCHES,
             generator=torch.Generator().manual_seed(cfg.seed + 1),
         )
-        probe = list(itertools.islice(batches, CALIBRATION_BATCHES))
     fb = auto_scaled(model, probe, fb)
     stage = {**stage, **{k: getattr(fb, k) for k in SCALES}}
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)

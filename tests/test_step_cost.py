@@ -354,3 +354,48 @@ def test_with_host_counts_a_term_no_row_needs_is_skipped_and_rows_match_the_mark
     assert rows.shape == (2,) and set(rows.tolist()) <= set(range(9)) and (w == 9 / 2).all()
     rows, w = cf.fixed_rows(marked.has_ignore, 0.5, 3, count=0)
     assert rows.shape == (0,)
+
+
+def test_the_calibration_probe_holds_the_rare_marks_it_would_miss():
+    """Three ignore strokes among 96 images are rarely in a first shuffled batch of 8; the probe
+    a fine-tuning calibrates on then gets one batch of the marked rows more, so the ignore term
+    is calibrated (not left at scale 1). A probe that already holds them is unchanged, and a
+    kind no row carries (keep, here) adds nothing."""
+    import numpy as np
+
+    from feedbackcam.balance import auto_scaled, feeding, probe_batches
+    from feedbackcam.data.dataset import ArrayDataset
+
+    rng = np.random.default_rng(1)
+    n, size = 96, 16
+    marked = [5, 50, 90]
+    ignore = np.zeros((n, size, size), np.uint8)
+    ignore[marked, :4, :4] = 1
+    data = ArrayDataset(
+        rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
+        np.zeros((n, size, size), np.uint8),
+        np.arange(n) % 3,
+        np.zeros(n, bool),
+        tuple(str(i) for i in range(n)),
+        ("a", "b", "c"),
+        ignore,
+        np.isin(np.arange(n), marked),
+    ).tensors()
+
+    def probe(seed):
+        g = torch.Generator().manual_seed(seed)
+        return probe_batches(data, np.arange(n), 8, 1, generator=g)
+
+    missed = 0
+    for seed in range(12):
+        batches = probe(seed)
+        assert feeding(batches, "ignore") and not feeding(batches, "keep")
+        if len(batches) == 2:  # the shuffled batch missed every mark
+            missed += 1
+            assert batches[1].counts == (0, 3) and len(batches[1].labels) == 3
+        else:
+            assert len(batches) == 1 and batches[0].counts[1] > 0
+    assert missed > 0
+    cfg = FeedbackConfig(lam=0.5, surroundings_loss=None)
+    model = small_cnn(3, width=8)
+    assert auto_scaled(model, probe(0), cfg).ignore_scale != 1.0

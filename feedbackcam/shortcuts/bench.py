@@ -15,7 +15,6 @@ terms scaled so that lambda is their share of the gradient at the start, see
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import time
 from dataclasses import replace
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import clarc, losses
-from ..balance import auto_scaled
+from ..balance import auto_scaled, probe_batches
 from ..data.dataset import ArrayDataset
 from ..fileio import write_atomic, write_json
 from ..models import build_model
@@ -35,7 +34,6 @@ from ..train import (
     Batching,
     BestEpoch,
     class_weights,
-    epoch_batches,
     make_optimizer,
     train_epochs,
 )
@@ -196,8 +194,7 @@ def fine_tune(
     everything = np.arange(n)
     torch.manual_seed(seed)
     if cfg.lam > 0:
-        batches = epoch_batches(tensors, everything, sched.batch, generator=g)
-        probe = list(itertools.islice(batches, calibration_batches))
+        probe = probe_batches(tensors, everything, sched.batch, calibration_batches, generator=g)
         cfg = auto_scaled(model, probe, replace(cfg, auto_scale=True))
     opt = make_optimizer(model, "adam", sched.lr)
     batching = Batching(sched.batch)

@@ -84,7 +84,7 @@ def probe_batches(
     batches of ``indices`` and, for each kind of mask (keep, ignore) that rows of ``indices``
     carry and none of those batches holds, one more batch of such rows. Five ignore strokes
     among 1,800 images are rarely in the first batches; without this, their term kept scale 1,
-    4-30 times its calibrated size (docs/real-artifacts.md, the held-out workflow)."""
+    7-30 times its calibrated size (docs/real-artifacts.md, the held-out workflow)."""
     indices = np.asarray(indices)
     shuffled = epoch_batches(data, indices, batch_size, generator=generator)
     probe = list(itertools.islice(shuffled, n))

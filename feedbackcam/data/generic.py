@@ -112,16 +112,23 @@ def _scan(root: Path, problems: Problems):
         else:
             images[key] = path
     for name, found in (("masks", masks), ("ignore", ignore)):
-        sub = root / name
-        if not sub.is_dir():
-            continue
-        for path in _files(sub, sub):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                problems.add(path, None, rec.UNEXPECTED_FILE, "not a PNG or JPEG mask", "warning")
-                continue
-            m = _MASK_SUFFIX.match(path.stem)
-            found[m.group(1) if m else path.stem].append(path)
+        if (root / name).is_dir():
+            for key, paths in _mask_files(root / name, problems).items():
+                found[key].extend(paths)
     return images, masks, ignore
+
+
+def _mask_files(folder: Path, problems: Problems) -> defaultdict[str, list[Path]]:
+    """id -> the mask files of ``folder`` (``<id>.png``, or ``<id>_mask|_segmentation|
+    _ignore.png``); a file that is not an image is a warning."""
+    found: defaultdict[str, list[Path]] = defaultdict(list)
+    for path in _files(folder, folder):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.add(path, None, rec.UNEXPECTED_FILE, "not a PNG or JPEG mask", "warning")
+            continue
+        m = _MASK_SUFFIX.match(path.stem)
+        found[m.group(1) if m else path.stem].append(path)
+    return found
 
 
 def _find_labels_csv(root: Path, problems: Problems) -> Path | None:
@@ -325,13 +332,7 @@ def with_ignore_folder(result: ReadResult, folder) -> ReadResult:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: ignore-mask folder does not exist")
     problems = Problems()
-    found: defaultdict[str, list[Path]] = defaultdict(list)
-    for path in _files(folder, folder):
-        if not _is_image(path):
-            problems.add(path, None, rec.UNEXPECTED_FILE, "not a PNG or JPEG mask", "warning")
-            continue
-        m = _MASK_SUFFIX.match(path.stem)
-        found[m.group(1) if m else path.stem].append(path)
+    found = _mask_files(folder, problems)
     if not found:
         raise ValueError(f"{folder}: no PNG or JPEG ignore mask in it")
     ids = {r.id for r in result.records}

@@ -40,6 +40,7 @@ from feedbackcam.checkpoint import load_checkpoint
 from feedbackcam.data.artifacts import cut_out, paste_cutouts
 from feedbackcam.data.prepared import load_prepared, load_prepared_ignore
 from feedbackcam.shortcuts.data import float_images
+from feedbackcam.simulation_data import seen_ids_of
 
 
 def run(cmd: list[str], done: Path, log: Path) -> float:
@@ -163,8 +164,7 @@ def main() -> None:
     index = {k: i for i, k in enumerate(data.ids)}
     splits = json.loads((sim / "splits.json").read_text())
     _, _, base_payload = load_checkpoint(base / "model.pt")
-    seen = set((base_payload["config"].get("trained_on") or {}).get("train", ()))
-    seen |= set((base_payload["config"].get("trained_on") or {}).get("val", ()))
+    seen = set(seen_ids_of(base_payload))
     unseen = np.array(sorted(index[k] for k in (*splits["val"], *splits["test"])))
     assert not any(data.ids[i] in seen for i in unseen)
     test = set(splits["test"])

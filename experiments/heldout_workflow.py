@@ -101,6 +101,14 @@ def main() -> None:
     p.add_argument("--base-epochs", type=int, default=8)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0, help="simulate's split and fine-tuning seed")
+    p.add_argument(
+        "--base-seed",
+        type=int,
+        default=0,
+        help="train-base's seed: which 1,800 images it trains on, so which 200 are held out "
+        "(0: the work folder's base/; others: base-seedN/)",
+    )
+    p.add_argument("--lam", type=float, default=0.7, help="simulate's --lambda")
     p.add_argument("--draws", type=int, default=5, help="patch pastes per image, averaged")
     p.add_argument(
         "--marks",
@@ -118,9 +126,16 @@ def main() -> None:
     exe = [sys.executable, "-m", "feedbackcam.cli"]
     patch_masks = args.isic_root / "artifacts" / "patch_masks"
     prepared, base, sim = w / "prepared", w / "base", w / f"sim-seed{args.seed}"
+    tag = ""  # settings other than the first runs' go into the folder names
+    if args.base_seed:
+        base = w / f"base-seed{args.base_seed}"
+        tag += f"-base{args.base_seed}"
+    if args.lam != 0.7 or args.epochs != 6:
+        tag += f"-lam{args.lam:g}-ep{args.epochs}"
+    sim = w / f"sim{tag}-seed{args.seed}"
     marks = ["--ignore", str(patch_masks)]
     if args.marks != 25:  # a subset of the strokes: its own folder, prepared folder, simulation
-        sim = w / f"sim-{args.marks}marks-seed{args.seed}"
+        sim = w / f"sim{tag}-{args.marks}marks-seed{args.seed}"
         prepared_marks = w / f"prepared-{args.marks}marks-seed{args.seed}"
         marks = []
         if args.marks:
@@ -146,12 +161,13 @@ def main() -> None:
         ),
         "train_base": run(
             [*exe, "train-base", "--data", str(prepared), "--model", "efficientnet_lite0",
-             "--weights", "imagenet", "--epochs", str(args.base_epochs), "--out", str(base)],
+             "--weights", "imagenet", "--epochs", str(args.base_epochs),
+             "--seed", str(args.base_seed), "--out", str(base)],
             base / "model.pt", log,
         ),
         "simulate": run(
             [*exe, "simulate", "--data", str(prepared_marks), "--base-model",
-             str(base / "model.pt"), "--modes", args.modes, "--lambda", "0.7",
+             str(base / "model.pt"), "--modes", args.modes, "--lambda", str(args.lam),
              "--epochs", str(args.epochs),
              "--batch-size", "32", "--optimizer", "adam", "--lr", "3e-4",
              "--seed", str(args.seed), "--out", str(sim)],
@@ -197,6 +213,9 @@ def main() -> None:
         "classes": classes,
         "seconds": seconds,
         "n_marked_patches": args.marks,
+        "base_seed": args.base_seed,
+        "lambda": args.lam,
+        "epochs": args.epochs,
         "marks": marks,
         "base_seen": len(seen),
         "split_sizes": {k: len(v) for k, v in splits.items()},

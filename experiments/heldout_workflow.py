@@ -109,6 +109,14 @@ def main() -> None:
         "(0: the work folder's base/; others: base-seedN/)",
     )
     p.add_argument("--lam", type=float, default=0.7, help="simulate's --lambda")
+    p.add_argument(
+        "--base-recipe",
+        choices=("readme", "bench"),
+        default="readme",
+        help="readme: train-base as the README's recipe (8 epochs at 1e-4, flips and rotations); "
+        "bench: as the shortcut benchmark trains its baselines (6 epochs at 3e-4, no "
+        "augmentation), in base-bench[-seedN]/",
+    )
     p.add_argument("--draws", type=int, default=5, help="patch pastes per image, averaged")
     p.add_argument(
         "--marks",
@@ -127,8 +135,13 @@ def main() -> None:
     patch_masks = args.isic_root / "artifacts" / "patch_masks"
     prepared, base, sim = w / "prepared", w / "base", w / f"sim-seed{args.seed}"
     tag = ""  # settings other than the first runs' go into the folder names
+    base_args = ["--epochs", str(args.base_epochs)]
+    if args.base_recipe == "bench":
+        base_args = ["--epochs", "6", "--lr", "3e-4", "--no-augment"]
+        base = w / "base-bench"
+        tag += "-bench"
     if args.base_seed:
-        base = w / f"base-seed{args.base_seed}"
+        base = base.with_name(f"{base.name}-seed{args.base_seed}")
         tag += f"-base{args.base_seed}"
     if args.lam != 0.7 or args.epochs != 6:
         tag += f"-lam{args.lam:g}-ep{args.epochs}"
@@ -161,7 +174,7 @@ def main() -> None:
         ),
         "train_base": run(
             [*exe, "train-base", "--data", str(prepared), "--model", "efficientnet_lite0",
-             "--weights", "imagenet", "--epochs", str(args.base_epochs),
+             "--weights", "imagenet", *base_args,
              "--seed", str(args.base_seed), "--out", str(base)],
             base / "model.pt", log,
         ),
@@ -214,6 +227,7 @@ def main() -> None:
         "seconds": seconds,
         "n_marked_patches": args.marks,
         "base_seed": args.base_seed,
+        "base_recipe": args.base_recipe,
         "lambda": args.lam,
         "epochs": args.epochs,
         "marks": marks,

@@ -64,19 +64,28 @@ def predict(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def log_odds(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
 def scores(model, images, pasted, has, labels, classes, rows) -> dict:
     """Clean-image scores on ``rows`` (indices), and the pasted patch's flips there, averaged
-    over the paste draws (``pasted`` (K, N, ...), ``has`` (K, N))."""
+    over the paste draws (``pasted`` (K, N, ...), ``has`` (K, N)); ``push_to_nv``: the mean
+    change of NV's log-odds that the patch makes on those melanomas and keratoses, which a model
+    that calls NV more or less often (its operating point) leaves unchanged, unlike the flips."""
     nv, mel = classes.index("NV"), classes.index("MEL")
     y = labels[rows]
     p_clean = predict(model, images[rows])
     clean = p_clean.argmax(1)
-    flips, changed, n_flips = [], [], []
+    flips, changed, n_flips, pushes = [], [], [], []
     for x, h in zip(pasted, has, strict=True):
-        with_patch = predict(model, x[rows]).argmax(1)
+        p_patch = predict(model, x[rows])
+        with_patch = p_patch.argmax(1)
         at = h[rows] & (y != nv)
         flipped = (with_patch[at] == nv) & (clean[at] != nv)
         flips.append(flipped.mean())
+        pushes.append((log_odds(p_patch[at, nv]) - log_odds(p_clean[at, nv])).mean())
         n_flips.append(int(flipped.sum()))
         changed.append((with_patch[h[rows]] != clean[h[rows]]).mean())
     return {
@@ -89,6 +98,7 @@ def scores(model, images, pasted, has, labels, classes, rows) -> dict:
         "flip_to_nv_draws": [float(f) for f in flips],
         "n_flipped_to_nv_draws": n_flips,
         "changed": float(np.mean(changed)),
+        "push_to_nv": float(np.mean(pushes)),
     }
 
 

@@ -40,6 +40,7 @@ from feedbackcam.checkpoint import load_checkpoint
 from feedbackcam.data.artifacts import cut_out, paste_cutouts
 from feedbackcam.data.prepared import load_prepared, load_prepared_ignore
 from feedbackcam.shortcuts.data import float_images
+from feedbackcam.shortcuts.metrics import target_shift
 from feedbackcam.simulation_data import seen_ids_of
 
 
@@ -64,16 +65,11 @@ def predict(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def log_odds(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
-
-
 def scores(model, images, pasted, has, labels, classes, rows) -> dict:
     """Clean-image scores on ``rows`` (indices), and the pasted patch's flips there, averaged
-    over the paste draws (``pasted`` (K, N, ...), ``has`` (K, N)); ``push_to_nv``: the mean
-    change of NV's log-odds that the patch makes on those melanomas and keratoses, which a model
-    that calls NV more or less often (its operating point) leaves unchanged, unlike the flips."""
+    over the paste draws (``pasted`` (K, N, ...), ``has`` (K, N)); ``push_to_nv``: the
+    benchmark's offset-free push (:func:`~feedbackcam.shortcuts.metrics.target_shift`) on those
+    melanomas and keratoses."""
     nv, mel = classes.index("NV"), classes.index("MEL")
     y = labels[rows]
     p_clean = predict(model, images[rows])
@@ -85,7 +81,8 @@ def scores(model, images, pasted, has, labels, classes, rows) -> dict:
         at = h[rows] & (y != nv)
         flipped = (with_patch[at] == nv) & (clean[at] != nv)
         flips.append(flipped.mean())
-        pushes.append((log_odds(p_patch[at, nv]) - log_odds(p_clean[at, nv])).mean())
+        t = torch.from_numpy
+        pushes.append(target_shift(t(p_patch), t(p_clean), t(y), t(h[rows]), nv))
         n_flips.append(int(flipped.sum()))
         changed.append((with_patch[h[rows]] != clean[h[rows]]).mean())
     return {

@@ -13,15 +13,16 @@ baseline / reference rows), so the fine-tunes start from the very models its row
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from isic_real_schedule import DEFAULT, borrow_baselines  # noqa: E402
+
 from feedbackcam.shortcuts import BenchConfig, run_benchmark
 from feedbackcam.shortcuts.config import ISIC, Schedule
-
-DEFAULT = "jaccard+surroundings+invariance_balanced"
 
 
 def main() -> None:
@@ -37,15 +38,7 @@ def main() -> None:
     p.add_argument("--class-weighted", action="store_true")
     args = p.parse_args()
     if args.source and not args.out.exists():
-        args.out.mkdir(parents=True)
-        for d in ("data", "models"):
-            (args.out / d).symlink_to((args.source / d).resolve())
-        keep = [
-            line
-            for line in (args.source / "runs.jsonl").read_text().splitlines()
-            if json.loads(line)["method"] in ("baseline", "no-confounder")
-        ]
-        (args.out / "runs.jsonl").write_text("\n".join(keep) + "\n")
+        borrow_baselines(args.source, args.out)
     torch.set_num_threads(args.threads)
     config = BenchConfig(
         datasets=("isic-bandaid",),

@@ -55,6 +55,21 @@ def average_weights(decay: float) -> None:
     bench.make_optimizer, bench.EpochChoice.offer = with_average, offer_average
 
 
+def borrow_baselines(source: Path, out: Path) -> None:
+    """Start the benchmark folder ``out`` from ``source``'s data and baselines: its ``data/`` and
+    ``models/`` linked, its baseline and reference rows copied, so the fine-tunes start from
+    the very models ``source``'s rows did."""
+    out.mkdir(parents=True)
+    for d in ("data", "models"):
+        (out / d).symlink_to((source / d).resolve())
+    keep = [
+        line
+        for line in (source / "runs.jsonl").read_text().splitlines()
+        if json.loads(line)["method"] in ("baseline", "no-confounder")
+    ]
+    (out / "runs.jsonl").write_text("\n".join(keep) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -113,15 +128,7 @@ def main() -> None:
 
         bench.feedback_pool = repeated
     if not args.out.exists():
-        args.out.mkdir(parents=True)
-        for d in ("data", "models"):
-            (args.out / d).symlink_to((args.source / d).resolve())
-        keep = [
-            line
-            for line in (args.source / "runs.jsonl").read_text().splitlines()
-            if json.loads(line)["method"] in ("baseline", "no-confounder")
-        ]
-        (args.out / "runs.jsonl").write_text("\n".join(keep) + "\n")
+        borrow_baselines(args.source, args.out)
     torch.set_num_threads(args.threads)
     config = BenchConfig(
         datasets=("isic-real",),

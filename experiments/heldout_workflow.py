@@ -11,7 +11,8 @@ The steps a user runs (each skipped when its output is there):
 2. ``feedbackcam train-base`` (EfficientNet-Lite0, ImageNet weights, README's recipe, 8 epochs):
    it trains and selects on 1,800 of the 2,000 images;
 3. ``feedbackcam simulate --base-model`` (modes cls and combined, batch 32, Adam 3e-4, lambda
-   0.7, 6 epochs, every other setting the default): the 1,800 images the base model saw stay in
+   0.7, 6 epochs, every other setting the default; ``--guard average``: the guard on average
+   sensitivity alone, as before 2026-12-06): the 1,800 images the base model saw stay in
    feedback-train, validation and test are the 200 it did not see (100 each).
 
 Then, on the images no step trained or selected on (simulate's test split), for the base model
@@ -134,6 +135,14 @@ def main() -> None:
         "simulation are per setting",
     )
     p.add_argument("--modes", default="cls,combined")
+    p.add_argument(
+        "--guard",
+        choices=("per-class", "average"),
+        default="per-class",
+        help="simulate's collapse guard: every class's balanced accuracy and the average "
+        "sensitivity (the default since 2026-12-06; folders sim-pc*) or the average alone (the "
+        "runs before)",
+    )
     args = p.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -152,6 +161,10 @@ def main() -> None:
         tag += f"-base{args.base_seed}"
     if args.lam != 0.7 or args.epochs != 6:
         tag += f"-lam{args.lam:g}-ep{args.epochs}"
+    guard = ["--no-guard-per-class"]
+    if args.guard == "per-class":
+        guard = ["--guard-per-class", "--guard-class-measure", "balanced"]
+        tag = "-pc" + tag
     sim = w / f"sim{tag}-seed{args.seed}"
     marks = ["--ignore", str(patch_masks)]
     if args.marks != 25:  # a subset of the strokes: its own folder, prepared folder, simulation
@@ -189,7 +202,7 @@ def main() -> None:
             [*exe, "simulate", "--data", str(prepared_marks), "--base-model",
              str(base / "model.pt"), "--modes", args.modes, "--lambda", str(args.lam),
              "--epochs", str(args.epochs),
-             "--batch-size", "32", "--optimizer", "adam", "--lr", "3e-4",
+             "--batch-size", "32", "--optimizer", "adam", "--lr", "3e-4", *guard,
              "--seed", str(args.seed), "--out", str(sim)],
             sim / "results.json", log,
         ),
@@ -235,6 +248,7 @@ def main() -> None:
         "n_marked_patches": args.marks,
         "base_seed": args.base_seed,
         "base_recipe": args.base_recipe,
+        "guard": args.guard,
         "lambda": args.lam,
         "epochs": args.epochs,
         "marks": marks,

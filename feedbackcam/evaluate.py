@@ -52,7 +52,8 @@ class Evaluation:
         return tuple(k for k in self.classification.per_class if k not in present)
 
     def summary(self, *, bootstrap_seed: int | None = None) -> dict:
-        """The keys of the thesis' tables: accuracy, sensitivities, mean (SD) Jaccard, n; the
+        """The keys of the thesis' tables: accuracy, sensitivities (and specificities, for the
+        guard's one-vs-rest balanced accuracy), mean (SD) Jaccard, n; the
         classes the average sensitivity averages over (and those absent); the share of
         predictions per class; and, given a ``bootstrap_seed``, 95 % bootstrap intervals."""
         c = self.classification
@@ -65,6 +66,7 @@ class Evaluation:
             "avg_sensitivity_classes": list(self.avg_sensitivity_classes),
             "absent_classes": list(self.absent_classes),
             "sensitivity": {k: _json(v) for k, v in c.sensitivity().items()},
+            "specificity": {k: _json(m.specificity) for k, m in c.per_class.items()},
             "predicted_share": {k: float(n / max(len(pred), 1)) for k, n in zip(classes, counts)},
             "jaccard_mean": _json(self.jaccard.mean),
             "jaccard_sd": _json(self.jaccard.sd),

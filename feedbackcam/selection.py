@@ -3,8 +3,17 @@
 The thesis' unbalanced runs drifted until the model predicted one class, and selection by
 validation Jaccard kept such epochs: a collapsed classifier can still put its saliency on the
 lesion. The guard here makes an epoch (or an app update) eligible only if its average sensitivity
-(and, optionally, every class's sensitivity) stays within a tolerance of a reference's on the same
+(and, optionally, a score of every class) stays within a tolerance of a reference's on the same
 validation set. Simulations select among eligible epochs; the app's gate applies the same rule.
+
+The per-class score is a choice (``measure``). Sensitivity alone cannot tell a repair from a
+collapse when the reference is the model being repaired: its shortcut made one class absorb
+another's images (a band-aid on melanomas: clean melanomas go to NV, NV's sensitivity is
+inflated), and the repair lowers the absorbing class's sensitivity. The one-vs-rest balanced
+accuracy, (sensitivity + specificity) / 2, does: a class may lose sensitivity by as much as it
+stops taking the other classes' images (its specificity rises), while a class that is traded
+away loses sensitivity with no specificity to gain (docs/real-artifacts.md, "A guard that tells
+repair from collapse").
 """
 
 from __future__ import annotations
@@ -18,6 +27,33 @@ import numpy as np
 
 # a run whose predictions fall on one class for more than this share of images is flagged
 ONE_CLASS_SHARE = 0.9
+# the per-class scores a guard may hold (see the module's docstring)
+CLASS_MEASURES = ("balanced", "sensitivity")
+_LABEL = {"balanced": "balanced accuracy", "sensitivity": "sensitivity"}
+
+
+def class_scores(summary: Mapping, measure: str = "balanced") -> dict[str, float | None]:
+    """Every class's score in a summary (its ``sensitivity`` and, for ``"balanced"``, its
+    ``specificity`` dicts): the sensitivity, or the one-vs-rest balanced accuracy
+    (sensitivity + specificity) / 2. None where a part is missing or not finite; an empty dict
+    where the summary has no such scores (kept from before they were recorded)."""
+    if measure not in CLASS_MEASURES:
+        raise ValueError(f"class measure {measure!r}: expected one of {CLASS_MEASURES}")
+    sens = summary.get("sensitivity") or {}
+    if measure == "sensitivity":
+        return {c: _finite_or_none(v) for c, v in sens.items()}
+    spec = summary.get("specificity") or {}
+    if not spec:
+        return {}
+    out = {}
+    for c, s in sens.items():
+        s, p = _finite_or_none(s), _finite_or_none(spec.get(c))
+        out[c] = None if s is None or p is None else (s + p) / 2
+    return out
+
+
+def _finite_or_none(v) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
 @dataclass(frozen=True)
@@ -40,22 +76,26 @@ def drops(
     keys: Sequence[str] = ("avg_sensitivity",),
     *,
     per_class: bool = False,
+    measure: str = "sensitivity",
     margins: Mapping[str, float] | None = None,
 ) -> list[Drop]:
     """The scores of ``candidate`` that fall more than ``tolerance`` below ``reference``'s.
 
     ``keys`` name summary scores (e.g. "accuracy", "avg_sensitivity"); ``per_class`` adds every
-    class's sensitivity (from the summaries' ``sensitivity`` dicts). Missing or None scores in
-    the reference are not compared. ``margins`` (by key, or ``"sensitivity <class>"``) widen the
-    tolerance by what the validation set cannot tell from noise (:func:`noise_margins`): a
-    score is refused only when its fall is beyond the tolerance *and* the noise.
+    class's score, its sensitivity or its one-vs-rest balanced accuracy (``measure``,
+    :func:`class_scores`; named ``"sensitivity <class>"`` or ``"balanced accuracy <class>"``).
+    Missing or None scores in the reference are not compared. ``margins`` (by those names)
+    widen the tolerance by what the validation set cannot tell from noise
+    (:func:`noise_margins`): a score is refused only when its fall is beyond the tolerance
+    *and* the noise.
     """
     found = []
     pairs = [(k, reference.get(k), candidate.get(k)) for k in keys]
     if per_class:
-        ref_sens = reference.get("sensitivity") or {}
-        cand_sens = candidate.get("sensitivity") or {}
-        pairs += [(f"sensitivity {c}", v, cand_sens.get(c)) for c, v in ref_sens.items()]
+        ref_scores = class_scores(reference, measure)
+        cand_scores = class_scores(candidate, measure)
+        label = _LABEL[measure]
+        pairs += [(f"{label} {c}", v, cand_scores.get(c)) for c, v in ref_scores.items()]
     margins = margins or {}
     for name, ref, value in pairs:
         if ref is None:
@@ -78,12 +118,15 @@ def noise_margins(
 ) -> dict[str, float]:
     """How far each score may fall on this validation set by chance: the one-sided
     ``confidence`` bound of the *paired* change (the same images, two models) in every class's
-    sensitivity and in their average, from the images whose prediction changed.
+    sensitivity, in its one-vs-rest balanced accuracy and in the average sensitivity, from the
+    images whose prediction changed.
 
     For class c with n_c images, of which b_c became correct and w_c wrong, the change is
     (b_c - w_c) / n_c with variance ((b_c + w_c) - (b_c - w_c)^2 / n_c) / n_c^2 (McNemar's);
-    the average's variance is the mean of the classes' over C^2. Keys: "avg_sensitivity",
-    "accuracy" and ``"sensitivity <class>"``.
+    the average's variance is the mean of the classes' over C^2. The specificity's change is
+    the same on the other images ("correct": not called c); the balanced accuracy's variance
+    is the sum of the two over 4. Keys: "avg_sensitivity", "accuracy",
+    ``"sensitivity <class>"`` and ``"balanced accuracy <class>"``.
     """
     labels, ref, cand = (np.asarray(a) for a in (labels, reference_pred, candidate_pred))
     z = NormalDist().inv_cdf(confidence)
@@ -94,10 +137,12 @@ def noise_margins(
         n = int(rows.sum())
         if not n:
             continue
-        b, w = int((now & ~was & rows).sum()), int((was & ~now & rows).sum())
-        var = max((b + w) - (b - w) ** 2 / n, 0.0) / n**2
+        var = _paired_variance(was[rows], now[rows])
         variances.append(var)
         out[f"sensitivity {name}"] = z * math.sqrt(var)
+        if n < len(labels):
+            spec = _paired_variance(ref[~rows] != k, cand[~rows] != k)
+            out[f"balanced accuracy {name}"] = z * math.sqrt(var + spec) / 2
     if variances:
         out["avg_sensitivity"] = z * math.sqrt(sum(variances)) / len(variances)
     n = len(labels)
@@ -107,23 +152,43 @@ def noise_margins(
     return out
 
 
+def _paired_variance(was: np.ndarray, now: np.ndarray) -> float:
+    """The variance of the change in a share of correct answers between two models on the same
+    images (McNemar's): ((b + w) - (b - w)^2 / n) / n^2, b became correct, w wrong."""
+    n = len(was)
+    if not n:
+        return 0.0
+    b, w = int((now & ~was).sum()), int((was & ~now).sum())
+    return max((b + w) - (b - w) ** 2 / n, 0.0) / n**2
+
+
 def independent_margins(
     sensitivity: Mapping[str, float | None],
     counts: Mapping[str, int],
     confidence: float = 0.95,
+    specificity: Mapping[str, float | None] | None = None,
 ) -> dict[str, float]:
     """How far each class's sensitivity may fall by chance between two models scored apart on
     the same ``counts`` images per class, when only the scores are kept (no predictions to pair):
     the one-sided ``confidence`` bound z * sqrt(2 s (1 - s) / n), with s (1 - s) at least 0.05
     so that a class at 0 or 1 still has some room. Keys ``"sensitivity <class>"``; classes
-    without a score or images are left out."""
+    without a score or images are left out. Given the classes' ``specificity`` too, the
+    one-vs-rest balanced accuracy's bound, ``"balanced accuracy <class>"``:
+    z * sqrt(2 (v_s / n + v_p / m)) / 2, m the other classes' images, v the floored
+    variances."""
     z = NormalDist().inv_cdf(confidence)
+    total = sum(int(v) for v in counts.values() if v)
     out = {}
     for name, s in sensitivity.items():
         n = counts.get(name, 0)
         if s is None or not math.isfinite(s) or not n:
             continue
-        out[f"sensitivity {name}"] = z * math.sqrt(2 * max(s * (1 - s), 0.05) / n)
+        v_s = max(s * (1 - s), 0.05)
+        out[f"sensitivity {name}"] = z * math.sqrt(2 * v_s / n)
+        p = (specificity or {}).get(name)
+        if p is not None and math.isfinite(p) and total > n:
+            v_p = max(p * (1 - p), 0.05)
+            out[f"balanced accuracy {name}"] = z * math.sqrt(2 * (v_s / n + v_p / (total - n))) / 2
     return out
 
 

@@ -33,7 +33,13 @@ from .evaluate import Evaluation, evaluate
 from .fileio import write_csv, write_json, write_text
 from .losses import feedback_present
 from .objective import ADDED_TERMS, FeedbackConfig, check_feedback_kind
-from .selection import drops, noise_margins, run_warnings, validation_warnings
+from .selection import (
+    CLASS_MEASURES,
+    drops,
+    noise_margins,
+    run_warnings,
+    validation_warnings,
+)
 from .self_explaining import SelfExplaining
 from .simulation_data import SimulationData
 from .train import (
@@ -90,7 +96,14 @@ class SimulationConfig:
         guard_tolerance: the collapse guard: an epoch is eligible only if its validation
             average sensitivity is at most this far below the baseline's. None turns the guard
             off (the thesis' unguarded selection).
-        guard_per_class: the guard also holds every class's sensitivity to the tolerance.
+        guard_per_class: the guard also holds every class's score to the tolerance (off
+            before 2026-12-06, when the score was the sensitivity and refused repairs).
+        guard_class_measure: that score: "balanced", the one-vs-rest balanced accuracy
+            (sensitivity + specificity) / 2, lets a class lose sensitivity by what it stops
+            taking from the others (the repair of a shortcut that made it absorb a class) and
+            refuses a class traded away; "sensitivity" refuses both
+            (:func:`feedbackcam.selection.class_scores`). With two classes the balanced
+            score of either equals the average sensitivity.
         guard_confidence: widen the tolerance by what the validation set cannot tell from
             noise at this one-sided confidence (the paired change's bound,
             :func:`feedbackcam.selection.noise_margins`): on ~20 images of a class a point
@@ -122,7 +135,8 @@ class SimulationConfig:
     drop_classes: tuple[str, ...] = ()
     select_by: str = "jaccard"
     guard_tolerance: float | None = 0.05
-    guard_per_class: bool = False
+    guard_per_class: bool = True
+    guard_class_measure: str = "balanced"
     guard_confidence: float | None = 0.95
     class_weighted: bool = True
     deconfound_validation: bool = True
@@ -148,6 +162,11 @@ class SimulationConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.slices is not None and self.slices < 1:
             raise ValueError(f"slices: expected >= 1 or None, got {self.slices}")
+        if self.guard_class_measure not in CLASS_MEASURES:
+            raise ValueError(
+                f"guard_class_measure: expected one of {CLASS_MEASURES}, "
+                f"got {self.guard_class_measure!r}"
+            )
         if self.guard_tolerance is not None and not self.guard_tolerance >= 0:
             raise ValueError(f"guard_tolerance: expected >= 0 or None, got {self.guard_tolerance}")
 
@@ -215,11 +234,18 @@ def _score(ev: Evaluation, select_by: str) -> float:
 
 
 def _val_row(ev: Evaluation) -> dict[str, Any]:
+    """An epoch's validation scores; every class's sensitivity and specificity too, so that a
+    run's history can be replayed under either per-class guard."""
     c = ev.classification
+    per_class = {}
+    for name, m in c.per_class.items():
+        per_class[f"val_sensitivity {name}"] = m.sensitivity
+        per_class[f"val_specificity {name}"] = m.specificity
     return {
         "val_accuracy": c.accuracy,
         "val_avg_sensitivity": c.avg_sensitivity,
         "val_jaccard_mean": ev.jaccard.mean,
+        **per_class,
     }
 
 
@@ -297,6 +323,7 @@ def fine_tune(
             ev.summary(),
             cfg.guard_tolerance,
             per_class=cfg.guard_per_class,
+            measure=cfg.guard_class_measure,
             margins=margins,
         )
         history.append(
@@ -505,7 +532,9 @@ def run_simulation(
     results["baseline"]["warnings"] = run_warnings(results["baseline"])
     if not main:
         return results
-    write_csv(out / "history.csv", history, HISTORY_FIELDS)
+    first = history[0] if history else {}
+    per_class = [k for k in first if k.startswith(("val_sensitivity ", "val_specificity "))]
+    write_csv(out / "history.csv", history, (*HISTORY_FIELDS, *per_class))
     write_json(out / "results.json", results)
     from .report import simulation_plots, simulation_table
 

@@ -15,7 +15,13 @@ from feedbackcam.checkpoint import ModelSpec
 from feedbackcam.cli import main
 from feedbackcam.models import build_model
 from feedbackcam.objective import FeedbackConfig
-from feedbackcam.selection import drops, run_warnings
+from feedbackcam.selection import (
+    class_scores,
+    drops,
+    independent_margins,
+    noise_margins,
+    run_warnings,
+)
 from feedbackcam.simulate import SimulationConfig
 from feedbackcam.simulation_data import SynthSetup, synth_simulation_data
 
@@ -47,7 +53,9 @@ class _Eval:
 
     def __init__(self, jaccard, avg_sensitivity):
         self.jaccard = type("J", (), {"mean": jaccard})()
-        self.classification = type("C", (), {"accuracy": 0.5, "avg_sensitivity": avg_sensitivity})()
+        self.classification = type(
+            "C", (), {"accuracy": 0.5, "avg_sensitivity": avg_sensitivity, "per_class": {}}
+        )()
 
     def summary(self, **_):
         return {"accuracy": 0.5, "avg_sensitivity": self.classification.avg_sensitivity}
@@ -92,6 +100,8 @@ def test_drops_and_warnings():
     ok = {"avg_sensitivity": 0.58, "sensitivity": {"NV": 0.96, "MEL": 0.2}}
     assert drops(ref, ok, 0.05) == []
     assert [d.name for d in drops(ref, ok, 0.05, per_class=True)] == ["sensitivity MEL"]
+    with pytest.raises(ValueError, match="class measure"):
+        drops(ref, ok, 0.05, per_class=True, measure="f1")
     warnings = run_warnings(
         {"sensitivity": {"NV": 1.0, "MEL": 0.0}, "predicted_share": {"NV": 0.95, "MEL": 0.05}},
         best_epoch=0,
@@ -162,3 +172,54 @@ def test_a_validation_set_too_small_for_the_guard_is_said_with_the_images_it_nee
     assert validation_warnings(small, classes, None) == []  # no guard, nothing to judge
     # a wider tolerance needs fewer images
     assert validation_warnings(small, classes, 0.2) == []
+
+
+def _summary(labels, pred):
+    from feedbackcam.metrics import classification_metrics
+
+    m = classification_metrics(labels, np.eye(3)[pred], ["NV", "MEL", "BKL"])
+    return {
+        "avg_sensitivity": m.avg_sensitivity,
+        "sensitivity": m.sensitivity(),
+        "specificity": {c: v.specificity for c, v in m.per_class.items()},
+    }
+
+
+def test_the_balanced_class_score_tells_a_repair_from_a_class_traded_away():
+    """A shortcut made NV absorb melanomas; the repair lowers NV's sensitivity while NV stops
+    taking them: its one-vs-rest balanced accuracy rises. A class traded away loses sensitivity
+    with no specificity to gain. Sensitivity alone refuses both."""
+    labels = np.repeat([0, 1, 2], [300, 100, 100])
+    shortcut = labels.copy()
+    shortcut[300:390] = 0  # 90 of 100 melanomas called NV
+    repaired = labels.copy()
+    repaired[:40] = 2  # NV 0.87: 40 nevi now go to BKL ...
+    repaired[300:330] = 0  # ... and only 30 melanomas to NV
+    before, after = _summary(labels, shortcut), _summary(labels, repaired)
+    assert [d.name for d in drops(before, after, 0.05, per_class=True)] == ["sensitivity NV"]
+    assert drops(before, after, 0.05, per_class=True, measure="balanced") == []
+    scores = class_scores(after, "balanced")
+    assert scores["NV"] == pytest.approx((260 / 300 + 170 / 200) / 2)
+    traded = labels.copy()
+    traded[300:370] = 0  # from a model that found melanoma: 70 of them now NV
+    lost = drops(
+        _summary(labels, labels), _summary(labels, traded), 0.05, per_class=True, measure="balanced"
+    )
+    assert "balanced accuracy MEL" in [d.name for d in lost]
+    # a summary without specificities (kept from before they were recorded) has no such score
+    assert class_scores({"sensitivity": {"NV": 0.9}}, "balanced") == {}
+
+
+def test_noise_margins_of_the_balanced_score_add_the_two_paired_changes():
+    labels = np.repeat([0, 1], [80, 20])
+    ref, cand = labels.copy(), labels.copy()
+    cand[80:84] = 0  # 4 of 20 class-1 images wrong now: class 0's specificity falls too
+    cand[:2] = 1  # 2 of 80 class-0 images wrong
+    m = noise_margins(labels, ref, cand, ["a", "b"])
+    var_b = (4 - 16 / 20) / 20**2  # class b's sensitivity (McNemar)
+    var_not_b = (2 - 4 / 80) / 80**2  # class b's specificity, on the class-a images
+    z = 1.6448536
+    assert m["balanced accuracy b"] == pytest.approx(z * np.sqrt(var_b + var_not_b) / 2)
+    ind = independent_margins({"b": 0.5}, {"a": 80, "b": 20}, specificity={"b": 0.9})
+    assert ind["balanced accuracy b"] == pytest.approx(z * np.sqrt(2 * (0.25 / 20 + 0.09 / 80)) / 2)
+    assert "balanced accuracy b" not in independent_margins({"b": 0.5}, {"a": 80, "b": 20})

@@ -385,37 +385,60 @@ def test_gate(after, original, promoted):
     assert ok is promoted and reason.startswith("promoted" if promoted else "rejected")
 
 
-def _per_class(nv, mel, n=100):
-    sens = {"NV": nv, "MEL": mel}
-    avg = (nv + mel) / 2
+def _per_class(nv, mel, n=100, mel_to="NV"):
+    """The gate's scores of a three-class model on ``n`` validation images per class: NV and
+    MEL recognised at the given rates (wrong NV go to BKL, wrong MEL to ``mel_to``), BKL 0.6
+    (wrong BKL to NV)."""
+    from feedbackcam.metrics import classification_metrics
+
+    names = ["NV", "MEL", "BKL"]
+    labels = np.repeat([0, 1, 2], n)
+    pred = labels.copy()
+    pred[round(nv * n) : n] = 2
+    pred[n + round(mel * n) : 2 * n] = names.index(mel_to)
+    pred[2 * n + round(0.6 * n) :] = 0
+    m = classification_metrics(labels, np.eye(3)[pred], names)
     return {
-        "accuracy": avg,
-        "avg_sensitivity": avg,
-        "sensitivity": sens,
-        "counts": {"NV": n, "MEL": n},
+        "accuracy": m.accuracy,
+        "avg_sensitivity": m.avg_sensitivity,
+        "sensitivity": m.sensitivity(),
+        "specificity": {c: v.specificity for c, v in m.per_class.items()},
+        "counts": {c: n for c in names},
     }
 
 
 def test_the_gate_refuses_an_update_that_trades_a_class_away_while_the_average_holds():
     before = _per_class(0.60, 0.60)
-    traded = _per_class(0.95, 0.25)  # the average rises; MEL is lost
+    traded = _per_class(0.95, 0.25)  # the average holds; MEL is lost to NV
     ok, reason = gate(before, traded, 0.02, per_class=True)
-    assert not ok and "sensitivity MEL 0.600 -> 0.250" in reason
+    assert not ok and "balanced accuracy MEL 0.800 -> 0.625" in reason
     assert gate(before, traded, 0.02)[0]  # the averages alone (the default) let it through
     # a small fall, within what chance moves a class by on 100 images, passes
-    assert gate(before, _per_class(0.64, 0.55), 0.02, per_class=True)[0]
+    assert gate(before, _per_class(0.66, 0.54), 0.02, per_class=True)[0]
     # the same fall on 10,000 images per class is beyond chance
-    big = _per_class(0.6, 0.6, 10_000), _per_class(0.64, 0.55, 10_000)
+    big = _per_class(0.6, 0.6, 10_000), _per_class(0.66, 0.54, 10_000)
     assert not gate(*big, 0.02, per_class=True)[0]
     # scores kept from before the rule (no per-class numbers) compare the averages only
     plain = {"accuracy": 0.6, "avg_sensitivity": 0.6}
     assert gate(plain, traded, 0.02, per_class=True)[0]
 
 
+def test_the_gate_lets_an_update_repair_a_class_that_absorbed_another():
+    """A shortcut made NV take the melanomas (NV 0.98, MEL 0.10); the update that repairs it
+    lowers NV's sensitivity while NV stops taking them. The balanced score promotes it; the
+    sensitivity alone refuses it."""
+    shortcut, repaired = _per_class(0.98, 0.10), _per_class(0.85, 0.60)
+    ok, reason = gate(shortcut, repaired, 0.02, per_class=True)
+    assert ok, reason
+    assert "each class's balanced accuracy" in reason
+    ok, reason = gate(shortcut, repaired, 0.02, per_class=True, measure="sensitivity")
+    assert not ok and "sensitivity NV 0.980 -> 0.850" in reason
+
+
 def test_the_gate_holds_each_class_against_the_original_model_too():
     original, parent = _per_class(0.6, 0.6), _per_class(0.6, 0.45)
     ok, reason = gate(parent, _per_class(0.62, 0.42), 0.02, original, per_class=True)
-    assert not ok and "sensitivity MEL 0.600 -> 0.420" in reason
+    assert not ok and "balanced accuracy MEL 0.800 -> 0.710" in reason
 
 
 # ------------------------------------------------------------------ auth

@@ -959,29 +959,55 @@ def test_refit_rows_are_real_re_fits_of_the_fine_tune(tmp_path):
     assert "bias_change" not in main[name] and "flip_rate" in main[name + " +refit weighted"]
 
 
-def test_epoch_choice_keeps_the_lowest_flip_among_epochs_that_lose_no_class(monkeypatch):
-    from feedbackcam.shortcuts import bench
+def _val_row(flip, labels, pred):
+    """A validation row as :func:`val_scores` writes it, from labels and filled predictions."""
+    from feedbackcam.metrics import classification_metrics
 
-    def row(flip, sens):
-        avg = sum(sens) / len(sens)
-        return {
-            "val_flip": flip,
-            "val_avg_sens_filled": avg,
-            "val_sens_filled": sens,
-            "val_counts": [1000, 1000],
-        }
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    names = ["NV", "MEL", "BKL"]
+    m = classification_metrics(labels, np.eye(3)[pred], names)
+    return {
+        "val_flip": flip,
+        "val_avg_sens_filled": m.avg_sensitivity,
+        "val_sens_filled": [c.sensitivity for c in m.per_class.values()],
+        "val_spec_filled": [c.specificity for c in m.per_class.values()],
+        "val_counts": np.bincount(labels, minlength=3).tolist(),
+    }
+
+
+# 600 NV, 200 MEL, 200 BKL validation images
+_LABELS = np.repeat([0, 1, 2], [600, 200, 200])
+
+
+def _preds(nv_ok, mel_ok, bkl_ok, mel_to=0):
+    """Predictions with the given numbers of correct images per class; wrong NV go to BKL,
+    wrong MEL to ``mel_to``, wrong BKL to NV."""
+    pred = _LABELS.copy()
+    pred[nv_ok:600] = 2
+    pred[600 + mel_ok : 800] = mel_to
+    pred[800 + bkl_ok :] = 0
+    return pred
+
+
+@pytest.mark.parametrize("measure", ["balanced", "sensitivity"])
+def test_epoch_choice_keeps_the_lowest_flip_among_epochs_that_lose_no_class(monkeypatch, measure):
+    """The guard against the incoming model: a shortcut made NV absorb the melanomas (NV 0.98,
+    MEL 0.10). An epoch that repairs it lowers NV's sensitivity (0.85) while MEL comes back: the
+    balanced accuracy passes it (NV stops taking melanomas: its specificity rises), sensitivity
+    refuses it. An epoch that loses BKL to NV is refused by both."""
+    from feedbackcam.shortcuts import bench
 
     scripted = iter(
         [
-            row(0.40, [0.80, 0.50]),  # epoch 0, the incoming model
-            row(0.05, [0.20, 0.60]),  # the lowest flip, but class 0 collapsed: not eligible
-            row(0.20, [0.78, 0.50]),  # eligible, chosen
-            row(0.30, [0.80, 0.52]),  # eligible, more flips
+            _val_row(0.40, _LABELS, _preds(588, 20, 120)),  # epoch 0: NV absorbs MEL
+            _val_row(0.05, _LABELS, _preds(598, 20, 20)),  # BKL lost to NV: never eligible
+            _val_row(0.20, _LABELS, _preds(510, 120, 130)),  # the repair: NV falls, MEL back
+            _val_row(0.30, _LABELS, _preds(590, 22, 118)),  # eligible, more flips
         ]
     )
     monkeypatch.setattr(bench, "val_scores", lambda model, val: next(scripted))
     model = torch.nn.Linear(2, 2)
-    choice = bench.EpochChoice(val=None, tolerance=0.05)
+    choice = bench.EpochChoice(val=None, tolerance=0.05, measure=measure)
     choice.start(model)
     kept = {}
     for epoch in (1, 2, 3):
@@ -990,9 +1016,13 @@ def test_epoch_choice_keeps_the_lowest_flip_among_epochs_that_lose_no_class(monk
         kept[epoch] = model.weight.clone()
         choice.offer(model, epoch)
     choice.restore(model)
-    assert choice.epoch == 2
-    assert torch.equal(model.weight, kept[2])
-    assert [h["eligible"] for h in choice.history] == [True, False, True, True]
+    repaired = measure == "balanced"
+    assert choice.epoch == (2 if repaired else 3)
+    assert torch.equal(model.weight, kept[choice.epoch])
+    assert [h["eligible"] for h in choice.history] == [True, False, repaired, True]
+    # both verdicts are in the history, whichever chose
+    assert [h.get("eligible_balanced") for h in choice.history] == [True, False, True, True]
+    assert [h.get("eligible_sensitivity") for h in choice.history] == [True, False, False, True]
 
 
 def test_fine_tune_with_an_impossible_guard_returns_the_incoming_model():

@@ -67,6 +67,10 @@ def test_full_simulation_writes_every_output(tmp_path, tiny_data):
     assert config["data"]["split_sizes"] == {"train": 64, "train_balanced": 64, "val": 8, "test": 8}
     history = (tmp_path / "history.csv").read_text().strip().splitlines()
     assert len(history) == 1 + 2 * (1 + 2)  # header + (epoch 0 + epochs) x modes
+    # every class's validation sensitivity and specificity, to replay either per-class guard
+    header = history[0].split(",")
+    for c in ("NV", "MEL", "BKL"):
+        assert f"val_sensitivity {c}" in header and f"val_specificity {c}" in header
     model, spec, _ = load_checkpoint(tmp_path / "checkpoints" / "exp.pt")
     assert spec == SPEC
     splits = json.loads((tmp_path / "splits.json").read_text())
@@ -110,7 +114,9 @@ def test_a_trained_baseline_can_be_given_instead_of_a_base_set(tmp_path, tiny_da
 class _FakeEval:
     def __init__(self, jaccard, accuracy):
         self.jaccard = type("J", (), {"mean": jaccard})()
-        self.classification = type("C", (), {"accuracy": accuracy, "avg_sensitivity": 0.5})()
+        self.classification = type(
+            "C", (), {"accuracy": accuracy, "avg_sensitivity": 0.5, "per_class": {}}
+        )()
 
     def summary(self, **_):
         return {"accuracy": self.classification.accuracy, "avg_sensitivity": 0.5}
@@ -178,6 +184,8 @@ def test_config_validation():
         SimulationConfig(balance="oversample")
     with pytest.raises(ValueError, match="epochs"):
         SimulationConfig(epochs=0)
+    with pytest.raises(ValueError, match="guard_class_measure"):
+        SimulationConfig(guard_class_measure="f1")
 
 
 def test_ignore_feedback_trains_with_calibrated_scales_and_they_are_recorded(tmp_path, tiny_data):

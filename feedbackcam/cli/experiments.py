@@ -71,7 +71,17 @@ def _add_simulate(sub) -> None:
         help="select without the collapse guard (the thesis' behaviour)",
     )
     p.add_argument(
-        "--guard-per-class", action="store_true", help="the guard holds every class's sensitivity"
+        "--guard-per-class",
+        action=argparse.BooleanOptionalAction,
+        default=d.guard_per_class,
+        help="the guard holds every class's score too (the default)",
+    )
+    p.add_argument(
+        "--guard-class-measure",
+        choices=("balanced", "sensitivity"),
+        default=d.guard_class_measure,
+        help="that score: one-vs-rest balanced accuracy (a repaired class may lose sensitivity "
+        "by what it stops taking from the others) or sensitivity",
     )
     p.add_argument("--base-model", type=Path, default=None, help="a checkpoint (train-base)")
     p.add_argument(
@@ -119,6 +129,7 @@ def _simulation_config(args):
         select_by=args.select_by,
         guard_tolerance=None if args.no_guard else args.guard_tolerance,
         guard_per_class=args.guard_per_class,
+        guard_class_measure=args.guard_class_measure,
         base_epochs=args.base_epochs,
         base_lr=args.base_lr,
         base_batch_size=args.base_batch_size,
@@ -258,6 +269,13 @@ def _add_shortcuts(sub) -> None:
         default=argparse.SUPPRESS,
         help="keep each fine-tune's best epoch under the per-class guard (lowest validation "
         "flip rate), as simulate does, instead of its last",
+    )
+    p.add_argument(
+        "--guard-measure",
+        choices=("balanced", "sensitivity"),
+        default=argparse.SUPPRESS,
+        help="the per-class guard's score: one-vs-rest balanced accuracy (default) or "
+        "sensitivity (the runs before 2026-12-06)",
     )
     p.add_argument(
         "--no-recalibrate-bn",

@@ -298,9 +298,10 @@ def add_serve(sub) -> None:
     )
     p.add_argument(
         "--gate-per-class",
-        action="store_true",
-        help="also refuse an update that loses one class while accuracy and average "
-        "sensitivity hold (for a validation set free of the marked artifacts)",
+        action=argparse.BooleanOptionalAction,
+        default=d.gate_per_class,
+        help="also refuse an update that loses one class (its validation balanced accuracy, "
+        "one class against the rest) while accuracy and average sensitivity hold (the default)",
     )
     p.add_argument(
         "--propose-with",

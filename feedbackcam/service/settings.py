@@ -35,12 +35,15 @@ class Settings:
         tolerance: the gate promotes a candidate unless its validation accuracy or average
             sensitivity falls more than this below the current model's (negative: must improve).
         gate_per_class: the gate also refuses a candidate that loses one class (its
-            validation sensitivity more than ``tolerance`` plus chance below the current
-            model's) while accuracy and average sensitivity hold. Off by default: a model
+            validation one-vs-rest balanced accuracy, (sensitivity + specificity) / 2, more
+            than ``tolerance`` plus chance below the current or the original model's) while
+            accuracy and average sensitivity hold. On by default since 2026-12-06: a model
             with a shortcut has a class profile the shortcut made (without the artifact, the
             confounded class's images go to another class, whose sensitivity looks perfect),
-            and the update that repairs it moves sensitivity from that class back to the
-            confounded one: a per-class rule refuses the repair (docs/real-artifacts.md).
+            and the update that repairs it lowers that class's sensitivity while raising its
+            specificity, which the balanced score lets through and sensitivity alone did not
+            (docs/real-artifacts.md, "A guard that tells repair from collapse"). With two
+            classes it adds nothing to the average.
         propose_with: what "N more images look like this" scores with: "offline" (the
             default: the offline ImageNet EfficientNet-Lite0's blocks.5 at 256 px, with query
             expansion and its threshold: the setting measured on ISIC 2017's real patches and,
@@ -80,7 +83,7 @@ class Settings:
     lr: float = 3e-4
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tolerance: float = 0.02
-    gate_per_class: bool = False
+    gate_per_class: bool = True
     propose_with: str = "offline"
     gate_images: int | None = None
     max_upload_bytes: int = 10 * 2**20

@@ -24,7 +24,7 @@ from ..evaluate import evaluate, predict_logits
 from ..losses import get_loss
 from ..metrics import classification_metrics
 from ..objective import ADDED_TERMS, FeedbackConfig
-from ..selection import drops, independent_margins
+from ..selection import class_scores, drops, independent_margins
 from ..self_explaining import SelfExplaining
 from ..train import StopTraining, recalibrate_batchnorm, run_steps
 
@@ -269,6 +269,7 @@ def scores(
         "avg_sensitivity": metrics.avg_sensitivity,
         # per class, for the gate's per-class rule (None where the class has no image)
         "sensitivity": {c: m["sensitivity"] for c, m in per_class.items()},
+        "specificity": {c: m["specificity"] for c, m in per_class.items()},
         "counts": {c: m["support"] for c, m in per_class.items()},
         "jaccard_mean": None if jaccard is None or not np.isfinite(jaccard) else float(jaccard),
         "n_validation": len(validation),
@@ -282,30 +283,39 @@ def gate(
     tolerance: float,
     original: dict | None = None,
     per_class: bool = False,
+    measure: str = "balanced",
 ) -> tuple[bool, str]:
     """Promote unless accuracy or average sensitivity falls more than ``tolerance`` below the
     parent's, or below the original model's (so many small allowed drops cannot add up); with
-    ``per_class``, nor any class's sensitivity more than ``tolerance`` plus what the validation
-    set cannot tell from chance (:func:`feedbackcam.selection.independent_margins`): an update
-    may not trade a class away while the average holds (docs/real-artifacts.md, "The guard
-    chooses the epoch"). Off by default (``Settings.gate_per_class``): a model with a shortcut
-    has a class profile the shortcut made (the confounded class's images, without the artifact,
-    go to another class), and the update that repairs it moves sensitivity from that class back
-    to the confounded one, which the rule would refuse. Scores kept from before the per-class
-    rule have no ``sensitivity``: only the two averages are compared with them.
+    ``per_class``, nor any class's score more than ``tolerance`` plus what the validation set
+    cannot tell from chance (:func:`feedbackcam.selection.independent_margins`): an update may
+    not trade a class away while the averages hold. The class's score is its one-vs-rest
+    balanced accuracy, (sensitivity + specificity) / 2 (``measure``,
+    :func:`feedbackcam.selection.class_scores`): a model with a shortcut has a class profile the
+    shortcut made (the confounded class's images, without the artifact, go to another class),
+    and the update that repairs it lowers that class's sensitivity while raising its
+    specificity; sensitivity alone (``measure="sensitivity"``) refuses the repair
+    (docs/real-artifacts.md, "A guard that tells repair from collapse"). Scores kept from
+    before a score was recorded lack it: only what both have is compared.
 
     The same rule as the simulations' collapse guard (:func:`feedbackcam.selection.drops`).
     """
     keys = ("accuracy", "avg_sensitivity")
 
     def found(reference: dict) -> list:
-        use = per_class and bool(reference.get("sensitivity"))
+        use = per_class and bool(class_scores(reference, measure))
         margins = (
-            independent_margins(reference["sensitivity"], reference.get("counts") or {})
+            independent_margins(
+                reference["sensitivity"],
+                reference.get("counts") or {},
+                specificity=reference.get("specificity"),
+            )
             if use
             else None
         )
-        return drops(reference, after, tolerance, keys, per_class=use, margins=margins)
+        return drops(
+            reference, after, tolerance, keys, per_class=use, measure=measure, margins=margins
+        )
 
     failed = {d.name: d for d in found(before)}
     if original is not None:
@@ -317,11 +327,13 @@ def gate(
         name = key.replace("avg_sensitivity", "average sensitivity")
         text = f"{name} {float(before[key]):.3f} -> {float(after[key]):.3f}"
         parts.append(text + (f" (below {failed[name].floor:.3f})" if name in failed else ""))
-    parts += [str(d) for name, d in failed.items() if name.startswith("sensitivity ")]
+    averages = ("accuracy", "average sensitivity")
+    parts += [str(d) for name, d in failed.items() if name not in averages]
     verdict = "rejected" if failed else "promoted"
     rule = f"a drop of at most {tolerance:g} from the parent and the original model is allowed"
-    if per_class and before.get("sensitivity"):
-        rule += f" (each class's sensitivity: {tolerance:g} plus what chance moves it by)"
+    if per_class and class_scores(before, measure):
+        what = "balanced accuracy" if measure == "balanced" else "sensitivity"
+        rule += f" (each class's {what}: {tolerance:g} plus what chance moves it by)"
     where, n = "", after.get("n_validation")
     if n is not None:
         total = after.get("n_validation_total", n)

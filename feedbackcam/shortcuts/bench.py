@@ -42,7 +42,7 @@ from .data import ShortcutData, ShortcutEval
 from .datasets import load_data
 from .metrics import shortcut_scores, val_scores
 from .report import write_outputs
-from .rules import below_floors, choose_lambda, class_floors, flip_key
+from .rules import below_floors, choose_lambda, class_floors, class_values, flip_key
 
 
 def make_model(n_classes: int, sched: Schedule, seed: int) -> SelfExplaining:
@@ -109,20 +109,23 @@ class EpochChoice:
     """A per-class collapse guard on a benchmark's validation split, choosing the epoch a
     fine-tune keeps (``simulate`` too keeps a guarded epoch, on average sensitivity by default).
 
-    An epoch is eligible when no class's sensitivity on the filled validation images falls
-    below the incoming model's floor (:func:`.rules.class_floors`: its sensitivity less
-    ``tolerance`` and what two models can differ by chance on this many images). Among the
-    eligible epochs, the incoming model (epoch 0) included, the lowest validation flip rate
-    wins, ties to the later epoch; without a flip rate (no marked confounder on validation, the
-    trap splits) the last eligible epoch. Validation numbers only.
+    An epoch is eligible when no class's score on the filled validation images falls below the
+    incoming model's floor (:func:`.rules.class_floors`: its score less ``tolerance`` and what
+    two models can differ by chance on this many images). Among the eligible epochs, the
+    incoming model (epoch 0) included, the lowest validation flip rate wins, ties to the later
+    epoch; without a flip rate (no marked confounder on validation, the trap splits) the last
+    eligible epoch. Validation numbers only.
 
-    The floors come from the model being repaired: where its shortcut made one class absorb
-    another (the demo's baseline: NV 1.00, MEL 0.03 with the patch filled), the repair lowers the
-    absorbing class and is refused (docs/real-artifacts.md, "The guard chooses the epoch")."""
+    The score (``measure``) is the class's one-vs-rest balanced accuracy by default. The floors
+    come from the model being repaired: where its shortcut made one class absorb another (the
+    demo's baseline: NV 1.00, MEL 0.03 with the patch filled), the repair lowers the absorbing
+    class's sensitivity, and a guard on sensitivity (``measure="sensitivity"``, the runs before
+    2026-12-06) refused it (docs/real-artifacts.md, "A guard that tells repair from collapse");
+    its specificity rises by what it stops absorbing. The history records both verdicts."""
 
-    def __init__(self, val: ShortcutEval, tolerance: float) -> None:
-        self.val, self.tolerance = val, tolerance
-        self.floors: list[float] = []
+    def __init__(self, val: ShortcutEval, tolerance: float, measure: str = "balanced") -> None:
+        self.val, self.tolerance, self.measure = val, tolerance, measure
+        self.floors: dict[str, list[float]] = {}
         self.history: list[dict] = []
         self._best: BestEpoch | None = None  # scored by minus the flip rate
 
@@ -131,21 +134,34 @@ class EpochChoice:
         """The epoch kept (None before :meth:`start`)."""
         return None if self._best is None else self._best.epoch
 
+    def _verdicts(self, row: dict) -> dict[str, bool]:
+        return {
+            m: not below_floors(class_values(row, m), floors) for m, floors in self.floors.items()
+        }
+
     @staticmethod
-    def _entry(epoch: int, row: dict, eligible: bool) -> dict:
-        keys = ("val_flip", "val_avg_sens_filled", "val_sens_filled")
-        return {"epoch": epoch, **{k: row[k] for k in keys}, "eligible": eligible}
+    def _entry(epoch: int, row: dict, eligible: bool, verdicts: dict[str, bool]) -> dict:
+        keys = ("val_flip", "val_avg_sens_filled", "val_sens_filled", "val_spec_filled")
+        return {
+            "epoch": epoch,
+            **{k: row[k] for k in keys},
+            "eligible": eligible,
+            **{f"eligible_{m}": v for m, v in verdicts.items()},
+        }
 
     def start(self, model: SelfExplaining) -> None:
         row = val_scores(model, self.val)
-        self.floors = class_floors(row, self.tolerance)
+        self.floors = {
+            m: class_floors(row, self.tolerance, measure=m) for m in ("balanced", "sensitivity")
+        }
         self._best = BestEpoch(model, -flip_key(row), later_ties=True)
-        self.history = [self._entry(0, row, True)]
+        self.history = [self._entry(0, row, True, {m: True for m in self.floors})]
 
     def offer(self, model: SelfExplaining, epoch: int) -> None:
         row = val_scores(model, self.val)
-        eligible = not below_floors(row["val_sens_filled"], self.floors)
-        self.history.append(self._entry(epoch, row, eligible))
+        verdicts = self._verdicts(row)
+        eligible = verdicts[self.measure]
+        self.history.append(self._entry(epoch, row, eligible, verdicts))
         self._best.offer(model, epoch, -flip_key(row), eligible=eligible)
 
     def restore(self, model: SelfExplaining) -> None:
@@ -381,7 +397,11 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 return done[_key(row)]
             data, sched, base, _ = context(seed)
             started = time.perf_counter()
-            choice = EpochChoice(data.val, config.acc_tolerance) if config.select_epoch else None
+            choice = (
+                EpochChoice(data.val, config.acc_tolerance, config.guard_measure)
+                if config.select_epoch
+                else None
+            )
             model, scale = fine_tune(
                 base,
                 data,

@@ -116,10 +116,12 @@ class BenchConfig:
             pool with the marked regions filled (:func:`feedbackcam.decision.refit_bias`): a
             second row, the method's name with " +refit".
         select_epoch: fine-tunes keep their best eligible epoch, as ``simulate`` does, instead
-            of the last (:class:`~.bench.EpochChoice`: no class's filled-validation sensitivity
+            of the last (:class:`~.bench.EpochChoice`: no class's filled-validation score
             below the incoming model's less ``acc_tolerance`` and chance, then the lowest
             validation flip rate; epoch 0, the incoming model, is a candidate). Rows get
             ``epoch``.
+        guard_measure: that score: "balanced" (one-vs-rest balanced accuracy, the default
+            since 2026-12-06) or "sensitivity" (the runs before).
         recalibrate_batchnorm: fine-tunes re-estimate BatchNorm's running statistics on their
             pool after each epoch, as the library does by default since 2026-12-05 (False: the
             earlier runs, whose statistics stayed the incoming model's).
@@ -173,6 +175,7 @@ class BenchConfig:
     class_weighted: bool = False
     refit_bias: bool = False
     select_epoch: bool = False
+    guard_measure: str = "balanced"
     recalibrate_batchnorm: bool = True
 
     def __post_init__(self) -> None:
@@ -183,6 +186,10 @@ class BenchConfig:
         for name in ("methods", "control_methods", "efficiency_methods"):
             for method in getattr(self, name):
                 check_method(method)
+        if self.guard_measure not in ("balanced", "sensitivity"):
+            raise ValueError(
+                f"guard_measure: expected 'balanced' or 'sensitivity', got {self.guard_measure!r}"
+            )
         isic = [d for d in self.datasets if d.startswith("isic")]
         if isic and not self.isic_root:
             raise ValueError(

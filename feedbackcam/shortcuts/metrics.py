@@ -234,8 +234,8 @@ def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
     """What a user can see on confounded validation data whose confounders they marked:
     accuracy, and, with each marked region filled by its image's median colour
     (:func:`~feedbackcam.counterfactual.fill_region`, no oracle render), the average and
-    per-class sensitivity and the share of predictions that change (the validation flip rate;
-    NaN where no validation image carries a marked confounder)."""
+    per-class sensitivity and specificity and the share of predictions that change (the
+    validation flip rate; NaN where no validation image carries a marked confounder)."""
     images, labels, confounder = val.images, val.labels, val.confounder
     probs = predict_probs(model, images, batch_size=BATCH)
     pred = probs.argmax(1)
@@ -250,5 +250,6 @@ def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
         "val_flip": flip_rate(pred[has], filled[has]),
         "val_avg_sens_filled": on_filled.avg_sensitivity,
         "val_sens_filled": list(on_filled.sensitivity().values()),
+        "val_spec_filled": [m.specificity for m in on_filled.per_class.values()],
         "val_counts": np.bincount(labels.numpy(), minlength=probs.shape[1]).tolist(),
     }

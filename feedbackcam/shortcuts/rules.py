@@ -63,21 +63,45 @@ def below_floors(sensitivities: list, floors: list[float]) -> list[int]:
     return [k for k, (v, f) in enumerate(pairs) if v is not None and not v >= f - 1e-9]
 
 
-def class_floors(reference: dict, tolerance: float, confidence: float = 0.95) -> list[float]:
-    """Per class, the lowest filled-validation sensitivity a default may have: the no-confounder
-    reference's, less ``tolerance``, less what two models' sensitivities on this validation set
-    can differ by chance (one-sided ``confidence``, from the class's image count)."""
+def class_floors(
+    reference: dict, tolerance: float, confidence: float = 0.95, measure: str = "sensitivity"
+) -> list[float]:
+    """Per class, the lowest filled-validation score a model may have: the ``reference``'s
+    (:func:`class_values`), less ``tolerance``, less what two models' scores on this validation
+    set can differ by chance (one-sided ``confidence``, from the class's image count and, for
+    the balanced accuracy, the other classes')."""
+    values = class_values(reference, measure)
+    counts = reference.get("val_counts") or [None] * len(values)
+    names = [str(k) for k in range(len(values))]
+    spec = reference.get("val_spec_filled") or [None] * len(values)
     sens = reference["val_sens_filled"]
-    counts = reference.get("val_counts") or [None] * len(sens)
-    names = [str(k) for k in range(len(sens))]
     margins = independent_margins(
         {k: s if _finite(s) else None for k, s in zip(names, sens, strict=True)},
         {k: n for k, n in zip(names, counts, strict=True) if n},
         confidence,
+        specificity={k: p if _finite(p) else None for k, p in zip(names, spec, strict=True)},
     )
+    key = "balanced accuracy" if measure == "balanced" else "sensitivity"
     return [
-        s - tolerance - margins.get(f"sensitivity {k}", 0.0) if _finite(s) else -math.inf
-        for k, s in zip(names, sens, strict=True)
+        v - tolerance - margins.get(f"{key} {k}", 0.0) if _finite(v) else -math.inf
+        for k, v in zip(names, values, strict=True)
+    ]
+
+
+def class_values(row: dict, measure: str = "sensitivity") -> list:
+    """A row's per-class filled-validation scores: the sensitivities, or the one-vs-rest
+    balanced accuracies (sensitivity + specificity) / 2 (:func:`feedbackcam.selection.class_scores`;
+    None where a part is missing)."""
+    sens = row["val_sens_filled"]
+    if measure == "sensitivity":
+        return list(sens)
+    if measure != "balanced":
+        raise ValueError(f"class measure {measure!r}: expected 'balanced' or 'sensitivity'")
+    spec = row.get("val_spec_filled")
+    if spec is None:
+        raise ValueError("the balanced class measure needs val_spec_filled in the row")
+    return [
+        (s + p) / 2 if _finite(s) and _finite(p) else None for s, p in zip(sens, spec, strict=True)
     ]
 
 

@@ -22,6 +22,7 @@ from feedbackcam.selection import (
     noise_margins,
     run_warnings,
 )
+from feedbackcam.shortcuts import BenchConfig
 from feedbackcam.simulate import SimulationConfig
 from feedbackcam.simulation_data import SynthSetup, synth_simulation_data
 
@@ -223,3 +224,23 @@ def test_noise_margins_of_the_balanced_score_add_the_two_paired_changes():
     ind = independent_margins({"b": 0.5}, {"a": 80, "b": 20}, specificity={"b": 0.9})
     assert ind["balanced accuracy b"] == pytest.approx(z * np.sqrt(2 * (0.25 / 20 + 0.09 / 80)) / 2)
     assert "balanced accuracy b" not in independent_margins({"b": 0.5}, {"a": 80, "b": 20})
+
+
+def test_the_per_class_guard_is_the_default_of_simulate_and_the_app_and_can_be_turned_off():
+    from feedbackcam.cli import build_parser
+    from feedbackcam.service.settings import Settings
+
+    parser = build_parser()
+    assert SimulationConfig().guard_per_class and Settings().gate_per_class
+    sim = parser.parse_args(["simulate", "--out", "x"])
+    assert sim.guard_per_class and sim.guard_class_measure == "balanced"
+    sim = parser.parse_args(["simulate", "--out", "x", "--no-guard-per-class"])
+    assert not sim.guard_per_class
+    sim = parser.parse_args(["simulate", "--out", "x", "--guard-class-measure", "sensitivity"])
+    assert sim.guard_class_measure == "sensitivity"
+    assert parser.parse_args(["serve"]).gate_per_class
+    assert not parser.parse_args(["serve", "--no-gate-per-class"]).gate_per_class
+    bench = parser.parse_args(["shortcuts", "out", "--guard-measure", "sensitivity"])
+    assert bench.guard_measure == "sensitivity"
+    with pytest.raises(ValueError, match="guard_measure"):
+        BenchConfig(guard_measure="f1")

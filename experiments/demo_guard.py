@@ -1,12 +1,12 @@
 """The demo's simulation under each collapse guard: the average alone (the default before
-2026-12-06), every class's sensitivity, every class's one-vs-rest balanced accuracy.
+2026-12-06), every class's sensitivity, every class's Youden's J against the rest.
 
 The demo's baseline is a model a shortcut shaped (on validation with the patch filled: NV 1.00,
 MEL 0.03, BKL 1.00), the case where a per-class guard on sensitivity refuses the repair
 (docs/real-artifacts.md, "A guard that tells repair from collapse"). Same data, seed and
 schedule for every guard; only the epoch kept can differ.
 
-    python experiments/demo_guard.py OUT [--seeds 0 1 2]
+    python experiments/demo_guard.py OUT [--seeds 0 1 2] [--guards youden]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from feedbackcam.simulation_data import synth_simulation_data
 GUARDS = {
     "average": {"guard_per_class": False},
     "sensitivity": {"guard_per_class": True, "guard_class_measure": "sensitivity"},
-    "balanced": {"guard_per_class": True, "guard_class_measure": "balanced"},
+    "youden": {"guard_per_class": True, "guard_class_measure": "youden"},
 }
 
 
@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--guards", nargs="+", choices=list(GUARDS), default=list(GUARDS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -60,7 +61,8 @@ def main() -> None:
             torch.manual_seed(cfg.simulation.seed)
             return build_model("small_cnn", len(CLASSES), width=cfg.width)
 
-        for guard, fields in GUARDS.items():
+        for guard in args.guards:
+            fields = GUARDS[guard]
             run_cfg = replace(cfg, simulation=replace(cfg.simulation, **fields))
             out = args.out / f"seed{seed}" / guard
             results = run_simulation(

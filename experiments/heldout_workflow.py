@@ -139,7 +139,7 @@ def main() -> None:
         "--guard",
         choices=("per-class", "average"),
         default="per-class",
-        help="simulate's collapse guard: every class's balanced accuracy and the average "
+        help="simulate's collapse guard: every class's Youden's J and the average "
         "sensitivity (the default since 2026-12-06; folders sim-pc*) or the average alone (the "
         "runs before)",
     )
@@ -163,7 +163,7 @@ def main() -> None:
         tag += f"-lam{args.lam:g}-ep{args.epochs}"
     guard = ["--no-guard-per-class"]
     if args.guard == "per-class":
-        guard = ["--guard-per-class", "--guard-class-measure", "balanced"]
+        guard = ["--guard-per-class", "--guard-class-measure", "youden"]
         tag = "-pc" + tag
     sim = w / f"sim{tag}-seed{args.seed}"
     marks = ["--ignore", str(patch_masks)]

@@ -53,7 +53,7 @@ class Evaluation:
 
     def summary(self, *, bootstrap_seed: int | None = None) -> dict:
         """The keys of the thesis' tables: accuracy, sensitivities (and specificities, for the
-        guard's one-vs-rest balanced accuracy), mean (SD) Jaccard, n; the
+        per-class guard's Youden's J), mean (SD) Jaccard, n; the
         classes the average sensitivity averages over (and those absent); the share of
         predictions per class; and, given a ``bootstrap_seed``, 95 % bootstrap intervals."""
         c = self.classification

@@ -9,10 +9,11 @@ validation set. Simulations select among eligible epochs; the app's gate applies
 The per-class score is a choice (``measure``). Sensitivity alone cannot tell a repair from a
 collapse when the reference is the model being repaired: its shortcut made one class absorb
 another's images (a band-aid on melanomas: clean melanomas go to NV, NV's sensitivity is
-inflated), and the repair lowers the absorbing class's sensitivity. The one-vs-rest balanced
-accuracy, (sensitivity + specificity) / 2, does: a class may lose sensitivity by as much as it
-stops taking the other classes' images (its specificity rises), while a class that is traded
-away loses sensitivity with no specificity to gain (docs/real-artifacts.md, "A guard that tells
+inflated), and the repair lowers the absorbing class's sensitivity. Youden's J of the class
+against the rest, sensitivity + specificity - 1, does: a class may lose sensitivity by as much as
+it stops taking the other classes' images (its specificity rises), while a class that is traded
+away loses sensitivity with no specificity to gain, and loses it in full: the same tolerance
+means the same unpaid loss as on sensitivity (docs/real-artifacts.md, "A guard that tells
 repair from collapse").
 """
 
@@ -28,14 +29,14 @@ import numpy as np
 # a run whose predictions fall on one class for more than this share of images is flagged
 ONE_CLASS_SHARE = 0.9
 # the per-class scores a guard may hold (see the module's docstring)
-CLASS_MEASURES = ("balanced", "sensitivity")
-_LABEL = {"balanced": "balanced accuracy", "sensitivity": "sensitivity"}
+CLASS_MEASURES = ("youden", "sensitivity")
+_LABEL = {"youden": "Youden's J", "sensitivity": "sensitivity"}
 
 
-def class_scores(summary: Mapping, measure: str = "balanced") -> dict[str, float | None]:
-    """Every class's score in a summary (its ``sensitivity`` and, for ``"balanced"``, its
-    ``specificity`` dicts): the sensitivity, or the one-vs-rest balanced accuracy
-    (sensitivity + specificity) / 2. None where a part is missing or not finite; an empty dict
+def class_scores(summary: Mapping, measure: str = "youden") -> dict[str, float | None]:
+    """Every class's score in a summary (its ``sensitivity`` and, for ``"youden"``, its
+    ``specificity`` dicts): the sensitivity, or Youden's J of the class against the rest,
+    sensitivity + specificity - 1. None where a part is missing or not finite; an empty dict
     where the summary has no such scores (kept from before they were recorded)."""
     if measure not in CLASS_MEASURES:
         raise ValueError(f"class measure {measure!r}: expected one of {CLASS_MEASURES}")
@@ -48,7 +49,7 @@ def class_scores(summary: Mapping, measure: str = "balanced") -> dict[str, float
     out = {}
     for c, s in sens.items():
         s, p = _finite_or_none(s), _finite_or_none(spec.get(c))
-        out[c] = None if s is None or p is None else (s + p) / 2
+        out[c] = None if s is None or p is None else s + p - 1
     return out
 
 
@@ -82,8 +83,8 @@ def drops(
     """The scores of ``candidate`` that fall more than ``tolerance`` below ``reference``'s.
 
     ``keys`` name summary scores (e.g. "accuracy", "avg_sensitivity"); ``per_class`` adds every
-    class's score, its sensitivity or its one-vs-rest balanced accuracy (``measure``,
-    :func:`class_scores`; named ``"sensitivity <class>"`` or ``"balanced accuracy <class>"``).
+    class's score, its sensitivity or its Youden's J against the rest (``measure``,
+    :func:`class_scores`; named ``"sensitivity <class>"`` or ``"Youden's J <class>"``).
     Missing or None scores in the reference are not compared. ``margins`` (by those names)
     widen the tolerance by what the validation set cannot tell from noise
     (:func:`noise_margins`): a score is refused only when its fall is beyond the tolerance
@@ -118,15 +119,15 @@ def noise_margins(
 ) -> dict[str, float]:
     """How far each score may fall on this validation set by chance: the one-sided
     ``confidence`` bound of the *paired* change (the same images, two models) in every class's
-    sensitivity, in its one-vs-rest balanced accuracy and in the average sensitivity, from the
+    sensitivity, in its Youden's J against the rest and in the average sensitivity, from the
     images whose prediction changed.
 
     For class c with n_c images, of which b_c became correct and w_c wrong, the change is
     (b_c - w_c) / n_c with variance ((b_c + w_c) - (b_c - w_c)^2 / n_c) / n_c^2 (McNemar's);
     the average's variance is the mean of the classes' over C^2. The specificity's change is
-    the same on the other images ("correct": not called c); the balanced accuracy's variance
-    is the sum of the two over 4. Keys: "avg_sensitivity", "accuracy",
-    ``"sensitivity <class>"`` and ``"balanced accuracy <class>"``.
+    the same on the other images ("correct": not called c); Youden's J's variance is the sum
+    of the two. Keys: "avg_sensitivity", "accuracy", ``"sensitivity <class>"`` and
+    ``"Youden's J <class>"``.
     """
     labels, ref, cand = (np.asarray(a) for a in (labels, reference_pred, candidate_pred))
     z = NormalDist().inv_cdf(confidence)
@@ -142,7 +143,7 @@ def noise_margins(
         out[f"sensitivity {name}"] = z * math.sqrt(var)
         if n < len(labels):
             spec = _paired_variance(ref[~rows] != k, cand[~rows] != k)
-            out[f"balanced accuracy {name}"] = z * math.sqrt(var + spec) / 2
+            out[f"Youden's J {name}"] = z * math.sqrt(var + spec)
     if variances:
         out["avg_sensitivity"] = z * math.sqrt(sum(variances)) / len(variances)
     n = len(labels)
@@ -173,9 +174,8 @@ def independent_margins(
     the one-sided ``confidence`` bound z * sqrt(2 s (1 - s) / n), with s (1 - s) at least 0.05
     so that a class at 0 or 1 still has some room. Keys ``"sensitivity <class>"``; classes
     without a score or images are left out. Given the classes' ``specificity`` too, the
-    one-vs-rest balanced accuracy's bound, ``"balanced accuracy <class>"``:
-    z * sqrt(2 (v_s / n + v_p / m)) / 2, m the other classes' images, v the floored
-    variances."""
+    bound of Youden's J against the rest, ``"Youden's J <class>"``:
+    z * sqrt(2 (v_s / n + v_p / m)), m the other classes' images, v the floored variances."""
     z = NormalDist().inv_cdf(confidence)
     total = sum(int(v) for v in counts.values() if v)
     out = {}
@@ -188,7 +188,7 @@ def independent_margins(
         p = (specificity or {}).get(name)
         if p is not None and math.isfinite(p) and total > n:
             v_p = max(p * (1 - p), 0.05)
-            out[f"balanced accuracy {name}"] = z * math.sqrt(2 * (v_s / n + v_p / (total - n))) / 2
+            out[f"Youden's J {name}"] = z * math.sqrt(2 * (v_s / n + v_p / (total - n)))
     return out
 
 

@@ -98,11 +98,11 @@ class SimulationConfig:
             off (the thesis' unguarded selection).
         guard_per_class: the guard also holds every class's score to the tolerance (off
             before 2026-12-06, when the score was the sensitivity and refused repairs).
-        guard_class_measure: that score: "balanced", the one-vs-rest balanced accuracy
-            (sensitivity + specificity) / 2, lets a class lose sensitivity by what it stops
+        guard_class_measure: that score: "youden", Youden's J of the class against the rest
+            (sensitivity + specificity - 1), lets a class lose sensitivity by what it stops
             taking from the others (the repair of a shortcut that made it absorb a class) and
             refuses a class traded away; "sensitivity" refuses both
-            (:func:`feedbackcam.selection.class_scores`). With two classes the balanced
+            (:func:`feedbackcam.selection.class_scores`). With two classes the Youden's J
             score of either equals the average sensitivity.
         guard_confidence: widen the tolerance by what the validation set cannot tell from
             noise at this one-sided confidence (the paired change's bound,
@@ -136,7 +136,7 @@ class SimulationConfig:
     select_by: str = "jaccard"
     guard_tolerance: float | None = 0.05
     guard_per_class: bool = True
-    guard_class_measure: str = "balanced"
+    guard_class_measure: str = "youden"
     guard_confidence: float | None = 0.95
     class_weighted: bool = True
     deconfound_validation: bool = True

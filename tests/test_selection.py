@@ -186,32 +186,32 @@ def _summary(labels, pred):
     }
 
 
-def test_the_balanced_class_score_tells_a_repair_from_a_class_traded_away():
+def test_youdens_j_per_class_tells_a_repair_from_a_class_traded_away():
     """A shortcut made NV absorb melanomas; the repair lowers NV's sensitivity while NV stops
-    taking them: its one-vs-rest balanced accuracy rises. A class traded away loses sensitivity
+    taking them: its Youden's J against the rest rises. A class traded away loses sensitivity
     with no specificity to gain. Sensitivity alone refuses both."""
     labels = np.repeat([0, 1, 2], [300, 100, 100])
     shortcut = labels.copy()
     shortcut[300:390] = 0  # 90 of 100 melanomas called NV
     repaired = labels.copy()
-    repaired[:40] = 2  # NV 0.87: 40 nevi now go to BKL ...
+    repaired[:40] = 1  # NV 0.87: 40 nevi now go to MEL ...
     repaired[300:330] = 0  # ... and only 30 melanomas to NV
     before, after = _summary(labels, shortcut), _summary(labels, repaired)
     assert [d.name for d in drops(before, after, 0.05, per_class=True)] == ["sensitivity NV"]
-    assert drops(before, after, 0.05, per_class=True, measure="balanced") == []
-    scores = class_scores(after, "balanced")
-    assert scores["NV"] == pytest.approx((260 / 300 + 170 / 200) / 2)
+    assert drops(before, after, 0.05, per_class=True, measure="youden") == []
+    scores = class_scores(after, "youden")
+    assert scores["NV"] == pytest.approx(260 / 300 + 170 / 200 - 1)
     traded = labels.copy()
     traded[300:370] = 0  # from a model that found melanoma: 70 of them now NV
     lost = drops(
-        _summary(labels, labels), _summary(labels, traded), 0.05, per_class=True, measure="balanced"
+        _summary(labels, labels), _summary(labels, traded), 0.05, per_class=True, measure="youden"
     )
-    assert "balanced accuracy MEL" in [d.name for d in lost]
+    assert "Youden's J MEL" in [d.name for d in lost]
     # a summary without specificities (kept from before they were recorded) has no such score
-    assert class_scores({"sensitivity": {"NV": 0.9}}, "balanced") == {}
+    assert class_scores({"sensitivity": {"NV": 0.9}}, "youden") == {}
 
 
-def test_noise_margins_of_the_balanced_score_add_the_two_paired_changes():
+def test_noise_margins_of_youdens_j_add_the_two_paired_changes():
     labels = np.repeat([0, 1], [80, 20])
     ref, cand = labels.copy(), labels.copy()
     cand[80:84] = 0  # 4 of 20 class-1 images wrong now: class 0's specificity falls too
@@ -220,10 +220,10 @@ def test_noise_margins_of_the_balanced_score_add_the_two_paired_changes():
     var_b = (4 - 16 / 20) / 20**2  # class b's sensitivity (McNemar)
     var_not_b = (2 - 4 / 80) / 80**2  # class b's specificity, on the class-a images
     z = 1.6448536
-    assert m["balanced accuracy b"] == pytest.approx(z * np.sqrt(var_b + var_not_b) / 2)
+    assert m["Youden's J b"] == pytest.approx(z * np.sqrt(var_b + var_not_b))
     ind = independent_margins({"b": 0.5}, {"a": 80, "b": 20}, specificity={"b": 0.9})
-    assert ind["balanced accuracy b"] == pytest.approx(z * np.sqrt(2 * (0.25 / 20 + 0.09 / 80)) / 2)
-    assert "balanced accuracy b" not in independent_margins({"b": 0.5}, {"a": 80, "b": 20})
+    assert ind["Youden's J b"] == pytest.approx(z * np.sqrt(2 * (0.25 / 20 + 0.09 / 80)))
+    assert "Youden's J b" not in independent_margins({"b": 0.5}, {"a": 80, "b": 20})
 
 
 def test_the_per_class_guard_is_the_default_of_simulate_and_the_app_and_can_be_turned_off():
@@ -233,7 +233,7 @@ def test_the_per_class_guard_is_the_default_of_simulate_and_the_app_and_can_be_t
     parser = build_parser()
     assert SimulationConfig().guard_per_class and Settings().gate_per_class
     sim = parser.parse_args(["simulate", "--out", "x"])
-    assert sim.guard_per_class and sim.guard_class_measure == "balanced"
+    assert sim.guard_per_class and sim.guard_class_measure == "youden"
     sim = parser.parse_args(["simulate", "--out", "x", "--no-guard-per-class"])
     assert not sim.guard_per_class
     sim = parser.parse_args(["simulate", "--out", "x", "--guard-class-measure", "sensitivity"])

@@ -411,7 +411,7 @@ def test_the_gate_refuses_an_update_that_trades_a_class_away_while_the_average_h
     before = _per_class(0.60, 0.60)
     traded = _per_class(0.95, 0.25)  # the average holds; MEL is lost to NV
     ok, reason = gate(before, traded, 0.02, per_class=True)
-    assert not ok and "balanced accuracy MEL 0.800 -> 0.625" in reason
+    assert not ok and "Youden's J MEL 0.600 -> 0.250" in reason
     assert gate(before, traded, 0.02)[0]  # the averages alone (the default) let it through
     # a small fall, within what chance moves a class by on 100 images, passes
     assert gate(before, _per_class(0.66, 0.54), 0.02, per_class=True)[0]
@@ -425,12 +425,12 @@ def test_the_gate_refuses_an_update_that_trades_a_class_away_while_the_average_h
 
 def test_the_gate_lets_an_update_repair_a_class_that_absorbed_another():
     """A shortcut made NV take the melanomas (NV 0.98, MEL 0.10); the update that repairs it
-    lowers NV's sensitivity while NV stops taking them. The balanced score promotes it; the
+    lowers NV's sensitivity while NV stops taking them. Youden's J promotes it; the
     sensitivity alone refuses it."""
     shortcut, repaired = _per_class(0.98, 0.10), _per_class(0.85, 0.60)
     ok, reason = gate(shortcut, repaired, 0.02, per_class=True)
     assert ok, reason
-    assert "each class's balanced accuracy" in reason
+    assert "each class's Youden's J" in reason
     ok, reason = gate(shortcut, repaired, 0.02, per_class=True, measure="sensitivity")
     assert not ok and "sensitivity NV 0.980 -> 0.850" in reason
 
@@ -438,7 +438,7 @@ def test_the_gate_lets_an_update_repair_a_class_that_absorbed_another():
 def test_the_gate_holds_each_class_against_the_original_model_too():
     original, parent = _per_class(0.6, 0.6), _per_class(0.6, 0.45)
     ok, reason = gate(parent, _per_class(0.62, 0.42), 0.02, original, per_class=True)
-    assert not ok and "balanced accuracy MEL 0.800 -> 0.710" in reason
+    assert not ok and "Youden's J MEL 0.600 -> 0.420" in reason
 
 
 # ------------------------------------------------------------------ auth

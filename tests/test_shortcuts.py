@@ -989,11 +989,11 @@ def _preds(nv_ok, mel_ok, bkl_ok, mel_to=0):
     return pred
 
 
-@pytest.mark.parametrize("measure", ["balanced", "sensitivity"])
+@pytest.mark.parametrize("measure", ["youden", "sensitivity"])
 def test_epoch_choice_keeps_the_lowest_flip_among_epochs_that_lose_no_class(monkeypatch, measure):
     """The guard against the incoming model: a shortcut made NV absorb the melanomas (NV 0.98,
     MEL 0.10). An epoch that repairs it lowers NV's sensitivity (0.85) while MEL comes back: the
-    balanced accuracy passes it (NV stops taking melanomas: its specificity rises), sensitivity
+    Youden's J passes it (NV stops taking melanomas: its specificity rises), sensitivity
     refuses it. An epoch that loses BKL to NV is refused by both."""
     from feedbackcam.shortcuts import bench
 
@@ -1016,12 +1016,12 @@ def test_epoch_choice_keeps_the_lowest_flip_among_epochs_that_lose_no_class(monk
         kept[epoch] = model.weight.clone()
         choice.offer(model, epoch)
     choice.restore(model)
-    repaired = measure == "balanced"
+    repaired = measure == "youden"
     assert choice.epoch == (2 if repaired else 3)
     assert torch.equal(model.weight, kept[choice.epoch])
     assert [h["eligible"] for h in choice.history] == [True, False, repaired, True]
     # both verdicts are in the history, whichever chose
-    assert [h.get("eligible_balanced") for h in choice.history] == [True, False, True, True]
+    assert [h.get("eligible_youden") for h in choice.history] == [True, False, True, True]
     assert [h.get("eligible_sensitivity") for h in choice.history] == [True, False, False, True]
 
 

@@ -78,9 +78,9 @@ def _add_simulate(sub) -> None:
     )
     p.add_argument(
         "--guard-class-measure",
-        choices=("balanced", "sensitivity"),
+        choices=("youden", "sensitivity"),
         default=d.guard_class_measure,
-        help="that score: one-vs-rest balanced accuracy (a repaired class may lose sensitivity "
+        help="that score: Youden's J against the rest (a repaired class may lose sensitivity "
         "by what it stops taking from the others) or sensitivity",
     )
     p.add_argument("--base-model", type=Path, default=None, help="a checkpoint (train-base)")
@@ -272,9 +272,9 @@ def _add_shortcuts(sub) -> None:
     )
     p.add_argument(
         "--guard-measure",
-        choices=("balanced", "sensitivity"),
+        choices=("youden", "sensitivity"),
         default=argparse.SUPPRESS,
-        help="the per-class guard's score: one-vs-rest balanced accuracy (default) or "
+        help="the per-class guard's score: Youden's J against the rest (default) or "
         "sensitivity (the runs before 2026-12-06)",
     )
     p.add_argument(

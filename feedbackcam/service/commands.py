@@ -300,8 +300,8 @@ def add_serve(sub) -> None:
         "--gate-per-class",
         action=argparse.BooleanOptionalAction,
         default=d.gate_per_class,
-        help="also refuse an update that loses one class (its validation balanced accuracy, "
-        "one class against the rest) while accuracy and average sensitivity hold (the default)",
+        help="also refuse an update that loses one class (its validation Youden's J, "
+        "sensitivity + specificity - 1) while accuracy and average sensitivity hold (the default)",
     )
     p.add_argument(
         "--propose-with",

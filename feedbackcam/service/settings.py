@@ -35,13 +35,13 @@ class Settings:
         tolerance: the gate promotes a candidate unless its validation accuracy or average
             sensitivity falls more than this below the current model's (negative: must improve).
         gate_per_class: the gate also refuses a candidate that loses one class (its
-            validation one-vs-rest balanced accuracy, (sensitivity + specificity) / 2, more
+            validation Youden's J against the rest, sensitivity + specificity - 1, more
             than ``tolerance`` plus chance below the current or the original model's) while
             accuracy and average sensitivity hold. On by default since 2026-12-06: a model
             with a shortcut has a class profile the shortcut made (without the artifact, the
             confounded class's images go to another class, whose sensitivity looks perfect),
             and the update that repairs it lowers that class's sensitivity while raising its
-            specificity, which the balanced score lets through and sensitivity alone did not
+            specificity, which Youden's J lets through and sensitivity alone did not
             (docs/real-artifacts.md, "A guard that tells repair from collapse"). With two
             classes it adds nothing to the average.
         propose_with: what "N more images look like this" scores with: "offline" (the

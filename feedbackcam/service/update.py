@@ -283,14 +283,14 @@ def gate(
     tolerance: float,
     original: dict | None = None,
     per_class: bool = False,
-    measure: str = "balanced",
+    measure: str = "youden",
 ) -> tuple[bool, str]:
     """Promote unless accuracy or average sensitivity falls more than ``tolerance`` below the
     parent's, or below the original model's (so many small allowed drops cannot add up); with
     ``per_class``, nor any class's score more than ``tolerance`` plus what the validation set
     cannot tell from chance (:func:`feedbackcam.selection.independent_margins`): an update may
     not trade a class away while the averages hold. The class's score is its one-vs-rest
-    balanced accuracy, (sensitivity + specificity) / 2 (``measure``,
+    Youden's J against the rest, sensitivity + specificity - 1 (``measure``,
     :func:`feedbackcam.selection.class_scores`): a model with a shortcut has a class profile the
     shortcut made (the confounded class's images, without the artifact, go to another class),
     and the update that repairs it lowers that class's sensitivity while raising its
@@ -332,7 +332,7 @@ def gate(
     verdict = "rejected" if failed else "promoted"
     rule = f"a drop of at most {tolerance:g} from the parent and the original model is allowed"
     if per_class and class_scores(before, measure):
-        what = "balanced accuracy" if measure == "balanced" else "sensitivity"
+        what = "Youden's J" if measure == "youden" else "sensitivity"
         rule += f" (each class's {what}: {tolerance:g} plus what chance moves it by)"
     where, n = "", after.get("n_validation")
     if n is not None:

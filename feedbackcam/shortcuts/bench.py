@@ -116,14 +116,14 @@ class EpochChoice:
     epoch; without a flip rate (no marked confounder on validation, the trap splits) the last
     eligible epoch. Validation numbers only.
 
-    The score (``measure``) is the class's one-vs-rest balanced accuracy by default. The floors
+    The score (``measure``) is the class's Youden's J against the rest by default. The floors
     come from the model being repaired: where its shortcut made one class absorb another (the
     demo's baseline: NV 1.00, MEL 0.03 with the patch filled), the repair lowers the absorbing
     class's sensitivity, and a guard on sensitivity (``measure="sensitivity"``, the runs before
     2026-12-06) refused it (docs/real-artifacts.md, "A guard that tells repair from collapse");
     its specificity rises by what it stops absorbing. The history records both verdicts."""
 
-    def __init__(self, val: ShortcutEval, tolerance: float, measure: str = "balanced") -> None:
+    def __init__(self, val: ShortcutEval, tolerance: float, measure: str = "youden") -> None:
         self.val, self.tolerance, self.measure = val, tolerance, measure
         self.floors: dict[str, list[float]] = {}
         self.history: list[dict] = []
@@ -152,7 +152,7 @@ class EpochChoice:
     def start(self, model: SelfExplaining) -> None:
         row = val_scores(model, self.val)
         self.floors = {
-            m: class_floors(row, self.tolerance, measure=m) for m in ("balanced", "sensitivity")
+            m: class_floors(row, self.tolerance, measure=m) for m in ("youden", "sensitivity")
         }
         self._best = BestEpoch(model, -flip_key(row), later_ties=True)
         self.history = [self._entry(0, row, True, {m: True for m in self.floors})]

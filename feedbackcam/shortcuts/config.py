@@ -120,7 +120,7 @@ class BenchConfig:
             below the incoming model's less ``acc_tolerance`` and chance, then the lowest
             validation flip rate; epoch 0, the incoming model, is a candidate). Rows get
             ``epoch``.
-        guard_measure: that score: "balanced" (one-vs-rest balanced accuracy, the default
+        guard_measure: that score: "youden" (Youden's J against the rest, the default
             since 2026-12-06) or "sensitivity" (the runs before).
         recalibrate_batchnorm: fine-tunes re-estimate BatchNorm's running statistics on their
             pool after each epoch, as the library does by default since 2026-12-05 (False: the
@@ -175,7 +175,7 @@ class BenchConfig:
     class_weighted: bool = False
     refit_bias: bool = False
     select_epoch: bool = False
-    guard_measure: str = "balanced"
+    guard_measure: str = "youden"
     recalibrate_batchnorm: bool = True
 
     def __post_init__(self) -> None:
@@ -186,9 +186,9 @@ class BenchConfig:
         for name in ("methods", "control_methods", "efficiency_methods"):
             for method in getattr(self, name):
                 check_method(method)
-        if self.guard_measure not in ("balanced", "sensitivity"):
+        if self.guard_measure not in ("youden", "sensitivity"):
             raise ValueError(
-                f"guard_measure: expected 'balanced' or 'sensitivity', got {self.guard_measure!r}"
+                f"guard_measure: expected 'youden' or 'sensitivity', got {self.guard_measure!r}"
             )
         isic = [d for d in self.datasets if d.startswith("isic")]
         if isic and not self.isic_root:

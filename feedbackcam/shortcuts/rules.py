@@ -69,7 +69,7 @@ def class_floors(
     """Per class, the lowest filled-validation score a model may have: the ``reference``'s
     (:func:`class_values`), less ``tolerance``, less what two models' scores on this validation
     set can differ by chance (one-sided ``confidence``, from the class's image count and, for
-    the balanced accuracy, the other classes')."""
+    Youden's J, the other classes')."""
     values = class_values(reference, measure)
     counts = reference.get("val_counts") or [None] * len(values)
     names = [str(k) for k in range(len(values))]
@@ -81,7 +81,7 @@ def class_floors(
         confidence,
         specificity={k: p if _finite(p) else None for k, p in zip(names, spec, strict=True)},
     )
-    key = "balanced accuracy" if measure == "balanced" else "sensitivity"
+    key = "Youden's J" if measure == "youden" else "sensitivity"
     return [
         v - tolerance - margins.get(f"{key} {k}", 0.0) if _finite(v) else -math.inf
         for k, v in zip(names, values, strict=True)
@@ -89,19 +89,19 @@ def class_floors(
 
 
 def class_values(row: dict, measure: str = "sensitivity") -> list:
-    """A row's per-class filled-validation scores: the sensitivities, or the one-vs-rest
-    balanced accuracies (sensitivity + specificity) / 2 (:func:`feedbackcam.selection.class_scores`;
+    """A row's per-class filled-validation scores: the sensitivities, or every class's Youden's
+    J against the rest, sensitivity + specificity - 1 (:func:`feedbackcam.selection.class_scores`;
     None where a part is missing)."""
     sens = row["val_sens_filled"]
     if measure == "sensitivity":
         return list(sens)
-    if measure != "balanced":
-        raise ValueError(f"class measure {measure!r}: expected 'balanced' or 'sensitivity'")
+    if measure != "youden":
+        raise ValueError(f"class measure {measure!r}: expected 'youden' or 'sensitivity'")
     spec = row.get("val_spec_filled")
     if spec is None:
-        raise ValueError("the balanced class measure needs val_spec_filled in the row")
+        raise ValueError("Youden's J needs val_spec_filled in the row")
     return [
-        (s + p) / 2 if _finite(s) and _finite(p) else None for s, p in zip(sens, spec, strict=True)
+        s + p - 1 if _finite(s) and _finite(p) else None for s, p in zip(sens, spec, strict=True)
     ]
 
 

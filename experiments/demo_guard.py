@@ -18,10 +18,7 @@ from pathlib import Path
 
 import torch
 
-from feedbackcam.checkpoint import ModelSpec
-from feedbackcam.data.synth import CLASSES
-from feedbackcam.demo import DemoConfig, _add_patch_reliance
-from feedbackcam.models import build_model
+from feedbackcam.demo import DemoConfig, _add_patch_reliance, demo_model
 from feedbackcam.simulate import run_simulation
 from feedbackcam.simulation_data import synth_simulation_data
 
@@ -49,17 +46,7 @@ def main() -> None:
             simulation=replace(base.simulation, seed=seed),
         )
         data, test_pool = synth_simulation_data(cfg.synth)
-        spec = ModelSpec(
-            arch="small_cnn",
-            classes=CLASSES,
-            layers=("features.relu4",),
-            input_size=cfg.synth.size,
-            arch_kwargs={"width": cfg.width},
-        )
-
-        def make_model(cfg=cfg):
-            torch.manual_seed(cfg.simulation.seed)
-            return build_model("small_cnn", len(CLASSES), width=cfg.width)
+        spec, make_model = demo_model(cfg)
 
         for guard in args.guards:
             fields = GUARDS[guard]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -68,6 +69,24 @@ QUICK = DemoConfig(
 )
 
 
+def demo_model(cfg: DemoConfig) -> tuple[ModelSpec, Callable[[], torch.nn.Module]]:
+    """The demo's network: its checkpoint spec, and a factory that builds it seeded by the
+    simulation's seed (every mode starts from the same weights)."""
+    spec = ModelSpec(
+        arch="small_cnn",
+        classes=CLASSES,
+        layers=("features.relu4",),
+        input_size=cfg.synth.size,
+        arch_kwargs={"width": cfg.width},
+    )
+
+    def make_model() -> torch.nn.Module:
+        torch.manual_seed(cfg.simulation.seed)
+        return build_model("small_cnn", len(CLASSES), width=cfg.width)
+
+    return spec, make_model
+
+
 def run_demo(
     out: str | Path, *, quick: bool = False, progress: bool = True, refit_bias: bool = False
 ) -> Path:
@@ -81,18 +100,7 @@ def run_demo(
     out = Path(out)
     started = time.perf_counter()
     data, test_pool = synth_simulation_data(cfg.synth)
-    spec = ModelSpec(
-        arch="small_cnn",
-        classes=CLASSES,
-        layers=("features.relu4",),
-        input_size=cfg.synth.size,
-        arch_kwargs={"width": cfg.width},
-    )
-
-    def make_model():
-        torch.manual_seed(cfg.simulation.seed)
-        return build_model("small_cnn", len(CLASSES), width=cfg.width)
-
+    spec, make_model = demo_model(cfg)
     sim = cfg.simulation
     results = run_simulation(data, sim, out, make_model=make_model, spec=spec, progress=progress)
     if cfg.synth.confounder is not None:

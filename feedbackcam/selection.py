@@ -30,7 +30,8 @@ import numpy as np
 ONE_CLASS_SHARE = 0.9
 # the per-class scores a guard may hold (see the module's docstring)
 CLASS_MEASURES = ("youden", "sensitivity")
-_LABEL = {"youden": "Youden's J", "sensitivity": "sensitivity"}
+# how each names a class's score in a Drop and a verdict ("Youden's J MEL")
+CLASS_LABELS = {"youden": "Youden's J", "sensitivity": "sensitivity"}
 
 
 def class_scores(summary: Mapping, measure: str = "youden") -> dict[str, float | None]:
@@ -95,7 +96,7 @@ def drops(
     if per_class:
         ref_scores = class_scores(reference, measure)
         cand_scores = class_scores(candidate, measure)
-        label = _LABEL[measure]
+        label = CLASS_LABELS[measure]
         pairs += [(f"{label} {c}", v, cand_scores.get(c)) for c, v in ref_scores.items()]
     margins = margins or {}
     for name, ref, value in pairs:
@@ -146,10 +147,8 @@ def noise_margins(
             out[f"Youden's J {name}"] = z * math.sqrt(var + spec)
     if variances:
         out["avg_sensitivity"] = z * math.sqrt(sum(variances)) / len(variances)
-    n = len(labels)
-    if n:
-        b, w = int((now & ~was).sum()), int((was & ~now).sum())
-        out["accuracy"] = z * math.sqrt(max((b + w) - (b - w) ** 2 / n, 0.0)) / n
+    if len(labels):
+        out["accuracy"] = z * math.sqrt(_paired_variance(was, now))
     return out
 
 

@@ -39,6 +39,7 @@ def _demo(args) -> int:
 
 
 def _add_simulate(sub) -> None:
+    from ..selection import CLASS_MEASURES
     from ..simulate import MODES, SimulationConfig
     from ..simulation_data import SynthSetup
 
@@ -78,7 +79,7 @@ def _add_simulate(sub) -> None:
     )
     p.add_argument(
         "--guard-class-measure",
-        choices=("youden", "sensitivity"),
+        choices=CLASS_MEASURES,
         default=d.guard_class_measure,
         help="that score: Youden's J against the rest (a repaired class may lose sensitivity "
         "by what it stops taking from the others) or sensitivity",
@@ -205,6 +206,7 @@ def _simulate(args) -> int:
 
 
 def _add_shortcuts(sub) -> None:
+    from ..selection import CLASS_MEASURES
     from ..shortcuts.config import CONTROLS, DATASETS, BenchConfig, check_method, methods
 
     def method(text: str) -> str:
@@ -272,7 +274,7 @@ def _add_shortcuts(sub) -> None:
     )
     p.add_argument(
         "--guard-measure",
-        choices=("youden", "sensitivity"),
+        choices=CLASS_MEASURES,
         default=argparse.SUPPRESS,
         help="the per-class guard's score: Youden's J against the rest (default) or "
         "sensitivity (the runs before 2026-12-06)",

@@ -24,7 +24,7 @@ from ..evaluate import evaluate, predict_logits
 from ..losses import get_loss
 from ..metrics import classification_metrics
 from ..objective import ADDED_TERMS, FeedbackConfig
-from ..selection import class_scores, drops, independent_margins
+from ..selection import CLASS_LABELS, class_scores, drops, independent_margins
 from ..self_explaining import SelfExplaining
 from ..train import StopTraining, recalibrate_batchnorm, run_steps
 
@@ -332,7 +332,7 @@ def gate(
     verdict = "rejected" if failed else "promoted"
     rule = f"a drop of at most {tolerance:g} from the parent and the original model is allowed"
     if per_class and class_scores(before, measure):
-        what = "Youden's J" if measure == "youden" else "sensitivity"
+        what = CLASS_LABELS[measure]
         rule += f" (each class's {what}: {tolerance:g} plus what chance moves it by)"
     where, n = "", after.get("n_validation")
     if n is not None:

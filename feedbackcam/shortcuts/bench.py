@@ -29,6 +29,7 @@ from ..data.dataset import ArrayDataset
 from ..fileio import write_atomic, write_json
 from ..models import build_model
 from ..objective import ADDED_TERMS, FeedbackConfig
+from ..selection import CLASS_MEASURES
 from ..self_explaining import SelfExplaining
 from ..train import (
     Batching,
@@ -151,9 +152,7 @@ class EpochChoice:
 
     def start(self, model: SelfExplaining) -> None:
         row = val_scores(model, self.val)
-        self.floors = {
-            m: class_floors(row, self.tolerance, measure=m) for m in ("youden", "sensitivity")
-        }
+        self.floors = {m: class_floors(row, self.tolerance, measure=m) for m in CLASS_MEASURES}
         self._best = BestEpoch(model, -flip_key(row), later_ties=True)
         self.history = [self._entry(0, row, True, {m: True for m in self.floors})]
 

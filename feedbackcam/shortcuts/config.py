@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .. import losses
+from ..selection import CLASS_MEASURES
 
 TRAPS = ("isic-trap-ruler", "isic-trap-ink", "isic-trap-dark_corner", "isic-trap-all")
 DATASETS = ("decoy", "synth-patch", "synth-ruler", "isic-bandaid", "isic-real", *TRAPS)
@@ -186,9 +187,9 @@ class BenchConfig:
         for name in ("methods", "control_methods", "efficiency_methods"):
             for method in getattr(self, name):
                 check_method(method)
-        if self.guard_measure not in ("youden", "sensitivity"):
+        if self.guard_measure not in CLASS_MEASURES:
             raise ValueError(
-                f"guard_measure: expected 'youden' or 'sensitivity', got {self.guard_measure!r}"
+                f"guard_measure: expected one of {CLASS_MEASURES}, got {self.guard_measure!r}"
             )
         isic = [d for d in self.datasets if d.startswith("isic")]
         if isic and not self.isic_root:

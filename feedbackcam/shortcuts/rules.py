@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from ..selection import independent_margins
+from ..selection import CLASS_LABELS, class_scores, independent_margins
 
 # The objectives the default rule chooses among (and class feedback, the floor): the ignore
 # losses alone, and with "decide from the lesion" (and the thesis' Jaccard) on the keep masks.
@@ -81,7 +81,7 @@ def class_floors(
         confidence,
         specificity={k: p if _finite(p) else None for k, p in zip(names, spec, strict=True)},
     )
-    key = "Youden's J" if measure == "youden" else "sensitivity"
+    key = CLASS_LABELS[measure]
     return [
         v - tolerance - margins.get(f"{key} {k}", 0.0) if _finite(v) else -math.inf
         for k, v in zip(names, values, strict=True)
@@ -95,14 +95,13 @@ def class_values(row: dict, measure: str = "sensitivity") -> list:
     sens = row["val_sens_filled"]
     if measure == "sensitivity":
         return list(sens)
-    if measure != "youden":
-        raise ValueError(f"class measure {measure!r}: expected 'youden' or 'sensitivity'")
     spec = row.get("val_spec_filled")
     if spec is None:
         raise ValueError("Youden's J needs val_spec_filled in the row")
-    return [
-        s + p - 1 if _finite(s) and _finite(p) else None for s, p in zip(sens, spec, strict=True)
-    ]
+    scores = class_scores(
+        {"sensitivity": dict(enumerate(sens)), "specificity": dict(enumerate(spec))}, measure
+    )
+    return [scores[k] for k in range(len(sens))]
 
 
 def choose_default(

@@ -143,6 +143,13 @@ def main() -> None:
         "sensitivity (the default since 2026-12-06; folders sim-pc*) or the average alone (the "
         "runs before)",
     )
+    p.add_argument(
+        "--symmetries",
+        choices=("on", "off", "default"),
+        default="default",
+        help="simulate's --counterfactual-symmetries / --no-counterfactual-symmetries "
+        "(default: simulate's own default; a set value goes into the folder name)",
+    )
     args = p.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -165,6 +172,10 @@ def main() -> None:
     if args.guard == "per-class":
         guard = ["--guard-per-class", "--guard-class-measure", "youden"]
         tag = "-pc" + tag
+    symmetries = []
+    if args.symmetries != "default":
+        symmetries = [f"--{'' if args.symmetries == 'on' else 'no-'}counterfactual-symmetries"]
+        tag += f"-sym{args.symmetries}"
     sim = w / f"sim{tag}-seed{args.seed}"
     marks = ["--ignore", str(patch_masks)]
     if args.marks != 25:  # a subset of the strokes: its own folder, prepared folder, simulation
@@ -202,7 +213,7 @@ def main() -> None:
             [*exe, "simulate", "--data", str(prepared_marks), "--base-model",
              str(base / "model.pt"), "--modes", args.modes, "--lambda", str(args.lam),
              "--epochs", str(args.epochs),
-             "--batch-size", "32", "--optimizer", "adam", "--lr", "3e-4", *guard,
+             "--batch-size", "32", "--optimizer", "adam", "--lr", "3e-4", *guard, *symmetries,
              "--seed", str(args.seed), "--out", str(sim)],
             sim / "results.json", log,
         ),

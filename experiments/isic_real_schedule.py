@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,12 +110,25 @@ def main() -> None:
         "decay per step, started at the incoming model",
     )
     p.add_argument(
+        "--symmetries",
+        action="store_true",
+        help="moved artifacts and swapped surroundings turned or mirrored at random "
+        "(FeedbackConfig.counterfactual_symmetries)",
+    )
+    p.add_argument(
         "--no-recalibrate-bn",
         dest="recalibrate_bn",
         action="store_false",
         help="leave BatchNorm's statistics the incoming model's (the runs before 2026-12-05)",
     )
     args = p.parse_args()
+    if args.symmetries:
+        config_of = bench.method_config
+
+        def turning(*a, **kw):
+            return dataclasses.replace(config_of(*a, **kw), counterfactual_symmetries=True)
+
+        bench.method_config = turning
     if args.ema:
         average_weights(args.ema)
     if args.repeat_marked:

@@ -158,6 +158,29 @@ def fill_region(images: Tensor, masks: Tensor) -> Tensor:
     return images * (1 - m) + colour[:, :, None, None] * m
 
 
+# The eight symmetries of a square: ``code // 2`` quarter turns, then mirrored left-right if
+# ``code`` is odd; 0 leaves an image as it is.
+SYMMETRIES = 8
+
+
+def draw_symmetry(shape: tuple[int, ...]) -> int:
+    """A random symmetry code for images of ``shape`` (..., H, W), drawn from torch's global
+    generator on the host (no device synchronisation): any of the eight where H == W, else one
+    that keeps the shape (none, mirrored, half turn, half turn mirrored)."""
+    code = int(torch.randint(SYMMETRIES, ()))
+    return code if shape[-1] == shape[-2] else code % 2 + 4 * (code // 2 % 2)
+
+
+def turned(x: Tensor, code: int) -> Tensor:
+    """``x`` (..., H, W) under the symmetry ``code`` (:data:`SYMMETRIES`)."""
+    if not 0 <= code < SYMMETRIES:
+        raise ValueError(f"code: expected a value in [0, {SYMMETRIES}), got {code!r}")
+    if code // 2 % 2 and x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"code {code}: a quarter turn of a {tuple(x.shape[-2:])} image")
+    y = torch.rot90(x, code // 2, dims=(-2, -1)) if code // 2 else x
+    return y.flip(-1) if code % 2 else y
+
+
 def randomize_region(images: Tensor, masks: Tensor, generator=None) -> Tensor:
     """Images with the masked region replaced by uniform noise in [0, 1] (counterexamples)."""
     m = _check(images, masks)
@@ -180,10 +203,12 @@ def transplant(
     recipients: Tensor,
     protect: Tensor | None = None,
     donors: Tensor | None = None,
+    symmetry: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Paste each image's marked artifact onto another image of the batch.
 
-    Row ``i`` is image ``recipients[i]`` carrying image ``i``'s artifact (at the same place).
+    Row ``i`` is image ``recipients[i]`` carrying image ``i``'s artifact (at the same place,
+    or, with ``symmetry``, where the donor turned or mirrored would have it).
     The recipient is first cleaned of its own marked region (filled with its median colour), so
     the result carries exactly one known artifact, the donor's, and its class is the recipient's.
     Where the artifact would land on the recipient's ``protect`` (keep) region, the recipient's
@@ -197,6 +222,9 @@ def transplant(
         protect: optional (N, H, W) keep masks (empty where an image has none).
         donors: optional (M,) long: build only these donors' rows (each row exactly as the
             whole batch's would be); None: every image is a donor.
+        symmetry: the donors' images and masks are turned by this code first
+            (:func:`turned`; 0: as they are): an artifact must not matter wherever and however
+            it lies.
 
     Returns:
         (pasted, base): the recipients with the donor's artifact, and the same recipients
@@ -205,9 +233,10 @@ def transplant(
     _check(images, masks)
     if donors is None:
         donors = torch.arange(images.shape[0], device=images.device)
-    m = moved_masks(masks[donors], recipients, protect).to(images.dtype)[:, None]
+    moved = turned(masks[donors], symmetry)
+    m = moved_masks(moved, recipients, protect).to(images.dtype)[:, None]
     base = fill_region(images[recipients], masks[recipients])
-    pasted = base * (1 - m) + images[donors] * m
+    pasted = base * (1 - m) + turned(images[donors], symmetry) * m
     return pasted, base
 
 
@@ -225,6 +254,7 @@ def swap_surroundings(
     donors: Tensor,
     margin: float = 0.035,
     receivers: Tensor | None = None,
+    symmetry: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Each image's keep region (its lesion, grown by ``margin`` of the side) on the
     surroundings of another image of the batch.
@@ -244,6 +274,8 @@ def swap_surroundings(
             and the skin right around it stay the receiver's).
         receivers: optional (M,) long: build only these images' rows (each exactly as the whole
             batch's would be); None: every image receives.
+        symmetry: the donors' surroundings are turned by this code (:func:`turned`; 0: as
+            they are), so a ruler or patch also meets the lesion where it never lay.
 
     Returns:
         (swapped, region): the counterfactuals and the grown keep regions of their receivers
@@ -254,6 +286,6 @@ def swap_surroundings(
         receivers = torch.arange(images.shape[0], device=images.device)
     grown = dilate(keep, int(round(margin * images.shape[-1])))
     region = grown[receivers]
-    background = fill_region(images[donors], grown[donors])
+    background = turned(fill_region(images[donors], grown[donors]), symmetry)
     r = region.to(images.dtype)[:, None]
     return images[receivers] * r + background * (1 - r), region

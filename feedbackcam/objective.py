@@ -100,6 +100,12 @@ class FeedbackConfig:
             the same loss in expectation at a bounded cost. None: every marked row. The default,
             0.5, keeps an ignore-feedback step within ~1.4x a classification-only one on a CPU
             (docs/benchmarks.md); at batch 1 nothing is sampled.
+        counterfactual_symmetries: the regions the counterfactual terms move between images
+            (a marked artifact onto another image, another image's surroundings around a
+            lesion) are turned or mirrored first, by one of the square's eight symmetries
+            drawn at random each step (:func:`feedbackcam.counterfactual.turned`): an artifact
+            must not matter wherever and however it lies, not only where it lay on the marked
+            images.
         auto_scale: let the training loops that own a whole fine-tuning (``simulate``, the
             app's updates) set ``loss_scale`` before their first step with
             :func:`feedbackcam.balance.auto_scaled`: the explanation term's gradient then
@@ -136,6 +142,7 @@ class FeedbackConfig:
     ignore_loss: str | None = losses.DEFAULT_IGNORE_LOSS
     ignore_scale: float | None = None
     counterfactual_share: float | None = 0.5
+    counterfactual_symmetries: bool = False
     auto_scale: bool = False
     refit_bias: bool = False
 

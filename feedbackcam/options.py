@@ -81,6 +81,14 @@ def add_feedback_args(p) -> None:
         "loss's); 'none' leaves ignore masks unused",
     )
     p.add_argument(
+        "--counterfactual-symmetries",
+        action=argparse.BooleanOptionalAction,
+        default=fb.counterfactual_symmetries,
+        help="turn or mirror the regions the counterfactual terms move between images (a "
+        "marked artifact, a lesion's surroundings) at random each step, so an artifact must "
+        "not matter wherever and however it lies (docs/real-artifacts.md)",
+    )
+    p.add_argument(
         "--refit-bias",
         action=argparse.BooleanOptionalAction,
         default=fb.refit_bias,
@@ -111,6 +119,7 @@ def feedback_config(args):
         explanation_loss=args.explanation_loss,
         surroundings_loss=_none(args.surroundings_loss),
         ignore_loss=_none(args.ignore_loss),
+        counterfactual_symmetries=args.counterfactual_symmetries,
         auto_scale=args.auto_scale,
         refit_bias=args.refit_bias,
         explain_classes=args.explain_classes,

@@ -73,6 +73,93 @@ def test_swap_surroundings_keeps_the_lesion_and_erases_the_donors():
     assert (cf.dilate(b.masks, 3) >= b.masks).all() and not torch.equal(grown, swapped)
 
 
+def test_the_eight_symmetries_are_distinct_and_keep_a_non_square_image_its_shape():
+    x = torch.arange(20.0).reshape(1, 4, 5)
+    square = torch.arange(16.0).reshape(1, 4, 4)
+    assert len({tuple(cf.turned(square, c).flatten().tolist()) for c in range(8)}) == 8
+    assert torch.equal(cf.turned(square, 0), square)
+    assert torch.equal(cf.turned(square, 2), torch.rot90(square, 1, dims=(-2, -1)))
+    assert torch.equal(cf.turned(square, 1), square.flip(-1))
+    torch.manual_seed(0)
+    codes = {cf.draw_symmetry(x.shape) for _ in range(200)}
+    assert codes == {0, 1, 4, 5}  # no quarter turn of a 4 x 5 image
+    assert all(cf.turned(x, c).shape == x.shape for c in codes)
+    assert {cf.draw_symmetry(square.shape) for _ in range(200)} == set(range(8))
+    with pytest.raises(ValueError, match="quarter turn"):
+        cf.turned(x, 2)
+
+
+def test_a_turned_artifact_lands_where_the_turned_donor_has_it_and_never_on_a_lesion():
+    b = _batch()
+    recipients = torch.tensor([1, 2, 3, 4, 5, 0])
+    keep = b.masks.clone()
+    keep[1] = 0
+    keep[1, -3:, :3] = 1  # recipient 1's lesion where part of donor 0's turned artifact lands
+    pasted, base = cf.transplant(b.images, b.ignore, recipients, protect=keep, symmetry=4)
+    half_turn = cf.turned(b.ignore[0], 4) > 0  # top right -> bottom left
+    assert half_turn[-1, 0] and not half_turn[0, -1]
+    lesion = keep[1] > 0
+    moved = half_turn & ~lesion
+    assert moved.any() and (half_turn & lesion).any()
+    assert torch.equal(pasted[0][:, moved], cf.turned(b.images[0], 4)[:, moved])
+    assert torch.equal(pasted[0][:, lesion], base[0][:, lesion])  # the lesion stays its own
+    assert torch.equal(pasted[0][:, ~half_turn], base[0][:, ~half_turn])
+    # the surroundings turn too, the receiver's lesion stays where it is
+    donors = torch.tensor([1, 2, 3, 4, 5, 0])
+    swapped, region = cf.swap_surroundings(b.images, b.masks, donors, margin=0.0, symmetry=3)
+    plain, _ = cf.swap_surroundings(b.images, b.masks, donors, margin=0.0)
+    inside = region[0] > 0
+    assert torch.equal(swapped[0][:, inside], b.images[0][:, inside])
+    background = cf.turned(cf.fill_region(b.images[1:2], b.masks[1:2]), 3)[0]
+    assert torch.equal(swapped[0][:, ~inside], background[:, ~inside])
+    assert not torch.equal(swapped[0][:, ~inside], plain[0][:, ~inside])
+
+
+def test_counterfactual_symmetries_change_the_step_only_when_asked(monkeypatch):
+    from feedbackcam.losses import invariance
+
+    b = _batch()
+    plain = FeedbackConfig(lam=1.0, explanation_loss="jaccard")
+    turning = replace(plain, counterfactual_symmetries=True)
+
+    def never(shape):
+        raise AssertionError("a symmetry drawn although none was asked for")
+
+    monkeypatch.setattr(invariance, "draw_symmetry", never)
+    _, g_plain = _step(b, plain)
+    assert not FeedbackConfig().counterfactual_symmetries  # off unless asked
+    drawn = []
+
+    def fixed(code):
+        def draw(shape):
+            drawn.append(code)
+            return code
+
+        return draw
+
+    monkeypatch.setattr(invariance, "draw_symmetry", fixed(0))
+    _, g_identity = _step(b, turning)
+    assert torch.equal(g_identity, g_plain)  # code 0: where the regions lay
+    monkeypatch.setattr(invariance, "draw_symmetry", fixed(4))
+    _, g_half_turn = _step(b, turning)
+    assert torch.isfinite(g_half_turn).all() and not torch.allclose(g_half_turn, g_plain)
+    assert len(drawn) == 4  # the surroundings and the ignore term, once a step each
+
+
+def test_the_symmetries_flag_reaches_simulate_and_the_apps_objective():
+    import argparse
+
+    from feedbackcam.options import add_feedback_args, feedback_config
+
+    p = argparse.ArgumentParser()
+    add_feedback_args(p)
+    default = FeedbackConfig().counterfactual_symmetries
+    assert feedback_config(p.parse_args([])).counterfactual_symmetries == default
+    assert feedback_config(p.parse_args(["--counterfactual-symmetries"])).counterfactual_symmetries
+    off = p.parse_args(["--no-counterfactual-symmetries"])
+    assert not feedback_config(off).counterfactual_symmetries
+
+
 # ------------------------------------------------------------------ the surroundings loss
 
 

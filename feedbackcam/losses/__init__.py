@@ -162,6 +162,9 @@ class LossSettings(Protocol):
     @property
     def counterfactual_share(self) -> float | None: ...  # most counterfactual rows per term
 
+    @property
+    def counterfactual_symmetries(self) -> bool: ...  # moved regions turned / mirrored at random
+
 
 class LossContext(Protocol):
     """What an explanation loss may use of one training step; provided lazily by

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..counterfactual import (
+    draw_symmetry,
     fill_region,
     marked_rows,
     moved_masks,
@@ -24,6 +25,7 @@ from ..counterfactual import (
     surroundings_pairs,
     swap_surroundings,
     transplant,
+    turned,
 )
 from . import LossContext, LossSettings, feedback_present, host_count, register_loss
 
@@ -91,6 +93,14 @@ def _unkept(inputs: LossContext) -> Tensor:
     return inputs.ignore * (inputs.keep <= 0).to(inputs.ignore.dtype)
 
 
+def _symmetry(inputs: LossContext) -> int:
+    """The symmetry code this step's moved regions are placed with: a random one of the square's
+    eight with ``cfg.counterfactual_symmetries``, else 0 (where they lay)."""
+    if not inputs.cfg.counterfactual_symmetries:
+        return 0
+    return draw_symmetry(tuple(inputs.images.shape))
+
+
 class Moved(NamedTuple):
     """Per image: logits ``filled``, ``moved`` (recipient + artifact [, + fill]), and ``weight``
     (what its loss counts; 0 where no counterfactual was formed)."""
@@ -123,11 +133,15 @@ def _moved_logits(inputs: LossContext, *, blank: bool) -> Generator[Tensor, Tens
     if len(donors):
         weight[donors] = w
         r = recipients[donors]
+        code = _symmetry(inputs)
         filled = fill_region(images[donors], ignore[donors])
-        pasted, base = transplant(images, ignore, r, protect=inputs.keep, donors=donors)
+        pasted, base = transplant(
+            images, ignore, r, protect=inputs.keep, donors=donors, symmetry=code
+        )
         variants = [filled, pasted]
         if blank:
-            variants.append(fill_region(base, moved_masks(ignore[donors], r, inputs.keep)))
+            moved = moved_masks(turned(ignore[donors], code), r, inputs.keep)
+            variants.append(fill_region(base, moved))
         rows = torch.cat(variants)
     out = yield rows
     # rows without a counterfactual keep the step's own logits (the image, its recipient)
@@ -289,7 +303,12 @@ def _surroundings(inputs: LossContext, cfg: LossSettings) -> Rows:
         return inputs.logits.new_zeros(inputs.labels.shape)
     receivers, donors, w = pairs
     swapped, _ = swap_surroundings(
-        inputs.images.detach(), inputs.keep, donors, SURROUNDINGS_MARGIN, receivers=receivers
+        inputs.images.detach(),
+        inputs.keep,
+        donors,
+        SURROUNDINGS_MARGIN,
+        receivers=receivers,
+        symmetry=_symmetry(inputs),
     )
     ls = yield swapped
     loss = inputs.logits.new_zeros(inputs.labels.shape)

@@ -1,0 +1,85 @@
+"""The default objective with and without turned counterfactuals
+(``FeedbackConfig.counterfactual_symmetries``) on the shortcut benchmark's data sets, from the
+same baselines (docs/real-artifacts.md, "Where the patch lies").
+
+The arm without (``OUT/off``) is the benchmark as the command line runs it, or an earlier run's
+folder (``--from``); the arm with (``OUT/on``) borrows its data, baselines and baseline /
+reference rows, so both fine-tune the very same models. Epochs chosen by the guard
+(``--select-epoch``), controls and efficiency rows left out.
+
+    python experiments/symmetries.py OUT --datasets decoy synth-patch synth-ruler --seeds 0 1 2
+    python experiments/symmetries.py OUT --datasets isic-real --from BENCH --isic-root ISIC2017
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from feedbackcam.shortcuts import BenchConfig, bench, run_benchmark
+
+DEFAULT = "jaccard+surroundings+invariance_balanced"
+
+
+def borrow(source: Path, out: Path) -> None:
+    """``out`` starts from ``source``'s data, models and baseline / reference rows."""
+    out.mkdir(parents=True)
+    for d in ("data", "models"):
+        (out / d).symlink_to((source / d).resolve())
+    keep = [
+        line
+        for line in (source / "runs.jsonl").read_text().splitlines()
+        if json.loads(line)["method"] in ("baseline", "no-confounder")
+    ]
+    (out / "runs.jsonl").write_text("\n".join(keep) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=[DEFAULT])
+    p.add_argument("--from", dest="source", type=Path, default=None, help="the arm without")
+    p.add_argument("--isic-root", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    config = BenchConfig(
+        datasets=tuple(args.datasets),
+        seeds=tuple(args.seeds),
+        methods=tuple(args.methods),
+        lams=(0.9,),
+        controls=(),
+        fractions=(),
+        isic_root=args.isic_root,
+        select_epoch=True,
+    )
+    config_of = bench.method_config
+
+    def arm(symmetries: bool, folder: Path) -> None:
+        def method_config(*a, **kw):
+            cfg = config_of(*a, **kw)
+            return dataclasses.replace(cfg, counterfactual_symmetries=symmetries)
+
+        bench.method_config = method_config
+        try:
+            run_benchmark(config, folder)
+        finally:
+            bench.method_config = config_of
+
+    off = args.source or args.out / "off"
+    if args.source is None:
+        arm(False, off)
+    on = args.out / "on"
+    if not on.exists():
+        borrow(off, on)
+    arm(True, on)
+
+
+if __name__ == "__main__":
+    main()

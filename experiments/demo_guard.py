@@ -7,6 +7,8 @@ MEL 0.03, BKL 1.00), the case where a per-class guard on sensitivity refuses the
 schedule for every guard; only the epoch kept can differ.
 
     python experiments/demo_guard.py OUT [--seeds 0 1 2] [--guards youden]
+    python experiments/demo_guard.py OUT --guards youden --symmetries off on  # turned
+        # counterfactuals (FeedbackConfig.counterfactual_symmetries) or not, folders *-sym-on
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from feedbackcam.demo import DemoConfig, _add_patch_reliance, demo_model
+from feedbackcam.demo import DemoConfig, add_patch_reliance, demo_model
 from feedbackcam.simulate import run_simulation
 from feedbackcam.simulation_data import synth_simulation_data
 
@@ -35,6 +37,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--guards", nargs="+", choices=list(GUARDS), default=list(GUARDS))
+    p.add_argument(
+        "--symmetries",
+        nargs="+",
+        choices=("default", "on", "off"),
+        default=["default"],
+        help="the fine-tunes' counterfactual_symmetries: the library's default, or set",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -48,19 +57,26 @@ def main() -> None:
         data, test_pool = synth_simulation_data(cfg.synth)
         spec, make_model = demo_model(cfg)
 
-        for guard in args.guards:
+        for guard, symmetries in [(g, s) for g in args.guards for s in args.symmetries]:
             fields = GUARDS[guard]
-            run_cfg = replace(cfg, simulation=replace(cfg.simulation, **fields))
-            out = args.out / f"seed{seed}" / guard
+            sim = replace(cfg.simulation, **fields)
+            name = guard
+            if symmetries != "default":
+                feedback = replace(sim.feedback, counterfactual_symmetries=symmetries == "on")
+                sim = replace(sim, feedback=feedback)
+                name += f"-sym-{symmetries}"
+            run_cfg = replace(cfg, simulation=sim)
+            out = args.out / f"seed{seed}" / name
             results = run_simulation(
                 data, run_cfg.simulation, out, make_model=make_model, spec=spec, progress=False
             )
-            results = _add_patch_reliance(out, results, run_cfg, test_pool)
+            results = add_patch_reliance(out, results, run_cfg, test_pool)
             for name, r in [("baseline", results["baseline"]), *results["runs"].items()]:
                 rows.append(
                     {
                         "seed": seed,
                         "guard": guard,
+                        "symmetries": sim.feedback.counterfactual_symmetries,
                         "run": name,
                         "best_epoch": r.get("best_epoch"),
                         "rejected": r.get("guard_rejected_epochs"),

@@ -104,7 +104,7 @@ def run_demo(
     sim = cfg.simulation
     results = run_simulation(data, sim, out, make_model=make_model, spec=spec, progress=progress)
     if cfg.synth.confounder is not None:
-        results = _add_patch_reliance(out, results, cfg, test_pool)
+        results = add_patch_reliance(out, results, cfg, test_pool)
     _demo_overlays(out, test_pool, cfg.synth.confounder_class)
     minutes = (time.perf_counter() - started) / 60
     report = out / "report.html"
@@ -174,7 +174,7 @@ def run_demo(
     return report
 
 
-def _add_patch_reliance(out: Path, results: dict, cfg: DemoConfig, pool: SynthDataset) -> dict:
+def add_patch_reliance(out: Path, results: dict, cfg: DemoConfig, pool: SynthDataset) -> dict:
     """Counterfactual test: every test image with the patch and without it (SynthDerm changes
     only the patch's pixels); how many predictions does the patch decide? ``pool`` is the test
     pool, drawn with its clean and patched images. Every test image counts, not only those

@@ -9,6 +9,7 @@ reference rows, so both fine-tune the very same models. Epochs chosen by the gua
 
     python experiments/symmetries.py OUT --datasets decoy synth-patch synth-ruler --seeds 0 1 2
     python experiments/symmetries.py OUT --datasets isic-real --from BENCH --isic-root ISIC2017
+    python experiments/symmetries.py OUT --datasets isic-real --borrow BENCH --isic-root ...
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=[DEFAULT])
     p.add_argument("--from", dest="source", type=Path, default=None, help="the arm without")
+    p.add_argument(
+        "--borrow",
+        type=Path,
+        default=None,
+        help="both arms fine-tune from this earlier run's data, baselines and reference",
+    )
     p.add_argument("--isic-root", default=None)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -73,6 +80,8 @@ def main() -> None:
             bench.method_config = config_of
 
     off = args.source or args.out / "off"
+    if args.borrow is not None and not off.exists():
+        borrow(args.borrow, off)
     if args.source is None:
         arm(False, off)
     on = args.out / "on"

@@ -788,7 +788,7 @@ def test_filled_region_flip_separates_the_artifact_from_any_change_there():
 
     from feedbackcam.models import SelfExplaining
     from feedbackcam.shortcuts.data import ShortcutEval
-    from feedbackcam.shortcuts.metrics import shortcut_scores
+    from feedbackcam.shortcuts.metrics import shortcut_scores, val_scores
 
     def model(reads: float) -> SelfExplaining:
         # class 0 (the target): how magenta the most magenta pixel is; class 1: a constant
@@ -820,6 +820,10 @@ def test_filled_region_flip_separates_the_artifact_from_any_change_there():
     assert blind.flip_to_target == 0.0 and blind.flip_to_target_filled == 0.0
     untargeted = shortcut_scores(model(1.0), replace(ev, target=None))
     assert math.isnan(untargeted.flip_to_target_filled)
+    # on validation, what a user sees: the marked region filled instead of a clean image
+    assert val_scores(model(1.0), ev)["val_flip_to_target"] == 1.0
+    assert val_scores(model(0.0), ev)["val_flip_to_target"] == 0.0
+    assert math.isnan(val_scores(model(1.0), replace(ev, target=None))["val_flip_to_target"])
 
 
 def test_whole_feedback_controls_run_for_keep_mask_methods_and_stroke_controls_do_not(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -146,6 +147,7 @@ class EpochChoice:
         return {
             "epoch": epoch,
             **{k: row[k] for k in keys},
+            "val_flip_to_target": row.get("val_flip_to_target", math.nan),
             "eligible": eligible,
             **{f"eligible_{m}": v for m, v in verdicts.items()},
         }

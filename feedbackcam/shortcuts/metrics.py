@@ -235,7 +235,10 @@ def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
     accuracy, and, with each marked region filled by its image's median colour
     (:func:`~feedbackcam.counterfactual.fill_region`, no oracle render), the average and
     per-class sensitivity and specificity and the share of predictions that change (the
-    validation flip rate; NaN where no validation image carries a marked confounder)."""
+    validation flip rate; NaN where no validation image carries a marked confounder) and, where
+    the confounder stands for a class (``val.target``), the share of the other classes' images
+    called that class with it and not with it filled (``val_flip_to_target``: the direction of
+    the flips, which the flip rate does not read)."""
     images, labels, confounder = val.images, val.labels, val.confounder
     probs = predict_probs(model, images, batch_size=BATCH)
     pred = probs.argmax(1)
@@ -248,6 +251,9 @@ def val_scores(model: SelfExplaining, val: ShortcutEval) -> dict[str, float]:
     return {
         "val_acc": float((pred == labels).float().mean()),
         "val_flip": flip_rate(pred[has], filled[has]),
+        "val_flip_to_target": math.nan
+        if val.target is None
+        else flip_to(pred, filled, labels, has, val.target),
         "val_avg_sens_filled": on_filled.avg_sensitivity,
         "val_sens_filled": list(on_filled.sensitivity().values()),
         "val_spec_filled": [m.specificity for m in on_filled.per_class.values()],

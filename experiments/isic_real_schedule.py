@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 from pathlib import Path
 
@@ -122,13 +121,6 @@ def main() -> None:
         help="leave BatchNorm's statistics the incoming model's (the runs before 2026-12-05)",
     )
     args = p.parse_args()
-    if args.symmetries:
-        config_of = bench.method_config
-
-        def turning(*a, **kw):
-            return dataclasses.replace(config_of(*a, **kw), counterfactual_symmetries=True)
-
-        bench.method_config = turning
     if args.ema:
         average_weights(args.ema)
     if args.repeat_marked:
@@ -158,6 +150,7 @@ def main() -> None:
         isic_real_pool=args.pool or 1_000_000,
         select_epoch=True,
         recalibrate_batchnorm=args.recalibrate_bn,
+        counterfactual_symmetries=args.symmetries,
     )
     run_benchmark(config, args.out)
 

@@ -1,6 +1,7 @@
 """The default objective with and without turned counterfactuals
-(``FeedbackConfig.counterfactual_symmetries``) on the shortcut benchmark's data sets, from the
-same baselines (docs/real-artifacts.md, "Where the patch lies").
+(``BenchConfig.counterfactual_symmetries``, ``feedbackcam shortcuts
+--counterfactual-symmetries``) on the shortcut benchmark's data sets, from the same baselines
+(docs/real-artifacts.md, "Where the patch lies").
 
 The arm without (``OUT/off``) is the benchmark as the command line runs it, or an earlier run's
 folder (``--from``); the arm with (``OUT/on``) borrows its data, baselines and baseline /
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from feedbackcam.shortcuts import BenchConfig, bench, run_benchmark
+from feedbackcam.shortcuts import BenchConfig, run_benchmark
 
 DEFAULT = "jaccard+surroundings+invariance_balanced"
 
@@ -66,18 +67,9 @@ def main() -> None:
         isic_root=args.isic_root,
         select_epoch=True,
     )
-    config_of = bench.method_config
 
     def arm(symmetries: bool, folder: Path) -> None:
-        def method_config(*a, **kw):
-            cfg = config_of(*a, **kw)
-            return dataclasses.replace(cfg, counterfactual_symmetries=symmetries)
-
-        bench.method_config = method_config
-        try:
-            run_benchmark(config, folder)
-        finally:
-            bench.method_config = config_of
+        run_benchmark(dataclasses.replace(config, counterfactual_symmetries=symmetries), folder)
 
     off = args.source or args.out / "off"
     if args.borrow is not None and not off.exists():

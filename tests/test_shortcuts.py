@@ -402,6 +402,31 @@ def test_benchmark_fine_tunes_recalibrate_batchnorm_unless_told_not_to(monkeypat
             assert seen and set(seen) == {recalibrate}
 
 
+def test_benchmark_fine_tunes_turn_counterfactuals_only_when_asked(monkeypatch, tmp_path):
+    """``--counterfactual-symmetries`` (BenchConfig.counterfactual_symmetries) reaches every
+    fine-tune's objective; off by default, as in the library."""
+    from feedbackcam.cli import build_parser
+    from feedbackcam.shortcuts import BenchConfig, Schedule, fine_tune
+    from feedbackcam.shortcuts.bench import method_config
+
+    assert not BenchConfig().counterfactual_symmetries
+    args = build_parser().parse_args(["shortcuts", str(tmp_path), "--counterfactual-symmetries"])
+    assert args.counterfactual_symmetries is True
+    plain = build_parser().parse_args(["shortcuts", str(tmp_path)])
+    assert not hasattr(plain, "counterfactual_symmetries")
+    for method in ("class", "jaccard+surroundings+invariance_balanced"):
+        assert method_config(method, 0.5, counterfactual_symmetries=True).counterfactual_symmetries
+        assert not method_config(method, 0.5).counterfactual_symmetries
+    seen = _recorded_configs(monkeypatch, "counterfactual_symmetries")
+    pool = _tiny_pool([0, 0, 0, 1], size=16, ignore=np.zeros((4, 16, 16), np.uint8))
+    for turned in (True, False):
+        seen.clear()
+        model = small_cnn(num_classes=2, width=4)
+        sched = Schedule(epochs=1, batch=4)
+        fine_tune(model, pool, sched, "jaccard", 0.5, 0, counterfactual_symmetries=turned)
+        assert seen and set(seen) == {turned}
+
+
 # --- the band-aid paster ------------------------------------------------------------------
 
 

@@ -287,6 +287,13 @@ def _add_shortcuts(sub) -> None:
         help="leave BatchNorm's statistics those of the incoming model during fine-tuning (the "
         "runs before 2026-12-05)",
     )
+    p.add_argument(
+        "--counterfactual-symmetries",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="the fine-tunes' counterfactual terms turn or mirror what they move (an option, "
+        "not the library's default; docs/real-artifacts.md)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
 
 

@@ -74,7 +74,11 @@ def train_classifier(
 
 
 def method_config(
-    method: str, lam: float, weights=None, recalibrate_batchnorm: bool = True
+    method: str,
+    lam: float,
+    weights=None,
+    recalibrate_batchnorm: bool = True,
+    counterfactual_symmetries: bool = False,
 ) -> FeedbackConfig:
     """The objective of a benchmark method: ``"class"`` (lambda 0), a registered loss alone, or
     ``"A+B[+C]"``: loss A as the explanation loss with B (and C) as its added terms, each in the
@@ -83,11 +87,14 @@ def method_config(
     row (``counterfactual_share=None``: docs/shortcuts.md measured it so; the library's
     default samples half the batch's rows per term, the same loss in expectation).
     ``recalibrate_batchnorm``: :class:`~feedbackcam.objective.FeedbackConfig`'s (False: the
-    runs before 2026-12-05, BatchNorm's statistics those of the incoming model)."""
+    runs before 2026-12-05, BatchNorm's statistics those of the incoming model).
+    ``counterfactual_symmetries``: the counterfactual terms turn or mirror what they move
+    (FeedbackConfig's; off, the library's default)."""
     if method == CLASS_ONLY:
         return FeedbackConfig(
             lam=0.0, explanation_loss="rrr_ignore", surroundings_loss=None, ignore_loss=None,
             class_weights=weights, recalibrate_batchnorm=recalibrate_batchnorm,
+            counterfactual_symmetries=counterfactual_symmetries,
         )  # fmt: skip
     first, *added = method.split("+")
     slots = {field: None for field, _, _ in ADDED_TERMS}
@@ -103,6 +110,7 @@ def method_config(
         class_weights=weights,
         counterfactual_share=None,
         recalibrate_batchnorm=recalibrate_batchnorm,
+        counterfactual_symmetries=counterfactual_symmetries,
         **slots,
     )
 
@@ -183,6 +191,7 @@ def fine_tune(
     class_weighted: bool = False,
     choice: EpochChoice | None = None,
     recalibrate_batchnorm: bool = True,
+    counterfactual_symmetries: bool = False,
 ) -> tuple[SelfExplaining, float]:
     """Fine-tune a copy of ``base`` on the feedback pool with one method (:func:`method_config`);
     return it and its loss scale.
@@ -196,7 +205,8 @@ def fine_tune(
     and the counterfactuals', is weighted by the pool's inverse class frequencies.
     ``choice``: keep the epoch it chooses (:class:`EpochChoice`, its ``epoch`` says which)
     instead of the last. ``recalibrate_batchnorm``: BatchNorm's statistics re-estimated on the
-    pool after each epoch (:func:`method_config`).
+    pool after each epoch; ``counterfactual_symmetries``: what the counterfactual terms move
+    turned or mirrored (both :func:`method_config`).
     """
     model = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed)
@@ -206,7 +216,7 @@ def fine_tune(
     weights = class_weights(pool.labels, len(pool.classes)) if weighted else None
     if method in CLARC:
         return _clarc(model, pool, given, sched, method, g, weights), 1.0
-    cfg = method_config(method, lam, weights, recalibrate_batchnorm)
+    cfg = method_config(method, lam, weights, recalibrate_batchnorm, counterfactual_symmetries)
     tensors = pool.tensors()
     everything = np.arange(n)
     torch.manual_seed(seed)
@@ -416,6 +426,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 class_weighted=config.class_weighted,
                 choice=choice,
                 recalibrate_batchnorm=config.recalibrate_batchnorm,
+                counterfactual_symmetries=config.counterfactual_symmetries,
             )
             seconds = round(time.perf_counter() - started, 1)
             result = {"loss_scale": scale, **evaluate_row(model, data), "seconds": seconds}

@@ -126,6 +126,9 @@ class BenchConfig:
         recalibrate_batchnorm: fine-tunes re-estimate BatchNorm's running statistics on their
             pool after each epoch, as the library does by default since 2026-12-05 (False: the
             earlier runs, whose statistics stayed the incoming model's).
+        counterfactual_symmetries: the fine-tunes' counterfactual terms turn or mirror what
+            they move (``FeedbackConfig.counterfactual_symmetries``; off, as in the library;
+            docs/real-artifacts.md, "Where the patch lies").
     """
 
     datasets: tuple[str, ...] = ("decoy",)
@@ -178,6 +181,7 @@ class BenchConfig:
     select_epoch: bool = False
     guard_measure: str = "youden"
     recalibrate_batchnorm: bool = True
+    counterfactual_symmetries: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("datasets", DATASETS), ("controls", CONTROLS)):

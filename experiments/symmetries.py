@@ -17,27 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import sys
 from pathlib import Path
 
 import torch
 
-from feedbackcam.shortcuts import BenchConfig, run_benchmark
+sys.path.insert(0, str(Path(__file__).parent))
+from isic_real_schedule import DEFAULT, borrow_baselines  # noqa: E402
 
-DEFAULT = "jaccard+surroundings+invariance_balanced"
-
-
-def borrow(source: Path, out: Path) -> None:
-    """``out`` starts from ``source``'s data, models and baseline / reference rows."""
-    out.mkdir(parents=True)
-    for d in ("data", "models"):
-        (out / d).symlink_to((source / d).resolve())
-    keep = [
-        line
-        for line in (source / "runs.jsonl").read_text().splitlines()
-        if json.loads(line)["method"] in ("baseline", "no-confounder")
-    ]
-    (out / "runs.jsonl").write_text("\n".join(keep) + "\n")
+from feedbackcam.shortcuts import BenchConfig, run_benchmark  # noqa: E402
 
 
 def main() -> None:
@@ -73,12 +61,12 @@ def main() -> None:
 
     off = args.source or args.out / "off"
     if args.borrow is not None and not off.exists():
-        borrow(args.borrow, off)
+        borrow_baselines(args.borrow, off)
     if args.source is None:
         arm(False, off)
     on = args.out / "on"
     if not on.exists():
-        borrow(off, on)
+        borrow_baselines(off, on)
     arm(True, on)
 
 

@@ -102,8 +102,9 @@ class SimulationConfig:
             (sensitivity + specificity - 1), lets a class lose sensitivity by what it stops
             taking from the others (the repair of a shortcut that made it absorb a class) and
             refuses a class traded away; "sensitivity" refuses both
-            (:func:`feedbackcam.selection.class_scores`). With two classes the Youden's J
-            score of either equals the average sensitivity.
+            (:func:`feedbackcam.selection.class_scores`). With two classes either class's J
+            is twice the average sensitivity less one: the rule holds the average to half
+            the tolerance (its chance margin doubles with it).
         guard_confidence: widen the tolerance by what the validation set cannot tell from
             noise at this one-sided confidence (the paired change's bound,
             :func:`feedbackcam.selection.noise_margins`): on ~20 images of a class a point

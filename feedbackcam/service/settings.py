@@ -43,7 +43,8 @@ class Settings:
             and the update that repairs it lowers that class's sensitivity while raising its
             specificity, which Youden's J lets through and sensitivity alone did not
             (docs/real-artifacts.md, "A guard that tells repair from collapse"). With two
-            classes it adds nothing to the average.
+            classes either class's J is twice the average sensitivity less one: the rule
+            holds the average to half the tolerance, plus its chance margin.
         propose_with: what "N more images look like this" scores with: "offline" (the
             default: the offline ImageNet EfficientNet-Lite0's blocks.5 at 256 px, with query
             expansion and its threshold: the setting measured on ISIC 2017's real patches and,

@@ -72,7 +72,7 @@ def main() -> None:
     show(axes[0, 2], swapped[0], "lesion in the marked image's\nsurroundings, as they are")
     show(axes[0, 3], swapped[4], "the same surroundings,\nhalf turn (symmetries on)")
     for ax, (code, image) in zip(axes[1], moved.items(), strict=True):
-        turned = cf.moved_masks(cf.turned(ignore[:1], code), recipients, keep)[0]
+        turned = cf.moved_masks(ignore[:1], recipients, keep, code)[0]
         label = "symmetries off" if code == 0 else "symmetries on"
         show(ax, image, f"patch moved, {NAMES[code]}\n({label})", turned)
     fig.suptitle(

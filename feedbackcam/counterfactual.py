@@ -188,10 +188,14 @@ def randomize_region(images: Tensor, masks: Tensor, generator=None) -> Tensor:
     return images * (1 - m) + noise * m
 
 
-def moved_masks(masks: Tensor, recipients: Tensor, protect: Tensor | None = None) -> Tensor:
-    """Each donor's mask as it lands on its recipient: ``masks[i]`` less the recipient's
-    ``protect`` (keep) region, so a moved region never covers what the recipient's user marked
-    as mattering. Row ``i`` belongs to recipient ``recipients[i]``."""
+def moved_masks(
+    masks: Tensor, recipients: Tensor, protect: Tensor | None = None, symmetry: int = 0
+) -> Tensor:
+    """Each donor's mask as it lands on its recipient: ``masks[i]`` turned by ``symmetry``
+    (:func:`turned`; 0: where it lay), less the recipient's ``protect`` (keep) region, so a
+    moved region never covers what the recipient's user marked as mattering. Row ``i`` belongs
+    to recipient ``recipients[i]``."""
+    masks = turned(masks, symmetry)
     if protect is None:
         return masks
     return masks * (1 - (protect[recipients] > 0).to(masks.dtype))
@@ -233,8 +237,7 @@ def transplant(
     _check(images, masks)
     if donors is None:
         donors = torch.arange(images.shape[0], device=images.device)
-    moved = turned(masks[donors], symmetry)
-    m = moved_masks(moved, recipients, protect).to(images.dtype)[:, None]
+    m = moved_masks(masks[donors], recipients, protect, symmetry).to(images.dtype)[:, None]
     base = fill_region(images[recipients], masks[recipients])
     pasted = base * (1 - m) + turned(images[donors], symmetry) * m
     return pasted, base

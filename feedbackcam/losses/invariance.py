@@ -25,7 +25,6 @@ from ..counterfactual import (
     surroundings_pairs,
     swap_surroundings,
     transplant,
-    turned,
 )
 from . import LossContext, LossSettings, feedback_present, host_count, register_loss
 
@@ -140,8 +139,7 @@ def _moved_logits(inputs: LossContext, *, blank: bool) -> Generator[Tensor, Tens
         )
         variants = [filled, pasted]
         if blank:
-            moved = moved_masks(turned(ignore[donors], code), r, inputs.keep)
-            variants.append(fill_region(base, moved))
+            variants.append(fill_region(base, moved_masks(ignore[donors], r, inputs.keep, code)))
         rows = torch.cat(variants)
     out = yield rows
     # rows without a counterfactual keep the step's own logits (the image, its recipient)

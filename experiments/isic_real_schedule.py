@@ -61,7 +61,8 @@ def borrow_baselines(source: Path, out: Path) -> None:
     the very models ``source``'s rows did."""
     out.mkdir(parents=True)
     for d in ("data", "models"):
-        (out / d).symlink_to((source / d).resolve())
+        if (source / d).exists():  # data/ only where the benchmark stores its images (ISIC)
+            (out / d).symlink_to((source / d).resolve())
     keep = [
         line
         for line in (source / "runs.jsonl").read_text().splitlines()

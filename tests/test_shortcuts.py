@@ -427,6 +427,38 @@ def test_benchmark_fine_tunes_turn_counterfactuals_only_when_asked(monkeypatch, 
         assert seen and set(seen) == {turned}
 
 
+def test_benchmark_fine_tunes_sample_counterfactual_rows_only_when_asked(monkeypatch, tmp_path):
+    """``--counterfactual-share`` (BenchConfig.counterfactual_share) reaches every fine-tune's
+    objective; None (every marked row, as every documented run) by default; a share outside
+    (0, 1] is refused by the flag and by the config."""
+    from feedbackcam.cli import build_parser
+    from feedbackcam.shortcuts import BenchConfig, Schedule, fine_tune
+    from feedbackcam.shortcuts.bench import method_config
+
+    assert BenchConfig().counterfactual_share is None
+    args = build_parser().parse_args(["shortcuts", str(tmp_path), "--counterfactual-share", "0.3"])
+    assert args.counterfactual_share == 0.3
+    assert not hasattr(
+        build_parser().parse_args(["shortcuts", str(tmp_path)]), "counterfactual_share"
+    )
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["shortcuts", str(tmp_path), "--counterfactual-share", bad])
+    with pytest.raises(ValueError, match="counterfactual_share"):
+        BenchConfig(counterfactual_share=0.0)
+    for method in ("class", "jaccard+surroundings+invariance_balanced"):
+        assert method_config(method, 0.5, counterfactual_share=0.3).counterfactual_share == 0.3
+        assert method_config(method, 0.5).counterfactual_share is None
+    seen = _recorded_configs(monkeypatch, "counterfactual_share")
+    pool = _tiny_pool([0, 0, 0, 1], size=16, ignore=np.zeros((4, 16, 16), np.uint8))
+    for share in (0.3, None):
+        seen.clear()
+        model = small_cnn(num_classes=2, width=4)
+        sched = Schedule(epochs=1, batch=4)
+        fine_tune(model, pool, sched, "jaccard", 0.5, 0, counterfactual_share=share)
+        assert seen and set(seen) == {share}
+
+
 # --- the band-aid paster ------------------------------------------------------------------
 
 

@@ -294,7 +294,25 @@ def _add_shortcuts(sub) -> None:
         help="the fine-tunes' counterfactual terms turn or mirror what they move (an option, "
         "not the library's default; docs/real-artifacts.md)",
     )
+    p.add_argument(
+        "--counterfactual-share",
+        type=_share,
+        default=argparse.SUPPRESS,
+        help="the counterfactual rows a fine-tune's term forwards per step, a share of the batch "
+        "in (0, 1] (default: every marked row, as every documented run; the library samples "
+        "one, FeedbackConfig.counterfactual_share)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+
+
+def _share(text: str) -> float:
+    try:
+        share = float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0 < share <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share of the batch in (0, 1], got {text!r}")
+    return share
 
 
 def _shortcuts(args) -> int:

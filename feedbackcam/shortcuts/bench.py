@@ -79,13 +79,15 @@ def method_config(
     weights=None,
     recalibrate_batchnorm: bool = True,
     counterfactual_symmetries: bool = False,
+    counterfactual_share: float | None = None,
 ) -> FeedbackConfig:
     """The objective of a benchmark method: ``"class"`` (lambda 0), a registered loss alone, or
     ``"A+B[+C]"``: loss A as the explanation loss with B (and C) as its added terms, each in the
     slot of the masks it learns from (``"jaccard+surroundings+invariance_balanced"`` is the
     library's default objective). A method runs exactly the terms it names, on every marked
     row (``counterfactual_share=None``: docs/shortcuts.md measured it so; the library's
-    default samples half the batch's rows per term, the same loss in expectation).
+    default samples a share of the batch's rows per term, the same loss in expectation;
+    ``counterfactual_share`` sets it).
     ``recalibrate_batchnorm``: :class:`~feedbackcam.objective.FeedbackConfig`'s (False: the
     runs before 2026-12-05, BatchNorm's statistics those of the incoming model).
     ``counterfactual_symmetries``: the counterfactual terms turn or mirror what they move
@@ -95,6 +97,7 @@ def method_config(
             lam=0.0, explanation_loss="rrr_ignore", surroundings_loss=None, ignore_loss=None,
             class_weights=weights, recalibrate_batchnorm=recalibrate_batchnorm,
             counterfactual_symmetries=counterfactual_symmetries,
+            counterfactual_share=counterfactual_share,
         )  # fmt: skip
     first, *added = method.split("+")
     slots = {field: None for field, _, _ in ADDED_TERMS}
@@ -108,7 +111,7 @@ def method_config(
         lam=lam,
         explanation_loss=first,
         class_weights=weights,
-        counterfactual_share=None,
+        counterfactual_share=counterfactual_share,
         recalibrate_batchnorm=recalibrate_batchnorm,
         counterfactual_symmetries=counterfactual_symmetries,
         **slots,
@@ -192,6 +195,7 @@ def fine_tune(
     choice: EpochChoice | None = None,
     recalibrate_batchnorm: bool = True,
     counterfactual_symmetries: bool = False,
+    counterfactual_share: float | None = None,
 ) -> tuple[SelfExplaining, float]:
     """Fine-tune a copy of ``base`` on the feedback pool with one method (:func:`method_config`);
     return it and its loss scale.
@@ -206,7 +210,8 @@ def fine_tune(
     ``choice``: keep the epoch it chooses (:class:`EpochChoice`, its ``epoch`` says which)
     instead of the last. ``recalibrate_batchnorm``: BatchNorm's statistics re-estimated on the
     pool after each epoch; ``counterfactual_symmetries``: what the counterfactual terms move
-    turned or mirrored (both :func:`method_config`).
+    turned or mirrored; ``counterfactual_share``: the counterfactual rows a term forwards per
+    step (None: every marked row; all three :func:`method_config`'s).
     """
     model = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed)
@@ -216,7 +221,9 @@ def fine_tune(
     weights = class_weights(pool.labels, len(pool.classes)) if weighted else None
     if method in CLARC:
         return _clarc(model, pool, given, sched, method, g, weights), 1.0
-    cfg = method_config(method, lam, weights, recalibrate_batchnorm, counterfactual_symmetries)
+    cfg = method_config(
+        method, lam, weights, recalibrate_batchnorm, counterfactual_symmetries, counterfactual_share
+    )
     tensors = pool.tensors()
     everything = np.arange(n)
     torch.manual_seed(seed)
@@ -427,6 +434,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 choice=choice,
                 recalibrate_batchnorm=config.recalibrate_batchnorm,
                 counterfactual_symmetries=config.counterfactual_symmetries,
+                counterfactual_share=config.counterfactual_share,
             )
             seconds = round(time.perf_counter() - started, 1)
             result = {"loss_scale": scale, **evaluate_row(model, data), "seconds": seconds}

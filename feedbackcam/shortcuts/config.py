@@ -129,6 +129,9 @@ class BenchConfig:
         counterfactual_symmetries: the fine-tunes' counterfactual terms turn or mirror what
             they move (``FeedbackConfig.counterfactual_symmetries``; off, as in the library;
             docs/real-artifacts.md, "Where the patch lies").
+        counterfactual_share: the fine-tunes' ``FeedbackConfig.counterfactual_share`` (None,
+            every marked row forwarded each step: how every benchmark row was measured; the
+            library samples a share, docs/benchmarks.md).
     """
 
     datasets: tuple[str, ...] = ("decoy",)
@@ -182,6 +185,7 @@ class BenchConfig:
     guard_measure: str = "youden"
     recalibrate_batchnorm: bool = True
     counterfactual_symmetries: bool = False
+    counterfactual_share: float | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("datasets", DATASETS), ("controls", CONTROLS)):
@@ -195,6 +199,9 @@ class BenchConfig:
             raise ValueError(
                 f"guard_measure: expected one of {CLASS_MEASURES}, got {self.guard_measure!r}"
             )
+        share = self.counterfactual_share
+        if share is not None and not 0 < share <= 1:
+            raise ValueError(f"counterfactual_share: expected a value in (0, 1] or None: {share}")
         isic = [d for d in self.datasets if d.startswith("isic")]
         if isic and not self.isic_root:
             raise ValueError(

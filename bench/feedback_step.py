@@ -87,6 +87,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--reference-steps", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--shares",
+        type=float,
+        nargs="+",
+        default=None,
+        help="the default objective's counterfactual_share values to time with marked batches "
+        "(default: the library's)",
+    )
     args = p.parse_args()
     cuda = args.device == "cuda"
     arch = args.model or ("skincare_vgg16" if cuda else "small_cnn")
@@ -177,33 +185,39 @@ def main() -> None:
                     lambda: feedback_step(model, b, optimizer, c, sync=False), steps, 3, args.device
                 )
 
-            for kind in ("ignore", "keep"):
-                for fraction in (0.1, 0.3, 1.0):
-                    batch = marked_batch(batch_size, size, classes, args.device, fraction, kind)
-                    cfg = dataclasses.replace(default, precision=precision)
-                    # the reference is timed just before and after each row: a machine whose
-                    # speed drifts (shared, throttled) moves both alike
-                    before = classification()
-                    sec = timed(
-                        lambda b=batch, c=cfg: feedback_step(model, b, optimizer, c, sync=False),
-                        steps,
-                        3,
-                        args.device,
-                    )
-                    cls_s = (before + classification()) / 2
-                    row = {
-                        "batch": batch_size,
-                        "precision": precision,
-                        "marks": kind,
-                        "fraction_marked": fraction,
-                        "step_vs_classification": sec / cls_s,
-                    }
-                    marks.append(row)
-                    print(
-                        f"default objective, {kind:>6} marks on {100 * fraction:3.0f} % of batch "
-                        f"{batch_size} {precision}: {sec / cls_s:.2f}x a classification-only step",
-                        flush=True,
-                    )
+            for kind, fraction, share in [
+                (k, f, s)
+                for k in ("ignore", "keep")
+                for f in (0.1, 0.3, 1.0)
+                for s in args.shares or [default.counterfactual_share]
+            ]:
+                batch = marked_batch(batch_size, size, classes, args.device, fraction, kind)
+                cfg = dataclasses.replace(default, precision=precision, counterfactual_share=share)
+                # the reference is timed just before and after each row: a machine whose
+                # speed drifts (shared, throttled) moves both alike
+                before = classification()
+                sec = timed(
+                    lambda b=batch, c=cfg: feedback_step(model, b, optimizer, c, sync=False),
+                    steps,
+                    3,
+                    args.device,
+                )
+                cls_s = (before + classification()) / 2
+                row = {
+                    "batch": batch_size,
+                    "precision": precision,
+                    "marks": kind,
+                    "fraction_marked": fraction,
+                    "counterfactual_share": share,
+                    "step_vs_classification": sec / cls_s,
+                }
+                marks.append(row)
+                print(
+                    f"default objective, {kind:>6} marks on {100 * fraction:3.0f} % of batch "
+                    f"{batch_size} {precision}, counterfactual share {share}: "
+                    f"{sec / cls_s:.2f}x a classification-only step",
+                    flush=True,
+                )
     # counterfactual rows in the batch's forward against a forward per term (the choice of
     # objective.rows_ride_along: together on an accelerator, apart on a CPU), interleaved
     riding = []

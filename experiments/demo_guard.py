@@ -9,6 +9,8 @@ schedule for every guard; only the epoch kept can differ.
     python experiments/demo_guard.py OUT [--seeds 0 1 2] [--guards youden]
     python experiments/demo_guard.py OUT --guards youden --symmetries off on  # turned
         # counterfactuals (FeedbackConfig.counterfactual_symmetries) or not, folders *-sym-on
+    python experiments/demo_guard.py OUT --guards youden --shares all 0.5 0.3  # the rows a
+        # counterfactual term forwards per step (FeedbackConfig.counterfactual_share)
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def main() -> None:
         default=["default"],
         help="the fine-tunes' counterfactual_symmetries: the library's default, or set",
     )
+    p.add_argument(
+        "--shares",
+        nargs="+",
+        default=["default"],
+        help="the fine-tunes' counterfactual_share: 'default' (the library's), 'all' (None: "
+        "every marked row) or a share of the batch",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -57,7 +66,8 @@ def main() -> None:
         data, test_pool = synth_simulation_data(cfg.synth)
         spec, make_model = demo_model(cfg)
 
-        for guard, symmetries in [(g, s) for g in args.guards for s in args.symmetries]:
+        arms = [(g, s, c) for g in args.guards for s in args.symmetries for c in args.shares]
+        for guard, symmetries, share in arms:
             fields = GUARDS[guard]
             sim = replace(cfg.simulation, **fields)
             name = guard
@@ -65,6 +75,10 @@ def main() -> None:
                 feedback = replace(sim.feedback, counterfactual_symmetries=symmetries == "on")
                 sim = replace(sim, feedback=feedback)
                 name += f"-sym-{symmetries}"
+            if share != "default":
+                value = None if share == "all" else float(share)
+                sim = replace(sim, feedback=replace(sim.feedback, counterfactual_share=value))
+                name += f"-share-{share}"
             run_cfg = replace(cfg, simulation=sim)
             out = args.out / f"seed{seed}" / name
             results = run_simulation(
@@ -77,6 +91,7 @@ def main() -> None:
                         "seed": seed,
                         "guard": guard,
                         "symmetries": sim.feedback.counterfactual_symmetries,
+                        "share": sim.feedback.counterfactual_share,
                         "run": name,
                         "best_epoch": r.get("best_epoch"),
                         "rejected": r.get("guard_rejected_epochs"),

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from isic_real_schedule import DEFAULT, borrow_baselines  # noqa: E402
+from isic_real_schedule import DEFAULT, borrow_baselines, guarded_config  # noqa: E402
 
-from feedbackcam.shortcuts import BenchConfig, run_benchmark
+from feedbackcam.shortcuts import run_benchmark
 from feedbackcam.shortcuts.config import ISIC, Schedule
 
 
@@ -40,17 +40,13 @@ def main() -> None:
     if args.source and not args.out.exists():
         borrow_baselines(args.source, args.out)
     torch.set_num_threads(args.threads)
-    config = BenchConfig(
-        datasets=("isic-bandaid",),
-        seeds=tuple(args.seeds),
-        methods=tuple(args.methods),
-        lams=(0.9,),
-        controls=(),
-        fractions=(),
-        isic_root=args.isic_root,
+    config = guarded_config(
+        ("isic-bandaid",),
+        args.seeds,
+        args.methods,
+        args.isic_root,
         isic=Schedule(**ISIC, epochs=args.epochs, lr=args.lr, batch=32),
         class_weighted=args.class_weighted,
-        select_epoch=True,
     )
     run_benchmark(config, args.out)
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from isic_real_schedule import DEFAULT, borrow_baselines  # noqa: E402
+from isic_real_schedule import DEFAULT, borrow_baselines, guarded_config  # noqa: E402
 
-from feedbackcam.shortcuts import BenchConfig, run_benchmark  # noqa: E402
+from feedbackcam.shortcuts import run_benchmark  # noqa: E402
 
 
 def main() -> None:
@@ -45,16 +45,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    config = BenchConfig(
-        datasets=tuple(args.datasets),
-        seeds=tuple(args.seeds),
-        methods=tuple(args.methods),
-        lams=(0.9,),
-        controls=(),
-        fractions=(),
-        isic_root=args.isic_root,
-        select_epoch=True,
-    )
+    config = guarded_config(args.datasets, args.seeds, args.methods, args.isic_root)
 
     def arm(symmetries: bool, folder: Path) -> None:
         run_benchmark(dataclasses.replace(config, counterfactual_symmetries=symmetries), folder)

@@ -459,6 +459,29 @@ def test_benchmark_fine_tunes_sample_counterfactual_rows_only_when_asked(monkeyp
         assert seen and set(seen) == {share}
 
 
+def test_every_objective_field_of_the_benchmark_reaches_its_fine_tunes():
+    """A BenchConfig field named like a FeedbackConfig field is an objective setting of the
+    fine-tunes: BenchConfig.objective must hand every one of them on (so a new one cannot be
+    added to the config and silently ignored), and method_config must apply them."""
+    from dataclasses import fields
+
+    from feedbackcam.objective import FeedbackConfig
+    from feedbackcam.shortcuts import BenchConfig
+    from feedbackcam.shortcuts.bench import method_config
+
+    shared = {f.name for f in fields(BenchConfig)} & {f.name for f in fields(FeedbackConfig)}
+    # refit_bias: the benchmark scores a re-fit in rows of its own (refit_row), beside the
+    # fine-tune's, which therefore never re-fits
+    shared -= {"refit_bias"}
+    config = BenchConfig(
+        recalibrate_batchnorm=False, counterfactual_symmetries=True, counterfactual_share=0.25
+    )
+    assert set(config.objective()) == shared
+    for method in ("class", "jaccard+surroundings+invariance_balanced"):
+        cfg = method_config(method, 0.5, **config.objective())
+        assert {name: getattr(cfg, name) for name in shared} == config.objective()
+
+
 # --- the band-aid paster ------------------------------------------------------------------
 
 

@@ -73,31 +73,24 @@ def train_classifier(
     return model
 
 
-def method_config(
-    method: str,
-    lam: float,
-    weights=None,
-    recalibrate_batchnorm: bool = True,
-    counterfactual_symmetries: bool = False,
-    counterfactual_share: float | None = None,
-) -> FeedbackConfig:
+def method_config(method: str, lam: float, weights=None, **objective) -> FeedbackConfig:
     """The objective of a benchmark method: ``"class"`` (lambda 0), a registered loss alone, or
     ``"A+B[+C]"``: loss A as the explanation loss with B (and C) as its added terms, each in the
     slot of the masks it learns from (``"jaccard+surroundings+invariance_balanced"`` is the
-    library's default objective). A method runs exactly the terms it names, on every marked
-    row (``counterfactual_share=None``: docs/shortcuts.md measured it so; the library's
-    default samples a share of the batch's rows per term, the same loss in expectation;
-    ``counterfactual_share`` sets it).
-    ``recalibrate_batchnorm``: :class:`~feedbackcam.objective.FeedbackConfig`'s (False: the
-    runs before 2026-12-05, BatchNorm's statistics those of the incoming model).
-    ``counterfactual_symmetries``: the counterfactual terms turn or mirror what they move
-    (FeedbackConfig's; off, the library's default)."""
+    library's default objective). A method runs exactly the terms it names.
+
+    ``objective``: the :class:`~feedbackcam.objective.FeedbackConfig` fields the benchmark sets
+    beside the method (:meth:`~.config.BenchConfig.objective`): ``recalibrate_batchnorm``
+    (False: the runs before 2026-12-05, BatchNorm's statistics those of the incoming model),
+    ``counterfactual_symmetries`` (the counterfactual terms turn or mirror what they move) and
+    ``counterfactual_share``, which here defaults to None: every marked row, as
+    docs/shortcuts.md measured it (the library samples a share of the batch's rows per term,
+    the same loss in expectation). The others keep the library's defaults."""
+    objective = {"counterfactual_share": None, **objective}
     if method == CLASS_ONLY:
         return FeedbackConfig(
             lam=0.0, explanation_loss="rrr_ignore", surroundings_loss=None, ignore_loss=None,
-            class_weights=weights, recalibrate_batchnorm=recalibrate_batchnorm,
-            counterfactual_symmetries=counterfactual_symmetries,
-            counterfactual_share=counterfactual_share,
+            class_weights=weights, **objective,
         )  # fmt: skip
     first, *added = method.split("+")
     slots = {field: None for field, _, _ in ADDED_TERMS}
@@ -108,13 +101,7 @@ def method_config(
             raise ValueError(f"method {method!r}: two losses for {needs} masks")
         slots[field] = name
     return FeedbackConfig(
-        lam=lam,
-        explanation_loss=first,
-        class_weights=weights,
-        counterfactual_share=counterfactual_share,
-        recalibrate_batchnorm=recalibrate_batchnorm,
-        counterfactual_symmetries=counterfactual_symmetries,
-        **slots,
+        lam=lam, explanation_loss=first, class_weights=weights, **slots, **objective
     )
 
 
@@ -193,9 +180,7 @@ def fine_tune(
     calibration_batches: int = 4,
     class_weighted: bool = False,
     choice: EpochChoice | None = None,
-    recalibrate_batchnorm: bool = True,
-    counterfactual_symmetries: bool = False,
-    counterfactual_share: float | None = None,
+    **objective,
 ) -> tuple[SelfExplaining, float]:
     """Fine-tune a copy of ``base`` on the feedback pool with one method (:func:`method_config`);
     return it and its loss scale.
@@ -208,10 +193,9 @@ def fine_tune(
     ``class_weighted`` (or a weighted schedule): every cross-entropy, the classification term's
     and the counterfactuals', is weighted by the pool's inverse class frequencies.
     ``choice``: keep the epoch it chooses (:class:`EpochChoice`, its ``epoch`` says which)
-    instead of the last. ``recalibrate_batchnorm``: BatchNorm's statistics re-estimated on the
-    pool after each epoch; ``counterfactual_symmetries``: what the counterfactual terms move
-    turned or mirrored; ``counterfactual_share``: the counterfactual rows a term forwards per
-    step (None: every marked row; all three :func:`method_config`'s).
+    instead of the last. ``objective``: FeedbackConfig fields beside the method
+    (:func:`method_config`'s: BatchNorm re-estimated after each epoch, turned counterfactuals,
+    the counterfactual rows a term forwards per step).
     """
     model = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed)
@@ -221,9 +205,7 @@ def fine_tune(
     weights = class_weights(pool.labels, len(pool.classes)) if weighted else None
     if method in CLARC:
         return _clarc(model, pool, given, sched, method, g, weights), 1.0
-    cfg = method_config(
-        method, lam, weights, recalibrate_batchnorm, counterfactual_symmetries, counterfactual_share
-    )
+    cfg = method_config(method, lam, weights, **objective)
     tensors = pool.tensors()
     everything = np.arange(n)
     torch.manual_seed(seed)
@@ -432,9 +414,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 calibration_batches=config.calibration_batches,
                 class_weighted=config.class_weighted,
                 choice=choice,
-                recalibrate_batchnorm=config.recalibrate_batchnorm,
-                counterfactual_symmetries=config.counterfactual_symmetries,
-                counterfactual_share=config.counterfactual_share,
+                **config.objective(),
             )
             seconds = round(time.perf_counter() - started, 1)
             result = {"loss_scale": scale, **evaluate_row(model, data), "seconds": seconds}
@@ -465,7 +445,7 @@ def run_benchmark(config: BenchConfig, out: str | Path, *, log=print) -> list[di
                 0.0,
                 seed,
                 class_weighted=config.class_weighted,
-                recalibrate_batchnorm=config.recalibrate_batchnorm,
+                **config.objective(),
             )
             return evaluate_row(model, data)
 

@@ -209,6 +209,16 @@ class BenchConfig:
                 "masks) or one prepared from it: give --isic-root PATH"
             )
 
+    def objective(self) -> dict:
+        """The FeedbackConfig fields every fine-tune takes from this config
+        (:func:`~.bench.method_config`); ``refit_bias`` is not one: the benchmark scores a
+        re-fit in rows of its own, the fine-tune never re-fits."""
+        return {
+            "recalibrate_batchnorm": self.recalibrate_batchnorm,
+            "counterfactual_symmetries": self.counterfactual_symmetries,
+            "counterfactual_share": self.counterfactual_share,
+        }
+
     def to_dict(self) -> dict:
         return asdict(self)
 

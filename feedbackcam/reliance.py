@@ -89,6 +89,35 @@ def artifact_reliance(
     return out
 
 
+def marked_class_reliance(
+    labels: np.ndarray,
+    marked: np.ndarray,
+    before: np.ndarray,
+    after: np.ndarray,
+    classes: tuple[str, ...],
+) -> dict[str, dict[str, int]]:
+    """Per class, over its images that carry a "must not matter" mark (boolean ``marked``):
+    ``n_marked``, ``recognised`` (predicted as their class as they are, ``before``) and
+    ``recognised_filled`` (with the marked region filled, ``after``), and ``only_with_mark``:
+    those recognised as they are and not once the mark is filled — the images a class is found
+    on by what was marked. Classes without a marked image are left out."""
+    labels, marked = np.asarray(labels), np.asarray(marked, bool)
+    before, after = np.asarray(before), np.asarray(after)
+    out = {}
+    for c, name in enumerate(classes):
+        rows = marked & (labels == c)
+        if not rows.any():
+            continue
+        hit, hit_filled = before[rows] == c, after[rows] == c
+        out[name] = {
+            "n_marked": int(rows.sum()),
+            "recognised": int(hit.sum()),
+            "recognised_filled": int(hit_filled.sum()),
+            "only_with_mark": int((hit & ~hit_filled).sum()),
+        }
+    return out
+
+
 def reliance_table(report: dict) -> str:
     """The report as a plain-text table, one artifact per line."""
 

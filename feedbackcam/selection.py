@@ -28,6 +28,12 @@ import numpy as np
 
 # a run whose predictions fall on one class for more than this share of images is flagged
 ONE_CLASS_SHARE = 0.9
+# a class is flagged as found by what was marked "must not matter" when at least this share of
+# its marked test images, and this many, are recognised as they are and not with the mark
+# filled: well above the 3-8 % of predictions that filling any region beside the lesion
+# changes on ISIC models without the shortcut (docs/real-artifacts.md)
+MARK_RELIANCE = 0.2
+MARK_RELIANCE_MIN = 3
 # the per-class scores a guard may hold (see the module's docstring)
 CLASS_MEASURES = ("youden", "sensitivity")
 # how each names a class's score in a Drop and a verdict ("Youden's J MEL")
@@ -227,13 +233,25 @@ def validation_warnings(
 
 def run_warnings(summary: Mapping, best_epoch: int | None = None) -> list[str]:
     """Plain-language warnings for a run's test summary: best epoch 0 (the baseline kept), a
-    class never recognised, predictions falling on one class."""
+    class never recognised, a class found by what was marked "must not matter" (at least
+    ``MARK_RELIANCE`` of its marked images, and ``MARK_RELIANCE_MIN`` of them, recognised as
+    they are and not with the mark filled; the summary's ``marks_filled``), predictions falling
+    on one class."""
     out = []
     if best_epoch == 0:
         out.append("no epoch improved on the baseline: this model is the baseline's weights")
     for c, s in (summary.get("sensitivity") or {}).items():
         if s is not None and s == 0:
             out.append(f"class {c}: sensitivity 0 (none of its images recognised)")
+    for c, r in (summary.get("marks_filled") or {}).items():
+        only, n = r["only_with_mark"], r["n_marked"]
+        if only >= MARK_RELIANCE_MIN and only >= MARK_RELIANCE * n:
+            out.append(
+                f"class {c}: {only} of its {n} test images with a 'must not matter' mark are "
+                f"recognised as they are and not with the marked region filled "
+                f"({r['recognised']} against {r['recognised_filled']}): the class is found by "
+                "what was marked"
+            )
     shares = summary.get("predicted_share") or {}
     if shares:
         c, share = max(shares.items(), key=lambda kv: kv[1])

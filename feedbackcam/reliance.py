@@ -69,13 +69,7 @@ def artifact_reliance(
     if data.ignore is not None:
         marked = np.flatnonzero(data.ignore.reshape(len(data), -1).any(1))
         if len(marked):
-            images = torch.from_numpy(np.ascontiguousarray(data.images[marked]))
-            x = images.permute(0, 3, 1, 2).float() / 255
-            masks = torch.from_numpy(np.ascontiguousarray(data.ignore[marked])).float()
-            filled = (fill_region(x, masks) * 255).round().clamp(0, 255).byte()
-            after = predict_classes(
-                model, filled.permute(0, 2, 3, 1).numpy(), batch_size=batch_size, device=device
-            )
+            after = _filled_predictions(model, data, marked, batch_size, device)
             before = np.asarray(predicted)[marked]
             changed = after != before
             out["marked"] = {
@@ -87,6 +81,41 @@ def artifact_reliance(
                 },
             }
     return out
+
+
+def _filled_predictions(model, data: ArrayDataset, rows: np.ndarray, batch_size, device):
+    """The model's predicted classes on images ``rows`` of ``data`` with their ignore regions
+    filled by each image's skin colour (the median outside the region)."""
+    images = torch.from_numpy(np.ascontiguousarray(data.images[rows]))
+    x = images.permute(0, 3, 1, 2).float() / 255
+    masks = torch.from_numpy(np.ascontiguousarray(data.ignore[rows])).float()
+    filled = (fill_region(x, masks) * 255).round().clamp(0, 255).byte()
+    return predict_classes(
+        model, filled.permute(0, 2, 3, 1).numpy(), batch_size=batch_size, device=device
+    )
+
+
+def marks_filled(
+    model: SelfExplaining,
+    data: ArrayDataset,
+    predicted: np.ndarray,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[str, int]] | None:
+    """:func:`marked_class_reliance` of ``model`` on the images of ``data`` that carry an
+    ignore mark (``has_ignore`` where the set has it), ``predicted`` as they are; None where
+    no image is marked."""
+    if data.ignore is None:
+        return None
+    marked = data.ignore.reshape(len(data), -1).any(1)
+    if data.has_ignore is not None:
+        marked &= np.asarray(data.has_ignore, bool)
+    if not marked.any():
+        return None
+    after = np.array(predicted, copy=True)
+    after[marked] = _filled_predictions(model, data, np.flatnonzero(marked), batch_size, device)
+    return marked_class_reliance(data.labels, marked, predicted, after, tuple(data.classes))
 
 
 def marked_class_reliance(

@@ -29,11 +29,11 @@ from .data.dataset import ArrayDataset, TensorData
 from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
 from .decision import head, refit_bias
 from .distributed import SINGLE, Dist, wrap
-from .evaluate import Evaluation, evaluate, predict_classes
+from .evaluate import Evaluation, evaluate
 from .fileio import write_csv, write_json, write_text
 from .losses import feedback_present
 from .objective import ADDED_TERMS, FeedbackConfig, check_feedback_kind
-from .reliance import marked_class_reliance
+from .reliance import marks_filled
 from .selection import (
     CLASS_MEASURES,
     drops,
@@ -378,22 +378,11 @@ def _test_summary(model, test: ArrayDataset, groups: dict[str, np.ndarray], cfg,
         name: {"accuracy": float(correct[m].mean()) if m.any() else None, "n": int(m.sum())}
         for name, m in groups.items()
     }
-    marked = _marked(test)
-    if marked.any():  # per class: recognised as it is, and with the marked regions filled
-        filled = predict_classes(
-            model, deconfounded(test).images, batch_size=cfg.eval_batch_size, device=cfg.device
-        )
-        summary["marks_filled"] = marked_class_reliance(
-            test.labels, marked, pred, filled, tuple(test.classes)
-        )
+    # per class: its marked images recognised as they are, and with the marks filled
+    marks = marks_filled(model, test, pred, batch_size=cfg.eval_batch_size, device=cfg.device)
+    if marks is not None:
+        summary["marks_filled"] = marks
     return summary
-
-
-def _marked(data: ArrayDataset) -> np.ndarray:
-    """Which images carry an ignore ("must not matter") mark."""
-    if data.ignore is None or data.has_ignore is None:
-        return np.zeros(len(data), bool)
-    return np.asarray(data.has_ignore, bool) & data.ignore.reshape(len(data), -1).any(1)
 
 
 def run_simulation(

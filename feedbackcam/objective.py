@@ -46,6 +46,13 @@ ADDED_TERMS = (
 EXPLAIN_CLASSES = ("label", "predicted", "all")
 
 
+def check_counterfactual_share(share: float | None) -> None:
+    """``FeedbackConfig.counterfactual_share``'s range, (0, 1] or None: a ValueError naming it
+    otherwise (the benchmark's config and the command line check theirs with it)."""
+    if share is not None and not (0 < share <= 1):
+        raise ValueError(f"counterfactual_share: expected a value in (0, 1] or None, got {share!r}")
+
+
 @dataclass(frozen=True)
 class FeedbackConfig:
     """How feedback becomes a loss. Defaults reproduce the thesis' combined runs.
@@ -179,11 +186,7 @@ class FeedbackConfig:
             )
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision: expected 'fp32' or 'bf16', got {self.precision!r}")
-        share = self.counterfactual_share
-        if share is not None and not (0 < share <= 1):
-            raise ValueError(
-                f"counterfactual_share: expected a value in (0, 1] or None, got {share!r}"
-            )
+        check_counterfactual_share(self.counterfactual_share)
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: expected > 0 or None, got {self.clip_grad_norm!r}")
         for name in ("loss_scale", *(scale for _, scale, _ in ADDED_TERMS)):

@@ -306,12 +306,15 @@ def _add_shortcuts(sub) -> None:
 
 
 def _share(text: str) -> float:
+    from ..objective import check_counterfactual_share
+
     try:
         share = float(text)
-    except ValueError:
-        share = float("nan")
-    if not 0 < share <= 1:
-        raise argparse.ArgumentTypeError(f"expected a share of the batch in (0, 1], got {text!r}")
+        check_counterfactual_share(share)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected a share of the batch in (0, 1], got {text!r}"
+        ) from err
     return share
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .. import losses
+from ..objective import check_counterfactual_share
 from ..selection import CLASS_MEASURES
 
 TRAPS = ("isic-trap-ruler", "isic-trap-ink", "isic-trap-dark_corner", "isic-trap-all")
@@ -199,9 +200,7 @@ class BenchConfig:
             raise ValueError(
                 f"guard_measure: expected one of {CLASS_MEASURES}, got {self.guard_measure!r}"
             )
-        share = self.counterfactual_share
-        if share is not None and not 0 < share <= 1:
-            raise ValueError(f"counterfactual_share: expected a value in (0, 1] or None: {share}")
+        check_counterfactual_share(self.counterfactual_share)
         isic = [d for d in self.datasets if d.startswith("isic")]
         if isic and not self.isic_root:
             raise ValueError(

@@ -14,6 +14,7 @@ as keep on the image that receives it (``protect``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -156,6 +157,15 @@ def fill_region(images: Tensor, masks: Tensor) -> Tensor:
         if marked.any():  # the others are left as they are: no median to take
             colour[marked] = median_colour(images[marked], masks[marked]).to(images.dtype)
     return images * (1 - m) + colour[:, :, None, None] * m
+
+
+def fill_region_uint8(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """:func:`fill_region` on uint8 (N, H, W, 3) ``images`` with (N, H, W) ``masks`` (0/1 or
+    boolean), back in uint8 (N, H, W, 3): data-set images with their marked regions filled."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    m = torch.from_numpy(np.ascontiguousarray(masks)).float()
+    filled = fill_region(x, m).mul(255).round().clamp(0, 255).to(torch.uint8)
+    return filled.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 # The eight symmetries of a square: ``code // 2`` quarter turns, then mirrored left-right if

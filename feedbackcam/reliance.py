@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .counterfactual import fill_region
+from .counterfactual import fill_region_uint8
 from .data.dataset import ArrayDataset
 from .evaluate import flip_rate, predict_classes
 from .self_explaining import SelfExplaining
@@ -86,13 +86,8 @@ def artifact_reliance(
 def _filled_predictions(model, data: ArrayDataset, rows: np.ndarray, batch_size, device):
     """The model's predicted classes on images ``rows`` of ``data`` with their ignore regions
     filled by each image's skin colour (the median outside the region)."""
-    images = torch.from_numpy(np.ascontiguousarray(data.images[rows]))
-    x = images.permute(0, 3, 1, 2).float() / 255
-    masks = torch.from_numpy(np.ascontiguousarray(data.ignore[rows])).float()
-    filled = (fill_region(x, masks) * 255).round().clamp(0, 255).byte()
-    return predict_classes(
-        model, filled.permute(0, 2, 3, 1).numpy(), batch_size=batch_size, device=device
-    )
+    filled = fill_region_uint8(data.images[rows], data.ignore[rows])
+    return predict_classes(model, filled, batch_size=batch_size, device=device)
 
 
 def marks_filled(

@@ -24,7 +24,7 @@ import torch
 
 from .balance import auto_scaled, probe_batches
 from .checkpoint import ModelSpec, save_checkpoint
-from .counterfactual import fill_region
+from .counterfactual import fill_region_uint8
 from .data.dataset import ArrayDataset, TensorData
 from .data.splits import BALANCE_MODES, balance, make_slices, split_feedback
 from .decision import head, refit_bias
@@ -224,10 +224,8 @@ def deconfounded(data: ArrayDataset) -> ArrayDataset:
     same images without the content a user marked as "must not matter"."""
     if data.ignore is None or data.has_ignore is None or not data.has_ignore.any():
         return data
-    images = torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2).float()
-    masks = torch.from_numpy((data.ignore > 0) & data.has_ignore[:, None, None]).float()
-    filled = fill_region(images / 255, masks).mul(255).round().clamp(0, 255).to(torch.uint8)
-    return replace(data, images=filled.permute(0, 2, 3, 1).contiguous().numpy())
+    masks = (data.ignore > 0) & data.has_ignore[:, None, None]
+    return replace(data, images=fill_region_uint8(data.images, masks))
 
 
 def _score(ev: Evaluation, select_by: str) -> float:

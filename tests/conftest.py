@@ -47,6 +47,28 @@ def tiny_model():
     return small_cnn(num_classes=3, width=8)
 
 
+def magenta_reader(reads: float, num_classes: int = 3):
+    """A model whose class 0 is how magenta the most magenta pixel of the image is (scaled by
+    ``reads``: 0 reads nothing), the others constants (1 above 0's offset, 2 far below): the
+    shortcut a marked patch stands for, in a few weights."""
+    from feedbackcam.models import SelfExplaining
+
+    net = torch.nn.Sequential()
+    net.add_module("features", torch.nn.Conv2d(3, num_classes, 1))
+    net.add_module("pool", torch.nn.AdaptiveMaxPool2d(1))
+    net.add_module("flat", torch.nn.Flatten())
+    with torch.no_grad():
+        net.features.weight.zero_()
+        net.features.weight[0, :, 0, 0] = reads * torch.tensor([4.0, -8.0, 4.0])
+        net.features.bias.copy_(torch.tensor([-1.0, 0.5, -5.0])[:num_classes])
+    return SelfExplaining(net, "features", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+@pytest.fixture
+def magenta():
+    return magenta_reader
+
+
 # ------------------------------------------------------------------ databases for the service
 POSTGRES_ENV = "FEEDBACKCAM_TEST_POSTGRES"
 

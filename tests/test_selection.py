@@ -246,23 +246,7 @@ def test_the_per_class_guard_is_the_default_of_simulate_and_the_app_and_can_be_t
         BenchConfig(guard_measure="f1")
 
 
-def _magenta_reader(reads: float):
-    """A model whose class 0 is how magenta the most magenta pixel is (``reads`` 1) or nothing
-    (0); class 1 a constant."""
-    from feedbackcam.self_explaining import SelfExplaining
-
-    net = torch.nn.Sequential()
-    net.add_module("features", torch.nn.Conv2d(3, 2, 1))
-    net.add_module("pool", torch.nn.AdaptiveMaxPool2d(1))
-    net.add_module("flat", torch.nn.Flatten())
-    with torch.no_grad():
-        net.features.weight.zero_()
-        net.features.weight[0, :, 0, 0] = reads * torch.tensor([4.0, -8.0, 4.0])
-        net.features.bias.copy_(torch.tensor([-1.0, 0.5]))
-    return SelfExplaining(net, "features", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
-def test_a_class_found_by_what_was_marked_is_said_in_the_run_warnings():
+def test_a_class_found_by_what_was_marked_is_said_in_the_run_warnings(magenta):
     """simulate's test summary compares, per class, its marked images as they are and with the
     mark filled; a class recognised only with the mark is named in the run's warnings, a model
     that does not read the mark gets no such warning, and the rule needs enough images."""
@@ -289,20 +273,20 @@ def test_a_class_found_by_what_was_marked_is_said_in_the_run_warnings():
         has_ignore=np.ones(n, bool),
     )
     cfg = SimulationConfig()
-    reader = simulate._test_summary(_magenta_reader(1.0), test, {}, cfg, "gradcam")
+    reader = simulate._test_summary(magenta(1.0, 2), test, {}, cfg, "gradcam")
     assert reader["marks_filled"] == {
         "MEL": {"n_marked": 6, "recognised": 6, "recognised_filled": 0, "only_with_mark": 6},
         "NV": {"n_marked": 2, "recognised": 0, "recognised_filled": 2, "only_with_mark": 0},
     }
     said = [w for w in run_warnings(reader) if "found by what was marked" in w]
     assert len(said) == 1 and said[0].startswith("class MEL: 6 of its 6 test images")
-    blind = simulate._test_summary(_magenta_reader(0.0), test, {}, cfg, "gradcam")
+    blind = simulate._test_summary(magenta(0.0, 2), test, {}, cfg, "gradcam")
     assert not [w for w in run_warnings(blind) if "found by what was marked" in w]
     # too few images to say it: two of two
     few = marked_class_reliance(labels[4:], marked[4:], labels[4:], 1 - labels[4:], ("MEL", "NV"))
     assert few["MEL"]["only_with_mark"] == 2
     assert not run_warnings({"marks_filled": few})
     unmarked = simulate._test_summary(
-        _magenta_reader(1.0), test.subset(np.arange(8, n)), {}, cfg, "gradcam"
+        magenta(1.0, 2), test.subset(np.arange(8, n)), {}, cfg, "gradcam"
     )
     assert "marks_filled" not in unmarked

@@ -859,28 +859,17 @@ def test_target_shift_reads_the_push_towards_the_class_not_its_offset():
     assert math.isnan(target_shift(p, p, labels, torch.zeros(n, dtype=torch.bool), target))
 
 
-def test_filled_region_flip_separates_the_artifact_from_any_change_there():
+def test_filled_region_flip_separates_the_artifact_from_any_change_there(magenta):
     """A model that reads a magenta patch: pasting it turns every other class into the target,
     filling the same region with the skin's colour turns none; a model that does not read it
     flips for neither. The benchmark reports both, so what the artifact itself adds is the
     difference (docs/real-artifacts.md)."""
     import math
 
-    from feedbackcam.models import SelfExplaining
     from feedbackcam.shortcuts.data import ShortcutEval
     from feedbackcam.shortcuts.metrics import shortcut_scores, val_scores
 
-    def model(reads: float) -> SelfExplaining:
-        # class 0 (the target): how magenta the most magenta pixel is; class 1: a constant
-        net = torch.nn.Sequential()
-        net.add_module("features", torch.nn.Conv2d(3, 3, 1))
-        net.add_module("pool", torch.nn.AdaptiveMaxPool2d(1))
-        net.add_module("flat", torch.nn.Flatten())
-        with torch.no_grad():
-            net.features.weight.zero_()
-            net.features.weight[0, :, 0, 0] = reads * torch.tensor([4.0, -8.0, 4.0])
-            net.features.bias.copy_(torch.tensor([-1.0, 0.5, -5.0]))
-        return SelfExplaining(net, "features", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    model = magenta  # class 0 (the target): how magenta the most magenta pixel is
 
     n, size = 12, 16
     rng = np.random.default_rng(0)

@@ -80,6 +80,22 @@ def guarded_config(datasets, seeds, methods, isic_root, **changes) -> BenchConfi
     )
 
 
+def arms_parser(doc: str, first_arm: str) -> argparse.ArgumentParser:
+    """The flags of the scripts that run the benchmark in arms from the same baselines
+    (experiments/symmetries.py, counterfactual_share.py): the output folder, data sets, seeds
+    and methods of :func:`guarded_config`, ``--from`` (an earlier run's folder as
+    ``first_arm``), the ISIC folder and the torch threads."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=[DEFAULT])
+    p.add_argument("--from", dest="source", type=Path, default=None, help=first_arm)
+    p.add_argument("--isic-root", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)

@@ -15,7 +15,6 @@ reference rows, so both fine-tune the very same models. Epochs chosen by the gua
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -23,26 +22,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from isic_real_schedule import DEFAULT, borrow_baselines, guarded_config  # noqa: E402
+from isic_real_schedule import arms_parser, borrow_baselines, guarded_config  # noqa: E402
 
 from feedbackcam.shortcuts import run_benchmark  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--datasets", nargs="+", required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=[DEFAULT])
-    p.add_argument("--from", dest="source", type=Path, default=None, help="the arm without")
+    p = arms_parser(__doc__, "the arm without")
     p.add_argument(
         "--borrow",
         type=Path,
         default=None,
         help="both arms fine-tune from this earlier run's data, baselines and reference",
     )
-    p.add_argument("--isic-root", default=None)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     config = guarded_config(args.datasets, args.seeds, args.methods, args.isic_root)

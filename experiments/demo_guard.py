@@ -11,6 +11,8 @@ schedule for every guard; only the epoch kept can differ.
         # counterfactuals (FeedbackConfig.counterfactual_symmetries) or not, folders *-sym-on
     python experiments/demo_guard.py OUT --guards youden --shares all 0.5 0.3  # the rows a
         # counterfactual term forwards per step (FeedbackConfig.counterfactual_share)
+    python experiments/demo_guard.py OUT --guards youden --ignore-losses default \
+        invariance_target  # the loss that learns from ignore marks (FeedbackConfig.ignore_loss)
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def main() -> None:
         help="the fine-tunes' counterfactual_share: 'default' (the library's), 'all' (None: "
         "every marked row) or a share of the batch",
     )
+    p.add_argument(
+        "--ignore-losses",
+        nargs="+",
+        default=["default"],
+        help="the fine-tunes' ignore_loss: 'default' (the library's) or a registered loss",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -66,8 +74,14 @@ def main() -> None:
         data, test_pool = synth_simulation_data(cfg.synth)
         spec, make_model = demo_model(cfg)
 
-        arms = [(g, s, c) for g in args.guards for s in args.symmetries for c in args.shares]
-        for guard, symmetries, share in arms:
+        arms = [
+            (g, s, c, i)
+            for g in args.guards
+            for s in args.symmetries
+            for c in args.shares
+            for i in args.ignore_losses
+        ]
+        for guard, symmetries, share, ignore_loss in arms:
             fields = GUARDS[guard]
             sim = replace(cfg.simulation, **fields)
             name = guard
@@ -79,6 +93,9 @@ def main() -> None:
                 value = None if share == "all" else float(share)
                 sim = replace(sim, feedback=replace(sim.feedback, counterfactual_share=value))
                 name += f"-share-{share}"
+            if ignore_loss != "default":
+                sim = replace(sim, feedback=replace(sim.feedback, ignore_loss=ignore_loss))
+                name += f"-ignore-{ignore_loss}"
             run_cfg = replace(cfg, simulation=sim)
             out = args.out / f"seed{seed}" / name
             results = run_simulation(
@@ -92,6 +109,7 @@ def main() -> None:
                         "guard": guard,
                         "symmetries": sim.feedback.counterfactual_symmetries,
                         "share": sim.feedback.counterfactual_share,
+                        "ignore_loss": sim.feedback.ignore_loss,
                         "run": name,
                         "best_epoch": r.get("best_epoch"),
                         "rejected": r.get("guard_rejected_epochs"),

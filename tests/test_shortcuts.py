@@ -142,6 +142,7 @@ IGNORE_LOSSES = (
     "invariance_balanced",
     "invariance_mass_balanced",
     "invariance_anchored",
+    "invariance_target",
     "invariance_offset_free",
     "region_contribution",
 )
@@ -198,6 +199,7 @@ COUNTERFACTUAL_LOSSES = (
     "invariance_balanced",
     "invariance_mass_balanced",
     "invariance_anchored",
+    "invariance_target",
 )
 
 
@@ -791,14 +793,15 @@ def test_the_apps_updates_learn_from_ignore_masks_at_a_calibrated_scale():
     assert fine_tune(model, plain, None, plan, refit)["bias_change"] is None  # nothing marked
 
 
-def test_the_anchored_loss_is_the_balanced_loss_with_the_marked_images_prediction_fixed():
+@pytest.mark.parametrize("name", ["invariance_anchored", "invariance_target"])
+def test_anchored_and_target_are_the_balanced_loss_with_one_side_of_its_kl_fixed(name):
     """Same value as invariance_balanced (the same counterfactuals and terms), another
-    gradient: the marked image's own prediction is an anchor, not pulled to its filled self."""
+    gradient: anchored holds the marked image's prediction fixed, target its filled self's."""
     b = ignore_batch()
     g_bal, s_bal = _grads(b, "invariance_balanced")
-    g_anc, s_anc = _grads(b, "invariance_anchored")
-    assert s_anc["loss_exp"] == pytest.approx(s_bal["loss_exp"], rel=1e-6)
-    assert not torch.allclose(g_anc, g_bal)
+    g_one, s_one = _grads(b, name)
+    assert s_one["loss_exp"] == pytest.approx(s_bal["loss_exp"], rel=1e-6)
+    assert not torch.allclose(g_one, g_bal)
 
 
 def test_the_offset_free_loss_cannot_move_a_class_offset_and_reads_no_label():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session, under 8 minutes on an H100/H200 (the steps are capped at 170 + 120 + 80 + 60 +
-# 130 s; on 2026-12-04 it took 402 s with the step capped at 120 s, which cut the batch-128 rows:
+# One GPU session, under 8 minutes on an H100/H200 (the steps are capped at 170 + 75 + 120 + 80 +
+# 60 + 130 s; on 2026-12-04 it took 402 s with the step capped at 120 s, which cut the batch-128 rows:
 # now batch 128 alone, the goal's batch): the feedback step against classification-only (keep
 # and ignore marks on 10/30/100 % of batch 128, fp32 and bf16, counterfactual rows in the
 # batch's forward or apart, and the host-synchronisation check), the app with
@@ -23,6 +23,11 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$R/device
 FB="python3 -m feedbackcam.cli"
 # 1. the step (about 2.5 min)
 timeout 170 python3 bench/feedback_step.py --device cuda --batches 128 --steps 12 --reference-steps 10 --json "$R/feedback_step.json" 2>&1 | tee "$R/feedback_step.log"
+# 1b. the goal's configuration interleaved (30 % of batch 128 marked, bf16): the default share
+# against 0.3, the default ignore loss against invariance_target (about 40 s)
+timeout 75 python3 bench/step_ratio.py --device cuda --model skincare_vgg16 --size 227 --batch 128 \
+  --precision bf16 --fractions 0.3 --shares 0.5 0.3 --ignore-losses invariance_balanced \
+  invariance_target --rounds 3 --steps 6 --json "$R/step_ratio.json" 2>&1 | tail -6 | tee "$R/step_ratio.log"
 # 2. the app, Lite0 at 224 px (weights do not change the time: a random initialisation)
 python3 - <<'PY'
 import torch

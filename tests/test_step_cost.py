@@ -5,6 +5,7 @@ itself is measured in bench/feedback_step.py, never here; these tests count rows
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -104,6 +105,28 @@ def test_the_drawn_rows_weigh_so_that_the_mean_is_unbiased():
     assert total / draws == pytest.approx(float(exact), rel=0.03)
     same, w = cf.counterfactual_rows(marked, batch_size=10, share=None, per_row=3)
     assert torch.equal(same, marked) and w == 1.0
+
+
+def test_the_target_loss_forwards_the_filled_images_without_a_graph():
+    """invariance_target is invariance_balanced's loss (same draws, same value) with the marked
+    images filled forwarded apart under no_grad: a target that nothing pulls, and two rows per
+    drawn image that back-propagate instead of three."""
+    b = _batch(marked=3)
+    seen = {}
+    for name in ("invariance_balanced", "invariance_target"):
+        model = _Counting()
+        graphs = []
+        model.register_forward_hook(lambda m, i, o, g=graphs: g.append(torch.is_grad_enabled()))
+        cfg = FeedbackConfig(lam=1.0, ignore_loss=name, counterfactual_share=None)
+        torch.manual_seed(1)
+        out = feedback_loss(model, b, cfg)
+        out.loss.backward()
+        seen[name] = (out.terms[name].item(), model.rows, graphs)
+    value, rows, graphs = seen["invariance_balanced"]
+    assert rows == [12, 9] and graphs == [True, True]
+    target, rows, graphs = seen["invariance_target"]
+    assert rows == [3, 12, 6] and graphs == [False, True, True]  # filled, batch, moved/blanked
+    assert target == pytest.approx(value, rel=1e-6)
 
 
 def test_row_subsets_of_counterfactuals_equal_the_whole_batchs_rows():
@@ -399,3 +422,25 @@ def test_the_calibration_probe_holds_the_rare_marks_it_would_miss():
     cfg = FeedbackConfig(lam=0.5, surroundings_loss=None)
     model = small_cnn(3, width=8)
     assert auto_scaled(model, probe(0), cfg).ignore_scale != 1.0
+
+
+def test_the_interleaved_step_benchmark_runs_and_counts_the_rows_it_forwards(tmp_path):
+    """bench/step_ratio.py (issue 21's goal, measured interleaved), one tiny round: a row per
+    arm, each with the rows the objective forwards (30 % of 32 marked: 10 rows, at share 0.5 five
+    drawn, three counterfactuals each; at 0.3 three drawn)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "step_ratio.py"
+    out = tmp_path / "ratio.json"
+    cmd = [sys.executable, str(script), "--size", "32", "--fractions", "0.3", "--shares", "0.5",
+           "0.3", "--rounds", "1", "--steps", "1", "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["counterfactual_share"], r["rows_forwarded"]) for r in rows] == [
+        (0.5, 47),
+        (0.3, 41),
+    ]
+    assert all(r["step_vs_classification"] > 0 and r["ignore_loss"] for r in rows)

@@ -105,7 +105,7 @@ class FeedbackConfig:
             batch; when more rows are marked, that many are drawn at random and weighted so
             that the mean stays unbiased (:func:`feedbackcam.counterfactual.counterfactual_rows`):
             the same loss in expectation at a bounded cost. None: every marked row. The default,
-            0.5, keeps an ignore-feedback step within ~1.4x a classification-only one on a CPU
+            0.5, keeps an ignore-feedback step at about 1.5x a classification-only one on a CPU
             (docs/benchmarks.md); at batch 1 nothing is sampled.
         counterfactual_symmetries: the regions the counterfactual terms move between images
             (a marked artifact onto another image, another image's surroundings around a

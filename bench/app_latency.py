@@ -61,6 +61,12 @@ def main() -> None:
         "centre box as 'this', or nothing)",
     )
     parser.add_argument("--gate-images", type=int, default=None, help="Settings.gate_images")
+    parser.add_argument(
+        "--update-timeout",
+        type=float,
+        default=900.0,
+        help="give up (and say why) when an item is not used by an update after this long",
+    )
     parser.add_argument("--device", default="cpu", help="where the app predicts and learns")
     parser.add_argument(
         "--poll",
@@ -140,6 +146,14 @@ def main() -> None:
                     got = client.get(f"/api/feedback/{item['id']}", headers=auth).json()
                     if got["status"] == "used":
                         break
+                    if time.perf_counter() - start > args.update_timeout:
+                        # a failed update leaves its items pending and is retried: say so
+                        # instead of waiting for ever
+                        raise SystemExit(
+                            f"feedback item {item['id']} still {got['status']!r} after "
+                            f"{args.update_timeout:g} s; the newest version says: "
+                            f"{newest(sessions).reason}"
+                        )
                     time.sleep(args.poll)
                 update_times.append(time.perf_counter() - start)
                 reason = newest(sessions).reason

@@ -120,7 +120,8 @@ def main() -> None:
             }
         )
         print(
-            f"{args.marks} marks ({loss}) on {100 * fraction:3.0f} %, share {share}: "
+            f"{args.marks} marks{f' ({loss})' if args.marks == 'ignore' else ''} on "
+            f"{100 * fraction:3.0f} %, share {share}: "
             f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f}); "
             f"a plain step on its {rows} rows {statistics.median(rows_ratios[rows]):.2f}x",
             flush=True,

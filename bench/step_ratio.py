@@ -23,18 +23,21 @@ import statistics
 import torch
 from feedback_step import make_batch, marked_batch, timed
 
-from feedbackcam import counterfactual
 from feedbackcam.models import build_model
 from feedbackcam.objective import FeedbackConfig
 from feedbackcam.train import feedback_step, place_model
 
 
-def rows_forwarded(batch_size: int, fraction: float, share: float | None, per_row: int) -> int:
-    """The batch plus the rows one counterfactual term forwards with ``fraction`` of it marked."""
-    marked = max(1, round(fraction * batch_size))
-    drawn = torch.arange(marked)
-    chosen, _ = counterfactual.counterfactual_rows(drawn, batch_size, share, per_row)
-    return batch_size + per_row * len(chosen)
+def rows_forwarded(model, batch, optimizer, cfg) -> int:
+    """The images one step of ``cfg`` on ``batch`` forwards through ``model``: the batch and
+    every counterfactual row, counted in the model's forward passes (whatever the loss)."""
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        feedback_step(model, batch, optimizer, cfg, sync=False)
+    finally:
+        hook.remove()
+    return sum(rows)
 
 
 def main() -> None:
@@ -63,7 +66,6 @@ def main() -> None:
     default = FeedbackConfig(precision=args.precision)
     shares = args.shares or [default.counterfactual_share]
     plain = FeedbackConfig(lam=0.0, precision=args.precision)
-    per_row = 3 if args.marks == "ignore" else 1
     base = make_batch(args.batch, args.size, classes, args.device)
     ignore_losses = args.ignore_losses or [default.ignore_loss]
     arms = {}  # (ignore loss, fraction, share) -> (batch, config)
@@ -75,7 +77,8 @@ def main() -> None:
                 )
                 cfg = dataclasses.replace(default, counterfactual_share=share, ignore_loss=loss)
                 arms[(loss, fraction, share)] = (batch, cfg)
-    plain_rows = sorted({rows_forwarded(args.batch, f, s, per_row) for _, f, s in arms})
+    rows = {key: rows_forwarded(model, batch, optimizer, cfg) for key, (batch, cfg) in arms.items()}
+    plain_rows = sorted(set(rows.values()))
     as_many = {n: make_batch(n, args.size, classes, args.device) for n in plain_rows}
 
     def step(batch, cfg):
@@ -106,24 +109,24 @@ def main() -> None:
     print(f"\n{args.model} at {args.size} px, batch {args.batch}, {args.precision}, {device}, "
           f"{args.rounds} rounds of {args.steps} steps (median, range):")  # fmt: skip
     for (loss, fraction, share), values in ratios.items():
-        rows = rows_forwarded(args.batch, fraction, share, per_row)
+        n = rows[(loss, fraction, share)]
         results.append(
             {
                 "marks": args.marks,
                 "ignore_loss": loss,
                 "fraction_marked": fraction,
                 "counterfactual_share": share,
-                "rows_forwarded": rows,
+                "rows_forwarded": n,
                 "step_vs_classification": statistics.median(values),
                 "range": [min(values), max(values)],
-                "plain_step_on_as_many_rows": statistics.median(rows_ratios[rows]),
+                "plain_step_on_as_many_rows": statistics.median(rows_ratios[n]),
             }
         )
         print(
             f"{args.marks} marks{f' ({loss})' if args.marks == 'ignore' else ''} on "
             f"{100 * fraction:3.0f} %, share {share}: "
             f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f}); "
-            f"a plain step on its {rows} rows {statistics.median(rows_ratios[rows]):.2f}x",
+            f"a plain step on its {n} rows {statistics.median(rows_ratios[n]):.2f}x",
             flush=True,
         )
     if args.json:

@@ -141,12 +141,12 @@ def _moved_logits(
         pasted, base = transplant(
             images, ignore, r, protect=inputs.keep, donors=donors, symmetry=code
         )
-        variants = [filled, pasted]
+        variants = [pasted] if fixed_filled else [filled, pasted]
         if blank:
             variants.append(fill_region(base, moved_masks(ignore[donors], r, inputs.keep, code)))
-        if fixed_filled:
+        if fixed_filled:  # a target: forwarded here, without a graph
             with torch.no_grad():
-                target = inputs.forward(variants.pop(0))
+                target = inputs.forward(filled)
         rows = torch.cat(variants)
     out = yield rows
     # rows without a counterfactual keep the step's own logits (the image, its recipient)

@@ -9,6 +9,7 @@ measures that on a few batches and returns the ``FeedbackConfig.loss_scale`` tha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -17,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .batchnorm_fold import folded_batchnorm
 from .data.dataset import FeedbackBatch, TensorData
 from .objective import ADDED_TERMS, FeedbackConfig
 from .self_explaining import SelfExplaining
@@ -50,16 +52,19 @@ def calibrate_loss_scale(
 
     known = {} if class_norms is None else class_norms
     norms = {0.0: [], 1.0: []}
-    for lam in norms:
-        for b in batches:
-            if lam == 0.0 and id(b) in known:
-                norms[lam].append(known[id(b)])
-                continue
-            feedback_step(probe, b, _Null(), replace(cfg, lam=lam, loss_scale=1.0))
-            sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
-            norms[lam].append(math.sqrt(sq))
-            if lam == 0.0:
-                known[id(b)] = norms[lam][-1]
+    with contextlib.ExitStack() as folded:
+        if cfg.freeze_batchnorm and batches:  # as run_steps steps: BatchNorm folded
+            folded.enter_context(folded_batchnorm(probe, batches[0].images))
+        for lam in norms:
+            for b in batches:
+                if lam == 0.0 and id(b) in known:
+                    norms[lam].append(known[id(b)])
+                    continue
+                feedback_step(probe, b, _Null(), replace(cfg, lam=lam, loss_scale=1.0))
+                sq = sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None)
+                norms[lam].append(math.sqrt(sq))
+                if lam == 0.0:
+                    known[id(b)] = norms[lam][-1]
     cls, exp = float(np.mean(norms[0.0])), float(np.mean(norms[1.0]))
     return cls / exp if exp > 0 else 1.0
 

@@ -4,6 +4,7 @@ set (e.g. with an artifact painted in and removed)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from . import cam as cams
+from .batchnorm_fold import folded_batchnorm
 from .data.dataset import ArrayDataset
 from .explain import explain, pooled_activations
 from .fileio import write_atomic
@@ -27,6 +29,11 @@ from .metrics import (
     jaccard_per_image,
 )
 from .self_explaining import SelfExplaining
+
+# A pass over at least this many images runs BatchNorm folded into the convolutions before it
+# (batchnorm_fold: finding the pairs costs three one-image forwards, folding saves about a
+# quarter of EfficientNet-Lite0's forward on a CPU).
+FOLD_FROM = 32
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,16 +182,20 @@ def predict_features(
     model.eval()
     out, pools = [], []
     try:
-        for start in range(0, len(images), batch_size):
-            part = images[start : start + batch_size]
-            if isinstance(part, torch.Tensor):
-                x = part.to(device)
-            else:
-                x = torch.from_numpy(np.array(part)).to(device).permute(0, 3, 1, 2).float() / 255
-            result = model(x)
-            out.append(result.logits.float().cpu())
-            if pooled:
-                pools.append(pooled_activations(result.activations).cpu())
+        with contextlib.ExitStack() as folded:
+            for start in range(0, len(images), batch_size):
+                part = images[start : start + batch_size]
+                if isinstance(part, torch.Tensor):
+                    x = part.to(device)
+                else:
+                    x = torch.from_numpy(np.array(part)).to(device).permute(0, 3, 1, 2)
+                    x = x.float() / 255
+                if start == 0 and len(images) >= FOLD_FROM:
+                    folded.enter_context(folded_batchnorm(model, x))
+                result = model(x)
+                out.append(result.logits.float().cpu())
+                if pooled:
+                    pools.append(pooled_activations(result.activations).cpu())
     finally:
         model.train(was_training)
     logits = torch.cat(out) if out else torch.zeros(0, 0)

@@ -13,6 +13,7 @@ app's updates share; :class:`BestEpoch` keeps the best model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import cam as cams
 from . import losses
+from .batchnorm_fold import folded_batchnorm
 from .data.dataset import FeedbackBatch, TensorData
 from .distributed import SINGLE, Dist, local_batch_size, shard_order, sum_across, unwrap
 from .objective import FeedbackConfig, feedback_loss, loss_terms
@@ -257,28 +259,35 @@ def run_steps(
     Statistics are summed on the device and read once at the end, so on a GPU with a fused
     optimizer the steps run without host synchronisation. Distributed (``ctx``), the sums are
     reduced across ranks. ``should_stop`` is asked before every step; when it says so the loop
-    raises :class:`StopTraining` (the app's updater stops this way).
+    raises :class:`StopTraining` (the app's updater stops this way). With
+    ``cfg.freeze_batchnorm`` the steps run each convolution and the BatchNorm after it as one
+    convolution (:func:`feedbackcam.batchnorm_fold.folded_batchnorm`: the same loss and
+    gradients, to float rounding, without BatchNorm's own passes).
     """
     total = torch.zeros((), device=device)
     weight = torch.zeros((), device=device)
     skipped = torch.zeros((), device=device)
     steps = 0
-    for batch in batches:
-        if should_stop is not None and should_stop():
-            raise StopTraining("stopped between two steps")
-        batch = batch.to(device)
-        if augment is not None:
-            batch = augment(batch)
-        # channels-last inputs for channels-last weights (place_model): no layout change
-        batch = batch._replace(images=batch.images.contiguous(memory_format=torch.channels_last))
-        stats = feedback_step(model, batch, optimizer, cfg, sync=False)
-        loss = stats["loss"].to(device)
-        finite = torch.isfinite(loss)
-        n = batch.labels.shape[0]
-        skipped += stats["skipped"].to(device)
-        total += torch.where(finite, loss, 0.0) * n
-        weight += finite.float() * n
-        steps += 1
+    with contextlib.ExitStack() as folded:
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                raise StopTraining("stopped between two steps")
+            batch = batch.to(device)
+            if augment is not None:
+                batch = augment(batch)
+            # channels-last inputs for channels-last weights (place_model): no layout change
+            images = batch.images.contiguous(memory_format=torch.channels_last)
+            batch = batch._replace(images=images)
+            if steps == 0 and cfg.freeze_batchnorm:  # frozen statistics: one conv per pair
+                folded.enter_context(folded_batchnorm(model, images))
+            stats = feedback_step(model, batch, optimizer, cfg, sync=False)
+            loss = stats["loss"].to(device)
+            finite = torch.isfinite(loss)
+            n = batch.labels.shape[0]
+            skipped += stats["skipped"].to(device)
+            total += torch.where(finite, loss, 0.0) * n
+            weight += finite.float() * n
+            steps += 1
     totals = sum_across(torch.stack([total, weight, skipped]), ctx)
     n_skipped = int(totals[2]) // (ctx.world_size if ctx.enabled else 1)  # a step skips on all
     if n_skipped and ctx.is_main:

@@ -17,6 +17,7 @@ RANK = {
     "imageio": 0,
     "data": 0,
     "self_explaining": 1,
+    "batchnorm_fold": 1,
     "cam": 1,
     "metrics": 1,
     "selection": 1,

@@ -120,16 +120,19 @@ def evaluate(
         raise ValueError(f"target: expected 'predicted' or 'label', got {target!r}")
     tensors = data.tensors(device)
     probs, explained, saliency = [], [], []
-    for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
-        batch = tensors.batch(idx.to(device))
-        out = explain(
-            model, batch.images, batch.labels if target == "label" else None, method=method
-        )
-        probs.append(out.probs.cpu())
-        explained.append(cams.hard_threshold(out.saliency, threshold).cpu())
-        if keep_saliency:
-            saliency.append((out.saliency.float() * 255).round().clamp(0, 255).byte().cpu())
+    with contextlib.ExitStack() as folded:
+        for start in range(0, len(data), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(data)))
+            batch = tensors.batch(idx.to(device))
+            if start == 0 and len(data) >= FOLD_FROM:  # eval mode: BatchNorm folded
+                folded.enter_context(folded_batchnorm(model, batch.images))
+            out = explain(
+                model, batch.images, batch.labels if target == "label" else None, method=method
+            )
+            probs.append(out.probs.cpu())
+            explained.append(cams.hard_threshold(out.saliency, threshold).cpu())
+            if keep_saliency:
+                saliency.append((out.saliency.float() * 255).round().clamp(0, 255).byte().cpu())
     probs_np = torch.cat(probs).numpy() if probs else np.zeros((0, len(data.classes)))
     maps = (
         torch.cat(explained).numpy() if explained else np.zeros((0,) + data.masks.shape[1:], bool)

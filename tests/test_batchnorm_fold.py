@@ -278,6 +278,35 @@ def test_a_validation_pass_is_the_unfolded_one(monkeypatch):
     torch.testing.assert_close(folded[1], plain[1], rtol=1e-4, atol=1e-4)
 
 
+def test_an_evaluation_is_the_unfolded_one(monkeypatch):
+    """Grad-CAM maps and probabilities of a set of FOLD_FROM images: the same, folded or not."""
+    from feedbackcam.data.dataset import ArrayDataset
+
+    model = _lite0()
+    n = evaluate.FOLD_FROM
+    g = torch.Generator().manual_seed(1)
+    images = (torch.rand(n, 64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+    masks = torch.zeros(n, 64, 64)
+    masks[:, 16:48, 16:48] = 1
+    labels = (torch.arange(n) % 3).numpy()
+    ids = tuple(f"i{i}" for i in range(n))
+    data = ArrayDataset(images, masks.numpy(), labels, labels >= 0, ids, ("a", "b", "c"))
+    calls = []
+    real = evaluate.folded_batchnorm
+
+    def spy(model, example):
+        calls.append(1)
+        return real(model, example)
+
+    monkeypatch.setattr(evaluate, "folded_batchnorm", spy)
+    folded = evaluate.evaluate(model, data, batch_size=16, keep_saliency=True)
+    assert calls
+    _unfolded(monkeypatch)
+    plain = evaluate.evaluate(model, data, batch_size=16, keep_saliency=True)
+    assert abs(folded.probs - plain.probs).max() < 1e-4
+    assert abs(folded.saliency.astype(int) - plain.saliency.astype(int)).max() <= 1
+
+
 def test_the_fold_finds_lite0s_pairs():
     """Every convolution of EfficientNet-Lite0 is followed by a BatchNorm: all but the
     explanation layer's are folded."""

@@ -169,6 +169,9 @@ def folded_batchnorm(model: nn.Module, example: Tensor) -> Iterator[int]:
     pairs. ``example``: a batch of the images it will see (one is traced). On the way out,
     even after an error, every module is back where it was.
 
+    The swap edits ``model``'s module tree for the duration: a model other threads use must be
+    held for all of it (the app's served model is used only under ``Served.lock``).
+
     CPU only: there BatchNorm is memory-bound passes of its own; on an accelerator it is one
     cheap kernel and the fold's per-layer arithmetic would be several (not measured there, so
     an accelerator's model runs as it is)."""

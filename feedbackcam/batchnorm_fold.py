@@ -15,8 +15,9 @@ are swapped only inside :func:`folded_batchnorm` and put back after it, so names
 and checkpoints never see the fold. A BatchNorm back in train mode (batch statistics) runs
 unfolded.
 
-What is folded: a ``Conv2d`` (or subclass, e.g. timm's ``Conv2dSame``) whose output goes straight
-into a ``BatchNorm2d`` (or timm's ``BatchNormAct2d``), found by tracing one forward, with neither
+What is folded: a ``Conv2d`` (or timm's ``Conv2dSame``; not a subclass that transforms its
+weight) whose output goes straight into a ``BatchNorm2d`` (or timm's ``BatchNormAct2d``), found
+by tracing one forward, with neither
 being, or containing, a layer named in ``keep`` (the explanation layers: their outputs are what
 the CAM differentiates) nor carrying a hook of its own. The folded network's outputs are
 compared with the unfolded ones on the traced input; if they differ (a convolution's output
@@ -91,6 +92,15 @@ class FoldedConv(nn.Module):
         return y
 
 
+def _plain_conv(conv: nn.Module) -> bool:
+    """A convolution whose output is linear in its ``weight`` and ``bias`` as they are: torch's
+    ``Conv2d`` and timm's ``Conv2dSame`` (which pads first). A subclass may transform its
+    weight (timm's ``StdConv2d`` standardises it, which would undo the fold): left alone."""
+    return type(conv) is nn.Conv2d or (
+        type(conv).__name__ == "Conv2dSame" and isinstance(conv, nn.Conv2d)
+    )
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
@@ -134,7 +144,8 @@ def foldable_pairs(net: nn.Module, example: Tensor, keep: Iterable[str] = ()) ->
             continue
         conv = modules[conv_name]
         if (
-            _activation_after(norm) is None
+            not _plain_conv(conv)
+            or _activation_after(norm) is None
             or not norm.track_running_stats
             or norm.running_mean is None
             or calls[name] != 1

@@ -141,6 +141,33 @@ def test_nothing_is_folded_where_a_convolutions_output_is_also_used_elsewhere():
         torch.testing.assert_close(model(x).logits, plain)
 
 
+def test_a_convolution_that_transforms_its_weight_is_not_folded():
+    """timm's StdConv2d standardises its weight in every forward, which would undo a scaled
+    kernel: its pair stays as it is, the plain pair after it is folded."""
+    from timm.layers import StdConv2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        StdConv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    model = SelfExplaining(_moved_statistics(net), "6").eval()
+    x = torch.rand(2, 3, 16, 16)
+    plain = model(x).logits
+    with folded_batchnorm(model, x) as n:
+        assert n == 1
+        assert isinstance(model.model[1], nn.BatchNorm2d)
+        assert isinstance(model.model[3], FoldedConv)
+        torch.testing.assert_close(model(x).logits, plain, rtol=1e-4, atol=1e-5)
+
+
 def test_a_module_with_a_hook_of_its_own_is_not_folded():
     model = _resnet()
     seen = []

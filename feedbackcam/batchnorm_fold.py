@@ -17,11 +17,10 @@ unfolded.
 
 What is folded: a ``Conv2d`` (or timm's ``Conv2dSame``; not a subclass that transforms its
 weight) whose output goes straight into a ``BatchNorm2d`` (or timm's ``BatchNormAct2d``), found
-by tracing one forward, with neither
-being, or containing, a layer named in ``keep`` (the explanation layers: their outputs are what
-the CAM differentiates) nor carrying a hook of its own. The folded network's outputs are
-compared with the unfolded ones on the traced input; if they differ (a convolution's output
-also used elsewhere), nothing is folded.
+by tracing one forward, with neither being, or containing, a layer named in ``keep`` (the
+explanation layers: their outputs are what the CAM differentiates) nor carrying a hook of its
+own. The folded network's outputs are compared with the unfolded ones on the traced input; if
+they differ (a convolution's output also used elsewhere), nothing is folded.
 """
 
 from __future__ import annotations

@@ -109,11 +109,24 @@ def _touches(name: str, keep: Iterable[str]) -> bool:
     return any(k == name or k.startswith(name + ".") for k in keep)
 
 
-def foldable_pairs(net: nn.Module, example: Tensor, keep: Iterable[str] = ()) -> list[tuple]:
+# A pair is folded only where it saves work: the fold scales the convolution's kernel (and, in
+# training, back-propagates through that) in every forward, where BatchNorm passes over the
+# activations. Measured on the 2-core CPU (docs/benchmarks.md): the fold made a step 12-24 %
+# slower for ResNet18 at batch 1 (224 px) or batch 4 (64 px), where kernels outweigh
+# activations, and 15-25 % faster for Lite0 at 224 px, batch 13-32.
+ACTIVATIONS_PER_WEIGHT = 4  # a batch's BatchNorm activations against the kernel's weights
+MIN_ACTIVATIONS = 1 << 17  # below this a pair's own call overhead outweighs the pass saved
+
+
+def foldable_pairs(
+    net: nn.Module, example: Tensor, keep: Iterable[str] = (), rows: int | None = None
+) -> list[tuple]:
     """(conv name, norm name) for each convolution of ``net`` whose output goes straight into a
-    BatchNorm it can fold (module docstring), traced on one forward of ``example`` without
-    gradients (the modules' train/eval modes restored after)."""
+    BatchNorm it can fold (module docstring) and where folding saves work on batches of
+    ``rows`` images (default: ``example``'s; see ACTIVATIONS_PER_WEIGHT), traced on one forward
+    of ``example`` without gradients (the modules' train/eval modes restored after)."""
     keep = tuple(keep)
+    rows = example.shape[0] if rows is None else rows
     modules = dict(net.named_modules())
     seen: list[tuple[str, Tensor, Tensor]] = []
     handles = [
@@ -136,14 +149,16 @@ def foldable_pairs(net: nn.Module, example: Tensor, keep: Iterable[str] = ()) ->
     for name, _, _ in seen:
         calls[name] = calls.get(name, 0) + 1
     pairs = []
-    for name, inp, _ in seen:
+    for name, inp, out in seen:
         norm = modules[name]
         conv_name = conv_of.get(id(inp))
         if conv_name is None or not isinstance(norm, nn.BatchNorm2d):
             continue
         conv = modules[conv_name]
+        activations = out[0].numel() * rows
         if (
-            not _plain_conv(conv)
+            activations < max(MIN_ACTIVATIONS, ACTIVATIONS_PER_WEIGHT * conv.weight.numel())
+            or not _plain_conv(conv)
             or _activation_after(norm) is None
             or not norm.track_running_stats
             or norm.running_mean is None
@@ -176,7 +191,8 @@ def folded_batchnorm(model: nn.Module, example: Tensor) -> Iterator[int]:
     """Inside, ``model`` (a :class:`~feedbackcam.self_explaining.SelfExplaining`; anything else,
     e.g. a DistributedDataParallel wrapper, is left alone) runs each foldable convolution and
     BatchNorm pair as one convolution while the BatchNorm is in eval mode; yields how many
-    pairs. ``example``: a batch of the images it will see (one is traced). On the way out,
+    pairs. ``example``: a batch of the images it will see (one is traced; its size decides
+    where folding saves work, :func:`foldable_pairs`). On the way out,
     even after an error, every module is back where it was.
 
     The swap edits ``model``'s module tree for the duration: a model other threads use must be
@@ -196,7 +212,8 @@ def folded_batchnorm(model: nn.Module, example: Tensor) -> Iterator[int]:
         yield 0
         return
     probe = example[:1].detach()
-    pairs = foldable_pairs(model, probe, keep=tuple(f"model.{k}" for k in layers))
+    keep = tuple(f"model.{k}" for k in layers)
+    pairs = foldable_pairs(model, probe, keep=keep, rows=example.shape[0])
     modules = dict(model.named_modules())
     originals = [(c, modules[c], n, modules[n]) for c, n in pairs]
     try:

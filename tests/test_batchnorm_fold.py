@@ -20,6 +20,15 @@ from feedbackcam.objective import FeedbackConfig, feedback_loss
 from feedbackcam.self_explaining import SelfExplaining, set_batchnorm_eval
 
 
+@pytest.fixture(autouse=True)
+def _fold_small_inputs(monkeypatch, request):
+    """The tests' images are small: fold every foldable pair whatever the work it saves (the
+    thresholds are tested on their own, with the library's values)."""
+    if "thresholds" not in request.node.name:
+        monkeypatch.setattr(batchnorm_fold, "MIN_ACTIVATIONS", 0)
+        monkeypatch.setattr(batchnorm_fold, "ACTIVATIONS_PER_WEIGHT", 0)
+
+
 def _moved_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial running statistics and affine parameters (a fresh BatchNorm folds to 1 and 0)."""
     g = torch.Generator().manual_seed(seed)
@@ -343,3 +352,20 @@ def test_the_fold_finds_lite0s_pairs():
     )
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(pairs) == len(convs) - 1
+
+
+def test_the_thresholds_fold_where_activations_outweigh_kernels():
+    """Folding scales a kernel in every forward: a pair is folded only where the batch's
+    activations are at least ACTIVATIONS_PER_WEIGHT times its kernel (and MIN_ACTIVATIONS):
+    Lite0 at 224 px on the app's 13 images folds its stem, not its last projection (320 x 1152
+    weights for 7 x 7 x 320 activations an image); one small image folds nothing."""
+    model = build_model("efficientnet_lite0", 3)
+    keep = ("model." + model.layers[0],)
+    image = torch.rand(1, 3, 224, 224)
+    pairs = batchnorm_fold.foldable_pairs(model, image, keep=keep, rows=13)
+    assert ("model.conv_stem", "model.bn1") in pairs
+    assert ("model.blocks.6.0.conv_pwl", "model.blocks.6.0.bn3") not in pairs
+    more = batchnorm_fold.foldable_pairs(model, image, keep=keep, rows=32)
+    assert set(pairs) < set(more)
+    small = batchnorm_fold.foldable_pairs(model, torch.rand(1, 3, 32, 32), keep=keep)
+    assert small == []

@@ -211,6 +211,13 @@ def replay_scales(
 JACCARD_IMAGES = 64
 
 
+def pass_batch(device: torch.device) -> int:
+    """Images per batch of the gate's no-grad passes: 16 on a CPU, where Lite0 at 224 px ran
+    the ~290-image pass in 3.8-4.4 s at 16 against 5.2-5.3 s at 32 and 5.4-5.6 s at 64 (two
+    threads, BatchNorm folded; docs/benchmarks.md); 32 elsewhere, as before."""
+    return 16 if torch.device(device).type == "cpu" else 32
+
+
 def gate_set(validation: ArrayDataset, n: int | None, seed: int = 0) -> ArrayDataset:
     """The images the gate scores on: all of ``validation`` (``n`` None or at least its size)
     or a class-stratified random ``n`` of them, each class keeping its share (at least one
@@ -251,7 +258,9 @@ def scores(
     ``JACCARD_IMAGES`` masked images, the only ones that need a Grad-CAM."""
     device = next(model.parameters()).device
     if logits is None:
-        logits = predict_logits(model, validation.images, batch_size=32, device=device)
+        logits = predict_logits(
+            model, validation.images, batch_size=pass_batch(device), device=device
+        )
     probs = torch.softmax(logits.float(), 1)
     metrics = classification_metrics(validation.labels, probs.numpy(), validation.classes)
     masked = np.flatnonzero(

@@ -40,6 +40,7 @@ from .update import (
     gate,
     gate_rows,
     gate_set,
+    pass_batch,
     plan_replay,
     replay_scales,
     scores,
@@ -189,7 +190,9 @@ class Worker:
         rows = np.union1d(self.gate_rows, extra)
         device = next(model.parameters()).device
         images = np.asarray(self.validation.images[rows])
-        logits, pooled = predict_features(model, images, batch_size=32, device=device, pooled=True)
+        logits, pooled = predict_features(
+            model, images, batch_size=pass_batch(device), device=device, pooled=True
+        )
         gate = torch.from_numpy(np.searchsorted(rows, self.gate_rows))
         own = torch.from_numpy(np.searchsorted(rows, extra))
         seen = check_inputs(logits[own], pooled[own])

@@ -125,6 +125,14 @@ def foldable_pairs(
     BatchNorm it can fold (module docstring) and where folding saves work on batches of
     ``rows`` images (default: ``example``'s; see ACTIVATIONS_PER_WEIGHT), traced on one forward
     of ``example`` without gradients (the modules' train/eval modes restored after)."""
+    return _traced_pairs(net, example, keep, rows)[0]
+
+
+def _traced_pairs(
+    net: nn.Module, example: Tensor, keep: Iterable[str], rows: int | None
+) -> tuple[list[tuple], list[Tensor]]:
+    """:func:`foldable_pairs`, and the traced forward's outputs (:func:`_outputs`): the
+    unfolded model's, which the fold is checked against."""
     keep = tuple(keep)
     rows = example.shape[0] if rows is None else rows
     modules = dict(net.named_modules())
@@ -138,7 +146,7 @@ def foldable_pairs(
     try:
         net.eval()
         with torch.no_grad():
-            net(example)
+            outputs = _outputs(net, example)
     finally:
         for handle in handles:
             handle.remove()
@@ -171,7 +179,7 @@ def foldable_pairs(
         ):
             continue
         pairs.append((conv_name, name))
-    return pairs
+    return pairs, outputs
 
 
 def _set(net: nn.Module, name: str, module: nn.Module) -> None:
@@ -213,11 +221,11 @@ def folded_batchnorm(model: nn.Module, example: Tensor) -> Iterator[int]:
         return
     probe = example[:1].detach()
     keep = tuple(f"model.{k}" for k in layers)
-    pairs = foldable_pairs(model, probe, keep=keep, rows=example.shape[0])
+    pairs, before = _traced_pairs(model, probe, keep, example.shape[0])
     modules = dict(model.named_modules())
     originals = [(c, modules[c], n, modules[n]) for c, n in pairs]
     try:
-        if originals and not _same_outputs(model, probe, originals):
+        if originals and not _same_outputs(model, probe, originals, before):
             log.warning("folding BatchNorm changed %s's outputs; it runs unfolded", type(net))
             _restore(model, originals)
             originals = []
@@ -226,14 +234,15 @@ def folded_batchnorm(model: nn.Module, example: Tensor) -> Iterator[int]:
         _restore(model, originals)
 
 
-def _same_outputs(model: nn.Module, probe: Tensor, originals: list[tuple]) -> bool:
+def _same_outputs(
+    model: nn.Module, probe: Tensor, originals: list[tuple], before: list[Tensor]
+) -> bool:
     """Fold ``originals`` into ``model`` and say whether its outputs on ``probe`` (eval mode,
-    no gradients) are those of the unfolded model, to float rounding."""
+    no gradients) are ``before``, the unfolded model's, to float rounding."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            before = _outputs(model, probe)
             for conv_name, conv, norm_name, norm in originals:
                 _set(model, conv_name, FoldedConv(conv, norm))
                 _set(model, norm_name, nn.Identity())

@@ -31,8 +31,8 @@ from .metrics import (
 from .self_explaining import SelfExplaining
 
 # A pass over at least this many images runs BatchNorm folded into the convolutions before it
-# (batchnorm_fold: finding the pairs costs three one-image forwards, folding saves about a
-# quarter of EfficientNet-Lite0's forward on a CPU).
+# (batchnorm_fold: finding and checking the pairs costs two one-image forwards; folding saves up
+# to a quarter of EfficientNet-Lite0's forward on a CPU).
 FOLD_FROM = 32
 
 
